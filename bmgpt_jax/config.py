@@ -1,0 +1,196 @@
+"""Typed configuration: YAML files in `configs/` plus `key=value` overrides, validated into dataclasses.
+
+Every config is a (possibly nested) dataclass. `load(cls, path, overrides)` reads the YAML file, applies
+dotted overrides such as `lm.num_layers=4` or `train.lr=3e-4`, and builds `cls`, checking every key and
+every value's type. An unknown or mistyped key raises `ConfigError` naming the nearest valid keys, so a
+typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the dataclass it is read into."""
+
+
+def _unknown_key_error(key: str, valid: Sequence[str], where: str) -> ConfigError:
+    near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+    return ConfigError(f"unknown config key {where}{key!r}{hint} (valid keys: {', '.join(sorted(valid))})")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp` and convert it where the conversion is lossless."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} fits none of {tp}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=f"{where}.")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if origin is tuple and args:
+            if len(args) != len(value):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported annotation {tp}")
+
+
+def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    """Build dataclass `cls` from a plain mapping, recursing into nested dataclasses."""
+    if data is None:
+        data = {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            raise _unknown_key_error(key, list(fields), prefix)
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+    return obj
+
+
+def to_dict(cfg: Any) -> dict:
+    """The plain-mapping form of a config (tuples become lists), suitable for YAML or JSON."""
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+    return plain(cfg)
+
+
+def apply_overrides(data: dict, overrides: Sequence[str], cls: type | None = None) -> dict:
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested mapping, checking keys against `cls`."""
+    data = dict(data or {})
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        parts = key.strip().split(".")
+        node, node_cls = data, cls
+        for depth, part in enumerate(parts):
+            if node_cls is not None:
+                names = [f.name for f in dataclasses.fields(node_cls)]
+                if part not in names:
+                    raise _unknown_key_error(part, names, ".".join(parts[:depth]) + ("." if depth else ""))
+                hint = typing.get_type_hints(node_cls)[part]
+                node_cls = _dataclass_in(hint)
+            if depth == len(parts) - 1:
+                node[part] = value
+            else:
+                child = node.get(part)
+                child = dict(child) if isinstance(child, dict) else {}
+                node[part] = child
+                node = child
+    return data
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A config path as given, or a bare name looked up in `configs/` (`tiny` -> configs/tiny.yaml)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for cand in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if cand.exists():
+            return cand
+    raise ConfigError(f"config file {str(path)!r} not found (looked in . and {CONFIG_DIR})")
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping; `base: other.yaml` at top level merges that file underneath (deeply)."""
+    p = resolve_path(path)
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    base = data.pop("base", None)
+    if base is not None:
+        base_path = p.parent / base if (p.parent / base).exists() else base
+        data = _deep_merge(read_yaml(base_path), data)
+    return data
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
+    """Read `path` (YAML; optional), apply `overrides` and validate into `cls`."""
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(cls, apply_overrides(data, overrides, cls))

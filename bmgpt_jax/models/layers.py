@@ -1,0 +1,131 @@
+"""Building blocks shared by the decoder and the encoders, with HF/PyTorch parameter names.
+
+Leaf names: `Linear.kernel` is `[in, out]` (PyTorch's `weight` transposed) and `Linear.bias`;
+`Embedding.weight` is `[num, dim]`; norms hold `weight` (and `bias`), as in PyTorch. A converter is
+then "same dotted name, except Linear weights transpose to kernel". Every parameter carries logical
+axis names (`out_sharding` metadata) that `bmgpt_jax.parallel` maps to mesh axes.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = nnx.initializers.Initializer
+
+
+def param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],
+          dtype=jnp.float32) -> nnx.Param:
+    """A parameter with logical axis names; sharding is applied later by `parallel.state_shardings`."""
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    return nnx.Param(init(key, tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def dtype_of(name: str | jnp.dtype):
+    """'float32' / 'bfloat16' / 'float16' -> a jnp dtype."""
+    return jnp.dtype(name)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel + bias, kernel `[in, out]`; computes in `dtype`, params stored in `param_dtype`."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
+                 use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+                 kernel_init: Initializer | None = None, rngs: nnx.Rngs):
+        init = kernel_init or nnx.initializers.normal(0.02)
+        self.kernel = param(rngs, init, (in_features, out_features), axes, param_dtype)
+        self.bias = (param(rngs, nnx.initializers.zeros, (out_features,), (axes[1],), param_dtype)
+                     if use_bias else None)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embedding(nnx.Module):
+    """Token embedding table `weight [num, dim]`; `attend` gives tied-output logits."""
+
+    def __init__(self, num: int, dim: int, *, axes=("vocab", "embed"), dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.weight = param(rngs, nnx.initializers.normal(0.02), (num, dim), axes, param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Llama RMSNorm, computed in float32 whatever the compute dtype: x / rms(x) * weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        self.weight = param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # HF casts back to the input dtype before scaling by the (float32) weight.
+        return (self.weight[...].astype(jnp.float32) * x32.astype(x.dtype)).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with `weight`/`bias`, statistics in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        self.weight = param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, (dim,), ("norm",), param_dtype)
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def rotary_cos_sin(positions: jax.Array, head_dim: int, base: float = 10000.0) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables `[..., seq, head_dim]` in HF's rotate_half layout (frequencies repeated twice)."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x `[batch, seq, heads, head_dim]`, cos/sin `[batch or 1, seq, head_dim]`: x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rot * sin
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float | None = None) -> jax.Array:
+    """Softmax attention (float32 softmax), grouped-query aware.
+
+    q `[batch, q_len, heads, head_dim]`, k/v `[batch, kv_len, kv_heads, head_dim]` with heads a multiple
+    of kv_heads; mask broadcastable to `[batch, 1, q_len, kv_len]`, True = may attend.
+    Returns `[batch, q_len, heads, head_dim]`.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    groups = h // kv_heads
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, t, kv_heads, groups, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        m = mask[:, :, None] if mask.ndim == 4 else mask  # [b,1,t,s] -> [b,1,1,t,s]
+        scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)

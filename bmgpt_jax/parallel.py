@@ -1,0 +1,95 @@
+"""Device mesh and the one logical-axis rule table (MaxText's habit).
+
+Parameters and main activations carry *logical* axis names (`embed`, `mlp`, `heads`, `batch`, ...).
+`RULES` maps each logical name to mesh axes (`data`, `fsdp`, `tensor`); everything that shards goes
+through `logical_to_spec`, so changing a parallelism strategy is a one-line edit of the table.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("seq", None),
+    ("layers", None),
+    ("nodes", None),
+    ("act_embed", None),
+    ("norm", None),
+)
+
+
+def logical_to_spec(axes: Sequence[str | None] | None, rules=RULES) -> P:
+    """PartitionSpec for logical `axes`; a mesh axis already used by an earlier dimension is dropped."""
+    if axes is None:
+        return P()
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name in axes:
+        if name is None:
+            out.append(None)
+            continue
+        if name not in table:
+            raise KeyError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
+        mesh_axes = table[name]
+        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        mesh_axes = tuple(a for a in mesh_axes if a not in used)
+        used.update(mesh_axes)
+        out.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+    return P(*out)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical names inside a mesh context; a no-op without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
+    """A `data x fsdp x tensor` mesh; one entry may be -1 (the rest of the devices). Auto axis types."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = list(shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape}: at most one entry may be -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, found {len(devices)}")
+    arr = np.asarray(devices).reshape(shape)
+    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def state_specs(state: nnx.State) -> nnx.State:
+    """PartitionSpecs for an NNX state from each variable's logical `out_sharding` metadata."""
+    def spec(var):
+        axes = var.get_metadata().get("out_sharding")
+        return var.replace(logical_to_spec(axes))
+    return jax.tree.map(spec, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """NamedShardings for an NNX state (same tree structure) on `mesh`."""
+    specs = state_specs(state)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda v: isinstance(v, P))

@@ -1,0 +1,32 @@
+"""bmgpt_jax: BioMedGPT (molecules, proteins and text in one GPT) in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="bmgpt_jax",
+    version="0.1.0",
+    description="JAX/Flax reimplementation of BioMedGPT (PharMolix/OpenBioMed) for TPU pods and GPUs",
+    packages=find_packages(include=["bmgpt_jax", "bmgpt_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7,<0.11",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "jraph>=0.0.6.dev0",
+        "rdkit>=2024.3",
+        "transformers>=4.45,<6",
+        "tensorflow-datasets>=4.9.9,<5",
+        "array_record>=0.7",
+        "sentencepiece>=0.2",
+        "safetensors>=0.4",
+        "numpy>=1.26",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "tpu": ["jax[tpu]>=0.7,<0.11"],
+        "gpu": ["jax[cuda12]>=0.7,<0.11"],
+        "dev": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5"],
+    },
+)
