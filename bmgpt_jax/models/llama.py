@@ -1,0 +1,286 @@
+"""Llama 2 decoder (BioMedGPT-LM-7B) in Flax NNX, with Hugging Face parameter names.
+
+Module tree mirrors `transformers.LlamaForCausalLM`: `model.embed_tokens`, `model.layers[i].self_attn.
+{q,k,v,o}_proj`, `model.layers[i].mlp.{gate,up,down}_proj`, `model.layers[i].{input,post_attention}_layernorm`,
+`model.norm`, `lm_head`. Rotary embeddings use HF's rotate_half layout, so HF q/k weights load unpermuted.
+
+With `scan_layers=True` the layers are one module whose parameters are stacked on a leading `layers`
+axis and applied with `jax.lax.scan` (one compiled layer body: fast compiles at 32+ layers); `remat`
+rematerialises each layer in the backward pass. The KV cache is an explicit pytree (`KVCache`), so
+prefill and every decode step are the same pure call and a whole generation loop can live in one `jit`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bmgpt_jax.models.layers import Embedding, Linear, RMSNorm, apply_rotary, attention, dtype_of, rotary_cos_sin
+from bmgpt_jax.parallel import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Shape and numerics of a Llama decoder. Defaults: BioMedGPT-LM-7B (Llama2-7B + `[PAD]`)."""
+
+    vocab_size: int = 32001
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int | None = None
+    intermediate_size: int = 11008
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int | None = None
+    initializer_range: float = 0.02
+    dtype: str = "float32"          # compute dtype
+    param_dtype: str = "float32"    # storage dtype of parameters (master weights)
+    scan_layers: bool = False
+    remat: Literal["none", "full", "dots"] = "none"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads and self.head_dim is None:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings and head included)."""
+        d, f, v, hd = self.hidden_size, self.intermediate_size, self.vocab_size, self.dim_per_head
+        attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
+        layer = attn + 3 * d * f + 2 * d
+        return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + d
+
+
+class KVCache(NamedTuple):
+    """Decoding state. k/v `[layers, batch, max_len, kv_heads, head_dim]`; `valid [batch, max_len]` marks
+    filled slots that are real tokens; `index` is the next slot to write; `next_pos [batch]` the next
+    rotary position of each row (padding does not advance it, so left-padded prompts decode correctly)."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+    next_pos: jax.Array
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        d, hd = cfg.hidden_size, cfg.dim_per_head
+        kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
+                  kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+        self.q_proj = Linear(d, cfg.num_heads * hd, axes=("embed", "heads"), **kw)
+        self.k_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
+        self.v_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
+        self.o_proj = Linear(cfg.num_heads * hd, d, axes=("heads", "embed"), **kw)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        """x `[b, t, embed]`; mask `[b, 1, t, s]`; kv: cached (k, v) `[b, s, kv_heads, head_dim]` written at
+        `index`. Returns (`[b, t, embed]`, new kv or the fresh (k, v))."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = constrain(apply_rotary(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
+        k = apply_rotary(k, cos, sin)
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        return self.o_proj(out.reshape(b, t, -1)), (k, v)
+
+
+class LlamaMLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
+                  kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+        self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+        self.up_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(constrain(h, ("batch", "seq", "mlp")))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
+        self.self_attn = LlamaAttention(cfg, rngs=rngs)
+        self.mlp = LlamaMLP(cfg, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x, ("batch", "seq", "act_embed")), kv
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _apply_layer(gdef, remat: str):
+    """A pure function (layer_state, x, cos, sin, mask, kv, index) -> (x, kv), rematerialised if asked."""
+    def fn(state, x, cos, sin, mask, kv, index):
+        return nnx.merge(gdef, state)(x, cos, sin, mask, kv, index)
+    if remat != "none":
+        fn = jax.checkpoint(fn, policy=_REMAT_POLICIES[remat])
+    return fn
+
+
+class LlamaModel(nnx.Module):
+    """Embeddings, decoder layers, final norm. Returns hidden states `[batch, seq, embed]`."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype_of(cfg.dtype),
+                                      param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make(r):
+                return LlamaDecoderLayer(cfg, rngs=r)
+            self.layers = make(rngs)
+        else:
+            self.layers = nnx.List([LlamaDecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype_of(cfg.dtype),
+                            param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
+
+    def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, positions=None,
+                 cache: KVCache | None = None):
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            check_ids(input_ids, cfg.vocab_size)
+            x = self.embed_tokens(input_ids)
+        else:
+            x = inputs_embeds.astype(dtype_of(cfg.dtype))
+        b, t, _ = x.shape
+        if cache is None and t > cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {t} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+        x = constrain(x, ("batch", "seq", "act_embed"))
+        mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        if cache is None:
+            if positions is None:
+                positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+            kv_valid, q_slots, index = mask, jnp.arange(t), None
+        else:
+            index = cache.index
+            if positions is None:
+                positions = cache.next_pos[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+            kv_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
+            q_slots = index + jnp.arange(t)
+        k_slots = jnp.arange(kv_valid.shape[1])
+        attn_mask = (q_slots[:, None] >= k_slots[None, :])[None, None] & kv_valid[:, None, None, :]
+        cos, sin = rotary_cos_sin(positions, cfg.dim_per_head, cfg.rope_theta)
+
+        if cfg.scan_layers:
+            gdef, state = nnx.split(self.layers)
+            fn = _apply_layer(gdef, cfg.remat)
+            if cache is None:
+                def body(h, st):
+                    h, _ = fn(st, h, cos, sin, attn_mask, None, None)
+                    return h, None
+                x, _ = jax.lax.scan(body, x, state)
+            else:
+                def body(h, xs):
+                    st, k, v = xs
+                    h, (k, v) = fn(st, h, cos, sin, attn_mask, (k, v), index)
+                    return h, (k, v)
+                x, (ks, vs) = jax.lax.scan(body, x, (state, cache.k, cache.v))
+        else:
+            new_k, new_v = [], []
+            for i, layer in enumerate(self.layers):
+                gdef, state = nnx.split(layer)
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                x, (k, v) = _apply_layer(gdef, cfg.remat)(state, x, cos, sin, attn_mask, kv, index)
+                new_k.append(k)
+                new_v.append(v)
+            if cache is not None:
+                ks, vs = jnp.stack(new_k), jnp.stack(new_v)
+        x = self.norm(x)
+        if cache is None:
+            return x
+        next_pos = cache.next_pos + mask.sum(axis=1).astype(cache.next_pos.dtype)
+        return x, KVCache(ks, vs, kv_valid, index + t, next_pos)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Causal LM: `model(input_ids, attention_mask)` -> logits `[batch, seq, vocab]` (float32).
+
+    Also accepts `inputs_embeds [batch, seq, embed]` instead of ids (BioMedGPT splices molecule and
+    protein embeddings into the sequence). With `cache=` it returns `(logits, new_cache)`.
+    """
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.model = LlamaModel(cfg, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"),
+                                  dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
+                                  kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Hidden states `[..., embed]` -> float32 logits `[..., vocab]`."""
+        if self.config.tie_word_embeddings:
+            w = self.model.embed_tokens.weight[...].astype(hidden.dtype)
+            out = jnp.einsum("...d,vd->...v", hidden, w)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings `[batch, seq, embed]` in the compute dtype."""
+        return self.model.embed_tokens(input_ids)
+
+    def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, positions=None,
+                 cache: KVCache | None = None):
+        out = self.model(input_ids, attention_mask, inputs_embeds=inputs_embeds, positions=positions, cache=cache)
+        if cache is None:
+            return self.logits(out)
+        hidden, cache = out
+        return self.logits(hidden), cache
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty cache for `batch` rows and `max_len` slots (prompt + new tokens)."""
+        cfg = self.config
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"cache length {max_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+        dtype = dtype or dtype_of(cfg.dtype)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
+                       jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
+
+
+def check_ids(ids, vocab_size: int) -> None:
+    """Out-of-vocabulary ids raise (only where the ids are concrete; under jit they cannot be inspected)."""
+    if isinstance(ids, jax.core.Tracer):
+        return
+    arr = np.asarray(ids)
+    bad = (arr < 0) | (arr >= vocab_size)
+    if bad.any():
+        pos = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"token id {int(arr[pos])} at position {pos} is outside the vocabulary [0, {vocab_size})")
