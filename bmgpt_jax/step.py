@@ -1,0 +1,186 @@
+"""The generic train step: a pure function of (graphdef, trainable, frozen, opt_state, batch), and its jit.
+
+`make_train_step(loss_fn, tx, ...)` builds the step for any model whose loss is written as
+`loss_fn(model, batch) -> (loss_sum, n_tokens)`: the *sum* of per-token losses and how many tokens it
+covers. Gradients of `loss_sum` are summed over `grad_accum` micro-batches (a `jax.lax.scan`) and divided
+once by the total token count, so k micro-batches give the update of one k-times batch (token-weighted,
+up to float re-association). Only `trainable` is differentiated and updated; `frozen` is read only.
+
+`jit_train_step` jits it on a mesh with explicit in/out shardings from the logical-axis rules
+(`parallel.logical_to_spec`) and donates the trainable and optimizer state buffers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bmgpt_jax import parallel
+from bmgpt_jax.optim import update_count
+
+LossFn = Callable[[nnx.Module, Any], tuple[jax.Array, jax.Array]]
+StepFn = Callable[[nnx.GraphDef, nnx.State, nnx.State, Any, Any], tuple[nnx.State, Any, dict]]
+
+
+def cast_floating(tree: Any, dtype) -> Any:
+    """`tree` with floating leaves cast to `dtype` (None = unchanged); integer leaves (ids, counters) kept."""
+    if dtype is None:
+        return tree
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _select(pred: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_accum: int = 1,
+                    compute_dtype=None, skip_nonfinite: bool = False,
+                    schedule: optax.Schedule | None = None) -> StepFn:
+    """Build `train_step(graphdef, trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics)`.
+
+    grad_accum: with k > 1 every batch leaf carries a leading micro-batch axis `[k, ...]` (see
+      `stack_microbatches`); the step scans over it. Each micro-batch keeps its own static shapes, so a
+      multimodal batch (graphs, proteins) is split by the pipeline, not by reshaping.
+    compute_dtype: e.g. jnp.bfloat16: float parameters are cast at use (master copy stays float32; the
+      cast's transpose returns float32 gradients).
+    skip_nonfinite: when the loss or the gradient norm is not finite, return the trainable and optimizer
+      state unchanged (the `finite` metric says so); otherwise the update is applied regardless.
+    schedule: the learning-rate schedule, reported as `metrics["lr"]` at the update count.
+
+    metrics (float32 scalars): loss (token mean), loss_sum, n_tokens, grad_norm (before clipping),
+    finite (1.0 / 0.0) and lr when `schedule` is given.
+    """
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+
+    def train_step(graphdef, trainable, frozen, opt_state, batch):
+        frozen_c = cast_floating(frozen, compute_dtype)
+
+        def micro(params, mb):
+            model = nnx.merge(graphdef, cast_floating(params, compute_dtype), frozen_c)
+            loss_sum, n_tokens = loss_fn(model, mb)
+            return loss_sum.astype(jnp.float32), jnp.asarray(n_tokens, jnp.float32)
+
+        grad_fn = jax.value_and_grad(micro, has_aux=True)
+        if grad_accum == 1:
+            (loss_sum, n_tokens), grads = grad_fn(trainable, batch)
+        else:
+            for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
+                if leaf.ndim == 0 or leaf.shape[0] != grad_accum:
+                    raise ValueError(f"batch leaf {jax.tree_util.keystr(path)} has shape {leaf.shape}; with "
+                                     f"grad_accum={grad_accum} it needs a leading micro-batch axis of {grad_accum}")
+
+            def body(carry, mb):
+                ls, nt, g = carry
+                (l_i, n_i), g_i = grad_fn(trainable, mb)
+                return (ls + l_i, nt + n_i, jax.tree.map(jnp.add, g, g_i)), None
+
+            zero = jnp.zeros((), jnp.float32)
+            init = (zero, zero, jax.tree.map(jnp.zeros_like, trainable))
+            (loss_sum, n_tokens, grads), _ = jax.lax.scan(body, init, batch)
+
+        denom = jnp.maximum(n_tokens, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = loss_sum / denom
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = tx.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        if skip_nonfinite:
+            new_trainable = _select(finite, new_trainable, trainable)
+            new_opt_state = _select(finite, new_opt_state, opt_state)
+        metrics = {"loss": loss, "loss_sum": loss_sum, "n_tokens": n_tokens, "grad_norm": grad_norm,
+                   "finite": finite.astype(jnp.float32)}
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(update_count(opt_state)), jnp.float32)
+        return new_trainable, new_opt_state, metrics
+
+    return train_step
+
+
+def stack_microbatches(batch: Mapping[str, Any], k: int) -> dict:
+    """Split a text-only batch `[B, ...]` into `[k, B/k, ...]` on the host (numpy or jax arrays).
+
+    Micro-batch j takes rows j, j+k, j+2k, ... so that, with rows sharded in contiguous blocks over the
+    data axes, every device holds a slice of every micro-batch. Batches with graph or protein budgets
+    must instead be built as k separate fixed-shape micro-batches and stacked by the pipeline.
+    """
+    out = {}
+    for key, x in batch.items():
+        if x.shape[0] % k:
+            raise ValueError(f"batch[{key!r}] has {x.shape[0]} rows, not divisible by grad_accum={k}")
+        x = x.reshape((x.shape[0] // k, k) + x.shape[1:])
+        out[key] = x.swapaxes(0, 1)
+    return out
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a state tree: nnx Variables by their logical `out_sharding`, other leaves replicated.
+
+    Works for parameters, for optax states (whose moments keep the Param nodes and their metadata) and for
+    abstract trees from `jax.eval_shape`.
+    """
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            return x.replace(NamedSharding(mesh, parallel.logical_to_spec(x.get_metadata().get("out_sharding"))))
+        return NamedSharding(mesh, P())
+    return jax.tree.map(one, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def shard(tree: Any, mesh: Mesh) -> Any:
+    """`tree` placed on `mesh` with `tree_shardings` (a copy; use on freshly built or restored state)."""
+    return jax.device_put(tree, tree_shardings(tree, mesh))
+
+
+def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, *, axes: Mapping[str, tuple] | None = None,
+                    microbatched: bool = False) -> dict:
+    """NamedShardings for a flat batch dict (arrays or ShapeDtypeStructs).
+
+    Each key's logical axes come from `axes` (e.g. `{"mol_atoms": (None, None)}` to replicate a graph
+    budget), by default `("batch", None, ...)`. With `microbatched` a leading unsharded micro-batch axis is
+    prepended. Raises ValueError when a sharded dimension does not divide over its mesh axes.
+    """
+    axes = dict(axes or {})
+    out = {}
+    for key, x in batch.items():
+        lead = 1 if microbatched else 0
+        logical = tuple(axes.get(key, ("batch",) + (None,) * (x.ndim - lead - 1)))
+        spec = parallel.logical_to_spec(((None,) * lead) + logical)
+        for dim, mesh_axes in enumerate(spec):
+            names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+            size = math.prod(mesh.shape[a] for a in names)
+            if x.shape[dim] % size:
+                raise ValueError(f"batch[{key!r}] dimension {dim} has size {x.shape[dim]}, not divisible by "
+                                 f"mesh axes {names} of total size {size} (mesh {dict(mesh.shape)})")
+        out[key] = NamedSharding(mesh, spec)
+    return out
+
+
+def init_opt_state(tx: optax.GradientTransformation, trainable: nnx.State, mesh: Mesh) -> Any:
+    """`tx.init(trainable)` created directly in its sharded layout (Adam moments sharded like the params)."""
+    shardings = tree_shardings(jax.eval_shape(tx.init, trainable), mesh)
+    return jax.jit(tx.init, out_shardings=shardings)(trainable)
+
+
+def jit_train_step(train_step: StepFn, graphdef: nnx.GraphDef, trainable: Any, frozen: Any, opt_state: Any,
+                   batch_sharding: Mapping[str, NamedSharding], mesh: Mesh):
+    """`jax.jit` of `train_step` bound to `graphdef`: call it as `f(trainable, frozen, opt_state, batch)`.
+
+    `trainable`, `frozen`, `opt_state` may be concrete or abstract (only their structure and metadata are
+    read). In/out shardings follow the logical-axis rules; trainable and optimizer state are donated, so
+    the caller must drop its references to the old ones. The step traces under the mesh's abstract mesh,
+    so `parallel.constrain` calls in the model take effect. Metrics come back replicated.
+    """
+    t_sh, f_sh, o_sh = (tree_shardings(x, mesh) for x in (trainable, frozen, opt_state))
+
+    def step(tr, fr, os, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return train_step(graphdef, tr, fr, os, batch)
+
+    return jax.jit(step, in_shardings=(t_sh, f_sh, o_sh, dict(batch_sharding)),
+                   out_shardings=(t_sh, o_sh, NamedSharding(mesh, P())), donate_argnums=(0, 2))

@@ -1,0 +1,164 @@
+"""Optimizer, trainable subset and the generic train step (bmgpt_jax.optim, bmgpt_jax.step) on a toy model."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from bmgpt_jax import parallel
+from bmgpt_jax.config import from_dict
+from bmgpt_jax.models.layers import Linear
+from bmgpt_jax.optim import (OptimConfig, count_params, make_optimizer, make_schedule, split_trainable,
+                             trainable_filter)
+from bmgpt_jax.step import (batch_shardings, init_opt_state, jit_train_step, make_train_step, shard,
+                            stack_microbatches, tree_shardings)
+
+
+class Toy(nnx.Module):
+    """Two Linear layers with logical axes: x [B, T, 8] -> [B, T, 8]."""
+
+    def __init__(self, rngs: nnx.Rngs, width: int = 16):
+        self.up = Linear(8, width, axes=("embed", "mlp"), use_bias=True, rngs=rngs)
+        self.down = Linear(width, 8, axes=("mlp", "embed"), rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.gelu(self.up(x)))
+
+
+def toy_loss(model, batch):
+    """Squared error summed over masked positions; n_tokens = number of masked positions."""
+    err = jnp.sum(jnp.square(model(batch["x"]) - batch["y"]), axis=-1)
+    mask = batch["mask"].astype(jnp.float32)
+    return jnp.sum(err * mask), jnp.sum(mask)
+
+
+def toy_batch(seed: int = 0, rows: int = 8, seq: int = 4) -> dict:
+    rng = np.random.default_rng(seed)
+    mask = (rng.random((rows, seq)) < 0.7).astype(np.int32)
+    mask[:, 0] = 1  # token counts differ per row, none is empty
+    return {"x": rng.normal(size=(rows, seq, 8)).astype(np.float32),
+            "y": rng.normal(size=(rows, seq, 8)).astype(np.float32), "mask": mask}
+
+
+CFG = OptimConfig(lr=1e-2, warmup_steps=2, total_steps=20, weight_decay=0.1, clip_norm=1.0)
+
+
+def test_config_loads_and_rejects_unknown_keys():
+    assert from_dict(OptimConfig, {"lr": 1e-3, "grad_accum": 4}).grad_accum == 4
+    with pytest.raises(ValueError, match="unknown config key .lrr"):
+        from_dict(OptimConfig, {"lrr": 1.0})
+    with pytest.raises(ValueError, match="grad_accum"):
+        OptimConfig(grad_accum=0)
+
+
+def test_schedule_warmup_peak_end():
+    s = make_schedule(OptimConfig(lr=1e-3, warmup_steps=10, total_steps=110, end_lr_ratio=0.1))
+    np.testing.assert_allclose([s(0), s(5), s(10), s(60), s(110), s(500)],
+                               [0.0, 5e-4, 1e-3, 0.55e-3, 1e-4, 1e-4], rtol=1e-5, atol=1e-9)
+
+
+def test_clipping_rescales_large_gradients_only():
+    params = {"w": jnp.ones((3, 4))}
+    clip = make_optimizer(OptimConfig(clip_norm=0.5, warmup_steps=0))
+    plain = make_optimizer(OptimConfig(clip_norm=0.0, warmup_steps=0))
+    big = {"w": jnp.full((3, 4), 2.0)}  # norm 6.93
+    small = {"w": jnp.full((3, 4), 0.01)}
+    norm = optax.global_norm(big)
+    u_clip, _ = clip.update(big, clip.init(params), params)
+    u_ref, _ = plain.update(jax.tree.map(lambda g: g * 0.5 / norm, big), plain.init(params), params)
+    np.testing.assert_allclose(u_clip["w"], u_ref["w"], rtol=1e-6)
+    u_clip, _ = clip.update(small, clip.init(params), params)
+    u_ref, _ = plain.update(small, plain.init(params), params)
+    np.testing.assert_array_equal(u_clip["w"], u_ref["w"])
+
+
+def test_grad_accumulation_equals_big_batch():
+    model = Toy(nnx.Rngs(0))
+    graphdef, trainable, frozen = split_trainable(model)
+    tx = make_optimizer(CFG)
+    batch = toy_batch()
+    one = jax.jit(make_train_step(toy_loss, tx))
+    four = jax.jit(make_train_step(toy_loss, tx, grad_accum=4))
+    t1, o1, m1 = one(graphdef, trainable, frozen, tx.init(trainable), batch)
+    t4, o4, m4 = four(graphdef, trainable, frozen, tx.init(trainable), stack_microbatches(batch, 4))
+    assert float(m1["n_tokens"]) == float(m4["n_tokens"]) == batch["mask"].sum()
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-6)
+    for a, b, p in zip(jax.tree.leaves(t1), jax.tree.leaves(t4), jax.tree.leaves(trainable)):
+        np.testing.assert_allclose(a - p, b - p, atol=1e-6)  # the updates agree
+    with pytest.raises(ValueError, match="leading micro-batch axis of 4"):
+        four(graphdef, trainable, frozen, tx.init(trainable), batch)
+
+
+def test_frozen_params_get_no_state_and_stay_identical():
+    model = Toy(nnx.Rngs(1))
+    graphdef, trainable, frozen = split_trainable(model, trainable_filter([r"^up\."]))
+    tx = make_optimizer(CFG)
+    opt_state = tx.init(trainable)
+    names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
+    assert names == {"up.kernel", "up.bias"}
+    assert count_params(opt_state) == 2 * count_params(trainable) + 2  # mu, nu and two counters
+    frozen_before = jax.tree.map(np.array, frozen)
+    trainable_before = jax.tree.map(np.array, trainable)
+    step = jax.jit(make_train_step(toy_loss, tx, schedule=make_schedule(CFG)))
+    for i in range(3):
+        trainable, opt_state, metrics = step(graphdef, trainable, frozen, opt_state, toy_batch(i))
+    assert float(metrics["lr"]) == pytest.approx(float(make_schedule(CFG)(2)))
+    for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_before)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(trainable["up"]["kernel"][...], trainable_before["up"]["kernel"][...])
+    merged = nnx.merge(graphdef, trainable, frozen)  # the result is a whole model again
+    np.testing.assert_array_equal(merged.down.kernel[...], frozen_before["down"]["kernel"][...])
+    with pytest.raises(ValueError, match="selects no parameter"):
+        split_trainable(Toy(nnx.Rngs(0)), trainable_filter(["adaptor"]))
+
+
+def test_nonfinite_skip_keeps_state():
+    graphdef, trainable, frozen = split_trainable(Toy(nnx.Rngs(2)))
+    tx = make_optimizer(CFG)
+    opt_state = tx.init(trainable)
+    bad = toy_batch()
+    bad["x"][0, 0, 0] = np.nan
+    skip = jax.jit(make_train_step(toy_loss, tx, skip_nonfinite=True))
+    t2, o2, m = skip(graphdef, trainable, frozen, opt_state, bad)
+    assert float(m["finite"]) == 0.0
+    for a, b in zip(jax.tree.leaves((t2, o2)), jax.tree.leaves((trainable, opt_state))):
+        np.testing.assert_array_equal(a, b)
+    t3, _, m = jax.jit(make_train_step(toy_loss, tx))(graphdef, trainable, frozen, opt_state, bad)
+    assert float(m["finite"]) == 0.0 and np.isnan(t3["up"]["kernel"][...]).any()
+
+
+def test_bfloat16_compute_keeps_float32_master():
+    graphdef, trainable, frozen = split_trainable(Toy(nnx.Rngs(3)))
+    tx = make_optimizer(CFG)
+    f32 = jax.jit(make_train_step(toy_loss, tx))
+    bf16 = jax.jit(make_train_step(toy_loss, tx, compute_dtype=jnp.bfloat16))
+    t32, _, m32 = f32(graphdef, trainable, frozen, tx.init(trainable), toy_batch())
+    t16, _, m16 = bf16(graphdef, trainable, frozen, tx.init(trainable), toy_batch())
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(t16))
+    np.testing.assert_allclose(m16["loss"], m32["loss"], rtol=2e-2)
+
+
+def test_sharded_step_matches_single_device_and_rules():
+    mesh = parallel.make_mesh((2, 2, 2))
+    graphdef, trainable, frozen = split_trainable(Toy(nnx.Rngs(4)), trainable_filter([r"^up\."]))
+    tx = make_optimizer(CFG)
+    batch = toy_batch()
+    ref_t, _, ref_m = jax.jit(make_train_step(toy_loss, tx))(graphdef, trainable, frozen, tx.init(trainable), batch)
+
+    s_trainable, s_frozen = shard(trainable, mesh), shard(frozen, mesh)
+    opt_state = init_opt_state(tx, s_trainable, mesh)
+    mu_kernel = opt_state[1][0].mu["up"]["kernel"][...]
+    assert mu_kernel.sharding.spec == parallel.logical_to_spec(("embed", "mlp"))
+    bsh = batch_shardings(batch, mesh)
+    step = jit_train_step(make_train_step(toy_loss, tx), graphdef, s_trainable, s_frozen, opt_state, bsh, mesh)
+    new_t, opt_state, m = step(s_trainable, s_frozen, opt_state, jax.device_put(batch, bsh))
+    np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(new_t), jax.tree.leaves(ref_t)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    want = tree_shardings(trainable, mesh)
+    for arr, sh in zip(jax.tree.leaves(new_t), jax.tree.leaves(want)):
+        assert arr.sharding.spec == sh.spec
+    with pytest.raises(ValueError, match=r"batch\['x'\] dimension 0 has size 6"):
+        batch_shardings(toy_batch(rows=6), mesh)
