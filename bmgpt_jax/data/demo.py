@@ -1,0 +1,80 @@
+"""The embedded demo set: molecule QA made on the fly from the 4,999 NCI SMILES that the rdkit wheel ships.
+
+Every answer is computed by RDKit (formula, weight, rings, H-bond donors/acceptors, logP, TPSA ...), so
+the set is exact, needs no download and is the same on every machine. Each molecule gets every question
+in `QUESTIONS`; `demo_records()` lists them molecule by molecule, in file order.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+from .records import BadRecords, Record
+
+
+def _props() -> tuple[tuple[str, str, Callable], ...]:
+    from rdkit.Chem import Crippen, Descriptors, Lipinski, rdMolDescriptors as rd
+    return (
+        ("What is the molecular formula of this molecule?", "The molecular formula is {}.", rd.CalcMolFormula),
+        ("What is the molecular weight of this molecule?", "The molecular weight is {:.2f} g/mol.",
+         Descriptors.MolWt),
+        ("How many rings does this molecule have?", "It has {} ring(s).", rd.CalcNumRings),
+        ("How many aromatic rings does this molecule have?", "It has {} aromatic ring(s).",
+         rd.CalcNumAromaticRings),
+        ("How many hydrogen bond donors does this molecule have?", "It has {} hydrogen bond donor(s).",
+         Lipinski.NumHDonors),
+        ("How many hydrogen bond acceptors does this molecule have?", "It has {} hydrogen bond acceptor(s).",
+         Lipinski.NumHAcceptors),
+        ("What is the logP of this molecule?", "The Crippen logP is {:.2f}.", Crippen.MolLogP),
+        ("What is the topological polar surface area of this molecule?", "The TPSA is {:.2f} square angstroms.",
+         rd.CalcTPSA),
+        ("How many rotatable bonds does this molecule have?", "It has {} rotatable bond(s).",
+         rd.CalcNumRotatableBonds),
+        ("How many heavy atoms does this molecule have?", "It has {} heavy atom(s).", Lipinski.HeavyAtomCount),
+    )
+
+
+QUESTIONS: tuple[str, ...] = tuple(q for q, _, _ in _props())
+
+
+def nci_smiles_path() -> str:
+    """`rdkit/Data/NCI/first_5K.smi` inside the installed rdkit (lines of `SMILES<TAB>id`)."""
+    from rdkit import RDConfig
+    return os.path.join(RDConfig.RDDataDir, "NCI", "first_5K.smi")
+
+
+def demo_records(max_molecules: int | None = None) -> tuple[Record, ...]:
+    """`len(QUESTIONS)` records per parseable NCI molecule (the first `max_molecules` lines, or all).
+
+    Unparseable SMILES are skipped and reported (`BadRecords`); the result is cached per process.
+    """
+    return _demo_records(max_molecules)
+
+
+@functools.lru_cache(maxsize=4)
+def _demo_records(max_molecules: int | None) -> tuple[Record, ...]:
+    from rdkit import Chem, RDLogger
+    RDLogger.DisableLog("rdApp.*")
+    props = _props()
+    bad = BadRecords()
+    out = []
+    with open(nci_smiles_path(), encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if max_molecules is not None and lineno > max_molecules:
+                break
+            smiles, _, nci_id = line.strip().partition("\t")
+            mol = Chem.MolFromSmiles(smiles)
+            if mol is None:
+                bad.add("invalid SMILES", f"line {lineno}: {smiles}")
+                continue
+            for question, template, fn in props:
+                out.append(Record((("molecule", smiles),), question, template.format(fn(mol)), id=f"NCI{nci_id}"))
+    bad.report("demo set (rdkit NCI first_5K.smi)")
+    return tuple(out)
+
+
+def demo_texts(max_molecules: int | None = None) -> list[str]:
+    """The questions and answers of the demo set: the text a demo tokenizer is trained on."""
+    recs = demo_records(max_molecules)
+    return sorted(set(QUESTIONS)) + [r.answer for r in recs]

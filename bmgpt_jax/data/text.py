@@ -1,0 +1,148 @@
+"""Llama SentencePiece tokenizer and BioMedGPT's prompt template, encoded segment by segment.
+
+The reference (OpenBioMed's BioMedGPT) writes one example as
+
+    {system}### Human: <molecule><moleculeHere></molecule> {question} ### Assistant: {answer}
+
+(`<protein><proteinHere></protein>` for a protein) and tokenizes the text between placeholders as
+separate segments, with BOS only on the first. The placeholders become *entity slots*: positions whose
+embeddings the model overwrites with projected atom / ESM-token features (docs/batch_format.md).
+`encode_record` returns ids, loss mask and the start of each entity's slots.
+
+Tokenizer: the Llama 2 SentencePiece model (32,000 pieces; unk 0, bos 1, eos 2) with `[PAD]` appended as
+id 32,000 (vocabulary 32,001, as BioMedGPT-LM's). Without a model path, a small model is trained on the
+demo set's text (deterministic; cached under `cache_dir("tokenizers")`) so a fresh clone runs offline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+
+import numpy as np
+import sentencepiece as spm
+
+from .records import Record, cache_dir
+
+DEFAULT_SYSTEM = ("You are working as an excellent assistant in chemistry and molecule discovery. Below a human "
+                  "expert gives the representation of a molecule or a protein. Answer questions about it. ")
+ENTITY_TAGS = {"molecule": ("<molecule>", "</molecule>"), "protein": ("<protein>", "</protein>")}
+PLACEHOLDERS = {"molecule": "<moleculeHere>", "protein": "<proteinHere>"}
+DEMO_VOCAB_SIZE = 1000
+
+
+class Tokenizer:
+    """A SentencePiece model plus an appended `[PAD]` id; picklable as its serialized model bytes."""
+
+    def __init__(self, model_proto: bytes):
+        self.model_proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        self.pad_id = self.sp.get_piece_size()          # `[PAD]`, appended after the model's pieces
+        self.vocab_size = self.pad_id + 1
+
+    @classmethod
+    def from_file(cls, path) -> "Tokenizer":
+        with open(path, "rb") as f:
+            return cls(f.read())
+
+    def __reduce__(self):
+        return (Tokenizer, (self.model_proto,))
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Ids of `text` (SentencePiece adds its dummy-prefix space, like HF's legacy LlamaTokenizer)."""
+        ids = self.sp.encode(text) if text else []
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        """Text of `ids`, dropping `[PAD]` and anything at or after the first EOS."""
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return self.sp.decode([i for i in ids if 0 <= i < self.pad_id])
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = DEMO_VOCAB_SIZE) -> Tokenizer:
+    """Train a byte-fallback BPE model on `texts`, deterministically (one thread, no sampling), cached by hash."""
+    key = hashlib.sha256(("\n".join(texts) + f"|{vocab_size}|v1").encode()).hexdigest()[:16]
+    path = cache_dir("tokenizers") / f"demo-{key}.model"
+    if not path.exists():
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, hard_vocab_limit=False, num_threads=1, input_sentence_size=0,
+            shuffle_input_sentence=False, character_coverage=1.0, split_digits=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+        tmp = path.with_suffix(f".tmp{id(buf)}")
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(path)                          # atomic: concurrent trainers write identical bytes
+    return Tokenizer.from_file(path)
+
+
+def load_tokenizer(path: str | None = None) -> Tokenizer:
+    """The SentencePiece model at `path`, or (empty/None) the demo tokenizer trained on the demo text."""
+    if path:
+        return Tokenizer.from_file(path)
+    from .demo import demo_texts
+    template = "### Human: <molecule></molecule> <protein></protein> ### Assistant:"
+    return train_tokenizer([DEFAULT_SYSTEM, template] + demo_texts())
+
+
+@dataclasses.dataclass
+class EncodedPrompt:
+    """One example's text side, `t` positions: ids [t] (0 at entity slots), loss_mask [t], slot starts."""
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    slot_starts: list[int]
+
+
+def prompt_segments(record: Record, system: str = DEFAULT_SYSTEM) -> list[str | int]:
+    """The prompt as text segments and entity indices, the answer last (text-only QA has no entity part).
+
+    `["{system}### Human: <molecule>", 0, "</molecule> {question} ### Assistant: ", "{answer}"]`
+    """
+    parts: list[str | int] = []
+    text = f"{system}### Human: "
+    closing = ""
+    for i, (kind, _) in enumerate(record.entities):
+        open_tag, close_tag = ENTITY_TAGS[kind]
+        parts += [text + closing + (" " if closing else "") + open_tag, i]
+        text, closing = "", close_tag
+    question = f" {record.question}" if closing else record.question
+    parts += [f"{text}{closing}{question} ### Assistant: ", record.answer]
+    return parts
+
+
+def format_prompt(record: Record, system: str = DEFAULT_SYSTEM) -> str:
+    """The prompt as one string with the reference's placeholders (for display and generation)."""
+    return "".join(PLACEHOLDERS[record.entities[p][0]] if isinstance(p, int) else p
+                   for p in prompt_segments(record, system))
+
+
+def encode_record(tok: Tokenizer, record: Record, slot_lengths: list[int], system: str = DEFAULT_SYSTEM,
+                  max_len: int | None = None) -> EncodedPrompt:
+    """Token ids, loss mask and entity slot starts of `record`; `slot_lengths[i]` slots for entity `i`.
+
+    Plain text (`record.is_plain_text`): BOS text EOS, loss on everything after BOS, cut to `max_len`.
+    QA: the segments of `prompt_segments`, BOS on the first only; the answer segment plus EOS has
+    loss_mask 1 (the targets), the prompt and the slots 0.
+    """
+    if record.is_plain_text:
+        ids = tok.encode(record.answer, bos=True, eos=True)[:max_len]
+        mask = [0] + [1] * (len(ids) - 1)
+        return EncodedPrompt(np.asarray(ids, np.int32), np.asarray(mask, np.int32), [])
+    ids: list[int] = []
+    mask: list[int] = []
+    starts: list[int] = []
+    segments = prompt_segments(record, system)
+    for j, seg in enumerate(segments):
+        if isinstance(seg, int):
+            starts.append(len(ids))
+            ids += [0] * slot_lengths[seg]
+            mask += [0] * slot_lengths[seg]
+            continue
+        answer = j == len(segments) - 1
+        piece = tok.encode(seg, bos=j == 0, eos=answer)
+        ids += piece
+        mask += [int(answer)] * len(piece)
+    return EncodedPrompt(np.asarray(ids, np.int32), np.asarray(mask, np.int32), starts)
