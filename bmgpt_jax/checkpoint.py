@@ -1,0 +1,171 @@
+"""Checkpoints (orbax): async saves every N steps and at the end, keep the last K, resume onto any mesh.
+
+One checkpoint step directory holds three items written together:
+  state  the array tree (typically `{"trainable": ..., "opt_state": ...}`, plus `frozen` when it is not
+         re-creatable from pretrained weights), saved sharded: every process writes its own shards;
+  data   the data-iterator state as JSON (process-independent: the global position, not a host's);
+  meta   run metadata as JSON: `{"step": ..., "config": ..., ...}`.
+
+Saves are asynchronous: `save` returns once arrays are copied off the devices (so the next step may
+donate them) and the files are written in the background; `close()` waits for them. `restore` takes an
+*abstract* target (`abstract_state(tree, mesh)`: shapes, dtypes and the new mesh's shardings), so a
+checkpoint written on an 8x1x1 mesh restores onto 2x2x2 or onto one device. Before reading any array,
+the target is checked against the checkpoint's metadata, and a mismatch (another model shape) raises
+ValueError naming every differing key with both shapes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import signal
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from bmgpt_jax.step import tree_shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """The `checkpoint:` section of a training config. `every` counts optimizer steps."""
+
+    dir: str = "runs/default/checkpoints"
+    every: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+    def __post_init__(self):
+        if self.every < 1 or self.keep < 1:
+            raise ValueError(f"checkpoint.every ({self.every}) and checkpoint.keep ({self.keep}) must be >= 1")
+
+
+def abstract_state(tree: Any, mesh: Mesh) -> Any:
+    """`tree` (concrete or from `jax.eval_shape`) as ShapeDtypeStructs carrying `mesh`'s rule shardings."""
+    shardings = tree_shardings(tree, mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpointer:
+    """Wrapper around `ocp.CheckpointManager` for one run directory.
+
+    Train-loop use:
+        ckpt = Checkpointer(CheckpointConfig(dir=..., every=100, keep=3)); ckpt.install_sigterm_handler()
+        if resume and ckpt.latest_step() is not None:
+            state, data_state, meta = ckpt.restore(abstract_state(state, mesh))
+        for step in range(start + 1, total + 1):
+            ... one train step ...
+            ckpt.save(step, state, data_state=it.state(), metadata={"config": cfg_dict},
+                      force=step == total)
+            if ckpt.stop_requested():  # SIGTERM: the save above was forced; leave cleanly
+                break
+        ckpt.close()
+    """
+
+    def __init__(self, cfg: CheckpointConfig):
+        self.cfg = cfg
+        self.directory = Path(cfg.dir).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
+                                               create=True)
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._sigterm = False
+        self._previous_handler = None
+
+    # -- SIGTERM ---------------------------------------------------------------------------------
+    def install_sigterm_handler(self) -> None:
+        """On SIGTERM, only set a flag: the loop saves at the next step boundary (a signal handler must
+        not run JAX code mid-step) and then exits. The previous handler is restored by `close()`."""
+        def handler(signum, frame):
+            self._sigterm = True
+        self._previous_handler = signal.signal(signal.SIGTERM, handler)
+
+    def stop_requested(self) -> bool:
+        """Whether SIGTERM arrived, agreed across processes (an all-gather) so all save the same step."""
+        flag = self._sigterm
+        if jax.process_count() > 1:
+            flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+        return flag
+
+    # -- save ------------------------------------------------------------------------------------
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, *, data_state: dict | None = None, metadata: dict | None = None,
+             force: bool = False) -> bool:
+        """Start an async save of `state` at `step` if `step % every == 0`, if `force`, or if a stop was
+        requested; returns whether a save started. A step already on disk is not rewritten."""
+        if not (force or step % self.cfg.every == 0 or self.stop_requested()):
+            return False
+        if step in self.manager.all_steps():
+            return False
+        meta = {**(metadata or {}), "step": int(step)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=ocp.args.JsonSave(dict(data_state or {})),
+                                  meta=ocp.args.JsonSave(meta))
+        return bool(self.manager.save(step, args=args, force=True))
+
+    # -- restore ---------------------------------------------------------------------------------
+    def _resolve(self, step: int | None) -> int:
+        self.manager.reload()
+        steps = self.manager.all_steps()
+        if step is None:
+            if not steps:
+                raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            return max(steps)
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} (have {sorted(steps)})")
+        return step
+
+    def check_compatible(self, target: Any, step: int | None = None) -> None:
+        """Raise ValueError if `target`'s keys or shapes differ from the checkpoint's; reads metadata only."""
+        step = self._resolve(step)
+        saved = ocp.tree.to_flat_dict(self.manager.item_metadata(step)["state"].tree, sep=".")
+        saved = {k: tuple(v.shape) for k, v in saved.items() if v is not None}
+        want = {k: tuple(np.shape(v)) for k, v in ocp.tree.to_flat_dict(target, sep=".").items()}
+        problems = [f"{k!r}: checkpoint {saved[k]} vs model {want[k]}"
+                    for k in sorted(saved.keys() & want.keys()) if saved[k] != want[k]]
+        problems += [f"{k!r}: missing from the checkpoint (model {want[k]})" for k in sorted(want.keys() - saved.keys())]
+        problems += [f"{k!r}: not in the model (checkpoint {saved[k]})" for k in sorted(saved.keys() - want.keys())]
+        if problems:
+            shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+            raise ValueError(f"checkpoint {self.directory / str(step)} does not fit the model "
+                             f"({len(problems)} mismatched keys):\n  {shown}")
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict, dict]:
+        """`(state, data_state, metadata)` from `step` (None = latest), laid out as `target` says.
+
+        `target`: the state tree as ShapeDtypeStructs with shardings (`abstract_state`) or as arrays whose
+        shardings are reused. Checked with `check_compatible` before any array is read.
+        """
+        step = self._resolve(step)
+        self.check_compatible(target, step)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        return restored.state, dict(restored.data or {}), dict(restored.meta or {})
+
+    # -- shutdown --------------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until every pending async save is on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves, release the manager and restore the previous SIGTERM handler."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

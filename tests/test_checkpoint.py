@@ -1,0 +1,101 @@
+"""Checkpointer: bitwise round trip, restore onto another mesh, keep-last-K, SIGTERM, shape mismatch."""
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from bmgpt_jax import parallel
+from bmgpt_jax.checkpoint import CheckpointConfig, Checkpointer, abstract_state
+from bmgpt_jax.optim import make_optimizer, split_trainable
+from bmgpt_jax.step import init_opt_state, make_train_step, shard
+from tests.test_optim import CFG, Toy, toy_batch, toy_loss
+
+
+def trained_state(mesh, width=16):
+    """{"trainable", "opt_state"} after one update, sharded on `mesh` (non-zero Adam moments)."""
+    graphdef, trainable, frozen = split_trainable(Toy(nnx.Rngs(0), width=width))
+    tx = make_optimizer(CFG)
+    trainable = shard(trainable, mesh)
+    opt_state = init_opt_state(tx, trainable, mesh)
+    trainable, opt_state, _ = jax.jit(make_train_step(toy_loss, tx))(graphdef, trainable, frozen, opt_state,
+                                                                        toy_batch())
+    return {"trainable": trainable, "opt_state": opt_state}
+
+
+def assert_same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_bitwise_with_iterator_state_and_metadata(tmp_path):
+    mesh = parallel.make_mesh((8, 1, 1))
+    state = trained_state(mesh)
+    data_state = {"epoch": 1, "position": 17, "seed": 3}
+    with Checkpointer(CheckpointConfig(dir=str(tmp_path), every=5)) as ckpt:
+        assert not ckpt.save(3, state)  # not a multiple of `every`
+        assert ckpt.save(5, state, data_state=data_state, metadata={"config": {"stage": "lm"}})
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path)))
+    assert ckpt.latest_step() == 5
+    restored, data, meta = ckpt.restore(abstract_state(state, mesh))
+    ckpt.close()
+    assert_same(restored, state)
+    assert data == data_state and meta == {"config": {"stage": "lm"}, "step": 5}
+
+
+def test_restore_onto_other_meshes(tmp_path):
+    state = trained_state(parallel.make_mesh((8, 1, 1)))
+    with Checkpointer(CheckpointConfig(dir=str(tmp_path), every=1)) as ckpt:
+        ckpt.save(1, state)
+    for shape in [(1, 8, 1), (2, 2, 2)]:
+        mesh = parallel.make_mesh(shape)
+        target = abstract_state(state, mesh)
+        with Checkpointer(CheckpointConfig(dir=str(tmp_path))) as ckpt:
+            restored, _, _ = ckpt.restore(target, step=1)
+        assert_same(restored, state)
+        for arr, want in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
+            assert arr.sharding.mesh.shape == mesh.shape and arr.sharding.spec == want.sharding.spec
+        kernel = restored["trainable"]["up"]["kernel"][...]
+        assert kernel.sharding.spec == parallel.logical_to_spec(("embed", "mlp"))
+
+
+def test_keep_last_k_and_final_forced_save(tmp_path):
+    state = {"w": np.arange(4.0, dtype=np.float32)}
+    with Checkpointer(CheckpointConfig(dir=str(tmp_path), every=2, keep=2)) as ckpt:
+        saved = [step for step in range(1, 8) if ckpt.save(step, state, force=step == 7)]
+        assert not ckpt.save(7, state, force=True)  # already on disk
+    assert saved == [2, 4, 6, 7]
+    with Checkpointer(CheckpointConfig(dir=str(tmp_path))) as ckpt:
+        assert ckpt.all_steps() == [6, 7]
+        with pytest.raises(FileNotFoundError, match="step 2"):
+            ckpt.restore(state, step=2)
+
+
+def test_sigterm_requests_a_save(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path), every=100))
+    ckpt.install_sigterm_handler()
+    assert not ckpt.stop_requested()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert ckpt.stop_requested()
+    assert ckpt.save(3, {"w": np.ones(2, np.float32)})
+    ckpt.close()
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert Checkpointer(CheckpointConfig(dir=str(tmp_path))).latest_step() == 3
+
+
+def test_other_model_shape_errors_naming_key_and_shapes(tmp_path):
+    mesh = parallel.make_mesh((8, 1, 1))
+    with Checkpointer(CheckpointConfig(dir=str(tmp_path), every=1)) as ckpt:
+        ckpt.save(1, trained_state(mesh, width=16))
+    wider = abstract_state(trained_state(mesh, width=32), mesh)
+    with Checkpointer(CheckpointConfig(dir=str(tmp_path))) as ckpt:
+        with pytest.raises(ValueError, match=r"'trainable\.up\.kernel\.value': checkpoint \(8, 16\) vs model \(8, 32\)"):
+            ckpt.restore(wider)
+        with pytest.raises(ValueError, match=r"'extra\.value': missing from the checkpoint"):
+            ckpt.check_compatible({**trained_state(mesh), "extra": nnx.Param(np.zeros(3, np.float32))})
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Checkpointer(CheckpointConfig(dir=str(tmp_path / "empty"))).restore(wider)
