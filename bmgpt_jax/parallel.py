@@ -30,6 +30,8 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("nodes", None),
     ("act_embed", None),
     ("norm", None),
+    ("gin_vocab", None),   # GIN embedding rows (atom/bond types): tiny, replicated
+    ("gin_hidden", None),  # GIN feature dims (300/600): 1.8M params in all, replicated
 )
 
 

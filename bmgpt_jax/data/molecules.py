@@ -1,0 +1,213 @@
+"""SMILES -> GIN graph features (rdkit), and many molecules -> one padded `jraph.GraphsTuple`.
+
+Featurization is exactly OpenBioMed's `MolGraphFeaturizer` with the `BaseGNN` settings that BioMedGPT
+uses (itself the pretrain-gnns / GraphMVP "simple" scheme), so pretrained GIN weights see the inputs
+they were trained on:
+
+- atoms `[n_atoms, 2]`: `[atomic_num - 1, chirality]`; an atom outside 1..118 (the `*` dummy atom,
+  atomic number 0) is the "misc" row 118. Chirality is the index in (CHI_UNSPECIFIED,
+  CHI_TETRAHEDRAL_CW, CHI_TETRAHEDRAL_CCW).
+- bonds `[n_edges, 2]`: `[type, direction]`, type in (SINGLE, DOUBLE, TRIPLE, AROMATIC), direction in
+  (NONE, ENDUPRIGHT, ENDDOWNRIGHT); each bond gives two edges, `(i, j)` then `(j, i)`, in rdkit bond
+  order; no self-loops (the GIN adds them).
+
+What the reference cannot encode is a `ValueError` naming the SMILES: CHI_OTHER (the reference's
+list index is 3, but its chirality table has 3 rows, so torch fails with an IndexError) and the newer
+rdkit tags (square planar, ...; not in the list), bond types outside the four (dative, ...; the
+reference's `list.index` raises), other bond directions (wedges come only from mol blocks), an
+unparsable SMILES, an empty string and a molecule with zero atoms.
+
+Batching: `batch_graphs` concatenates molecules in list order (node order = concatenation order) and
+pads with `jraph.pad_with_graphs` to the smallest fitting `(n_node, n_edge, n_graph)` bucket, so a
+jitted encoder compiles once per bucket.
+"""
+from __future__ import annotations
+
+import multiprocessing
+from typing import Literal, Sequence
+
+import jraph
+import numpy as np
+from rdkit import Chem, RDLogger
+
+RDLogger.DisableLog("rdApp.*")
+
+Featurized = tuple[np.ndarray, np.ndarray, np.ndarray]  # atoms [n,2], edge_index [2,e], bonds [e,2]
+
+NUM_ATOM_TYPES = 120     # 118 elements, "misc" (118), mask token (119)
+NUM_CHIRALITY = 3
+NUM_BOND_TYPES = 6       # single, double, triple, aromatic, self-loop (4), mask (5)
+NUM_BOND_DIRS = 3
+MISC_ATOM = 118
+SELF_LOOP_BOND = 4
+
+_CHIRALITY = {Chem.ChiralType.CHI_UNSPECIFIED: 0, Chem.ChiralType.CHI_TETRAHEDRAL_CW: 1,
+              Chem.ChiralType.CHI_TETRAHEDRAL_CCW: 2}
+_BOND_TYPE = {Chem.BondType.SINGLE: 0, Chem.BondType.DOUBLE: 1, Chem.BondType.TRIPLE: 2,
+              Chem.BondType.AROMATIC: 3}
+_BOND_DIR = {Chem.BondDir.NONE: 0, Chem.BondDir.ENDUPRIGHT: 1, Chem.BondDir.ENDDOWNRIGHT: 2}
+
+# (n_node, n_edge, n_graph) budgets, smallest first: 2**k graphs, 32 nodes and 128 edges per graph.
+DEFAULT_BUCKETS: tuple[tuple[int, int, int], ...] = tuple((32 << k, 128 << k, 1 << k) for k in range(1, 11))
+
+
+def featurize(smiles: str) -> Featurized:
+    """One SMILES -> `(atoms [n_atoms, 2], edge_index [2, n_edges], bonds [n_edges, 2])`, int64 numpy.
+
+    Raises `ValueError` naming the SMILES for input the reference featurizer/encoder cannot handle.
+    """
+    if not isinstance(smiles, str) or not smiles.strip():
+        raise ValueError(f"SMILES {smiles!r}: empty or not a string")
+    mol = Chem.MolFromSmiles(smiles)
+    if mol is None:
+        raise ValueError(f"SMILES {smiles!r}: rdkit cannot parse it")
+    return featurize_mol(mol, smiles)
+
+
+def featurize_mol(mol: Chem.Mol, smiles: str = "") -> Featurized:
+    """`featurize` for an rdkit molecule (from an SDF, say); `smiles` only names it in errors."""
+    n = mol.GetNumAtoms()
+    if n == 0:
+        raise ValueError(f"SMILES {smiles!r}: the molecule has no atoms")
+    atoms = np.empty((n, 2), np.int64)
+    for k, atom in enumerate(mol.GetAtoms()):
+        z = atom.GetAtomicNum()
+        chi = _CHIRALITY.get(atom.GetChiralTag())
+        if chi is None:
+            raise ValueError(f"SMILES {smiles!r}: atom {k} ({atom.GetSymbol()}) has chirality "
+                             f"{atom.GetChiralTag()}, which the GraphMVP GIN cannot embed")
+        atoms[k, 0] = z - 1 if 1 <= z <= 118 else MISC_ATOM
+        atoms[k, 1] = chi
+    n_bonds = mol.GetNumBonds()
+    edge_index = np.empty((2, 2 * n_bonds), np.int64)
+    bonds = np.empty((2 * n_bonds, 2), np.int64)
+    for k, bond in enumerate(mol.GetBonds()):
+        i, j = bond.GetBeginAtomIdx(), bond.GetEndAtomIdx()
+        kind = _BOND_TYPE.get(bond.GetBondType())
+        direction = _BOND_DIR.get(bond.GetBondDir())
+        if kind is None or direction is None:
+            bad = bond.GetBondType() if kind is None else bond.GetBondDir()
+            raise ValueError(f"SMILES {smiles!r}: bond {k} (atoms {i}-{j}) is {bad}, outside the "
+                             "GraphMVP featurization (single/double/triple/aromatic, no wedges)")
+        edge_index[:, 2 * k] = (i, j)
+        edge_index[:, 2 * k + 1] = (j, i)
+        bonds[2 * k] = bonds[2 * k + 1] = (kind, direction)
+    return atoms, edge_index, bonds
+
+
+def _featurize_or_message(smiles: str) -> Featurized | str:
+    try:
+        return featurize(smiles)
+    except ValueError as e:
+        return str(e)
+
+
+def _map(smiles: Sequence[str], processes: int, chunksize: int) -> list[Featurized | str]:
+    if processes <= 1:
+        return [_featurize_or_message(s) for s in smiles]
+    # spawn, not fork: the parent usually holds a multithreaded JAX runtime.
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        return pool.map(_featurize_or_message, smiles, chunksize=chunksize)
+
+
+def featurize_many(smiles: Sequence[str], processes: int = 1, chunksize: int = 256) -> list[Featurized]:
+    """`featurize` over a list, in order, optionally in `processes` worker processes.
+
+    Raises `ValueError` naming the first bad SMILES and its index in `smiles`.
+    """
+    out = _map(smiles, processes, chunksize)
+    for i, r in enumerate(out):
+        if isinstance(r, str):
+            raise ValueError(f"molecule {i}: {r}")
+    return out
+
+
+def featurize_valid(smiles: Sequence[str], processes: int = 1,
+                    chunksize: int = 256) -> tuple[list[tuple[int, Featurized]], list[tuple[int, str]]]:
+    """For dataset loaders: `([(index, features)], [(index, error message)])`; bad records are
+    reported and skipped, all others kept."""
+    ok, bad = [], []
+    for i, r in enumerate(_map(smiles, processes, chunksize)):
+        (bad if isinstance(r, str) else ok).append((i, r))
+    return ok, bad
+
+
+def kept_atoms(n_atoms: int, max_atoms: int, over_cap: Literal["error", "subsample"],
+               smiles: str = "") -> np.ndarray:
+    """Indices of the atoms whose features become tokens, sorted, at most `max_atoms` of them.
+
+    The reference (OpenBioMed `convert_pyg_batch`, 256) silently keeps the first atoms; here a larger
+    molecule is either an error (`ValueError` naming the SMILES) or deterministically subsampled to
+    `max_atoms` atoms evenly spaced over the whole molecule. The GIN still encodes the full graph, so
+    each kept atom's features are those the reference computes for it.
+    """
+    if n_atoms <= max_atoms:
+        return np.arange(n_atoms)
+    if over_cap == "error":
+        raise ValueError(f"SMILES {smiles!r}: {n_atoms} atoms exceed the cap of {max_atoms} "
+                         "(set over_cap: subsample to keep an evenly spaced subset)")
+    if over_cap != "subsample":
+        raise ValueError(f"over_cap must be 'error' or 'subsample', got {over_cap!r}")
+    return np.unique(np.linspace(0, n_atoms - 1, max_atoms).round().astype(np.int64))
+
+
+def choose_bucket(n_node: int, n_edge: int, n_graph: int,
+                  buckets: Sequence[tuple[int, int, int]] = DEFAULT_BUCKETS) -> tuple[int, int, int]:
+    """The smallest bucket holding `n_node + 1` nodes, `n_edge` edges and `n_graph + 1` graphs (the
+    padding graph needs a node and a graph). Beyond the largest bucket, each size is doubled until it
+    fits, so shapes stay few."""
+    need = (n_node + 1, n_edge, n_graph + 1)
+    for b in sorted(buckets):
+        if all(have >= want for have, want in zip(b, need)):
+            return tuple(b)
+    sizes = list(max(buckets))
+    for k, want in enumerate(need):
+        while sizes[k] < want:
+            sizes[k] *= 2
+    return tuple(sizes)
+
+
+def batch_graphs(featurized: Sequence[Featurized], n_node: int | None = None, n_edge: int | None = None,
+                 n_graph: int | None = None,
+                 buckets: Sequence[tuple[int, int, int]] = DEFAULT_BUCKETS) -> jraph.GraphsTuple:
+    """Molecules (from `featurize`) -> one `GraphsTuple` padded with `jraph.pad_with_graphs`.
+
+    nodes `[N, 2]`, edges `[E, 2]`, senders/receivers `[E]` (global node indices, sender = edge_index[0]),
+    n_node/n_edge `[G]`, all int32; real molecules first in list order, then the padding graph, then
+    empty graphs. Sizes come from the smallest fitting bucket; an explicit size overrides its part.
+    """
+    if featurized:
+        atoms = np.concatenate([f[0] for f in featurized]).astype(np.int32)
+        bonds = np.concatenate([f[2] for f in featurized]).astype(np.int32).reshape(-1, 2)
+        sizes = np.array([len(f[0]) for f in featurized], np.int32)
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        edge_index = np.concatenate([f[1] + o for f, o in zip(featurized, offsets)], axis=1)
+        edge_index = edge_index.astype(np.int32).reshape(2, -1)
+        n_edges = np.array([f[1].shape[1] for f in featurized], np.int32)
+    else:
+        atoms, bonds = np.zeros((0, 2), np.int32), np.zeros((0, 2), np.int32)
+        edge_index, sizes, n_edges = np.zeros((2, 0), np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32)
+    graph = jraph.GraphsTuple(nodes=atoms, edges=bonds, senders=edge_index[0], receivers=edge_index[1],
+                              n_node=sizes, n_edge=n_edges, globals=None)
+    auto = choose_bucket(len(atoms), len(bonds), len(sizes), buckets)
+    budget = [auto[k] if v is None else v for k, v in enumerate((n_node, n_edge, n_graph))]
+    if budget[0] <= len(atoms) or budget[1] < len(bonds) or budget[2] <= len(sizes):
+        raise ValueError(f"padding budget n_node={budget[0]}, n_edge={budget[1]}, n_graph={budget[2]} is "
+                         f"too small for {len(atoms)} nodes, {len(bonds)} edges, {len(sizes)} graphs "
+                         "(needs one more node and one more graph for padding)")
+    return jraph.pad_with_graphs(graph, *budget)
+
+
+def padding_masks(graph: jraph.GraphsTuple) -> tuple[np.ndarray, np.ndarray]:
+    """`(node_mask [N], graph_mask [G])`, True for real nodes/graphs of a `batch_graphs` result; works
+    on numpy and inside jit (jnp arrays)."""
+    return jraph.get_node_padding_mask(graph), jraph.get_graph_padding_mask(graph)
+
+
+def unpad_nodes(node_features: np.ndarray, graph: jraph.GraphsTuple) -> list[np.ndarray]:
+    """Per-node outputs `[N, ...]` of a padded batch -> one `[n_atoms, ...]` array per real molecule."""
+    n_real = int(np.asarray(padding_masks(graph)[1]).sum())
+    if n_real == 0:
+        return []
+    sizes = np.asarray(graph.n_node)[:n_real]
+    return np.split(np.asarray(node_features)[: sizes.sum()], np.cumsum(sizes)[:-1])
