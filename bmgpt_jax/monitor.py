@@ -1,0 +1,158 @@
+"""Training feedback: progress bar, TensorBoard + JSONL metrics, MFU, and the non-finite-loss policy.
+
+MFU (model FLOPs utilisation) = useful training FLOPs per second / the device's peak rate. The FLOPs
+come from `train_flops_per_token` (6·N + attention, the PaLM appendix-B count) or from XLA's own count
+of a compiled step (`compiled_flops`); the peak is *measured* by `measure_matmul_flops` (a timed square
+matmul on the current device) rather than taken from a spec sheet, so a CPU run reports a meaningful
+number too. Only process 0 writes (`enabled` defaults to `jax.process_index() == 0`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import jax
+import jax.numpy as jnp
+import tqdm
+from tensorboardX import SummaryWriter
+
+NonFinitePolicy = Literal["stop", "skip"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised by the "stop" policy when a step's loss (or gradient norm) is NaN or infinite."""
+
+
+def check_loss(step: int, loss: float, policy: NonFinitePolicy = "stop", grad_norm: float = 0.0) -> bool:
+    """True when `loss` and `grad_norm` are finite. Otherwise "stop" raises NonFiniteLossError naming the
+    step, and "skip" returns False (the step, built with `skip_nonfinite=True`, left the state unchanged)."""
+    if policy not in ("stop", "skip"):
+        raise ValueError(f"non-finite policy must be 'stop' or 'skip', got {policy!r}")
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return True
+    if policy == "stop":
+        raise NonFiniteLossError(f"non-finite loss {loss} (grad norm {grad_norm}) at step {step}; stopping. "
+                                 "Lower the learning rate, check the data, or set the policy to 'skip'.")
+    return False
+
+
+def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 5, device=None) -> float:
+    """Peak matmul rate (FLOP/s) of `device` (default: the first): best of `repeats` timed n×n @ n×n."""
+    device = device or jax.devices()[0]
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.device_put(jax.random.normal(key_a, (n, n), dtype), device)
+    b = jax.device_put(jax.random.normal(key_b, (n, n), dtype), device)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()  # compile + warm up
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n ** 3 / best
+
+
+def train_flops_per_token(n_params: int, *, n_trainable: int | None = None, n_layers: int = 0,
+                          seq_len: int = 0, d_model: int = 0) -> float:
+    """Training FLOPs per token: forward 2N + backward 4N, less 2 per frozen parameter (no weight
+    gradient), plus attention 12·L·T·d (scores and weighted sum, forward and backward).
+
+    `n_params` counts matmul parameters (exclude embedding tables, which are gathers); `n_trainable`
+    defaults to all of them. Activation gradients are counted through every layer, an upper bound when
+    frozen layers come first (frozen encoders need no backward at all).
+    """
+    n_trainable = n_params if n_trainable is None else n_trainable
+    return 4.0 * n_params + 2.0 * n_trainable + 12.0 * n_layers * seq_len * d_model
+
+
+def compiled_flops(compiled: Any) -> float | None:
+    """XLA's FLOP count for one call of a compiled function (`jax.jit(f).lower(...).compile()`), or None
+    when the backend does not report it."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops is not None and flops > 0 else None
+
+
+class Monitor:
+    """Progress bar, `metrics.jsonl` and TensorBoard events under `log_dir` for one run.
+
+    Call `log(step, metrics, tokens=...)` after each logged step with host floats (e.g.
+    `jax.device_get(metrics)`); `tokens` is how many token positions were processed since the previous
+    call (padding included, for throughput). tokens/s uses wall time since the previous call, so the
+    first value includes compilation. MFU needs `flops_per_token` and `peak_flops`.
+    """
+
+    def __init__(self, log_dir: str | Path, *, total_steps: int, start_step: int = 0,
+                 flops_per_token: float | None = None, peak_flops: float | None = None,
+                 progress: bool = True, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.skipped = 0
+        self._step = start_step
+        self._last_time = time.perf_counter()
+        self._bar = self._jsonl = self._tb = None
+        if not self.enabled:
+            return
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.log_dir / "metrics.jsonl", "a")  # appended to on resume
+        self._tb = SummaryWriter(str(self.log_dir / "tensorboard"))
+        if progress:
+            self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: Mapping[str, float], *, tokens: int = 0) -> dict:
+        """Record `metrics` for `step`; returns the record with tokens_per_s (and mfu) added."""
+        now = time.perf_counter()
+        elapsed, self._last_time = max(now - self._last_time, 1e-9), now
+        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        if tokens:
+            record["tokens_per_s"] = tokens / elapsed
+            if self.flops_per_token and self.peak_flops:
+                record["mfu"] = self.flops_per_token * tokens / elapsed / self.peak_flops
+        if "finite" in record and record["finite"] == 0.0:
+            self.skipped += 1
+            self.write(f"step {step}: non-finite loss, update skipped ({self.skipped} so far)")
+        if not self.enabled:
+            return record
+        self._jsonl.write(json.dumps({"time": time.time(), **record}) + "\n")
+        self._jsonl.flush()
+        for key, value in record.items():
+            if key != "step" and math.isfinite(value):
+                self._tb.add_scalar(f"train/{key}", value, step)
+        if self._bar is not None:
+            postfix = {"loss": f"{record.get('loss', math.nan):.4f}"}
+            if "tokens_per_s" in record:
+                postfix["tok/s"] = f"{record['tokens_per_s']:.3g}"
+            if "mfu" in record:
+                postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+            self._bar.set_postfix(postfix, refresh=False)
+            self._bar.update(step - self._step)
+        self._step = step
+        return record
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the progress bar (process 0 only)."""
+        if self.enabled:
+            (self._bar.write if self._bar is not None else print)(message)
+
+    def close(self) -> None:
+        """Flush and close the bar, the JSONL file and the TensorBoard writer."""
+        if self._bar is not None:
+            self._bar.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._bar = self._jsonl = self._tb = None
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
