@@ -10,7 +10,7 @@ from flax import nnx
 from bmgpt_jax import parallel
 from bmgpt_jax.checkpoint import CheckpointConfig, Checkpointer, abstract_state
 from bmgpt_jax.optim import make_optimizer, split_trainable
-from bmgpt_jax.step import init_opt_state, make_train_step, shard
+from bmgpt_jax.step import batch_shardings, init_opt_state, jit_train_step, make_train_step, shard
 from tests.test_optim import CFG, Toy, toy_batch, toy_loss
 
 
@@ -99,3 +99,23 @@ def test_other_model_shape_errors_naming_key_and_shapes(tmp_path):
             ckpt.check_compatible({**trained_state(mesh), "extra": nnx.Param(np.zeros(3, np.float32))})
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Checkpointer(CheckpointConfig(dir=str(tmp_path / "empty"))).restore(wider)
+
+
+def test_async_save_survives_donation_by_the_next_step(tmp_path):
+    """The next jitted step donates the buffers just handed to an async save; the checkpoint is intact."""
+    mesh = parallel.make_mesh((2, 2, 2))
+    graphdef, trainable, frozen = split_trainable(Toy(nnx.Rngs(5)))
+    tx = make_optimizer(CFG)
+    trainable, frozen = shard(trainable, mesh), shard(frozen, mesh)
+    opt_state = init_opt_state(tx, trainable, mesh)
+    bsh = batch_shardings(toy_batch(), mesh)
+    step = jit_train_step(make_train_step(toy_loss, tx), graphdef, trainable, frozen, opt_state, bsh, mesh)
+    with Checkpointer(CheckpointConfig(dir=str(tmp_path), every=1)) as ckpt:
+        for i in range(1, 4):
+            trainable, opt_state, _ = step(trainable, frozen, opt_state, jax.device_put(toy_batch(i), bsh))
+            if i == 2:
+                snapshot = jax.tree.map(np.array, {"trainable": trainable, "opt_state": opt_state})
+            ckpt.save(i, {"trainable": trainable, "opt_state": opt_state})
+    with Checkpointer(CheckpointConfig(dir=str(tmp_path))) as ckpt:
+        restored, _, _ = ckpt.restore(abstract_state(snapshot, mesh), step=2)
+    assert_same(restored, snapshot)
