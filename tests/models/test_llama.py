@@ -1,0 +1,190 @@
+"""Llama decoder: parity with transformers' PyTorch LlamaForCausalLM, HF round trip, KV cache, errors."""
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bmgpt_jax import config as config_lib
+from bmgpt_jax.convert import hf_llama
+from bmgpt_jax.models.llama import LlamaConfig
+from tests.torch_refs.hf_llama import make_hf_llama
+
+VOCAB = 211
+
+
+@pytest.fixture(scope="session", params=[4, 2], ids=["mha", "gqa"])
+def hf_model(request, tmp_path_factory, torch):
+    path = tmp_path_factory.mktemp(f"hf_llama_kv{request.param}")
+    return path, make_hf_llama(path, num_kv_heads=request.param, vocab_size=VOCAB)
+
+
+def padded_batch(seed=0, lens=(12, 7, 3), t=12):
+    rs = np.random.RandomState(seed)
+    ids = rs.randint(3, VOCAB, (len(lens), t))
+    mask = (np.arange(t)[None] < np.asarray(lens)[:, None]).astype(np.int32)
+    return ids * mask, mask
+
+
+def torch_logits(hf, ids, mask, torch):
+    with torch.no_grad():
+        return hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_logits_match_transformers(hf_model, scan, torch):
+    path, hf = hf_model
+    model = hf_llama.load(path, scan_layers=scan)
+    ids, mask = padded_batch()
+    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    ref = torch_logits(hf, ids, mask, torch)
+    assert ours.shape == (3, 12, VOCAB)
+    err = np.abs(ours - ref)[mask.astype(bool)].max()
+    assert err < 1e-4, err
+
+
+def test_padding_does_not_change_real_rows(hf_model):
+    path, _ = hf_model
+    model = hf_llama.load(path)
+    ids, mask = padded_batch()
+    batched = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    alone = np.asarray(model(jnp.asarray(ids[2:3, :3])))
+    np.testing.assert_allclose(batched[2, :3], alone[0], atol=1e-5)
+
+
+def test_export_loads_in_transformers_and_reimports_bit_exact(hf_model, tmp_path, torch):
+    from transformers import LlamaForCausalLM
+    path, _ = hf_model
+    model = hf_llama.load(path, scan_layers=True)
+    hf_llama.save(model, tmp_path / "export")
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "export").eval()
+    ids, mask = padded_batch(seed=1)
+    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    ref = torch_logits(reloaded, ids, mask, torch)
+    assert np.abs(ours - ref)[mask.astype(bool)].max() < 1e-5
+    again = hf_llama.load(tmp_path / "export", scan_layers=True)
+    for a, b in zip(jax.tree.leaves(jax.tree.map(np.asarray, hf_llama.to_state_dict(model))),
+                    jax.tree.leaves(jax.tree.map(np.asarray, hf_llama.to_state_dict(again)))):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_scan_and_loop_layouts_hold_the_same_weights(hf_model):
+    path, _ = hf_model
+    loop = hf_llama.load(path)
+    scan = hf_llama.with_config(loop, scan_layers=True)
+    assert scan.model.layers.self_attn.q_proj.kernel.shape[0] == loop.config.num_layers
+    a, b = hf_llama.to_state_dict(loop), hf_llama.to_state_dict(scan)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_kv_cache_decoding_matches_full_forward(hf_model, scan):
+    path, _ = hf_model
+    model = hf_llama.load(path, scan_layers=scan)
+    ids, mask = padded_batch(seed=2, lens=(10, 6, 8), t=10)
+    full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    cache = model.init_cache(3, 16)
+    logits, cache = model(jnp.asarray(ids[:, :4]), jnp.asarray(mask[:, :4]), cache=cache)
+    steps = [np.asarray(logits)]
+    for t in range(4, 10):  # one token at a time
+        logits, cache = model(jnp.asarray(ids[:, t:t + 1]), jnp.asarray(mask[:, t:t + 1]), cache=cache)
+        steps.append(np.asarray(logits))
+    inc = np.concatenate(steps, axis=1)
+    assert np.abs(inc - full)[mask.astype(bool)].max() < 1e-4
+
+
+def test_remat_gives_same_loss_and_grads(hf_model):
+    from flax import nnx
+    path, _ = hf_model
+    ids, mask = padded_batch()
+
+    def loss_and_grads(model):
+        def loss(m):
+            return jnp.mean(m(jnp.asarray(ids), jnp.asarray(mask)) ** 2)
+        return nnx.value_and_grad(loss)(model)
+
+    l0, g0 = loss_and_grads(hf_llama.load(path, scan_layers=True))
+    l1, g1 = loss_and_grads(hf_llama.load(path, scan_layers=True, remat="full"))
+    assert abs(float(l0) - float(l1)) < 1e-6
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bfloat16_compute_stays_close(hf_model):
+    path, _ = hf_model
+    ids, mask = padded_batch()
+    f32 = np.asarray(hf_llama.load(path)(jnp.asarray(ids), jnp.asarray(mask)))
+    bf16_model = hf_llama.load(path, dtype="bfloat16")
+    assert bf16_model.model.layers[0].mlp.up_proj.kernel.dtype == jnp.float32  # master weights stay f32
+    bf16 = np.asarray(bf16_model(jnp.asarray(ids), jnp.asarray(mask)))
+    assert bf16.dtype == np.float32
+    assert np.abs(bf16 - f32)[mask.astype(bool)].max() < 0.1
+
+
+def test_inputs_embeds_equal_token_path(hf_model):
+    path, _ = hf_model
+    model = hf_llama.load(path)
+    ids, mask = padded_batch()
+    a = model(jnp.asarray(ids), jnp.asarray(mask))
+    b = model(inputs_embeds=model.embed(jnp.asarray(ids)), attention_mask=jnp.asarray(mask))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_parameters_carry_logical_axes(hf_model):
+    from flax import nnx
+    path, _ = hf_model
+    model = hf_llama.load(path, scan_layers=True)
+    meta = {"/".join(map(str, p)): v.get_metadata()["out_sharding"]
+            for p, v in nnx.state(model, nnx.Param).flat_state()}
+    assert meta["model/embed_tokens/weight"] == ("vocab", "embed")
+    assert meta["model/layers/self_attn/q_proj/kernel"] == ("layers", "embed", "heads")
+    assert meta["model/layers/mlp/down_proj/kernel"] == ("layers", "mlp", "embed")
+    assert meta["lm_head/kernel"] == ("embed", "vocab")
+
+
+def test_bad_token_ids_and_lengths_raise(hf_model):
+    path, _ = hf_model
+    model = hf_llama.load(path)
+    with pytest.raises(ValueError, match=r"token id 211 at position \(0, 1\)"):
+        model(jnp.asarray([[5, VOCAB, 3]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(jnp.asarray([[-1]]))
+    with pytest.raises(ValueError, match="sequence length 300 exceeds max_position_embeddings 256"):
+        model(jnp.zeros((1, 300), jnp.int32))
+
+
+def test_checkpoint_shape_mismatch_names_key_and_shapes(hf_model, tmp_path):
+    path, _ = hf_model
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] += 8
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj\.weight' has shape \(64, 144\) "
+                                         r"but the model expects \(64, 152\)"):
+        hf_llama.load(tmp_path)
+
+
+def test_missing_and_extra_keys_are_named(hf_model):
+    path, _ = hf_model
+    from bmgpt_jax.convert.torch_io import read_state_dict
+    sd = read_state_dict(path)
+    cfg = hf_llama.config_from_hf(path)
+    broken = dict(sd)
+    del broken["model.norm.weight"]
+    with pytest.raises(KeyError, match="missing tensor 'model.norm.weight'"):
+        hf_llama.from_state_dict(broken, cfg)
+    extra = dict(sd, **{"model.extra.weight": np.zeros(3, np.float32)})
+    with pytest.raises(KeyError, match="model.extra.weight"):
+        hf_llama.from_state_dict(extra, cfg)
+
+
+def test_7b_config_file_has_the_real_shape():
+    cfg = config_lib.load(LlamaConfig, "biomedgpt_lm_7b")
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size,
+            cfg.vocab_size, cfg.rms_norm_eps, cfg.rope_theta, cfg.tie_word_embeddings) == \
+           (4096, 32, 32, 32, 11008, 32001, 1e-6, 10000.0, False)
+    assert 6.7e9 < cfg.num_params() < 6.8e9
+    abstract = hf_llama.abstract_model(dataclasses.replace(cfg, num_layers=1))
+    assert abstract.model.layers.mlp.gate_proj.kernel.shape == (1, 4096, 11008)

@@ -1,0 +1,66 @@
+"""Typed YAML config: overrides, nested sections, errors naming the nearest valid keys."""
+import dataclasses
+
+import pytest
+
+from bmgpt_jax import config as cl
+from bmgpt_jax.models.llama import LlamaConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    lr: float = 1e-3
+    steps: int = 10
+    name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    mesh: tuple[int, ...] = (-1, 1, 1)
+    flag: bool = False
+
+
+def test_yaml_plus_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("inner:\n  lr: 3\n  name: x\nmesh: [2, 2, 2]\n")
+    cfg = cl.load(Outer, p, ["inner.steps=7", "flag=true", "inner.lr=5e-4"])
+    assert cfg == Outer(Inner(lr=5e-4, steps=7, name="x"), (2, 2, 2), True)
+    assert isinstance(cl.load(Outer, p).inner.lr, float)
+
+
+def test_unknown_key_names_nearest(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("inner:\n  stpes: 3\n")
+    with pytest.raises(cl.ConfigError, match=r"unknown config key inner\.'stpes'; did you mean 'steps'"):
+        cl.load(Outer, p)
+    with pytest.raises(cl.ConfigError, match=r"'fleg'; did you mean 'flag'"):
+        cl.load(Outer, None, ["fleg=1"])
+    with pytest.raises(cl.ConfigError, match=r"inner\.'lrr'; did you mean 'lr'"):
+        cl.load(Outer, None, ["inner.lrr=1"])
+
+
+def test_wrong_types_are_errors():
+    with pytest.raises(cl.ConfigError, match="inner.steps: expected an integer, got 'many'"):
+        cl.load(Outer, None, ["inner.steps=many"])
+    with pytest.raises(cl.ConfigError, match="flag: expected true/false"):
+        cl.load(Outer, None, ["flag=3"])
+    with pytest.raises(cl.ConfigError, match="not of the form key=value"):
+        cl.load(Outer, None, ["flag"])
+    with pytest.raises(cl.ConfigError, match=r"remat: 'some' is not one of \['none', 'full', 'dots'\]"):
+        cl.load(LlamaConfig, "llama_tiny", ["remat=some"])
+
+
+def test_base_file_merges_and_round_trips(tmp_path):
+    (tmp_path / "base.yaml").write_text("inner:\n  lr: 1\n  steps: 2\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ninner:\n  steps: 4\n")
+    cfg = cl.load(Outer, tmp_path / "child.yaml")
+    assert cfg.inner == Inner(lr=1.0, steps=4)
+    assert cl.from_dict(Outer, cl.to_dict(cfg)) == cfg
+
+
+def test_model_validation_runs(tmp_path):
+    with pytest.raises(ValueError, match="num_heads 4 is not a multiple of num_kv_heads 3"):
+        cl.load(LlamaConfig, "llama_tiny", ["num_kv_heads=3"])
+    with pytest.raises(cl.ConfigError, match="config file 'nope' not found"):
+        cl.load(LlamaConfig, "nope")
