@@ -70,7 +70,8 @@ def train_flops_per_token(n_params: int, *, n_trainable: int | None = None, n_la
 
 def compiled_flops(compiled: Any) -> float | None:
     """XLA's FLOP count for one call of a compiled function (`jax.jit(f).lower(...).compile()`), or None
-    when the backend does not report it."""
+    when the backend does not report it. XLA counts a loop body once: a step that scans over layers or
+    micro-batches is undercounted by the trip count, so prefer `train_flops_per_token` there."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else None
