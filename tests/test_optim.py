@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from bmgpt_jax import parallel
 from bmgpt_jax.config import from_dict
@@ -160,5 +161,17 @@ def test_sharded_step_matches_single_device_and_rules():
     want = tree_shardings(trainable, mesh)
     for arr, sh in zip(jax.tree.leaves(new_t), jax.tree.leaves(want)):
         assert arr.sharding.spec == sh.spec
+    # accumulation under sharding: the micro-batch axis stays unsharded, rows split over data x fsdp
+    micro = stack_microbatches(batch, 2)
+    msh = batch_shardings(micro, mesh, microbatched=True)
+    assert msh["x"].spec == P(None, ("data", "fsdp"), None, None)
+    s_trainable = shard(trainable, mesh)
+    opt_state = init_opt_state(tx, s_trainable, mesh)
+    step2 = jit_train_step(make_train_step(toy_loss, tx, grad_accum=2), graphdef, s_trainable, s_frozen,
+                           opt_state, msh, mesh)
+    acc_t, _, acc_m = step2(s_trainable, s_frozen, opt_state, jax.device_put(micro, msh))
+    np.testing.assert_allclose(acc_m["loss"], ref_m["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(acc_t), jax.tree.leaves(ref_t)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
     with pytest.raises(ValueError, match=r"batch\['x'\] dimension 0 has size 6"):
         batch_shardings(toy_batch(rows=6), mesh)
