@@ -1,0 +1,125 @@
+"""The common tfds builder: read files from a user-given folder, convert rows to `Record`s, check, write.
+
+Subclasses name their files per split (`FILES`) and turn them into `(key, Record)` pairs (`_records`).
+This base checks every record the way the pipeline will use it (SMILES featurize, residues are in the ESM
+alphabet, the answer is not empty), skips and counts the bad ones per reason (`BadRecords`), reports them
+at the end of each split (logged, and saved in the dataset's `metadata.json` under "bad_records") and
+never aborts on a bad row. A missing folder or file is a `FileNotFoundError` listing what was expected.
+
+Output is array_record with text features only, read back without tensorflow:
+`builder.as_data_source(split)[i]` -> dict, `Record.from_example(...)`.
+"""
+from __future__ import annotations
+
+import abc
+import json
+from pathlib import Path
+from typing import Iterator
+
+import tensorflow_datasets as tfds
+
+from ..records import BadRecords, Record, features
+
+KEEP_MULTI, SINGLE_ONLY = "keep", "single"
+
+
+class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base of every bmgpt_jax builder: `raw_dir` holds the source files, `FILES[split]` names them."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    FILES: dict[str, tuple[str, ...]] = {}
+    EXTRA_FILES: tuple[str, ...] = ()          # needed by every split (e.g. an accession -> sequence map)
+
+    def __init__(self, *, raw_dir: str | Path | None = None, **kwargs):
+        self.raw_dir = Path(raw_dir) if raw_dir is not None else None
+        self.bad_records: dict[str, BadRecords] = {}
+        kwargs.setdefault("file_format", "array_record")
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=features(),
+                                     disable_shuffling=True, metadata=tfds.core.MetadataDict())
+
+    def expected_files(self) -> list[str]:
+        return sorted({f for files in self.FILES.values() for f in files} | set(self.EXTRA_FILES))
+
+    def _check_inputs(self) -> None:
+        """FileNotFoundError naming the expected files when the folder or one of them is missing."""
+        expected = self.expected_files()
+        if self.raw_dir is None or not self.raw_dir.is_dir():
+            raise FileNotFoundError(f"{self.name}: input folder {self.raw_dir} not found; it must contain "
+                                    f"{', '.join(expected)}")
+        missing = [f for f in expected if not any(self.raw_dir.glob(f))]
+        if missing:
+            raise FileNotFoundError(f"{self.name}: {self.raw_dir} lacks {', '.join(missing)} (expected "
+                                    f"{', '.join(expected)})")
+
+    def _split_generators(self, dl_manager):
+        self._check_inputs()
+        return {split: self._generate_examples(split) for split in self.FILES}
+
+    def files(self, split: str) -> list[Path]:
+        """The files of `split` (patterns expanded, sorted)."""
+        return [p for pat in self.FILES[split] for p in sorted(self.raw_dir.glob(pat))]
+
+    @abc.abstractmethod
+    def _records(self, split: str, bad: BadRecords) -> Iterator[tuple[str, Record]]:
+        """`(unique key, Record)` for every readable row of `split`; unreadable rows go to `bad`."""
+
+    def _generate_examples(self, split: str):
+        bad = self.bad_records[split] = BadRecords()
+        for key, record in self._records(split, bad):
+            reason = check_record(record, multi=getattr(self.builder_config, "name", KEEP_MULTI) == KEEP_MULTI)
+            if reason:
+                bad.add(reason, f"{key}: {record.entities or record.question[:80]!r}")
+                continue
+            yield key, record.to_example()
+        self.info.metadata.setdefault("bad_records", {})[split] = bad.as_dict()
+        bad.report(f"{self.info.full_name} {split}")
+
+
+def check_record(record: Record, multi: bool = True) -> str | None:
+    """The reason `record` is unusable, or None: empty answer, invalid SMILES, bad residues, several entities."""
+    if not record.answer.strip():
+        return "empty answer"
+    if not multi and len(record.entities) > 1:
+        return "multiple entities"
+    for kind, value in record.entities:
+        if kind == "molecule":
+            from ..molecules import featurize
+            try:
+                featurize(value)
+            except ValueError:
+                return "invalid SMILES"
+        else:
+            from ..proteins import encode
+            try:
+                encode(value)
+            except ValueError:
+                return "bad residues"
+    return None
+
+
+def read_json(path: Path):
+    """A whole-file JSON document; a file that does not parse is an error naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_jsonl(path: Path, bad: BadRecords) -> Iterator[tuple[int, dict]]:
+    """`(line number, object)` per JSON line; malformed lines are counted in `bad` and skipped."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                bad.add("malformed JSON line", f"{path.name}:{lineno}: {line.strip()}")
+                continue
+            if not isinstance(obj, dict):
+                bad.add("malformed JSON line", f"{path.name}:{lineno}: {line.strip()}")
+                continue
+            yield lineno, obj

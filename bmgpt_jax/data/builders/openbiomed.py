@@ -1,0 +1,80 @@
+"""PubChemQA and UniProtQA in OpenBioMed's released layout, read from a folder the user downloaded.
+
+    pubchemqa/  train.json val.json test.json        [{"smiles": [...], "question": ..., "answer": ...}, ...]
+    uniprotqa/  train.json val.json test.json        [{"protein_accession": [...], "question", "answer"}, ...]
+                sequences.json                       {accession: amino-acid sequence}
+
+Builder configs decide what happens to records with more than one entity: `keep` (default; multi-entity
+prompts) or `single` (skipped and counted as "multiple entities").
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import tensorflow_datasets as tfds
+
+from ..records import BadRecords, Record
+from .base import KEEP_MULTI, SINGLE_ONLY, RecordBuilder, read_json
+
+SPLIT_FILES = {"train": ("train.json",), "val": ("val.json",), "test": ("test.json",)}
+
+
+class _OpenBioMedQA(RecordBuilder, skip_registration=True):
+    """QA about entities listed under `ENTITY_KEY` in each record of `{split}.json`."""
+
+    ENTITY_KEY = ""
+    KIND = ""
+    BUILDER_CONFIGS = [
+        tfds.core.BuilderConfig(name=KEEP_MULTI, description="records with several entities are kept"),
+        tfds.core.BuilderConfig(name=SINGLE_ONLY, description="records with several entities are skipped"),
+    ]
+
+    def _entity_value(self, ref: str, bad: BadRecords, key: str) -> str | None:
+        """The entity string for reference `ref` (None after counting it in `bad`)."""
+        return ref
+
+    def _records(self, split: str, bad: BadRecords) -> Iterator[tuple[str, Record]]:
+        for path in self.files(split):
+            rows = read_json(path)
+            if not isinstance(rows, list):
+                raise ValueError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
+            for i, row in enumerate(rows):
+                key = f"{path.stem}:{i}"
+                refs = row.get(self.ENTITY_KEY) if isinstance(row, dict) else None
+                refs = [refs] if isinstance(refs, str) else refs
+                if not refs or not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
+                    bad.add("malformed record", f"{key}: {str(row)[:200]}")
+                    continue
+                values = [self._entity_value(r, bad, key) for r in refs]
+                if None in values:
+                    continue
+                yield key, Record(tuple((self.KIND, v) for v in values), row["question"], row["answer"],
+                                  id=",".join(map(str, refs)))
+
+
+class PubChemQA(_OpenBioMedQA, skip_registration=True):
+    """PubChemQA (OpenBioMed): questions about molecules given as SMILES, PubChem-description answers."""
+
+    FILES = SPLIT_FILES
+    ENTITY_KEY = "smiles"
+    KIND = "molecule"
+
+
+class UniProtQA(_OpenBioMedQA, skip_registration=True):
+    """UniProtQA (OpenBioMed): questions about proteins given as UniProt accessions (`sequences.json`)."""
+
+    FILES = SPLIT_FILES
+    EXTRA_FILES = ("sequences.json",)
+    ENTITY_KEY = "protein_accession"
+    KIND = "protein"
+
+    def _split_generators(self, dl_manager):
+        gens = super()._split_generators(dl_manager)
+        self.sequences = read_json(self.raw_dir / "sequences.json")
+        return gens
+
+    def _entity_value(self, ref: str, bad: BadRecords, key: str) -> str | None:
+        seq = self.sequences.get(ref)
+        if seq is None:
+            bad.add("unknown accession", f"{key}: {ref}")
+        return seq

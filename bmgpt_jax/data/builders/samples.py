@@ -1,0 +1,153 @@
+"""The real sample sets in ../shared/data (see its README), each converted into `Record`s.
+
+Molecules and proteins: ChEBI-20 (as "describe this molecule", the kind of answer PubChemQA has), the
+ChEMBL drug QA (drugchat), Swiss-Prot FUNCTION text (as "what is the function of this protein", the kind
+UniProtQA has). Text only: PubMedQA, MedMCQA, MedQA-USMLE (multiple choice; `label` holds the gold
+letter or yes/no/maybe) and the Mol-Instructions biomolecular text instructions. `raw_dir` is the
+shared data folder itself (the files keep their paths below it).
+"""
+from __future__ import annotations
+
+import csv
+import json
+from typing import Iterator
+
+from ..records import BadRecords, Record
+from .base import RecordBuilder, read_json, read_jsonl
+
+DESCRIBE_MOLECULE = "Please describe this molecule."
+PROTEIN_FUNCTION = "What is the function of this protein?"
+LETTERS = "ABCD"
+
+
+def _tsv_rows(path, columns: int, bad: BadRecords) -> Iterator[tuple[int, list[str]]]:
+    """`(line number, fields)` of a tab-separated file with a header; rows with the wrong width go to `bad`."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(reader, None)
+        for lineno, row in enumerate(reader, 2):
+            if len(row) != columns:
+                bad.add("malformed row", f"{path.name}:{lineno}: {chr(9).join(row)}")
+                continue
+            yield lineno, row
+
+
+def _choice_question(question: str, options: list[str]) -> str:
+    return question.strip() + "\n" + "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
+
+
+class ChEBI20(RecordBuilder, skip_registration=True):
+    """ChEBI-20 molecule descriptions (MolT5 split files), as "Please describe this molecule."."""
+
+    FILES = {"validation": ("molecules/chebi20_validation.txt",), "test": ("molecules/chebi20_test.txt",)}
+
+    def _records(self, split, bad):
+        for path in self.files(split):
+            for lineno, (cid, smiles, description) in _tsv_rows(path, 3, bad):
+                yield f"{path.name}:{lineno}", Record((("molecule", smiles),), DESCRIBE_MOLECULE, description,
+                                                      id=cid)
+
+
+class ChemblDrugQA(RecordBuilder, skip_registration=True):
+    """ChEMBL drug QA (drugchat): `{SMILES: [[question, answer], ...]}`; numeric answers as JSON writes them."""
+
+    FILES = {"test": ("molecules/chembl_drug_qa.json",)}
+
+    def _records(self, split, bad):
+        for path in self.files(split):
+            for i, (smiles, pairs) in enumerate(read_json(path).items()):
+                for j, pair in enumerate(pairs):
+                    key = f"{i}:{j}"
+                    if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
+                        bad.add("malformed record", f"{key}: {str(pair)[:200]}")
+                        continue
+                    q, a = pair
+                    answer = a if isinstance(a, str) else json.dumps(a)
+                    yield key, Record((("molecule", smiles),), q, answer, id=key)
+
+
+class SwissProtFunction(RecordBuilder, skip_registration=True):
+    """Swiss-Prot FUNCTION comments, as "What is the function of this protein?"."""
+
+    FILES = {"train": ("proteins/swissprot_function_pairs.tsv",)}
+
+    def _records(self, split, bad):
+        for path in self.files(split):
+            for lineno, (acc, _name, _org, seq, function, _src) in _tsv_rows(path, 6, bad):
+                yield acc, Record((("protein", seq),), PROTEIN_FUNCTION, function, id=acc)
+
+
+class PubMedQA(RecordBuilder, skip_registration=True):
+    """PubMedQA expert set: context + question -> "Yes/No/Maybe. long answer"; `test` = the standard 500."""
+
+    FILES = {"train": ("qa/pubmedqa_pqal.json",), "test": ("qa/pubmedqa_pqal.json",)}
+    EXTRA_FILES = ("qa/pubmedqa_test_ground_truth.json",)
+
+    def _records(self, split, bad):
+        test_ids = set(read_json(self.raw_dir / self.EXTRA_FILES[0]))
+        for path in self.files(split):
+            for pmid, item in read_json(path).items():
+                if (pmid in test_ids) != (split == "test"):
+                    continue
+                try:
+                    context = " ".join(item["CONTEXTS"])
+                    question = f"Context: {context}\nQuestion: {item['QUESTION']}\nAnswer yes, no or maybe."
+                    label = item["final_decision"]
+                    answer = f"{label.capitalize()}. {item['LONG_ANSWER']}"
+                except (KeyError, TypeError, AttributeError):
+                    bad.add("malformed record", f"{pmid}: {str(item)[:200]}")
+                    continue
+                yield pmid, Record((), question, answer, label=label, id=pmid)
+
+
+class MedMCQA(RecordBuilder, skip_registration=True):
+    """MedMCQA dev (4 options, `cop` 1-based) -> "Letter. option"."""
+
+    FILES = {"validation": ("qa/medmcqa_dev.jsonl",)}
+
+    def _records(self, split, bad):
+        for path in self.files(split):
+            for lineno, obj in read_jsonl(path, bad):
+                options = [obj.get(k) for k in ("opa", "opb", "opc", "opd")]
+                cop = obj.get("cop")
+                if not isinstance(obj.get("question"), str) or cop not in (1, 2, 3, 4) or None in options:
+                    bad.add("malformed record", f"{path.name}:{lineno}")
+                    continue
+                letter = LETTERS[cop - 1]
+                yield str(lineno), Record((), _choice_question(obj["question"], options),
+                                          f"{letter}. {options[cop - 1]}", label=letter, id=str(obj.get("id")))
+
+
+class MedQAUSMLE(RecordBuilder, skip_registration=True):
+    """MedQA (USMLE, 4 options A-D) -> "Letter. option"."""
+
+    FILES = {"test": ("qa/medqa_usmle_4opt_test.jsonl",)}
+
+    def _records(self, split, bad):
+        for path in self.files(split):
+            for lineno, obj in read_jsonl(path, bad):
+                options, letter = obj.get("options"), obj.get("answer_idx")
+                if (not isinstance(obj.get("question"), str) or not isinstance(options, dict)
+                        or sorted(options) != list(LETTERS) or letter not in options):
+                    bad.add("malformed record", f"{path.name}:{lineno}")
+                    continue
+                yield str(lineno), Record((), _choice_question(obj["question"], [options[c] for c in LETTERS]),
+                                          f"{letter}. {options[letter]}", label=letter, id=str(lineno))
+
+
+class MolInstructionsBiotext(RecordBuilder, skip_registration=True):
+    """Mol-Instructions biomolecular text instructions: instruction (+ input) -> output."""
+
+    FILES = {"train": ("biotext/*.json",)}
+
+    def _records(self, split, bad):
+        for path in self.files(split):
+            for i, item in enumerate(read_json(path)):
+                key = f"{path.stem}:{i}"
+                try:
+                    question = item["instruction"] + (f"\n{item['input']}" if item.get("input") else "")
+                    answer = item["output"]
+                except (KeyError, TypeError):
+                    bad.add("malformed record", f"{key}: {str(item)[:200]}")
+                    continue
+                yield key, Record((), question, answer, id=key)

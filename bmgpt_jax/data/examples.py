@@ -1,0 +1,152 @@
+"""One record -> one encoded example (host, numpy), and encoded examples -> one fixed-shape batch.
+
+`encode_example` is the slow, per-example part the pipeline runs in worker processes: prompt building
+and tokenization, molecule featurization (rdkit) and protein tokenization. `collate` assembles the batch
+of docs/batch_format.md for one sequence bucket `T` and the graph/protein budgets. `repad` widens a batch
+to a longer bucket (hosts of a multi-host run agree on the longest of their buckets each step).
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Sequence
+
+import numpy as np
+
+from . import molecules, proteins
+from .records import Record
+from .text import Tokenizer, encode_record
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeOptions:
+    """What `encode_example` needs besides the tokenizer (a picklable slice of DataConfig)."""
+    system_prompt: str
+    max_len: int                 # longest bucket: QA beyond it is rejected, plain text is cut to it
+    max_atoms: int
+    atom_cap: str                # "skip" | "subsample"
+    max_protein_len: int
+
+
+@dataclasses.dataclass
+class Encoded:
+    """One example: `input_ids`/`loss_mask` [t]; per molecule `(atoms, edge_index, bonds, node_pos)` with
+    node_pos [n_atoms] the sequence position of each node's slot (-1: subsampled away); per protein
+    `(esm_ids [l], start)`."""
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    mols: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+    prots: list[tuple[np.ndarray, int]]
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def budget(self) -> tuple[int, int, int, int]:
+        """(nodes, edges, graphs, proteins) this example adds to a batch."""
+        return (sum(len(m[0]) for m in self.mols), sum(m[1].shape[1] for m in self.mols), len(self.mols),
+                len(self.prots))
+
+
+def encode_example(tok: Tokenizer, record: Record, opt: EncodeOptions) -> Encoded | str:
+    """`record` encoded, or the reason it cannot be used (a short string, counted by the pipeline)."""
+    feats, kept, esm, lengths = [], [], [], []
+    for kind, value in record.entities:
+        try:
+            if kind == "molecule":
+                f = molecules.featurize(value)
+                if len(f[0]) > opt.max_atoms and opt.atom_cap == "skip":
+                    return "too many atoms"
+                feats.append(f)
+                kept.append(molecules.kept_atoms(len(f[0]), opt.max_atoms, "subsample", value))
+                lengths.append(len(kept[-1]))
+            else:
+                with warnings.catch_warnings():       # truncation to max_protein_len is intended
+                    warnings.simplefilter("ignore", UserWarning)
+                    ids, mask = proteins.tokenize([value], max_length=opt.max_protein_len)
+                esm.append(ids[0, : mask[0].sum()])
+                lengths.append(len(esm[-1]))
+        except ValueError:
+            return "invalid SMILES" if kind == "molecule" else "bad residues"
+    enc = encode_record(tok, record, lengths, opt.system_prompt, max_len=opt.max_len)
+    if len(enc.input_ids) > opt.max_len:
+        return "longer than the largest bucket"
+    mols, prots = [], []
+    mi, pi = iter(zip(feats, kept)), iter(esm)
+    for (kind, _), start in zip(record.entities, enc.slot_starts):
+        if kind == "molecule":
+            (atoms, edge_index, bonds), keep = next(mi)
+            node_pos = np.full(len(atoms), -1, np.int32)
+            node_pos[keep] = start + np.arange(len(keep), dtype=np.int32)
+            mols.append((atoms, edge_index, bonds, node_pos))
+        else:
+            prots.append((next(pi), start))
+    return Encoded(enc.input_ids, enc.loss_mask, mols, prots)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Per-host batch shape: `batch` rows; graph budget `nodes`/`edges`/`graphs` (padding graph included);
+    `proteins` rows of ESM tokens."""
+    batch: int
+    nodes: int
+    edges: int
+    graphs: int
+    proteins: int
+
+    def fits(self, used: tuple[int, int, int, int], add: tuple[int, int, int, int], rows: int) -> bool:
+        n, e, g, p = (u + a for u, a in zip(used, add))
+        return rows < self.batch and n < self.nodes and e <= self.edges and g < self.graphs and p <= self.proteins
+
+
+def collate(examples: Sequence[Encoded], T: int, budget: Budget, prot_len: int) -> dict[str, np.ndarray]:
+    """The batch dict of docs/batch_format.md: `B = budget.batch` rows of `T`, graphs padded to the budget,
+    `P = budget.proteins` proteins of `prot_len` tokens. Rows beyond `len(examples)` are all padding."""
+    B = budget.batch
+    input_ids = np.zeros((B, T), np.int32)
+    attention = np.zeros((B, T), np.int32)
+    loss = np.zeros((B, T), np.int32)
+    feats, slots = [], []
+    prot_ids = np.full((budget.proteins, prot_len), proteins.PAD_ID, np.int32)
+    prot_mask = np.zeros((budget.proteins, prot_len), np.int32)
+    prot_slot = np.full((budget.proteins, prot_len), -1, np.int32)
+    k = 0
+    for b, ex in enumerate(examples):
+        t = ex.length
+        input_ids[b, :t], loss[b, :t], attention[b, :t] = ex.input_ids, ex.loss_mask, 1
+        for atoms, edge_index, bonds, node_pos in ex.mols:
+            feats.append((atoms, edge_index, bonds))
+            slots.append(np.where(node_pos >= 0, b * T + node_pos, -1))
+        for ids, start in ex.prots:
+            n = len(ids)
+            prot_ids[k, :n], prot_mask[k, :n] = ids, 1
+            prot_slot[k, :n] = b * T + start + np.arange(n)
+            k += 1
+    g = molecules.batch_graphs(feats, n_node=budget.nodes, n_edge=budget.edges, n_graph=budget.graphs)
+    mol_slot = np.full(budget.nodes, -1, np.int32)
+    if slots:
+        flat = np.concatenate(slots)
+        mol_slot[:len(flat)] = flat
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss,
+            "mol_atoms": np.asarray(g.nodes, np.int32), "mol_bonds": np.asarray(g.edges, np.int32),
+            "mol_senders": np.asarray(g.senders, np.int32), "mol_receivers": np.asarray(g.receivers, np.int32),
+            "mol_n_node": np.asarray(g.n_node, np.int32), "mol_n_edge": np.asarray(g.n_edge, np.int32),
+            "mol_slot": mol_slot, "prot_ids": prot_ids, "prot_mask": prot_mask, "prot_slot": prot_slot}
+
+
+def repad(batch: dict[str, np.ndarray], T: int, prot_len: int) -> dict[str, np.ndarray]:
+    """`batch` widened to `T` positions and `prot_len` ESM tokens, slot indices `b*T0+t` moved to `b*T+t`."""
+    B, T0 = batch["input_ids"].shape
+    if (T0, batch["prot_ids"].shape[1]) == (T, prot_len):
+        return batch
+    out = dict(batch)
+    for key in ("input_ids", "attention_mask", "loss_mask"):
+        out[key] = np.pad(batch[key], ((0, 0), (0, T - T0)))
+    widen = ((0, 0), (0, prot_len - batch["prot_ids"].shape[1]))
+    out["prot_ids"] = np.pad(batch["prot_ids"], widen, constant_values=proteins.PAD_ID)
+    out["prot_mask"] = np.pad(batch["prot_mask"], widen)
+    for key in ("mol_slot", "prot_slot"):
+        s = batch[key] if key == "mol_slot" else np.pad(batch[key], widen, constant_values=-1)
+        out[key] = np.where(s >= 0, (s // T0) * T + s % T0, -1).astype(np.int32)
+    return out

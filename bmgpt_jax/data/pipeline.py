@@ -1,0 +1,300 @@
+"""Deterministic, resumable, per-host batches with static shapes (docs/batch_format.md, docs/data.md).
+
+    cfg = DataConfig(sources=("demo",), batch_size=8)
+    it = BatchIterator(cfg)                  # this process's part of the data
+    batch = next(it)                         # dict of numpy arrays, one of len(cfg.seq_buckets) shapes
+    state = it.state()                       # small JSON-able dict, the same on every process
+    it2 = BatchIterator(cfg); it2.restore(state)   # next(it2) == the batch next(it) returns now
+    arrays = global_batch(batch, mesh)       # jax.Arrays sharded over the mesh's batch axes
+
+Order: each epoch is a permutation of all records (concatenated sources) drawn from `(seed, epoch)`.
+It is cut into *windows* of `num_processes * window_batches * local_batch` records; process p encodes
+positions p, p+P, p+2P ... of a window (only its records are read), sorts them by length and packs them
+into exactly `k` batches (k is computed from counts alone, so every process emits the same number),
+each padded to the smallest bucket that holds its longest example; the batches of a window come out in
+a seeded random order. The state is `(epoch, window, batch)` -- global, not per host -- and a restore
+re-encodes one window. Encoding runs in `workers` spawned processes, one window ahead of the consumer.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+import multiprocessing
+from collections import Counter
+from typing import Literal, Sequence
+
+import jax
+import numpy as np
+
+from .builders import BUILDERS, SAMPLE_SETS, make_builder, read_split, shared_data_dir
+from .demo import demo_records
+from .examples import Budget, EncodeOptions, Encoded, collate, encode_example, repad
+from .records import Record
+from .text import DEFAULT_SYSTEM, Tokenizer, load_tokenizer
+
+AUTO_SAMPLES = ("chebi20:validation", "chembl_qa", "swissprot")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The `data:` section of a training config.
+
+    sources: dataset names (`demo`, or a key of builders.BUILDERS), each optionally `name:split`; `auto` =
+      demo plus the molecule/protein sample sets when ../shared/data exists.
+    raw_dirs: source name -> folder of its raw files (sample sets default to the shared data folder).
+    data_dir: where tfds writes built datasets ("" = the user cache). tokenizer: SentencePiece model
+      path ("" = the demo tokenizer). batch_size: global rows per step (split evenly over processes).
+    seq_buckets: the static sequence lengths T (text tokens + entity slots), ascending.
+    node/edge/graph/protein_budget: per-host graph and protein padding sizes (padding graph included).
+    max_atoms / atom_cap: atoms that become slots; a larger molecule is skipped or evenly subsampled.
+    multi_entity: `keep` or `single` (PubChemQA/UniProtQA records with several entities are skipped).
+    num_epochs: 0 repeats forever. workers: encoding processes (0 = in this process).
+    """
+    sources: tuple[str, ...] = ("demo",)
+    raw_dirs: dict[str, str] = dataclasses.field(default_factory=dict)
+    data_dir: str = ""
+    tokenizer: str = ""
+    system_prompt: str = DEFAULT_SYSTEM
+    batch_size: int = 8
+    seq_buckets: tuple[int, ...] = (256, 512, 1024)
+    window_batches: int = 16
+    node_budget: int = 2048
+    edge_budget: int = 4608
+    graph_budget: int = 16
+    protein_budget: int = 8
+    max_atoms: int = 256
+    atom_cap: Literal["skip", "subsample"] = "subsample"
+    max_protein_len: int = 1024
+    multi_entity: Literal["keep", "single"] = "keep"
+    demo_molecules: int = 0
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int = 0
+    workers: int = 0
+
+    def __post_init__(self):
+        if not self.sources:
+            raise ValueError("data.sources is empty")
+        if list(self.seq_buckets) != sorted(set(self.seq_buckets)) or not self.seq_buckets:
+            raise ValueError(f"data.seq_buckets {self.seq_buckets} must be distinct and ascending")
+        if self.node_budget < 1 or self.graph_budget < 1 or min(self.edge_budget, self.protein_budget) < 0:
+            raise ValueError("data: node_budget and graph_budget must be >= 1 (the padding graph), "
+                             "edge_budget and protein_budget >= 0")
+
+
+def _source_records(spec: str, cfg: DataConfig) -> list[Sequence[Record]]:
+    name, _, split = spec.partition(":")
+    if name == "demo":
+        return [demo_records(cfg.demo_molecules or None)]
+    if name == "auto":
+        samples = AUTO_SAMPLES if shared_data_dir() is not None else ()
+        return [r for s in ("demo",) + samples for r in _source_records(s, cfg)]
+    if name not in BUILDERS:
+        raise KeyError(f"data.sources: unknown source {name!r}; known: demo, auto, {', '.join(sorted(BUILDERS))}")
+    builder = make_builder(name, cfg.raw_dirs.get(name), cfg.data_dir or None, cfg.multi_entity)
+    return [read_split(builder, split or next(iter(builder.FILES)))]
+
+
+class Records(Sequence[Record]):
+    """The configured sources concatenated into one index space."""
+
+    def __init__(self, cfg: DataConfig):
+        self.parts = [p for spec in cfg.sources for p in _source_records(spec, cfg)]
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        if self.offsets[-1] == 0:
+            raise ValueError(f"data.sources {cfg.sources} hold no records")
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> Record:
+        k = bisect.bisect_right(self.offsets, i) - 1
+        return self.parts[k][int(i - self.offsets[k])]
+
+
+_WORKER: tuple[Tokenizer, EncodeOptions] | None = None
+
+
+def _init_worker(tok: Tokenizer, opt: EncodeOptions) -> None:
+    global _WORKER
+    _WORKER = (tok, opt)
+
+
+def _encode_all(records: list[Record]) -> list[Encoded | str]:
+    tok, opt = _WORKER
+    return [encode_example(tok, r, opt) for r in records]
+
+
+class BatchIterator:
+    """Infinite (or `num_epochs`) iterator of this process's batches; see the module docstring."""
+
+    def __init__(self, cfg: DataConfig, process_index: int | None = None, process_count: int | None = None,
+                 records: Sequence[Record] | None = None):
+        self.cfg = cfg
+        self.p = jax.process_index() if process_index is None else process_index
+        self.P = jax.process_count() if process_count is None else process_count
+        if cfg.batch_size % self.P:
+            raise ValueError(f"data.batch_size {cfg.batch_size} is not divisible by {self.P} processes")
+        self.budget = Budget(cfg.batch_size // self.P, cfg.node_budget, cfg.edge_budget, cfg.graph_budget,
+                             cfg.protein_budget)
+        self.records = Records(cfg) if records is None else records
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        self.options = EncodeOptions(cfg.system_prompt, cfg.seq_buckets[-1], cfg.max_atoms, cfg.atom_cap,
+                                     cfg.max_protein_len)
+        self.window_size = cfg.window_batches * self.budget.batch        # records per process per window
+        self.windows_per_epoch = math.ceil(len(self.records) / (self.P * self.window_size))
+        self.skipped: Counter[str] = Counter()                           # reason -> records (this process)
+        self._pos = (0, 0, 0)
+        self._jobs: dict[tuple[int, int], object] = {}                 # (epoch, window) -> encoding
+        self._batches: tuple[tuple[int, int], list[dict]] | None = None  # the current window's batches
+        self._pool = None
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    # -- state ------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """`{"epoch", "window", "batch", "seed", "num_records"}`: where the next batch comes from."""
+        e, w, b = self._pos
+        return {"epoch": e, "window": w, "batch": b, "seed": self.cfg.seed, "num_records": len(self.records)}
+
+    def restore(self, state: dict) -> None:
+        """Continue from `state()`; the data (record count) and seed must be those it was saved with."""
+        mine = self.state()
+        for key in ("seed", "num_records"):
+            if state[key] != mine[key]:
+                raise ValueError(f"data state was saved with {key}={state[key]}, this pipeline has {mine[key]}")
+        self._pos = (int(state["epoch"]), int(state["window"]), int(state["batch"]))
+        self._jobs.clear()
+        self._batches = None
+
+    # -- order ------------------------------------------------------------------------------------
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            n = len(self.records)
+            order = (np.random.default_rng([self.cfg.seed, epoch]).permutation(n) if self.cfg.shuffle
+                     else np.arange(n))
+            self._perm = (epoch, order)
+        return self._perm[1]
+
+    def window_indices(self, epoch: int, window: int, process: int | None = None) -> np.ndarray:
+        """Record indices that `process` (default: this one) encodes for `window` of `epoch`."""
+        span = self.P * self.window_size
+        part = self._permutation(epoch)[window * span:(window + 1) * span]
+        return part[self.p if process is None else process::self.P]
+
+    def _num_batches(self, window: int) -> int:
+        """Batches every process emits for `window`: from record counts only, so all processes agree."""
+        span = self.P * self.window_size
+        n = min(span, len(self.records) - window * span)
+        return math.ceil(math.ceil(n / self.P) / self.budget.batch)
+
+    # -- encoding ---------------------------------------------------------------------------------
+    def _submit(self, epoch: int, window: int):
+        key = (epoch, window)
+        if key not in self._jobs and (not self.cfg.num_epochs or epoch < self.cfg.num_epochs):
+            recs = [self.records[int(i)] for i in self.window_indices(epoch, window)]
+            if self.cfg.workers:
+                if self._pool is None:
+                    ctx = multiprocessing.get_context("spawn")      # the parent runs a threaded JAX runtime
+                    self._pool = ctx.Pool(self.cfg.workers, _init_worker, (self.tokenizer, self.options))
+                chunks = [recs[i::self.cfg.workers] for i in range(self.cfg.workers)]
+                self._jobs[key] = (self._pool.map_async(_encode_all, chunks), len(recs))
+            else:
+                self._jobs[key] = [encode_example(self.tokenizer, r, self.options) for r in recs]
+        return key
+
+    def _encoded(self, key) -> list[Encoded | str]:
+        job = self._jobs.pop(key)
+        if isinstance(job, tuple):
+            parts, n = job[0].get(), job[1]
+            k = len(parts)
+            job = [parts[i % k][i // k] for i in range(n)]                # undo the round-robin split
+        return job
+
+    def _pack(self, encoded: list[Encoded | str], num_batches: int, rng: np.random.Generator) -> list[list[Encoded]]:
+        """Sort by length and fill `num_batches` batches greedily within the budget; order shuffled."""
+        good = []
+        for e in encoded:
+            if isinstance(e, str):
+                self.skipped[e] += 1
+            else:
+                good.append(e)
+        good.sort(key=lambda e: e.length)
+        batches: list[list[Encoded]] = [[]]
+        used = (0, 0, 0, 0)
+        for e in good:
+            if not self.budget.fits(used, e.budget, len(batches[-1])):
+                if len(batches) == num_batches:
+                    self.skipped["over the batch budget"] += 1
+                    continue
+                batches.append([])
+                used = (0, 0, 0, 0)
+            batches[-1].append(e)
+            used = tuple(u + a for u, a in zip(used, e.budget))
+        batches += [[] for _ in range(num_batches - len(batches))]
+        return [batches[i] for i in rng.permutation(num_batches)]
+
+    def _window(self, epoch: int, window: int) -> list[dict]:
+        key = self._submit(epoch, window)
+        nxt = (window + 1, epoch) if window + 1 < self.windows_per_epoch else (0, epoch + 1)
+        self._submit(nxt[1], nxt[0])                                       # prefetch the next window
+        encoded = self._encoded(key)
+        rng = np.random.default_rng([self.cfg.seed, epoch, window, 1])
+        packed = self._pack(encoded, self._num_batches(window), rng)
+        return [self._collate(exs) for exs in packed]
+
+    def _collate(self, exs: list[Encoded]) -> dict:
+        longest = max((e.length for e in exs), default=1)
+        T = self.cfg.seq_buckets[bisect.bisect_left(self.cfg.seq_buckets, longest)]
+        return collate(exs, T, self.budget, min(self.cfg.max_protein_len, T))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        e, w, b = self._pos
+        if self.cfg.num_epochs and e >= self.cfg.num_epochs:
+            raise StopIteration
+        if self._batches is None or self._batches[0] != (e, w):
+            self._batches = ((e, w), self._window(e, w))
+        batches = self._batches[1]
+        batch = batches[b]
+        self._pos = (e, w, b + 1) if b + 1 < len(batches) else (
+            (e, w + 1, 0) if w + 1 < self.windows_per_epoch else (e + 1, 0, 0))
+        return batch
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+
+    def __del__(self):
+        self.close()
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh, axes=None) -> dict[str, jax.Array]:
+    """This process's batch -> global jax Arrays, every leading dimension sharded over the batch axes.
+
+    With several processes, the hosts first agree on the longest bucket (`repad`), then graph and slot
+    indices are offset by this process's share (node n -> n + p*N, slot -> slot + p*B*T), so the global
+    arrays are the processes' batches concatenated in process order (devices ordered by process).
+    `axes` overrides per-key logical axes as in `step.batch_shardings`.
+    """
+    from jax.experimental import multihost_utils
+
+    from ..step import batch_shardings
+    p, P = jax.process_index(), jax.process_count()
+    if P > 1:
+        shape = np.array([batch["input_ids"].shape[1], batch["prot_ids"].shape[1]], np.int32)
+        T, L = np.asarray(multihost_utils.process_allgather(shape)).reshape(P, 2).max(0)
+        batch = repad(batch, int(T), int(L))
+        B, T = batch["input_ids"].shape
+        N = batch["mol_atoms"].shape[0]
+        batch = dict(batch)
+        for key, off in (("mol_senders", p * N), ("mol_receivers", p * N), ("mol_slot", p * B * T),
+                         ("prot_slot", p * B * T)):
+            batch[key] = np.where(batch[key] >= 0, batch[key] + off, batch[key]) if "slot" in key else batch[key] + off
+    global_shapes = {k: (v.shape[0] * P,) + v.shape[1:] for k, v in batch.items()}
+    shardings = batch_shardings({k: jax.ShapeDtypeStruct(s, batch[k].dtype) for k, s in global_shapes.items()},
+                                mesh, axes=axes)
+    return {k: jax.make_array_from_process_local_data(shardings[k], v, global_shapes[k]) for k, v in batch.items()}
