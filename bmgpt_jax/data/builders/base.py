@@ -12,6 +12,7 @@ Output is array_record with text features only, read back without tensorflow:
 from __future__ import annotations
 
 import abc
+import functools
 import json
 from pathlib import Path
 from typing import Iterator
@@ -35,6 +36,12 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.bad_records: dict[str, BadRecords] = {}
         kwargs.setdefault("file_format", "array_record")
         super().__init__(**kwargs)
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        """None: no checksums file to find (and tfds' lookup needs `importlib_resources` on Python >= 3.9)."""
+        return None
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=features(),
@@ -85,19 +92,20 @@ def check_record(record: Record, multi: bool = True) -> str | None:
     if not multi and len(record.entities) > 1:
         return "multiple entities"
     for kind, value in record.entities:
-        if kind == "molecule":
-            from ..molecules import featurize
-            try:
-                featurize(value)
-            except ValueError:
-                return "invalid SMILES"
-        else:
-            from ..proteins import encode
-            try:
-                encode(value)
-            except ValueError:
-                return "bad residues"
+        if not _entity_ok(kind, value):
+            return "invalid SMILES" if kind == "molecule" else "bad residues"
     return None
+
+
+@functools.lru_cache(maxsize=65536)
+def _entity_ok(kind: str, value: str) -> bool:
+    """Whether the pipeline can encode the entity: SMILES featurizes, residues are in the ESM alphabet."""
+    from .. import molecules, proteins
+    try:
+        (molecules.featurize if kind == "molecule" else proteins.encode)(value)
+    except ValueError:
+        return False
+    return True
 
 
 def read_json(path: Path):
