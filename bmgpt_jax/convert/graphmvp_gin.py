@@ -24,7 +24,8 @@ Path = tuple[Any, ...]
 
 
 def key_table(config: GinConfig) -> list[tuple[str, Path, bool]]:
-    """`(torch key, path in our model, transpose?)` for every tensor of a GIN with `config`."""
+    """`(torch key, path in our model, transpose?)` for every tensor of a GIN with `config`, in the
+    order of the reference's `state_dict()`."""
     rows = [("x_embedding1.weight", ("x_embedding1", "weight"), False),
             ("x_embedding2.weight", ("x_embedding2", "weight"), False)]
     for i in range(config.num_layers):
@@ -33,6 +34,7 @@ def key_table(config: GinConfig) -> list[tuple[str, Path, bool]]:
             rows.append((f"gnns.{i}.mlp.{m}.bias", ("gnns", i, f"mlp_{m}", "bias"), False))
         for e in (1, 2):
             rows.append((f"gnns.{i}.edge_embedding{e}.weight", ("gnns", i, f"edge_embedding{e}", "weight"), False))
+    for i in range(config.num_layers):
         for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             rows.append((f"batch_norms.{i}.{name}", ("batch_norms", i, name), False))
     return rows
@@ -105,7 +107,7 @@ def to_state_dict(model: GIN, prefix: str = "") -> dict[str, np.ndarray]:
     """Our GIN -> `{torch key: numpy array}` in the reference layout (`num_batches_tracked` int64)."""
     out = {}
     for key, path, transpose in key_table(model.config):
-        value = np.asarray(_node(model, path)[...])
+        value = np.array(_node(model, path)[...])   # a writable copy
         if key.endswith("num_batches_tracked"):
             value = value.astype(np.int64)
         out[prefix + key] = np.ascontiguousarray(value.T) if transpose else value

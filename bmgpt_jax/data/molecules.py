@@ -195,7 +195,10 @@ def batch_graphs(featurized: Sequence[Featurized], n_node: int | None = None, n_
         raise ValueError(f"padding budget n_node={budget[0]}, n_edge={budget[1]}, n_graph={budget[2]} is "
                          f"too small for {len(atoms)} nodes, {len(bonds)} edges, {len(sizes)} graphs "
                          "(needs one more node and one more graph for padding)")
-    return jraph.pad_with_graphs(graph, *budget)
+    padded = jraph.pad_with_graphs(graph, *budget)
+    # jraph adds int64 offsets to senders/receivers; keep every index array int32 (the batch format).
+    return padded._replace(**{k: getattr(padded, k).astype(np.int32)
+                              for k in ("nodes", "edges", "senders", "receivers", "n_node", "n_edge")})
 
 
 def padding_masks(graph: jraph.GraphsTuple) -> tuple[np.ndarray, np.ndarray]:
