@@ -1,0 +1,113 @@
+"""Molecule path throughput: featurization (1 and N processes) and the GIN encoder, ours vs the
+plain-torch reference, measured in one run on the same machine.
+
+    python bench/molecules.py [--processes 2] [--encode 1024] [--batch 64] [--repeat 3]
+
+Featurization runs over drug-like SMILES: the NCI set shipped with rdkit plus the ChEMBL drugs in
+../shared/data (when present), repeated `--repeat` times; the multi-process figure includes starting
+the (spawn) workers. The encoder rows use the full GraphMVP size (5 x 300) in eval mode on ChEBI-20
+molecules (or the NCI set), `--batch` molecules per padded batch; ours is jitted (compile time
+reported separately, once per bucket), torch runs with as many threads as JAX has cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from rdkit import Chem, RDConfig
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bmgpt_jax.config import load  # noqa: E402
+from bmgpt_jax.convert import graphmvp_gin  # noqa: E402
+from bmgpt_jax.data import molecules as M  # noqa: E402
+from bmgpt_jax.models import gin as G  # noqa: E402
+
+
+def drug_like_smiles(shared: Path) -> list[str]:
+    nci = [line.split()[0] for line in open(os.path.join(RDConfig.RDDataDir, "NCI", "first_5K.smi"))]
+    drugs = json.loads((shared / "molecules" / "chembl_drug_qa.json").read_text()) if shared.is_dir() else {}
+    return [s for s in nci + list(drugs) if Chem.MolFromSmiles(s) is not None]  # 1 dative bond: skipped
+
+
+def chebi_smiles(shared: Path) -> list[str]:
+    out = []
+    for name in ("chebi20_test.txt", "chebi20_validation.txt"):
+        path = shared / "molecules" / name
+        if path.exists():
+            out += [line.split("\t")[1] for line in path.read_text().splitlines()[1:]]
+    return out
+
+
+def rate(n: int, fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return n / (time.perf_counter() - start), result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--encode", type=int, default=1024, help="molecules through the encoder")
+    ap.add_argument("--batch", type=int, default=64, help="molecules per padded batch")
+    ap.add_argument("--repeat", type=int, default=3, help="passes over the featurization set")
+    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
+    args = ap.parse_args()
+
+    rows = []
+    smiles = drug_like_smiles(args.shared) * args.repeat
+    atoms = np.mean([Chem.MolFromSmiles(s).GetNumAtoms() for s in smiles[: len(smiles) // args.repeat]])
+    serial, _ = rate(len(smiles), lambda: M.featurize_valid(smiles))
+    rows.append((f"featurize, 1 process ({len(smiles)} mols, {atoms:.1f} atoms avg)", serial))
+    parallel, _ = rate(len(smiles), lambda: M.featurize_valid(smiles, processes=args.processes))
+    rows.append((f"featurize, {args.processes} processes (incl. worker start)", parallel))
+
+    import torch
+    from tests.torch_refs.gin import TorchGIN, graph_batch
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    ref = TorchGIN(5, 300).eval()
+    model = graphmvp_gin.load(ref.state_dict(), config=load(G.GinConfig, "gin_graphmvp"))
+    mols = [s for s in (chebi_smiles(args.shared) or smiles) if Chem.MolFromSmiles(s)][: args.encode]
+    ok, _ = M.featurize_valid(mols)
+    ok = [(i, f) for i, f in ok if len(f[0]) <= model.config.max_atoms]
+    mols, feats = [mols[i] for i, _ in ok], [f for _, f in ok]
+    chunks = [feats[i:i + args.batch] for i in range(0, len(feats), args.batch)]
+    graphs = [M.batch_graphs(c) for c in chunks]
+    torch_inputs = [graph_batch(c)[:3] for c in chunks]
+
+    from flax import nnx
+    graphdef, state = nnx.split(model)
+    start = time.perf_counter()
+    for g in {g.nodes.shape + g.edges.shape + g.n_node.shape: g for g in graphs}.values():
+        G._forward(state, graphdef, g).block_until_ready()
+    compile_s = time.perf_counter() - start
+    ours, _ = rate(len(feats), lambda: [G._forward(state, graphdef, g).block_until_ready() for g in graphs])
+    with torch.no_grad():
+        ref(*torch_inputs[0])
+        theirs, _ = rate(len(feats), lambda: [ref(*t) for t in torch_inputs])
+    rows.append((f"GIN 5x300 eval, ours (jax {jax.default_backend()}, {len(feats)} mols, batches of "
+                 f"{args.batch}; compile {compile_s:.1f}s for {len({g.nodes.shape for g in graphs})} buckets)", ours))
+    rows.append((f"GIN 5x300 eval, torch reference ({torch.get_num_threads()} threads)", theirs))
+    G.encode_smiles(model, mols)   # compile its buckets first
+    e2e, _ = rate(len(mols), lambda: G.encode_smiles(model, mols))
+    rows.append(("encode_smiles end to end (featurize + batch + encode + unpad)", e2e))
+
+    width = max(len(r[0]) for r in rows)
+    print(f"{'what':<{width}}  molecules/s")
+    print("-" * (width + 13))
+    for what, value in rows:
+        print(f"{what:<{width}}  {value:>11,.0f}")
+    print(f"\nour encoder / torch: {ours / theirs:.2f}x   ({os.cpu_count()} CPU cores, jax {jax.__version__}, "
+          f"torch {torch.__version__})")
+
+
+if __name__ == "__main__":
+    main()
