@@ -17,11 +17,9 @@ from .openbiomed import PubChemQA, UniProtQA
 from .samples import (ChEBI20, ChemblDrugQA, MedMCQA, MedQAUSMLE, MolInstructionsBiotext, PubMedQA,
                       SwissProtFunction)
 
-BUILDERS: dict[str, type[RecordBuilder]] = {
-    "pubchemqa": PubChemQA, "uniprotqa": UniProtQA, "text": TextCorpus,
-    "chebi20": ChEBI20, "chembl_qa": ChemblDrugQA, "swissprot": SwissProtFunction, "pubmedqa": PubMedQA,
-    "medmcqa": MedMCQA, "medqa": MedQAUSMLE, "biotext": MolInstructionsBiotext,
-}
+BUILDERS: dict[str, type[RecordBuilder]] = {cls.name: cls for cls in (
+    PubChemQA, UniProtQA, TextCorpus, ChEBI20, ChemblDrugQA, SwissProtFunction, PubMedQA, MedMCQA, MedQAUSMLE,
+    MolInstructionsBiotext)}
 # Sets whose files live in the shared sample folder (their default raw_dir).
 SAMPLE_SETS = ("chebi20", "chembl_qa", "swissprot", "pubmedqa", "medmcqa", "medqa", "biotext")
 
@@ -60,6 +58,9 @@ class RecordSource(Sequence[Record]):
 
     def __getitem__(self, i: int) -> Record:
         return Record.from_example(self.source[int(i)])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def read_split(builder: RecordBuilder, split: str) -> RecordSource:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import itertools
 import json
 from pathlib import Path
 from typing import Iterator
@@ -62,8 +63,16 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                                     f"{', '.join(expected)})")
 
     def _split_generators(self, dl_manager):
+        """One generator per split; a split without a single good record is left out (tfds cannot write
+        an empty split), after its report."""
         self._check_inputs()
-        return {split: self._generate_examples(split) for split in self.FILES}
+        gens = {}
+        for split in self.FILES:
+            gen = self._generate_examples(split)
+            first = next(gen, None)
+            if first is not None:
+                gens[split] = itertools.chain([first], gen)
+        return gens
 
     def files(self, split: str) -> list[Path]:
         """The files of `split` (patterns expanded, sorted)."""

@@ -10,6 +10,8 @@ from ..records import Record
 class TextCorpus(RecordBuilder, skip_registration=True):
     """Every document of every `*.txt` / `*.jsonl` file under the folder, in sorted file order."""
 
+    name = "text"
+
     FILES = {"train": ("*.txt", "*.jsonl")}
 
     def _check_inputs(self) -> None:

@@ -9,6 +9,7 @@ prompts) or `single` (skipped and counted as "multiple entities").
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import tensorflow_datasets as tfds
@@ -55,6 +56,8 @@ class _OpenBioMedQA(RecordBuilder, skip_registration=True):
 class PubChemQA(_OpenBioMedQA, skip_registration=True):
     """PubChemQA (OpenBioMed): questions about molecules given as SMILES, PubChem-description answers."""
 
+    name = "pubchemqa"
+
     FILES = SPLIT_FILES
     ENTITY_KEY = "smiles"
     KIND = "molecule"
@@ -63,15 +66,17 @@ class PubChemQA(_OpenBioMedQA, skip_registration=True):
 class UniProtQA(_OpenBioMedQA, skip_registration=True):
     """UniProtQA (OpenBioMed): questions about proteins given as UniProt accessions (`sequences.json`)."""
 
+    name = "uniprotqa"
+
     FILES = SPLIT_FILES
     EXTRA_FILES = ("sequences.json",)
     ENTITY_KEY = "protein_accession"
     KIND = "protein"
 
-    def _split_generators(self, dl_manager):
-        gens = super()._split_generators(dl_manager)
-        self.sequences = read_json(self.raw_dir / "sequences.json")
-        return gens
+    @functools.cached_property
+    def sequences(self) -> dict[str, str]:
+        """The accession -> sequence map (`sequences.json`), read once per build."""
+        return read_json(self.raw_dir / "sequences.json")
 
     def _entity_value(self, ref: str, bad: BadRecords, key: str) -> str | None:
         seq = self.sequences.get(ref)

@@ -39,6 +39,8 @@ def _choice_question(question: str, options: list[str]) -> str:
 class ChEBI20(RecordBuilder, skip_registration=True):
     """ChEBI-20 molecule descriptions (MolT5 split files), as "Please describe this molecule."."""
 
+    name = "chebi20"
+
     FILES = {"validation": ("molecules/chebi20_validation.txt",), "test": ("molecules/chebi20_test.txt",)}
 
     def _records(self, split, bad):
@@ -50,6 +52,8 @@ class ChEBI20(RecordBuilder, skip_registration=True):
 
 class ChemblDrugQA(RecordBuilder, skip_registration=True):
     """ChEMBL drug QA (drugchat): `{SMILES: [[question, answer], ...]}`; numeric answers as JSON writes them."""
+
+    name = "chembl_qa"
 
     FILES = {"test": ("molecules/chembl_drug_qa.json",)}
 
@@ -69,6 +73,8 @@ class ChemblDrugQA(RecordBuilder, skip_registration=True):
 class SwissProtFunction(RecordBuilder, skip_registration=True):
     """Swiss-Prot FUNCTION comments, as "What is the function of this protein?"."""
 
+    name = "swissprot"
+
     FILES = {"train": ("proteins/swissprot_function_pairs.tsv",)}
 
     def _records(self, split, bad):
@@ -79,6 +85,8 @@ class SwissProtFunction(RecordBuilder, skip_registration=True):
 
 class PubMedQA(RecordBuilder, skip_registration=True):
     """PubMedQA expert set: context + question -> "Yes/No/Maybe. long answer"; `test` = the standard 500."""
+
+    name = "pubmedqa"
 
     FILES = {"train": ("qa/pubmedqa_pqal.json",), "test": ("qa/pubmedqa_pqal.json",)}
     EXTRA_FILES = ("qa/pubmedqa_test_ground_truth.json",)
@@ -103,6 +111,8 @@ class PubMedQA(RecordBuilder, skip_registration=True):
 class MedMCQA(RecordBuilder, skip_registration=True):
     """MedMCQA dev (4 options, `cop` 1-based) -> "Letter. option"."""
 
+    name = "medmcqa"
+
     FILES = {"validation": ("qa/medmcqa_dev.jsonl",)}
 
     def _records(self, split, bad):
@@ -121,6 +131,8 @@ class MedMCQA(RecordBuilder, skip_registration=True):
 class MedQAUSMLE(RecordBuilder, skip_registration=True):
     """MedQA (USMLE, 4 options A-D) -> "Letter. option"."""
 
+    name = "medqa"
+
     FILES = {"test": ("qa/medqa_usmle_4opt_test.jsonl",)}
 
     def _records(self, split, bad):
@@ -137,6 +149,8 @@ class MedQAUSMLE(RecordBuilder, skip_registration=True):
 
 class MolInstructionsBiotext(RecordBuilder, skip_registration=True):
     """Mol-Instructions biomolecular text instructions: instruction (+ input) -> output."""
+
+    name = "biotext"
 
     FILES = {"train": ("biotext/*.json",)}
 

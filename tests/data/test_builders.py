@@ -1,0 +1,164 @@
+"""tfds builders: the real sample files and small OpenBioMed-layout fixtures, built and read back."""
+import csv
+import json
+
+import pytest
+import tensorflow_datasets as tfds
+
+from bmgpt_jax.data.builders import SAMPLE_SETS, RecordSource, check_record, make_builder, read_split
+from bmgpt_jax.data.records import BadRecords, Record
+
+tfds.disable_progress_bar()
+
+
+@pytest.fixture(scope="session")
+def built(shared_data, tmp_path_factory):
+    """Every sample set built once from ../shared/data into a temporary tfds data_dir."""
+    data_dir = tmp_path_factory.mktemp("tfds")
+    out = {}
+    for name in SAMPLE_SETS:
+        b = make_builder(name, raw_dir=shared_data, data_dir=data_dir)
+        b.download_and_prepare()
+        out[name] = b
+    return out
+
+
+def _converted(builder, split):
+    """What the builder's conversion yields for `split`, minus what the checks reject."""
+    return [r for _, r in builder._records(split, BadRecords()) if check_record(r) is None]
+
+
+@pytest.mark.parametrize("name", SAMPLE_SETS)
+def test_sample_sets_round_trip(built, name):
+    b = built[name]
+    for split in b.FILES:
+        got = list(RecordSource(b, split))
+        assert got == _converted(b, split), f"{name}:{split}"
+        assert len(got) == b.info.splits[split].num_examples > 0
+        assert b.info.metadata["bad_records"][split] == {}          # the shared files are clean
+
+
+def test_chebi20_is_describe_this_molecule(built, shared_data):
+    with open(shared_data / "molecules" / "chebi20_test.txt", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+    got = list(RecordSource(built["chebi20"], "test"))
+    assert len(got) == len(rows) == 3300
+    for rec, (cid, smiles, desc) in zip(got, rows):
+        assert rec == Record((("molecule", smiles),), "Please describe this molecule.", desc, id=cid)
+
+
+def test_chembl_and_swissprot_against_raw(built, shared_data):
+    raw = json.loads((shared_data / "molecules" / "chembl_drug_qa.json").read_text())
+    want = [(smi, q, a if isinstance(a, str) else json.dumps(a)) for smi, qa in raw.items() for q, a in qa]
+    got = list(RecordSource(built["chembl_qa"], "test"))
+    assert [(r.entities[0][1], r.question, r.answer) for r in got] == want and len(got) == 12976
+    prot = list(RecordSource(built["swissprot"], "train"))
+    assert len(prot) == 141 and prot[0].id == "P15455" and prot[0].answer == "Seed storage protein."
+    assert prot[0].entities[0][0] == "protein" and prot[0].question == "What is the function of this protein?"
+
+
+def test_text_qa_sets(built, shared_data):
+    truth = json.loads((shared_data / "qa" / "pubmedqa_test_ground_truth.json").read_text())
+    test = list(RecordSource(built["pubmedqa"], "test"))
+    assert {r.id: r.label for r in test} == truth
+    assert all(r.answer.lower().startswith(r.label) and "Question: " in r.question for r in test)
+    assert len(RecordSource(built["pubmedqa"], "train")) == 500
+    mc = list(RecordSource(built["medmcqa"], "validation"))
+    assert len(mc) == 4183 and mc[0].label == "A" and mc[0].answer.startswith("A. Impulse through myelinated")
+    assert mc[0].question.splitlines()[1:] == [f"{c}. {o}" for c, o in zip("ABCD", [
+        "Impulse through myelinated fibers is slower than non-myelinated fibers",
+        "Membrane currents are generated at nodes of Ranvier", "Saltatory conduction of impulses is seen",
+        "Local anesthesia is effective only when the nerve is not covered by myelin sheath"])]
+    usmle = list(RecordSource(built["medqa"], "test"))
+    assert len(usmle) == 1273 and usmle[0].label == "B"
+    assert usmle[0].answer == "B. Tell the attending that he cannot fail to disclose this mistake"
+    bio = list(RecordSource(built["biotext"], "train"))
+    assert len(bio) == 1000 + 1000 + 500 + 767 and all(not r.entities for r in bio)
+
+
+def _write(folder, name, obj):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(obj if isinstance(obj, str) else json.dumps(obj))
+
+
+@pytest.fixture()
+def openbiomed(tmp_path):
+    """PubChemQA and UniProtQA folders in the released layout, with one bad record of each kind."""
+    pc = tmp_path / "pubchemqa"
+    _write(pc, "train.json", [
+        {"smiles": ["CCO"], "question": "Q1", "answer": "A1"},
+        {"smiles": ["C1CC"], "question": "Q2", "answer": "A2"},                   # invalid SMILES
+        {"smiles": ["CCO"], "question": "Q3", "answer": "  "},                    # empty answer
+        {"smiles": ["CCO", "c1ccccc1"], "question": "Q4", "answer": "A4"},       # two molecules
+        {"question": "Q5", "answer": "A5"},                                       # no entity
+        {"smiles": "CCN", "question": "Q6", "answer": "A6"}])
+    _write(pc, "val.json", [{"smiles": ["O=C=O"], "question": "Qv", "answer": "Av"}])
+    _write(pc, "test.json", [])
+    up = tmp_path / "uniprotqa"
+    _write(up, "sequences.json", {"P1": "MKTAYIAK", "P2": "MKJAY"})
+    _write(up, "train.json", [
+        {"protein_accession": ["P1"], "question": "F?", "answer": "Kinase."},
+        {"protein_accession": ["P9"], "question": "F?", "answer": "x"},           # unknown accession
+        {"protein_accession": ["P2"], "question": "F?", "answer": "x"},           # J is no residue
+        {"protein_accession": ["P1", "P1"], "question": "Same?", "answer": "Yes."}])
+    for split in ("val", "test"):
+        _write(up, f"{split}.json", [])
+    return tmp_path
+
+
+def test_pubchemqa_layout_keep_and_single(openbiomed, tmp_path):
+    keep = make_builder("pubchemqa", openbiomed / "pubchemqa", tmp_path / "out", multi_entity="keep")
+    got = list(read_split(keep, "train"))
+    assert got == [Record((("molecule", "CCO"),), "Q1", "A1", id="CCO"),
+                   Record((("molecule", "CCO"), ("molecule", "c1ccccc1")), "Q4", "A4", id="CCO,c1ccccc1"),
+                   Record((("molecule", "CCN"),), "Q6", "A6", id="CCN")]
+    assert [r.question for r in RecordSource(keep, "val")] == ["Qv"]
+    assert sorted(keep.info.splits) == ["train", "val"]                 # test.json is empty: no split
+    bad = keep.info.metadata["bad_records"]["train"]
+    assert {k: v["count"] for k, v in bad.items()} == {"invalid SMILES": 1, "empty answer": 1, "malformed record": 1}
+    assert "C1CC" in bad["invalid SMILES"]["examples"][0]
+    saved = json.loads((keep.data_path / "metadata.json").read_text())
+    assert saved["bad_records"]["train"] == bad
+    single = make_builder("pubchemqa", openbiomed / "pubchemqa", tmp_path / "out", multi_entity="single")
+    assert [r.question for r in read_split(single, "train")] == ["Q1", "Q6"]
+    assert single.bad_records["train"].counts["multiple entities"] == 1
+    again = make_builder("pubchemqa", None, tmp_path / "out")            # reads the build, needs no raw files
+    assert list(read_split(again, "train")) == got
+
+
+def test_uniprotqa_layout(openbiomed, tmp_path):
+    b = make_builder("uniprotqa", openbiomed / "uniprotqa", tmp_path / "out")
+    got = list(read_split(b, "train"))
+    assert [(r.entities, r.answer) for r in got] == [((("protein", "MKTAYIAK"),), "Kinase."),
+                                                     ((("protein", "MKTAYIAK"),) * 2, "Yes.")]
+    assert dict(b.bad_records["train"].counts) == {"unknown accession": 1, "bad residues": 1}
+    assert "P9" in b.bad_records["train"].examples["unknown accession"][0]
+
+
+def test_missing_inputs_name_the_expected_files(openbiomed, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train\.json.*val\.json"):
+        make_builder("pubchemqa", tmp_path / "nowhere", tmp_path / "out").download_and_prepare()
+    (openbiomed / "uniprotqa" / "sequences.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lacks sequences\.json"):
+        make_builder("uniprotqa", openbiomed / "uniprotqa", tmp_path / "out").download_and_prepare()
+    with pytest.raises(FileNotFoundError, match=r"\*\.txt or \*\.jsonl"):
+        make_builder("text", tmp_path / "nowhere", tmp_path / "out").download_and_prepare()
+
+
+def test_malformed_json_lines_are_counted_not_fatal(tmp_path):
+    good = {"question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 2, "id": "x"}
+    lines = [json.dumps(good), "{not json", json.dumps({**good, "cop": 7}), json.dumps({**good, "id": "y"})]
+    _write(tmp_path / "raw" / "qa", "medmcqa_dev.jsonl", "\n".join(lines) + "\n")
+    b = make_builder("medmcqa", tmp_path / "raw", tmp_path / "out")
+    got = list(read_split(b, "validation"))
+    assert [(r.id, r.label, r.answer) for r in got] == [("x", "B", "B. b"), ("y", "B", "B. b")]
+    assert dict(b.bad_records["validation"].counts) == {"malformed JSON line": 1, "malformed record": 1}
+
+
+def test_text_corpus(tmp_path):
+    _write(tmp_path / "raw", "a.txt", "First document,\nstill first.\n\n\nSecond document.\n")
+    _write(tmp_path / "raw", "b.jsonl", json.dumps({"text": "Third."}) + "\n[1]\n")
+    b = make_builder("text", tmp_path / "raw", tmp_path / "out")
+    got = list(read_split(b, "train"))
+    assert [r.answer for r in got] == ["First document,\nstill first.", "Second document.", "Third."]
+    assert all(r.is_plain_text for r in got) and b.bad_records["train"].counts["malformed JSON line"] == 1
