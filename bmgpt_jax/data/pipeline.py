@@ -272,28 +272,35 @@ class BatchIterator:
         self.close()
 
 
+def offset_for_process(batch: dict[str, np.ndarray], p: int) -> dict[str, np.ndarray]:
+    """Process `p`'s batch with graph and slot indices made global: node n -> n + p*N, slot s -> s + p*B*T
+    (-1 stays -1), for the concatenation of all processes' batches in process order."""
+    B, T = batch["input_ids"].shape
+    N = batch["mol_atoms"].shape[0]
+    out = dict(batch)
+    out["mol_senders"] = batch["mol_senders"] + p * N
+    out["mol_receivers"] = batch["mol_receivers"] + p * N
+    for key in ("mol_slot", "prot_slot"):
+        out[key] = np.where(batch[key] >= 0, batch[key] + p * B * T, -1).astype(np.int32)
+    return out
+
+
 def global_batch(batch: dict[str, np.ndarray], mesh, axes=None) -> dict[str, jax.Array]:
     """This process's batch -> global jax Arrays, every leading dimension sharded over the batch axes.
 
-    With several processes, the hosts first agree on the longest bucket (`repad`), then graph and slot
-    indices are offset by this process's share (node n -> n + p*N, slot -> slot + p*B*T), so the global
-    arrays are the processes' batches concatenated in process order (devices ordered by process).
-    `axes` overrides per-key logical axes as in `step.batch_shardings`.
+    With several processes, the hosts first agree on the longest bucket (`repad`), then indices are
+    offset (`offset_for_process`), so the global arrays are the processes' batches concatenated in
+    process order (the mesh must order devices by process, as `parallel.make_mesh` does). `axes`
+    overrides per-key logical axes as in `step.batch_shardings` (every leading dimension must divide).
     """
     from jax.experimental import multihost_utils
 
     from ..step import batch_shardings
-    p, P = jax.process_index(), jax.process_count()
+    P = jax.process_count()
     if P > 1:
         shape = np.array([batch["input_ids"].shape[1], batch["prot_ids"].shape[1]], np.int32)
         T, L = np.asarray(multihost_utils.process_allgather(shape)).reshape(P, 2).max(0)
-        batch = repad(batch, int(T), int(L))
-        B, T = batch["input_ids"].shape
-        N = batch["mol_atoms"].shape[0]
-        batch = dict(batch)
-        for key, off in (("mol_senders", p * N), ("mol_receivers", p * N), ("mol_slot", p * B * T),
-                         ("prot_slot", p * B * T)):
-            batch[key] = np.where(batch[key] >= 0, batch[key] + off, batch[key]) if "slot" in key else batch[key] + off
+        batch = offset_for_process(repad(batch, int(T), int(L)), jax.process_index())
     global_shapes = {k: (v.shape[0] * P,) + v.shape[1:] for k, v in batch.items()}
     shardings = batch_shardings({k: jax.ShapeDtypeStruct(s, batch[k].dtype) for k, s in global_shapes.items()},
                                 mesh, axes=axes)

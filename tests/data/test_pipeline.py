@@ -1,0 +1,219 @@
+"""The batch pipeline: batch contract, row contents, resume, per-host shards, bad records, global arrays."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("bmgpt_jax.data.molecules")
+pytest.importorskip("bmgpt_jax.data.proteins")
+
+from bmgpt_jax import config, parallel  # noqa: E402
+from bmgpt_jax.data import proteins  # noqa: E402
+from bmgpt_jax.data.examples import repad  # noqa: E402
+from bmgpt_jax.data.pipeline import (BatchIterator, DataConfig, Records, global_batch,  # noqa: E402
+                                     offset_for_process)
+from bmgpt_jax.data.records import Record  # noqa: E402
+from bmgpt_jax.data.text import Tokenizer, encode_record  # noqa: E402
+
+KEYS = {"input_ids": 2, "attention_mask": 2, "loss_mask": 2, "mol_atoms": 2, "mol_bonds": 2, "mol_senders": 1,
+        "mol_receivers": 1, "mol_n_node": 1, "mol_n_edge": 1, "mol_slot": 1, "prot_ids": 2, "prot_mask": 2,
+        "prot_slot": 2}
+
+
+@pytest.fixture(scope="module")
+def cfg(shared_data):
+    return DataConfig(sources=("demo",), demo_molecules=40, tokenizer=str(shared_data / "tokenizer" /
+                      "llama2_tokenizer.model"), batch_size=8, seq_buckets=(96, 112, 128, 256), window_batches=3,
+                      node_budget=512, edge_budget=1024, graph_budget=16, protein_budget=8, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tok(cfg):
+    return Tokenizer.from_file(cfg.tokenizer)
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _equal(a, b):
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+                                    for x, y in zip(a, b))
+
+
+def _rows(batch, tok, records):
+    """(row, record) for each real row, matched by the decoded answer (answers are unique here)."""
+    by_answer = {r.answer: r for r in records}
+    out = []
+    for b in range(batch["input_ids"].shape[0]):
+        if batch["attention_mask"][b].any():
+            answer = tok.decode(batch["input_ids"][b][batch["loss_mask"][b] == 1])
+            out.append((b, by_answer[answer]))
+    return out
+
+
+def test_batch_contract(cfg):
+    it = BatchIterator(cfg)
+    for batch in _take(it, 8):
+        assert set(batch) == set(KEYS)
+        assert all(v.dtype == np.int32 and v.ndim == KEYS[k] for k, v in batch.items())
+        B, T = batch["input_ids"].shape
+        assert B == 8 and T in cfg.seq_buckets
+        longest = batch["attention_mask"].sum(1).max()
+        assert T == min(t for t in cfg.seq_buckets if t >= longest)         # smallest bucket that fits
+        assert batch["mol_atoms"].shape == (512, 2) and batch["mol_senders"].shape == (1024,)
+        assert batch["mol_n_node"].shape == (16,) and batch["prot_ids"].shape == (8, min(1024, T))
+        att = batch["attention_mask"]
+        assert np.all(np.diff(att, axis=1) <= 0)                             # right-padded
+        assert np.all(batch["loss_mask"] <= att) and np.all(batch["input_ids"][att == 0] == 0)
+        slots = batch["mol_slot"][batch["mol_slot"] >= 0]
+        assert np.all(batch["input_ids"].reshape(-1)[slots] == 0) and np.all(att.reshape(-1)[slots] == 1)
+        n_real = att.any(1).sum()                                            # one molecule per demo row
+        assert len(slots) == len(set(slots.tolist())) == batch["mol_n_node"][:n_real].sum()
+        assert batch["mol_n_node"][n_real] > 0 and not batch["mol_n_node"][n_real + 1:].any()  # padding graph
+        assert np.all(batch["prot_slot"] == -1) and np.all(batch["prot_ids"] == proteins.PAD_ID)
+
+
+def test_rows_are_their_records(cfg, tok):
+    recs = [Record((("molecule", "CCO"),), "Q one?", "Answer one."),
+            Record((("protein", "MKTAYIAKQR"),), "What is the function of this protein?", "A kinase."),
+            Record((("molecule", "c1ccccc1O"), ("protein", "MKV")), "Bind?", "Yes, it binds."),
+            Record((), "Plain question?", "Plain answer."),
+            Record((), "", "Just text for the language model.")]
+    c = dataclasses.replace(cfg, batch_size=4, window_batches=2)
+    it = BatchIterator(c, records=recs)
+    seen = set()
+    for batch in _take(it, 4):
+        T = batch["input_ids"].shape[1]
+        mol_slot, prot_slot = batch["mol_slot"], batch["prot_slot"]
+        for b, rec in _rows(batch, tok, recs):
+            seen.add(rec.answer)
+            starts = {}
+            for k, (kind, value) in enumerate(rec.entities):           # find each entity's slots in row b
+                if kind == "molecule":
+                    pos = mol_slot[(mol_slot // T == b) & (mol_slot >= 0)] % T
+                    starts[k] = int(pos.min())                       # one molecule per row here
+                else:
+                    row = np.nonzero((prot_slot[:, 0] // T == b) & (prot_slot[:, 0] >= 0))[0][0]
+                    n = batch["prot_mask"][row].sum()
+                    want = proteins.tokenize([value])[0][0]
+                    assert batch["prot_ids"][row, :n].tolist() == want.tolist()
+                    assert prot_slot[row, :n].tolist() == list(b * T + prot_slot[row, 0] % T + np.arange(n))
+                    starts[k] = int(prot_slot[row, 0] % T)
+            lengths = [len(mol_slot[(mol_slot // T == b) & (mol_slot >= 0)]) if kind == "molecule" else
+                       int(batch["prot_mask"][batch["prot_slot"][:, 0] // T == b].sum()) for kind, _ in rec.entities]
+            enc = encode_record(tok, rec, lengths, c.system_prompt)
+            n = len(enc.input_ids)
+            assert batch["input_ids"][b, :n].tolist() == enc.input_ids.tolist()
+            assert batch["loss_mask"][b].tolist() == enc.loss_mask.tolist() + [0] * (T - n)
+            assert [starts[k] for k in range(len(rec.entities))] == enc.slot_starts
+    assert seen == {r.answer for r in recs}
+
+
+def test_resume_gives_identical_batches(cfg):
+    it = BatchIterator(cfg)
+    _take(it, 7)                                                            # mid-window (3 batches a window)
+    state = json.loads(json.dumps(it.state()))
+    assert state == {"epoch": 0, "window": 2, "batch": 1, "seed": 3, "num_records": 400}
+    expected = _take(it, 8)
+    again = BatchIterator(cfg)
+    again.restore(state)
+    assert _equal(_take(again, 8), expected)
+    with pytest.raises(ValueError, match="seed"):
+        BatchIterator(dataclasses.replace(cfg, seed=4)).restore(state)
+
+
+def test_workers_give_the_same_batches(cfg):
+    inline = _take(BatchIterator(cfg), 5)
+    it = BatchIterator(dataclasses.replace(cfg, workers=2))
+    try:
+        assert _equal(_take(it, 5), inline)
+    finally:
+        it.close()
+
+
+class _Logged(list):
+    """Records that remember which indices were read."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.read = set()
+
+    def __getitem__(self, i):
+        self.read.add(int(i))
+        return super().__getitem__(i)
+
+
+def test_hosts_read_disjoint_shards_covering_the_epoch(cfg, tok):
+    recs = [Record((), f"Question {i}?", f"Answer {i}.") for i in range(101)]
+    c = dataclasses.replace(cfg, batch_size=8, window_batches=2, num_epochs=1)
+    hosts = [BatchIterator(c, process_index=p, process_count=2, records=_Logged(recs)) for p in range(2)]
+    batches = [list(h) for h in hosts]
+    assert len(batches[0]) == len(batches[1]) == 13     # 6 full windows of 2 batches + 5 records: 1 batch
+    assert hosts[0].records.read.isdisjoint(hosts[1].records.read)
+    assert hosts[0].records.read | hosts[1].records.read == set(range(101))
+    answers = [[r.answer for bt in bs for _, r in _rows(bt, tok, recs)] for bs in batches]
+    assert sorted(answers[0] + answers[1]) == sorted(r.answer for r in recs)
+    assert all(bt["input_ids"].shape[0] == 4 for bt in batches[0])          # 8 global rows, 4 per host
+    epoch2 = BatchIterator(dataclasses.replace(c, num_epochs=2), records=recs)
+    orders = [[tuple(np.asarray(epoch2.window_indices(e, 0)))] for e in range(2)]
+    assert orders[0] != orders[1]                                           # reshuffled per epoch
+
+
+def test_bad_examples_are_counted_and_skipped(cfg, tok):
+    recs = [Record((("molecule", "CCO"),), "Good?", "Good."),
+            Record((("molecule", "C1CC"),), "Q?", "Bad smiles."),
+            Record((("protein", "MKJ"),), "Q?", "Bad residue."),
+            Record((("molecule", "CCCCCCCCCC"),), "Q?", "Too many atoms."),
+            Record((), "word " * 300, "Too long.")]
+    c = dataclasses.replace(cfg, batch_size=2, window_batches=4, num_epochs=1, max_atoms=8, atom_cap="skip")
+    it = BatchIterator(c, records=recs)
+    rows = [r.answer for bt in it for _, r in _rows(bt, tok, recs)]
+    assert rows == ["Good."]
+    assert dict(it.skipped) == {"invalid SMILES": 1, "bad residues": 1, "too many atoms": 1,
+                                "longer than the largest bucket": 1}
+
+
+def test_atom_cap_subsample_keeps_the_whole_graph(cfg):
+    c = dataclasses.replace(cfg, batch_size=1, max_atoms=4, atom_cap="subsample")
+    batch = next(BatchIterator(c, records=[Record((("molecule", "CCCCCCCCCC"),), "Q?", "A.")]))
+    assert batch["mol_n_node"][0] == 10 and (batch["mol_slot"] >= 0).sum() == 4
+    assert batch["mol_slot"][[0, 3, 6, 9]].tolist() == list(range(batch["mol_slot"][0], batch["mol_slot"][0] + 4))
+
+
+def test_repad_and_process_offsets(cfg):
+    batch = next(BatchIterator(cfg))
+    B, T = batch["input_ids"].shape
+    wide = repad(batch, T + 32, min(1024, T + 32))
+    assert wide["input_ids"].shape == (B, T + 32) and np.array_equal(wide["input_ids"][:, :T], batch["input_ids"])
+    ok = batch["mol_slot"] >= 0
+    assert np.array_equal(np.divmod(wide["mol_slot"][ok], T + 32), np.divmod(batch["mol_slot"][ok], T))
+    one = offset_for_process(batch, 1)
+    N = batch["mol_atoms"].shape[0]
+    assert np.array_equal(one["mol_senders"], batch["mol_senders"] + N)
+    assert np.all(one["mol_slot"][ok] // T >= B) and np.all(one["mol_slot"][~ok] == -1)
+
+
+def test_global_batch_on_a_mesh(cfg):
+    batch = next(BatchIterator(cfg))
+    mesh = parallel.make_mesh((-1, 1, 1))
+    arrays = global_batch(batch, mesh)
+    for k, v in batch.items():
+        assert arrays[k].shape == v.shape and np.array_equal(np.asarray(arrays[k]), v)
+    assert len(arrays["input_ids"].sharding.device_set) == 8
+    assert arrays["mol_atoms"].sharding.spec[0] == ("data", "fsdp")
+
+
+def test_config_and_sources(cfg, monkeypatch, tmp_path):
+    loaded = config.from_dict(DataConfig, {"sources": ["swissprot", "demo"], "seq_buckets": [128, 256],
+                                           "data_dir": str(tmp_path)})
+    assert loaded.sources == ("swissprot", "demo") and loaded.seq_buckets == (128, 256)
+    with pytest.raises(config.ConfigError, match="batch_size"):
+        config.from_dict(DataConfig, {"batch_szie": 4})
+    with pytest.raises(ValueError, match="ascending"):
+        DataConfig(seq_buckets=(256, 128))
+    recs = Records(dataclasses.replace(cfg, sources=("swissprot", "demo"), data_dir=str(tmp_path)))
+    assert len(recs) == 141 + 400 and recs[0].id == "P15455" and recs[141].id == "NCI1"
+    monkeypatch.setenv("BMGPT_SHARED_DATA", str(tmp_path / "absent"))
+    assert len(Records(dataclasses.replace(cfg, sources=("auto",)))) == 400    # demo only without samples
