@@ -128,32 +128,33 @@ def test_featurize_many_names_index_and_processes(chebi):
 def test_batch_graphs_order_offsets_and_bucket():
     feats = M.featurize_many(["CCO", "c1ccccc1", "[Na+]"])
     g = M.batch_graphs(feats)
-    assert (g.nodes.shape[0], g.edges.shape[0], g.n_node.shape[0]) == M.choose_bucket(10, 18, 3) == (128, 512, 4)
+    assert (g.nodes.shape[0], g.edges.shape[0], g.n_node.shape[0]) == M.choose_bucket(10, 16, 3) == (16, 16, 16)
     assert g.n_node.tolist()[:3] == [3, 6, 1] and g.n_edge.tolist()[:3] == [4, 12, 0]
     assert np.array_equal(g.nodes[:10], np.concatenate([f[0] for f in feats]))
     assert np.array_equal(g.senders[4:16], feats[1][1][0] + 3) and np.array_equal(g.receivers[4:16], feats[1][1][1] + 3)
     assert all(a.dtype == np.int32 for a in (g.nodes, g.edges, g.senders, g.receivers, g.n_node, g.n_edge))
     node_mask, graph_mask = (np.asarray(m) for m in M.padding_masks(g))
-    assert node_mask.sum() == 10 and node_mask[:10].all() and graph_mask.tolist() == [True] * 3 + [False]
+    assert node_mask.sum() == 10 and node_mask[:10].all() and graph_mask.tolist() == [True] * 3 + [False] * 13
     assert (g.senders[16:] >= 10).all() and (g.receivers[16:] >= 10).all()   # padding edges stay in padding
-    parts = M.unpad_nodes(np.arange(128), g)
+    parts = M.unpad_nodes(np.arange(16), g)
     assert [p.tolist() for p in parts] == [[0, 1, 2], list(range(3, 9)), [9]]
 
 
 def test_batch_graphs_explicit_sizes_and_errors():
     feats = M.featurize_many(["CCO"] * 5)
     g = M.batch_graphs(feats, n_node=40, n_graph=9)
-    assert (g.nodes.shape[0], g.edges.shape[0], g.n_node.shape[0]) == (40, 1024, 9)   # edges from the auto bucket (256, 1024, 8)
+    assert (g.nodes.shape[0], g.edges.shape[0], g.n_node.shape[0]) == (40, 24, 9)   # edges from the ladder: 20 -> 24
     with pytest.raises(ValueError, match="too small"):
         M.batch_graphs(feats, n_node=15)     # 15 atoms leave no padding node
     empty = M.batch_graphs([])
-    assert empty.n_node.shape[0] == 2 and not np.asarray(M.padding_masks(empty)[0]).any()
+    assert empty.n_node.shape[0] == 16 and not np.asarray(M.padding_masks(empty)[0]).any()
     assert M.unpad_nodes(np.zeros(empty.nodes.shape[0]), empty) == []
 
 
 def test_bucket_growth_beyond_largest():
-    assert M.choose_bucket(40000, 10, 3) == (65536, 131072, 1024)
-    assert M.choose_bucket(10, 10, 5000, buckets=[(64, 256, 4)]) == (64, 256, 8192)
+    assert M.choose_bucket(40000, 0, 3) == (49152, 16, 16)
+    assert M.choose_bucket(10, 10, 5000, buckets=[64]) == (64, 64, 8192)
+    assert M.choose_bucket(2_000_000, 10, 3)[0] == 3 << 20
 
 
 def test_atom_cap(chebi):

@@ -129,7 +129,7 @@ def test_encode_smiles_cap_and_one_compile_per_bucket(tiny):
     graph = M.batch_graphs(M.featurize_many(smiles))
     np.testing.assert_allclose(np.concatenate(out), np.asarray(model(graph))[:22], atol=1e-6)
     compiled = G._forward._cache_size()
-    G.encode_smiles(model, ["CCN", "CCCl", "c1ccncc1", "O"])     # same bucket: no new compile
+    G.encode_smiles(model, ["CCCCO", "c1ccccc1N", "CC(=O)Oc1ccccc1", "N"])   # same bucket (24, 48, 16)
     assert G._forward._cache_size() == compiled
     with pytest.raises(ValueError, match=r"molecule 1: SMILES 'C1CC'"):
         G.encode_smiles(model, ["CCO", "C1CC"])
