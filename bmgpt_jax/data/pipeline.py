@@ -215,8 +215,8 @@ class BatchIterator:
         """Sort by length and fill `num_batches` batches greedily within the budget; order shuffled."""
         good = []
         for e in encoded:
-            if isinstance(e, str):
-                self.skipped[e] += 1
+            if isinstance(e, str) or not self.budget.fits((0, 0, 0, 0), e.budget, 0):
+                self.skipped[e if isinstance(e, str) else "larger than the graph/protein budget"] += 1
             else:
                 good.append(e)
         good.sort(key=lambda e: e.length)

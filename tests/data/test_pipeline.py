@@ -173,6 +173,10 @@ def test_bad_examples_are_counted_and_skipped(cfg, tok):
     assert rows == ["Good."]
     assert dict(it.skipped) == {"invalid SMILES": 1, "bad residues": 1, "too many atoms": 1,
                                 "longer than the largest bucket": 1}
+    small = BatchIterator(dataclasses.replace(c, node_budget=3, atom_cap="subsample"), records=recs[:1] * 2)
+    batches = list(small)                                   # k comes from counts: one batch, all padding
+    assert len(batches) == 1 and not batches[0]["attention_mask"].any()
+    assert small.skipped["larger than the graph/protein budget"] == 2     # CCO needs 3 nodes + 1 padding
 
 
 def test_atom_cap_subsample_keeps_the_whole_graph(cfg):
