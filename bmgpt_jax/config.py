@@ -176,16 +176,21 @@ def resolve_path(path: str | os.PathLike) -> Path:
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
-    """Read a YAML mapping; `base: other.yaml` at top level merges that file underneath (deeply)."""
+    """Read a YAML mapping. A `base: other.yaml` key in any mapping (top level or a section such as
+    `lm:`) merges that file underneath it, deeply; the path is relative to the including file."""
     p = resolve_path(path)
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping")
+    return _resolve_bases(data, p.parent)
+
+
+def _resolve_bases(data: dict, folder: Path) -> dict:
+    data = {k: _resolve_bases(v, folder) if isinstance(v, dict) else v for k, v in data.items()}
     base = data.pop("base", None)
-    if base is not None:
-        base_path = p.parent / base if (p.parent / base).exists() else base
-        data = _deep_merge(read_yaml(base_path), data)
-    return data
+    if base is None:
+        return data
+    return _deep_merge(read_yaml(folder / base if (folder / base).exists() else base), data)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

@@ -75,7 +75,7 @@ def from_state_dict(tensors: Mapping, cfg: LlamaConfig, prefix: str = "", source
     """Our model from HF-named tensors (`prefix` is prepended to every HF key, e.g. `llm.`)."""
     model = abstract_model(cfg)
     import_params(model, tensors, stack_at="layers" if cfg.scan_layers else None,
-                  rename=lambda k: prefix + k, ignore=tuple(prefix + s for s in IGNORED), source=source)
+                  rename=lambda k: prefix + k, ignore=IGNORED, source=source)
     return model
 
 

@@ -32,6 +32,15 @@ def to_numpy(t) -> np.ndarray:
     return np.asarray(t)
 
 
+def to_torch(a: np.ndarray):
+    """numpy (bfloat16 included) -> a contiguous torch tensor."""
+    import torch
+    a = np.array(a, order="C")  # (np.ascontiguousarray would turn a 0-d array into 1-d)
+    if a.dtype == jnp.bfloat16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Tensors from a safetensors file, a `.bin`/`.pt`/`.pth` torch file, or a Hugging Face folder
     (single or sharded safetensors, else `pytorch_model*.bin`)."""
@@ -67,7 +76,7 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], out_dir: str | os.PathL
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for k, v in tensors.items():
-        v = np.ascontiguousarray(v)
+        v = np.array(v, order="C")
         if size and size + v.nbytes > max_shard_bytes:
             shards.append({})
             size = 0
