@@ -1,33 +1,54 @@
 """Plain-text corpus for stage-1 language-model training: `*.txt` (documents separated by blank lines)
 and `*.jsonl` (one `{"text": ...}` a line) files in a folder, as records with no question (`is_plain_text`).
+
+A document longer than `MAX_CHARS` is cut into pieces at whitespace (about 1,000 Llama tokens of English
+each), so the pipeline's largest bucket does not truncate away most of a long document.
 """
 from __future__ import annotations
 
-from .base import RecordBuilder, read_jsonl
+from typing import Iterator
+
 from ..records import Record
+from .base import RecordBuilder, read_jsonl
+
+MAX_CHARS = 4000
+
+
+def chunks(text: str, limit: int = MAX_CHARS) -> Iterator[str]:
+    """`text` in pieces of at most `limit` characters, cut at the last whitespace before the limit."""
+    text = text.strip()
+    while len(text) > limit:
+        cut = text.rfind(" ", 0, limit + 1)
+        cut = cut if cut > 0 else limit
+        yield text[:cut].strip()
+        text = text[cut:].strip()
+    if text:
+        yield text
 
 
 class TextCorpus(RecordBuilder, skip_registration=True):
     """Every document of every `*.txt` / `*.jsonl` file under the folder, in sorted file order."""
 
     name = "text"
-
     FILES = {"train": ("*.txt", "*.jsonl")}
 
     def _check_inputs(self) -> None:
         if self.raw_dir is None or not self.raw_dir.is_dir() or not self.files("train"):
             raise FileNotFoundError(f"{self.name}: input folder {self.raw_dir} must hold *.txt or *.jsonl files")
 
-    def _records(self, split, bad):
+    def _documents(self, split, bad) -> Iterator[tuple[str, str]]:
         for path in self.files(split):
             if path.suffix == ".jsonl":
                 for lineno, obj in read_jsonl(path, bad):
-                    if not isinstance(obj.get("text"), str):
+                    if isinstance(obj.get("text"), str):
+                        yield f"{path.name}:{lineno}", obj["text"]
+                    else:
                         bad.add("malformed record", f"{path.name}:{lineno}: no text")
-                        continue
-                    yield f"{path.name}:{lineno}", Record((), "", obj["text"].strip(), id=f"{path.name}:{lineno}")
-                continue
-            docs = path.read_text(encoding="utf-8").split("\n\n")
-            for i, doc in enumerate(d.strip() for d in docs):
-                if doc:
-                    yield f"{path.name}:{i}", Record((), "", doc, id=f"{path.name}:{i}")
+            else:
+                for i, doc in enumerate(path.read_text(encoding="utf-8").split("\n\n")):
+                    yield f"{path.name}:{i}", doc
+
+    def _records(self, split, bad):
+        for key, doc in self._documents(split, bad):
+            for j, piece in enumerate(chunks(doc)):
+                yield f"{key}:{j}", Record((), "", piece, id=f"{key}:{j}")
