@@ -1,0 +1,133 @@
+"""Jitted beam search for our causal LM, equal token for token to transformers' `generate(num_beams=n,
+do_sample=False)` (the vectorised `_beam_search` of transformers 5, `early_stopping=False`).
+
+Each step, per batch row: log-softmax of every beam's last logits, then the repetition penalty on those
+log-probs (HF runs its logits processors after the log-softmax in beam search), plus the beam's running
+score; the top `2 * num_beams` (beam, token) candidates over all beams. Candidates ending in EOS or a
+stop sequence (all of them at the last step) are offered, when among the first `num_beams`, to the row's
+`num_beams` finished hypotheses, scored `sum_logprob / new_tokens ** length_penalty`; the best
+`num_beams` unfinished candidates run on, and the KV cache rows (`batch * num_beams`) are reordered to
+follow them. A row stops accepting hypotheses once all `num_beams` are finished and its best running
+beam, normalised by the current length, cannot beat the worst of them; the loop ends when no row can
+improve or every candidate has finished. Prefill, the loop (`lax.while_loop`) and the cache reordering
+are one `jax.jit`.
+
+HF's `-1e9` "impossible" offsets are reproduced as is (same float32 rounding, same tie behaviour).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bmgpt_jax.generate import GenerationConfig, _ends_with_stop, apply_repetition_penalty, last_real_index
+from bmgpt_jax.models.llama import KVCache, LlamaForCausalLM, check_ids
+
+_NEG = -1.0e9
+
+
+def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """Beams `idx [b, m]` of each row of `x [b, k, ...]` -> `[b, m, ...]`."""
+    return x[jnp.arange(x.shape[0])[:, None], idx]
+
+
+def _take_rows(cache: KVCache, rows: jax.Array) -> KVCache:
+    """Cache whose row `i` is row `rows[i]` of `cache` (k/v batch axis 1, valid/next_pos axis 0)."""
+    return cache._replace(k=jnp.take(cache.k, rows, axis=1), v=jnp.take(cache.v, rows, axis=1),
+                          valid=jnp.take(cache.valid, rows, axis=0), next_pos=jnp.take(cache.next_pos, rows, axis=0))
+
+
+@partial(jax.jit, static_argnames=("graphdef", "cfg"))
+def _beam_decode(graphdef, state, prompt_ids, prompt_embeds, mask, *, cfg: GenerationConfig):
+    """Best finished hypothesis `[b, max_new_tokens]` int32 (pad after its end) for prompt ids `[b, t]` or
+    embeddings `[b, t, embed]` with `mask [b, t]`."""
+    model: LlamaForCausalLM = nnx.merge(graphdef, state)
+    b, t = mask.shape
+    nb, n, vocab = cfg.num_beams, cfg.max_new_tokens, model.config.vocab_size
+    k = 2 * nb  # HF keeps (1 + number of EOS ids, at least 2) * num_beams candidates; we have one EOS id
+    cache = model.init_cache(b, t + n)
+    if prompt_embeds is None:
+        logits, cache = model(prompt_ids, mask, cache=cache)
+        prompt_tokens = jnp.where(mask.astype(bool), prompt_ids, vocab)  # padding -> dropped index
+        seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], prompt_tokens].set(True, mode="drop")
+    else:  # HF has no prompt ids to penalise when generating from embeddings
+        logits, cache = model(inputs_embeds=prompt_embeds, attention_mask=mask, cache=cache)
+        seen = jnp.zeros((b, vocab), bool)
+    # every beam starts as its row's prompt; only beam 0 is live (HF: running score 0, others -1e9)
+    logits = jnp.repeat(logits[jnp.arange(b), last_real_index(mask)], nb, axis=0)
+    cache = _take_rows(cache, jnp.repeat(jnp.arange(b), nb))
+    seen = jnp.broadcast_to(seen[:, None], (b, nb, vocab))
+    stops = ((cfg.eos_token_id,),) + tuple(tuple(s) for s in cfg.stop_sequences)
+    # new_tokens ** length_penalty for new_tokens = 1..n, in float64 then float32 like HF's Python scalar
+    norm = jnp.asarray((np.arange(1, n + 1, dtype=np.float64) ** cfg.length_penalty).astype(np.float32))
+    rows, cand_rank = jnp.arange(b)[:, None], jnp.arange(k)
+    pad_seqs = jnp.full((b, nb, n), cfg.pad_token_id, jnp.int32)
+
+    def body(carry):
+        step, cache, logits, run_seqs, run_scores, seen, fin_seqs, fin_scores, fin_flag, improvable, _ = carry
+        # candidates: [b, k] accumulated scores, source beams and tokens
+        logp = jax.nn.log_softmax(logits, axis=-1).reshape(b, nb, vocab)
+        logp = apply_repetition_penalty(logp, seen, cfg.repetition_penalty)
+        acc = (logp + run_scores[:, :, None]).reshape(b, nb * vocab)
+        cand_scores, flat = jax.lax.top_k(acc, k)
+        src, tok = flat // vocab, flat % vocab
+        cand_seqs = _gather(run_seqs, src).at[:, :, step].set(tok)
+        hits = _ends_with_stop(cand_seqs.reshape(b * k, n), step, stops).reshape(b, k) | (step == n - 1)
+
+        # the best num_beams unfinished candidates run on
+        run_k = cand_scores + hits.astype(jnp.float32) * _NEG
+        keep = jax.lax.top_k(run_k, nb)[1]
+        run_seqs, run_scores, parent = _gather(cand_seqs, keep), _gather(run_k, keep), _gather(src, keep)
+
+        # finished candidates among the first num_beams join the finished hypotheses if good enough
+        just = hits & (cand_rank < nb)
+        fs = cand_scores / norm[step]
+        fs = fs + (~improvable)[:, None].astype(jnp.float32) * _NEG
+        fs = fs + (~just).astype(jnp.float32) * _NEG
+        merged = jnp.concatenate([fin_scores, fs], axis=1)
+        best = jax.lax.top_k(merged, nb)[1]
+        fin_seqs = _gather(jnp.concatenate([fin_seqs, cand_seqs], axis=1), best)
+        fin_flag = _gather(jnp.concatenate([fin_flag, just], axis=1), best)
+        fin_scores = _gather(merged, best)
+
+        # cache and seen-token sets follow the running beams
+        cache = _take_rows(cache, (parent + rows * nb).reshape(-1))
+        new_tok = run_seqs[:, :, step]
+        seen = _gather(seen, parent).at[rows, jnp.arange(nb)[None], new_tok].set(True)
+
+        # HF's early_stopping=False heuristic: can the best running beam still beat the worst finished one?
+        worst = jnp.where(fin_flag, fin_scores.min(axis=1, keepdims=True), _NEG)
+        improvable = improvable & jnp.any(run_scores[:, :1] / norm[step] > worst, axis=1)
+        go = jnp.any(improvable) & ~jnp.all(hits)
+
+        logits, cache = model(new_tok.reshape(b * nb, 1), jnp.ones((b * nb, 1), jnp.int32), cache=cache)
+        return (step + 1, cache, logits[:, -1], run_seqs, run_scores, seen, fin_seqs, fin_scores, fin_flag,
+                improvable, go)
+
+    run_scores = jnp.where(jnp.arange(nb) == 0, 0.0, _NEG).astype(jnp.float32)[None].repeat(b, axis=0)
+    init = (jnp.zeros((), jnp.int32), cache, logits, pad_seqs, run_scores, seen, pad_seqs,
+            jnp.full((b, nb), _NEG, jnp.float32), jnp.zeros((b, nb), bool), jnp.ones(b, bool), jnp.ones((), bool))
+    out = jax.lax.while_loop(lambda c: c[-1], body, init)
+    return out[6][:, 0]
+
+
+def beam_search(model: LlamaForCausalLM, input_ids=None, attention_mask=None, *, inputs_embeds=None,
+                config: GenerationConfig) -> np.ndarray:
+    """Best beam `[batch, max_new_tokens]` (pad after its EOS/stop) from token ids `[b, t]` or input
+    embeddings `[b, t, embed]` with `attention_mask [b, t]` (either padding side), as HF's `generate` with
+    `num_beams=config.num_beams, do_sample=False, length_penalty=..., repetition_penalty=...`."""
+    if config.do_sample:
+        raise ValueError("beam search with do_sample=True (beam sampling) is not supported")
+    ref = input_ids if inputs_embeds is None else inputs_embeds
+    if attention_mask is None:
+        attention_mask = jnp.ones(np.shape(ref)[:2], jnp.int32)
+    if input_ids is not None:
+        check_ids(input_ids, model.config.vocab_size)
+    graphdef, state = nnx.split(model)
+    ids = None if input_ids is None else jnp.asarray(input_ids, jnp.int32)
+    embeds = None if inputs_embeds is None else jnp.asarray(inputs_embeds)
+    out = _beam_decode(graphdef, state, ids, embeds, jnp.asarray(attention_mask, jnp.int32), cfg=config)
+    return np.asarray(out)
