@@ -272,11 +272,21 @@ class BatchIterator:
         self.close()
 
 
+def stack_batches(batches: Sequence[dict[str, np.ndarray]], T: int = 0, L: int = 0) -> dict[str, np.ndarray]:
+    """`k` batches -> one batch with a leading micro-batch axis `[k, ...]` (for `grad_accum = k`), each
+    widened (`repad`) to `T` positions and `L` ESM tokens (default: the longest among them); every
+    micro-batch keeps its own graphs and slots."""
+    T = T or max(b["input_ids"].shape[1] for b in batches)
+    L = L or max(b["prot_ids"].shape[1] for b in batches)
+    wide = [repad(b, T, L) for b in batches]
+    return {k: np.stack([b[k] for b in wide]) for k in wide[0]}
+
+
 def offset_for_process(batch: dict[str, np.ndarray], p: int) -> dict[str, np.ndarray]:
-    """Process `p`'s batch with graph and slot indices made global: node n -> n + p*N, slot s -> s + p*B*T
-    (-1 stays -1), for the concatenation of all processes' batches in process order."""
-    B, T = batch["input_ids"].shape
-    N = batch["mol_atoms"].shape[0]
+    """Process `p`'s batch (optionally `[k, ...]` micro-batched) with graph and slot indices made global:
+    node n -> n + p*N, slot s -> s + p*B*T (-1 stays -1), for the processes' batches concatenated in order."""
+    B, T = batch["input_ids"].shape[-2:]
+    N = batch["mol_atoms"].shape[-2]
     out = dict(batch)
     out["mol_senders"] = batch["mol_senders"] + p * N
     out["mol_receivers"] = batch["mol_receivers"] + p * N
@@ -286,22 +296,29 @@ def offset_for_process(batch: dict[str, np.ndarray], p: int) -> dict[str, np.nda
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh, axes=None) -> dict[str, jax.Array]:
-    """This process's batch -> global jax Arrays, every leading dimension sharded over the batch axes.
+    """This process's batch -> global jax Arrays, every row dimension sharded over the batch axes.
 
+    A batch from `stack_batches` (`input_ids` `[k, B, T]`) keeps its leading micro-batch axis unsharded.
     With several processes, the hosts first agree on the longest bucket (`repad`), then indices are
     offset (`offset_for_process`), so the global arrays are the processes' batches concatenated in
     process order (the mesh must order devices by process, as `parallel.make_mesh` does). `axes`
-    overrides per-key logical axes as in `step.batch_shardings` (every leading dimension must divide).
+    overrides per-key logical axes as in `step.batch_shardings` (every sharded dimension must divide).
     """
     from jax.experimental import multihost_utils
 
     from ..step import batch_shardings
     P = jax.process_count()
+    lead = batch["input_ids"].ndim - 2
     if P > 1:
-        shape = np.array([batch["input_ids"].shape[1], batch["prot_ids"].shape[1]], np.int32)
+        shape = np.array([batch["input_ids"].shape[-1], batch["prot_ids"].shape[-1]], np.int32)
         T, L = np.asarray(multihost_utils.process_allgather(shape)).reshape(P, 2).max(0)
-        batch = offset_for_process(repad(batch, int(T), int(L)), jax.process_index())
-    global_shapes = {k: (v.shape[0] * P,) + v.shape[1:] for k, v in batch.items()}
-    shardings = batch_shardings({k: jax.ShapeDtypeStruct(s, batch[k].dtype) for k, s in global_shapes.items()},
-                                mesh, axes=axes)
+        if lead:
+            micro = [{k: v[i] for k, v in batch.items()} for i in range(batch["input_ids"].shape[0])]
+            batch = stack_batches(micro, int(T), int(L))
+        else:
+            batch = repad(batch, int(T), int(L))
+        batch = offset_for_process(batch, jax.process_index())
+    global_shapes = {k: v.shape[:lead] + (v.shape[lead] * P,) + v.shape[lead + 1:] for k, v in batch.items()}
+    abstract = {k: jax.ShapeDtypeStruct(s, batch[k].dtype) for k, s in global_shapes.items()}
+    shardings = batch_shardings(abstract, mesh, axes=axes, microbatched=bool(lead))
     return {k: jax.make_array_from_process_local_data(shardings[k], v, global_shapes[k]) for k, v in batch.items()}

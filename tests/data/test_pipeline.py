@@ -12,7 +12,7 @@ from bmgpt_jax import config, parallel  # noqa: E402
 from bmgpt_jax.data import proteins  # noqa: E402
 from bmgpt_jax.data.examples import repad  # noqa: E402
 from bmgpt_jax.data.pipeline import (BatchIterator, DataConfig, Records, global_batch,  # noqa: E402
-                                     offset_for_process)
+                                     offset_for_process, stack_batches)
 from bmgpt_jax.data.records import Record  # noqa: E402
 from bmgpt_jax.data.text import Tokenizer, encode_record  # noqa: E402
 
@@ -207,6 +207,15 @@ def test_global_batch_on_a_mesh(cfg):
         assert arrays[k].shape == v.shape and np.array_equal(np.asarray(arrays[k]), v)
     assert len(arrays["input_ids"].sharding.device_set) == 8
     assert arrays["mol_atoms"].sharding.spec[0] == ("data", "fsdp")
+    it = BatchIterator(dataclasses.replace(cfg, seq_buckets=(96, 128, 256)))
+    micro = [next(it) for _ in range(3)]
+    stacked = stack_batches(micro)                               # grad accumulation: [k, B, T]
+    T = max(b["input_ids"].shape[1] for b in micro)
+    assert stacked["input_ids"].shape == (3, 8, T) and stacked["mol_atoms"].shape == (3, 512, 2)
+    assert np.array_equal(stacked["mol_slot"][1], repad(micro[1], T, T)["mol_slot"])
+    arrays = global_batch(stacked, mesh)
+    assert arrays["input_ids"].sharding.spec[:2] == (None, ("data", "fsdp"))
+    assert np.array_equal(np.asarray(arrays["prot_slot"]), stacked["prot_slot"])
 
 
 def test_config_and_sources(cfg, monkeypatch, tmp_path):
