@@ -31,6 +31,7 @@ import numpy as np
 from rdkit import Chem, RDLogger
 
 if TYPE_CHECKING:
+    import jax
     import jraph
 
 RDLogger.DisableLog("rdApp.*")
@@ -206,17 +207,19 @@ def batch_graphs(featurized: Sequence[Featurized], n_node: int | None = None, n_
                               for k in ("nodes", "edges", "senders", "receivers", "n_node", "n_edge")})
 
 
-def padding_masks(graph: jraph.GraphsTuple) -> tuple[np.ndarray, np.ndarray]:
-    """`(node_mask [N], graph_mask [G])`, True for real nodes/graphs of a `batch_graphs` result; works
-    on numpy and inside jit (jnp arrays)."""
+def padding_masks(graph: jraph.GraphsTuple) -> tuple[jax.Array, jax.Array]:
+    """`(node_mask [N], graph_mask [G])` as jnp bools, True for the real nodes/molecules of a
+    `batch_graphs` result (jraph's masks; usable inside jit)."""
     import jraph
     return jraph.get_node_padding_mask(graph), jraph.get_graph_padding_mask(graph)
 
 
 def unpad_nodes(node_features: np.ndarray, graph: jraph.GraphsTuple) -> list[np.ndarray]:
-    """Per-node outputs `[N, ...]` of a padded batch -> one `[n_atoms, ...]` array per real molecule."""
-    n_real = int(np.asarray(padding_masks(graph)[1]).sum())
+    """Per-node outputs `[N, ...]` of a padded batch -> one `[n_atoms, ...]` array per real molecule
+    (on the host: the real molecules are those before the padding graph and the empty graphs after it)."""
+    n_node = np.asarray(graph.n_node)
+    n_real = len(n_node) - 1 - int(np.argmin(n_node[::-1] == 0))
     if n_real == 0:
         return []
-    sizes = np.asarray(graph.n_node)[:n_real]
+    sizes = n_node[:n_real]
     return np.split(np.asarray(node_features)[: sizes.sum()], np.cumsum(sizes)[:-1])

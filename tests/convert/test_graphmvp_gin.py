@@ -67,7 +67,8 @@ def test_shape_mismatch_names_key_and_shapes(torch, ref):
     sd = dict(ref.state_dict(), **{"gnns.0.mlp.2.weight": torch.zeros(24, 47)})
     with pytest.raises(ValueError, match=r"gnns.0.mlp.2.weight: checkpoint shape \(24, 47\) \(ours \(48, 24\)"):
         graphmvp_gin.load(sd)
-    with pytest.raises(KeyError, match=r"missing \['batch_norms.3.bias'"):       # a 5-layer config against a 3-layer file
+    # a 5-layer config against a 3-layer file
+    with pytest.raises(KeyError, match=r"missing \['batch_norms.3.bias'"):
         graphmvp_gin.load(ref.state_dict(), config=GinConfig(num_layers=5, emb_dim=24))
     with pytest.raises(ValueError, match=r"x_embedding1.weight: checkpoint shape \(120, 24\) \(ours \(120, 300\)"):
         graphmvp_gin.load(ref.state_dict(), config=GinConfig(num_layers=3))
