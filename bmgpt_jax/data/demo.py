@@ -10,6 +10,7 @@ import functools
 import os
 from typing import Callable
 
+from .molecules import featurize_mol
 from .records import BadRecords, Record
 
 
@@ -65,7 +66,11 @@ def _demo_records(max_molecules: int | None) -> tuple[Record, ...]:
                 break
             smiles, _, nci_id = line.strip().partition("\t")
             mol = Chem.MolFromSmiles(smiles)
-            if mol is None:
+            try:
+                if mol is None:
+                    raise ValueError("rdkit cannot parse it")
+                featurize_mol(mol, smiles)              # what the GIN cannot embed is no demo either
+            except ValueError:
                 bad.add("invalid SMILES", f"line {lineno}: {smiles}")
                 continue
             for question, template, fn in props:

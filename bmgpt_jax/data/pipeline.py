@@ -51,13 +51,13 @@ class DataConfig:
     multi_entity: `keep` or `single` (PubChemQA/UniProtQA records with several entities are skipped).
     num_epochs: 0 repeats forever. workers: encoding processes (0 = in this process).
     """
-    sources: tuple[str, ...] = ("demo",)
+    sources: tuple[str, ...] = ("auto",)
     raw_dirs: dict[str, str] = dataclasses.field(default_factory=dict)
     data_dir: str = ""
     tokenizer: str = ""
     system_prompt: str = DEFAULT_SYSTEM
     batch_size: int = 8
-    seq_buckets: tuple[int, ...] = (256, 512, 1024)
+    seq_buckets: tuple[int, ...] = (256, 512, 1024, 1536)
     window_batches: int = 16
     node_budget: int = 2048
     edge_budget: int = 4608
