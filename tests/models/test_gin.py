@@ -1,5 +1,7 @@
 """GIN against the plain-torch reference (eval parity on 256 real molecules, train-mode BatchNorm),
-padding invariance, pooling, dropout, the atom cap in `encode_smiles`, and one compile per bucket."""
+padding invariance, pooling, dropout, the atom cap in `encode_smiles`, one compile per bucket, and
+replicated parameter shardings."""
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -148,3 +150,11 @@ def test_config_validation():
         load(G.GinConfig, "gin_tiny", ["over_cap=truncate"])
     with pytest.raises(ValueError, match="jk"):
         load(G.GinConfig, "gin_tiny", ["jk=concat"])
+
+
+def test_parameters_replicated_on_a_mesh(tiny):
+    from jax.sharding import PartitionSpec as P
+    from bmgpt_jax import parallel
+    _, model = tiny
+    specs = jax.tree.leaves(parallel.state_specs(nnx.state(model, nnx.Param)), is_leaf=lambda x: isinstance(x, P))
+    assert len(specs) == 2 + 2 * 6 + 2 * 2 and all(s == P(None) or s == P(None, None) for s in specs)
