@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
@@ -80,9 +81,17 @@ def train_tokenizer(texts: list[str], vocab_size: int = DEMO_VOCAB_SIZE) -> Toke
 
 
 def load_tokenizer(path: str | None = None) -> Tokenizer:
-    """The SentencePiece model at `path`, or (empty/None) the demo tokenizer trained on the demo text."""
+    """The SentencePiece model at `path` (a `.model` file, or a folder holding exactly one), or (empty/None)
+    the demo tokenizer trained on the demo text."""
     if path:
-        return Tokenizer.from_file(path)
+        p = Path(path)
+        if p.is_dir():
+            models = sorted(p.glob("*.model"))
+            if len(models) != 1:
+                raise FileNotFoundError(f"tokenizer folder {p} must hold exactly one *.model file, found "
+                                        f"{[m.name for m in models]}")
+            p = models[0]
+        return Tokenizer.from_file(p)
     from .demo import demo_texts
     template = "### Human: <molecule></molecule> <protein></protein> ### Assistant:"
     return train_tokenizer([DEFAULT_SYSTEM, template] + demo_texts())

@@ -85,5 +85,6 @@ def test_demo_tokenizer_deterministic_and_cached(tmp_path, monkeypatch):
 
 def test_load_tokenizer_path_or_demo(shared_data):
     assert load_tokenizer(str(shared_data / "tokenizer" / "llama2_tokenizer.model")).vocab_size == 32001
+    assert load_tokenizer(str(shared_data / "tokenizer")).encode("I believe") == [306, 4658]   # the folder
     demo_tok = load_tokenizer("")
     assert demo_tok.vocab_size < 32001 and demo_tok.decode(demo_tok.encode("It has 3 ring(s).")) == "It has 3 ring(s)."
