@@ -12,9 +12,12 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from bmgpt_jax.convert.torch_io import export_params, import_params, read_state_dict, write_safetensors
+from bmgpt_jax.models.layers import Linear
 from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 IGNORED = ("rotary_emb.inv_freq",)
@@ -75,8 +78,22 @@ def from_state_dict(tensors: Mapping, cfg: LlamaConfig, prefix: str = "", source
     """Our model from HF-named tensors (`prefix` is prepended to every HF key, e.g. `llm.`)."""
     model = abstract_model(cfg)
     import_params(model, tensors, stack_at="layers" if cfg.scan_layers else None,
-                  rename=lambda k: prefix + k, ignore=IGNORED, source=source)
+                  rename=lambda k: prefix + k, ignore=IGNORED, source=source,
+                  skip=lambda path: str(path[-1]).startswith("lora_"))
+    init_lora(model)
     return model
+
+
+def init_lora(model: LlamaForCausalLM, seed: int = 0) -> None:
+    """Fresh LoRA adapters (A random, B zero) on every Linear that has them, in place: a checkpoint
+    holds the base weights only, so after loading the model computes exactly the base function."""
+    key = jax.random.key(seed)
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, Linear) and module.lora_a is not None:
+            key, sub = jax.random.split(key)
+            a, b = module.lora_a, module.lora_b
+            a.value = (jax.random.normal(sub, a.shape, jnp.float32) * a.shape[-2] ** -0.5).astype(a.dtype)
+            b.value = jnp.zeros(b.shape, b.dtype)
 
 
 def to_state_dict(model: LlamaForCausalLM, prefix: str = "") -> dict:

@@ -111,12 +111,23 @@ def _is_stacked(path: tuple, stack_at: str | None) -> bool:
     return stack_at is not None and stack_at in path and not any(isinstance(p, int) for p in path)
 
 
+def merged_params(model: nnx.Module) -> list[tuple[tuple, np.ndarray]]:
+    """`(path, array)` for every `nnx.Param`, with LoRA updates folded into their Linear kernels (the
+    `lora_a`/`lora_b` leaves dropped), i.e. the weights a plain PyTorch model holds."""
+    from bmgpt_jax.models.layers import Linear
+    flat = {path: var[...] for path, var in nnx.state(model, nnx.Param).flat_state()}
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, Linear) and module.lora_a is not None:
+            flat[tuple(path) + ("kernel",)] = module.merged_kernel()
+            del flat[tuple(path) + ("lora_a",)], flat[tuple(path) + ("lora_b",)]
+    return [(p, np.asarray(jax.device_get(v))) for p, v in flat.items()]
+
+
 def export_params(model: nnx.Module, stack_at: str | None = None,
                   rename: Callable[[str], str] = lambda k: k) -> dict[str, np.ndarray]:
-    """Every `nnx.Param` of `model` as a PyTorch-named numpy array (Linear kernels transposed)."""
+    """Every `nnx.Param` of `model` as a PyTorch-named numpy array (Linear kernels transposed, LoRA merged)."""
     out: dict[str, np.ndarray] = {}
-    for path, var in nnx.state(model, nnx.Param).flat_state():
-        arr = np.asarray(jax.device_get(var[...]))
+    for path, arr in merged_params(model):
         kernel = path[-1] == "kernel"
         if _is_stacked(path, stack_at):
             for i in range(arr.shape[0]):
@@ -128,7 +139,7 @@ def export_params(model: nnx.Module, stack_at: str | None = None,
 
 def import_params(model: nnx.Module, tensors: Mapping[str, np.ndarray], stack_at: str | None = None,
                   rename: Callable[[str], str] = lambda k: k, ignore: Iterable[str] = (),
-                  source: str = "checkpoint") -> None:
+                  source: str = "checkpoint", skip: Callable[[tuple], bool] = lambda path: False) -> None:
     """Fill every `nnx.Param` of `model` (abstract or concrete) from PyTorch-named `tensors`, in place.
 
     `rename` maps our torch-style name to the key used in `tensors`; keys matching a substring in
@@ -138,6 +149,8 @@ def import_params(model: nnx.Module, tensors: Mapping[str, np.ndarray], stack_at
     used: set[str] = set()
     flat = []
     for path, var in state.flat_state():
+        if skip(path):
+            continue
         kernel = path[-1] == "kernel"
         stacked = _is_stacked(path, stack_at)
         want = tuple(var.shape)

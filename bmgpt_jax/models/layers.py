@@ -29,22 +29,45 @@ def dtype_of(name: str | jnp.dtype):
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel + bias, kernel `[in, out]`; computes in `dtype`, params stored in `param_dtype`."""
+    """y = x @ kernel + bias, kernel `[in, out]`; computes in `dtype`, params stored in `param_dtype`.
+
+    With `lora_rank > 0` a low-rank update `(x @ lora_a @ lora_b) * lora_alpha / lora_rank` is added
+    (LoRA: `lora_a [in, r]` random, `lora_b [r, out]` zero, so training starts from the base model).
+    """
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
                  use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-                 kernel_init: Initializer | None = None, rngs: nnx.Rngs):
+                 kernel_init: Initializer | None = None, lora_rank: int = 0, lora_alpha: float = 16.0,
+                 rngs: nnx.Rngs):
         init = kernel_init or nnx.initializers.normal(0.02)
         self.kernel = param(rngs, init, (in_features, out_features), axes, param_dtype)
         self.bias = (param(rngs, nnx.initializers.zeros, (out_features,), (axes[1],), param_dtype)
                      if use_bias else None)
+        if lora_rank:
+            self.lora_a = param(rngs, nnx.initializers.normal(in_features ** -0.5), (in_features, lora_rank),
+                                (axes[0], None), param_dtype)
+            self.lora_b = param(rngs, nnx.initializers.zeros, (lora_rank, out_features), (None, axes[1]), param_dtype)
+            self.lora_scale = lora_alpha / lora_rank
+        else:
+            self.lora_a = self.lora_b = None
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+        if self.lora_a is not None:
+            y = y + jnp.dot(jnp.dot(x, self.lora_a[...].astype(self.dtype)),
+                            self.lora_b[...].astype(self.dtype)) * self.lora_scale
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+    def merged_kernel(self) -> jax.Array:
+        """The kernel with the LoRA update folded in (`[in, out]`, param dtype)."""
+        if self.lora_a is None:
+            return self.kernel[...]
+        delta = self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32) * self.lora_scale
+        return (self.kernel[...].astype(jnp.float32) + delta).astype(self.kernel.dtype)
 
 
 class Embedding(nnx.Module):

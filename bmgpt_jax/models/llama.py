@@ -46,10 +46,16 @@ class LlamaConfig:
     param_dtype: str = "float32"    # storage dtype of parameters (master weights)
     scan_layers: bool = False
     remat: Literal["none", "full", "dots"] = "none"
+    lora_rank: int = 0                                   # > 0: LoRA adapters on `lora_targets`
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads and self.head_dim is None:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        bad = set(self.lora_targets) - {"q_proj", "k_proj", "v_proj", "o_proj"}
+        if bad:
+            raise ValueError(f"lora_targets {sorted(bad)} are not attention projections (q/k/v/o_proj)")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
@@ -82,10 +88,13 @@ class LlamaAttention(nnx.Module):
         d, hd = cfg.hidden_size, cfg.dim_per_head
         kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
                   kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs)
-        self.q_proj = Linear(d, cfg.num_heads * hd, axes=("embed", "heads"), **kw)
-        self.k_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
-        self.v_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
-        self.o_proj = Linear(cfg.num_heads * hd, d, axes=("heads", "embed"), **kw)
+
+        def lora(name):
+            return dict(lora_rank=cfg.lora_rank if name in cfg.lora_targets else 0, lora_alpha=cfg.lora_alpha)
+        self.q_proj = Linear(d, cfg.num_heads * hd, axes=("embed", "heads"), **kw, **lora("q_proj"))
+        self.k_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw, **lora("k_proj"))
+        self.v_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw, **lora("v_proj"))
+        self.o_proj = Linear(cfg.num_heads * hd, d, axes=("heads", "embed"), **kw, **lora("o_proj"))
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
     def __call__(self, x, cos, sin, mask, kv=None, index=None):

@@ -188,3 +188,23 @@ def test_7b_config_file_has_the_real_shape():
     assert 6.7e9 < cfg.num_params() < 6.8e9
     abstract = hf_llama.abstract_model(dataclasses.replace(cfg, num_layers=1))
     assert abstract.model.layers.mlp.gate_proj.kernel.shape == (1, 4096, 11008)
+
+
+def test_lora_starts_at_base_model_and_merges_on_export(hf_model, tmp_path, torch):
+    from flax import nnx
+    from transformers import LlamaForCausalLM
+    path, _ = hf_model
+    base = hf_llama.load(path, scan_layers=True)
+    lora = hf_llama.load(path, scan_layers=True, lora_rank=4)  # B = 0: the same function at first
+    ids, mask = padded_batch()
+    np.testing.assert_allclose(np.asarray(lora(jnp.asarray(ids), jnp.asarray(mask))),
+                               np.asarray(base(jnp.asarray(ids), jnp.asarray(mask))), atol=1e-6)
+    b = lora.model.layers.self_attn.v_proj.lora_b
+    b[...] = jax.random.normal(jax.random.key(1), b.shape) * 0.1
+    assert lora.model.layers.self_attn.k_proj.lora_a is None  # only q_proj and v_proj by default
+    ours = np.asarray(lora(jnp.asarray(ids), jnp.asarray(mask)))
+    hf_llama.save(lora, tmp_path / "merged")
+    ref = torch_logits(LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval(), ids, mask, torch)
+    assert np.abs(ours - ref)[mask.astype(bool)].max() < 1e-4
+    names = [".".join(map(str, p)) for p, _ in nnx.state(lora, nnx.Param).flat_state()]
+    assert "model.layers.self_attn.q_proj.lora_a" in names
