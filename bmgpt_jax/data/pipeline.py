@@ -27,7 +27,7 @@ from typing import Literal, Sequence
 import jax
 import numpy as np
 
-from .builders import BUILDERS, SAMPLE_SETS, make_builder, read_split, shared_data_dir
+from .builders import BUILDERS, make_builder, read_split, shared_data_dir
 from .demo import demo_records
 from .examples import Budget, EncodeOptions, Encoded, collate, encode_example, repad
 from .records import Record

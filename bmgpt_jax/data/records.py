@@ -3,7 +3,7 @@
 A `Record` is a question about zero or more entities (molecules as SMILES, proteins as amino-acid
 sequences) with its answer. Plain text for language-model training is a record with no entities and no
 question (`is_plain_text`): the whole `answer` is the text. Builders store records in tfds with
-`FEATURES`; the pipeline reads them back with `Record.from_example`.
+`features()`; the pipeline reads them back with `Record.from_example`.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..records import Record, cache_dir
-from .base import KEEP_MULTI, SINGLE_ONLY, RecordBuilder, check_record
+from .base import KEEP_MULTI, RecordBuilder, check_record
 from .corpus import TextCorpus
 from .openbiomed import PubChemQA, UniProtQA
 from .samples import (ChEBI20, ChemblDrugQA, MedMCQA, MedQAUSMLE, MolInstructionsBiotext, PubMedQA,
@@ -51,7 +51,6 @@ class RecordSource(Sequence[Record]):
 
     def __init__(self, builder: RecordBuilder, split: str):
         self.source = builder.as_data_source(split=split)
-        self.name = f"{builder.info.full_name}:{split}"
 
     def __len__(self) -> int:
         return len(self.source)
@@ -68,3 +67,6 @@ def read_split(builder: RecordBuilder, split: str) -> RecordSource:
     builder.download_and_prepare()
     return RecordSource(builder, split)
 
+
+__all__ = ["BUILDERS", "SAMPLE_SETS", "RecordBuilder", "RecordSource", "check_record", "make_builder", "read_split",
+           "shared_data_dir"]
