@@ -77,8 +77,12 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
         if len(devices) % known:
             raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
         shape[shape.index(-1)] = len(devices) // known
-    if math.prod(shape) != len(devices):
-        raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, found {len(devices)}")
+    need = math.prod(shape)
+    if need < len(devices) and len(devices) % need == 0 and jax.process_count() == 1:
+        devices = devices[:need]  # a smaller mesh on one host (e.g. 1x1x1 for a reference run)
+    if need != len(devices):
+        raise ValueError(f"mesh shape {tuple(shape)} needs {need} devices, which does not divide the "
+                         f"{len(devices)} devices found")
     arr = np.asarray(devices).reshape(shape)
     return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
