@@ -33,7 +33,7 @@ from bmgpt_jax.step import tree_shardings
 class CheckpointConfig:
     """The `checkpoint:` section of a training config. `every` counts optimizer steps."""
 
-    dir: str = "runs/default/checkpoints"
+    dir: str = ""                     # "" = `{out_dir}/checkpoints` of the training run
     every: int = 100
     keep: int = 3
     async_save: bool = True
@@ -67,6 +67,8 @@ class Checkpointer:
 
     def __init__(self, cfg: CheckpointConfig):
         self.cfg = cfg
+        if not cfg.dir:
+            raise ValueError("checkpoint.dir is empty (the training job fills it in as {out_dir}/checkpoints)")
         self.directory = Path(cfg.dir).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
                                                create=True)

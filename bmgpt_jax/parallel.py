@@ -56,6 +56,24 @@ def logical_to_spec(axes: Sequence[str | None] | None, rules=RULES) -> P:
     return P(*out)
 
 
+def fitted_spec(shape: Sequence[int], axes: Sequence[str | None] | None, mesh: Mesh, rules=RULES) -> P:
+    """`logical_to_spec(axes)` for an array of `shape` on `mesh`, dropping (replicating) any mesh axis a
+    dimension does not divide: e.g. the 32001-row vocabulary stays whole on a 2-way tensor axis."""
+    spec = logical_to_spec(axes, rules)
+    out = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept, size = [], 1
+        for name in names:
+            if dim % (size * mesh.shape[name]) == 0:
+                kept.append(name)
+                size *= mesh.shape[name]
+        out.append(kept[0] if len(kept) == 1 else (tuple(kept) or None))
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names inside a mesh context; a no-op without one."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -88,14 +106,14 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
 
 
 def state_specs(state: nnx.State) -> nnx.State:
-    """PartitionSpecs for an NNX state from each variable's logical `out_sharding` metadata."""
-    def spec(var):
-        axes = var.get_metadata().get("out_sharding")
-        return var.replace(logical_to_spec(axes))
-    return jax.tree.map(spec, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    """Mesh-independent PartitionSpecs of an NNX state from each variable's logical axes."""
+    return jax.tree.map(lambda v: v.replace(logical_to_spec(v.get_metadata().get("out_sharding"))), state,
+                        is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """NamedShardings for an NNX state (same tree structure) on `mesh`."""
-    specs = state_specs(state)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda v: isinstance(v, P))
+    """NamedShardings for an NNX state (same tree structure) on `mesh`, from each variable's logical
+    `out_sharding` metadata (`fitted_spec`)."""
+    def one(var):
+        return var.replace(NamedSharding(mesh, fitted_spec(var.shape, var.get_metadata().get("out_sharding"), mesh)))
+    return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))

@@ -127,7 +127,8 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
     """
     def one(x):
         if isinstance(x, nnx.Variable):
-            return x.replace(NamedSharding(mesh, parallel.logical_to_spec(x.get_metadata().get("out_sharding"))))
+            return x.replace(NamedSharding(mesh, parallel.fitted_spec(x.shape, x.get_metadata().get("out_sharding"),
+                                                                      mesh)))
         return NamedSharding(mesh, P())
     return jax.tree.map(one, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
 

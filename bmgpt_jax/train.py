@@ -50,7 +50,7 @@ class TrainConfig:
     model: BioMedGPTConfig = dataclasses.field(default_factory=BioMedGPTConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    checkpoint: CheckpointConfig = dataclasses.field(default_factory=lambda: CheckpointConfig(dir=""))
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
     mesh: tuple[int, int, int] = (-1, 1, 1)
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
