@@ -1,0 +1,62 @@
+"""Multi-process start-up: `initialize()` at the top of every entry point, before any JAX computation.
+
+A TPU pod slice or a multi-node GPU job runs the *same* program once per host (or per GPU); the processes
+find each other through a coordinator (process 0's `host:port`) and then see one global device list, so
+a mesh spans every process and `jax.make_array_from_process_local_data` lets each process feed only its
+own rows of the batch. With a single process `initialize()` does nothing, so the same entry point serves a
+laptop, one GPU box and a pod.
+
+Where the settings come from, first found wins:
+  1. the arguments;
+  2. `JAX_COORDINATOR_ADDRESS` (host:port), `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` (launch/gpu_multinode.sh
+     over ssh sets these);
+  3. SLURM's `SLURM_NTASKS`, `SLURM_PROCID` (launch/gpu_multinode.sh --slurm exports the coordinator, the
+     job's first node; without it JAX finds that node itself but then shows each process one GPU only);
+  4. `BMGPT_DISTRIBUTED=auto` (launch/tpu_pod.sh sets it): everything from the Cloud TPU metadata.
+On CPU, cross-process collectives use gloo.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+    return None
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+    """Join the multi-process job, if there is one; True when JAX's distributed system is (now) up.
+
+    coordinator: `host:port` of process 0 (it listens there; the others connect). num_processes: the
+    number of processes (hosts, or GPUs when one process per GPU). process_id: this process, in
+    [0, num_processes). Unset values are read from the environment (see the module docstring); with one
+    process and no `BMGPT_DISTRIBUTED=auto` this is a no-op returning False. Must run before anything
+    touches a JAX backend; calling it again after success is harmless.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    if num_processes is None:
+        num_processes = _env_int("JAX_NUM_PROCESSES", "SLURM_NTASKS")
+    if process_id is None:
+        process_id = _env_int("JAX_PROCESS_ID", "SLURM_PROCID")
+    auto = os.environ.get("BMGPT_DISTRIBUTED", "").lower() == "auto"
+    if not auto and (num_processes or 1) == 1:
+        return False
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id {process_id} is outside [0, num_processes={num_processes})")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    explicit = None not in (coordinator, num_processes, process_id)
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                               cluster_detection_method="deactivate" if explicit else None)
+    return True

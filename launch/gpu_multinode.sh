@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Run `python -m bmgpt_jax.train ARGS` on several GPU nodes: one process per node (it drives all the
+# node's GPUs) or, with --per-gpu, one process per GPU. Process 0's host is the JAX coordinator.
+#
+#   launch/gpu_multinode.sh --hosts node0,node1[,...] [--gpus-per-node 8] [--per-gpu] [--port 12355] \
+#                           [--dir REPO_ON_NODES] [--python python] [--dry-run] -- [train arguments...]
+#   launch/gpu_multinode.sh --slurm [--nodes N] [--gpus-per-node 8] [--per-gpu] [--port 12355] \
+#                           [--dry-run] -- [train arguments...]          (inside an salloc/sbatch job)
+#
+# ssh mode: each process gets JAX_COORDINATOR_ADDRESS=<first host>:PORT, JAX_NUM_PROCESSES, JAX_PROCESS_ID
+# (and CUDA_VISIBLE_DEVICES=<gpu> with --per-gpu); hosts named localhost/127.0.0.1 run without ssh.
+# slurm mode: srun starts the tasks; bmgpt_jax.distributed reads SLURM_NTASKS/SLURM_PROCID and the
+# coordinator exported here (the job's first node). --dry-run prints the commands, runs nothing.
+set -euo pipefail
+
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+
+HOSTS="" SLURM=0 NODES="${SLURM_JOB_NUM_NODES:-}" GPUS=8 PER_GPU=0 PORT=12355 DRY=0 PYTHON="python"
+DIR="$(cd "$(dirname "$0")/.." && pwd)"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --hosts) HOSTS="$2"; shift 2 ;;
+    --slurm) SLURM=1; shift ;;
+    --nodes) NODES="$2"; shift 2 ;;
+    --gpus-per-node) GPUS="$2"; shift 2 ;;
+    --per-gpu) PER_GPU=1; shift ;;
+    --port) PORT="$2"; shift 2 ;;
+    --dir) DIR="$2"; shift 2 ;;
+    --python) PYTHON="$2"; shift 2 ;;
+    --dry-run) DRY=1; shift ;;
+    -h|--help) usage 0 ;;
+    --) shift; break ;;
+    *) echo "gpu_multinode.sh: unknown option $1 (train arguments go after --)" >&2; usage 2 ;;
+  esac
+done
+
+quote() {  # one word as the shell reads it back: bare when safe, else in single quotes
+  if [[ "$1" =~ ^[A-Za-z0-9_./:=,@%+~-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
+}
+TRAIN="$PYTHON -m bmgpt_jax.train"
+for a in "$@"; do TRAIN+=" $(quote "$a")"; done
+PROCS_PER_NODE=1
+[[ $PER_GPU -eq 1 ]] && PROCS_PER_NODE=$GPUS
+
+if [[ $SLURM -eq 1 ]]; then
+  [[ -n "$NODES" ]] || { echo "gpu_multinode.sh: --slurm needs --nodes N (or run inside a SLURM job)" >&2; exit 2; }
+  SRUN=(srun --nodes="$NODES" --ntasks-per-node="$PROCS_PER_NODE")
+  [[ $PER_GPU -eq 1 ]] && SRUN+=(--gpus-per-task=1)
+  INNER="export JAX_COORDINATOR_ADDRESS=\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | head -n1):$PORT; exec $TRAIN"
+  echo "${SRUN[*]} bash -c $(quote "$INNER")"
+  [[ $DRY -eq 1 ]] || exec "${SRUN[@]}" bash -c "$INNER"
+  exit 0
+fi
+
+[[ -n "$HOSTS" ]] || { echo "gpu_multinode.sh: give --hosts h0,h1,... or --slurm" >&2; usage 2; }
+IFS=, read -r -a HOST_LIST <<< "$HOSTS"
+WORLD=$(( ${#HOST_LIST[@]} * PROCS_PER_NODE ))
+PIDS=()
+trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done' INT TERM
+rank=0
+for host in "${HOST_LIST[@]}"; do
+  for (( gpu = 0; gpu < PROCS_PER_NODE; gpu++ )); do
+    ENVS="JAX_COORDINATOR_ADDRESS=${HOST_LIST[0]}:$PORT JAX_NUM_PROCESSES=$WORLD JAX_PROCESS_ID=$rank"
+    [[ $PER_GPU -eq 1 ]] && ENVS+=" CUDA_VISIBLE_DEVICES=$gpu"
+    CMD="cd $(quote "$DIR") && $ENVS $TRAIN"
+    if [[ "$host" == localhost || "$host" == 127.0.0.1 ]]; then LAUNCH=(bash -c "$CMD"); else LAUNCH=(ssh "$host" "$CMD"); fi
+    echo "${LAUNCH[0]} ${LAUNCH[1]} $(quote "${LAUNCH[2]}")"
+    if [[ $DRY -eq 0 ]]; then "${LAUNCH[@]}" & PIDS+=($!); fi
+    rank=$(( rank + 1 ))
+  done
+done
+status=0
+for p in "${PIDS[@]}"; do wait "$p" || status=$?; done
+exit $status

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Run `python -m bmgpt_jax.train ARGS` on every host of a Cloud TPU VM slice (one process per host).
+#
+#   launch/tpu_pod.sh --tpu NAME --zone ZONE [--project P] [--dir ~/bmgpt_jax] [--sync] [--setup] \
+#                     [--dry-run] -- [train arguments...]
+#
+# --sync   copy this checkout to DIR on every worker first (gcloud ... scp --recurse --worker=all)
+# --setup  pip install -e '.[tpu]' in DIR on every worker first
+# --dry-run  print the gcloud commands, run nothing
+#
+# Every worker runs the same command; BMGPT_DISTRIBUTED=auto makes bmgpt_jax.distributed.initialize()
+# read the coordinator, process count and process id from the TPU metadata (jax.distributed.initialize()).
+set -euo pipefail
+
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+
+TPU="" ZONE="" PROJECT="" DIR="~/bmgpt_jax" SYNC=0 SETUP=0 DRY=0 PYTHON="python"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --tpu) TPU="$2"; shift 2 ;;
+    --zone) ZONE="$2"; shift 2 ;;
+    --project) PROJECT="$2"; shift 2 ;;
+    --dir) DIR="$2"; shift 2 ;;
+    --python) PYTHON="$2"; shift 2 ;;
+    --sync) SYNC=1; shift ;;
+    --setup) SETUP=1; shift ;;
+    --dry-run) DRY=1; shift ;;
+    -h|--help) usage 0 ;;
+    --) shift; break ;;
+    *) echo "tpu_pod.sh: unknown option $1 (train arguments go after --)" >&2; usage 2 ;;
+  esac
+done
+[[ -n "$TPU" && -n "$ZONE" ]] || { echo "tpu_pod.sh: --tpu and --zone are required" >&2; usage 2; }
+
+GCLOUD_FLAGS=(--zone="$ZONE")
+[[ -n "$PROJECT" ]] && GCLOUD_FLAGS+=(--project="$PROJECT")
+quote() {  # one word as the shell reads it back: bare when safe, else in single quotes
+  if [[ "$1" =~ ^[A-Za-z0-9_./:=,@%+~-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
+}
+TRAIN_ARGS=""
+for a in "$@"; do TRAIN_ARGS+=" $(quote "$a")"; done
+
+run() {  # print the command; execute it unless --dry-run
+  local line="" a
+  for a in "$@"; do line+="${line:+ }$(quote "$a")"; done
+  echo "$line"
+  [[ $DRY -eq 1 ]] || "$@"
+}
+
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+if [[ $SYNC -eq 1 ]]; then
+  run gcloud compute tpus tpu-vm scp --recurse "$REPO" "$TPU:$DIR" "${GCLOUD_FLAGS[@]}" --worker=all
+fi
+if [[ $SETUP -eq 1 ]]; then
+  run gcloud compute tpus tpu-vm ssh "$TPU" "${GCLOUD_FLAGS[@]}" --worker=all \
+    --command="cd $DIR && $PYTHON -m pip install -e \".[tpu]\""
+fi
+run gcloud compute tpus tpu-vm ssh "$TPU" "${GCLOUD_FLAGS[@]}" --worker=all \
+  --command="cd $DIR && BMGPT_DISTRIBUTED=auto $PYTHON -m bmgpt_jax.train$TRAIN_ARGS"
