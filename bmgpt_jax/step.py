@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -134,8 +135,22 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
 
 
 def shard(tree: Any, mesh: Mesh) -> Any:
-    """`tree` placed on `mesh` with `tree_shardings` (a copy; use on freshly built or restored state)."""
-    return jax.device_put(tree, tree_shardings(tree, mesh))
+    """`tree` placed on `mesh` with `tree_shardings` (a copy; use on freshly built or restored state).
+
+    With several processes every process must hold the same full values (same seed or checkpoint);
+    each then builds only its addressable shards (`jax.make_array_from_callback`).
+    """
+    shardings = tree_shardings(tree, mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def place(x, sharding):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # RNG streams: place the raw key data
+            impl = jax.random.key_impl(x)
+            return jax.random.wrap_key_data(place(jax.random.key_data(x), sharding), impl=impl)
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree.map(place, tree, shardings)
 
 
 def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, *, axes: Mapping[str, tuple] | None = None,

@@ -189,6 +189,11 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
 def _export(model: nnx.Module, tokenizer, cfg: TrainConfig) -> None:
     """The trained model in a loadable form under `{out_dir}/final` (process 0 writes)."""
     out = Path(cfg.out_dir) / "final"
+    if jax.process_count() > 1:  # every process takes part in gathering the sharded arrays
+        from jax.experimental import multihost_utils
+        graphdef, state = nnx.split(model)
+        state = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), state)
+        model = nnx.merge(graphdef, state)
     if jax.process_index() != 0:
         return
     if cfg.stage == "lm":

@@ -71,8 +71,8 @@ def _losses(out_dir):
 
 
 def _spawn(args, env_extra=None):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               **(env_extra or {}))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-m", "bmgpt_jax.train", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -91,14 +91,14 @@ def _wait_for_checkpoint(proc, ckpt_dir, min_step, timeout=240):
 
 
 def test_sigkill_then_resume_is_bit_exact(tmp_path):
-    args = SMALL + ["steps=40", "checkpoint.every=4", "stage=finetune"]
-    full = train.run(cfg_for(tmp_path, *args[len(SMALL):], name="full"))
+    args = ["--config", "tiny_finetune"] + SMALL + ["steps=40", "checkpoint.every=4"]
+    full = train.run(cfg_for(tmp_path, *args[2 + len(SMALL):], name="full"))
     killed_dir = tmp_path / "killed"
     proc = _spawn(args + [f"out_dir={killed_dir}"])
     _wait_for_checkpoint(proc, killed_dir / "checkpoints", 8)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = train.run(cfg_for(tmp_path, *args[len(SMALL):], name="killed"), resume=True)
+    resumed = train.run(cfg_for(tmp_path, *args[2 + len(SMALL):], name="killed"), resume=True)
     assert min(resumed["losses"]) > 8 and max(resumed["losses"]) == 40  # it really resumed, then finished
     a, b = params(full["model"], nnx.Param), params(resumed["model"], nnx.Param)
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -157,7 +157,7 @@ def test_two_processes_match_one(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = SMALL + ["steps=4", "stage=align", "mesh=[2,1,1]"]
+    args = ["--config", "tiny_align"] + SMALL + ["steps=4", "mesh=[2,1,1]"]
     procs = [_spawn(args + [f"out_dir={tmp_path / 'mp'}"],
                     {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_NUM_PROCESSES": "2",
                      "JAX_PROCESS_ID": str(p), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"})
