@@ -64,3 +64,19 @@ def test_model_validation_runs(tmp_path):
         cl.load(LlamaConfig, "llama_tiny", ["num_kv_heads=3"])
     with pytest.raises(cl.ConfigError, match="config file 'nope' not found"):
         cl.load(LlamaConfig, "nope")
+
+
+def test_every_shipped_config_loads():
+    from bmgpt_jax import train
+    from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
+    from bmgpt_jax.models.esm import EsmConfig
+    from bmgpt_jax.models.gin import GinConfig
+    kinds = {"llama_": LlamaConfig, "biomedgpt_lm_7b": LlamaConfig, "esm2_": EsmConfig, "gin_": GinConfig}
+    for path in sorted(cl.CONFIG_DIR.glob("*.yaml")):
+        name = path.stem
+        cls = next((c for prefix, c in kinds.items() if name.startswith(prefix)), None)
+        if name == "biomedgpt_10b":
+            cls = BioMedGPTConfig
+        cfg = cl.load(cls, path) if cls else train.load_config(path)
+        assert cfg is not None, name
+    assert train.load_config("biomedgpt_10b_finetune").model.esm.hidden_size == 2560

@@ -28,7 +28,11 @@ def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> Ll
     such as `dtype`, `param_dtype`, `scan_layers`, `remat`."""
     if not isinstance(hf, Mapping):
         p = Path(hf)
-        hf = json.loads((p / "config.json" if p.is_dir() else p).read_text())
+        p = p / "config.json" if p.is_dir() else p
+        if not p.exists():
+            raise FileNotFoundError(f"{p} not found: a Hugging Face Llama directory holds config.json and "
+                                    "*.safetensors (or pytorch_model*.bin)")
+        hf = json.loads(p.read_text())
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope and rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise ValueError(f"rope scaling {rope!r} is not supported (only plain RoPE, as in Llama 2)")
