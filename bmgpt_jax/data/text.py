@@ -140,18 +140,25 @@ def encode_record(tok: Tokenizer, record: Record, slot_lengths: list[int], syste
         ids = tok.encode(record.answer, bos=True, eos=True)[:max_len]
         mask = [0] + [1] * (len(ids) - 1)
         return EncodedPrompt(np.asarray(ids, np.int32), np.asarray(mask, np.int32), [])
+    return encode_segments(tok, prompt_segments(record, system), slot_lengths)
+
+
+def encode_segments(tok: Tokenizer, segments: list[str | int], slot_lengths: list[int],
+                    answer: bool = True) -> EncodedPrompt:
+    """`segments` (text pieces and entity indices, as `prompt_segments` returns) encoded piece by piece,
+    BOS on the first; `slot_lengths[i]` zero ids (slots) for entity `i`. `answer`: the last segment is the
+    answer (followed by EOS, loss_mask 1); False encodes a prompt to generate from (no EOS, no loss)."""
     ids: list[int] = []
     mask: list[int] = []
     starts: list[int] = []
-    segments = prompt_segments(record, system)
     for j, seg in enumerate(segments):
         if isinstance(seg, int):
             starts.append(len(ids))
             ids += [0] * slot_lengths[seg]
             mask += [0] * slot_lengths[seg]
             continue
-        answer = j == len(segments) - 1
-        piece = tok.encode(seg, bos=j == 0, eos=answer)
+        last = answer and j == len(segments) - 1
+        piece = tok.encode(seg, bos=j == 0, eos=last)
         ids += piece
-        mask += [int(answer)] * len(piece)
+        mask += [int(last)] * len(piece)
     return EncodedPrompt(np.asarray(ids, np.int32), np.asarray(mask, np.int32), starts)

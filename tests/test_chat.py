@@ -1,0 +1,229 @@
+"""Generation for BioMedGPT and chat: prompt-only encoding, greedy and beam parity with transformers'
+`generate` on the reference composition's spliced embeddings, tokenizer attachment under jit, the Python
+API, CLI (one answer, interactive, JSONL), checkpoint folders and bad input."""
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from bmgpt_jax import chat
+from bmgpt_jax import config as config_lib
+from bmgpt_jax.convert import openbiomed
+from bmgpt_jax.data import examples
+from bmgpt_jax.data.records import Record
+from bmgpt_jax.data.text import format_prompt, encode_record, load_tokenizer
+from bmgpt_jax.models.biomedgpt import BioMedGPT, BioMedGPTConfig
+from bmgpt_jax.models.esm import EsmConfig
+from bmgpt_jax.models.gin import GinConfig
+from bmgpt_jax.models.llama import LlamaConfig
+from tests.torch_refs.hf_esm import hf_config
+
+RECORDS = [  # mixed kinds and prompt lengths, answers only for the training-layout check
+    Record((("molecule", "CC(=O)Oc1ccccc1C(=O)O"),), "What is this molecule?", "Aspirin."),
+    Record((("protein", "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"),), "What is the function of this protein?", "DNA binding."),
+    Record((("molecule", "C1=CC=C(C=C1)O"), ("protein", "GSHMLEDPVDAFQLGLEHK")), "Do they bind?", "No."),
+    Record((("molecule", "CN1C=NC2=C1C(=O)N(C(=O)N2C)C"),), "Name it.", "Caffeine."),
+]
+N = 20
+
+
+@pytest.fixture(scope="module")
+def tok(shared_data):
+    return load_tokenizer(str(shared_data / "tokenizer" / "llama2_tokenizer.model"))
+
+
+@pytest.fixture(scope="module")
+def pair(tok, torch):
+    from tests.torch_refs.biomedgpt import TorchBioMedGPT
+    ref = TorchBioMedGPT(config_lib.load(EsmConfig, "esm2_tiny"), vocab_size=tok.vocab_size).eval()
+    esm = hf_config(config_lib.load(EsmConfig, "esm2_tiny")).to_dict()
+    ours = openbiomed.from_state_dict(ref.state_dict(), ref.llm_config(), esm)
+    return ref, chat.attach_tokenizer(ours, tok)
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    """A random tiny BioMedGPT with the demo tokenizer: runs without the shared data or torch."""
+    demo = load_tokenizer(None)
+    lm = dataclasses.replace(config_lib.load(LlamaConfig, "llama_tiny"), vocab_size=demo.vocab_size,
+                             pad_token_id=demo.pad_id)
+    cfg = BioMedGPTConfig(lm=lm, gin=config_lib.load(GinConfig, "gin_tiny"), esm=config_lib.load(EsmConfig, "esm2_tiny"))
+    return chat.attach_tokenizer(BioMedGPT(cfg, rngs=nnx.Rngs(1)), demo)
+
+
+def prompts_of(records):
+    return [chat.make_prompt(r.question, r.entities) for r in records]
+
+
+def test_prompt_only_encoding_is_the_training_prefix(pair, tok):
+    _, ours = pair
+    for r in RECORDS:
+        prompt = chat.make_prompt(r.question, r.entities)
+        assert prompt.text == format_prompt(dataclasses.replace(r, answer="")) and prompt.entities == r.entities
+        enc = chat.encode_prompt(ours, prompt, N)
+        mols, prots = iter(enc.mols), iter(enc.prots)
+        lengths = [len(next(mols)[0]) if kind == "molecule" else len(next(prots)[0]) for kind, _ in r.entities]
+        train = encode_record(tok, r, lengths)
+        answer = len(tok.encode(r.answer)) + 1  # answer + EOS
+        np.testing.assert_array_equal(enc.input_ids, train.input_ids[:-answer])
+        assert enc.input_ids[-5:].tolist() == tok.encode("### Assistant: ") and tok.eos_id not in enc.input_ids
+        assert not enc.loss_mask.any()
+
+
+def hf_embeds(ref, tok, torch, records):
+    """Left-padded prompt embeddings `[B, t, D]` and mask built by the torch reference composition."""
+    rows = []
+    for r in records:
+        seen = {}
+        hook = ref.llm.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+        try:
+            ref.reference_forward(tok, dataclasses.replace(r, answer=""))
+        finally:
+            hook.remove()
+        rows.append(seen["inputs_embeds"][0, :-1])  # the reference appends EOS after the (empty) answer
+    t = max(len(x) for x in rows)
+    embeds = torch.zeros(len(rows), t, rows[0].shape[-1])
+    mask = torch.zeros(len(rows), t, dtype=torch.long)
+    for i, x in enumerate(rows):
+        embeds[i, t - len(x):], mask[i, t - len(x):] = x, 1
+    return embeds, mask
+
+
+def hf_generate(ref, tok, torch, stops=(), alone=False, **kw):
+    """transformers' `generate` from the reference embeddings, as one left-padded batch or (`alone`) one
+    prompt at a time; new tokens cut after EOS and padded to N like ours."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopOn(StoppingCriteria):  # the reference's stop-word criterion, per row
+        def __call__(self, ids, scores, **_):
+            done = torch.zeros(ids.shape[0], dtype=torch.bool)
+            for s in stops:
+                if ids.shape[1] >= len(s):
+                    done |= (ids[:, -len(s):] == torch.tensor(s)).all(1)
+            return done
+
+    embeds, mask = hf_embeds(ref, tok, torch, RECORDS)
+    batches = [(embeds[i:i + 1, mask[i] == 1], None) for i in range(len(RECORDS))] if alone else [(embeds, mask)]
+    out = []
+    with torch.no_grad():
+        for x, m in batches:
+            out += ref.llm.generate(inputs_embeds=x, attention_mask=m, max_new_tokens=N, do_sample=False,
+                                    eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                                    stopping_criteria=StoppingCriteriaList([StopOn()]), **kw).tolist()
+    padded = np.full((len(RECORDS), N), tok.pad_id, np.int64)
+    for i, row in enumerate(out):
+        row = row[:row.index(tok.eos_id) + 1] if tok.eos_id in row else row
+        padded[i, :len(row)] = row
+    return padded
+
+
+def test_greedy_equals_transformers_on_the_reference_embeddings(pair, tok, torch):
+    ref, ours = pair
+    cfg = chat.generation_config(tok, {"max_new_tokens": N})
+    encoded = [chat.encode_prompt(ours, p, N) for p in prompts_of(RECORDS)]
+    mine = chat.generate_tokens(ours, encoded, cfg)
+    assert len({e.length for e in encoded}) == len(RECORDS)  # different prompt lengths, right-padded
+    np.testing.assert_array_equal(mine, hf_generate(ref, tok, torch, stops=cfg.stop_sequences))
+    assert len(set(mine.ravel().tolist())) > 8
+
+
+@pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`")
+def test_beam_equals_transformers_on_the_reference_embeddings(pair, tok, torch):
+    ref, ours = pair
+    beam = {"num_beams": 5, "repetition_penalty": 1.5, "max_new_tokens": N}
+    cfg = dataclasses.replace(chat.generation_config(tok, beam), stop_sequences=())  # HF beams: EOS only
+    encoded = [chat.encode_prompt(ours, p, N) for p in prompts_of(RECORDS)]
+    # HF is run per prompt: on a left-padded embeddings batch its repetition penalty skips each row's first
+    # `padding length` new tokens (prompt_ignore_length is meant for padded ids), so rows would not match
+    # their own single-prompt result; ours does, batched.
+    np.testing.assert_array_equal(chat.generate_tokens(ours, encoded, cfg),
+                                  hf_generate(ref, tok, torch, alone=True, num_beams=5, repetition_penalty=1.5))
+
+
+def test_stop_words_come_from_the_tokenizer(tok):
+    assert chat.stop_sequences(tok) == ((835,), (2277, 29937))  # the reference's hard-coded ids
+    demo = load_tokenizer(None)
+    assert all(demo.decode(s).strip() == "###" for s in chat.stop_sequences(demo))
+    assert chat.answer_text(tok, tok.encode("It is aspirin.###Human: next") + [tok.pad_id]) == "It is aspirin."
+
+
+def test_attached_tokenizer_keeps_split_and_jit_working(pair, tok):
+    _, ours = pair
+    enc = examples.encode_example(tok, RECORDS[2], examples.EncodeOptions("", 256, 64, "skip", 1024))
+    batch = examples.collate([enc], 128, examples.Budget(1, 32, 64, 2, 1), 64)
+    graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
+    assert not any("tokenizer" in str(p) for p, _ in nnx.to_flat_state(nnx.state(ours)))
+
+    @jax.jit
+    def step(params, rest, batch):
+        return nnx.merge(graphdef, params, rest).loss(batch)[0]
+
+    loss = step(params, rest, batch)
+    assert np.isfinite(float(loss)) and abs(float(loss) - float(ours.loss(batch)[0])) < 1e-4
+    assert nnx.merge(graphdef, params, rest).tokenizer is tok
+
+
+def test_chat_api_conversation_and_bad_input(demo_model):
+    m = demo_model
+    one = m.chat("What is this molecule?", smiles="CCO", max_new_tokens=8)
+    assert isinstance(one, str) and one == chat.ask(m, "What is this molecule?", "CCO", max_new_tokens=8)
+    conv = chat.Conversation(m, max_new_tokens=8)
+    conv.append_molecule("CCO")
+    a1 = conv.ask("What is this molecule?")
+    assert a1 == one
+    conv.append_protein("MKTAYIA")
+    a2 = conv.ask("And this?")
+    assert conv.history == [("<molecule><moleculeHere></molecule> What is this molecule?", a1),
+                            ("<protein><proteinHere></protein> And this?", a2)]
+    assert conv.entities == (("molecule", "CCO"), ("protein", "MKTAYIA"))
+    p = chat.make_prompt("Bind <proteinHere>?", [("protein", "MK")], "S ", conv.history, conv.entities)
+    assert p.text.endswith(f"### Assistant: {a2} ### Human: Bind <protein><proteinHere></protein>? ### Assistant: ")
+    conv.reset()
+    assert conv.history == [] and conv.entities == ()
+    inline = chat.make_prompt("Does <proteinHere> bind <molecule><moleculeHere></molecule>?",
+                              chat.as_entities("CCO", "MK"), "")
+    assert inline == chat.Prompt("### Human: Does <protein><proteinHere></protein> bind "
+                                 "<molecule><moleculeHere></molecule>? ### Assistant: ", (("protein", "MK"), ("molecule", "CCO")))
+    bad = [(dict(question="What is <moleculeHere>?"), r"1 <moleculeHere> placeholder\(s\) but 0 molecule"),
+           (dict(question="Compare <moleculeHere>.", smiles=["CCO", "CCN"]), "molecule 'CCN' has no <moleculeHere>"),
+           (dict(question="Q?", smiles="C1CC"), "SMILES 'C1CC'"),
+           (dict(question="Q?", protein="MK1A"), "residue '1' at position 3"),
+           (dict(question="Q?", protein="M" * 1000), "exceeds the context of 1024"),
+           (dict(question="Q?", smiles="CCO", beams=2), "unknown generation option")]
+    for kw, message in bad:
+        with pytest.raises(ValueError, match=message):
+            m.chat(**kw)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        chat.ask(BioMedGPT(m.config, rngs=nnx.Rngs(0)), "Q?")
+
+
+def test_checkpoint_folder_cli_interactive_and_jsonl(demo_model, tmp_path, capsys):
+    m = demo_model
+    ckpt = chat.save_pretrained(m, None, tmp_path / "ckpt")
+    back = chat.from_pretrained(ckpt)
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), nnx.state(m, nnx.Param), nnx.state(back, nnx.Param))
+    assert all(jax.tree.leaves(same)) and back.tokenizer.model_proto == m.tokenizer.model_proto
+    expected = m.chat("What is this molecule?", smiles="CCO", max_new_tokens=8)
+    base = ["--checkpoint", str(ckpt), "--max-new-tokens", "8"]
+    assert chat.main(base + ["--smiles", "CCO", "--question", "What is this molecule?"]) == 0
+    assert capsys.readouterr().out.strip() == expected
+    chat.main(base + ["--interactive"], stdin=["/mol CCO", "What is this molecule?", "/mol C1CC", "/reset",
+                                                  "Hello?", "/quit", "never read"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == f"Assistant: {expected}" and out[2].startswith("error: SMILES 'C1CC'")
+    assert out[3].startswith("Assistant: ") and len(out) == 4
+    rows = [{"question": "What is this molecule?", "smiles": "CCO", "id": "a"}, "not json",
+            {"question": "Q?", "smiles": "C1CC"}, {"question": "Q?", "protein": "MK1A"},
+            {"question": "What is <moleculeHere>?"}, {"question": "Q?", "protein": "M" * 1000},
+            {"question": "Q?", "colour": "red"}, {"question": "What is this protein?", "protein": "MKTAYIA"}]
+    src = tmp_path / "q.jsonl"
+    src.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    assert chat.main(base + ["--jsonl", str(src), "--output", str(tmp_path / "a.jsonl"), "--batch-size", "4"]) == 0
+    res = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in res] == list(range(1, 9))
+    assert res[0]["answer"] == expected and res[0]["id"] == "a" and "answer" in res[7]
+    assert all("error" in r and "answer" not in r for r in res[1:7])
+    assert "line 3: ValueError: SMILES 'C1CC'" in capsys.readouterr().err
