@@ -198,3 +198,10 @@ def test_embedded_default_learns_and_loads_in_chat(tmp_path):
     answer = model.chat("What is the molecular formula of this molecule?", smiles="CCO", max_new_tokens=8)
     assert isinstance(answer, str)
     assert jax.device_count() == 8
+
+
+def test_frozen_scanned_rematerialised_encoders_train(tmp_path):
+    """The 10B configs scan and remat ESM and the decoder; frozen, they must still trace in the step."""
+    out = train.run(cfg_for(tmp_path, "stage=align", "steps=2", "model.esm.scan_layers=true",
+                            "model.esm.remat=true", "model.lm.remat=full", "mesh=[2,2,2]"))
+    assert all(np.isfinite(v) for v in out["losses"].values())

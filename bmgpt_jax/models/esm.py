@@ -166,19 +166,19 @@ class EsmEncoder(nnx.Module):
         self.emb_layer_norm_after = _norm(cfg, rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        def step(layer: EsmLayer, h: jax.Array) -> jax.Array:
-            return layer(h, mask, cos, sin)
+        # Layers run as pure functions of their split state (jax.lax.scan / jax.checkpoint rather than
+        # nnx.scan / nnx.remat), so a frozen encoder traces inside a train step that differentiates
+        # only other parameters.
+        def step(gdef: nnx.GraphDef, state: nnx.State, h: jax.Array) -> jax.Array:
+            return nnx.merge(gdef, state)(h, mask, cos, sin)
         if self.cfg.remat:
-            step = nnx.remat(step)
+            step = jax.checkpoint(step, static_argnums=0, policy=jax.checkpoint_policies.nothing_saveable)
         if self.cfg.scan_layers:
-            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
-                      transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def run(h, layer):
-                return step(layer, h)
-            x = run(x, self.layer)
+            gdef, state = nnx.split(self.layer)
+            x, _ = jax.lax.scan(lambda h, st: (step(gdef, st, h), None), x, state)
         else:
             for layer in self.layer:
-                x = step(layer, x)
+                x = step(*nnx.split(layer), x)
         return self.emb_layer_norm_after(x)
 
 
