@@ -113,8 +113,8 @@ def model_spec(stage: str, *, dtype: str, remat: str, overrides: list[str]) -> M
         return ModelSpec(cfg, lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), lm_loss, None, cfg.num_params(), False)
     base = [f"lm.dtype={dtype}", f"lm.remat={remat}", "lm.scan_layers=true", f"esm.dtype={dtype}",
             f"esm.remat={str(remat != 'none').lower()}", "esm.scan_layers=true", f"gin.dtype={dtype}"]
-    if stage == "align":  # a frozen ESM needs no backward (remat is moot), and its nnx.scan/nnx.remat fail on
-        base += ["esm.scan_layers=false", "esm.remat=false"]  # params closed over from the step's jit trace
+    if stage == "align":  # a frozen ESM needs no backward pass: nothing to rematerialise
+        base += ["esm.remat=false"]
     cfg = C.load(BioMedGPTConfig, "biomedgpt_10b", base + overrides)
     return ModelSpec(cfg, lambda: BioMedGPT(cfg, rngs=nnx.Rngs(0)), BioMedGPT.loss,
                      (r"^proj_(mol|prot)\.",) if stage == "align" else None, None, True)
