@@ -54,7 +54,15 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
 
 
 def _decay_mask(params: Any) -> Any:
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """True for matrices: at least two axes besides a scanned `layers` axis (so a stack of norm weights
+    `[layers, D]` is not decayed). Variables are judged by their logical axes, bare arrays by ndim."""
+    def decays(v):
+        if isinstance(v, nnx.Variable):
+            axes = v.get_metadata().get("out_sharding")
+            n = sum(1 for a in axes if a != "layers") if axes else v.ndim
+            return v.replace(n >= 2)
+        return v.ndim >= 2
+    return jax.tree.map(decays, params, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:

@@ -175,3 +175,13 @@ def test_sharded_step_matches_single_device_and_rules():
         np.testing.assert_allclose(a, b, atol=1e-6)
     with pytest.raises(ValueError, match=r"batch\['x'\] dimension 0 has size 6"):
         batch_shardings(toy_batch(rows=6), mesh)
+
+
+def test_weight_decay_skips_stacked_norms_and_biases():
+    from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM
+    from bmgpt_jax.optim import _decay_mask
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=2,
+                                         intermediate_size=16, scan_layers=True), rngs=nnx.Rngs(0))
+    mask = {".".join(map(str, p)): bool(v.get_value()) for p, v in _decay_mask(nnx.state(model, nnx.Param)).flat_state()}
+    assert mask["model.layers.mlp.up_proj.kernel"] and mask["model.embed_tokens.weight"]
+    assert not mask["model.layers.input_layernorm.weight"] and not mask["model.norm.weight"]
