@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -33,20 +32,11 @@ from bmgpt_jax.data.records import Record  # noqa: E402
 from bmgpt_jax.data.text import load_tokenizer  # noqa: E402
 from bmgpt_jax.generate import generate  # noqa: E402
 from bmgpt_jax.models.esm import EsmConfig  # noqa: E402
+from timing import median_time  # noqa: E402  (bench/timing.py; scripts run as python bench/x.py)
 
 MOLECULES = ["CC(=O)Oc1ccccc1C(=O)O", "CN1C=NC2=C1C(=O)N(C(=O)N2C)C", "C1=CC=C(C=C1)O", "CC(C)Cc1ccc(cc1)C(C)C(=O)O",
              "OC[C@H]1OC(O)[C@H](O)[C@@H](O)[C@@H]1O", "CCO", "c1ccc2ccccc2c1", "CC(=O)Nc1ccc(O)cc1"]
 LLAMA_TOKENIZER = REPO.parent / "shared" / "data" / "tokenizer" / "llama2_tokenizer.model"
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up / compile
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def main():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -24,16 +23,7 @@ from flax import nnx  # noqa: E402
 from bmgpt_jax.convert import hf_llama  # noqa: E402
 from bmgpt_jax.generate import generate  # noqa: E402
 from bmgpt_jax.monitor import measure_matmul_flops, train_flops_per_token  # noqa: E402
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up / compile
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+from timing import median_time  # noqa: E402  (bench/timing.py; scripts run as python bench/x.py)
 
 
 def main():
@@ -80,7 +70,7 @@ def main():
         return nnx.value_and_grad(loss_fn)(model, batch)
 
     batch = jnp.asarray(ids)
-    t_jax = best_time(lambda: jax.block_until_ready(jax_step(ours, batch)), args.steps)
+    t_jax = median_time(lambda: jax.block_until_ready(jax_step(ours, batch)), args.steps)
 
     hf.train()
     tids = torch.tensor(ids)
@@ -90,7 +80,7 @@ def main():
         out = hf(tids[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), tids[:, 1:].reshape(-1))
         loss.backward()
-    t_torch = best_time(torch_step, args.steps)
+    t_torch = median_time(torch_step, args.steps)
 
     peak = measure_matmul_flops()
     matmul_params = cfg.num_params() - cfg.vocab_size * cfg.hidden_size  # embedding lookups are gathers
@@ -101,13 +91,13 @@ def main():
     hf.eval()
     gids = rs.randint(3, args.vocab, (args.gen_batch, args.gen_prompt))
     new = args.gen_batch * args.gen_new
-    t_gen = best_time(lambda: generate(ours, gids, max_new_tokens=args.gen_new, eos_token_id=-1), 3)
+    t_gen = median_time(lambda: generate(ours, gids, max_new_tokens=args.gen_new, eos_token_id=-1), 3)
 
     def hf_gen():
         with torch.no_grad():
             hf.generate(torch.tensor(gids), max_new_tokens=args.gen_new, min_new_tokens=args.gen_new,
                         do_sample=False, pad_token_id=0)
-    t_hf_gen = best_time(hf_gen, 3)
+    t_hf_gen = median_time(hf_gen, 3)
 
     print(f"\nLlama {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads, FFN {ffn}, "
           f"vocab {cfg.vocab_size}, float32, {args.threads} threads; {jax.devices()[0].device_kind}; "
