@@ -99,11 +99,7 @@ class BioMedGPT(nnx.Module):
         Position t-1 predicts token t; only targets with `loss_mask[t] = 1` count, so the prompt,
         entity slots and padding never contribute.
         """
-        logits = self.llm.logits(self.hidden(batch)[:, :-1])
-        targets = batch["input_ids"][:, 1:]
-        weights = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        return jnp.sum(nll * weights), jnp.sum(weights)
+        return answer_nll(self.llm.logits(self.hidden(batch)[:, :-1]), batch)
 
     def chat(self, question: str, smiles=None, protein=None, system: str | None = None, **generation_options) -> str:
         """The answer text to `question` about molecule(s) `smiles` / protein(s) `protein` (`bmgpt_jax.chat.ask`;
@@ -114,7 +110,12 @@ class BioMedGPT(nnx.Module):
 
 def lm_loss(model: LlamaForCausalLM, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """The same loss for a text-only batch on the bare decoder (stage-1 LM pretraining)."""
-    logits = model(batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1])
+    return answer_nll(model(batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]), batch)
+
+
+def answer_nll(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """logits `[B, T-1, vocab]` (position t predicts token t+1) -> (summed NLL of the targets with
+    `loss_mask = 1`, their count), float32 scalars."""
     weights = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["input_ids"][:, 1:])
     return jnp.sum(nll * weights), jnp.sum(weights)
