@@ -178,18 +178,21 @@ def _round_up(n: int, step: int) -> int:
     return max(step, -(-n // step) * step)
 
 
-def collate_prompts(encoded: Sequence[examples.Encoded], rows: int | None = None) -> dict[str, np.ndarray]:
+def collate_prompts(encoded: Sequence[examples.Encoded], rows: int | None = None,
+                    max_len: int | None = None) -> dict[str, np.ndarray]:
     """The right-padded batch of `encoded` (docs/batch_format.md), `rows` rows (default: one per prompt;
-    spare rows repeat the first prompt), `T` and protein width rounded up to multiples of 64 and the graph
-    budget to `molecules.choose_bucket`'s ladder, so nearby prompt sizes share one compilation."""
+    spare rows repeat the first prompt), `T` and protein width rounded up to multiples of 64 (`T` capped
+    at `max_len`: the context left for the prompt) and the graph budget to `molecules.choose_bucket`'s
+    ladder, so nearby prompt sizes share one compilation."""
     encoded = list(encoded) + [encoded[0]] * ((rows or len(encoded)) - len(encoded))
     n, e, g, p = (sum(x) for x in zip(*(ex.budget for ex in encoded)))
     nodes, edges, graphs = molecules.choose_bucket(n, e, g)
     prot_len = max([len(ids) for ex in encoded for ids, _ in ex.prots] or [1])
     budget = examples.Budget(batch=len(encoded), nodes=nodes, edges=edges, graphs=graphs,
                              proteins=_round_up(p, 4) if p else 0)
-    return examples.collate(encoded, _round_up(max(ex.length for ex in encoded), 64), budget,
-                            _round_up(prot_len, 64))
+    longest = max(ex.length for ex in encoded)
+    T = max(longest, min(_round_up(longest, 64), max_len or longest))
+    return examples.collate(encoded, T, budget, _round_up(prot_len, 64))
 
 
 @partial(jax.jit, static_argnames="graphdef")
@@ -201,7 +204,7 @@ def generate_tokens(model, encoded: Sequence[examples.Encoded], config: Generati
                     rows: int | None = None) -> np.ndarray:
     """New token ids `[len(encoded), max_new_tokens]` (pad after a row's EOS/stop) for encoded prompts:
     the spliced embeddings of the batch (GIN in eval mode) decoded by `generate` on `model.llm`."""
-    batch = collate_prompts(encoded, rows)
+    batch = collate_prompts(encoded, rows, max_len=model.config.lm.max_position_embeddings - config.max_new_tokens)
     graphdef, state = nnx.split(nnx.view(model, use_running_average=True, deterministic=True))
     embeds = _embed(graphdef, state, batch)
     out = generate(model.llm, inputs_embeds=embeds, attention_mask=batch["attention_mask"], config=config)

@@ -29,11 +29,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from flax import nnx
 
 from bmgpt_jax import chat
 from bmgpt_jax.data.records import BadRecords, Record
-from bmgpt_jax.generate import generate
 
 YES_NO_MAYBE = ("yes", "no", "maybe")
 OVERLAP_KEYS = ("bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "exact_match")
@@ -195,23 +193,6 @@ def _reason(message: str) -> str:
     return next((reason for key, reason in reasons if key in message), "other")
 
 
-def _generate(model, encoded, cfg, rows: int):
-    """`chat.generate_tokens`, except that a batch whose width rounded up to 64 (`chat.collate_prompts`) plus
-    `max_new_tokens` would overflow the context (the KV cache) is collated at exactly that limit instead."""
-    from bmgpt_jax.data import examples, molecules
-    limit = model.config.lm.max_position_embeddings - cfg.max_new_tokens
-    if chat._round_up(max(ex.length for ex in encoded), 64) <= limit:
-        return chat.generate_tokens(model, encoded, cfg, rows)
-    full = list(encoded) + [encoded[0]] * (rows - len(encoded))
-    n, e, g, p = (sum(x) for x in zip(*(ex.budget for ex in full)))
-    budget = examples.Budget(rows, *molecules.choose_bucket(n, e, g), chat._round_up(p, 4) if p else 0)
-    prot_len = max([len(ids) for ex in full for ids, _ in ex.prots] or [1])
-    batch = examples.collate(full, limit, budget, chat._round_up(prot_len, 64))
-    graphdef, state = nnx.split(nnx.view(model, use_running_average=True, deterministic=True))
-    embeds = chat._embed(graphdef, state, batch)
-    return generate(model.llm, inputs_embeds=embeds, attention_mask=batch["attention_mask"], config=cfg)[:len(encoded)]
-
-
 def predict(model, records: Sequence[Record], batch_size: int = 8, system: str | None = None,
             log=None, **options) -> list[dict]:
     """One row per record: `index`, `id`, `reference`, `label`, and `prediction` or `error` (the record could not
@@ -237,7 +218,7 @@ def predict(model, records: Sequence[Record], batch_size: int = 8, system: str |
     ready.sort(key=lambda x: x[1].length)
     for start in range(0, len(ready), batch_size):
         chunk = ready[start:start + batch_size]
-        tokens = _generate(model, [enc for _, enc in chunk], cfg, batch_size)
+        tokens = chat.generate_tokens(model, [enc for _, enc in chunk], cfg, batch_size)
         for (i, _), ids in zip(chunk, tokens):
             rows[i]["prediction"] = chat.answer_text(tok, ids)
         print(f"evaluate: {min(start + batch_size, len(ready))}/{len(ready)} answered", file=log, flush=True)

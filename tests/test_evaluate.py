@@ -106,14 +106,15 @@ def checkpoint(tmp_path_factory):
 
 
 def test_prompts_near_the_context_limit(checkpoint):
-    """A prompt that fits but whose width rounded up to 64 would not: collated at the limit, and it decodes
-    what a model with a longer context (same weights, no width cap needed) does."""
+    """A prompt that fits but whose width rounded up to 64 would not: `chat.collate_prompts` caps the width
+    at the context left for new tokens, and it decodes what a model with a longer context does."""
     model, longer = chat.from_pretrained(checkpoint), chat.from_pretrained(checkpoint, max_position_embeddings=2048)
     records = [Record((("protein", "MKT" * 316),), "What is it?", "A protein."), Record((), "Hi?", "Hello.")]
     cfg = chat.generation_config(model.tokenizer, {"max_new_tokens": 4})
     encoded = [chat.encode_prompt(model, chat.make_prompt(r.question, r.entities), 4) for r in records]
     assert 960 < encoded[0].length <= 1020
-    np.testing.assert_array_equal(ev._generate(model, encoded, cfg, 2), chat.generate_tokens(longer, encoded, cfg, 2))
+    np.testing.assert_array_equal(chat.generate_tokens(model, encoded, cfg, 2),
+                                  chat.generate_tokens(longer, encoded, cfg, 2))
     rows, m = ev.evaluate(model, records, batch_size=2, max_new_tokens=4)
     assert m["n"] == 2 and all("prediction" in r for r in rows)
 
