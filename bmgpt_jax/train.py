@@ -180,6 +180,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
     finally:
         ckpt.close()
         monitor.close()
+        if hasattr(it, "close"):
+            it.close()  # the encoding worker processes
     model = nnx.merge(graphdef, trainable, frozen)
     if cfg.export and i == cfg.steps:
         _export(model, it.tokenizer, cfg)

@@ -212,3 +212,16 @@ def test_gradient_accumulation_runs_sharded(tmp_path):
     out = train.run(cfg_for(tmp_path, "stage=align", "steps=2", "optim.grad_accum=2", "mesh=[4,2,1]",
                             "data.seq_buckets=[96,160]"))
     assert sorted(out["losses"]) == [1, 2] and all(np.isfinite(v) for v in out["losses"].values())
+
+
+def test_nonfinite_loss_stops_naming_the_step_or_skips(tmp_path):
+    from bmgpt_jax.monitor import NonFiniteLossError
+    blowup = ["stage=align", "steps=4", "optim.lr=1e30", "optim.warmup_steps=0", "optim.clip_norm=0"]
+    with pytest.raises(NonFiniteLossError, match=r"step [2-4]\b"):
+        train.run(cfg_for(tmp_path, *blowup, name="stop"))
+    out = train.run(cfg_for(tmp_path, *blowup, "nonfinite=skip", name="skip"))
+    assert out["last_step"] == 4 and not np.isfinite(out["losses"][4])
+    bad = [s for s, v in out["losses"].items() if not np.isfinite(v)]
+    upto = train.run(cfg_for(tmp_path, *blowup, "nonfinite=skip", f"steps={min(bad) - 1}", name="upto"))
+    a, b = params(upto["model"]), params(out["model"])  # the skipped steps changed nothing
+    assert all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
