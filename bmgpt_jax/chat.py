@@ -342,6 +342,21 @@ def interactive(conv: Conversation, lines: Iterable[str], out=None) -> None:
             print(f"error: {e}", file=out, flush=True)
 
 
+def add_generation_args(ap) -> None:
+    """`--dtype` and the generation options (HF names as flags) on a command line."""
+    ap.add_argument("--dtype", help="LM compute dtype, e.g. bfloat16")
+    for name, kind in (("max_new_tokens", int), ("num_beams", int), ("temperature", float), ("top_k", int),
+                       ("top_p", float), ("repetition_penalty", float), ("length_penalty", float), ("seed", int)):
+        ap.add_argument("--" + name.replace("_", "-"), type=kind)
+    ap.add_argument("--do-sample", action="store_true", default=None)
+
+
+def model_and_options(args):
+    """The checkpoint of `args.checkpoint` (in `args.dtype`) and the generation options given on the line."""
+    options = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None}
+    return from_pretrained(args.checkpoint, **({"dtype": args.dtype} if args.dtype else {})), options
+
+
 def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) -> int:
     ap = argparse.ArgumentParser(prog="python -m bmgpt_jax.chat", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -355,14 +370,9 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
     ap.add_argument("--system", help="system prompt (default: the reference's)")
     ap.add_argument("--output", help="--jsonl results (default: stdout)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--dtype", help="LM compute dtype, e.g. bfloat16")
-    for name, kind in (("max_new_tokens", int), ("num_beams", int), ("temperature", float), ("top_k", int),
-                       ("top_p", float), ("repetition_penalty", float), ("length_penalty", float), ("seed", int)):
-        ap.add_argument("--" + name.replace("_", "-"), type=kind)
-    ap.add_argument("--do-sample", action="store_true", default=None)
+    add_generation_args(ap)
     args = ap.parse_args(argv)
-    options = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None}
-    model = from_pretrained(args.checkpoint, **({"dtype": args.dtype} if args.dtype else {}))
+    model, options = model_and_options(args)
     if args.interactive:
         interactive(Conversation(model, args.system, **options), stdin)
         return 0

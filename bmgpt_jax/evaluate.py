@@ -255,14 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--output", help="per-example predictions JSONL")
     ap.add_argument("--metrics", help="also write the metrics as JSON here")
     ap.add_argument("--system", help="system prompt (default: the reference's)")
-    ap.add_argument("--dtype", help="LM compute dtype, e.g. bfloat16")
-    for name, kind in (("max_new_tokens", int), ("num_beams", int), ("temperature", float), ("top_k", int),
-                       ("top_p", float), ("repetition_penalty", float), ("length_penalty", float), ("seed", int)):
-        ap.add_argument("--" + name.replace("_", "-"), type=kind)
-    ap.add_argument("--do-sample", action="store_true", default=None)
+    chat.add_generation_args(ap)
     args = ap.parse_args(argv)
-    options = {k: getattr(args, k) for k in chat.OPTIONS if getattr(args, k) is not None}
-    model = chat.from_pretrained(args.checkpoint, **({"dtype": args.dtype} if args.dtype else {}))
+    model, options = chat.model_and_options(args)
     metrics, lines = {}, []
     for spec in args.source:
         records = load_records(spec, args.raw_dir, args.data_dir, args.limit)
