@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bmgpt_jax.convert.torch_io import read_state_dict, to_numpy
 from bmgpt_jax.models.gin import GIN, GinConfig
 
 Path = tuple[Any, ...]
@@ -40,19 +41,10 @@ def key_table(config: GinConfig) -> list[tuple[str, Path, bool]]:
     return rows
 
 
-def _to_numpy(t) -> np.ndarray:
-    return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
-
-
 def _read(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
     if isinstance(path_or_state_dict, Mapping):
-        sd = path_or_state_dict
-    else:
-        import torch
-        sd = torch.load(os.fspath(path_or_state_dict), map_location="cpu", weights_only=True)
-        if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-            sd = sd["state_dict"]
-    return {k: _to_numpy(v) for k, v in sd.items()}
+        return {k: to_numpy(v) for k, v in path_or_state_dict.items()}
+    return read_state_dict(path_or_state_dict)
 
 
 def infer_config(state_dict: Mapping[str, Any], base: GinConfig = GinConfig()) -> GinConfig:

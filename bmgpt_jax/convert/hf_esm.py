@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bmgpt_jax.convert.torch_io import read_state_dict, to_numpy
 from bmgpt_jax.data.proteins import write_vocab
 from bmgpt_jax.models.esm import ROPE_THETA, Esm, EsmConfig
 
@@ -111,7 +112,7 @@ def from_state_dict(sd: Mapping[str, np.ndarray], config: EsmConfig, prefix: str
     keys under it and leaves all others alone. Raises `KeyError` for missing or unexpected keys and
     `ValueError` for shape mismatches, naming the key and both shapes.
     """
-    sd = {k: _to_numpy(v) for k, v in _strip_prefix(sd, prefix).items()}
+    sd = {k: to_numpy(v) for k, v in _strip_prefix(sd, prefix).items()}
     abstract = nnx.eval_shape(lambda: Esm(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     used: set[str] = set()
@@ -160,47 +161,6 @@ def to_state_dict(model: Esm, prefix: str = "") -> dict[str, np.ndarray]:
         else:
             out[prefix + name] = np.ascontiguousarray(arr.T if transpose else arr)
     return out
-
-
-def _to_numpy(v) -> np.ndarray:
-    if isinstance(v, np.ndarray):
-        return v
-    if type(v).__module__.startswith("torch"):
-        import torch
-        v = v.detach().cpu()
-        return v.float().numpy().astype(jnp.bfloat16) if v.dtype == torch.bfloat16 else v.numpy()
-    return np.asarray(v)
-
-
-# ---------------------------------------------------------------------------------------- directories
-def read_state_dict(hf_dir: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of an HF directory: `model.safetensors`, `pytorch_model.bin`, or their sharded
-    `*.index.json` forms (safetensors preferred; `.bin` needs torch)."""
-    d = Path(hf_dir)
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if (d / index_name).exists():
-            files = sorted(set(json.loads((d / index_name).read_text())["weight_map"].values()))
-        elif (d / single).exists():
-            files = [single]
-        else:
-            continue
-        sd = {}
-        for f in files:
-            sd.update(_read_file(d / f))
-        return sd
-    raise FileNotFoundError(f"{d}: no model.safetensors or pytorch_model.bin (or their .index.json)")
-
-
-def _read_file(path: Path) -> dict[str, np.ndarray]:
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-        return load_file(str(path))
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(f"{path}: reading a .bin checkpoint needs torch (pip install torch)") from e
-    return {k: _to_numpy(v) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
 
 
 def load(hf_dir: str | Path, **overrides) -> Esm:

@@ -48,7 +48,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if p.is_dir():
         files = sorted(p.glob("*.safetensors")) or sorted(p.glob("pytorch_model*.bin"))
         if not files:
-            raise FileNotFoundError(f"{p}: no *.safetensors or pytorch_model*.bin weights found")
+            raise FileNotFoundError(f"{p}: no model.safetensors (single or sharded) or pytorch_model*.bin found")
         out: dict[str, np.ndarray] = {}
         for f in files:
             out.update(read_state_dict(f))
