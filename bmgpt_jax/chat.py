@@ -24,7 +24,8 @@ import numpy as np
 from flax import nnx
 
 from bmgpt_jax.convert.folder import from_pretrained
-from bmgpt_jax.data import examples, molecules, prompts, proteins
+from bmgpt_jax.data import examples, molecules, proteins
+from bmgpt_jax.data import prompts as prompt_lib
 from bmgpt_jax.data.prompts import Prompt, as_entities, collate_prompts, human_message, make_prompt
 from bmgpt_jax.data.text import Tokenizer, tokenizer_of
 from bmgpt_jax.generation import GenerationConfig, generate
@@ -52,11 +53,11 @@ def generation_config(tok: Tokenizer, options: dict) -> GenerationConfig:
 
 
 def encode_prompt(model, prompt: Prompt, max_new_tokens: int, max_protein_len: int = 1024) -> examples.Encoded:
-    """`prompts.encode_prompt` with `model`'s tokenizer, atom cap and context."""
+    """`data.prompts.encode_prompt` with `model`'s tokenizer, atom cap and context."""
     gin = model.config.gin
-    return prompts.encode_prompt(tokenizer_of(model), prompt, max_new_tokens=max_new_tokens,
-                                 context=model.config.lm.max_position_embeddings, max_atoms=gin.max_atoms,
-                                 over_cap=gin.over_cap, max_protein_len=max_protein_len)
+    return prompt_lib.encode_prompt(tokenizer_of(model), prompt, max_new_tokens=max_new_tokens,
+                                   context=model.config.lm.max_position_embeddings, max_atoms=gin.max_atoms,
+                                   over_cap=gin.over_cap, max_protein_len=max_protein_len)
 
 
 @partial(jax.jit, static_argnames="graphdef")
