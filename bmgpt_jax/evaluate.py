@@ -35,6 +35,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from bmgpt_jax import chat, parallel
 from bmgpt_jax.data.examples import Encoded
@@ -117,9 +118,9 @@ def options_of(mm: MeshModel, records: Sequence[Record], rows: list[dict], encod
                 if enc.length + len(ids) > context:
                     raise ValueError(f"prompt of {enc.length} positions plus option {key!r} ({len(ids)} tokens) "
                                      f"exceeds the context of {context}")
-                mine.append(Option(i, key, len(text), len(ids), Encoded(
-                    np.concatenate([enc.input_ids, ids]), np.concatenate([np.zeros_like(enc.input_ids), np.ones_like(ids)]),
-                    enc.mols, enc.prots)))
+                target = np.concatenate([np.zeros_like(enc.input_ids), np.ones_like(ids)])
+                mine.append(Option(i, key, len(text), len(ids),
+                                   Encoded(np.concatenate([enc.input_ids, ids]), target, enc.mols, enc.prots)))
             out += mine
         except ValueError as e:
             rows[i]["ll_error"] = str(e)
@@ -137,9 +138,9 @@ def loglik_pass(mm: MeshModel, records: Sequence[Record], rows: list[dict], opti
         local = batches.collate_local(mine, rows_per, mm.mesh, filler=options[plan[0]].encoded, max_len=context)
         total, greedy = mm.option_logprobs(global_batch(local, mm.mesh), max(options[j].tokens for j in plan))
         for q in range(jax.process_count()):
-            for j, idx in enumerate(plan[q * rows_per:(q + 1) * rows_per]):
+            for j, idx in enumerate(plan[q * rows_per:(q + 1) * rows_per], q * rows_per):
                 o = options[idx]
-                scores.setdefault(o.record, {})[o.key] = (float(total[q * rows_per + j]), o.chars, bool(greedy[q * rows_per + j]))
+                scores.setdefault(o.record, {})[o.key] = (float(total[j]), o.chars, bool(greedy[j]))
         bar.update(len(plan))
     for i, per in scores.items():
         gold = gold_key(records[i])
@@ -168,8 +169,8 @@ def generate_pass(mm: MeshModel, records: Sequence[Record], rows: list[dict], en
         local = batches.collate_local(mine, rows_per, mm.mesh, filler=encoded[plan[0]], max_len=max_len)
         tokens = mm.generate(global_batch(local, mm.mesh), config)
         for q in range(jax.process_count()):
-            for j, i in enumerate(plan[q * rows_per:(q + 1) * rows_per]):
-                rows[i]["prediction"] = chat.answer_text(mm.tokenizer, tokens[q * rows_per + j])
+            for j, i in enumerate(plan[q * rows_per:(q + 1) * rows_per], q * rows_per):
+                rows[i]["prediction"] = chat.answer_text(mm.tokenizer, tokens[j])
                 if records[i].label:
                     read_choice(records[i], rows[i])
                 sink(rows[i])
@@ -225,16 +226,15 @@ def evaluate(model, records: Sequence[Record], *, batch_size: int = 8, system: s
     for row in rows:
         if "error" in row:
             sink(row)
-    options_ = options_of(mm, records, rows, encoded) if mode != "generate" else []
-    total = len(options_) + (len(encoded) if mode != "loglik" else 0)
-    from tqdm.auto import tqdm
+    to_score = options_of(mm, records, rows, encoded) if mode != "generate" else []
+    total = len(to_score) + (len(encoded) if mode != "loglik" else 0)
     speed = {}
     with tqdm(total=total, desc=desc or "evaluate", unit="ex", file=log or sys.stderr,
               disable=not progress or jax.process_index() != 0) as bar:
-        if options_:
+        if to_score:
             start = time.perf_counter()
-            loglik_pass(mm, records, rows, options_, rows_per, bar)
-            speed["loglik_options_per_s"] = len(options_) / (time.perf_counter() - start)
+            loglik_pass(mm, records, rows, to_score, rows_per, bar)
+            speed["loglik_options_per_s"] = len(to_score) / (time.perf_counter() - start)
         if mode == "loglik":
             for i in encoded:
                 sink(rows[i])

@@ -4,7 +4,6 @@ rows, chart), predictions kept across a crash, and one-line errors for bad sourc
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 from flax import nnx
 
@@ -60,6 +59,8 @@ def test_score_rows(shared_data):
                Record((), MC_Q, "C. Ethanol", label="C"), Record((), "Q?", "Yes. It works.", label="yes"),
                Record((), "Describe.", "It is a molecule."), Record((), "Describe.", "Unused.")]
     assert [ev.has_long_answer(r) for r in records[:4]] == [False, False, False, True]
+    stray = Record((), "Q?\nA. Sepsis\nB. Benzodiazepine intoxication", 'B. Benzodiazepine intoxication\n"', label="B")
+    assert not ev.has_long_answer(stray)                       # as in a MedQA test record: stray quote
     rows = [{"prediction": "B. Caffeine"}, {"prediction": "Caffeine"}, {"prediction": "dunno"},
             {"prediction": "Yes. It works."}, {"prediction": "It is a molecule."},
             {"error": "SMILES 'C1CC' ...", "reason": "invalid SMILES"}]
@@ -92,8 +93,7 @@ def test_report_table_and_chart(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def tiny_checkpoint(folder):
     """A random tiny BioMedGPT with the demo tokenizer, saved as a checkpoint folder."""
     tok = load_tokenizer(None)
     lm = dataclasses.replace(config_lib.load(LlamaConfig, "llama_tiny"), vocab_size=tok.vocab_size,
@@ -101,7 +101,12 @@ def checkpoint(tmp_path_factory):
     cfg = BioMedGPTConfig(lm=lm, gin=config_lib.load(GinConfig, "gin_tiny"),
                           esm=config_lib.load(EsmConfig, "esm2_tiny"))
     model = chat.attach_tokenizer(BioMedGPT(cfg, rngs=nnx.Rngs(0)), tok)
-    return chat.save_pretrained(model, None, tmp_path_factory.mktemp("ckpt"))
+    return chat.save_pretrained(model, None, folder)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def test_bad_records_are_counted_and_written(checkpoint, shared_data, capsys):

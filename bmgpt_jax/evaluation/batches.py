@@ -71,10 +71,10 @@ def collate_local(encoded: Sequence[examples.Encoded], rows: int, mesh, filler: 
                   max_len: int) -> dict[str, np.ndarray]:
     """This process's `rows`-row batch (docs/batch_format.md) of `encoded`; spare rows repeat `filler`
     (a real prompt, so padding rows compute finite values) and are told apart by the caller. `T` is the
-    longest's `bucket` (capped at `max_len`, the context left, never below the longest), the ESM width the longest protein
-    rounded up to 64, graph budgets come from `molecules.choose_bucket`, the protein count is rounded up
-    to 4; all sizes are the maxima over the processes, rounded so the global arrays divide over the
-    batch axes."""
+    longest's `bucket` (capped at `max_len`, the context left, never below the longest), the ESM width the
+    longest protein rounded up to 64, graph budgets come from `molecules.choose_bucket`, the protein count
+    is rounded up to 4; all sizes are the maxima over the processes, rounded so the global arrays divide
+    over the batch axes."""
     if len(encoded) > rows:
         raise ValueError(f"{len(encoded)} examples do not fit a batch of {rows} rows")
     encoded = list(encoded) + [filler] * (rows - len(encoded))
@@ -87,7 +87,7 @@ def collate_local(encoded: Sequence[examples.Encoded], rows: int, mesh, filler: 
                                                           round_up(p, 4) if p else 0])
     shards = batch_shards(mesh)
     step = shards // math.gcd(shards, jax.process_count())
-    budget = examples.Budget(batch=rows, nodes=round_up(int(nodes), step), edges=round_up(int(edges), step),
-                             graphs=round_up(int(graphs), step), proteins=round_up(int(proteins), step) if proteins else 0)
+    nodes, edges, graphs, proteins = (round_up(int(x), step) if x else 0 for x in (nodes, edges, graphs, proteins))
+    budget = examples.Budget(batch=rows, nodes=nodes, edges=edges, graphs=graphs, proteins=proteins)
     return examples.collate(encoded, int(T), budget, int(prot_len))
 

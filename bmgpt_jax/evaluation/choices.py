@@ -76,7 +76,8 @@ def normalize(text: str) -> str:
 
 
 def has_long_answer(record: Record) -> bool:
-    """Whether a labelled record's answer says more than its label and option: text after "Yes. " / "B. "
-    that is not one of the question's options (PubMedQA's conclusion, not MedQA's "B. option")."""
-    rest = re.sub(rf"^\W*{re.escape(record.label)}\b\W*", "", record.answer, flags=re.I).strip()
-    return bool(rest) and normalize(rest) not in {normalize(o) for o in choice_options(record.question).values()}
+    """Whether a labelled record's answer says more than its label and option: words after "Yes. " / "B. "
+    other than one of the question's options, compared word by word (PubMedQA's conclusion, not MedQA's
+    "B. option", even when the option carries stray punctuation)."""
+    rest = words(re.sub(rf"^\W*{re.escape(record.label)}\b", "", record.answer, flags=re.I))
+    return bool(rest) and rest not in [words(o) for o in choice_options(record.question).values()]

@@ -64,14 +64,14 @@ def bar_chart(metrics: dict[str, dict], path: str | Path) -> Path:
     panels = [(src, keys) for src, keys in panels if keys] or [("(no scored records)", [])]
     fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 3.2 * len(panels)), 3.6), squeeze=False)
     for ax, (src, keys) in zip(axes[0], panels):
-        published = paper_row(src)
-        x = range(len(keys))
-        shift = 0.2 if published else 0.0
-        ax.bar([i - shift for i in x], [metrics[src][k] for k in keys], width=0.4, label="ours")
-        if published:
-            ax.bar([i + shift for i in x], [published["metrics"].get(k, 0.0) for k in keys], width=0.4,
-                   label=f"{published['model']} (paper, fine-tuned)")
-        ax.set_xticks(list(x), keys, rotation=45, ha="right")
+        paper = (paper_row(src) or {}).get("metrics", {})
+        shift = [0.2 if k in paper else 0.0 for k in keys]          # side by side only where both exist
+        ax.bar([i - d for i, d in enumerate(shift)], [metrics[src][k] for k in keys], width=0.4, label="ours")
+        if paper:
+            both = [i for i, k in enumerate(keys) if k in paper]
+            ax.bar([i + 0.2 for i in both], [paper[keys[i]] for i in both], width=0.4,
+                   label=f"{paper_row(src)['model']} (paper, fine-tuned)")
+        ax.set_xticks(range(len(keys)), keys, rotation=45, ha="right")
         ax.set_ylim(0, 1)
         ax.set_title(src)
         ax.legend(fontsize=7)

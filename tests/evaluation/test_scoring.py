@@ -62,7 +62,7 @@ def reference_logprobs(ref, tok, record):
 def test_option_logprobs_match_transformers(pair, tok, shape):
     ref, ours = pair
     mesh = parallel.make_mesh(shape)
-    rows, metrics = ev.evaluate(ours, RECORDS, batch_size=4, mode="loglik", mesh=mesh)
+    rows, metrics = ev.evaluate(ours, RECORDS, batch_size=12, mode="loglik", mesh=mesh)
     for record, row in zip(RECORDS, rows):
         want = reference_logprobs(ref, tok, record)
         got = row["ll_logprobs"]
