@@ -296,7 +296,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             message += " (sample sets: pass --raw-dir ../shared/data or set BMGPT_SHARED_DATA)"
         print(f"error: {message}", file=sys.stderr)
         return 2
-    model, options = chat.model_and_options(args)
+    try:
+        model, options = chat.model_and_options(args)
+    except FileNotFoundError as e:
+        print(f"error: {e} (`python -m bmgpt_jax.train` writes one to runs/tiny/final)", file=sys.stderr)
+        return 2
     mm = MeshModel(model, parallel.make_mesh(args.mesh))
     del model
     out = Path(args.out_dir)

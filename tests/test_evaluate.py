@@ -203,3 +203,7 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: chebi20: input folder None not found") and "--raw-dir ../shared/data" in err
     assert "\n" not in err and not (tmp_path / "run").exists()
+    base[1] = str(tmp_path / "no_checkpoint")
+    assert ev.main(base + ["--source", "demo:test", "--limit", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: checkpoint folder") and "python -m bmgpt_jax.train" in err
