@@ -23,6 +23,9 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
+        "nltk>=3.9",            # evaluation: BLEU and METEOR as MolT5 computes them
+        "rouge-score>=0.1.2",   # evaluation: ROUGE-1/2/L
+        "matplotlib>=3.7",      # evaluation: the report's bar chart
     ],
     extras_require={
         "tpu": ["jax[tpu]>=0.7,<0.11"],

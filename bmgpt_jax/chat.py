@@ -122,7 +122,7 @@ class Conversation:
 
 
 def ask(model, question: str, smiles=None, protein=None, system: str | None = None, **options) -> str:
-    """`model.chat`: one answer to `question` about molecule(s) `smiles` and protein(s) `protein`."""
+    """One answer to `question` about molecule(s) `smiles` and protein(s) `protein`."""
     return Conversation(model, system).ask(question, smiles, protein, **options)
 
 

@@ -1,186 +1,71 @@
-"""Evaluate a BioMedGPT checkpoint on a dataset split: text-overlap metrics and multiple-choice accuracy.
+"""Evaluate a BioMedGPT checkpoint on dataset splits the way the paper does, and put our numbers beside its.
 
-    python -m bmgpt_jax.evaluate --checkpoint DIR --source chebi20:test --limit 200 --output preds.jsonl
-    python -m bmgpt_jax.evaluate --checkpoint DIR --source pubmedqa:test --source medqa:test --max-new-tokens 64
+    python -m bmgpt_jax.evaluate --checkpoint DIR --source demo:test --limit 50 --out-dir runs/eval
+    python -m bmgpt_jax.evaluate --checkpoint DIR --source pubmedqa:test --source medmcqa:validation --max-new-tokens 16
 
 Each record of a source (`DataConfig.sources` syntax, `name:split`) is asked as chat asks it (`make_prompt`
-of its question and entities, the default system prompt), answered in batches by `generate_tokens` and
-scored against its answer. Free-text records get the captioning metrics of MolT5 / BioMedGPT: corpus
-BLEU-2/4 with brevity penalty (nltk's `corpus_bleu`, no smoothing), mean ROUGE-1/2/L F1 (rouge-score's
-sentence-level rouge1/rouge2/rougeL, no stemming) and exact match. Records with a `label` (MedQA, MedMCQA:
-a letter; PubMedQA: yes/no/maybe) get accuracy: the chosen option is extracted from the generated text
-(`extract_choice`); an unreadable answer counts as wrong and is tallied as an extraction failure. Their
-answers are also overlap-scored when they carry a long answer (PubMedQA's "Yes. <conclusion>").
+of its question and entities, the default system prompt). Two kinds of scoring:
+- generation: answers decoded in batches and scored against the gold answer. Free text (and PubMedQA's
+  long answers) gets MolT5's captioning metrics (BLEU-2/4, METEOR, ROUGE-1/2/L by nltk and rouge-score on
+  SciBERT word pieces: `evaluation/text_metrics.py`) and exact match; a labelled record (MedQA/MedMCQA
+  letter, PubMedQA yes/no/maybe) gets `accuracy`, the option being read from the text (`extract_choice`;
+  an unreadable answer is wrong and counted in `extraction_failures`).
+- log-likelihood (labelled records, as lm-evaluation-harness scores them): each option's text as the
+  answer ("B. Caffeine", "Yes.") gets its summed log-probability; the highest wins (`ll_accuracy`), or the
+  highest per character (`ll_accuracy_norm`, the harness's `acc_norm`).
 
-Metrics are pure Python (no nltk / rouge-score dependency), so numbers are close to but not identical
-with the papers': BLEU tokens are lowercased words and punctuation (`\\w+|[^\\w\\s]`) rather than SciBERT
-word pieces; ROUGE tokens are rouge-score's (lowercase alphanumeric runs). METEOR (needs WordNet) is not
-computed. Records that cannot be asked (invalid SMILES, bad residues, prompt longer than the context) are
-reported on stderr, written with an `error`, and left out of the metrics.
+It runs on the training mesh (`--mesh data,fsdp,tensor`): parameters sharded by the rule table, every
+batch a global array sharded over `data` x `fsdp` with static shapes from a few buckets; with several
+processes each feeds its block of every batch and process 0 writes. The run folder (`--out-dir`) gets
+`predictions.jsonl` (each record's row as soon as it is answered, so a crash keeps what was done),
+`metrics.json` (after every source), `report.png` (ours beside the paper's figures) and the table on
+stdout. Records that cannot be asked (no answer, invalid SMILES, bad residues, too long) are reported on
+stderr, written with an `error`, and left out of the metrics.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
-import re
 import sys
+import time
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
+import jax
+import numpy as np
+from tqdm.auto import tqdm
 
-from bmgpt_jax import chat
+from bmgpt_jax import chat, parallel
+from bmgpt_jax.data.examples import Encoded
+from bmgpt_jax.data.pipeline import global_batch
 from bmgpt_jax.data.records import BadRecords, Record
+from bmgpt_jax.evaluation import batches
+from bmgpt_jax.evaluation.choices import (answer_options, choice_options, extract_choice, gold_key, has_long_answer,
+                                          is_yes_no, normalize)
+from bmgpt_jax.evaluation.report import PAPER, bar_chart, format_table, paper_row
+from bmgpt_jax.evaluation.scoring import MeshModel
+from bmgpt_jax.evaluation.text_metrics import MissingResource, load_text_tokenizer, load_wordnet, text_metrics
 
-YES_NO_MAYBE = ("yes", "no", "maybe")
-OVERLAP_KEYS = ("bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "exact_match")
-COLUMNS = ("n", "skipped", "accuracy", "extraction_failures") + OVERLAP_KEYS
-_BLEU_TOKEN = re.compile(r"\w+|[^\w\s]")
-
-
-# ---------------------------------------------------------------- text-overlap metrics
-
-def bleu_tokens(text: str) -> list[str]:
-    """Lowercased words and punctuation marks: a dependency-free stand-in for MolT5's (uncased) SciBERT tokens."""
-    return _BLEU_TOKEN.findall(text.lower())
-
-
-def rouge_tokens(text: str) -> list[str]:
-    """rouge-score's default tokenizer: lowercase, every run of non-alphanumerics is a separator."""
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+MODES = ("both", "generate", "loglik")
+REASONS = (("not a string", "answer not a string"), ("no answer", "no answer"), ("SMILES", "invalid SMILES"),
+           ("residue", "bad residues"), ("context", "too long"))
+Sink = Callable[[dict], None]
 
 
-def ngrams(tokens: Sequence[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+class Option(NamedTuple):
+    """One option of one record, encoded as prompt + option text (`loss_mask` 1 on the option's tokens)."""
+    record: int
+    key: str
+    chars: int
+    tokens: int
+    encoded: Encoded
 
-
-def corpus_bleu(references: Sequence[str], hypotheses: Sequence[str], max_n: int = 4) -> float:
-    """Corpus BLEU with uniform weights over 1..`max_n`-grams, one reference per hypothesis, as nltk's
-    `corpus_bleu` (what MolT5 reports): clipped n-gram matches and candidate n-grams are summed over the
-    corpus before dividing; brevity penalty exp(1 - r/c) when the total hypothesis length c is below the
-    total reference length r; 0 when some order has no match (no smoothing)."""
-    matches, totals = [0] * max_n, [0] * max_n
-    ref_len = hyp_len = 0
-    for ref, hyp in zip(references, hypotheses, strict=True):
-        r, h = bleu_tokens(ref), bleu_tokens(hyp)
-        ref_len, hyp_len = ref_len + len(r), hyp_len + len(h)
-        for n in range(1, max_n + 1):
-            ref_counts, hyp_counts = ngrams(r, n), ngrams(h, n)
-            matches[n - 1] += sum(min(c, ref_counts[g]) for g, c in hyp_counts.items())
-            totals[n - 1] += max(len(h) - n + 1, 0)
-    if hyp_len == 0 or min(matches) == 0:
-        return 0.0
-    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
-    return brevity * math.exp(sum(math.log(m / t) for m, t in zip(matches, totals)) / max_n)
-
-
-def _f1(overlap: int, hyp_total: int, ref_total: int) -> float:
-    if overlap == 0:
-        return 0.0
-    p, r = overlap / hyp_total, overlap / ref_total
-    return 2 * p * r / (p + r)
-
-
-def rouge_n(reference: str, hypothesis: str, n: int) -> float:
-    """ROUGE-N F1 of one pair: clipped n-gram overlap over the hypothesis' (precision) and the reference's
-    (recall) n-grams."""
-    r, h = ngrams(rouge_tokens(reference), n), ngrams(rouge_tokens(hypothesis), n)
-    return _f1(sum((r & h).values()), sum(h.values()), sum(r.values()))
-
-
-def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence (O(len(a) * len(b)) dynamic programming, one row kept)."""
-    row = [0] * (len(b) + 1)
-    for x in a:
-        prev_diag = 0
-        for j, y in enumerate(b, 1):
-            prev_diag, row[j] = row[j], prev_diag + 1 if x == y else max(row[j], row[j - 1])
-    return row[-1]
-
-
-def rouge_l(reference: str, hypothesis: str) -> float:
-    """ROUGE-L F1 of one pair (rouge-score's `rougeL`: the LCS of the whole token sequences)."""
-    r, h = rouge_tokens(reference), rouge_tokens(hypothesis)
-    return _f1(lcs_length(r, h), len(h), len(r))
-
-
-def normalize(text: str) -> str:
-    """Lowercase, whitespace collapsed, a trailing period dropped: what exact match compares."""
-    return " ".join(text.lower().split()).rstrip(".").strip()
-
-
-def overlap_metrics(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
-    """BLEU-2/4 (corpus), mean ROUGE-1/2/L F1 and exact-match rate, all in [0, 1]."""
-    n = max(len(references), 1)
-    mean = lambda f: sum(f(r, h) for r, h in zip(references, hypotheses)) / n  # noqa: E731
-    return {"bleu2": corpus_bleu(references, hypotheses, 2), "bleu4": corpus_bleu(references, hypotheses, 4),
-            "rouge1": mean(lambda r, h: rouge_n(r, h, 1)), "rouge2": mean(lambda r, h: rouge_n(r, h, 2)),
-            "rougeL": mean(rouge_l), "exact_match": mean(lambda r, h: float(normalize(r) == normalize(h)))}
-
-
-# ---------------------------------------------------------------- multiple choice
-
-def choice_options(question: str) -> dict[str, str]:
-    """The lettered options listed in a question ("A. text" lines, as the MedQA/MedMCQA builders write them)."""
-    return {m[1]: m[2].strip() for m in re.finditer(r"^([A-E])[.)]\s+(.+)$", question, re.M)}
-
-
-def extract_choice(text: str, yes_no: bool = False, options: dict[str, str] | None = None) -> str | None:
-    """The option chosen by generated `text`, or None when it cannot be read.
-
-    yes/no/maybe (`yes_no`): the word at the start ("Yes. Because ..."), else after "answer is" / "answer:".
-    Letters A-E: a letter at the start followed by `.`, `)`, `:`, `,` or the end ("B. Aspirin", "(C)", "D"),
-    else "answer is B" / "Answer: (B)" / "option B"; else (with `options`, see `choice_options`) the option whose
-    text starts the answer (the longest such).
-    """
-    if yes_no:
-        words = "|".join(YES_NO_MAYBE)
-        m = (re.match(rf"\W*({words})\b", text, re.I) or
-             re.search(rf"\banswer(?:\s+is)?\s*:?\s*\W*({words})\b", text, re.I))
-        return m[1].lower() if m else None
-    m = (re.match(r"\s*[(\[]?([A-E])(?:[)\].:,]|\s*$)", text) or
-         re.search(r"\b(?i:answer|option)(?:\s+is)?\s*:?\s*[(\[]?([A-E])\b(?![\w'-])", text))
-    if m:
-        return m[1]
-    said = rouge_tokens(text)
-    opts = {k: rouge_tokens(o) for k, o in (options or {}).items()}
-    hits = [(len(o), k) for k, o in opts.items() if o and said[:len(o)] == o]
-    return max(hits)[1] if hits else None
-
-
-def has_long_answer(record: Record) -> bool:
-    """Whether a labelled record's answer says more than its label and option: text after "Yes. " / "B. "
-    that is not one of the question's options (PubMedQA's conclusion, not MedQA's "B. option")."""
-    rest = re.sub(rf"^\W*{re.escape(record.label)}\b\W*", "", record.answer, flags=re.I).strip()
-    return bool(rest) and normalize(rest) not in {normalize(o) for o in choice_options(record.question).values()}
-
-
-def score(records: Sequence[Record], rows: Sequence[dict]) -> dict:
-    """Metrics of one source from its records and prediction rows (rows with an `error` are skipped; rows of
-    labelled records get `choice` and `correct` set here). Accuracy keys only when some record has a label,
-    overlap keys only when some record is free text or carries a long answer."""
-    done = [(r, row) for r, row in zip(records, rows, strict=True) if "error" not in row]
-    out: dict = {"n": len(done), "skipped": len(rows) - len(done)}
-    labelled = [(r, row) for r, row in done if r.label]
-    if labelled:
-        for r, row in labelled:
-            yes_no = r.label.lower() in YES_NO_MAYBE
-            row["choice"] = extract_choice(row["prediction"], yes_no, None if yes_no else choice_options(r.question))
-            row["correct"] = row["choice"] is not None and row["choice"] == (r.label.lower() if yes_no else r.label)
-        out["accuracy"] = sum(row["correct"] for _, row in labelled) / len(labelled)
-        out["extraction_failures"] = sum(row["choice"] is None for _, row in labelled)
-    texts = [(r.answer, row["prediction"]) for r, row in done if not r.label or has_long_answer(r)]
-    if texts:
-        out.update(overlap_metrics(*zip(*texts)))
-    return out
-
-
-# ---------------------------------------------------------------- running a model
 
 def load_records(spec: str, raw_dir: str | None = None, data_dir: str | None = None,
                  limit: int | None = None) -> list[Record]:
-    """The first `limit` records of source `spec` (`name:split`, `demo`, ...), built under `data_dir` if needed."""
+    """The first `limit` records of source `spec` (`name:split`, `demo:test`, ...), built under `data_dir` if needed."""
     from bmgpt_jax.data.pipeline import DataConfig, Records
     name = spec.partition(":")[0]
     cfg = DataConfig(sources=(spec,), raw_dirs={name: raw_dir} if raw_dir else {}, data_dir=data_dir or "")
@@ -189,85 +74,261 @@ def load_records(spec: str, raw_dir: str | None = None, data_dir: str | None = N
 
 
 def _reason(message: str) -> str:
-    reasons = (("SMILES", "invalid SMILES"), ("residue", "bad residues"), ("context", "too long"))
-    return next((reason for key, reason in reasons if key in message), "other")
+    return next((reason for key, reason in REASONS if key in message), "other")
 
 
-def predict(model, records: Sequence[Record], batch_size: int = 8, system: str | None = None,
-            log=None, **options) -> list[dict]:
-    """One row per record: `index`, `id`, `reference`, `label`, and `prediction` or `error` (the record could not
-    be encoded). Prompts are sorted by length before batching (less padding, fewer compiled shapes); every
-    generate call has `batch_size` rows."""
-    log = log or sys.stderr
-    tok = chat.tokenizer_of(model)
-    cfg = chat.generation_config(tok, options)
-    rows, ready, bad = [], [], BadRecords()
+def encode_records(mm: MeshModel, records: Sequence[Record], system: str | None, max_new_tokens: int,
+                   log=None) -> tuple[list[dict], dict[int, Encoded]]:
+    """A row per record (`index`, `id`, `reference`, `label`; `error` and `reason` when it cannot be asked)
+    and the encoded prompts of the others; what was skipped is summarised on `log` (stderr)."""
+    rows, encoded, bad = [], {}, BadRecords()
     for i, r in enumerate(records):
         row = {"index": i, "id": r.id, "reference": r.answer, "label": r.label}
         try:
-            ready.append((i, chat.encode_prompt(model, chat.make_prompt(r.question, r.entities, system),
-                                                cfg.max_new_tokens)))
+            if not isinstance(r.answer, str):
+                raise ValueError(f"answer is {type(r.answer).__name__}, not a string")
+            if not r.answer.strip():
+                raise ValueError("the record has no answer")
+            prompt = chat.make_prompt(r.question, r.entities, system)
+            encoded[i] = chat.encode_prompt(mm.module, prompt, max_new_tokens)
         except ValueError as e:
-            row["error"] = str(e)
-            bad.add(_reason(str(e)), f"record {i} (id {r.id!r}): {e}")
+            row.update(error=str(e), reason=_reason(str(e)))
+            bad.add(row["reason"], f"record {i} (id {r.id!r}): {e}")
         rows.append(row)
-    if bad.total:
+    if bad.total and jax.process_index() == 0:
+        log = log or sys.stderr
         print(f"evaluate: skipped {bad.total} of {len(records)} record(s)", file=log)
         for reason, info in bad.as_dict().items():
             print(f"  {reason}: {info['count']} (e.g. {'; '.join(info['examples'])})", file=log)
-    ready.sort(key=lambda x: x[1].length)
-    for start in range(0, len(ready), batch_size):
-        chunk = ready[start:start + batch_size]
-        tokens = chat.generate_tokens(model, [enc for _, enc in chunk], cfg, batch_size)
-        for (i, _), ids in zip(chunk, tokens):
-            rows[i]["prediction"] = chat.answer_text(tok, ids)
-        print(f"evaluate: {min(start + batch_size, len(ready))}/{len(ready)} answered", file=log, flush=True)
-    return rows
+    return rows, encoded
 
 
-def evaluate(model, records: Sequence[Record], batch_size: int = 8, system: str | None = None,
-             log=None, **options) -> tuple[list[dict], dict]:
-    """Prediction rows (with `choice` / `correct` for labelled records) and the metrics of `records`."""
-    rows = predict(model, records, batch_size, system, log, **options)
-    return rows, score(records, rows)
+def options_of(mm: MeshModel, records: Sequence[Record], rows: list[dict], encoded: dict[int, Encoded]) -> list[Option]:
+    """Every option of every encoded labelled record; a record whose options cannot be read or do not fit
+    the context gets `ll_error` instead."""
+    tok, context = mm.tokenizer, mm.config.lm.max_position_embeddings
+    out = []
+    for i, enc in encoded.items():
+        if not records[i].label:
+            continue
+        try:
+            mine = []
+            for key, text in answer_options(records[i]).items():
+                ids = np.asarray(tok.encode(text), np.int32)
+                if enc.length + len(ids) > context:
+                    raise ValueError(f"prompt of {enc.length} positions plus option {key!r} ({len(ids)} tokens) "
+                                     f"exceeds the context of {context}")
+                target = np.concatenate([np.zeros_like(enc.input_ids), np.ones_like(ids)])
+                mine.append(Option(i, key, len(text), len(ids),
+                                   Encoded(np.concatenate([enc.input_ids, ids]), target, enc.mols, enc.prots)))
+            out += mine
+        except ValueError as e:
+            rows[i]["ll_error"] = str(e)
+    return out
 
 
-def format_table(metrics: dict[str, dict]) -> str:
-    """One line per source, one column per metric any source has (`-` where a source lacks it)."""
-    cols = [c for c in COLUMNS if any(c in m for m in metrics.values())]
-    width = max([len(s) for s in metrics] + [6])
-    cell = lambda v: "-" if v is None else str(v) if isinstance(v, int) else f"{v:.4f}"  # noqa: E731
-    lines = [f"{'source':<{width}}  " + "  ".join(f"{c:>{max(len(c), 6)}}" for c in cols)]
-    for src, m in metrics.items():
-        lines.append(f"{src:<{width}}  " + "  ".join(f"{cell(m.get(c)):>{max(len(c), 6)}}" for c in cols))
-    return "\n".join(lines)
+def loglik_pass(mm: MeshModel, records: Sequence[Record], rows: list[dict], options: list[Option], rows_per: int,
+                bar) -> None:
+    """Score every option (one jitted call per global batch) and give each record its `ll_logprobs`,
+    `ll_choice` / `ll_correct` (highest sum) and `ll_choice_norm` / `ll_correct_norm` (highest per character)."""
+    scores: dict[int, dict[str, tuple[float, int, bool]]] = {}
+    context = mm.config.lm.max_position_embeddings
+    for plan in batches.plan_batches([o.encoded.length for o in options], rows_per):
+        mine = [options[j].encoded for j in batches.local_part(plan, rows_per)]
+        local = batches.collate_local(mine, rows_per, mm.mesh, filler=options[plan[0]].encoded, max_len=context)
+        total, greedy = mm.option_logprobs(global_batch(local, mm.mesh), max(options[j].tokens for j in plan))
+        for q in range(jax.process_count()):
+            for j, idx in enumerate(plan[q * rows_per:(q + 1) * rows_per], q * rows_per):
+                o = options[idx]
+                scores.setdefault(o.record, {})[o.key] = (float(total[j]), o.chars, bool(greedy[j]))
+        bar.update(len(plan))
+    for i, per in scores.items():
+        gold = gold_key(records[i])
+        best = max(per, key=lambda k: per[k][0])
+        best_norm = max(per, key=lambda k: per[k][0] / per[k][1])
+        rows[i].update(ll_logprobs={k: v[0] for k, v in per.items()}, ll_greedy=[k for k, v in per.items() if v[2]],
+                       ll_choice=best, ll_correct=best == gold, ll_choice_norm=best_norm,
+                       ll_correct_norm=best_norm == gold)
+
+
+def read_choice(record: Record, row: dict) -> None:
+    """Set `choice` (the option read from `row["prediction"]`, or None) and `correct` on a labelled record's row."""
+    yes_no = is_yes_no(record)
+    row["choice"] = extract_choice(row["prediction"], yes_no, None if yes_no else choice_options(record.question))
+    row["correct"] = row["choice"] is not None and row["choice"] == gold_key(record)
+
+
+def generate_pass(mm: MeshModel, records: Sequence[Record], rows: list[dict], encoded: dict[int, Encoded], config,
+                  rows_per: int, sink: Sink, bar) -> None:
+    """Answer every encoded record (one generate call per global batch), writing each row as it is done."""
+    order = sorted(encoded)
+    max_len = mm.config.lm.max_position_embeddings - config.max_new_tokens
+    for plan in batches.plan_batches([encoded[i].length for i in order], rows_per):
+        plan = [order[j] for j in plan]
+        mine = [encoded[i] for i in batches.local_part(plan, rows_per)]
+        local = batches.collate_local(mine, rows_per, mm.mesh, filler=encoded[plan[0]], max_len=max_len)
+        tokens = mm.generate(global_batch(local, mm.mesh), config)
+        for q in range(jax.process_count()):
+            for j, i in enumerate(plan[q * rows_per:(q + 1) * rows_per], q * rows_per):
+                rows[i]["prediction"] = chat.answer_text(mm.tokenizer, tokens[j])
+                if records[i].label:
+                    read_choice(records[i], rows[i])
+                sink(rows[i])
+        bar.update(len(plan))
+
+
+def score(records: Sequence[Record], rows: Sequence[dict], vocab: str | None = None,
+          nltk_data: str | None = None) -> dict:
+    """Metrics of one source from its records and finished rows (rows with an `error` are skipped).
+    `accuracy` / `extraction_failures` when labelled records were generated, `ll_accuracy(_norm)` when they
+    were scored by log-likelihood, the text metrics (`text_metrics`) and `exact_match` over the generated
+    free-text answers and PubMedQA-style long answers."""
+    done = [(r, row) for r, row in zip(records, rows, strict=True) if "error" not in row]
+    out: dict = {"n": len(done), "skipped": len(rows) - len(done)}
+    if out["skipped"]:
+        out["skipped_reasons"] = dict(Counter(row["reason"] for row in rows if "error" in row))
+    generated = [row for r, row in done if r.label and "prediction" in row]
+    if generated:
+        out["accuracy"] = sum(row["correct"] for row in generated) / len(generated)
+        out["extraction_failures"] = sum(row["choice"] is None for row in generated)
+    scored = [row for r, row in done if r.label and "ll_logprobs" in row]
+    if scored:
+        out["ll_accuracy"] = sum(row["ll_correct"] for row in scored) / len(scored)
+        out["ll_accuracy_norm"] = sum(row["ll_correct_norm"] for row in scored) / len(scored)
+    if any("ll_error" in row for _, row in done):
+        out["ll_skipped"] = sum("ll_error" in row for _, row in done)
+    texts = [(r.answer, row["prediction"]) for r, row in done
+             if "prediction" in row and (not r.label or has_long_answer(r))]
+    if texts:
+        refs, preds = zip(*texts)
+        out.update(text_metrics(refs, preds, vocab, nltk_data))
+        out["exact_match"] = sum(normalize(r) == normalize(p) for r, p in texts) / len(texts)
+    return out
+
+
+def evaluate(model, records: Sequence[Record], *, batch_size: int = 8, system: str | None = None,
+             mode: str = "both", mesh=None, sink: Sink | None = None, progress: bool = False, desc: str = "",
+             log=None, vocab: str | None = None, nltk_data: str | None = None, **options) -> tuple[list[dict], dict]:
+    """Rows (one per record, see docs/evaluate.md) and metrics of `records`.
+
+    model: a BioMedGPT with its tokenizer (placed on `mesh`, default all devices on `data`) or a `MeshModel`.
+    mode: `both`, `generate` or `loglik`. sink: called with each row once it is final (to write it).
+    options: HF-named generation options (`max_new_tokens`, `num_beams`, ...). `batch_size` is rounded up so
+    that every process's block divides over the batch axes. Metrics gain `speed` (examples/s).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    mm = model if isinstance(model, MeshModel) else MeshModel(model, mesh or parallel.make_mesh((-1, 1, 1)))
+    sink = sink or (lambda row: None)
+    config = chat.generation_config(mm.tokenizer, options)
+    rows_per = batches.rows_per_process(batch_size, mm.mesh)
+    rows, encoded = encode_records(mm, records, system, 0 if mode == "loglik" else config.max_new_tokens, log)
+    for row in rows:
+        if "error" in row:
+            sink(row)
+    to_score = options_of(mm, records, rows, encoded) if mode != "generate" else []
+    total = len(to_score) + (len(encoded) if mode != "loglik" else 0)
+    speed = {}
+    with tqdm(total=total, desc=desc or "evaluate", unit="ex", file=log or sys.stderr,
+              disable=not progress or jax.process_index() != 0) as bar:
+        if to_score:
+            start = time.perf_counter()
+            loglik_pass(mm, records, rows, to_score, rows_per, bar)
+            speed["loglik_options_per_s"] = len(to_score) / (time.perf_counter() - start)
+        if mode == "loglik":
+            for i in encoded:
+                sink(rows[i])
+        elif encoded:
+            start = time.perf_counter()
+            generate_pass(mm, records, rows, encoded, config, rows_per, sink, bar)
+            speed["generate_examples_per_s"] = len(encoded) / (time.perf_counter() - start)
+    metrics = score(records, rows, vocab, nltk_data)
+    metrics["speed"] = speed
+    return rows, metrics
+
+
+def _mesh_shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected data,fsdp,tensor, e.g. -1,1,1") from None
+
+
+def _sorted_predictions(path: Path, sources: Sequence[str]) -> None:
+    """Rewrite the predictions file (written in completion order) in source order, then by `index`."""
+    rank = {s: k for k, s in enumerate(sources)}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows.sort(key=lambda r: (rank[r["source"]], r["index"]))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bmgpt_jax.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="checkpoint folder (see bmgpt_jax.chat)")
-    ap.add_argument("--source", action="append", required=True, help="name:split, e.g. chebi20:test (repeatable)")
+    ap.add_argument("--source", action="append", required=True, help="name:split, e.g. demo:test (repeatable)")
     ap.add_argument("--raw-dir", help="raw files of the source(s) (sample sets default to ../shared/data)")
     ap.add_argument("--data-dir", help="tfds folder for built datasets (default: the user cache)")
     ap.add_argument("--limit", type=int, help="evaluate the first N records of each source")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--output", help="per-example predictions JSONL")
-    ap.add_argument("--metrics", help="also write the metrics as JSON here")
+    ap.add_argument("--batch-size", type=int, default=8, help="global rows per batch (default 8)")
+    ap.add_argument("--mode", choices=MODES, default="both", help="generation, log-likelihood or both (default)")
+    ap.add_argument("--mesh", type=_mesh_shape, default=(-1, 1, 1), help="data,fsdp,tensor (default -1,1,1)")
+    ap.add_argument("--out-dir", default="runs/eval", help="run folder for predictions, metrics and the chart")
     ap.add_argument("--system", help="system prompt (default: the reference's)")
+    ap.add_argument("--scibert-vocab", help="SciBERT vocab.txt, folder or hub name (default: the sample folder's)")
+    ap.add_argument("--nltk-data", help="folder holding corpora/wordnet (default: the sample folder's nltk_data)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     chat.add_generation_args(ap)
     args = ap.parse_args(argv)
-    model, options = chat.model_and_options(args)
-    metrics, lines = {}, []
-    for spec in args.source:
-        records = load_records(spec, args.raw_dir, args.data_dir, args.limit)
-        rows, metrics[spec] = evaluate(model, records, args.batch_size, args.system, **options)
-        lines += [json.dumps({"source": spec, **row}) + "\n" for row in rows]
-    if args.output:
-        Path(args.output).write_text("".join(lines))
-    if args.metrics:
-        Path(args.metrics).write_text(json.dumps(metrics, indent=1))
-    print(format_table(metrics))
+    from bmgpt_jax.distributed import initialize
+    initialize()
+    writer = jax.process_index() == 0
+    try:
+        if args.mode != "loglik":                   # text metrics need both: fail before any generation
+            load_text_tokenizer(args.scibert_vocab)
+            load_wordnet(args.nltk_data)
+        sources = {spec: load_records(spec, args.raw_dir, args.data_dir, args.limit) for spec in args.source}
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        if isinstance(e, FileNotFoundError) and not isinstance(e, MissingResource) and not args.raw_dir:
+            message += " (sample sets: pass --raw-dir ../shared/data or set BMGPT_SHARED_DATA)"
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    try:
+        model, options = chat.model_and_options(args)
+    except FileNotFoundError as e:
+        print(f"error: {e} (`python -m bmgpt_jax.train` writes one to runs/tiny/final)", file=sys.stderr)
+        return 2
+    mm = MeshModel(model, parallel.make_mesh(args.mesh))
+    del model
+    out = Path(args.out_dir)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+    run = {"checkpoint": str(args.checkpoint), "mesh": dict(mm.mesh.shape), "processes": jax.process_count(),
+           "batch_size": args.batch_size, "limit": args.limit, "mode": args.mode, "generation": options}
+    metrics: dict[str, dict] = {}
+    with (open(out / "predictions.jsonl", "w") if writer else contextlib.nullcontext()) as f:
+        for spec, records in sources.items():
+            def sink(row, spec=spec):
+                if f is not None:
+                    f.write(json.dumps({"source": spec, **row}) + "\n")
+                    f.flush()
+            _, metrics[spec] = evaluate(mm, records, batch_size=args.batch_size, system=args.system, mode=args.mode,
+                                        sink=sink, progress=not args.no_progress, desc=spec,
+                                        vocab=args.scibert_vocab, nltk_data=args.nltk_data, **options)
+            if writer:
+                paper = {s: PAPER[s.partition(":")[0]] for s in metrics if paper_row(s)}
+                (out / "metrics.json").write_text(json.dumps({"sources": metrics, "paper": paper, "run": run},
+                                                             indent=1))
+                print(f"{spec}: {', '.join(f'{k} {v:.2f}' for k, v in metrics[spec]['speed'].items())}",
+                      file=sys.stderr)
+    if writer:
+        _sorted_predictions(out / "predictions.jsonl", list(sources))
+        bar_chart(metrics, out / "report.png")
+        print(format_table(metrics))
+        print(f"wrote {out / 'predictions.jsonl'}, {out / 'metrics.json'}, {out / 'report.png'}", file=sys.stderr)
     return 0
 
 

@@ -1,8 +1,8 @@
-"""Evaluation: BLEU / ROUGE / exact match against hand-computed cases, option extraction, scoring of
-labelled and free-text records, skipped records, and the CLI end to end on a tiny random checkpoint."""
+"""Evaluation: option extraction and options, scoring of labelled and free-text rows, bad records counted and
+written, the same answers on one device and on a sharded mesh, the CLI end to end (run folder, paper
+rows, chart), predictions kept across a crash, and one-line errors for bad sources and missing resources."""
 import dataclasses
 import json
-import math
 
 import numpy as np
 import pytest
@@ -11,49 +11,18 @@ from flax import nnx
 from bmgpt_jax import chat
 from bmgpt_jax import config as config_lib
 from bmgpt_jax import evaluate as ev
+from bmgpt_jax import parallel
 from bmgpt_jax.data.records import Record
 from bmgpt_jax.convert.folder import save_pretrained
 from bmgpt_jax.data.text import attach_tokenizer, load_tokenizer
+from bmgpt_jax.evaluation import choices, report
+from bmgpt_jax.evaluation.scoring import MeshModel
 from bmgpt_jax.models.biomedgpt import BioMedGPT, BioMedGPTConfig
 from bmgpt_jax.models.esm import EsmConfig
 from bmgpt_jax.models.gin import GinConfig
 from bmgpt_jax.models.llama import LlamaConfig
 
-REF, HYP = "The cat sat on the mat.", "the cat sat on a mat."
-
-
-def test_identical_texts_score_one():
-    texts = ["The molecule is a steroid ester.", "It binds DNA, and (maybe) RNA."]
-    m = ev.overlap_metrics(texts, texts)
-    assert all(m[k] == pytest.approx(1.0) for k in ev.OVERLAP_KEYS)
-    assert ev.overlap_metrics(["abc def"], ["xyz"]) == {k: 0.0 for k in ev.OVERLAP_KEYS}
-
-
-def test_bleu_by_hand():
-    # tokens: the cat sat on the mat . | the cat sat on a mat .  (7 each: brevity penalty 1)
-    # 1-grams 6/7, 2-grams (the cat, cat sat, sat on, mat .) 4/6, 3-grams 2/5, 4-grams 1/4
-    assert ev.corpus_bleu([REF], [HYP], 2) == pytest.approx(math.sqrt(6 / 7 * 4 / 6))
-    assert ev.corpus_bleu([REF], [HYP], 4) == pytest.approx((6 / 7 * 4 / 6 * 2 / 5 * 1 / 4) ** 0.25)
-    # corpus, not sentence average: 1-grams (2 + 1) / 4, 2-grams (1 + 0) / 2
-    assert ev.corpus_bleu(["a b", "c d"], ["a b", "c e"], 2) == pytest.approx(math.sqrt(3 / 4 * 1 / 2))
-    # brevity penalty: precisions 1, hypothesis 3 tokens vs reference 6 -> exp(1 - 6/3)
-    assert ev.corpus_bleu(["the cat sat on the mat"], ["the cat sat"], 2) == pytest.approx(math.exp(-1))
-    assert ev.corpus_bleu(["a b"], ["a b c d"], 2) == pytest.approx(math.sqrt(2 / 4 * 1 / 3))  # longer: no penalty
-    assert ev.corpus_bleu(["a b c d"], ["a b d c"], 4) == 0.0  # no 4-gram match, no smoothing
-
-
-def test_rouge_and_exact_match_by_hand():
-    # rouge tokens drop punctuation: the cat sat on the mat | the cat sat on a mat
-    assert ev.rouge_n(REF, HYP, 1) == pytest.approx(5 / 6)          # the, cat, sat, on, mat
-    assert ev.rouge_n(REF, HYP, 2) == pytest.approx(3 / 5)          # the cat, cat sat, sat on
-    assert ev.rouge_l(REF, HYP) == pytest.approx(5 / 6)             # LCS: the cat sat on mat
-    assert ev.rouge_l("a b c d", "b a d c") == pytest.approx(0.5) and ev.rouge_n("a b c d", "b a d c", 1) == 1.0
-    # precision 2/2, recall 2/4 -> F1 2/3
-    assert ev.rouge_l("w x y z", "w z") == pytest.approx(2 / 3)
-    assert ev.rouge_n("w x y z", "w z", 1) == pytest.approx(2 / 3)
-    assert ev.lcs_length(list("ABCBDAB"), list("BDCABA")) == 4
-    m = ev.overlap_metrics(["Aspirin.", "Caffeine"], ["aspirin", "Theine"])
-    assert m["exact_match"] == 0.5
+MC_Q = "Which drug?\nA. Aspirin\nB. Caffeine\nC. Ethanol\nD. Water"
 
 
 @pytest.mark.parametrize("text, options, expected", [
@@ -76,26 +45,57 @@ def test_yes_no_extraction(text, expected):
     assert ev.extract_choice(text, yes_no=True) == expected
 
 
-def test_score_labelled_and_text_records():
-    mc_q = "Which drug?\nA. Aspirin\nB. Caffeine\nC. Ethanol\nD. Water"
-    records = [Record((), mc_q, "B. Caffeine", label="B"), Record((), mc_q, "A. Aspirin", label="A"),
-               Record((), mc_q, "C. Ethanol", label="C"), Record((), "Q?", "Yes. It works.", label="yes"),
+def test_answer_options():
+    assert choices.answer_options(Record((), MC_Q, "B. Caffeine", label="B")) == {
+        "A": "A. Aspirin", "B": "B. Caffeine", "C": "C. Ethanol", "D": "D. Water"}
+    assert choices.answer_options(Record((), "Q?", "No. Because.", label="no")) == {
+        "yes": "Yes.", "no": "No.", "maybe": "Maybe."}
+    with pytest.raises(ValueError, match=r"record 'q7': label 'E' is not one of the question's options"):
+        choices.answer_options(Record((), MC_Q, "E. Milk", label="E", id="q7"))
+    with pytest.raises(ValueError, match="no A./B./... lines"):
+        choices.answer_options(Record((), "Which drug?", "B. Caffeine", label="B"))
+
+
+def test_score_rows(shared_data):
+    records = [Record((), MC_Q, "B. Caffeine", label="B"), Record((), MC_Q, "A. Aspirin", label="A"),
+               Record((), MC_Q, "C. Ethanol", label="C"), Record((), "Q?", "Yes. It works.", label="yes"),
                Record((), "Describe.", "It is a molecule."), Record((), "Describe.", "Unused.")]
     assert [ev.has_long_answer(r) for r in records[:4]] == [False, False, False, True]
+    stray = Record((), "Q?\nA. Sepsis\nB. Benzodiazepine intoxication", 'B. Benzodiazepine intoxication\n"', label="B")
+    assert not ev.has_long_answer(stray)                       # as in a MedQA test record: stray quote
     rows = [{"prediction": "B. Caffeine"}, {"prediction": "Caffeine"}, {"prediction": "dunno"},
-            {"prediction": "Yes. It works."}, {"prediction": "It is a molecule."}, {"error": "SMILES 'C1CC'"}]
+            {"prediction": "Yes. It works."}, {"prediction": "It is a molecule."},
+            {"error": "SMILES 'C1CC' ...", "reason": "invalid SMILES"}]
+    for r, row in zip(records[:4], rows):
+        ev.read_choice(r, row)
+    assert [row["choice"] for row in rows[:4]] == ["B", "B", None, "yes"]
+    assert [row["correct"] for row in rows[:4]] == [True, False, False, True]
+    for row, correct in zip(rows[:3], [True, False, False]):            # by sum: 1 of 3; per character: 3 of 3
+        row.update(ll_logprobs={"A": -1.0}, ll_correct=correct, ll_correct_norm=True)
     m = ev.score(records, rows)
-    assert m["n"] == 5 and m["skipped"] == 1
+    assert m["n"] == 5 and m["skipped"] == 1 and m["skipped_reasons"] == {"invalid SMILES": 1}
     assert m["accuracy"] == pytest.approx(2 / 4) and m["extraction_failures"] == 1
-    assert [r.get("choice") for r in rows[:4]] == ["B", "B", None, "yes"]
-    assert rows[0]["correct"] and not rows[1]["correct"] and rows[3]["correct"]
-    assert m["bleu4"] == pytest.approx(1.0) and m["rougeL"] == pytest.approx(1.0)  # the two texts only
-    table = ev.format_table({"x:test": m, "y": {"n": 0, "skipped": 2}}).splitlines()
-    assert table[0].split()[:4] == ["source", "n", "skipped", "accuracy"] and table[2].split()[3] == "-"
+    assert m["ll_accuracy"] == pytest.approx(1 / 3) and m["ll_accuracy_norm"] == pytest.approx(1.0)
+    # the free text and PubMedQA's long answer only, both predicted exactly
+    assert m["bleu4"] == pytest.approx(1.0) and m["meteor"] > 0.99 and m["exact_match"] == 1.0
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def test_report_table_and_chart(tmp_path):
+    metrics = {"pubmedqa:test": {"n": 4, "skipped": 1, "accuracy": 0.5, "ll_accuracy": 0.75},
+               "chebi20:test": {"n": 3, "skipped": 0, "bleu2": 0.2, "meteor": 0.3}}
+    lines = report.format_table(metrics).splitlines()
+    assert lines[0].split()[:5] == ["source", "n", "skipped", "accuracy", "ll_accuracy"]
+    assert lines[1].split()[:5] == ["pubmedqa:test", "4", "1", "0.5000", "0.7500"]
+    assert lines[2].split()[:6] == ["paper:", "BioMedGPT-10B", "(fine-tuned)", "-", "-", "0.7610"]
+    assert lines[3].startswith("chebi20:test") and len(lines) == 4
+    assert report.paper_row("pubchemqa:test")["metrics"] == {"bleu2": 0.234, "bleu4": 0.141, "rougeL": 0.332,
+                                                               "meteor": 0.308}
+    assert all(row["fine_tuned"] for row in report.PAPER.values())
+    png = report.bar_chart(metrics, tmp_path / "report.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_checkpoint(folder):
     """A random tiny BioMedGPT with the demo tokenizer, saved as a checkpoint folder."""
     tok = load_tokenizer(None)
     lm = dataclasses.replace(config_lib.load(LlamaConfig, "llama_tiny"), vocab_size=tok.vocab_size,
@@ -103,11 +103,16 @@ def checkpoint(tmp_path_factory):
     cfg = BioMedGPTConfig(lm=lm, gin=config_lib.load(GinConfig, "gin_tiny"),
                           esm=config_lib.load(EsmConfig, "esm2_tiny"))
     model = attach_tokenizer(BioMedGPT(cfg, rngs=nnx.Rngs(0)), tok)
-    return save_pretrained(model, None, tmp_path_factory.mktemp("ckpt"))
+    return save_pretrained(model, None, folder)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def test_prompts_near_the_context_limit(checkpoint):
-    """A prompt that fits but whose width rounded up to 64 would not: `chat.collate_prompts` caps the width
+    """A prompt that fits but whose width rounded up to 64 would not: `data.prompts.collate_prompts` caps the width
     at the context left for new tokens, and it decodes what a model with a longer context does."""
     model, longer = chat.from_pretrained(checkpoint), chat.from_pretrained(checkpoint, max_position_embeddings=2048)
     records = [Record((("protein", "MKT" * 316),), "What is it?", "A protein."), Record((), "Hi?", "Hello.")]
@@ -117,35 +122,104 @@ def test_prompts_near_the_context_limit(checkpoint):
     np.testing.assert_array_equal(chat.generate_tokens(model, encoded, cfg, 2),
                                   chat.generate_tokens(longer, encoded, cfg, 2))
     rows, m = ev.evaluate(model, records, batch_size=2, max_new_tokens=4)
-    assert m["n"] == 2 and all("prediction" in r for r in rows)
+    assert all("prediction" in r for r in rows)
 
 
-def test_bad_records_are_reported_and_skipped(checkpoint, capsys):
+def test_bad_records_are_counted_and_written(checkpoint, shared_data, capsys):
     model = chat.from_pretrained(checkpoint)
     records = [Record((("molecule", "CCO"),), "What is it?", "Ethanol."),
                Record((("molecule", "C1CC"),), "What is it?", "Broken."),
-               Record((("protein", "M" * 1000),), "What is it?", "Too long.")]
-    rows, m = ev.evaluate(model, records, batch_size=2, max_new_tokens=4)
-    assert m["n"] == 1 and m["skipped"] == 2 and "prediction" in rows[0]
+               Record((("protein", "M" * 1000),), "What is it?", "Too long."),
+               Record((), "What is it?", ""), Record((), "How many?", 3),
+               Record((), MC_Q, "B. Caffeine", label="B")]
+    written = []
+    rows, m = ev.evaluate(model, records, batch_size=2, mesh=parallel.make_mesh((1, 1, 1)), sink=written.append,
+                          max_new_tokens=4)
+    assert m["n"] == 2 and m["skipped"] == 4
+    assert m["skipped_reasons"] == {"invalid SMILES": 1, "too long": 1, "no answer": 1, "answer not a string": 1}
     assert "SMILES 'C1CC'" in rows[1]["error"] and "exceeds the context" in rows[2]["error"]
+    assert rows[4]["error"] == "answer is int, not a string"
+    assert isinstance(rows[0]["prediction"], str) and "ll_logprobs" not in rows[0]
+    assert set(rows[5]["ll_logprobs"]) == set("ABCD") and rows[5]["choice"] in (None, *"ABCD")
+    assert sorted(r["index"] for r in written) == list(range(6))            # every row reaches the sink once
     err = capsys.readouterr().err
-    assert "skipped 2 of 3 record(s)" in err and "invalid SMILES: 1" in err and "too long: 1" in err
+    assert "skipped 4 of 6 record(s)" in err and "invalid SMILES: 1" in err and "too long: 1" in err
+
+
+def test_sharded_mesh_gives_the_same_answers(checkpoint):
+    model = chat.from_pretrained(checkpoint)
+    records = ev.load_records("demo:test", limit=5) + [Record((), MC_Q, "C. Ethanol", label="C"),
+                                                       Record((), "Q? Answer yes, no or maybe.", "No.", label="no")]
+    one, m1 = ev.evaluate(model, records, batch_size=4, mesh=parallel.make_mesh((1, 1, 1)), max_new_tokens=5)
+    many, m8 = ev.evaluate(MeshModel(model, parallel.make_mesh((2, 2, 2))), records, batch_size=4, max_new_tokens=5)
+    assert [r["prediction"] for r in one] == [r["prediction"] for r in many]
+    for a, b in zip(one[5:], many[5:]):
+        assert a["ll_logprobs"] == pytest.approx(b["ll_logprobs"], abs=1e-3)
+    assert m1["n"] == m8["n"] == 7 and m1["speed"]["generate_examples_per_s"] > 0
 
 
 def test_cli_end_to_end(checkpoint, shared_data, tmp_path, capsys):
-    out, metrics = tmp_path / "preds.jsonl", tmp_path / "metrics.json"
-    argv = ["--checkpoint", str(checkpoint), "--source", "chebi20:test", "--source", "medqa:test", "--limit", "3",
-            "--batch-size", "4", "--max-new-tokens", "6", "--data-dir", str(tmp_path / "tfds"),
-            "--raw-dir", str(shared_data), "--output", str(out), "--metrics", str(metrics)]
+    out = tmp_path / "run"
+    argv = ["--checkpoint", str(checkpoint), "--source", "demo:test", "--source", "medmcqa:validation",
+            "--limit", "3", "--batch-size", "4", "--max-new-tokens", "6", "--data-dir", str(tmp_path / "tfds"),
+            "--out-dir", str(out), "--no-progress"]
     assert ev.main(argv) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    sources = ("chebi20:test", "medqa:test")
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    sources = ("demo:test", "medmcqa:validation")
     assert [(r["source"], r["index"]) for r in rows] == [(s, i) for s in sources for i in range(3)]
     assert all(isinstance(r["prediction"], str) and r["reference"] for r in rows)
-    assert all(r["label"] in "ABCD" and "choice" in r and isinstance(r["correct"], bool) for r in rows[3:])
-    m = json.loads(metrics.read_text())
-    assert set(ev.OVERLAP_KEYS) <= set(m["chebi20:test"]) and "accuracy" not in m["chebi20:test"]
-    assert {"accuracy", "extraction_failures"} <= set(m["medqa:test"]) and "bleu4" not in m["medqa:test"]
-    assert m["chebi20:test"]["n"] == m["medqa:test"]["n"] == 3
-    table = capsys.readouterr().out
-    assert "chebi20:test" in table and "medqa:test" in table and "bleu4" in table and "accuracy" in table
+    assert all(r["label"] in "ABCD" and isinstance(r["correct"], bool) and set(r["ll_logprobs"]) == set("ABCD")
+               for r in rows[3:])
+    saved = json.loads((out / "metrics.json").read_text())
+    m = saved["sources"]
+    assert {"bleu2", "bleu4", "meteor", "rouge1", "rouge2", "rougeL"} <= set(m["demo:test"])
+    assert "accuracy" not in m["demo:test"] and "bleu4" not in m["medmcqa:validation"]
+    assert {"accuracy", "ll_accuracy", "ll_accuracy_norm", "extraction_failures"} <= set(m["medmcqa:validation"])
+    assert saved["paper"]["medmcqa:validation"]["metrics"] == {"accuracy": 0.514}
+    assert saved["run"]["processes"] == 1 and saved["run"]["generation"] == {"max_new_tokens": 6}
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    captured = capsys.readouterr()
+    table = captured.out.splitlines()
+    table = table[next(i for i, line in enumerate(table) if line.startswith("source ")):]   # after tfds' lines
+    assert table[1].startswith("demo:test") and table[2].startswith("medmcqa:validation")
+    assert table[3].split()[:3] == ["paper:", "BioMedGPT-10B", "(fine-tuned)"]
+    assert "generate_examples_per_s" in captured.err
+
+
+def test_a_crash_keeps_the_predictions_made(checkpoint, tmp_path, monkeypatch):
+    calls = []
+    real = MeshModel.generate
+
+    def failing(self, batch, config):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return real(self, batch, config)
+    monkeypatch.setattr(MeshModel, "generate", failing)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="device lost"):
+        ev.main(["--checkpoint", str(checkpoint), "--source", "demo:test", "--limit", "6", "--batch-size", "2",
+                 "--mesh", "1,1,1", "--max-new-tokens", "3", "--out-dir", str(out), "--no-progress"])
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all("prediction" in r for r in rows)
+
+
+def test_cli_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys):
+    base = ["--checkpoint", str(checkpoint), "--out-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path)]
+    assert ev.main(base + ["--source", "demo:bogus"]) == 2
+    assert capsys.readouterr().err.strip() == "error: demo has no split 'bogus'; splits: train, test"
+    assert ev.main(base + ["--source", "chebi20:bogus"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "error: data.sources: chebi20 has no split 'bogus'; splits: validation, test"
+    monkeypatch.setenv("BMGPT_SHARED_DATA", str(tmp_path / "absent"))
+    assert ev.main(base + ["--source", "chebi20:test", "--scibert-vocab", str(tmp_path / "absent")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: SciBERT vocabulary") and "from_pretrained" in err and "\n" not in err
+    assert ev.main(base + ["--source", "chebi20:test", "--mode", "loglik"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: chebi20: input folder None not found") and "--raw-dir ../shared/data" in err
+    assert "\n" not in err and not (tmp_path / "run").exists()
+    base[1] = str(tmp_path / "no_checkpoint")
+    assert ev.main(base + ["--source", "demo:test", "--limit", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: checkpoint folder") and "python -m bmgpt_jax.train" in err

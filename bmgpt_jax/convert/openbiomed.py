@@ -71,7 +71,7 @@ def to_state_dict(model: BioMedGPT) -> dict[str, np.ndarray]:
 def load(pth_path: str | os.PathLike, lm_config, esm_config, tokenizer=None,
          gin_config: GinConfig | None = None, **lm_overrides) -> BioMedGPT:
     """Our BioMedGPT from `biomedgpt_10b.pth`. `tokenizer`: a SentencePiece `.model` path, an HF
-    tokenizer folder or a `bmgpt_jax.data.text` tokenizer; attached for `model.chat`."""
+    tokenizer folder or a `bmgpt_jax.data.text` tokenizer; attached for `chat.ask`."""
     model = from_state_dict(read_state_dict(pth_path), lm_config, esm_config, gin_config,
                             source=str(pth_path), **lm_overrides)
     if tokenizer is not None:

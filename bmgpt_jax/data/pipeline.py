@@ -41,8 +41,9 @@ AUTO_SAMPLES = ("chebi20:validation", "chembl_qa", "swissprot")
 class DataConfig:
     """The `data:` section of a training config.
 
-    sources: dataset names (`demo`, or a key of builders.BUILDERS), each optionally `name:split`; `auto` =
-      demo plus the molecule/protein sample sets when ../shared/data exists.
+    sources: dataset names (`demo`, or a key of builders.BUILDERS), each optionally `name:split`; `demo` is
+      `demo:train` (`demo:test` is held out); `auto` = demo plus the molecule/protein sample sets when
+      ../shared/data exists.
     raw_dirs: source name -> folder of its raw files (sample sets default to the shared data folder).
     data_dir: where tfds writes built datasets ("" = the user cache). tokenizer: SentencePiece model
       path ("" = the demo tokenizer). batch_size: global rows per step (split evenly over processes).
@@ -87,13 +88,15 @@ class DataConfig:
 def _source_records(spec: str, cfg: DataConfig) -> list[Sequence[Record]]:
     name, _, split = spec.partition(":")
     if name == "demo":
-        return [demo_records(cfg.demo_molecules or None)]
+        return [demo_records(cfg.demo_molecules or None, split or "train")]
     if name == "auto":
         samples = AUTO_SAMPLES if shared_data_dir() is not None else ()
         return [r for s in ("demo",) + samples for r in _source_records(s, cfg)]
     if name not in BUILDERS:
         raise KeyError(f"data.sources: unknown source {name!r}; known: demo, auto, {', '.join(sorted(BUILDERS))}")
     builder = make_builder(name, cfg.raw_dirs.get(name), cfg.data_dir or None, cfg.multi_entity)
+    if split and split not in builder.FILES:
+        raise KeyError(f"data.sources: {name} has no split {split!r}; splits: {', '.join(builder.FILES)}")
     return [read_split(builder, split or next(iter(builder.FILES)))]
 
 

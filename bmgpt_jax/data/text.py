@@ -104,7 +104,7 @@ def as_tokenizer(tokenizer) -> Tokenizer:
 
 
 def attach_tokenizer(model, tokenizer):
-    """Give `model` its tokenizer (see `as_tokenizer`) for `model.chat`. A plain attribute: static in
+    """Give `model` its tokenizer (see `as_tokenizer`) for `chat.ask`. A plain attribute: static in
     `nnx.split`'s graphdef (hashed by identity), so params, jit and checkpoints are unaffected. Returns `model`."""
     tok = as_tokenizer(tokenizer)
     vocab = model.config.lm.vocab_size

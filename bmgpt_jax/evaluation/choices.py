@@ -1,0 +1,83 @@
+"""Multiple-choice records: the options they offer, and the option a generated answer chose.
+
+A labelled `Record` is either yes/no/maybe (PubMedQA: `label` "yes", answer "Yes. <conclusion>") or
+lettered (MedQA, MedMCQA: `label` "B", the question lists "A. text" lines, answer "B. text"). Scoring by
+log-likelihood asks for each option's text *as the answer* (`answer_options`: "Yes." / "B. Caffeine", the
+way the builders write gold answers); scoring by generation reads the choice from the generated text
+(`extract_choice`).
+"""
+from __future__ import annotations
+
+import re
+
+from bmgpt_jax.data.records import Record
+
+YES_NO_MAYBE = ("yes", "no", "maybe")
+
+
+def choice_options(question: str) -> dict[str, str]:
+    """The lettered options listed in a question ("A. text" lines, as the MedQA/MedMCQA builders write them)."""
+    return {m[1]: m[2].strip() for m in re.finditer(r"^([A-E])[.)]\s+(.+)$", question, re.M)}
+
+
+def is_yes_no(record: Record) -> bool:
+    return record.label.lower() in YES_NO_MAYBE
+
+
+def answer_options(record: Record) -> dict[str, str]:
+    """Option key -> the text the model would answer for it: "Yes." / "No." / "Maybe." for a yes/no/maybe
+    record, "A. <option>" ... for a lettered one. Raises ValueError when the gold label is not among them
+    (a lettered question without its "A. ..." lines, a label that is neither a letter nor yes/no/maybe)."""
+    if is_yes_no(record):
+        return {k: f"{k.capitalize()}." for k in YES_NO_MAYBE}
+    options = {k: f"{k}. {text}" for k, text in choice_options(record.question).items()}
+    if record.label not in options:
+        raise ValueError(f"record {record.id!r}: label {record.label!r} is not one of the question's options "
+                         f"{sorted(options) or '(no A./B./... lines)'}")
+    return options
+
+
+def gold_key(record: Record) -> str:
+    """The option key `extract_choice` / `answer_options` use for the gold label ("yes", "B")."""
+    return record.label.lower() if is_yes_no(record) else record.label
+
+
+def words(text: str) -> list[str]:
+    """rouge-score's default tokens: lowercase, every run of non-alphanumerics is a separator."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def extract_choice(text: str, yes_no: bool = False, options: dict[str, str] | None = None) -> str | None:
+    """The option chosen by generated `text`, or None when it cannot be read.
+
+    yes/no/maybe (`yes_no`): the word at the start ("Yes. Because ..."), else after "answer is" / "answer:".
+    Letters A-E: a letter at the start followed by `.`, `)`, `:`, `,` or the end ("B. Aspirin", "(C)", "D"),
+    else "answer is B" / "Answer: (B)" / "option B"; else (with `options`, see `choice_options`) the option whose
+    text starts the answer (the longest such).
+    """
+    if yes_no:
+        alternatives = "|".join(YES_NO_MAYBE)
+        m = (re.match(rf"\W*({alternatives})\b", text, re.I) or
+             re.search(rf"\banswer(?:\s+is)?\s*:?\s*\W*({alternatives})\b", text, re.I))
+        return m[1].lower() if m else None
+    m = (re.match(r"\s*[(\[]?([A-E])(?:[)\].:,]|\s*$)", text) or
+         re.search(r"\b(?i:answer|option)(?:\s+is)?\s*:?\s*[(\[]?([A-E])\b(?![\w'-])", text))
+    if m:
+        return m[1]
+    said = words(text)
+    opts = {k: words(o) for k, o in (options or {}).items()}
+    hits = [(len(o), k) for k, o in opts.items() if o and said[:len(o)] == o]
+    return max(hits)[1] if hits else None
+
+
+def normalize(text: str) -> str:
+    """Lowercase, whitespace collapsed, a trailing period dropped: what exact match compares."""
+    return " ".join(text.lower().split()).rstrip(".").strip()
+
+
+def has_long_answer(record: Record) -> bool:
+    """Whether a labelled record's answer says more than its label and option: words after "Yes. " / "B. "
+    other than one of the question's options, compared word by word (PubMedQA's conclusion, not MedQA's
+    "B. option", even when the option carries stray punctuation)."""
+    rest = words(re.sub(rf"^\W*{re.escape(record.label)}\b", "", record.answer, flags=re.I))
+    return bool(rest) and rest not in [words(o) for o in choice_options(record.question).values()]

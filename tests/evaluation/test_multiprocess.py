@@ -1,0 +1,57 @@
+"""Evaluation with two processes (127.0.0.1, gloo) x 2 CPU devices on a data=2 x fsdp=2 mesh: each process
+encodes and feeds its block of every batch, process 0 alone writes the run folder, and the predictions and
+option log-likelihoods equal those of one process on one device."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bmgpt_jax import evaluate as ev
+from tests.test_evaluate import tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+ARGS = ["--source", "demo:test", "--source", "medqa:test", "--limit", "3", "--batch-size", "8",
+        "--max-new-tokens", "3", "--no-progress"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rows_of(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_match_one(shared_data, tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt")
+    data = ["--data-dir", str(tmp_path / "tfds")]           # built once here, then only read by the workers
+    assert ev.main(["--checkpoint", str(checkpoint), *ARGS, *data, "--mesh", "1,1,1",
+                    "--out-dir", str(tmp_path / "single")]) == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS", "SLURM_"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2",
+               BMGPT_SHARED_DATA=str(shared_data))
+    procs = [subprocess.Popen([sys.executable, "-m", "bmgpt_jax.evaluate", "--checkpoint", str(checkpoint), *ARGS,
+                               *data, "--mesh", "2,2,1", "--out-dir", str(tmp_path / f"run{i}")], cwd=REPO,
+                              env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=400)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
+    assert not (tmp_path / "run1").exists()                         # only process 0 writes
+    assert json.loads((tmp_path / "run0" / "metrics.json").read_text())["run"]["processes"] == 2
+    two, one = rows_of(tmp_path / "run0"), rows_of(tmp_path / "single")
+    assert [(r["source"], r["index"], r["prediction"]) for r in two] == \
+        [(r["source"], r["index"], r["prediction"]) for r in one]
+    for a, b in zip(two[3:], one[3:]):
+        assert a["ll_logprobs"] == pytest.approx(b["ll_logprobs"], abs=1e-3)
