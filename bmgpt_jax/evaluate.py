@@ -257,7 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--system", help="system prompt (default: the reference's)")
     chat.add_generation_args(ap)
     args = ap.parse_args(argv)
-    model, options = chat.model_and_options(args)
+    try:
+        model, options = chat.model_and_options(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"evaluate: {chat.one_line(e)}", file=sys.stderr)
+        return 2
     metrics, lines = {}, []
     for spec in args.source:
         records = load_records(spec, args.raw_dir, args.data_dir, args.limit)
