@@ -249,7 +249,8 @@ def test_one_atom_cap_for_training_evaluation_and_chat(demo_model):
     it = BatchIterator(data, records=[rec], max_atoms=strict.max_atoms, over_cap=strict.over_cap)
     next(it)
     assert it.counts() == {"examples": 1, "too_many_atoms": 1}
-    refusing = SimpleNamespace(config=dataclasses.replace(demo_model.config, gin=strict), tokenizer=demo_model.tokenizer)
+    refusing = SimpleNamespace(config=dataclasses.replace(demo_model.config, gin=strict),
+                               tokenizer=demo_model.tokenizer)
     with pytest.raises(ValueError, match="80 atoms exceed the cap of 64"):
         chat.encode_prompt(refusing, prompt, 8)
 
@@ -274,7 +275,8 @@ def test_command_line_errors_are_one_line_naming_the_culprit(demo_model, tmp_pat
     assert error(tmp_path / "nope") == f"chat: model folder {tmp_path / 'nope'} does not exist"
     run = tmp_path / "run"
     shutil.copytree(ckpt, run / "final")
-    assert error(run) == f"chat: {run} is a training run's folder; its model is {run / 'final'} (--checkpoint {run / 'final'})"
+    final = run / "final"
+    assert error(run) == f"chat: {run} is a training run's folder; its model is {final} (--checkpoint {final})"
     pth = "biomedgpt_10b.pth"
     folder = broken("empty", lambda d: (d / pth).write_bytes(b""))
     assert error(folder) == f"chat: {folder / pth} is empty (0 bytes), not a weights file"

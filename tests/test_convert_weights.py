@@ -69,7 +69,8 @@ def test_bad_inputs_are_one_line_naming_the_file(tmp_path, torch, capsys):
     (tmp_path / "lm.json").write_text('{"vocab_size": 32001, "hidden')
     (tmp_path / "esm.json").write_text("{}")
     (tmp_path / "tok.model").write_bytes(load_tokenizer(None).model_proto[:500])
-    opts = ["--lm-config", tmp_path / "lm.json", "--esm-config", tmp_path / "esm.json", "--tokenizer", tmp_path / "tok.model"]
+    opts = ["--lm-config", tmp_path / "lm.json", "--esm-config", tmp_path / "esm.json",
+            "--tokenizer", tmp_path / "tok.model"]
     assert f"{tmp_path / 'lm.json'} is not valid JSON" in error("openbiomed", tmp_path / "gin.pth", out, *opts)
     (tmp_path / "lm.json").write_text("{}")
     assert f"{tmp_path / 'tok.model'} is not a readable SentencePiece tokenizer" in \

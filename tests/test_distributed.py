@@ -85,7 +85,8 @@ def train_mode_tokens(batch, mesh):
     from bmgpt_jax.models.gin import GinConfig
     from bmgpt_jax.models.llama import LlamaConfig
     cfg = BioMedGPTConfig(lm=config.load(LlamaConfig, "llama_tiny", ["vocab_size=64", "num_layers=1"]),
-                          gin=config.load(GinConfig, "gin_tiny"), esm=config.load(EsmConfig, "esm2_tiny", ["num_layers=1"]))
+                          gin=config.load(GinConfig, "gin_tiny"),
+                          esm=config.load(EsmConfig, "esm2_tiny", ["num_layers=1"]))
     model = BioMedGPT(cfg, rngs=nnx.Rngs(0))
     model.mol_structure_encoder.train()
     graphdef, state = nnx.split(model)

@@ -187,7 +187,7 @@ class BatchIterator:
         an earlier `state()`) only those before the window that state points into -- the part a run restored
         from that state does not encode again."""
         read, dropped = self.read, self.dropped
-        if state is not None and self._before is not None and self._before[0] == (state["epoch"], state["window"]):
+        if state is not None and self._before and self._before[0] == (state["epoch"], state["window"]):
             read, dropped = self._before[1], self._before[2]
         return {"examples": read, **{k: n for k, n in sorted(dropped.items()) if n}}
 

@@ -216,8 +216,8 @@ def test_missing_data_fails_cleanly(cfg, tmp_path):
     old, sys.unraisablehook = sys.unraisablehook, unraisable.append
     try:
         with pytest.raises(FileNotFoundError, match="pubchemqa: input folder .*absent not found"):
-            BatchIterator(dataclasses.replace(cfg, sources=("pubchemqa",), raw_dirs={"pubchemqa": str(tmp_path / "absent")},
-                                              data_dir=str(tmp_path / "tfds")))
+            BatchIterator(dataclasses.replace(cfg, sources=("pubchemqa",), data_dir=str(tmp_path / "tfds"),
+                                              raw_dirs={"pubchemqa": str(tmp_path / "absent")}))
         gc.collect()
     finally:
         sys.unraisablehook = old
