@@ -90,8 +90,11 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
     """A `data x fsdp x tensor` mesh with Auto axis types; one entry may be -1 (the rest of the devices).
 
     Devices are laid out by `jax.make_mesh` (topology-aware: rings and tori on TPU, process order on
-    GPU), then `process_blocks` checks that every process's devices hold one contiguous block of the
-    batch rows, which the data pipeline's per-process offsets rely on.
+    GPU). The data pipeline needs every process's devices to hold one contiguous block of the batch rows
+    (`process_blocks`); where the topology's order interleaves processes along the batch axes (a 16-chip
+    ring over a v5e 4x4's four hosts), the devices are laid out instead with the processes as the outer
+    blocks of the batch axes and each process's own devices in topology order
+    (`mesh_utils.create_hybrid_device_mesh`, processes as granules), and that is checked again.
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = list(shape)
@@ -112,9 +115,36 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
                 f"simulates {need} devices" if devices[0].platform == "cpu" and need > len(devices) else "")
         raise ValueError(f"mesh shape {tuple(shape)} needs {need} devices, which does not divide the "
                          f"{len(devices)} devices found{hint}")
-    mesh = jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    mesh = jax.make_mesh(tuple(shape), MESH_AXES, axis_types=auto, devices=devices)
+    try:
+        process_blocks(mesh)
+        return mesh
+    except ValueError as interleaved:
+        grid = _process_major(shape, devices)
+        if grid is None:
+            raise interleaved from None
+    mesh = Mesh(grid, MESH_AXES, axis_types=auto)
     process_blocks(mesh)
     return mesh
+
+
+def _process_major(shape: Sequence[int], devices) -> np.ndarray | None:
+    """A device grid of `shape` whose batch axes (data, then fsdp) are cut into one contiguous block per
+    process: the processes split the data axis, or, when they outnumber it, every data row and then the
+    fsdp axis; None when `shape` cannot be cut so (or a process's devices cannot fill their block)."""
+    from jax.experimental import mesh_utils
+    data, fsdp, tensor = shape
+    procs = len({d.process_index for d in devices})
+    by_data = math.gcd(data, procs)
+    by_fsdp = procs // by_data
+    if fsdp % by_fsdp or (by_fsdp > 1 and by_data != data):
+        return None
+    try:
+        return mesh_utils.create_hybrid_device_mesh((data // by_data, fsdp // by_fsdp, tensor), (by_data, by_fsdp, 1),
+                                                    devices, process_is_granule=True, allow_split_physical_axes=True)
+    except (ValueError, AssertionError):
+        return None
 
 
 @functools.lru_cache(maxsize=32)

@@ -1,5 +1,7 @@
 """Meshes: built by `jax.make_mesh` with Auto axes, refused with a hint when the devices do not fit, and
 checked for the data pipeline's per-process row blocks (processes simulated by mapping devices)."""
+import importlib.util
+
 import jax
 import numpy as np
 import pytest
@@ -43,3 +45,21 @@ def test_each_process_must_hold_one_contiguous_block_of_batch_rows():
     with pytest.raises(ValueError, match=r"process 0: rows \[0, 1\], process 1: rows \[0, 1\].*tensor axis must "
                                          "stay within a process"):
         parallel.process_blocks(parallel.make_mesh((1, 1, 8)), first_half)                # tensor spans both
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_a_topology_order_that_interleaves_hosts_is_laid_out_process_major():
+    """v5e 4x4 (4 hosts): jax.make_mesh's 16-chip ring visits hosts 0,0,1,1,1,1,0,2,... -- the pipeline's
+    per-process row blocks would interleave; make_mesh keeps each host's chips together instead."""
+    from bmgpt_jax.training import plan
+    devices = plan.tpu_devices("v5e:4x4")
+    ring = jax.make_mesh((1, 16, 1), parallel.MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    with pytest.raises(ValueError, match="does not give each of the 4 processes its own contiguous block"):
+        parallel.process_blocks(ring)
+    mesh = parallel.make_mesh((1, 16, 1), devices)
+    assert [d.process_index for d in mesh.devices.flat] == [p for p in range(4) for _ in range(4)]
+    assert parallel.process_blocks(mesh) == {p: p for p in range(4)}
+    for shape in [(2, 8, 1), (4, 2, 2), (1, 8, 2)]:
+        assert sorted(parallel.process_blocks(parallel.make_mesh(shape, devices)).values()) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="tensor axis must stay within a process"):
+        parallel.make_mesh((1, 1, 16), devices)
