@@ -375,3 +375,12 @@ def test_too_many_dropped_examples_stop_the_run_naming_the_setting(tmp_path, cap
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("train: TooManyDropped: the data pipeline dropped") and \
         "more than data.max_dropped=0.05; most are too_many_atoms" in line and "change model.gin.max_atoms" in line
+
+
+def test_a_second_ctrl_c_aborts_in_one_line(monkeypatch, capsys):
+    def interrupted(cfg, resume=False):
+        raise KeyboardInterrupt   # what the handler raises on a Ctrl-C while a stop is pending
+    monkeypatch.setattr(train, "run", interrupted)
+    assert train.main(SMALL) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["train: aborted by a second Ctrl-C; the last saved checkpoint is kept (--resume continues from it)"]
