@@ -10,11 +10,15 @@ config, and mismatches name the key and both shapes), then writes it in the targ
     python convert_weights.py openbiomed biomedgpt_10b.pth DST_DIR --lm-config LM/config.json \
         --esm-config ESM/config.json --tokenizer llama/tokenizer.model   # -> a chat/training checkpoint dir
     python convert_weights.py to_openbiomed RUN/final DST.pth           # our checkpoint dir -> OpenBioMed .pth
+
+A missing, empty, truncated or corrupt input (a `.pth` cut short, a broken `config.json` or tokenizer)
+is one line naming the file on stderr and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +29,26 @@ def _same(a: dict, b: dict) -> None:
     bad = [k for k in a if a[k].dtype != b[k].dtype or not np.array_equal(a[k], b[k])]
     if bad:
         raise SystemExit(f"round trip changed {len(bad)} tensors, e.g. {bad[:5]}")
+
+
+def check_sources(args) -> None:
+    """The inputs of `args.kind`, checked with `bmgpt_jax.inputs` before any conversion reads them."""
+    from bmgpt_jax import inputs
+    if args.kind in ("hf_llama", "hf_esm"):
+        src = Path(args.src)
+        if (src / "config.json").exists():
+            inputs.check_json(src / "config.json")
+        for f in sorted(src.glob("*.safetensors")) + sorted(src.glob("pytorch_model*.bin")):
+            inputs.check_weights(f)
+    elif args.kind in ("graphmvp_gin", "openbiomed"):
+        inputs.check_weights(args.src)
+        for config in (args.lm_config, args.esm_config) if args.kind == "openbiomed" else ():
+            path = Path(config)
+            inputs.check_json(path / "config.json" if path.is_dir() else path)
+        if args.kind == "openbiomed":
+            inputs.check_tokenizer(args.tokenizer)
+    else:
+        inputs.check_model_folder(args.src)
 
 
 def main(argv=None) -> int:
@@ -38,7 +62,21 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", help="openbiomed: SentencePiece model or HF tokenizer folder")
     ap.add_argument("--check", action="store_true", help="read the output back and compare bit for bit")
     args = ap.parse_args(argv)
+    if args.kind == "openbiomed" and not (args.lm_config and args.esm_config and args.tokenizer):
+        ap.error("openbiomed needs --lm-config, --esm-config and --tokenizer")
+    from bmgpt_jax.inputs import one_line
+    try:
+        check_sources(args)
+        convert(args)
+    except Exception as e:  # noqa: BLE001 -- a command line reports what failed in one line
+        print(f"convert_weights.py {args.kind}: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
+        return 2
+    print(f"{args.kind}: {args.src} -> {args.dst}" + (" (checked bit for bit)" if args.check else ""))
+    return 0
 
+
+def convert(args) -> None:
+    """Read `args.src` into our model and write it as `args.kind` says (checked back with `--check`)."""
     if args.kind == "hf_llama":
         from bmgpt_jax.convert import hf_llama as conv
         model = conv.load(args.src)
@@ -58,8 +96,6 @@ def main(argv=None) -> int:
         if args.check:
             _same(conv.to_state_dict(model), conv.to_state_dict(conv.load(args.dst, prefix=args.prefix)))
     elif args.kind == "openbiomed":
-        if not (args.lm_config and args.esm_config and args.tokenizer):
-            ap.error("openbiomed needs --lm-config, --esm-config and --tokenizer")
         from bmgpt_jax.convert import openbiomed
         from bmgpt_jax.convert.folder import from_pretrained, save_pretrained
         from bmgpt_jax.data.text import tokenizer_of
@@ -75,8 +111,6 @@ def main(argv=None) -> int:
         if args.check:
             from bmgpt_jax.convert.torch_io import read_state_dict
             _same(openbiomed.to_state_dict(model), read_state_dict(args.dst))
-    print(f"{args.kind}: {args.src} -> {args.dst}" + (" (checked bit for bit)" if args.check else ""))
-    return 0
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def main():
     from bmgpt_jax.data.builders import shared_data_dir
     from bmgpt_jax.data.pipeline import BatchIterator, global_batch
     from bmgpt_jax.parallel import batch_shardings, shard
-    from bmgpt_jax.training.loop import load_config
+    from bmgpt_jax.training.loop import load_config, resolve_tokenizer
     from bmgpt_jax.training.monitor import measure_matmul_flops, train_flops_per_token
     from bmgpt_jax.training.optim import count_params, make_optimizer, make_schedule, split_trainable, trainable_filter
     from bmgpt_jax.training.stages import build_model, trainable_patterns
@@ -122,8 +122,8 @@ def main():
     overrides = [f"data.tokenizer={tok}", f"data.batch_size={args.batch}", f"data.seq_buckets=[{args.seq}]",
                  *args.overrides]
     cfg = load_config(args.config, overrides)
-    it = BatchIterator(cfg.data)
-    lm = dataclasses.replace(cfg.model.lm, vocab_size=cfg.model.lm.vocab_size or it.tokenizer.vocab_size)
+    it = BatchIterator(cfg.data, max_atoms=cfg.model.gin.max_atoms, over_cap=cfg.model.gin.over_cap)
+    lm = resolve_tokenizer(cfg, it.tokenizer).model.lm
     if args.hidden:
         heads = args.heads or max(1, args.hidden // 64)
         lm = dataclasses.replace(lm, hidden_size=args.hidden, num_heads=heads, num_kv_heads=heads,

@@ -9,6 +9,8 @@ spliced in) and decoded by `generation.generate` from the spliced embeddings, st
     python -m bmgpt_jax.chat --checkpoint DIR --jsonl questions.jsonl --output answers.jsonl
 
 DIR is a model folder (`convert.folder`: weights, configs, tokenizer), e.g. a training run's `final/`.
+What cannot be answered (a missing or corrupt folder, an empty question, an invalid SMILES) is one line
+on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -29,10 +31,12 @@ from bmgpt_jax.data import prompts as prompt_lib
 from bmgpt_jax.data.prompts import Prompt, as_entities, collate_prompts, human_message, make_prompt
 from bmgpt_jax.data.text import Tokenizer, tokenizer_of
 from bmgpt_jax.generation import GenerationConfig, generate
+from bmgpt_jax.inputs import check_model_folder, one_line
 
 OPTIONS = ("max_new_tokens", "do_sample", "num_beams", "temperature", "top_k", "top_p", "repetition_penalty",
            "length_penalty", "seed")
 ROW_KEYS = ("question", "smiles", "protein", "system", "id")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def stop_sequences(tok: Tokenizer) -> tuple[tuple[int, ...], ...]:
@@ -180,7 +184,7 @@ def interactive(conv: Conversation, lines: Iterable[str], out=None) -> None:
 
 def add_generation_args(ap) -> None:
     """`--dtype` and the generation options (HF names as flags) on a command line."""
-    ap.add_argument("--dtype", help="LM compute dtype, e.g. bfloat16")
+    ap.add_argument("--dtype", choices=DTYPES, help="LM compute dtype (default: the folder's, float32)")
     for name, kind in (("max_new_tokens", int), ("num_beams", int), ("temperature", float), ("top_k", int),
                        ("top_p", float), ("repetition_penalty", float), ("length_penalty", float), ("seed", int)):
         ap.add_argument("--" + name.replace("_", "-"), type=kind)
@@ -188,9 +192,15 @@ def add_generation_args(ap) -> None:
 
 
 def model_and_options(args):
-    """The checkpoint of `args.checkpoint` (in `args.dtype`) and the generation options given on the line."""
+    """The checkpoint of `args.checkpoint` (in `args.dtype`) and the generation options given on the line.
+    The folder is checked first (`inputs.check_model_folder`); any failure is FileNotFoundError or
+    ValueError with a one-line message naming the file."""
     options = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None}
-    return from_pretrained(args.checkpoint, **({"dtype": args.dtype} if args.dtype else {})), options
+    folder = check_model_folder(args.checkpoint)
+    try:
+        return from_pretrained(folder, **({"dtype": args.dtype} if args.dtype else {})), options
+    except Exception as e:  # noqa: BLE001 -- a command line reports what failed in one line
+        raise ValueError(f"cannot load the model folder {folder}: {type(e).__name__}: {one_line(e)}") from e
 
 
 def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) -> int:
@@ -208,7 +218,12 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
     ap.add_argument("--batch-size", type=int, default=8)
     add_generation_args(ap)
     args = ap.parse_args(argv)
-    model, options = model_and_options(args)
+    try:
+        model, options = model_and_options(args)
+        lines = open(args.jsonl) if args.jsonl else None
+    except (FileNotFoundError, ValueError) as e:
+        print(f"chat: {one_line(e)}", file=sys.stderr)
+        return 2
     if args.interactive:
         interactive(Conversation(model, args.system, **options), stdin)
         return 0
@@ -216,11 +231,11 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
         try:
             print(ask(model, args.question, args.smiles, args.protein, args.system, **options))
         except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"chat: {one_line(e)}", file=sys.stderr)
             return 2
         return 0
-    with open(args.jsonl) as f:
-        results = answer_rows(model, f, args.batch_size, args.system, **options)
+    with lines:
+        results = answer_rows(model, lines, args.batch_size, args.system, **options)
     text = "".join(json.dumps(r) + "\n" for r in results)
     if args.output:
         Path(args.output).write_text(text)

@@ -47,6 +47,7 @@ from bmgpt_jax.evaluation.choices import (answer_options, choice_options, extrac
 from bmgpt_jax.evaluation.report import PAPER, bar_chart, format_table, paper_row
 from bmgpt_jax.evaluation.scoring import MeshModel
 from bmgpt_jax.evaluation.text_metrics import MissingResource, load_text_tokenizer, load_wordnet, text_metrics
+from bmgpt_jax.inputs import one_line
 
 MODES = ("both", "generate", "loglik")
 REASONS = (("not a string", "answer not a string"), ("no answer", "no answer"), ("SMILES", "invalid SMILES"),
@@ -298,8 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         model, options = chat.model_and_options(args)
-    except FileNotFoundError as e:
-        print(f"error: {e} (`python -m bmgpt_jax.train` writes one to runs/tiny/final)", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as e:
+        hint = " (`python -m bmgpt_jax.train` writes one to runs/tiny/final)" if isinstance(e, FileNotFoundError) else ""
+        print(f"error: {one_line(e)}{hint}", file=sys.stderr)
         return 2
     mm = MeshModel(model, parallel.make_mesh(args.mesh))
     del model

@@ -9,8 +9,9 @@ Every placement of an array lives here and is used by the model (`constrain`), t
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -86,7 +87,15 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
-    """A `data x fsdp x tensor` mesh; one entry may be -1 (the rest of the devices). Auto axis types."""
+    """A `data x fsdp x tensor` mesh with Auto axis types; one entry may be -1 (the rest of the devices).
+
+    Devices are laid out by `jax.make_mesh` (topology-aware: rings and tori on TPU, process order on
+    GPU). The data pipeline needs every process's devices to hold one contiguous block of the batch rows
+    (`process_blocks`); where the topology's order interleaves processes along the batch axes (a 16-chip
+    ring over a v5e 4x4's four hosts), the devices are laid out instead with the processes as the outer
+    blocks of the batch axes and each process's own devices in topology order
+    (`mesh_utils.create_hybrid_device_mesh`, processes as granules), and that is checked again.
+    """
     devices = list(jax.devices() if devices is None else devices)
     shape = list(shape)
     if len(shape) != len(MESH_AXES):
@@ -102,10 +111,72 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
     if need < len(devices) and len(devices) % need == 0 and jax.process_count() == 1:
         devices = devices[:need]  # a smaller mesh on one host (e.g. 1x1x1 for a reference run)
     if need != len(devices):
+        hint = (f"; on CPU, XLA_FLAGS=--xla_force_host_platform_device_count={need} (set before JAX starts) "
+                f"simulates {need} devices" if devices[0].platform == "cpu" and need > len(devices) else "")
         raise ValueError(f"mesh shape {tuple(shape)} needs {need} devices, which does not divide the "
-                         f"{len(devices)} devices found")
-    arr = np.asarray(devices).reshape(shape)
-    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+                         f"{len(devices)} devices found{hint}")
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    mesh = jax.make_mesh(tuple(shape), MESH_AXES, axis_types=auto, devices=devices)
+    try:
+        process_blocks(mesh)
+        return mesh
+    except ValueError as interleaved:
+        grid = _process_major(shape, devices)
+        if grid is None:
+            raise interleaved from None
+    mesh = Mesh(grid, MESH_AXES, axis_types=auto)
+    process_blocks(mesh)
+    return mesh
+
+
+def _process_major(shape: Sequence[int], devices) -> np.ndarray | None:
+    """A device grid of `shape` whose batch axes (data, then fsdp) are cut into one contiguous block per
+    process: the processes split the data axis, or, when they outnumber it, every data row and then the
+    fsdp axis; None when `shape` cannot be cut so (or a process's devices cannot fill their block)."""
+    from jax.experimental import mesh_utils
+    data, fsdp, tensor = shape
+    procs = len({d.process_index for d in devices})
+    by_data = math.gcd(data, procs)
+    by_fsdp = procs // by_data
+    if fsdp % by_fsdp or (by_fsdp > 1 and by_data != data):
+        return None
+    try:
+        return mesh_utils.create_hybrid_device_mesh((data // by_data, fsdp // by_fsdp, tensor), (by_data, by_fsdp, 1),
+                                                    devices, process_is_granule=True, allow_split_physical_axes=True)
+    except (ValueError, AssertionError):
+        return None
+
+
+@functools.lru_cache(maxsize=32)
+def process_blocks(mesh: Mesh, process_of: Callable[[Any], int] | None = None) -> dict[int, int]:
+    """`{process: b}`: the devices of each process hold block `b` of the global batch rows, the processes'
+    blocks being equal, contiguous and disjoint, so each process feeds its own rows (`data.pipeline`
+    offsets its node and slot indices by its block). `process_of(device)` defaults to
+    `device.process_index`.
+
+    Raises ValueError saying which process holds which rows when that does not hold: the `data x fsdp`
+    axes must cut the devices into whole per-process groups, and the tensor axis must stay inside a host.
+    """
+    process_of = process_of or (lambda d: d.process_index)
+    axes = logical_to_spec(("batch",))[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    procs = sorted({process_of(d) for d in mesh.devices.flat})
+    rows = math.lcm(math.prod(mesh.shape[a] for a in axes), len(procs))
+    per = rows // len(procs)
+    held: dict[int, set[int]] = {p: set() for p in procs}
+    for device, (index,) in NamedSharding(mesh, P(axes)).devices_indices_map((rows,)).items():
+        held[process_of(device)].update(range(*index.indices(rows)))
+    blocks = {}
+    for p in procs:
+        r = sorted(held[p])
+        if len(r) != per or r[-1] - r[0] != per - 1 or r[0] % per:
+            shown = ", ".join(f"process {q}: rows {sorted(held[q])}" for q in procs[:4])
+            raise ValueError(f"mesh {dict(mesh.shape)} does not give each of the {len(procs)} processes its own "
+                             f"contiguous block of {per} of the {rows} batch rows ({shown}); the data pipeline "
+                             "feeds every process its own rows, so the data x fsdp axes must split the devices "
+                             "into whole per-process groups and the tensor axis must stay within a process")
+        blocks[p] = r[0] // per
+    return blocks
 
 
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:

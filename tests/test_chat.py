@@ -153,7 +153,7 @@ def test_stop_words_come_from_the_tokenizer(tok):
 
 def test_attached_tokenizer_keeps_split_and_jit_working(pair, tok):
     _, ours = pair
-    enc = examples.encode_example(tok, RECORDS[2], examples.EncodeOptions("", 256, 64, "skip", 1024))
+    enc = examples.encode_example(tok, RECORDS[2], examples.EncodeOptions("", 256, 64, "error", 1024))
     batch = examples.collate([enc], 128, examples.Budget(1, 32, 64, 2, 1), 64)
     graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
     assert not any("tokenizer" in str(p) for p, _ in nnx.to_flat_state(nnx.state(ours)))
@@ -228,3 +228,67 @@ def test_checkpoint_folder_cli_interactive_and_jsonl(demo_model, tmp_path, capsy
     assert res[0]["answer"] == expected and res[0]["id"] == "a" and "answer" in res[7]
     assert all("error" in r and "answer" not in r for r in res[1:7])
     assert "line 3: ValueError: SMILES 'C1CC'" in capsys.readouterr().err
+
+
+def test_one_atom_cap_for_training_evaluation_and_chat(demo_model):
+    """The GIN's `max_atoms` / `over_cap` decide for the training pipeline and for chat (and evaluation,
+    which encodes as chat does): the same atoms get tokens, or the molecule is refused by both."""
+    from types import SimpleNamespace
+
+    from bmgpt_jax.data.pipeline import BatchIterator, DataConfig
+    gin = demo_model.config.gin
+    assert (gin.max_atoms, gin.over_cap) == (64, "subsample")
+    rec = Record((("molecule", "C" * 80),), "What is it?", "An alkane.")
+    data = DataConfig(sources=("demo",), batch_size=1, seq_buckets=(256,), node_budget=128, edge_budget=256)
+    batch = next(BatchIterator(data, records=[rec], max_atoms=gin.max_atoms, over_cap=gin.over_cap))
+    prompt = chat.make_prompt(rec.question, rec.entities)
+    asked = chat.encode_prompt(demo_model, prompt, 8).mols[0][3]
+    assert (batch["mol_slot"] >= 0).sum() == 64
+    np.testing.assert_array_equal(np.flatnonzero(batch["mol_slot"][:80] >= 0), np.flatnonzero(asked >= 0))
+    strict = dataclasses.replace(gin, over_cap="error")
+    it = BatchIterator(data, records=[rec], max_atoms=strict.max_atoms, over_cap=strict.over_cap)
+    next(it)
+    assert it.counts() == {"examples": 1, "too_many_atoms": 1}
+    refusing = SimpleNamespace(config=dataclasses.replace(demo_model.config, gin=strict),
+                               tokenizer=demo_model.tokenizer)
+    with pytest.raises(ValueError, match="80 atoms exceed the cap of 64"):
+        chat.encode_prompt(refusing, prompt, 8)
+
+
+def test_command_line_errors_are_one_line_naming_the_culprit(demo_model, tmp_path, capsys):
+    import shutil
+    ckpt = save_pretrained(demo_model, None, tmp_path / "ckpt")
+    ask = ["--question", "What is it?", "--smiles", "CCO", "--max-new-tokens", "4"]
+
+    def error(folder, args=ask):
+        assert chat.main(["--checkpoint", str(folder)] + args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        return err[0]
+
+    def broken(name, change):
+        folder = tmp_path / name
+        shutil.copytree(ckpt, folder)
+        change(folder)
+        return folder
+
+    assert error(tmp_path / "nope") == f"chat: model folder {tmp_path / 'nope'} does not exist"
+    run = tmp_path / "run"
+    shutil.copytree(ckpt, run / "final")
+    final = run / "final"
+    assert error(run) == f"chat: {run} is a training run's folder; its model is {final} (--checkpoint {final})"
+    pth = "biomedgpt_10b.pth"
+    folder = broken("empty", lambda d: (d / pth).write_bytes(b""))
+    assert error(folder) == f"chat: {folder / pth} is empty (0 bytes), not a weights file"
+    folder = broken("cut", lambda d: (d / pth).write_bytes((d / pth).read_bytes()[:5000]))
+    assert error(folder).startswith(f"chat: {folder / pth} is truncated or corrupt (5,000 bytes;")
+    folder = broken("json", lambda d: (d / "llm_config.json").write_text((d / "llm_config.json").read_text()[:40]))
+    assert error(folder).startswith(f"chat: {folder / 'llm_config.json'} is not valid JSON (")
+    folder = broken("tok", lambda d: (d / "tokenizer.model").write_bytes((d / "tokenizer.model").read_bytes()[:999]))
+    assert error(folder).startswith(f"chat: {folder / 'tokenizer.model'} is not a readable SentencePiece tokenizer")
+    assert error(ckpt, ["--question", "  "]) == "chat: the question is empty ('  '): there is nothing to answer"
+    assert error(ckpt, ["--jsonl", str(tmp_path / "absent.jsonl")]).startswith("chat: [Errno 2] No such file")
+    with pytest.raises(SystemExit) as exit_:
+        chat.main(["--checkpoint", str(ckpt), "--dtype", "float16x"] + ask)
+    assert exit_.value.code == 2
+    assert "argument --dtype: invalid choice: 'float16x'" in capsys.readouterr().err.strip().splitlines()[-1]

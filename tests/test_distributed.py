@@ -3,7 +3,9 @@
 Each worker joins with `bmgpt_jax.distributed.initialize`, builds a data=2 x fsdp=2 mesh over the 4 global
 devices, checks a cross-process psum, then runs 3 sharded train steps of the tiny Llama while feeding only
 its half of every batch (`jax.make_array_from_process_local_data`). The losses must equal those of this
-(single) process stepping on the full batches. Also: the env/no-op rules and the launchers' dry runs.
+(single) process stepping on the full batches. The same set-up runs BioMedGPT's molecule tokens with the
+GIN's BatchNorm in training mode over the two processes' padded graphs, against one process holding all
+molecules in one padded graph. Also: the env/no-op rules and the launchers' dry runs.
 """
 import json
 import os
@@ -39,6 +41,64 @@ losses = run_steps(mesh, lambda b: {k: v[p * (len(v) // 2):(p + 1) * (len(v) // 
 print("RESULT " + json.dumps({"process_count": jax.process_count(), "devices": jax.device_count(),
                               "local": jax.local_device_count(), "psum": float(psum), "losses": losses}), flush=True)
 """
+
+
+GIN_WORKER = r"""
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+import numpy as np
+from bmgpt_jax import distributed, parallel
+assert distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from bmgpt_jax.data.pipeline import global_batch
+from tests.test_distributed import MOLECULES, molecule_batch, train_mode_tokens
+p = jax.process_index()
+mesh = parallel.make_mesh((2, 2, 1))
+tokens, stats = train_mode_tokens(global_batch(molecule_batch(MOLECULES[p]), mesh), mesh)
+print("RESULT " + json.dumps({"tokens": tokens.tolist(), "stats": stats}), flush=True)
+"""
+MOLECULES = (["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1"], ["CN1C=NC2=C1C(=O)N(C(=O)N2C)C", "CCCC"])
+
+
+def molecule_batch(smiles, nodes=64):
+    """A batch (docs/batch_format.md) whose first row holds the molecules `smiles`, graphs padded to `nodes`."""
+    from bmgpt_jax.data import examples, molecules
+    mols, start = [], 0
+    for s in smiles:
+        atoms, edge_index, bonds = molecules.featurize(s)
+        mols.append((atoms, edge_index, bonds, start + np.arange(len(atoms), dtype=np.int32)))
+        start += len(atoms)
+    row = examples.Encoded(np.ones(start, np.int32), np.zeros(start, np.int32), mols, [])
+    return examples.collate([row], 64, examples.Budget(2, nodes, 2 * nodes, 8, 2), 8)
+
+
+def train_mode_tokens(batch, mesh):
+    """BioMedGPT's molecule tokens `[N, D]` of `batch` with the GIN's BatchNorm in training mode, and every
+    BatchNorm's updated running statistics (a tiny random model, the same in every process)."""
+    import jax
+    from flax import nnx
+    from jax.experimental import multihost_utils
+
+    from bmgpt_jax import config, parallel
+    from bmgpt_jax.models.biomedgpt import BioMedGPT, BioMedGPTConfig
+    from bmgpt_jax.models.esm import EsmConfig
+    from bmgpt_jax.models.gin import GinConfig
+    from bmgpt_jax.models.llama import LlamaConfig
+    cfg = BioMedGPTConfig(lm=config.load(LlamaConfig, "llama_tiny", ["vocab_size=64", "num_layers=1"]),
+                          gin=config.load(GinConfig, "gin_tiny"),
+                          esm=config.load(EsmConfig, "esm2_tiny", ["num_layers=1"]))
+    model = BioMedGPT(cfg, rngs=nnx.Rngs(0))
+    model.mol_structure_encoder.train()
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, batch):
+        m = nnx.merge(graphdef, state)
+        return m.mol_tokens(batch), nnx.state(m.mol_structure_encoder, nnx.BatchStat)
+
+    tokens, stats = run(parallel.shard(state, mesh), batch)
+    gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))  # noqa: E731
+    return gather(tokens), {".".join(map(str, k)): gather(v.value).tolist() for k, v in nnx.to_flat_state(stats)}
 
 
 def batches():
@@ -82,30 +142,65 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_workers(script: str, timeout: int = 240) -> list[dict]:
+    """Run `script` as 2 processes (argv: coordinator, process id); the JSON each prints after RESULT.
+    Output goes to files, not pipes: a worker blocked on a full pipe would stall the other's shutdown."""
+    import tempfile
+    coordinator = f"127.0.0.1:{_free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS", "SLURM_"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = [open(Path(tmp) / f"worker{i}.log", "w+") for i in range(2)]
+        procs = [subprocess.Popen([sys.executable, "-c", script, coordinator, str(i)], cwd=REPO, env=env,
+                                  stdout=logs[i], stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        try:
+            for p in procs:
+                p.wait(timeout=timeout)
+        finally:
+            for p in procs:
+                p.kill()
+        outs = []
+        for log in logs:
+            log.seek(0)
+            outs.append(log.read())
+            log.close()
+    results = []
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"worker {i} failed:\n{out[-3000:]}"
+        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    return results
+
+
 def test_two_processes_match_one_process(tmp_path):
     import jax
 
     from bmgpt_jax import parallel
-    coordinator = f"127.0.0.1:{_free_port()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS", "SLURM_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, coordinator, str(i)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    results = []
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"worker {i} failed:\n{out[-3000:]}"
-        results.append(json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:]))
+    results = _run_workers(WORKER)
     reference = run_steps(parallel.make_mesh((1, 1, 1), jax.devices()[:1]), lambda b: b)
     for r in results:
         assert (r["process_count"], r["devices"], r["local"]) == (2, 4, 2)
         assert r["psum"] == 6.0  # 2 devices x 1.0 (process 0) + 2 x 2.0 (process 1)
         np.testing.assert_allclose(r["losses"], reference, rtol=0, atol=1e-5)
     assert reference[-1] < reference[0]
+
+
+def test_two_processes_train_mode_batchnorm_matches_one_process():
+    """Each process's graph carries its own padding graph; BatchNorm must still normalise over the real
+    nodes of both (the batch's `mol_node_mask`), as one process holding every molecule does."""
+    import jax
+
+    from bmgpt_jax import parallel
+    outs = _run_workers(GIN_WORKER, timeout=420)
+    n = [int(molecule_batch(m)["mol_node_mask"].sum()) for m in MOLECULES]
+    both = molecule_batch(MOLECULES[0] + MOLECULES[1], nodes=128)
+    ref_tokens, ref_stats = train_mode_tokens(both, parallel.make_mesh((1, 1, 1), jax.devices()[:1]))
+    for out in outs:
+        tokens = np.asarray(out["tokens"])
+        np.testing.assert_allclose(np.concatenate([tokens[:n[0]], tokens[64:64 + n[1]]]), ref_tokens[:sum(n)],
+                                   rtol=1e-5, atol=1e-5)
+        assert out["stats"].keys() == ref_stats.keys()
+        for key, value in ref_stats.items():
+            np.testing.assert_allclose(out["stats"][key], value, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 def test_single_process_is_a_noop(monkeypatch):

@@ -222,4 +222,4 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys):
     base[1] = str(tmp_path / "no_checkpoint")
     assert ev.main(base + ["--source", "demo:test", "--limit", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: checkpoint folder") and "python -m bmgpt_jax.train" in err
+    assert err.startswith("error: model folder") and "python -m bmgpt_jax.train" in err

@@ -1,9 +1,11 @@
 """One record -> one encoded example (host, numpy), and encoded examples -> one fixed-shape batch.
 
 `encode_example` is the slow, per-example part the pipeline runs in worker processes: prompt building
-and tokenization, molecule featurization (rdkit) and protein tokenization. `collate` assembles the batch
-of docs/batch_format.md for one sequence bucket `T` and the graph/protein budgets. `repad` widens a batch
-to a longer bucket (hosts of a multi-host run agree on the longest of their buckets each step).
+and tokenization, molecule featurization (rdkit) and protein tokenization; an example it cannot use comes
+back as one of `DROP_REASONS`. `collate` assembles the batch of docs/batch_format.md for one sequence
+bucket `T` and the graph/protein budgets. `repad` widens a batch to a longer bucket (hosts of a
+multi-host run agree on the longest of their buckets each step). `check_ids` refuses a batch holding an
+id outside its vocabulary before it reaches a jitted step (where it would turn into NaNs).
 """
 from __future__ import annotations
 
@@ -17,14 +19,26 @@ from . import molecules, proteins
 from .records import Record
 from .text import Tokenizer, encode_record
 
+# Why the pipeline leaves an example out -> what would keep it (named in reports and errors).
+DROP_REASONS = {
+    "invalid_smiles": "the data: SMILES that rdkit or the GIN featurization cannot read",
+    "bad_residues": "the data: residues outside the ESM alphabet",
+    "too_many_atoms": "model.gin.max_atoms, or model.gin.over_cap: subsample",
+    "too_long": "data.seq_buckets: a larger last bucket",
+    "over_node_budget": "data.node_budget",
+    "over_edge_budget": "data.edge_budget",
+    "over_graph_budget": "data.graph_budget",
+    "over_protein_budget": "data.protein_budget",
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class EncodeOptions:
     """What `encode_example` needs besides the tokenizer (a picklable slice of DataConfig)."""
     system_prompt: str
     max_len: int                 # longest bucket: QA beyond it is rejected, plain text is cut to it
-    max_atoms: int
-    atom_cap: str                # "skip" | "subsample"
+    max_atoms: int               # the GIN's atom cap (GinConfig.max_atoms / over_cap)
+    over_cap: str                # "subsample" | "error" (the example is dropped)
     max_protein_len: int
 
 
@@ -50,14 +64,14 @@ class Encoded:
 
 
 def encode_example(tok: Tokenizer, record: Record, opt: EncodeOptions) -> Encoded | str:
-    """`record` encoded, or the reason it cannot be used (a short string, counted by the pipeline)."""
+    """`record` encoded, or the reason it cannot be used (a key of `DROP_REASONS`, counted by the pipeline)."""
     feats, kept, esm, lengths = [], [], [], []
     for kind, value in record.entities:
         try:
             if kind == "molecule":
                 f = molecules.featurize(value)
-                if len(f[0]) > opt.max_atoms and opt.atom_cap == "skip":
-                    return "too many atoms"
+                if len(f[0]) > opt.max_atoms and opt.over_cap == "error":
+                    return "too_many_atoms"
                 feats.append(f)
                 kept.append(molecules.kept_atoms(len(f[0]), opt.max_atoms, "subsample", value))
                 lengths.append(len(kept[-1]))
@@ -68,10 +82,10 @@ def encode_example(tok: Tokenizer, record: Record, opt: EncodeOptions) -> Encode
                 esm.append(ids[0, : mask[0].sum()])
                 lengths.append(len(esm[-1]))
         except ValueError:
-            return "invalid SMILES" if kind == "molecule" else "bad residues"
+            return "invalid_smiles" if kind == "molecule" else "bad_residues"
     enc = encode_record(tok, record, lengths, opt.system_prompt, max_len=opt.max_len)
     if len(enc.input_ids) > opt.max_len:
-        return "longer than the largest bucket"
+        return "too_long"
     mols, prots = [], []
     mi, pi = iter(zip(feats, kept)), iter(esm)
     for (kind, _), start in zip(record.entities, enc.slot_starts):
@@ -95,9 +109,16 @@ class Budget:
     graphs: int
     proteins: int
 
-    def fits(self, used: tuple[int, int, int, int], add: tuple[int, int, int, int], rows: int) -> bool:
+    def exceeded(self, used: tuple[int, int, int, int], add: tuple[int, int, int, int], rows: int) -> str | None:
+        """The first budget that `add` (nodes, edges, graphs, proteins) breaks on top of `used` in a batch of
+        `rows` rows ("rows", "node", "edge", "graph", "protein"), or None when it fits."""
         n, e, g, p = (u + a for u, a in zip(used, add))
-        return rows < self.batch and n < self.nodes and e <= self.edges and g < self.graphs and p <= self.proteins
+        checks = (("rows", rows < self.batch), ("node", n < self.nodes), ("edge", e <= self.edges),
+                  ("graph", g < self.graphs), ("protein", p <= self.proteins))
+        return next((name for name, ok in checks if not ok), None)
+
+    def fits(self, used: tuple[int, int, int, int], add: tuple[int, int, int, int], rows: int) -> bool:
+        return self.exceeded(used, add, rows) is None
 
 
 def collate(examples: Sequence[Encoded], T: int, budget: Budget, prot_len: int) -> dict[str, np.ndarray]:
@@ -125,14 +146,17 @@ def collate(examples: Sequence[Encoded], T: int, budget: Budget, prot_len: int) 
             k += 1
     g = molecules.batch_graphs(feats, n_node=budget.nodes, n_edge=budget.edges, n_graph=budget.graphs)
     mol_slot = np.full(budget.nodes, -1, np.int32)
+    mol_node_mask = np.zeros(budget.nodes, np.int32)
     if slots:
         flat = np.concatenate(slots)
         mol_slot[:len(flat)] = flat
+        mol_node_mask[:len(flat)] = 1
     return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss,
             "mol_atoms": np.asarray(g.nodes, np.int32), "mol_bonds": np.asarray(g.edges, np.int32),
             "mol_senders": np.asarray(g.senders, np.int32), "mol_receivers": np.asarray(g.receivers, np.int32),
             "mol_n_node": np.asarray(g.n_node, np.int32), "mol_n_edge": np.asarray(g.n_edge, np.int32),
-            "mol_slot": mol_slot, "prot_ids": prot_ids, "prot_mask": prot_mask, "prot_slot": prot_slot}
+            "mol_node_mask": mol_node_mask, "mol_slot": mol_slot, "prot_ids": prot_ids, "prot_mask": prot_mask,
+            "prot_slot": prot_slot}
 
 
 def repad(batch: dict[str, np.ndarray], T: int, prot_len: int) -> dict[str, np.ndarray]:
@@ -150,3 +174,27 @@ def repad(batch: dict[str, np.ndarray], T: int, prot_len: int) -> dict[str, np.n
         s = batch[key] if key == "mol_slot" else np.pad(batch[key], widen, constant_values=-1)
         out[key] = np.where(s >= 0, (s // T0) * T + s % T0, -1).astype(np.int32)
     return out
+
+
+def check_ids(batch: dict[str, np.ndarray], vocab_size: int, esm_vocab_size: int | None = None,
+              where: str = "batch") -> None:
+    """Raise ValueError naming `where`, the key, the position and the value of the first id outside its
+    table: `input_ids` in [0, vocab_size), `prot_ids` in [0, esm_vocab_size) (when given), the molecule
+    features in the GIN's embedding tables. Host numpy, any leading axes (micro-batches)."""
+    tables = [("input_ids", None, vocab_size, "model.lm.vocab_size"),
+              ("mol_atoms", 0, molecules.NUM_ATOM_TYPES, "GIN atom types"),
+              ("mol_atoms", 1, molecules.NUM_CHIRALITY, "GIN chirality tags"),
+              ("mol_bonds", 0, molecules.NUM_BOND_TYPES, "GIN bond types"),
+              ("mol_bonds", 1, molecules.NUM_BOND_DIRS, "GIN bond directions")]
+    if esm_vocab_size is not None:
+        tables.append(("prot_ids", None, esm_vocab_size, "model.esm.vocab_size"))
+    for key, column, size, name in tables:
+        if key not in batch:
+            continue
+        ids = np.asarray(batch[key]) if column is None else np.asarray(batch[key])[..., column]
+        bad = (ids < 0) | (ids >= size)
+        if bad.any():
+            pos = tuple(int(i) for i in np.argwhere(bad)[0])
+            col = "" if column is None else f", column {column}"
+            raise ValueError(f"{where}: {key}{list(pos)}{col} = {int(ids[pos])} is outside [0, {size}) ({name}); "
+                             f"{int(bad.sum())} such id(s) in the batch")

@@ -14,6 +14,10 @@ into exactly `k` batches (k is computed from counts alone, so every process emit
 each padded to the smallest bucket that holds its longest example; the batches of a window come out in
 a seeded random order. The state is `(epoch, window, batch)` -- global, not per host -- and a restore
 re-encodes one window. Encoding runs in `workers` spawned processes, one window ahead of the consumer.
+
+Nothing is dropped silently: `counts()` gives the examples read and those left out per reason
+(`examples.DROP_REASONS`: bad records, too long, over the atom cap, over a graph/protein budget); the
+training job sums them over processes, reports them and stops past `max_dropped`.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from typing import Literal, Sequence
 import jax
 import numpy as np
 
-from ..parallel import batch_shardings
+from ..parallel import batch_shardings, process_blocks
 from .builders import BUILDERS, make_builder, read_split, shared_data_dir
 from .demo import demo_records
 from .examples import Budget, EncodeOptions, Encoded, collate, encode_example, repad
@@ -49,9 +53,11 @@ class DataConfig:
       path ("" = the demo tokenizer). batch_size: global rows per step (split evenly over processes).
     seq_buckets: the static sequence lengths T (text tokens + entity slots), ascending.
     node/edge/graph/protein_budget: per-host graph and protein padding sizes (padding graph included).
-    max_atoms / atom_cap: atoms that become slots; a larger molecule is skipped or evenly subsampled.
+    The atom cap is the GIN's (`model.gin.max_atoms`, `over_cap`), handed to `BatchIterator`.
     multi_entity: `keep` or `single` (PubChemQA/UniProtQA records with several entities are skipped).
     num_epochs: 0 repeats forever. workers: encoding processes (0 = in this process).
+    max_dropped: the largest share of the examples read that the pipeline may drop (bad records, too
+      long, over a budget) before a training run stops with an error naming the setting to change.
     """
     sources: tuple[str, ...] = ("auto",)
     raw_dirs: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -65,8 +71,6 @@ class DataConfig:
     edge_budget: int = 4608
     graph_budget: int = 16
     protein_budget: int = 8
-    max_atoms: int = 256
-    atom_cap: Literal["skip", "subsample"] = "subsample"
     max_protein_len: int = 1024
     multi_entity: Literal["keep", "single"] = "keep"
     demo_molecules: int = 0
@@ -74,6 +78,7 @@ class DataConfig:
     shuffle: bool = True
     num_epochs: int = 0
     workers: int = 0
+    max_dropped: float = 0.05
 
     def __post_init__(self):
         if not self.sources:
@@ -83,6 +88,8 @@ class DataConfig:
         if self.node_budget < 1 or self.graph_budget < 1 or min(self.edge_budget, self.protein_budget) < 0:
             raise ValueError("data: node_budget and graph_budget must be >= 1 (the padding graph), "
                              "edge_budget and protein_budget >= 0")
+        if not 0 <= self.max_dropped <= 1:
+            raise ValueError(f"data.max_dropped {self.max_dropped} must be a share in [0, 1]")
 
 
 def _source_records(spec: str, cfg: DataConfig) -> list[Sequence[Record]]:
@@ -131,10 +138,16 @@ def _encode_all(records: list[Record]) -> list[Encoded | str]:
 
 
 class BatchIterator:
-    """Infinite (or `num_epochs`) iterator of this process's batches; see the module docstring."""
+    """Infinite (or `num_epochs`) iterator of this process's batches; see the module docstring.
+
+    `max_atoms` / `over_cap`: the GIN's atom cap (`GinConfig`), so training encodes molecules exactly as
+    evaluation and chat do.
+    """
 
     def __init__(self, cfg: DataConfig, process_index: int | None = None, process_count: int | None = None,
-                 records: Sequence[Record] | None = None):
+                 records: Sequence[Record] | None = None, *, max_atoms: int = 256,
+                 over_cap: Literal["subsample", "error"] = "subsample"):
+        self._pool = None                    # first: close() must work even when the sources fail to load
         self.cfg = cfg
         self.p = jax.process_index() if process_index is None else process_index
         self.P = jax.process_count() if process_count is None else process_count
@@ -144,15 +157,16 @@ class BatchIterator:
                              cfg.protein_budget)
         self.records = Records(cfg) if records is None else records
         self.tokenizer = load_tokenizer(cfg.tokenizer)
-        self.options = EncodeOptions(cfg.system_prompt, cfg.seq_buckets[-1], cfg.max_atoms, cfg.atom_cap,
+        self.options = EncodeOptions(cfg.system_prompt, cfg.seq_buckets[-1], max_atoms, over_cap,
                                      cfg.max_protein_len)
         self.window_size = cfg.window_batches * self.budget.batch        # records per process per window
         self.windows_per_epoch = math.ceil(len(self.records) / (self.P * self.window_size))
-        self.skipped: Counter[str] = Counter()                           # reason -> records (this process)
+        self.dropped: Counter[str] = Counter()                           # reason -> examples (this process)
+        self.read = 0                                                    # examples encoded (this process)
+        self._before: tuple[tuple[int, int], int, Counter] | None = None  # counts before the current window
         self._pos = (0, 0, 0)
         self._jobs: dict[tuple[int, int], object] = {}                 # (epoch, window) -> encoding
         self._batches: tuple[tuple[int, int], list[dict]] | None = None  # the current window's batches
-        self._pool = None
         self._perm: tuple[int, np.ndarray] | None = None
 
     # -- state ------------------------------------------------------------------------------------
@@ -170,6 +184,15 @@ class BatchIterator:
         self._pos = (int(state["epoch"]), int(state["window"]), int(state["batch"]))
         self._jobs.clear()
         self._batches = None
+
+    def counts(self, state: dict | None = None) -> dict[str, int]:
+        """`{"examples": read, reason: dropped, ...}` for this process: the windows packed so far, or (with
+        an earlier `state()`) only those before the window that state points into -- the part a run restored
+        from that state does not encode again."""
+        read, dropped = self.read, self.dropped
+        if state is not None and self._before and self._before[0] == (state["epoch"], state["window"]):
+            read, dropped = self._before[1], self._before[2]
+        return {"examples": read, **{k: n for k, n in sorted(dropped.items()) if n}}
 
     # -- order ------------------------------------------------------------------------------------
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -216,21 +239,31 @@ class BatchIterator:
         return job
 
     def _pack(self, encoded: list[Encoded | str], num_batches: int, rng: np.random.Generator) -> list[list[Encoded]]:
-        """Sort by length and fill `num_batches` batches greedily within the budget; order shuffled."""
+        """Sort by length and fill `num_batches` batches greedily within the budget; order shuffled.
+
+        An example too big for a whole batch is dropped as over the budget it breaks; one that no longer
+        fits the last batch is dropped as over the budget that closed batches early (rows never do: the
+        batch count comes from the rows)."""
+        self.read += len(encoded)
         good = []
         for e in encoded:
-            if isinstance(e, str) or not self.budget.fits((0, 0, 0, 0), e.budget, 0):
-                self.skipped[e if isinstance(e, str) else "larger than the graph/protein budget"] += 1
+            broken = None if isinstance(e, str) else self.budget.exceeded((0, 0, 0, 0), e.budget, 0)
+            if isinstance(e, str) or broken:
+                self.dropped[e if isinstance(e, str) else f"over_{broken}_budget"] += 1
             else:
                 good.append(e)
         good.sort(key=lambda e: e.length)
         batches: list[list[Encoded]] = [[]]
         used = (0, 0, 0, 0)
+        closed_by: Counter[str] = Counter()                              # budget -> batches it closed early
         for e in good:
-            if not self.budget.fits(used, e.budget, len(batches[-1])):
+            broken = self.budget.exceeded(used, e.budget, len(batches[-1]))
+            if broken:
                 if len(batches) == num_batches:
-                    self.skipped["over the batch budget"] += 1
+                    early = [b for b, _ in closed_by.most_common() if b != "rows"] or [broken]
+                    self.dropped[f"over_{early[0]}_budget"] += 1
                     continue
+                closed_by[broken] += 1
                 batches.append([])
                 used = (0, 0, 0, 0)
             batches[-1].append(e)
@@ -243,6 +276,7 @@ class BatchIterator:
         nxt = (window + 1, epoch) if window + 1 < self.windows_per_epoch else (0, epoch + 1)
         self._submit(nxt[1], nxt[0])                                       # prefetch the next window
         encoded = self._encoded(key)
+        self._before = (key, self.read, Counter(self.dropped))
         rng = np.random.default_rng([self.cfg.seed, epoch, window, 1])
         packed = self._pack(encoded, self._num_batches(window), rng)
         return [self._collate(exs) for exs in packed]
@@ -287,8 +321,10 @@ def stack_batches(batches: Sequence[dict[str, np.ndarray]], T: int = 0, L: int =
 
 
 def offset_for_process(batch: dict[str, np.ndarray], p: int) -> dict[str, np.ndarray]:
-    """Process `p`'s batch (optionally `[k, ...]` micro-batched) with graph and slot indices made global:
-    node n -> n + p*N, slot s -> s + p*B*T (-1 stays -1), for the processes' batches concatenated in order."""
+    """The batch (optionally `[k, ...]` micro-batched) of the process holding block `p` of the global rows,
+    with graph and slot indices made global: node n -> n + p*N, slot s -> s + p*B*T (-1 stays -1), for the
+    processes' batches concatenated in block order. (`mol_node_mask` needs no change: it travels with its
+    nodes, so every process's padding stays marked.)"""
     B, T = batch["input_ids"].shape[-2:]
     N = batch["mol_atoms"].shape[-2]
     out = dict(batch)
@@ -304,9 +340,10 @@ def global_batch(batch: dict[str, np.ndarray], mesh, axes=None) -> dict[str, jax
 
     A batch from `stack_batches` (`input_ids` `[k, B, T]`) keeps its leading micro-batch axis unsharded.
     With several processes, the hosts first agree on the longest bucket (`repad`), then indices are
-    offset (`offset_for_process`), so the global arrays are the processes' batches concatenated in
-    process order (the mesh must order devices by process, as `parallel.make_mesh` does). `axes`
-    overrides per-key logical axes as in `parallel.batch_shardings` (every sharded dimension must divide).
+    offset (`offset_for_process`) by the block of rows this process's devices hold
+    (`parallel.process_blocks`, which refuses a mesh where a process has no contiguous block of its own),
+    so the global arrays are the processes' batches concatenated in block order. `axes` overrides
+    per-key logical axes as in `parallel.batch_shardings` (every sharded dimension must divide).
     """
     from jax.experimental import multihost_utils
 
@@ -320,7 +357,7 @@ def global_batch(batch: dict[str, np.ndarray], mesh, axes=None) -> dict[str, jax
             batch = stack_batches(micro, int(T), int(L))
         else:
             batch = repad(batch, int(T), int(L))
-        batch = offset_for_process(batch, jax.process_index())
+        batch = offset_for_process(batch, process_blocks(mesh)[jax.process_index()])
     global_shapes = {k: v.shape[:lead] + (v.shape[lead] * P,) + v.shape[lead + 1:] for k, v in batch.items()}
     abstract = {k: jax.ShapeDtypeStruct(s, batch[k].dtype) for k, s in global_shapes.items()}
     shardings = batch_shardings(abstract, mesh, axes=axes, microbatched=bool(lead))

@@ -64,7 +64,10 @@ def human_message(question: str, entities: Sequence[tuple[str, str]]) -> tuple[s
 def make_prompt(question: str, entities: Sequence[tuple[str, str]] = (), system: str | None = None,
                 history: Sequence[tuple[str, str]] = (), history_entities: tuple = ()) -> Prompt:
     """The prompt asking `question` about `entities` after the answered turns `history` ((human message,
-    answer) pairs whose placeholders `history_entities` fill). `system=None`: the reference's default."""
+    answer) pairs whose placeholders `history_entities` fill). `system=None`: the reference's default.
+    An empty question is a ValueError."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"the question is empty ({question!r}): there is nothing to answer")
     human, ents = human_message(question, entities)
     text = DEFAULT_SYSTEM if system is None else system
     for msg, answer in [*history, (human, None)]:

@@ -31,7 +31,10 @@ def _decode(graphdef, state, prompt_ids, prompt_embeds, mask, key, *, cfg: Gener
     cache = model.init_cache(b, t + cfg.max_new_tokens)
     if prompt_embeds is None:
         logits, cache = model(prompt_ids, mask, cache=cache)
-        seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], prompt_ids].set(mask.astype(bool))
+        # padding -> an out-of-range index that the scatter drops, so a pad id never un-marks a real token
+        # (a scatter's duplicate indices resolve in no defined order)
+        prompt_tokens = jnp.where(mask.astype(bool), prompt_ids, vocab)
+        seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], prompt_tokens].set(True, mode="drop")
     else:
         logits, cache = model(inputs_embeds=prompt_embeds, attention_mask=mask, cache=cache)
         seen = jnp.zeros((b, vocab), bool)

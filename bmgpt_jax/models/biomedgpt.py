@@ -66,8 +66,9 @@ class BioMedGPT(nnx.Module):
         self.proj_prot = Linear(cfg.esm.hidden_size, d, axes=(None, "embed"), **kw)
 
     def mol_tokens(self, batch: Batch) -> jax.Array:
-        """Projected per-atom features `[N, lm_hidden]` of the batch's padded graph."""
-        return self.proj_mol(self.mol_structure_encoder(graph_from_batch(batch)))
+        """Projected per-atom features `[N, lm_hidden]` of the batch's padded graph (real nodes per
+        `mol_node_mask` when the batch has one)."""
+        return self.proj_mol(self.mol_structure_encoder(graph_from_batch(batch), batch.get("mol_node_mask")))
 
     def prot_tokens(self, batch: Batch) -> jax.Array:
         """Projected ESM last hidden states `[P, L, lm_hidden]`."""

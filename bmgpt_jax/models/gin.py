@@ -6,7 +6,10 @@ receiver, plus a self-loop message (bond type 4, direction 0) for every node; th
 the last layer's node features, one `[emb_dim]` vector per atom, which BioMedGPT turns into tokens.
 
 Padding from `jraph.pad_with_graphs` never changes real outputs: padding edges join padding nodes only,
-and BatchNorm's training statistics are taken over real nodes only. Parameter names follow PyTorch
+and BatchNorm's training statistics are taken over real nodes only. Which nodes are real comes from an
+explicit node mask when the caller has one (the batch's `mol_node_mask`: several processes' padded graphs
+concatenated hold several padding graphs, which `jraph.get_node_padding_mask`, reading only the last
+graph, cannot see), else from jraph. Parameter names follow PyTorch
 (`gnns[i].mlp_0` is `gnns.{i}.mlp.0`), so `bmgpt_jax.convert.graphmvp_gin` is a key table.
 """
 from __future__ import annotations
@@ -26,7 +29,9 @@ from bmgpt_jax.models.layers import Embedding, Linear, dtype_of, param
 @dataclasses.dataclass(frozen=True)
 class GinConfig:
     """GIN hyper-parameters (GraphMVP / BioMedGPT: 5 layers, 300 wide, JK last, no dropout) and the
-    atom cap: molecules over `max_atoms` atoms are an error or subsampled (`molecules.kept_atoms`)."""
+    atom cap, the one setting training, evaluation and chat all follow: a molecule over `max_atoms` atoms
+    is evenly subsampled to `max_atoms` atom tokens ("subsample"), or refused ("error": chat and
+    evaluation report it, training drops and counts the example), see `molecules.kept_atoms`."""
     num_layers: int = 5
     emb_dim: int = 300
     jk: Literal["last"] = "last"
@@ -34,7 +39,7 @@ class GinConfig:
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1          # PyTorch convention: running = (1 - m) * running + m * batch
     max_atoms: int = 256
-    over_cap: Literal["error", "subsample"] = "error"
+    over_cap: Literal["subsample", "error"] = "subsample"
     dtype: str = "float32"            # compute dtype; BatchNorm statistics are always float32
     param_dtype: str = "float32"
 
@@ -124,9 +129,10 @@ class GIN(nnx.Module):
                                      for _ in range(config.num_layers)])
         self.dropout = nnx.Dropout(config.drop_ratio, deterministic=True, rngs=rngs)
 
-    def __call__(self, graph: jraph.GraphsTuple) -> jax.Array:
-        """graph: nodes `[N, 2]` atom features, edges `[E, 2]` bond features -> `[N, emb_dim]`."""
-        node_mask = jraph.get_node_padding_mask(graph)
+    def __call__(self, graph: jraph.GraphsTuple, node_mask: jax.Array | None = None) -> jax.Array:
+        """graph: nodes `[N, 2]` atom features, edges `[E, 2]` bond features -> `[N, emb_dim]`.
+        node_mask `[N]` (nonzero = real node; default: jraph's padding mask of a single padded batch)."""
+        node_mask = jraph.get_node_padding_mask(graph) if node_mask is None else jnp.asarray(node_mask) != 0
         atoms, bonds = jnp.asarray(graph.nodes), jnp.asarray(graph.edges)
         h = self.x_embedding1(atoms[:, 0]) + self.x_embedding2(atoms[:, 1])
         last = self.config.num_layers - 1

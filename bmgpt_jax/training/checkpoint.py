@@ -12,11 +12,16 @@ donate them) and the files are written in the background; `close()` waits for th
 checkpoint written on an 8x1x1 mesh restores onto 2x2x2 or onto one device. Before reading any array,
 the target is checked against the checkpoint's metadata, and a mismatch (another model shape) raises
 ValueError naming every differing key with both shapes.
+
+`restore_intact` is what `--resume` uses: the newest checkpoint that reads back whole. A step whose files
+are torn or corrupt (a full disk, a kill during the write, a broken copy) is moved aside to
+`{step}.unreadable` with the reason, and the next older one is tried.
 """
 from __future__ import annotations
 
 import dataclasses
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +49,14 @@ class Checkpointer:
     """Wrapper around `ocp.CheckpointManager` for one run directory.
 
     Train-loop use:
-        ckpt = Checkpointer(CheckpointConfig(dir=..., every=100, keep=3)); ckpt.install_sigterm_handler()
-        if resume and ckpt.latest_step() is not None:
-            state, data_state, meta = ckpt.restore(parallel.abstract_state(state, mesh))
+        ckpt = Checkpointer(CheckpointConfig(dir=..., every=100, keep=3)); ckpt.install_signal_handlers()
+        if resume and ckpt.all_steps():
+            state, data_state, meta, unreadable = ckpt.restore_intact(parallel.abstract_state(state, mesh))
         for step in range(start + 1, total + 1):
             ... one train step ...
             ckpt.save(step, state, data_state=it.state(), metadata={"config": cfg_dict},
                       force=step == total)
-            if ckpt.stop_requested():  # SIGTERM: the save above was forced; leave cleanly
+            if ckpt.stop_requested():  # SIGTERM / Ctrl-C: the save above was forced; leave cleanly
                 break
         ckpt.close()
     """
@@ -66,20 +71,29 @@ class Checkpointer:
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                     "meta": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-        self._sigterm = False
-        self._previous_handler = None
+        self.stop_signal: str | None = None    # "SIGTERM" / "SIGINT" once one arrived
+        self._previous_handlers: dict[int, Any] = {}
 
-    # -- SIGTERM ---------------------------------------------------------------------------------
-    def install_sigterm_handler(self) -> None:
-        """On SIGTERM, only set a flag: the loop saves at the next step boundary (a signal handler must
-        not run JAX code mid-step) and then exits. The previous handler is restored by `close()`."""
+    # -- signals ---------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        """SIGTERM (a preempted VM, `scancel`) and the first SIGINT (Ctrl-C) only set a flag: the loop
+        saves at the next step boundary (a signal handler must not run JAX code mid-step) and exits.
+        A SIGINT while a stop is pending raises KeyboardInterrupt at once. `close()` restores the
+        previous handlers."""
         def handler(signum, frame):
-            self._sigterm = True
-        self._previous_handler = signal.signal(signal.SIGTERM, handler)
+            if signum == signal.SIGINT and self.stop_signal:
+                raise KeyboardInterrupt
+            self.stop_signal = self.stop_signal or signal.Signals(signum).name
+            if signum == signal.SIGINT:
+                print("Ctrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again aborts at once)",
+                      file=sys.stderr, flush=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[sig] = signal.signal(sig, handler)
 
     def stop_requested(self) -> bool:
-        """Whether SIGTERM arrived, agreed across processes (an all-gather) so all save the same step."""
-        flag = self._sigterm
+        """Whether SIGTERM or SIGINT arrived, agreed across processes (an all-gather) so all save the same
+        step."""
+        flag = self.stop_signal is not None
         if jax.process_count() > 1:
             flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
         return flag
@@ -144,21 +158,77 @@ class Checkpointer:
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         return restored.state, dict(restored.data or {}), dict(restored.meta or {})
 
+    def restore_intact(self, target: Any) -> tuple[Any, dict, dict, list[tuple[int, str]]]:
+        """`restore` of the newest checkpoint that reads back whole, plus `[(step, reason)]` for the newer
+        ones that did not, each moved aside to `{step}.unreadable` (so the resumed run can write that step
+        again). A checkpoint that reads but does not fit the model is not corruption: its ValueError
+        propagates. FileNotFoundError when there is no checkpoint, ValueError when none is readable."""
+        unreadable: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta = self.manager.item_metadata(step)["state"]
+                if meta is None:
+                    raise ValueError("no state metadata")
+            except Exception as e:  # noqa: BLE001 -- any failure to read the metadata: a torn checkpoint
+                unreadable.append((step, _reason(e)))
+                continue
+            self.check_compatible(target, step)
+            try:
+                state, data_state, metadata = self.restore(target, step)
+                if int(metadata.get("step", -1)) != step:
+                    raise ValueError(f"its metadata names step {metadata.get('step')}")
+            except Exception as e:  # noqa: BLE001 -- a torn array file, bad JSON, ...
+                unreadable.append((step, _reason(e)))
+                continue
+            self._set_aside([s for s, _ in unreadable])
+            return state, data_state, metadata, unreadable
+        self._set_aside([s for s, _ in unreadable])
+        if not unreadable:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        raise ValueError(f"no readable checkpoint in {self.directory} (each set aside as <step>.unreadable, so "
+                         "a new run there starts at step 1): "
+                         + "; ".join(f"step {s}: {why}" for s, why in unreadable))
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Rename unreadable step folders to `{step}.unreadable` (process 0; every process waits)."""
+        if steps and jax.process_index() == 0:
+            for step in steps:
+                target = self.directory / f"{step}.unreadable"
+                n = 1
+                while target.exists():
+                    target, n = self.directory / f"{step}.unreadable{n}", n + 1
+                (self.directory / str(step)).rename(target)
+        if steps and jax.process_count() > 1:
+            multihost_utils.sync_global_devices("bmgpt_jax checkpoint set-aside")
+        self.manager.reload()
+
     # -- shutdown --------------------------------------------------------------------------------
     def wait(self) -> None:
         """Block until every pending async save is on disk."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        """Wait for pending saves, release the manager and restore the previous SIGTERM handler."""
+        """Wait for pending saves, release the manager and restore the previous signal handlers."""
         self.manager.wait_until_finished()
         self.manager.close()
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
+        for sig, previous in self._previous_handlers.items():
+            signal.signal(sig, previous)
+        self._previous_handlers = {}
 
     def __enter__(self) -> "Checkpointer":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _reason(error: Exception) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+
+
+def saved_steps(directory: str | Path) -> list[int]:
+    """The step folders under `directory` (without starting orbax), sorted; [] when it does not exist."""
+    d = Path(directory)
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()) if d.is_dir() else []

@@ -3,10 +3,12 @@ pretraining, alignment, fine-tuning.
 
 One jitted, sharded step serves all stages (`training.stages`). Per step: this process's batch from
 the deterministic pipeline -> global arrays on the `data x fsdp x tensor` mesh -> the donated, sharded
-train step -> metrics (progress bar, JSONL, TensorBoard) -> an async orbax checkpoint every N steps
-that holds the trainable parameters, the optimizer state and the data-iterator position, so `--resume`
-continues exactly where a killed run stopped. SIGTERM saves before exiting. At the end the whole model
-is exported for `python -m bmgpt_jax.chat` (or as a Hugging Face Llama directory for the `lm` stage).
+train step -> metrics (progress bar, JSONL, TensorBoard; examples the pipeline dropped, per reason) ->
+an async orbax checkpoint every N steps that holds the trainable parameters, the optimizer state and the
+data-iterator position, so `--resume` continues exactly where a killed run stopped (from the newest
+checkpoint that reads back whole). SIGTERM and a first Ctrl-C save before exiting; a second Ctrl-C
+aborts. At the end the whole model is exported for `python -m bmgpt_jax.chat` (or as a Hugging Face
+Llama directory for the `lm` stage) and the last lines say where everything went.
 
 With no arguments it trains the tiny BioMedGPT (configs/tiny.yaml) on the demo data in a few minutes on
 two CPU cores. Multi-host: start the same command on every host (see launch/); each reads only its shard.
@@ -28,11 +30,14 @@ from flax import nnx
 
 from bmgpt_jax import config as config_lib
 from bmgpt_jax import parallel
+from bmgpt_jax.data.examples import check_ids
 from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, global_batch, stack_batches
 from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
 from bmgpt_jax.parallel import abstract_state, batch_shardings, shard
-from bmgpt_jax.training.checkpoint import CheckpointConfig, Checkpointer
-from bmgpt_jax.training.monitor import Monitor, check_loss, measure_matmul_flops, train_flops_per_token
+from bmgpt_jax.training.checkpoint import CheckpointConfig, Checkpointer, saved_steps
+from bmgpt_jax.training.dropped import DropTally
+from bmgpt_jax.training.monitor import (Monitor, NonFiniteLossError, check_loss, measure_matmul_flops,
+                                       train_flops_per_token)
 from bmgpt_jax.training.optim import (OptimConfig, count_params, make_optimizer, make_schedule, split_trainable,
                                       trainable_filter)
 from bmgpt_jax.training.stages import InitConfig, Stage, build_model, trainable_patterns
@@ -45,7 +50,9 @@ TEXT_KEYS = ("input_ids", "attention_mask", "loss_mask")
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A training run. `trainable`: regexes over dotted parameter paths (empty = the stage's default);
-    `mesh`: (data, fsdp, tensor), one entry may be -1; `checkpoint.dir` "" = `{out_dir}/checkpoints`."""
+    `mesh`: (data, fsdp, tensor), one entry may be -1; `checkpoint.dir` "" = `{out_dir}/checkpoints`;
+    `optim.total_steps` 0 = `steps`. `compute_dtype` is the one precision switch: every sub-model
+    (`model.lm/esm/gin.dtype`) computes in it while the master weights stay in their `param_dtype`."""
 
     stage: Stage = "finetune"
     steps: int = 200
@@ -64,12 +71,25 @@ class TrainConfig:
 
 
 def load_config(path: str | None = "tiny", overrides=()) -> TrainConfig:
-    """The YAML config (a path or a name in configs/) with `key=value` overrides, validated."""
+    """The YAML config (a path or a name in configs/) with `key=value` overrides, validated and resolved:
+    the checkpoint folder, the schedule's length (`optim.total_steps` 0 follows `steps`, and then a warmup
+    longer than half the run is cut to half, so a quick `steps=5` trial runs) and the sub-models' compute
+    dtype (from `compute_dtype`)."""
     cfg = config_lib.load(TrainConfig, path, overrides)
+    replace = dataclasses.replace
     if not cfg.checkpoint.dir:
-        cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint,
-                                                                      dir=str(Path(cfg.out_dir) / "checkpoints")))
-    return cfg
+        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, dir=str(Path(cfg.out_dir) / "checkpoints")))
+    if not cfg.optim.total_steps:
+        warmup = min(cfg.optim.warmup_steps, cfg.steps // 2)
+        cfg = replace(cfg, optim=replace(cfg.optim, total_steps=cfg.steps, warmup_steps=warmup))
+    subs = {}
+    for name in ("lm", "esm", "gin"):
+        sub = getattr(cfg.model, name)
+        if sub.dtype not in ("float32", cfg.compute_dtype):
+            raise config_lib.ConfigError(f"model.{name}.dtype={sub.dtype} conflicts with compute_dtype="
+                                         f"{cfg.compute_dtype}: set compute_dtype alone, it sets every sub-model's")
+        subs[name] = replace(sub, dtype=cfg.compute_dtype)
+    return replace(cfg, model=replace(cfg.model, **subs))
 
 
 def check_layout(cfg: TrainConfig, mesh) -> None:
@@ -88,24 +108,45 @@ def check_layout(cfg: TrainConfig, mesh) -> None:
         raise ValueError(f"data.batch_size {cfg.data.batch_size} is smaller than the process count")
 
 
-def _resolve_vocab(cfg: TrainConfig, vocab: int) -> TrainConfig:
-    """`model.lm.vocab_size: 0` means "the tokenizer's"; otherwise they must agree."""
+def check_inputs(cfg: TrainConfig) -> None:
+    """FileNotFoundError listing every given input path (weights, configs, tokenizer) that does not exist,
+    before any data is built or model loaded."""
+    paths = {f"init.{f.name}": getattr(cfg.init, f.name) for f in dataclasses.fields(cfg.init) if f.name != "seed"}
+    paths["data.tokenizer"] = cfg.data.tokenizer
+    missing = [f"{key}={path}" for key, path in paths.items() if path and not Path(path).exists()]
+    if missing:
+        raise FileNotFoundError(f"not found (relative to {Path.cwd()}): {', '.join(missing)}")
+
+
+def resolve_tokenizer(cfg: TrainConfig, tok) -> TrainConfig:
+    """The decoder's vocabulary and special ids from the tokenizer: `model.lm.vocab_size: 0` means "the
+    tokenizer's" (otherwise it must hold the tokenizer's ids), and bos/eos/pad always follow the
+    tokenizer, so what the run exports carries the ids its tokenizer produces."""
     lm = cfg.model.lm
-    if lm.vocab_size == 0:
-        lm = dataclasses.replace(lm, vocab_size=vocab)
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lm=lm))
-    if lm.vocab_size < vocab:
-        raise ValueError(f"model.lm.vocab_size {lm.vocab_size} is smaller than the tokenizer's {vocab}")
-    return cfg
+    if lm.vocab_size and lm.vocab_size < tok.vocab_size:
+        raise ValueError(f"model.lm.vocab_size {lm.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    for key, value in special.items():
+        if getattr(lm, key) not in (None, value):
+            log.info("model.lm.%s %s -> %s (the tokenizer's)", key, getattr(lm, key), value)
+    lm = dataclasses.replace(lm, vocab_size=lm.vocab_size or tok.vocab_size, **special)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lm=lm))
 
 
-def _batches(it, cfg: TrainConfig) -> Iterator[dict[str, np.ndarray]]:
-    """Host batches, `grad_accum` of them stacked into one micro-batched batch; text keys only for `lm`."""
+def _batches(it, cfg: TrainConfig) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """`(where, batch)`: host batches, `grad_accum` of them stacked into one micro-batched batch (text keys
+    only for `lm`), each with the data position it came from and its ids checked against the model's
+    vocabularies (an id outside a table would give NaNs inside the jitted step)."""
     k = cfg.optim.grad_accum
+    esm_vocab = None if cfg.stage == "lm" else cfg.model.esm.vocab_size
     while True:
+        state = it.state()
+        where = "the batch at data position " + ", ".join(f"{n} {state[n]}" for n in ("epoch", "window", "batch"))
         group = [next(it) for _ in range(k)]
         batch = group[0] if k == 1 else stack_batches(group)
-        yield {key: batch[key] for key in TEXT_KEYS} if cfg.stage == "lm" else batch
+        batch = {key: batch[key] for key in TEXT_KEYS} if cfg.stage == "lm" else batch
+        check_ids(batch, cfg.model.lm.vocab_size, esm_vocab, where=where)
+        yield where, batch
 
 
 def _matmul_params(model: nnx.Module) -> int:
@@ -115,15 +156,26 @@ def _matmul_params(model: nnx.Module) -> int:
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
-    """Train per `cfg`; returns `{"losses": {step: loss}, "last_step": n, "model": the trained module}`.
+    """Train per `cfg`; returns `{"losses": {step: loss}, "last_step": n, "model": the trained module,
+    "stopped": "SIGTERM"/"SIGINT"/None, "data": {"examples": read, reason: dropped, ...}}`.
 
     `batches`: an iterator with `.tokenizer`, `.state()` and `.restore()` (default: this process's
-    `BatchIterator(cfg.data)`), for tests that feed a known stream.
+    `BatchIterator(cfg.data)` with the GIN's atom cap), for tests that feed a known stream.
+    Refused before any compute: a fresh run into a checkpoint folder that holds an earlier run's steps
+    (`resume` continues it), and missing input paths.
     """
     mesh = parallel.make_mesh(cfg.mesh)
     check_layout(cfg, mesh)
-    it = batches if batches is not None else BatchIterator(cfg.data)
-    cfg = _resolve_vocab(cfg, it.tokenizer.vocab_size)
+    check_inputs(cfg)
+    earlier = saved_steps(cfg.checkpoint.dir)
+    if earlier and not resume:
+        raise ValueError(f"{cfg.checkpoint.dir} holds checkpoints of an earlier run (steps {earlier}): pass --resume "
+                         "to continue it, or set out_dir (or checkpoint.dir) to a new folder")
+    if resume and not earlier:
+        log.warning("--resume: no checkpoint in %s, nothing to resume; starting at step 1", cfg.checkpoint.dir)
+    gin = cfg.model.gin
+    it = batches if batches is not None else BatchIterator(cfg.data, max_atoms=gin.max_atoms, over_cap=gin.over_cap)
+    cfg = resolve_tokenizer(cfg, it.tokenizer)
     model, loss_fn = build_model(cfg.stage, cfg.model, cfg.init)
     patterns = trainable_patterns(cfg.stage, cfg.model, cfg.trainable)
     graphdef, trainable, frozen = split_trainable(model, trainable_filter(patterns))
@@ -135,59 +187,71 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
     opt_state = init_opt_state(tx, trainable, mesh)
 
     ckpt = Checkpointer(cfg.checkpoint)
-    ckpt.install_sigterm_handler()
-    start = 0
-    if resume and ckpt.latest_step() is not None:
-        state, data_state, meta = ckpt.restore(abstract_state({"trainable": trainable, "opt_state": opt_state}, mesh))
-        trainable, opt_state = state["trainable"], state["opt_state"]
-        it.restore(data_state)
-        start = int(meta["step"])
-        log.info("resumed from step %d (%s)", start, ckpt.directory)
-
-    stream = _batches(it, cfg)
-    host = next(stream)
-    step_fn = make_train_step(loss_fn, tx, grad_accum=cfg.optim.grad_accum,
-                              compute_dtype=jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None,
-                              skip_nonfinite=cfg.nonfinite == "skip", schedule=make_schedule(cfg.optim))
-    lead = cfg.optim.grad_accum > 1
-    shapes = {k: jax.ShapeDtypeStruct(v.shape[:lead] + (v.shape[lead] * jax.process_count(),) + v.shape[lead + 1:],
-                                      v.dtype) for k, v in host.items()}
-    step = jit_train_step(step_fn, graphdef, trainable, frozen, opt_state,
-                          batch_shardings(shapes, mesh, microbatched=lead), mesh)
-    seq = host["input_ids"].shape[-1]
-    lm = cfg.model.lm
-    monitor = Monitor(cfg.out_dir, total_steps=cfg.steps, start_step=start, progress=cfg.progress,
-                      flops_per_token=train_flops_per_token(matmul, n_trainable=n_train, n_layers=lm.num_layers,
-                                                            seq_len=seq, d_model=lm.hidden_size),
-                      peak_flops=measure_matmul_flops())
-    monitor.write(f"stage {cfg.stage}: {n_total:,} parameters, {n_train:,} trainable ({', '.join(patterns)}); "
-                  f"mesh {dict(mesh.shape)}; {jax.process_count()} process(es); steps {start + 1}..{cfg.steps}")
-    losses: dict[int, float] = {}
-    i = start
+    start, meta, monitor = 0, {}, None
     try:
+        if resume and earlier:
+            target = abstract_state({"trainable": trainable, "opt_state": opt_state}, mesh)
+            state, data_state, meta, unreadable = ckpt.restore_intact(target)
+            for bad, why in unreadable:
+                log.warning("checkpoint step %d is unreadable (%s); set aside as %s/%d.unreadable",
+                            bad, why, ckpt.directory, bad)
+            trainable, opt_state = state["trainable"], state["opt_state"]
+            it.restore(data_state)
+            start = int(meta["step"])
+            log.info("resumed from step %d (%s)", start, ckpt.directory)
+        ckpt.install_signal_handlers()
+        tally = DropTally(it, cfg.data.max_dropped, meta.get("data_counts"))
+        stream = _batches(it, cfg)
+        where, host = next(stream)
+        step_fn = make_train_step(loss_fn, tx, grad_accum=cfg.optim.grad_accum,
+                                  compute_dtype=jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None,
+                                  skip_nonfinite=cfg.nonfinite == "skip", schedule=make_schedule(cfg.optim))
+        lead = cfg.optim.grad_accum > 1
+        shapes = {k: jax.ShapeDtypeStruct(v.shape[:lead] + (v.shape[lead] * jax.process_count(),)
+                                          + v.shape[lead + 1:], v.dtype) for k, v in host.items()}
+        step = jit_train_step(step_fn, graphdef, trainable, frozen, opt_state,
+                              batch_shardings(shapes, mesh, microbatched=lead), mesh)
+        lm = cfg.model.lm
+        monitor = Monitor(cfg.out_dir, total_steps=cfg.steps, start_step=start, progress=cfg.progress,
+                          flops_per_token=train_flops_per_token(matmul, n_trainable=n_train, n_layers=lm.num_layers,
+                                                                seq_len=host["input_ids"].shape[-1],
+                                                                d_model=lm.hidden_size),
+                          peak_flops=measure_matmul_flops())
+        monitor.write(f"stage {cfg.stage}: {n_total:,} parameters, {n_train:,} trainable ({', '.join(patterns)}); "
+                      f"mesh {dict(mesh.shape)}; {jax.process_count()} process(es); steps {start + 1}..{cfg.steps}")
+        losses: dict[int, float] = {}
+        i, stopped = start, None
         for i in range(start + 1, cfg.steps + 1):
             if i > start + 1:
-                host = next(stream)
+                where, host = next(stream)
             tokens = int(host["attention_mask"].sum()) * jax.process_count()
             trainable, opt_state, metrics = step(trainable, frozen, opt_state, global_batch(host, mesh))
             metrics = jax.device_get(metrics)
-            check_loss(i, float(metrics["loss"]), cfg.nonfinite, float(metrics["grad_norm"]))
+            check_loss(i, float(metrics["loss"]), cfg.nonfinite, float(metrics["grad_norm"]), batch=where)
             losses[i] = float(metrics["loss"])
-            monitor.log(i, metrics, tokens=tokens)
-            ckpt.save(i, {"trainable": trainable, "opt_state": opt_state}, data_state=it.state(),
-                      metadata={"config": config_lib.to_dict(cfg)}, force=i == cfg.steps)
+            data_state = it.state()
+            tally.update(data_state)
+            monitor.log(i, metrics, tokens=tokens, data=tally.metrics())
+            tally.check()
+            ckpt.save(i, {"trainable": trainable, "opt_state": opt_state}, data_state=data_state, force=i == cfg.steps,
+                      metadata={"config": config_lib.to_dict(cfg), "data_counts": tally.checkpoint_counts()})
             if ckpt.stop_requested():
-                monitor.write(f"SIGTERM: checkpoint saved at step {i}; exiting")
+                stopped = ckpt.stop_signal or "a signal to another process"
+                monitor.write(f"{stopped}: checkpoint saved at step {i}; exiting")
                 break
+        if i == cfg.steps:
+            tally.check(final=True)
+        monitor.write(tally.summary())
     finally:
         ckpt.close()
-        monitor.close()
+        if monitor is not None:
+            monitor.close()
         if hasattr(it, "close"):
             it.close()  # the encoding worker processes
     model = nnx.merge(graphdef, trainable, frozen)
     if cfg.export and i == cfg.steps:
         _export(model, it.tokenizer, cfg)
-    return {"losses": losses, "last_step": i, "model": model}
+    return {"losses": losses, "last_step": i, "model": model, "stopped": stopped, "data": dict(tally.totals)}
 
 
 def _export(model: nnx.Module, tokenizer, cfg: TrainConfig) -> None:
@@ -210,24 +274,54 @@ def _export(model: nnx.Module, tokenizer, cfg: TrainConfig) -> None:
     log.info("exported the trained model to %s", out)
 
 
+def where_things_went(cfg: TrainConfig, result: dict, argv: list[str]) -> list[str]:
+    """The end-of-run lines: the exported model, the checkpoints, the metrics, the TensorBoard logs (and,
+    for a run stopped by a signal, the command that continues it)."""
+    out, ckpts = Path(cfg.out_dir), Path(cfg.checkpoint.dir)
+    final = out / "final"
+    lines = []
+    if result["stopped"]:
+        lines.append(f"stopped by {result['stopped']} at step {result['last_step']} of {cfg.steps}; continue with: "
+                     f"python -m bmgpt_jax.train {' '.join(a for a in argv if a != '--resume')} --resume")
+    elif cfg.export and final.is_dir():
+        use = (f"transformers.LlamaForCausalLM.from_pretrained('{final}')" if cfg.stage == "lm"
+               else f"python -m bmgpt_jax.chat --checkpoint {final} --question ...")
+        lines.append(f"model:        {final}  ({use})")
+    steps = saved_steps(ckpts)
+    lines.append(f"checkpoints:  {ckpts}  (steps {', '.join(map(str, steps)) or 'none'}; --resume continues the last)")
+    lines.append(f"metrics:      {out / 'metrics.jsonl'}")
+    lines.append(f"TensorBoard:  tensorboard --logdir {out / 'tensorboard'}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; every error it can explain is one line on stderr and a non-zero exit status."""
     ap = argparse.ArgumentParser(prog="python -m bmgpt_jax.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="tiny", help="YAML file or a name in configs/ (default: tiny)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=50 optim.lr=1e-3")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from bmgpt_jax.distributed import initialize
-    initialize()
     try:
+        initialize()
         cfg = load_config(args.config, args.overrides)
-    except (config_lib.ConfigError, ValueError) as e:
-        print(f"config error: {e}", file=sys.stderr)
+        result = run(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        print("train: aborted by a second Ctrl-C; the last saved checkpoint is kept (--resume continues from it)",
+              file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, NonFiniteLossError) as e:
+        log.debug("traceback", exc_info=True)
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"train: {type(e).__name__}: {message}", file=sys.stderr)
         return 2
-    result = run(cfg, resume=args.resume)
     losses = result["losses"]
     if losses:
         first, last = losses[min(losses)], losses[max(losses)]
         print(f"steps {min(losses)}..{max(losses)}: loss {first:.4f} -> {last:.4f}"
               + (f" ({last / first:.0%} of the first)" if math.isfinite(first) and first else ""))
+    if jax.process_index() == 0:
+        print("\n".join(where_things_went(cfg, result, argv)))
     return 0

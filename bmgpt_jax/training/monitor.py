@@ -25,16 +25,20 @@ class NonFiniteLossError(FloatingPointError):
     """Raised by the "stop" policy when a step's loss (or gradient norm) is NaN or infinite."""
 
 
-def check_loss(step: int, loss: float, policy: NonFinitePolicy = "stop", grad_norm: float = 0.0) -> bool:
+def check_loss(step: int, loss: float, policy: NonFinitePolicy = "stop", grad_norm: float = 0.0,
+               batch: str = "") -> bool:
     """True when `loss` and `grad_norm` are finite. Otherwise "stop" raises NonFiniteLossError naming the
-    step, and "skip" returns False (the step, built with `skip_nonfinite=True`, left the state unchanged)."""
+    step and `batch` (where that step's data came from, e.g. the pipeline position), and "skip" returns
+    False (the step, built with `skip_nonfinite=True`, left the state unchanged)."""
     if policy not in ("stop", "skip"):
         raise ValueError(f"non-finite policy must be 'stop' or 'skip', got {policy!r}")
     if math.isfinite(loss) and math.isfinite(grad_norm):
         return True
     if policy == "stop":
-        raise NonFiniteLossError(f"non-finite loss {loss} (grad norm {grad_norm}) at step {step}; stopping. "
-                                 "Lower the learning rate, check the data, or set the policy to 'skip'.")
+        where = f" on {batch}" if batch else ""
+        raise NonFiniteLossError(f"non-finite loss {loss} (grad norm {grad_norm}) at step {step}{where}, the first "
+                                 "such step; stopping. Inspect that batch; if the loss was finite and rising "
+                                 "before, lower the learning rate; or set nonfinite: skip.")
     return False
 
 
@@ -70,10 +74,17 @@ def train_flops_per_token(n_params: int, *, n_trainable: int | None = None, n_la
 class Monitor:
     """Progress bar, `metrics.jsonl` and TensorBoard events under `log_dir` for one run.
 
-    Call `log(step, metrics, tokens=...)` after each logged step with host floats (e.g.
+    Call `log(step, metrics, tokens=..., data=...)` after each logged step with host floats (e.g.
     `jax.device_get(metrics)`); `tokens` is how many token positions were processed since the previous
-    call (real tokens: the attention mask's sum, padding excluded). tokens/s uses wall time since the previous call, so the
-    first value includes compilation. MFU needs `flops_per_token` and `peak_flops`.
+    call (real tokens: the attention mask's sum, padding excluded); `data` holds the pipeline's counts
+    (examples read, dropped in all and per reason), recorded as they are (TensorBoard: `data/...`) and
+    shown in the bar.
+    tokens/s uses wall time since the previous call, so the first value includes compilation. MFU needs
+    `flops_per_token` and `peak_flops`.
+
+    A run resumed at `start_step` continues the same files: `metrics.jsonl` is first cut back to the rows
+    of steps up to `start_step` (the steps after it are about to be replayed), and TensorBoard is told to
+    purge its events from `start_step + 1` on, so neither holds a step twice.
     """
 
     def __init__(self, log_dir: str | Path, *, total_steps: int, start_step: int = 0,
@@ -90,16 +101,20 @@ class Monitor:
             return
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.log_dir / "metrics.jsonl", "a")  # appended to on resume
-        self._tb = SummaryWriter(str(self.log_dir / "tensorboard"))
+        cut_jsonl(self.log_dir / "metrics.jsonl", start_step)
+        self._jsonl = open(self.log_dir / "metrics.jsonl", "a")
+        self._tb = SummaryWriter(str(self.log_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         if progress:
             self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
-    def log(self, step: int, metrics: Mapping[str, float], *, tokens: int = 0) -> dict:
-        """Record `metrics` for `step`; returns the record with tokens_per_s (and mfu) added."""
+    def log(self, step: int, metrics: Mapping[str, float], *, tokens: int = 0,
+            data: Mapping[str, int] | None = None) -> dict:
+        """Record `metrics` (and the pipeline counts `data`) for `step`; returns the record with tokens_per_s
+        (and mfu) added."""
         now = time.perf_counter()
         elapsed, self._last_time = max(now - self._last_time, 1e-9), now
-        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()},
+                  **{k: int(v) for k, v in (data or {}).items()}}
         if tokens:
             record["tokens_per_s"] = tokens / elapsed
             if self.flops_per_token and self.peak_flops:
@@ -113,13 +128,15 @@ class Monitor:
         self._jsonl.flush()
         for key, value in record.items():
             if key != "step" and math.isfinite(value):
-                self._tb.add_scalar(f"train/{key}", value, step)
+                self._tb.add_scalar(f"{'data' if key in (data or {}) else 'train'}/{key}", value, step)
         if self._bar is not None:
             postfix = {"loss": f"{record.get('loss', math.nan):.4f}"}
             if "tokens_per_s" in record:
                 postfix["tok/s"] = f"{record['tokens_per_s']:.3g}"
             if "mfu" in record:
                 postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+            if record.get("dropped"):
+                postfix["dropped"] = f"{record['dropped']}/{record['examples']}"
             self._bar.set_postfix(postfix, refresh=False)
             self._bar.update(step - self._step)
         self._step = step
@@ -145,3 +162,21 @@ class Monitor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def cut_jsonl(path: Path, last_step: int) -> None:
+    """Keep only the rows of `path` (JSON lines with a "step") up to `last_step`; a torn last line (a
+    killed run) goes too. Rewritten through a temporary file, so an interruption leaves either version."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= last_step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)

@@ -21,15 +21,16 @@ from flax import nnx
 class OptimConfig:
     """AdamW + schedule hyper-parameters (the `optim:` section of a training config).
 
-    `total_steps` counts optimizer updates (one update = `grad_accum` micro-batches). The learning rate
-    rises linearly from 0 to `lr` over `warmup_steps`, then follows a cosine down to `lr * end_lr_ratio`
-    at `total_steps`. `clip_norm <= 0` disables clipping. Weight decay applies to matrices only (ndim >= 2):
-    norms and biases are not decayed.
+    `total_steps` counts optimizer updates (one update = `grad_accum` micro-batches); 0 (the default)
+    means "the run's length": the training job sets it to its `steps`. The learning rate rises linearly
+    from 0 to `lr` over `warmup_steps`, then follows a cosine down to `lr * end_lr_ratio` at `total_steps`.
+    `clip_norm <= 0` disables clipping. Weight decay applies to matrices only (ndim >= 2): norms and biases
+    are not decayed.
     """
 
     lr: float = 3e-4
     warmup_steps: int = 100
-    total_steps: int = 1000
+    total_steps: int = 0
     end_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     b1: float = 0.9
@@ -41,13 +42,19 @@ class OptimConfig:
     def __post_init__(self):
         if self.grad_accum < 1:
             raise ValueError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
-        if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"optim: need 0 <= warmup_steps ({self.warmup_steps}) <= total_steps "
-                             f"({self.total_steps}) and total_steps >= 1")
+        if self.total_steps < 0 or self.warmup_steps < 0:
+            raise ValueError(f"optim.total_steps ({self.total_steps}) and optim.warmup_steps "
+                             f"({self.warmup_steps}) must be >= 0")
+        if self.total_steps and self.warmup_steps > self.total_steps:
+            raise ValueError(f"optim.warmup_steps ({self.warmup_steps}) exceeds optim.total_steps "
+                             f"({self.total_steps})")
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
     """Learning rate as a function of the update count: linear warmup 0 -> lr, cosine to lr*end_lr_ratio."""
+    if cfg.total_steps < 1:
+        raise ValueError("optim.total_steps is 0 (\"the run's length\"): set it, or let the training job "
+                         "resolve it from `steps` (training.loop.load_config)")
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
         decay_steps=cfg.total_steps, end_value=cfg.lr * cfg.end_lr_ratio)

@@ -186,7 +186,7 @@ def plan_stage(stage: str, devices: list, *, mesh_shape=(1, -1, 1), batch: int =
     spec = spec or model_spec(stage, dtype=dtype, remat=remat, overrides=list(overrides))
     mesh = parallel.make_mesh(mesh_shape, devices)
     graphdef, trainable, frozen = optim.split_trainable(nnx.eval_shape(spec.make), optim.trainable_filter(spec.trainable))
-    tx = optim.make_optimizer(optim.OptimConfig())
+    tx = optim.make_optimizer(optim.OptimConfig(total_steps=1000))  # any length: only compiled
     opt_state = jax.eval_shape(tx.init, trainable)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     abatch = abstract_batch(batch, seq, multimodal=spec.multimodal, shards=shards)

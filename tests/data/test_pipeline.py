@@ -17,8 +17,8 @@ from bmgpt_jax.data.records import Record  # noqa: E402
 from bmgpt_jax.data.text import Tokenizer, encode_record  # noqa: E402
 
 KEYS = {"input_ids": 2, "attention_mask": 2, "loss_mask": 2, "mol_atoms": 2, "mol_bonds": 2, "mol_senders": 1,
-        "mol_receivers": 1, "mol_n_node": 1, "mol_n_edge": 1, "mol_slot": 1, "prot_ids": 2, "prot_mask": 2,
-        "prot_slot": 2}
+        "mol_receivers": 1, "mol_n_node": 1, "mol_n_edge": 1, "mol_node_mask": 1, "mol_slot": 1, "prot_ids": 2,
+        "prot_mask": 2, "prot_slot": 2}
 
 
 @pytest.fixture(scope="module")
@@ -167,21 +167,84 @@ def test_bad_examples_are_counted_and_skipped(cfg, tok):
             Record((("protein", "MKJ"),), "Q?", "Bad residue."),
             Record((("molecule", "CCCCCCCCCC"),), "Q?", "Too many atoms."),
             Record((), "word " * 300, "Too long.")]
-    c = dataclasses.replace(cfg, batch_size=2, window_batches=4, num_epochs=1, max_atoms=8, atom_cap="skip")
-    it = BatchIterator(c, records=recs)
+    c = dataclasses.replace(cfg, batch_size=2, window_batches=4, num_epochs=1)
+    it = BatchIterator(c, records=recs, max_atoms=8, over_cap="error")
     rows = [r.answer for bt in it for _, r in _rows(bt, tok, recs)]
     assert rows == ["Good."]
-    assert dict(it.skipped) == {"invalid SMILES": 1, "bad residues": 1, "too many atoms": 1,
-                                "longer than the largest bucket": 1}
-    small = BatchIterator(dataclasses.replace(c, node_budget=3, atom_cap="subsample"), records=recs[:1] * 2)
+    assert it.counts() == {"examples": 5, "invalid_smiles": 1, "bad_residues": 1, "too_many_atoms": 1, "too_long": 1}
+    small = BatchIterator(dataclasses.replace(c, node_budget=3), records=recs[:1] * 2)
     batches = list(small)                                   # k comes from counts: one batch, all padding
     assert len(batches) == 1 and not batches[0]["attention_mask"].any()
-    assert small.skipped["larger than the graph/protein budget"] == 2     # CCO needs 3 nodes + 1 padding
+    assert small.counts() == {"examples": 2, "over_node_budget": 2}    # CCO needs 3 nodes + 1 padding
+
+
+def test_batch_overflow_is_blamed_on_the_budget_that_closed_batches(cfg):
+    """4 pentanes (5 atoms, 8 directed edges each), 2 rows a batch -> 2 batches; the 12-node budget holds
+    two of them (10 + 1 padding node), the 8-edge budget only one: it closes batches early, and the two
+    pentanes left over are dropped as over the edge budget."""
+    recs = [Record((("molecule", "CCCCC"),), "Q?", f"A{i}.") for i in range(4)]
+    c = dataclasses.replace(cfg, batch_size=2, window_batches=2, num_epochs=1, node_budget=12, edge_budget=8)
+    it = BatchIterator(c, records=recs)
+    list(it)
+    assert it.counts() == {"examples": 4, "over_edge_budget": 2}
+
+
+def test_counts_before_a_data_position_are_what_a_restore_does_not_recount(cfg):
+    recs = [Record((("molecule", "C1CC" if i % 3 == 0 else "CCO"),), "Q?", f"A{i}.") for i in range(24)]
+    c = dataclasses.replace(cfg, batch_size=2, window_batches=2, num_epochs=1)
+    it = BatchIterator(c, records=recs)
+    next(it)
+    first = it.counts()
+    assert first["examples"] == 4 and it.counts(it.state()) == {"examples": 0}   # mid-window: not yet counted
+    next(it)                                                                   # window 0 done
+    assert it.counts(it.state()) == first == it.counts()
+    state = it.state()
+    rest = BatchIterator(c, records=recs)
+    rest.restore(state)
+    list(rest)
+    list(it)
+    total = it.counts()
+    assert {k: first.get(k, 0) + rest.counts().get(k, 0) for k in total} == total and total["examples"] == 24
+    assert total["invalid_smiles"] == 8
+
+
+def test_missing_data_fails_cleanly(cfg, tmp_path):
+    """A source that cannot load raises its own error and leaves nothing broken behind (no `_pool`)."""
+    import gc
+    import sys
+    unraisable = []
+    old, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        with pytest.raises(FileNotFoundError, match="pubchemqa: input folder .*absent not found"):
+            BatchIterator(dataclasses.replace(cfg, sources=("pubchemqa",), data_dir=str(tmp_path / "tfds"),
+                                              raw_dirs={"pubchemqa": str(tmp_path / "absent")}))
+        gc.collect()
+    finally:
+        sys.unraisablehook = old
+    assert not unraisable, unraisable[0].exc_value
+
+
+def test_ids_outside_a_vocabulary_are_refused_where_the_batch_is_made(cfg):
+    from bmgpt_jax.data.examples import check_ids
+    batch = next(BatchIterator(cfg))
+    check_ids(batch, 32001, 33)
+    bad = dict(batch, input_ids=batch["input_ids"].copy())
+    bad["input_ids"][3, 5] = 32001
+    with pytest.raises(ValueError, match=r"step 7: input_ids\[3, 5\] = 32001 is outside \[0, 32001\) "
+                                         r"\(model.lm.vocab_size\); 1 such id"):
+        check_ids(bad, 32001, 33, where="step 7")
+    bad = dict(batch, prot_ids=batch["prot_ids"].copy(), mol_atoms=batch["mol_atoms"].copy())
+    bad["prot_ids"][1, 2] = 40
+    with pytest.raises(ValueError, match=r"prot_ids\[1, 2\] = 40 is outside \[0, 33\) \(model.esm.vocab_size\)"):
+        check_ids(bad, 32001, 33)
+    bad["mol_atoms"][4, 1] = 3
+    with pytest.raises(ValueError, match=r"mol_atoms\[4\], column 1 = 3 is outside \[0, 3\) \(GIN chirality"):
+        check_ids(bad, 32001)
 
 
 def test_atom_cap_subsample_keeps_the_whole_graph(cfg):
-    c = dataclasses.replace(cfg, batch_size=1, max_atoms=4, atom_cap="subsample")
-    batch = next(BatchIterator(c, records=[Record((("molecule", "CCCCCCCCCC"),), "Q?", "A.")]))
+    c = dataclasses.replace(cfg, batch_size=1)
+    batch = next(BatchIterator(c, records=[Record((("molecule", "CCCCCCCCCC"),), "Q?", "A.")], max_atoms=4))
     assert batch["mol_n_node"][0] == 10 and (batch["mol_slot"] >= 0).sum() == 4
     assert batch["mol_slot"][[0, 3, 6, 9]].tolist() == list(range(batch["mol_slot"][0], batch["mol_slot"][0] + 4))
 

@@ -105,3 +105,25 @@ def test_decode_loop_is_one_compiled_function(models):
     n = _decode._cache_size()
     generate(ours, ids[::-1].copy(), mask[::-1].copy(), max_new_tokens=8, eos_token_id=-1)
     assert _decode._cache_size() == n  # same shapes: no retrace, the loop is inside the jit
+
+
+def test_a_prompt_token_equal_to_the_pad_id_is_penalised(models):
+    """Right-padded with id 0, a prompt that holds a real 0: the repetition penalty must still see that 0
+    (duplicate scatter indices must not let a padding 0 un-mark it). The head is tilted so that 0 is
+    the unpenalised first choice (1.5x the logit of the model's own choice g); penalised by 2 it loses."""
+    from flax import nnx
+    _, ours = models
+    ids, mask = prompts(pad_left=False)
+    row = 2                                                     # 6 real tokens, 3 padding zeros after them
+    ids[row, 3] = 0
+    alone = ids[row:row + 1, :LENS[row]]
+    g = int(generate(ours, alone, max_new_tokens=1, eos_token_id=-1)[0, 0])
+    assert g != 0 and g not in alone
+    tilted = nnx.clone(ours)
+    kernel = tilted.lm_head.kernel
+    kernel[...] = kernel[...].at[:, 0].set(1.5 * kernel[...][:, g])
+    assert generate(tilted, alone, max_new_tokens=1, eos_token_id=-1)[0, 0] == 0     # unpenalised: 0 wins
+    kw = dict(max_new_tokens=6, eos_token_id=-1, repetition_penalty=2.0)
+    want = generate(tilted, alone, **kw)[0]
+    assert want[0] != 0
+    np.testing.assert_array_equal(generate(tilted, ids, mask, **kw)[row], want)

@@ -21,7 +21,7 @@ RECORDS = [
     Record((), "What is a kinase?", "An enzyme that adds phosphate groups."),
     Record((("molecule", MOLS[2]),), "Name it.", "Caffeine."),
 ]
-OPTS = examples.EncodeOptions(system_prompt=DEFAULT_SYSTEM, max_len=512, max_atoms=256, atom_cap="skip",
+OPTS = examples.EncodeOptions(system_prompt=DEFAULT_SYSTEM, max_len=512, max_atoms=256, over_cap="error",
                               max_protein_len=1024)
 
 

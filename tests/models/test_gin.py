@@ -137,7 +137,7 @@ def test_encode_smiles_cap_and_one_compile_per_bucket(tiny):
     with pytest.raises(ValueError, match=r"molecule 1: SMILES 'C1CC'"):
         E.encode_smiles(model, ["CCO", "C1CC"])
     capped = nnx.clone(model)
-    capped.config = G.GinConfig(num_layers=2, emb_dim=16, max_atoms=8)
+    capped.config = G.GinConfig(num_layers=2, emb_dim=16, max_atoms=8, over_cap="error")
     with pytest.raises(ValueError, match=r"molecule 2: SMILES 'CC\(=O\)Nc1ccc\(O\)cc1': 11 atoms exceed"):
         E.encode_smiles(capped, smiles)
     capped.config = G.GinConfig(num_layers=2, emb_dim=16, max_atoms=8, over_cap="subsample")

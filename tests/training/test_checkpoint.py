@@ -78,14 +78,55 @@ def test_keep_last_k_and_final_forced_save(tmp_path):
 def test_sigterm_requests_a_save(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path), every=100))
-    ckpt.install_sigterm_handler()
+    ckpt.install_signal_handlers()
     assert not ckpt.stop_requested()
     os.kill(os.getpid(), signal.SIGTERM)
-    assert ckpt.stop_requested()
+    assert ckpt.stop_requested() and ckpt.stop_signal == "SIGTERM"
     assert ckpt.save(3, {"w": np.ones(2, np.float32)})
     ckpt.close()
     assert signal.getsignal(signal.SIGTERM) is before
     assert Checkpointer(CheckpointConfig(dir=str(tmp_path))).latest_step() == 3
+
+
+def test_first_ctrl_c_requests_a_save_the_second_aborts(tmp_path, capsys):
+    before = signal.getsignal(signal.SIGINT)
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path), every=100))
+    ckpt.install_signal_handlers()
+    os.kill(os.getpid(), signal.SIGINT)                 # no KeyboardInterrupt: the loop saves and exits
+    assert ckpt.stop_requested() and ckpt.stop_signal == "SIGINT"
+    assert "Ctrl-C again aborts" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    ckpt.close()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path):
+    state = {"w": np.arange(1000, dtype=np.float32), "b": np.ones((3, 4), np.float32)}
+    with Checkpointer(CheckpointConfig(dir=str(tmp_path), every=1, keep=4)) as ckpt:
+        for step in (1, 2, 3, 4):
+            ckpt.save(step, jax.tree.map(lambda x: x + step, state), data_state={"batch": step})
+    (tmp_path / "4" / "meta" / "metadata").write_text('{"ste')                       # torn JSON
+    for f in (tmp_path / "3" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[:7])                                           # torn arrays
+    with Checkpointer(CheckpointConfig(dir=str(tmp_path), every=1)) as ckpt:
+        restored, data, meta, unreadable = ckpt.restore_intact(state)
+        assert meta["step"] == 2 and data == {"batch": 2}
+        assert_same(restored, jax.tree.map(lambda x: x + 2, state))
+        assert [s for s, _ in unreadable] == [4, 3]
+        assert unreadable[0][1].startswith("JSONDecodeError") and "byte range" in unreadable[1][1].lower()
+        assert ckpt.all_steps() == [1, 2] and (tmp_path / "4.unreadable").is_dir()
+        assert ckpt.save(3, state, force=True)                                          # the resumed run saves again
+    for step in (1, 2, 3):
+        (tmp_path / str(step) / "_CHECKPOINT_METADATA").write_text("")
+        (tmp_path / str(step) / "meta" / "metadata").write_text("")
+    with Checkpointer(CheckpointConfig(dir=str(tmp_path))) as ckpt:
+        with pytest.raises(ValueError, match="no readable checkpoint in .*step 3: .*step 2: .*step 1: "):
+            ckpt.restore_intact(state)
+    with Checkpointer(CheckpointConfig(dir=str(tmp_path / "none"))) as ckpt:
+        with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+            ckpt.restore_intact(state)
 
 
 def test_other_model_shape_errors_naming_key_and_shapes(tmp_path):

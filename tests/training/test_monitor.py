@@ -31,8 +31,8 @@ def test_disabled_monitor_writes_nothing(tmp_path):
 
 def test_nonfinite_policy():
     assert check_loss(7, 1.5, "stop")
-    with pytest.raises(NonFiniteLossError, match="at step 42"):
-        check_loss(42, float("nan"), "stop")
+    with pytest.raises(NonFiniteLossError, match="at step 42 on the batch at data position 3, the first"):
+        check_loss(42, float("nan"), "stop", batch="the batch at data position 3")
     with pytest.raises(NonFiniteLossError, match="at step 3"):
         check_loss(3, 1.0, "stop", grad_norm=float("inf"))
     assert check_loss(42, float("inf"), "skip") is False
@@ -44,3 +44,19 @@ def test_flop_counts():
     assert train_flops_per_token(100) == 600
     assert train_flops_per_token(100, n_trainable=10, n_layers=2, seq_len=8, d_model=4) == 400 + 20 + 12 * 64
     assert measure_matmul_flops(n=128, repeats=2) > 1e6
+
+
+def test_a_resumed_run_cuts_the_replayed_steps(tmp_path):
+    with Monitor(tmp_path, total_steps=10, progress=False) as mon:
+        for step in range(1, 9):
+            mon.log(step, {"loss": float(step)}, data={"examples": 8 * step, "dropped": step // 4})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"time": 1, "step": 9, "lo')                      # torn by a kill mid-write
+    with Monitor(tmp_path, total_steps=10, start_step=5, progress=True) as mon:   # resumed from step 5
+        for step in range(6, 11):
+            rec = mon.log(step, {"loss": 10.0 * step}, data={"examples": 8 * step, "dropped": 2})
+    assert rec["examples"] == 80 and rec["dropped"] == 2
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 11))
+    assert [x["loss"] for x in lines] == [1.0, 2.0, 3.0, 4.0, 5.0, 60.0, 70.0, 80.0, 90.0, 100.0]
+    assert lines[3]["dropped"] == 1 and lines[3]["examples"] == 32

@@ -66,8 +66,8 @@ def test_schedule_warmup_peak_end():
 
 def test_clipping_rescales_large_gradients_only():
     params = {"w": jnp.ones((3, 4))}
-    clip = make_optimizer(OptimConfig(clip_norm=0.5, warmup_steps=0))
-    plain = make_optimizer(OptimConfig(clip_norm=0.0, warmup_steps=0))
+    clip = make_optimizer(OptimConfig(clip_norm=0.5, warmup_steps=0, total_steps=1000))
+    plain = make_optimizer(OptimConfig(clip_norm=0.0, warmup_steps=0, total_steps=1000))
     big = {"w": jnp.full((3, 4), 2.0)}  # norm 6.93
     small = {"w": jnp.full((3, 4), 0.01)}
     norm = optax.global_norm(big)
@@ -190,3 +190,11 @@ def test_weight_decay_skips_stacked_norms_and_biases():
     mask = {".".join(map(str, p)): bool(v.get_value()) for p, v in _decay_mask(nnx.state(model, nnx.Param)).flat_state()}
     assert mask["model.layers.mlp.up_proj.kernel"] and mask["model.embed_tokens.weight"]
     assert not mask["model.layers.input_layernorm.weight"] and not mask["model.norm.weight"]
+
+
+def test_schedule_length_zero_means_the_run_decides():
+    assert OptimConfig().total_steps == 0
+    with pytest.raises(ValueError, match="optim.total_steps is 0"):
+        make_schedule(OptimConfig())
+    with pytest.raises(ValueError, match=r"optim.warmup_steps \(50\) exceeds optim.total_steps \(40\)"):
+        OptimConfig(warmup_steps=50, total_steps=40)

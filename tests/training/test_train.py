@@ -1,4 +1,5 @@
-"""The training job: stages, meshes, multi-process, kill/resume, SIGTERM, errors, the embedded default."""
+"""The training job: stages, meshes, multi-process, kill/resume (past a torn checkpoint), SIGTERM and
+Ctrl-C, dropped-example accounting, exports other tools load, one-line errors, the embedded default."""
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from bmgpt_jax import chat, parallel
 from bmgpt_jax.training import loop as train
 from bmgpt_jax.config import ConfigError
 from bmgpt_jax.data.pipeline import BatchIterator, offset_for_process, repad
+from bmgpt_jax.data.text import load_tokenizer
 
 # one bucket, demo data only, small budgets: one compile per mesh
 SMALL = ["data.sources=[demo]", "data.seq_buckets=[160]", "data.demo_molecules=200", "progress=false",
@@ -65,9 +67,15 @@ def test_same_losses_and_params_on_every_mesh(reference, tmp_path, mesh):
         assert var[...].sharding.spec == want, (path, var[...].sharding.spec, want)
 
 
+def _rows(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
 def _losses(out_dir):
-    """step -> loss from metrics.jsonl (the last record of a step wins: a resumed run re-logs)."""
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    """step -> loss from metrics.jsonl, which must hold each step once (a resumed run cuts what it replays)."""
+    rows = _rows(out_dir)
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"duplicate or unordered steps in metrics.jsonl: {steps}"
     return {r["step"]: r["loss"] for r in rows}
 
 
@@ -106,19 +114,23 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     assert _losses(killed_dir) == full["losses"]
 
 
-def test_sigterm_saves_and_exits(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_saves_and_exits(tmp_path, sig):
     out_dir = tmp_path / "term"
     proc = _spawn(SMALL + ["steps=100000", "checkpoint.every=1000", f"out_dir={out_dir}"])
     deadline = time.time() + 240
     while not (out_dir / "metrics.jsonl").exists() or len(_losses(out_dir)) < 3:
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, output[-3000:]
     steps = [int(d) for d in os.listdir(out_dir / "checkpoints") if d.isdigit()]
     assert steps and max(steps) == max(_losses(out_dir)) and max(steps) < 1000
-    assert "SIGTERM" in output
+    assert f"{sig.name}: checkpoint saved at step {max(steps)}" in output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+    assert f"stopped by {sig.name} at step {max(steps)} of 100000; continue with: python -m bmgpt_jax.train" in output
+    assert output.rstrip().endswith(f"TensorBoard:  tensorboard --logdir {out_dir / 'tensorboard'}")
 
 
 def test_restore_onto_another_mesh(tmp_path):
@@ -135,7 +147,8 @@ class MergedShards:
     """What two processes feed, concatenated in process order, as one process's stream (the reference)."""
 
     def __init__(self, cfg):
-        self.its = [BatchIterator(cfg.data, p, 2) for p in range(2)]
+        gin = cfg.model.gin
+        self.its = [BatchIterator(cfg.data, p, 2, max_atoms=gin.max_atoms, over_cap=gin.over_cap) for p in range(2)]
         self.tokenizer = self.its[0].tokenizer
 
     def __next__(self):
@@ -198,6 +211,11 @@ def test_embedded_default_learns_and_loads_in_chat(tmp_path):
     model = from_pretrained(tmp_path / "default" / "final")
     answer = chat.ask(model, "What is the molecular formula of this molecule?", smiles="CCO", max_new_tokens=8)
     assert isinstance(answer, str)
+    final, ckpts = tmp_path / "default" / "final", tmp_path / "default" / "checkpoints"
+    assert f"model:        {final}  (python -m bmgpt_jax.chat --checkpoint {final}" in output
+    assert f"checkpoints:  {ckpts}  (steps 60; --resume continues the last)" in output
+    assert f"TensorBoard:  tensorboard --logdir {tmp_path / 'default' / 'tensorboard'}" in output
+    assert f"metrics:      {tmp_path / 'default' / 'metrics.jsonl'}" in output
     assert jax.device_count() == 8
 
 
@@ -218,7 +236,8 @@ def test_gradient_accumulation_runs_sharded(tmp_path):
 def test_nonfinite_loss_stops_naming_the_step_or_skips(tmp_path):
     from bmgpt_jax.training.monitor import NonFiniteLossError
     blowup = ["stage=align", "steps=4", "optim.lr=1e30", "optim.warmup_steps=0", "optim.clip_norm=0"]
-    with pytest.raises(NonFiniteLossError, match=r"step [2-4]\b"):
+    with pytest.raises(NonFiniteLossError, match=r"step [2-4] on the batch at data position epoch 0, window 0, batch "
+                                                 r"[1-3], the first such step"):
         train.run(cfg_for(tmp_path, *blowup, name="stop"))
     out = train.run(cfg_for(tmp_path, *blowup, "nonfinite=skip", name="skip"))
     assert out["last_step"] == 4 and not np.isfinite(out["losses"][4])
@@ -226,3 +245,146 @@ def test_nonfinite_loss_stops_naming_the_step_or_skips(tmp_path):
     upto = train.run(cfg_for(tmp_path, *blowup, "nonfinite=skip", f"steps={min(bad) - 1}", name="upto"))
     a, b = params(upto["model"]), params(out["model"])  # the skipped steps changed nothing
     assert all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
+
+
+def test_config_resolution_schedule_precision_and_special_ids():
+    assert train.load_config("tiny", ["steps=120"]).optim.total_steps == 120            # follows steps
+    assert train.load_config("tiny", ["steps=120", "optim.total_steps=500"]).optim.total_steps == 500
+    assert train.load_config("biomedgpt_10b_align", ["steps=7000", "optim.warmup_steps=10"]).optim.total_steps == 7000
+    short = train.load_config("tiny", ["steps=10"]).optim                              # a quick trial runs:
+    assert (short.total_steps, short.warmup_steps) == (10, 5)                           # warmup cut to half
+    assert train.load_config("tiny", ["steps=10", "optim.total_steps=20"]).optim.warmup_steps == 15
+    bf16 = train.load_config("tiny", ["compute_dtype=bfloat16"]).model
+    assert (bf16.lm.dtype, bf16.esm.dtype, bf16.gin.dtype) == ("bfloat16",) * 3
+    assert bf16.lm.param_dtype == "float32"
+    big = train.load_config("biomedgpt_10b_finetune").model
+    assert (big.lm.dtype, big.esm.dtype, big.gin.dtype) == ("bfloat16",) * 3
+    with pytest.raises(ConfigError, match="model.lm.dtype=bfloat16 conflicts with compute_dtype=float32"):
+        train.load_config("tiny", ["model.lm.dtype=bfloat16"])
+    tok = load_tokenizer(None)
+    lm = train.resolve_tokenizer(train.load_config("tiny_lm"), tok).model.lm
+    assert (lm.vocab_size, lm.bos_token_id, lm.eos_token_id, lm.pad_token_id) == (tok.vocab_size, 1, 2, tok.pad_id)
+    assert tok.pad_id == tok.vocab_size - 1 < 1000                                      # the demo vocabulary
+    with pytest.raises(ValueError, match=f"model.lm.vocab_size 900 is smaller than the tokenizer's {tok.vocab_size}"):
+        train.resolve_tokenizer(train.load_config("tiny_lm", ["model.lm.vocab_size=900"]), tok)
+
+
+@pytest.mark.parametrize("stage", ["lm", "finetune"])
+def test_what_each_stage_exports_loads_with_our_logits(tmp_path, torch, stage, caplog):
+    """The `lm` stage's export loads in transformers, the multimodal one in our loader; both give the trained
+    model's logits within 1e-4 on a pipeline batch. (Also: `resume` with nothing to resume says so.)"""
+    cfg = cfg_for(tmp_path, f"stage={stage}", "steps=2", "export=true")
+    with caplog.at_level("WARNING"):
+        out = train.run(cfg, resume=True)
+    assert "nothing to resume; starting at step 1" in caplog.text and sorted(out["losses"]) == [1, 2]
+    gin = cfg.model.gin
+    batch = next(BatchIterator(cfg.data, max_atoms=gin.max_atoms, over_cap=gin.over_cap))
+    real = batch["attention_mask"] == 1
+    final = tmp_path / "run" / "final"
+    if stage == "lm":
+        from transformers import LlamaForCausalLM
+        hf = LlamaForCausalLM.from_pretrained(final).eval()
+        tok = load_tokenizer(None)
+        assert (hf.config.vocab_size, hf.config.pad_token_id) == (tok.vocab_size, tok.pad_id)
+        with torch.no_grad():
+            theirs = hf(torch.tensor(batch["input_ids"], dtype=torch.long),
+                        attention_mask=torch.tensor(batch["attention_mask"])).logits.numpy()
+        ours = np.asarray(out["model"](batch["input_ids"], batch["attention_mask"]))
+    else:
+        from bmgpt_jax.convert.folder import from_pretrained
+        forward = nnx.jit(lambda model, batch: model(batch))
+        theirs = np.asarray(forward(from_pretrained(final), batch))
+        ours = np.asarray(forward(out["model"], batch))
+    assert np.abs(theirs[real] - ours[real]).max() < 1e-4
+
+
+class CorruptedIds:
+    """The pipeline's stream with one out-of-vocabulary id planted in the second batch."""
+
+    def __init__(self, it):
+        self.it, self.tokenizer, self.n = it, it.tokenizer, 0
+
+    def __next__(self):
+        batch, self.n = next(self.it), self.n + 1
+        if self.n == 2:
+            batch = dict(batch, input_ids=batch["input_ids"].copy())
+            batch["input_ids"][1, 4] = self.tokenizer.vocab_size + 5
+        return batch
+
+    def state(self):
+        return self.it.state()
+
+    def restore(self, state):
+        self.it.restore(state)
+
+
+def test_out_of_vocabulary_ids_are_refused_before_the_step(tmp_path):
+    cfg = cfg_for(tmp_path, "stage=align", "steps=3")
+    v = load_tokenizer(None).vocab_size
+    with pytest.raises(ValueError, match=r"the batch at data position epoch 0, window 0, batch 1: input_ids\[1, 4\] = "
+                                         rf"{v + 5} is outside \[0, {v}\) \(model.lm.vocab_size\)"):
+        train.run(cfg, batches=CorruptedIds(BatchIterator(cfg.data)))
+
+
+def test_resume_skips_a_torn_checkpoint_and_counts_dropped_examples_on(tmp_path, caplog):
+    """A run that drops examples over its node budget, stopped after step 6 with step 6's checkpoint torn:
+    --resume falls back to step 4, says why, and ends with the uninterrupted run's losses, dropped-example
+    counts and a metrics.jsonl holding each step once."""
+    extra = ["stage=align", "steps=8", "checkpoint.every=2", "checkpoint.keep=4", "data.node_budget=128",
+             "data.max_dropped=1"]
+    full = train.run(cfg_for(tmp_path, *extra, name="full"))
+    assert full["data"]["over_node_budget"] > 0 and full["data"]["examples"] >= 64
+    rows = _rows(tmp_path / "full")
+    assert rows[-1]["dropped_over_node_budget"] == full["data"]["over_node_budget"]
+    assert rows[-1]["examples"] == full["data"]["examples"]
+    train.run(cfg_for(tmp_path, *extra, "steps=6", name="part"))
+    ckpts = tmp_path / "part" / "checkpoints"
+    (ckpts / "6" / "meta" / "metadata").write_text('{"config": {"st')
+    with caplog.at_level("INFO"):
+        resumed = train.run(cfg_for(tmp_path, *extra, name="part"), resume=True)
+    assert "checkpoint step 6 is unreadable (JSONDecodeError" in caplog.text and "resumed from step 4" in caplog.text
+    assert (ckpts / "6.unreadable").is_dir() and (ckpts / "8").is_dir()
+    assert sorted(resumed["losses"]) == [5, 6, 7, 8]
+    assert all(resumed["losses"][s] == full["losses"][s] for s in (5, 6, 7, 8))
+    assert resumed["data"] == full["data"]
+    assert _losses(tmp_path / "part") == full["losses"]
+
+
+def test_one_line_errors_before_any_compute(tmp_path, capsys):
+    def error(argv):
+        assert train.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err.strip().splitlines()[-1]
+
+    assert "XLA_FLAGS=--xla_force_host_platform_device_count=16 (set before JAX starts) simulates 16" in \
+        error(["mesh=[4,4,1]"])
+    line = error(["--config", "biomedgpt_10b_align", f"out_dir={tmp_path / 'big'}"])
+    assert line.startswith("train: FileNotFoundError: not found") and \
+        "init.hf_llama=checkpoints/BioMedGPT-LM-7B" in line and "data.tokenizer=" in line
+    line = error(["--config", "biomedgpt_10b_align", f"out_dir={tmp_path / 'big'}", "init.hf_llama=", "init.hf_esm=",
+                  "init.gin=", "data.tokenizer=", f"data.data_dir={tmp_path / 'tfds'}"])
+    assert line.startswith("train: FileNotFoundError: pubchemqa: input folder data/PubChemQA not found")
+    (tmp_path / "old" / "checkpoints" / "40").mkdir(parents=True)
+    line = error(SMALL + [f"out_dir={tmp_path / 'old'}"])
+    assert "holds checkpoints of an earlier run (steps [40]): pass --resume" in line
+
+
+def test_too_many_dropped_examples_stop_the_run_naming_the_setting(tmp_path, capsys):
+    """The GIN's atom cap set to refuse molecules over 10 atoms: training drops those examples (as chat would
+    refuse them) and, past data.max_dropped, stops with the setting to change."""
+    argv = ["--config", "tiny_align"] + SMALL + ["steps=2", f"out_dir={tmp_path / 'cap'}", "model.gin.max_atoms=10",
+                                                 "model.gin.over_cap=error", "data.max_dropped=0.05"]
+    assert train.main(argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("train: TooManyDropped: the data pipeline dropped") and \
+        "more than data.max_dropped=0.05; most are too_many_atoms" in line and "change model.gin.max_atoms" in line
+
+
+def test_a_second_ctrl_c_aborts_in_one_line(monkeypatch, capsys):
+    def interrupted(cfg, resume=False):
+        raise KeyboardInterrupt   # what the handler raises on a Ctrl-C while a stop is pending
+    monkeypatch.setattr(train, "run", interrupted)
+    assert train.main(SMALL) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["train: aborted by a second Ctrl-C; the last saved checkpoint is kept (--resume continues from it)"]

@@ -1,0 +1,102 @@
+"""User-given input files checked before a loader reads them, so a bad one is a one-line error naming it.
+
+The command lines (`chat`, `evaluate`, `convert_weights.py`) call these on what the user named, then
+load. The checks are cheap at any model size: a JSON file is parsed, a tokenizer is opened, a weights
+file is checked for its container's own integrity marks (a torch zip archive's central directory, which
+a truncated copy lacks; a safetensors header and the byte length it declares), never read whole.
+`one_line` turns any remaining exception into the message a command line prints.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from pathlib import Path
+
+from bmgpt_jax.convert.folder import FILES
+
+MODEL_FOLDER_FILES = ("pth", "lm", "esm")
+
+
+def check_json(path: str | Path) -> None:
+    """ValueError naming `path` when it does not parse as JSON."""
+    try:
+        json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): truncated "
+                         "or corrupt") from None
+
+
+def check_tokenizer(path: str | Path) -> None:
+    """ValueError naming `path` when it is not a SentencePiece model (or a folder holding exactly one)."""
+    from bmgpt_jax.data.text import load_tokenizer
+    try:
+        load_tokenizer(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- sentencepiece raises RuntimeError/OSError with C++ messages
+        raise ValueError(f"{path} is not a readable SentencePiece tokenizer model (truncated or corrupt): "
+                         f"{one_line(e)}") from None
+
+
+def check_weights(path: str | Path) -> None:
+    """ValueError naming `path` when a weights file is empty or visibly truncated: a torch zip archive
+    (`torch.save`'s format since 1.6) without a readable central directory, or a safetensors file shorter
+    than its header says. (A legacy pickle `.pth` has no such mark and is left to the loader.)"""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found")
+    size = p.stat().st_size
+    if size == 0:
+        raise ValueError(f"{p} is empty (0 bytes), not a weights file")
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if p.suffix == ".safetensors":
+        header = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if header is None or 8 + header > size:
+            raise ValueError(f"{p} is truncated: {size} bytes, shorter than its safetensors header")
+        with open(p, "rb") as f:
+            f.seek(8)
+            try:
+                meta = json.loads(f.read(header))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise ValueError(f"{p} is corrupt: its safetensors header is not JSON") from None
+        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+        if 8 + header + end > size:
+            raise ValueError(f"{p} is truncated: {size} bytes of the {8 + header + end} its header declares")
+    elif head[:4] == b"PK\x03\x04":
+        try:
+            zipfile.ZipFile(p).close()
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{p} is truncated or corrupt ({size:,} bytes; a PyTorch zip checkpoint whose "
+                             f"central directory cannot be read: {e})") from None
+
+
+def check_model_folder(path: str | Path) -> Path:
+    """`path` as a model folder (`convert.folder`): it exists, holds its files, and each passes the checks
+    above. Given a training run's folder instead, the error points at its `final/` model."""
+    d = Path(path)
+    if not d.is_dir():
+        raise FileNotFoundError(f"model folder {d} does not exist" if not d.exists() else f"{d} is not a folder")
+    if not (d / FILES["pth"]).exists() and (d / "final").is_dir():
+        raise FileNotFoundError(f"{d} is a training run's folder; its model is {d / 'final'} "
+                                f"(--checkpoint {d / 'final'})")
+    tokenizer = next((p for p in (d / FILES["tokenizer"], d / "tokenizer") if p.exists()), None)
+    missing = [FILES[k] for k in MODEL_FOLDER_FILES if not (d / FILES[k]).exists()] + \
+        ([] if tokenizer else [FILES["tokenizer"]])
+    if missing:
+        raise FileNotFoundError(f"{d} is not a model folder: it lacks {', '.join(missing)}")
+    for key in ("lm", "esm", "gin"):
+        if (d / FILES[key]).exists():
+            check_json(d / FILES[key])
+    check_tokenizer(tokenizer)
+    check_weights(d / FILES["pth"])
+    return d
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line: the first line of its message (a KeyError's without the quotes), or
+    its type when it has none."""
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    lines = str(text).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

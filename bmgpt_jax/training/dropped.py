@@ -1,0 +1,89 @@
+"""Examples the data pipeline left out of a training run: counted per reason, reported, bounded.
+
+Every process's `BatchIterator.counts()` says how many examples it read and how many it dropped per
+reason (`data.examples.DROP_REASONS`: bad records, too long, over the atom cap, over a graph or protein
+budget). `DropTally.update` sums them over the processes once a step (one small all-gather), and the
+loop shows the sums in the progress bar, `metrics.jsonl` and TensorBoard and in the end-of-run summary.
+The counts as of a checkpoint's data position go into its metadata, so a resumed run goes on counting
+where the interrupted one stood (the window the position points into is re-encoded, and recounted, by
+the restored pipeline, so it is left out of the saved counts).
+
+Past `data.max_dropped` (a share of the examples read, judged once `CHECK_AFTER` examples are read and
+at the end of the run) the run stops with `TooManyDropped`, naming the setting that would keep the
+most frequent kind of dropped example.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Mapping
+
+import jax
+import numpy as np
+
+from bmgpt_jax.data.examples import DROP_REASONS
+
+CHECK_AFTER = 1000      # examples read before the share is judged mid-run (one window can be unlucky)
+KEYS = ("examples", *DROP_REASONS)
+
+
+class TooManyDropped(ValueError):
+    """The pipeline dropped more than `data.max_dropped` of the examples it read."""
+
+
+class DropTally:
+    """Global counts `{"examples": read, reason: dropped}` of a run; `restored` continues a checkpoint's."""
+
+    def __init__(self, pipeline, max_dropped: float, restored: Mapping[str, int] | None = None):
+        self.pipeline = pipeline if hasattr(pipeline, "counts") else None  # a test's stream may not count
+        self.max_dropped = max_dropped
+        self.offset = Counter({k: int(v) for k, v in (restored or {}).items() if k in KEYS})
+        self.totals = Counter(self.offset)
+        self.at_position = Counter(self.offset)
+
+    def update(self, position: dict) -> None:
+        """Sum every process's counts: now, and as of the data `position` (an iterator `state()`) that a
+        checkpoint saved now would restore. A collective: every process calls it at the same step."""
+        if self.pipeline is None:
+            return
+        local = np.array([[c.get(k, 0) for k in KEYS] for c in (self.pipeline.counts(),
+                                                                  self.pipeline.counts(position))], np.int64)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            local = np.asarray(multihost_utils.process_allgather(local)).sum(axis=0)
+        self.totals = self.offset + Counter(dict(zip(KEYS, local[0].tolist())))
+        self.at_position = self.offset + Counter(dict(zip(KEYS, local[1].tolist())))
+
+    @property
+    def dropped(self) -> int:
+        return sum(n for k, n in self.totals.items() if k != "examples")
+
+    def metrics(self) -> dict[str, int]:
+        """`{"examples", "dropped", "dropped_<reason>"...}` for the metrics record (reasons seen so far)."""
+        if self.pipeline is None and not self.offset:
+            return {}
+        return {"examples": self.totals["examples"], "dropped": self.dropped,
+                **{f"dropped_{k}": self.totals[k] for k in DROP_REASONS if self.totals[k]}}
+
+    def checkpoint_counts(self) -> dict[str, int]:
+        """The counts to store with a checkpoint of the current data position."""
+        return {k: int(v) for k, v in self.at_position.items() if v}
+
+    def summary(self) -> str:
+        """One line: examples read, dropped in all and per reason with the setting behind each."""
+        n = self.totals["examples"]
+        if not self.dropped:
+            return f"data: {n:,} examples read, none dropped"
+        reasons = "; ".join(f"{k} {self.totals[k]:,} -> {DROP_REASONS[k]}" for k in DROP_REASONS if self.totals[k])
+        return f"data: {n:,} examples read, {self.dropped:,} dropped ({self.dropped / max(n, 1):.1%}): {reasons}"
+
+    def check(self, final: bool = False) -> None:
+        """Raise TooManyDropped when the dropped share exceeds `max_dropped` (mid-run only once
+        `CHECK_AFTER` examples are read; `final` judges whatever was read)."""
+        n = self.totals["examples"]
+        if not n or (n < CHECK_AFTER and not final) or self.dropped <= self.max_dropped * n:
+            return
+        worst = max((k for k in DROP_REASONS if self.totals[k]), key=lambda k: self.totals[k])
+        raise TooManyDropped(f"the data pipeline dropped {self.dropped:,} of the {n:,} examples read "
+                             f"({self.dropped / n:.1%}), more than data.max_dropped={self.max_dropped:g}; most "
+                             f"are {worst} ({self.totals[worst]:,}): change {DROP_REASONS[worst]}, or raise "
+                             "data.max_dropped to accept the loss. " + self.summary())

@@ -1,0 +1,65 @@
+"""Meshes: built by `jax.make_mesh` with Auto axes, refused with a hint when the devices do not fit, and
+checked for the data pipeline's per-process row blocks (processes simulated by mapping devices)."""
+import importlib.util
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+from bmgpt_jax import parallel
+
+
+def test_meshes_come_from_jax_make_mesh_with_auto_axes():
+    for shape in [(8, 1, 1), (2, 2, 2), (1, 4, 2), (-1, 2, 1)]:
+        mesh = parallel.make_mesh(shape)
+        want = jax.make_mesh(tuple(mesh.devices.shape), parallel.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        assert mesh.axis_names == parallel.MESH_AXES and mesh.axis_types == (AxisType.Auto,) * 3
+        assert np.array_equal(np.vectorize(lambda d: d.id)(mesh.devices), np.vectorize(lambda d: d.id)(want.devices))
+    assert parallel.make_mesh((1, 1, 1)).devices.size == 1           # a smaller mesh on one process
+
+
+def test_a_mesh_that_does_not_fit_the_devices_says_how_to_simulate_them():
+    with pytest.raises(ValueError, match=r"mesh shape \(4, 4, 1\) needs 16 devices, which does not divide the 8 "
+                                         r"devices found; on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=16"):
+        parallel.make_mesh((4, 4, 1))
+    with pytest.raises(ValueError, match="needs 3 devices"):
+        parallel.make_mesh((3, 1, 1))
+
+
+def by_id(split):
+    """A stand-in for `device.process_index`: devices 0-3 are one process, 4-7 the other (or `split`)."""
+    return lambda d: split(d.id)
+
+
+def test_each_process_must_hold_one_contiguous_block_of_batch_rows():
+    first_half = by_id(lambda i: i // 4)
+    assert parallel.process_blocks(parallel.make_mesh((8, 1, 1)), first_half) == {0: 0, 1: 1}
+    assert parallel.process_blocks(parallel.make_mesh((2, 2, 2)), first_half) == {0: 0, 1: 1}
+    assert parallel.process_blocks(parallel.make_mesh((8, 1, 1)), by_id(lambda i: 1 - i // 4)) == {0: 1, 1: 0}
+    assert parallel.process_blocks(parallel.make_mesh((8, 1, 1))) == {0: 0}
+    with pytest.raises(ValueError, match=r"does not give each of the 2 processes its own contiguous block of 4 of "
+                                         r"the 8 batch rows \(process 0: rows \[0, 2, 4, 6\], process 1: rows "
+                                         r"\[1, 3, 5, 7\]\)"):
+        parallel.process_blocks(parallel.make_mesh((8, 1, 1)), by_id(lambda i: i % 2))   # interleaved
+    with pytest.raises(ValueError, match=r"process 0: rows \[0, 1\], process 1: rows \[0, 1\].*tensor axis must "
+                                         "stay within a process"):
+        parallel.process_blocks(parallel.make_mesh((1, 1, 8)), first_half)                # tensor spans both
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_a_topology_order_that_interleaves_hosts_is_laid_out_process_major():
+    """v5e 4x4 (4 hosts): jax.make_mesh's 16-chip ring visits hosts 0,0,1,1,1,1,0,2,... -- the pipeline's
+    per-process row blocks would interleave; make_mesh keeps each host's chips together instead."""
+    from bmgpt_jax.training import plan
+    devices = plan.tpu_devices("v5e:4x4")
+    ring = jax.make_mesh((1, 16, 1), parallel.MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    with pytest.raises(ValueError, match="does not give each of the 4 processes its own contiguous block"):
+        parallel.process_blocks(ring)
+    mesh = parallel.make_mesh((1, 16, 1), devices)
+    assert [d.process_index for d in mesh.devices.flat] == [p for p in range(4) for _ in range(4)]
+    assert parallel.process_blocks(mesh) == {p: p for p in range(4)}
+    for shape in [(2, 8, 1), (4, 2, 2), (1, 8, 2)]:
+        assert sorted(parallel.process_blocks(parallel.make_mesh(shape, devices)).values()) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="tensor axis must stay within a process"):
+        parallel.make_mesh((1, 1, 16), devices)
