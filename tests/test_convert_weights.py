@@ -10,7 +10,7 @@ def test_hf_llama_round_trip(tmp_path, torch, capsys):
     make_hf_llama(tmp_path / "src", num_kv_heads=2)
     assert convert_weights.main(["hf_llama", str(tmp_path / "src"), str(tmp_path / "dst"), "--check"]) == 0
     assert "checked bit for bit" in capsys.readouterr().out
-    from bmgpt_jax.convert.torch_io import read_state_dict
+    from bmgpt_jax.convert.sources import read_state_dict
     a, b = read_state_dict(tmp_path / "src"), read_state_dict(tmp_path / "dst")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
