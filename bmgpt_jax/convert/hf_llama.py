@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,6 +23,7 @@ from bmgpt_jax.convert.tensor_map import ModelSource
 from bmgpt_jax.convert.tensor_source import DictSource, TensorSource, View
 from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
+log = logging.getLogger(__name__)
 FAMILY = "Hugging Face Llama"
 IGNORED = ("rotary_emb.inv_freq",)
 
@@ -63,7 +65,13 @@ def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> Ll
 
 
 def config_to_hf(cfg: LlamaConfig) -> dict:
-    """The HF `config.json` mapping for `cfg`."""
+    """The HF `config.json` mapping for `cfg`. A `pad_token_id` outside the vocabulary (the tiny configs'
+    32000 with a 1001-token demo tokenizer) is written as null, with a warning: transformers refuses it."""
+    pad = cfg.pad_token_id
+    if pad is not None and not 0 <= pad < cfg.vocab_size:
+        log.warning("pad_token_id %d is outside the vocabulary of %d: written as null in config.json", pad,
+                    cfg.vocab_size)
+        pad = None
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
@@ -72,7 +80,7 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
         "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
-        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": pad,
         "initializer_range": cfg.initializer_range, "attention_bias": False, "mlp_bias": False,
         "torch_dtype": cfg.param_dtype, "dtype": cfg.param_dtype,
     }

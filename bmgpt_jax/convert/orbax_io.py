@@ -61,7 +61,7 @@ class OrbaxSource(TensorSource):
         if key not in self._arrays:
             import tensorstore as ts
             info = self._ocp.type_handlers.ParamInfo(name=self._names[key], parent_dir=self.dir,
-                                                    use_zarr3=self._use_zarr3)
+                                                    use_zarr3=self._use_zarr3, ts_context=self._context)
             spec = self._ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._use_ocdbt)
             try:
                 self._arrays[key] = ts.open(spec, context=self._context).result()

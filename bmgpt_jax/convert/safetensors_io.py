@@ -52,7 +52,7 @@ class SafetensorsFile(TensorSource):
         try:
             self._entries, self.metadata, self._data_start = self._parse(size)
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
 
     def _parse(self, size: int):

@@ -85,6 +85,7 @@ def write_into(target: Path, fmt: Format, specs: Specs, tensors: Iterable[tuple[
         writer = TorchWriter(target, specs)
     for key, a in tensors:
         writer.write(key, a)
+        del a                   # before the next tensor is read: one in memory at a time
     writer.close()
 
 
@@ -131,10 +132,15 @@ def exported(reader: TensorSource, layout: Layout, max_block_bytes: int = 2**29)
     """`(key, tensor)` of `layout` from our variables in `reader` (dotted paths), one at a time."""
     for e, a in iter_tensors(reader, layout, max_block_bytes):
         yield e.key, a
+        del a
 
 
-def _bytes(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+def same_bytes(a: np.ndarray, b: np.ndarray, chunk: int = 2**24) -> bool:
+    """Bit-for-bit equality of two arrays of one dtype and shape, compared 16 MiB at a time (no full-size
+    boolean temporary)."""
+    a = np.asarray(a, order="C").reshape(-1).view(np.uint8)
+    b = np.asarray(b, order="C").reshape(-1).view(np.uint8)
+    return a.size == b.size and all(np.array_equal(a[i:i + chunk], b[i:i + chunk]) for i in range(0, a.size, chunk))
 
 
 def verify(written: TensorSource, expected: Iterable[tuple[str, np.ndarray]]) -> int:
@@ -147,8 +153,9 @@ def verify(written: TensorSource, expected: Iterable[tuple[str, np.ndarray]]) ->
             bad.append(f"{key} (missing)")
             continue
         got = written.read(key)
-        if got.dtype != want.dtype or got.shape != want.shape or not np.array_equal(_bytes(got), _bytes(want)):
+        if got.dtype != want.dtype or got.shape != want.shape or not same_bytes(got, want):
             bad.append(f"{key} ({got.dtype}{list(got.shape)} vs {want.dtype}{list(want.shape)})")
+        del got, want           # before the next pair is read: two tensors in memory at a time
     extra = [k for k in written.keys() if k not in seen]
     if bad or extra:
         raise ValueError(f"{written.name}: {len(bad)} tensors differ from the source (e.g. {bad[:5]})"

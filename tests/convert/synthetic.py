@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -51,24 +50,28 @@ def write(layout: Layout, dst, fmt: str = "safetensors", dtype=None, seed: int =
                         max_shard_bytes)
 
 
+# Starts the command and reports its peak RSS (RUSAGE_CHILDREN: this launcher has just that one child).
+# A launcher, because a child forked straight from a big parent (pytest after writing a checkpoint)
+# inherits the parent's peak as its own `ru_maxrss` when it execs; the launcher's exec absorbs that.
+LAUNCHER = r"""
+import resource, subprocess, sys
+code = subprocess.call(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024))
+sys.exit(code)
+"""
+
+
 def run_child(args: list[str], env: dict | None = None, timeout: float = 600) -> tuple[str, int]:
     """Run `python *args` from the repo root; return (stdout, the child's peak RSS in bytes)."""
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=full_env, stdout=out, stderr=err, text=True)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if proc.returncode:
-        raise AssertionError(f"child {args[:3]} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return stdout, usage.ru_maxrss * 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "maxrss"
+        proc = subprocess.run([sys.executable, "-c", LAUNCHER, str(report), sys.executable, *args], cwd=REPO,
+                              env=full_env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode:
+            raise AssertionError(f"child {args[:3]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        return proc.stdout, int(report.read_text())
 
 
 def last_json(out: str) -> dict:

@@ -1,0 +1,154 @@
+"""The export at the end of training, streamed from the final checkpoint: two processes write exactly what
+one process writes, the default export needs no torch, the `lm` export loads in transformers, and a
+run's checkpoint converts to the same folder with `convert_weights.py orbax`."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import convert_weights
+from bmgpt_jax.convert import folder, run_export
+from bmgpt_jax.convert.sources import read_state_dict
+from bmgpt_jax.training import loop as train
+from tests.convert.synthetic import REPO
+from tests.training.test_train import SMALL, MergedShards
+
+STAGES = ("finetune", "align")
+SETTINGS = [s for s in SMALL if not s.startswith("export=")] + ["steps=2", "export=true", "checkpoint.every=1"]
+
+
+def same_folders(a, b) -> None:
+    """Two exports hold the same files, the same tensors bit for bit, the same configs and tokenizer."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir()), (names, sorted(p.name for p in b.iterdir()))
+    for name in names:
+        if name.endswith(".json") or name.endswith(".model"):
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    x, y = read_state_dict(a), read_state_dict(b)
+    assert x.keys() == y.keys()
+    bad = [k for k in x if x[k].dtype != y[k].dtype or x[k].tobytes() != y[k].tobytes()]
+    assert not bad, bad[:5]
+    if (a / folder.FILES["pth"]).exists():
+        p, q = read_state_dict(a / folder.FILES["pth"]), read_state_dict(b / folder.FILES["pth"])
+        assert p.keys() == x.keys() and all(p[k].tobytes() == x[k].tobytes() and q[k].tobytes() == x[k].tobytes()
+                                            for k in x)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """Each stage run by this one process on a 2-device mesh, fed what two processes would feed."""
+    out = {}
+    for stage in STAGES:
+        cfg = train.load_config(f"tiny_{stage}", SETTINGS + ["mesh=[2,1,1]",
+                                                             f"out_dir={tmp_path_factory.mktemp(stage)}"])
+        train.run(cfg, batches=MergedShards(cfg))
+        out[stage] = cfg
+    return out
+
+
+WORKER = r"""
+import sys
+from pathlib import Path
+from bmgpt_jax import distributed
+distributed.initialize()
+from bmgpt_jax.training import loop
+for stage, out_dir in zip(sys.argv[1::2], sys.argv[2::2]):
+    loop.run(loop.load_config(f"tiny_{stage}", SETTINGS + ["mesh=[2,1,1]", f"out_dir={out_dir}"]))
+"""
+
+
+def test_two_processes_export_what_one_process_exports(single, tmp_path):
+    """No process gathers the model: each saves its own shards, process 0 streams the export from disk."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [a for stage in STAGES for a in (stage, str(tmp_path / stage))]
+    code = f"SETTINGS = {SETTINGS!r}\n" + WORKER
+    procs = [subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_PROCESSES": "2",
+                                   "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PROCESS_ID": str(p),
+                                   "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"}) for p in range(2)]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    assert "PRNGKey" not in outputs[0] + outputs[1]
+    for stage in STAGES:
+        assert (tmp_path / stage / "checkpoints" / run_export.FROZEN / "ocdbt.process_1").exists()  # both wrote
+        same_folders(tmp_path / stage / "final", Path(single[stage].out_dir) / "final")
+
+
+def test_orbax_checkpoint_converts_like_the_export(single, tmp_path, capsys):
+    cfg = single["align"]
+    ckpt = f"{cfg.out_dir}/checkpoints"
+    assert convert_weights.main(["orbax", ckpt, str(tmp_path / "again"), "--pth", "--check"]) == 0
+    assert "checked bit for bit" in capsys.readouterr().out
+    same_folders(tmp_path / "again", Path(cfg.out_dir) / "final")
+    convert_weights.main(["orbax", ckpt, str(tmp_path / "half"), "--dtype", "bfloat16", "--no-pth", "--step", "1"])
+    half = read_state_dict(tmp_path / "half")
+    assert str(half["llm.lm_head.weight"].dtype) == "bfloat16"
+    assert half["mol_structure_encoder.batch_norms.0.num_batches_tracked"].dtype == np.int64
+    assert json.loads((tmp_path / "half" / "llm_config.json").read_text())["torch_dtype"] == "bfloat16"
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 7 \(have \[1, 2\]\)"):
+        convert_weights.main(["orbax", ckpt, str(tmp_path / "x"), "--step", "7"])
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    shutil.rmtree(copy / run_export.FROZEN)
+    with pytest.raises(FileNotFoundError, match="holds only the trainable parameters and the frozen part was never saved"):
+        convert_weights.main(["orbax", str(copy), str(tmp_path / "x")])
+    for f in (copy / "2" / "state" / "d").iterdir():
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])                     # truncate the data files
+    shutil.copytree(f"{ckpt}/{run_export.FROZEN}", copy / run_export.FROZEN)
+    with pytest.raises(ValueError, match=r"ckpt/2/state: cannot (open|read) array"):
+        convert_weights.main(["orbax", str(copy), str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
+BLOCK_TORCH = "import sys\nsys.modules['torch'] = None   # `import torch` raises ImportError\n"
+
+
+def test_default_run_exports_and_reloads_without_torch(tmp_path, torch):
+    """As on a TPU VM with `pip install -e .` and no extras: train, export, reload, chat, with torch unimportable."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BLOCK_TORCH)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO}"}
+    check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert check.returncode != 0 and "import of torch halted" in check.stderr
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-m", "bmgpt_jax.train", *SETTINGS, f"out_dir={out}"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in (out / "final").iterdir()) == [
+        "esm_config.json", "gin_config.json", "llm_config.json", "model.safetensors", "tokenizer.model"]
+    reload = ("import sys\nfrom bmgpt_jax import chat\nfrom bmgpt_jax.convert.folder import from_pretrained\n"
+              "m = from_pretrained(sys.argv[1])\n"
+              "print(repr(chat.ask(m, 'What is this?', smiles='CCO', max_new_tokens=4)))\n"
+              "assert 'torch' not in [k for k, v in sys.modules.items() if v is not None]\n")
+    back = subprocess.run([sys.executable, "-c", reload, str(out / "final")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert back.returncode == 0, back.stderr[-3000:]
+    # with torch, OpenBioMed's file comes from the same weights
+    assert convert_weights.main(["to_openbiomed", str(out / "final"), str(tmp_path / "b.pth"), "--check"]) == 0
+
+
+def test_lm_stage_export_loads_in_transformers(tmp_path, torch):
+    import transformers
+    from bmgpt_jax.convert import hf_llama
+    cfg = train.load_config("tiny_lm", [s for s in SETTINGS if not s.startswith("data.seq")] +
+                            ["data.seq_buckets=[96]", f"out_dir={tmp_path}"])
+    out = train.run(cfg)
+    final = tmp_path / "final"
+    assert (final / "tokenizer.model").exists() and (final / "config.json").exists()
+    ref = transformers.LlamaForCausalLM.from_pretrained(final).eval()
+    ours = hf_llama.to_state_dict(out["model"])
+    theirs = {k: v.numpy() for k, v in ref.state_dict().items()}
+    assert all(np.array_equal(theirs[k], v) for k, v in ours.items())
+    ids = np.array([[1, 5, 9, 30, 2]])
+    with torch.no_grad():
+        want = ref(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(out["model"](ids)), want, atol=1e-4)
