@@ -183,10 +183,7 @@ def _reader(source: TensorSource, entries: list[Entry], shape: tuple, dtype) -> 
         idx = normalize_index(index, shape, entries[0].where)
         if not stacked:
             return one(entries[0], idx)
-        layers = range(idx[0].start, idx[0].stop, idx[0].step)
-        parts = [one(entries[i], idx[1:]) for i in layers]
-        return np.stack(parts) if parts else np.zeros((0,) + tuple(len(range(*s.indices(d))) for s, d in
-                                                                 zip(idx[1:], shape[1:])), dtype)
+        return np.stack([one(entries[i], idx[1:]) for i in range(idx[0].start, idx[0].stop, idx[0].step)])
     return read
 
 
@@ -282,18 +279,25 @@ class ModelSource(TensorSource):
         return np.array(jax.device_get(value[idx] if idx else value))
 
 
+def _array(reader: TensorSource, path: Path_, want: tuple[int, ...] | None = None) -> str:
+    """The dotted name of our variable `path` in `reader`, checked present (and of shape `want`)."""
+    name = ".".join(map(str, path))
+    if name not in reader:
+        raise KeyError(f"{reader.name}: no array {name!r} (it holds e.g. {reader.keys()[:5]})")
+    if want is not None and tuple(reader.shape(name)) != want:
+        raise ValueError(f"{reader.file_of(name)}: array {name!r} has shape {tuple(reader.shape(name))} but the "
+                         f"model expects {want}")
+    return name
+
+
 def _merged(reader: TensorSource, path: Path_, block: slice | None, scale: float | None) -> np.ndarray:
     """Our variable at `path` (the layers in `block` when stacked), with LoRA folded in when `scale`:
     `kernel + lora_a @ lora_b * scale`, in float32, cast back (as `Linear.merged_kernel`)."""
-    def get(p):
-        name = ".".join(map(str, p))
-        if name not in reader:
-            raise KeyError(f"{reader.name}: no array {name!r} (have e.g. {reader.keys()[:5]})")
-        return reader.read(name, None if block is None else (block,))
-    kernel = get(path)
+    index = None if block is None else (block,)
+    kernel = reader.read(_array(reader, path), index)
     if scale is None:
         return kernel
-    a, b = get(path[:-1] + ("lora_a",)), get(path[:-1] + ("lora_b",))
+    a, b = (reader.read(_array(reader, path[:-1] + (f,)), index) for f in ("lora_a", "lora_b"))
     delta = np.matmul(a.astype(np.float32), b.astype(np.float32)) * np.float32(scale)
     return (kernel.astype(np.float32) + delta).astype(kernel.dtype)
 
@@ -301,25 +305,26 @@ def _merged(reader: TensorSource, path: Path_, block: slice | None, scale: float
 def iter_tensors(reader: TensorSource, layout: Layout, max_block_bytes: int = 2**29
                  ) -> Iterator[tuple[Entry, np.ndarray]]:
     """`(entry, tensor)` for every entry of `layout`, one at a time, in the checkpoint's layout and dtype
-    (`save_dtype` or ours), read from `reader` (our variables by dotted path). A stacked variable is read
-    `max_block_bytes` of layers at a time (at least one layer)."""
+    (`save_dtype` or ours), read from `reader` (our variables by dotted path, shapes checked). A stacked
+    variable is read `max_block_bytes` of layers at a time (at least one layer)."""
     def finish(e: Entry, a: np.ndarray) -> np.ndarray:
         a = a.T if e.transpose else a
         return np.asarray(a.astype(e.save_dtype or e.dtype, copy=False), order="C")
 
     for path, entries in layout.by_path().items():
-        scale = entries[0].lora_scale
-        if entries[0].layer is None:
-            yield entries[0], finish(entries[0], _merged(reader, path, None, scale))
+        first, scale = entries[0], entries[0].lora_scale
+        ours = tuple(reversed(first.shape)) if first.transpose else first.shape
+        if first.layer is None:
+            _array(reader, path, ours)
+            yield first, finish(first, _merged(reader, path, None, scale))
             continue
-        name = ".".join(map(str, path))
-        n = reader.shape(name)[0] if name in reader else len(entries)
-        step = max(1, max_block_bytes // max(1, reader.nbytes(name) // n if name in reader else 1))
-        by_layer = {e.layer: e for e in entries}
+        n = len(entries)
+        name = _array(reader, path, (n,) + ours)
+        step = max(1, max_block_bytes // max(1, reader.nbytes(name) // n))
         for lo in range(0, n, step):
             block = _merged(reader, path, slice(lo, min(n, lo + step)), scale)
-            for i, a in enumerate(block):
-                yield by_layer[lo + i], finish(by_layer[lo + i], a)
+            for e, a in zip(entries[lo:lo + step], block):
+                yield e, finish(e, a)
 
 
 def state_dict(model: nnx.Module, layout: Layout) -> dict[str, np.ndarray]:

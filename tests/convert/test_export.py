@@ -17,16 +17,19 @@ from bmgpt_jax.convert import folder, run_export
 from bmgpt_jax.convert.sources import read_state_dict
 from bmgpt_jax.training import loop as train
 from tests.convert.synthetic import REPO
-from tests.training.test_train import SMALL, MergedShards
+from tests.training.test_train import SMALL
 
 STAGES = ("finetune", "align")
 SETTINGS = [s for s in SMALL if not s.startswith("export=")] + ["steps=2", "export=true", "checkpoint.every=1"]
+BLOCK_TORCH = "import sys\nsys.modules['torch'] = None   # `import torch` raises ImportError\n"
+DEFAULT_FILES = ["esm_config.json", "gin_config.json", "llm_config.json", "model.safetensors", "tokenizer.model"]
 
 
-def same_folders(a, b) -> None:
-    """Two exports hold the same files, the same tensors bit for bit, the same configs and tokenizer."""
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir()), (names, sorted(p.name for p in b.iterdir()))
+def same_folders(a: Path, b: Path) -> None:
+    """Two exports hold the same tensors bit for bit, the same configs and tokenizer; an OpenBioMed `.pth`
+    present in either holds that folder's tensors."""
+    names = sorted(p.name for p in a.iterdir() if p.suffix != ".pth")
+    assert names == sorted(p.name for p in b.iterdir() if p.suffix != ".pth")
     for name in names:
         if name.endswith(".json") or name.endswith(".model"):
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
@@ -34,27 +37,56 @@ def same_folders(a, b) -> None:
     assert x.keys() == y.keys()
     bad = [k for k in x if x[k].dtype != y[k].dtype or x[k].tobytes() != y[k].tobytes()]
     assert not bad, bad[:5]
-    if (a / folder.FILES["pth"]).exists():
-        p, q = read_state_dict(a / folder.FILES["pth"]), read_state_dict(b / folder.FILES["pth"])
-        assert p.keys() == x.keys() and all(p[k].tobytes() == x[k].tobytes() and q[k].tobytes() == x[k].tobytes()
-                                            for k in x)
+    for d in (a, b):
+        if (d / folder.FILES["pth"]).exists():
+            p = read_state_dict(d / folder.FILES["pth"])
+            assert p.keys() == x.keys() and all(p[k].dtype == x[k].dtype and p[k].tobytes() == x[k].tobytes() for k in x)
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """Each stage run by this one process on a 2-device mesh, fed what two processes would feed."""
-    out = {}
-    for stage in STAGES:
-        cfg = train.load_config(f"tiny_{stage}", SETTINGS + ["mesh=[2,1,1]",
-                                                             f"out_dir={tmp_path_factory.mktemp(stage)}"])
-        train.run(cfg, batches=MergedShards(cfg))
-        out[stage] = cfg
+def no_torch(tmp_path_factory) -> dict:
+    """An environment where `import torch` fails (a sitecustomize that poisons `sys.modules`), as on a TPU
+    VM after `pip install -e .` without extras."""
+    site = tmp_path_factory.mktemp("site")
+    (site / "sitecustomize.py").write_text(BLOCK_TORCH)
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{site}{os.pathsep}{REPO}"}
+
+
+SINGLE = r"""
+import sys
+from bmgpt_jax.training import loop
+from tests.training.test_train import MergedShards
+for stage, out_dir in zip(sys.argv[1::2], sys.argv[2::2]):
+    cfg = loop.load_config(f"tiny_{stage}", SETTINGS + ["mesh=[2,1,1]", f"out_dir={out_dir}"])
+    loop.run(cfg, batches=MergedShards(cfg))
+"""
+
+
+def _run(code: str, args: list[str], env: dict, n: int = 1, port: int = 0) -> None:
+    """`python -c code args` as `n` processes (n > 1: one JAX job over 127.0.0.1:port, one CPU device each)."""
+    def env_of(p):
+        if n == 1:
+            return {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+        return {**env, "JAX_NUM_PROCESSES": str(n), "JAX_PROCESS_ID": str(p), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    full = f"SETTINGS = {SETTINGS!r}\n" + code
+    procs = [subprocess.Popen([sys.executable, "-c", full, *args], cwd=REPO, env=env_of(p), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for p in range(n)]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    assert not any("PRNGKey" in o for o in outputs)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, no_torch) -> dict[str, Path]:
+    """Each stage run by one process on a 2-device mesh, fed what two processes would feed, without torch."""
+    out = {stage: tmp_path_factory.mktemp(stage) for stage in STAGES}
+    _run(SINGLE, [a for stage in STAGES for a in (stage, str(out[stage]))], no_torch)
     return out
 
 
 WORKER = r"""
 import sys
-from pathlib import Path
 from bmgpt_jax import distributed
 distributed.initialize()
 from bmgpt_jax.training import loop
@@ -63,32 +95,39 @@ for stage, out_dir in zip(sys.argv[1::2], sys.argv[2::2]):
 """
 
 
-def test_two_processes_export_what_one_process_exports(single, tmp_path):
-    """No process gathers the model: each saves its own shards, process 0 streams the export from disk."""
+def test_two_processes_export_what_one_process_exports(single, no_torch, tmp_path):
+    """No process gathers the model: each saves its own shards of the frozen part, process 0 streams the
+    export from the final checkpoint (both runs without torch, so no `.pth` either way)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = [a for stage in STAGES for a in (stage, str(tmp_path / stage))]
-    code = f"SETTINGS = {SETTINGS!r}\n" + WORKER
-    procs = [subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_PROCESSES": "2",
-                                   "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PROCESS_ID": str(p),
-                                   "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"}) for p in range(2)]
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
-    assert "PRNGKey" not in outputs[0] + outputs[1]
+    _run(WORKER, [a for stage in STAGES for a in (stage, str(tmp_path / stage))], no_torch, n=2, port=port)
     for stage in STAGES:
         assert (tmp_path / stage / "checkpoints" / run_export.FROZEN / "ocdbt.process_1").exists()  # both wrote
-        same_folders(tmp_path / stage / "final", Path(single[stage].out_dir) / "final")
+        same_folders(tmp_path / stage / "final", single[stage] / "final")
+
+
+def test_default_export_needs_no_torch(single, no_torch):
+    """The default folder is safetensors + configs + tokenizer, and chat loads it, all without torch."""
+    check = subprocess.run([sys.executable, "-c", "import torch"], env=no_torch, capture_output=True, text=True)
+    assert check.returncode != 0 and "import of torch halted" in check.stderr
+    for stage in STAGES:
+        assert sorted(p.name for p in (single[stage] / "final").iterdir()) == DEFAULT_FILES
+    reload = ("import sys\nfrom bmgpt_jax import chat\nfrom bmgpt_jax.convert.folder import from_pretrained\n"
+              "m = from_pretrained(sys.argv[1])\n"
+              "print(repr(chat.ask(m, 'What is this?', smiles='CCO', max_new_tokens=4)))\n"
+              "assert not [k for k, v in sys.modules.items() if k.startswith('torch') and v is not None]\n")
+    back = subprocess.run([sys.executable, "-c", reload, str(single["finetune"] / "final")], cwd=REPO, env=no_torch,
+                          capture_output=True, text=True, timeout=600)
+    assert back.returncode == 0, back.stderr[-3000:]
 
 
 def test_orbax_checkpoint_converts_like_the_export(single, tmp_path, capsys):
-    cfg = single["align"]
-    ckpt = f"{cfg.out_dir}/checkpoints"
+    ckpt = str(single["align"] / "checkpoints")
     assert convert_weights.main(["orbax", ckpt, str(tmp_path / "again"), "--pth", "--check"]) == 0
     assert "checked bit for bit" in capsys.readouterr().out
-    same_folders(tmp_path / "again", Path(cfg.out_dir) / "final")
+    assert (tmp_path / "again" / folder.FILES["pth"]).exists()               # torch is here
+    same_folders(tmp_path / "again", single["align"] / "final")
     convert_weights.main(["orbax", ckpt, str(tmp_path / "half"), "--dtype", "bfloat16", "--no-pth", "--step", "1"])
     half = read_state_dict(tmp_path / "half")
     assert str(half["llm.lm_head.weight"].dtype) == "bfloat16"
@@ -107,33 +146,6 @@ def test_orbax_checkpoint_converts_like_the_export(single, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"ckpt/2/state: cannot (open|read) array"):
         convert_weights.main(["orbax", str(copy), str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
-
-
-BLOCK_TORCH = "import sys\nsys.modules['torch'] = None   # `import torch` raises ImportError\n"
-
-
-def test_default_run_exports_and_reloads_without_torch(tmp_path, torch):
-    """As on a TPU VM with `pip install -e .` and no extras: train, export, reload, chat, with torch unimportable."""
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(BLOCK_TORCH)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO}"}
-    check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
-    assert check.returncode != 0 and "import of torch halted" in check.stderr
-    out = tmp_path / "run"
-    run = subprocess.run([sys.executable, "-m", "bmgpt_jax.train", *SETTINGS, f"out_dir={out}"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert sorted(p.name for p in (out / "final").iterdir()) == [
-        "esm_config.json", "gin_config.json", "llm_config.json", "model.safetensors", "tokenizer.model"]
-    reload = ("import sys\nfrom bmgpt_jax import chat\nfrom bmgpt_jax.convert.folder import from_pretrained\n"
-              "m = from_pretrained(sys.argv[1])\n"
-              "print(repr(chat.ask(m, 'What is this?', smiles='CCO', max_new_tokens=4)))\n"
-              "assert 'torch' not in [k for k, v in sys.modules.items() if v is not None]\n")
-    back = subprocess.run([sys.executable, "-c", reload, str(out / "final")], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert back.returncode == 0, back.stderr[-3000:]
-    # with torch, OpenBioMed's file comes from the same weights
-    assert convert_weights.main(["to_openbiomed", str(out / "final"), str(tmp_path / "b.pth"), "--check"]) == 0
 
 
 def test_lm_stage_export_loads_in_transformers(tmp_path, torch):
