@@ -31,6 +31,7 @@ __all__ = ["TorchFile", "TorchWriter", "to_numpy", "to_torch"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MADV_DONTNEED = 4
+_CHUNK = 64 * 2**20
 
 
 def to_torch(a: np.ndarray):
@@ -44,13 +45,14 @@ def to_torch(a: np.ndarray):
 
 
 def _release(tensor) -> None:
-    """Drop the memory-mapped pages under `tensor` from this process (they are re-read if touched again)."""
-    storage = tensor.untyped_storage()
-    ptr, n = storage.data_ptr(), storage.nbytes()
-    if not n:
+    """Drop the memory-mapped pages under `tensor` (a view: the span from its first to its last element)
+    from this process; they are re-read from the file if touched again."""
+    if not tensor.numel():
         return
+    span = (sum((n - 1) * st for n, st in zip(tensor.shape, tensor.stride())) + 1) * tensor.element_size()
+    ptr = tensor.data_ptr()
     start = ptr // _PAGE * _PAGE
-    end = -(-(ptr + n) // _PAGE) * _PAGE
+    end = -(-(ptr + span) // _PAGE) * _PAGE
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_DONTNEED))
@@ -106,15 +108,23 @@ class TorchFile(TensorSource):
         return to_numpy(torch.empty(0, dtype=t.dtype)).dtype
 
     def read(self, key: str, index: Index = None) -> np.ndarray:
+        """The slice, copied out of the memory map 64 MiB of rows at a time, each block's pages released
+        as soon as it is copied (so the copy is the only full-size buffer)."""
         t = self._tensors[key]
         idx = normalize_index(index, tuple(t.shape), f"{self.path}:{key}")
-        part = t[idx] if idx and all(s.step > 0 for s in idx) else t
-        out = np.array(to_numpy(part))
-        if part is t and idx:
-            out = np.array(out[idx])
-        if self._mapped:
-            _release(t)
-        return out
+        part = t[idx] if all(s.step > 0 for s in idx) else t          # torch slices have no negative steps
+        if part.ndim == 0 or part.numel() * part.element_size() <= _CHUNK:
+            out = np.array(to_numpy(part))
+            if self._mapped:
+                _release(part)
+        else:
+            out = np.empty(tuple(part.shape), self.dtype(key))
+            step = max(1, _CHUNK // (part[0].numel() * part.element_size()))
+            for lo in range(0, part.shape[0], step):
+                out[lo:lo + step] = to_numpy(part[lo:lo + step])
+                if self._mapped:
+                    _release(part[lo:lo + step])
+        return np.array(out[idx]) if part is t and idx else out
 
     def close(self) -> None:
         self._tensors = {}

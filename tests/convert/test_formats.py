@@ -105,9 +105,12 @@ def test_safetensors_bad_files_name_the_file_and_tensor(tmp_path):
         SafetensorsFile(unknown)
 
 
-def test_torch_file_reads_lazily_and_slices(torch, tmp_path):
+@pytest.mark.parametrize("chunk", [64 * 2**20, 16], ids=["whole", "16-byte-blocks"])
+def test_torch_file_reads_lazily_and_slices(torch, tmp_path, monkeypatch, chunk):
+    from bmgpt_jax.convert import torch_io
     from bmgpt_jax.convert.tensor_source import to_numpy
     from bmgpt_jax.convert.torch_io import TorchFile
+    monkeypatch.setattr(torch_io, "_CHUNK", chunk)                # big tensors are copied out block by block
     sd = {"w": torch.randn(8, 6), "bf": torch.randn(4, 5).to(torch.bfloat16), "n": torch.tensor(7),
           "t": torch.randn(6, 8).t(), "h": torch.randn(3).half()}                  # `t`: a non-contiguous view
     torch.save({"state_dict": sd}, tmp_path / "m.pth")                             # nested, as some trainers save
