@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from bmgpt_jax.convert import hf_esm, hf_llama, openbiomed, stream
+from bmgpt_jax.convert.safetensors_io import SAFE_INDEX
 from bmgpt_jax.convert.sources import open_source
 from bmgpt_jax.convert.tensor_map import ModelSource
 from bmgpt_jax.convert.tensor_source import TensorSource
@@ -61,8 +62,9 @@ def write(out_dir: str | os.PathLike, cfg: BioMedGPTConfig, tokenizer, reader: T
         _write_configs(tmp, cfg, tok)
         if pth:
             with open_source(tmp) as written:
-                stream.write_into(tmp / FILES["pth"], "pth", [(k, written.shape(k), written.dtype(k)) for k in
-                                                             written.keys()], ((k, written.read(k)) for k in written.keys()))
+                keys = written.keys()
+                stream.write_into(tmp / FILES["pth"], "pth", [(k, written.shape(k), written.dtype(k)) for k in keys],
+                                  ((k, written.read(k)) for k in keys))
     return stream.write(out_dir, "safetensors", stream.export_specs(lay), stream.exported(reader, lay), extra,
                         max_shard_bytes)
 
@@ -81,7 +83,7 @@ def configs(ckpt_dir, **lm_overrides) -> tuple[LlamaConfig, EsmConfig, GinConfig
     """The folder's configs (`lm_overrides`: LlamaConfig fields such as `dtype`); the GIN's is None when
     `gin_config.json` is absent (its depth and width are then read off the weights)."""
     d = Path(ckpt_dir)
-    has_weights = (d / FILES["weights"]).exists() or (d / "model.safetensors.index.json").exists() or (d / FILES["pth"]).exists()
+    has_weights = any((d / name).exists() for name in (FILES["weights"], SAFE_INDEX, FILES["pth"]))
     missing = ([] if has_weights else [d / FILES["weights"]]) + \
         [d / FILES[k] for k in ("lm", "esm") if not (d / FILES[k]).exists()] + \
         ([] if _tokenizer_file(d) else [d / FILES["tokenizer"]])

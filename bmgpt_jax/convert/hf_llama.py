@@ -102,7 +102,8 @@ def load_source(source: TensorSource, cfg: LlamaConfig, mesh=None) -> LlamaForCa
     return tensor_map.load(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), source, layout(cfg), mesh)
 
 
-def from_state_dict(tensors: Mapping, cfg: LlamaConfig, prefix: str = "", source: str = "checkpoint") -> LlamaForCausalLM:
+def from_state_dict(tensors: Mapping, cfg: LlamaConfig, prefix: str = "",
+                    source: str = "checkpoint") -> LlamaForCausalLM:
     """Our model from HF-named tensors in memory (the keys under `prefix`, e.g. `llm.`, with it removed)."""
     return load_source(View(DictSource(tensors, name=source), prefix), cfg)
 

@@ -66,7 +66,8 @@ class OrbaxSource(TensorSource):
             try:
                 self._arrays[key] = ts.open(spec, context=self._context).result()
             except ValueError as e:
-                raise ValueError(f"{self.dir}: cannot open array {key!r}: {str(e).split('[tensorstore_spec')[0]}") from None
+                raise ValueError(f"{self.dir}: cannot open array {key!r}: "
+                                 f"{str(e).split('[tensorstore_spec')[0]}") from None
         return self._arrays[key]
 
     def shape(self, key: str) -> tuple[int, ...]:

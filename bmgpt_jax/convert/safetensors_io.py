@@ -58,7 +58,8 @@ class SafetensorsFile(TensorSource):
     def _parse(self, size: int):
         head = os.pread(self._fd, 8, 0)
         if len(head) < 8:
-            raise ValueError(f"{self.path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
+            raise ValueError(f"{self.path}: not a safetensors file ({size} bytes, shorter than the 8-byte header "
+                             "length)")
         n = int.from_bytes(head, "little")
         if n > MAX_HEADER or 8 + n > size:
             raise ValueError(f"{self.path}: not a safetensors file or truncated (header length {n} in a file of "
@@ -176,7 +177,8 @@ class SafetensorsWriter:
             for key, shape, dtype, nbytes in shard:
                 if key in self._plan or key in header:
                     raise ValueError(f"{self.out}: tensor {key!r} planned twice")
-                header[key] = {"dtype": dtype_code(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                header[key] = {"dtype": dtype_code(dtype), "shape": list(shape),
+                               "data_offsets": [offset, offset + nbytes]}
                 offset += nbytes
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)

@@ -57,7 +57,8 @@ def _open_index(index_file: Path) -> TensorSource:
     union = Union(sources, name=str(index_file))
     for key, shard in weight_map.items():
         if key not in union or Path(union.file_of(key)).name != Path(shard).name:
-            raise KeyError(f"{index_file}: tensor {key!r} is named for {index_file.parent / shard}, which does not hold it")
+            raise KeyError(f"{index_file}: tensor {key!r} is named for {index_file.parent / shard}, which does not "
+                           "hold it")
     stray = [k for k in union.keys() if k not in weight_map]
     if stray:
         raise KeyError(f"{index_file}: shards hold tensors the index does not name: {stray[:5]}")

@@ -71,7 +71,8 @@ def cast(a: np.ndarray, dtype) -> np.ndarray:
 
 
 def out_dtype(source_dtype, dtype) -> np.dtype:
-    return np.dtype(dtype) if dtype is not None and jnp.issubdtype(source_dtype, jnp.floating) else np.dtype(source_dtype)
+    floating = dtype is not None and jnp.issubdtype(source_dtype, jnp.floating)
+    return np.dtype(dtype) if floating else np.dtype(source_dtype)
 
 
 def write_into(target: Path, fmt: Format, specs: Specs, tensors: Iterable[tuple[str, np.ndarray]],

@@ -72,8 +72,8 @@ class Layout:
     def nest(self, attr: str, key_prefix: str) -> "Layout":
         """This layout as the sub-model `attr` of a bigger model whose checkpoint prefixes its keys."""
         inner = self.ignored
-        return Layout(tuple(dataclasses.replace(e, key=key_prefix + e.key, path=(attr,) + e.path) for e in self.entries),
-                      self.family, lambda k: k.startswith(key_prefix) and inner(k[len(key_prefix):]))
+        entries = tuple(dataclasses.replace(e, key=key_prefix + e.key, path=(attr,) + e.path) for e in self.entries)
+        return Layout(entries, self.family, lambda k: k.startswith(key_prefix) and inner(k[len(key_prefix):]))
 
     def __add__(self, other: "Layout") -> "Layout":
         a, b = self.ignored, other.ignored
@@ -211,8 +211,9 @@ def _lora_init(model: nnx.Module, seed: int) -> dict[Path_, Callable]:
             a, b = module.lora_a, module.lora_b
 
             def make_a(sharding, sub=sub, shape=tuple(a.shape), dtype=a.dtype):
-                fn = lambda k: (jax.random.normal(k, shape, jnp.float32) * shape[-2] ** -0.5).astype(dtype)  # noqa: E731
-                return jax.jit(fn, out_shardings=sharding)(sub)
+                def normal(k):
+                    return (jax.random.normal(k, shape, jnp.float32) * shape[-2] ** -0.5).astype(dtype)
+                return jax.jit(normal, out_shardings=sharding)(sub)
 
             def make_b(sharding, shape=tuple(b.shape), dtype=b.dtype):
                 return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
