@@ -1,38 +1,38 @@
-"""Convert and check PyTorch / Hugging Face checkpoints with bmgpt_jax's converters.
+"""Convert and check PyTorch / Hugging Face checkpoints and training runs with bmgpt_jax's converters.
 
-Every conversion reads the source into our model (so every key and shape is checked against the
-config, and mismatches name the key and both shapes), then writes it in the target layout. With
-`--check`, the written file is read back and compared with the model bit for bit.
+Every conversion streams: tensors are read lazily and written one at a time (peak memory about the
+largest tensor, not the model), into a temporary folder or file renamed at the end. Before anything is
+written, every key, shape and dtype kind of the source is checked against the model the config
+describes (mismatches name the file, the key and both shapes). The dtype is kept unless `--dtype`;
+HF output is sharded safetensors with an index. With `--check`, the output is read back, one tensor at
+a time, and compared with the source bit for bit.
 
     python convert_weights.py hf_llama  SRC_HF_DIR  DST_HF_DIR          # e.g. .bin -> sharded safetensors
     python convert_weights.py hf_esm    SRC_HF_DIR  DST_HF_DIR
     python convert_weights.py graphmvp_gin SRC.pth DST.pth [--prefix mol_structure_encoder.]
     python convert_weights.py openbiomed biomedgpt_10b.pth DST_DIR --lm-config LM/config.json \
-        --esm-config ESM/config.json --tokenizer llama/tokenizer.model   # -> a chat/training checkpoint dir
-    python convert_weights.py to_openbiomed RUN/final DST.pth           # our checkpoint dir -> OpenBioMed .pth
+        --esm-config ESM/config.json --tokenizer llama/tokenizer.model   # -> our model folder (chat, training)
+    python convert_weights.py to_openbiomed MODEL_DIR DST.pth           # our model folder -> OpenBioMed .pth
+    python convert_weights.py orbax RUN/checkpoints DST_DIR [--step N]  # a training run's checkpoint ->
+                                                                        # model folder (HF Llama for `lm`)
 
-A missing, empty, truncated or corrupt input (a `.pth` cut short, a broken `config.json` or tokenizer)
-is one line naming the file on stderr and exit status 2.
+A missing, empty, truncated or corrupt input (a `.pth` cut short, a broken `config.json` or tokenizer),
+a source of another family, or a key or shape the model does not have is one line on stderr naming the
+file (and the key and both shapes) with exit status 2; nothing is left at the destination.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
-import numpy as np
-
-
-def _same(a: dict, b: dict) -> None:
-    if a.keys() != b.keys():
-        raise SystemExit(f"round trip changed the keys: {sorted(a.keys() ^ b.keys())[:10]}")
-    bad = [k for k in a if a[k].dtype != b[k].dtype or not np.array_equal(a[k], b[k])]
-    if bad:
-        raise SystemExit(f"round trip changed {len(bad)} tensors, e.g. {bad[:5]}")
+KINDS = ["hf_llama", "hf_esm", "graphmvp_gin", "openbiomed", "to_openbiomed", "orbax"]
 
 
 def check_sources(args) -> None:
-    """The inputs of `args.kind`, checked with `bmgpt_jax.inputs` before any conversion reads them."""
+    """The user-named inputs of `args.kind`, checked with `bmgpt_jax.inputs` before any conversion reads them
+    (an orbax run is checked by its reader)."""
     from bmgpt_jax import inputs
     if args.kind in ("hf_llama", "hf_esm"):
         src = Path(args.src)
@@ -47,70 +47,71 @@ def check_sources(args) -> None:
             inputs.check_json(path / "config.json" if path.is_dir() else path)
         if args.kind == "openbiomed":
             inputs.check_tokenizer(args.tokenizer)
-    else:
+    elif args.kind == "to_openbiomed":
         inputs.check_model_folder(args.src)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["hf_llama", "hf_esm", "graphmvp_gin", "openbiomed", "to_openbiomed"])
+    ap.add_argument("kind", choices=KINDS)
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("--prefix", default="", help="graphmvp_gin: key prefix in the source and target")
     ap.add_argument("--lm-config", help="openbiomed: the LM's HF config.json")
     ap.add_argument("--esm-config", help="openbiomed: the ESM-2 HF config.json")
-    ap.add_argument("--tokenizer", help="openbiomed: SentencePiece model or HF tokenizer folder")
+    ap.add_argument("--tokenizer", help="openbiomed: SentencePiece model or HF tokenizer folder; orbax: instead "
+                    "of the run's own")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="cast floating tensors (default: keep the source's dtype)")
+    ap.add_argument("--step", type=int, help="orbax: the checkpoint step (default: the latest)")
+    ap.add_argument("--pth", action=argparse.BooleanOptionalAction, default=False,
+                    help="orbax: also write OpenBioMed's biomedgpt_10b.pth in the model folder (needs torch)")
+    ap.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (GiB)")
     ap.add_argument("--check", action="store_true", help="read the output back and compare bit for bit")
     args = ap.parse_args(argv)
     if args.kind == "openbiomed" and not (args.lm_config and args.esm_config and args.tokenizer):
         ap.error("openbiomed needs --lm-config, --esm-config and --tokenizer")
     from bmgpt_jax.inputs import one_line
+    start = time.perf_counter()
     try:
         check_sources(args)
-        convert(args)
+        n = convert(args)
     except Exception as e:  # noqa: BLE001 -- a command line reports what failed in one line
         print(f"convert_weights.py {args.kind}: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
         return 2
-    print(f"{args.kind}: {args.src} -> {args.dst}" + (" (checked bit for bit)" if args.check else ""))
+    print(f"{args.kind}: {args.src} -> {args.dst}: {n} tensors in {time.perf_counter() - start:.1f} s"
+          + (" (checked bit for bit)" if args.check else ""))
     return 0
 
 
-def convert(args) -> None:
-    """Read `args.src` into our model and write it as `args.kind` says (checked back with `--check`)."""
+def convert(args) -> int:
+    """Stream `args.src` into `args.dst` as `args.kind` says; returns the number of tensors written."""
+    shard = int(args.max_shard_gb * 2**30)
     if args.kind == "hf_llama":
-        from bmgpt_jax.convert import hf_llama as conv
-        model = conv.load(args.src)
-        conv.save(model, args.dst)
-        if args.check:
-            _same(conv.to_state_dict(model), conv.to_state_dict(conv.load(args.dst)))
+        from bmgpt_jax.convert import hf_llama
+        n = hf_llama.convert(args.src, args.dst, dtype=args.dtype, check=args.check, max_shard_bytes=shard)
     elif args.kind == "hf_esm":
-        from bmgpt_jax.convert import hf_esm as conv
-        model = conv.load(args.src)
-        conv.save(model, args.dst)
-        if args.check:
-            _same(conv.to_state_dict(model), conv.to_state_dict(conv.load(args.dst)))
+        from bmgpt_jax.convert import hf_esm
+        n = hf_esm.convert(args.src, args.dst, dtype=args.dtype, check=args.check, max_shard_bytes=shard)
     elif args.kind == "graphmvp_gin":
-        from bmgpt_jax.convert import graphmvp_gin as conv
-        model = conv.load(args.src, prefix=args.prefix)
-        conv.save(model, args.dst, prefix=args.prefix)
-        if args.check:
-            _same(conv.to_state_dict(model), conv.to_state_dict(conv.load(args.dst, prefix=args.prefix)))
+        from bmgpt_jax.convert import graphmvp_gin
+        n = graphmvp_gin.convert(args.src, args.dst, prefix=args.prefix, dtype=args.dtype, check=args.check)
     elif args.kind == "openbiomed":
-        from bmgpt_jax.convert import openbiomed
-        from bmgpt_jax.convert.folder import from_pretrained, save_pretrained
-        from bmgpt_jax.data.text import tokenizer_of
-        model = openbiomed.load(args.src, args.lm_config, args.esm_config, tokenizer=args.tokenizer)
-        save_pretrained(model, tokenizer_of(model), args.dst)
-        if args.check:
-            _same(openbiomed.to_state_dict(model), openbiomed.to_state_dict(from_pretrained(args.dst)))
+        from bmgpt_jax.convert import folder
+        n = folder.from_openbiomed(args.src, args.dst, args.lm_config, args.esm_config, args.tokenizer,
+                                   dtype=args.dtype, check=args.check, max_shard_bytes=shard)
+    elif args.kind == "to_openbiomed":
+        from bmgpt_jax.convert import folder
+        n = folder.to_openbiomed(args.src, args.dst, dtype=args.dtype, check=args.check)
     else:
-        from bmgpt_jax.convert import openbiomed
-        from bmgpt_jax.convert.folder import from_pretrained
-        model = from_pretrained(args.src)
-        openbiomed.save(model, args.dst)
-        if args.check:
-            from bmgpt_jax.convert.torch_io import read_state_dict
-            _same(openbiomed.to_state_dict(model), read_state_dict(args.dst))
+        from bmgpt_jax.convert import run_export
+        tok = None
+        if args.tokenizer:
+            from bmgpt_jax.data.text import load_tokenizer
+            tok = load_tokenizer(args.tokenizer)
+        n = run_export.export(args.src, args.dst, args.step, tokenizer=tok, pth=args.pth, dtype=args.dtype,
+                              check=args.check, max_shard_bytes=shard)
+    return n
 
 
 if __name__ == "__main__":

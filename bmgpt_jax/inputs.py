@@ -9,13 +9,11 @@ a truncated copy lacks; a safetensors header and the byte length it declares), n
 from __future__ import annotations
 
 import json
-import struct
 import zipfile
 from pathlib import Path
 
 from bmgpt_jax.convert.folder import FILES
-
-MODEL_FOLDER_FILES = ("pth", "lm", "esm")
+from bmgpt_jax.convert.safetensors_io import SAFE_INDEX, SafetensorsFile
 
 
 def check_json(path: str | Path) -> None:
@@ -41,8 +39,9 @@ def check_tokenizer(path: str | Path) -> None:
 
 def check_weights(path: str | Path) -> None:
     """ValueError naming `path` when a weights file is empty or visibly truncated: a torch zip archive
-    (`torch.save`'s format since 1.6) without a readable central directory, or a safetensors file shorter
-    than its header says. (A legacy pickle `.pth` has no such mark and is left to the loader.)"""
+    (`torch.save`'s format since 1.6) without a readable central directory, or a safetensors file whose
+    header is corrupt or declares more bytes than the file has (`SafetensorsFile`). A legacy pickle
+    `.pth` has no such mark and is left to the loader."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found")
@@ -52,18 +51,7 @@ def check_weights(path: str | Path) -> None:
     with open(p, "rb") as f:
         head = f.read(8)
     if p.suffix == ".safetensors":
-        header = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-        if header is None or 8 + header > size:
-            raise ValueError(f"{p} is truncated: {size} bytes, shorter than its safetensors header")
-        with open(p, "rb") as f:
-            f.seek(8)
-            try:
-                meta = json.loads(f.read(header))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise ValueError(f"{p} is corrupt: its safetensors header is not JSON") from None
-        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
-        if 8 + header + end > size:
-            raise ValueError(f"{p} is truncated: {size} bytes of the {8 + header + end} its header declares")
+        SafetensorsFile(p).close()                     # the reader checks the header and the declared sizes
     elif head[:4] == b"PK\x03\x04":
         try:
             zipfile.ZipFile(p).close()
@@ -78,19 +66,25 @@ def check_model_folder(path: str | Path) -> Path:
     d = Path(path)
     if not d.is_dir():
         raise FileNotFoundError(f"model folder {d} does not exist" if not d.exists() else f"{d} is not a folder")
-    if not (d / FILES["pth"]).exists() and (d / "final").is_dir():
+    weights = [d / name for name in (FILES["weights"], SAFE_INDEX, FILES["pth"]) if (d / name).exists()]
+    if not weights and (d / "final").is_dir():
         raise FileNotFoundError(f"{d} is a training run's folder; its model is {d / 'final'} "
                                 f"(--checkpoint {d / 'final'})")
     tokenizer = next((p for p in (d / FILES["tokenizer"], d / "tokenizer") if p.exists()), None)
-    missing = [FILES[k] for k in MODEL_FOLDER_FILES if not (d / FILES[k]).exists()] + \
-        ([] if tokenizer else [FILES["tokenizer"]])
+    missing = ([] if weights else [f"{FILES['weights']} (or {SAFE_INDEX}, or {FILES['pth']})"]) + \
+        [FILES[k] for k in ("lm", "esm") if not (d / FILES[k]).exists()] + ([] if tokenizer else [FILES["tokenizer"]])
     if missing:
         raise FileNotFoundError(f"{d} is not a model folder: it lacks {', '.join(missing)}")
     for key in ("lm", "esm", "gin"):
         if (d / FILES[key]).exists():
             check_json(d / FILES[key])
     check_tokenizer(tokenizer)
-    check_weights(d / FILES["pth"])
+    if weights[0].name == SAFE_INDEX:
+        check_json(weights[0])
+        for shard in sorted(set(json.loads(weights[0].read_text()).get("weight_map", {}).values())):
+            check_weights(d / shard)
+    else:
+        check_weights(weights[0])
     return d
 
 

@@ -277,11 +277,11 @@ def test_command_line_errors_are_one_line_naming_the_culprit(demo_model, tmp_pat
     shutil.copytree(ckpt, run / "final")
     final = run / "final"
     assert error(run) == f"chat: {run} is a training run's folder; its model is {final} (--checkpoint {final})"
-    pth = "biomedgpt_10b.pth"
-    folder = broken("empty", lambda d: (d / pth).write_bytes(b""))
-    assert error(folder) == f"chat: {folder / pth} is empty (0 bytes), not a weights file"
-    folder = broken("cut", lambda d: (d / pth).write_bytes((d / pth).read_bytes()[:5000]))
-    assert error(folder).startswith(f"chat: {folder / pth} is truncated or corrupt (5,000 bytes;")
+    weights = "model.safetensors"
+    folder = broken("empty", lambda d: (d / weights).write_bytes(b""))
+    assert error(folder) == f"chat: {folder / weights} is empty (0 bytes), not a weights file"
+    folder = broken("cut", lambda d: (d / weights).write_bytes((d / weights).read_bytes()[:5000]))
+    assert error(folder).startswith(f"chat: {folder / weights}: ")
     folder = broken("json", lambda d: (d / "llm_config.json").write_text((d / "llm_config.json").read_text()[:40]))
     assert error(folder).startswith(f"chat: {folder / 'llm_config.json'} is not valid JSON (")
     folder = broken("tok", lambda d: (d / "tokenizer.model").write_bytes((d / "tokenizer.model").read_bytes()[:999]))

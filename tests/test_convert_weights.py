@@ -1,17 +1,75 @@
-"""convert_weights.py: every conversion round-trips bit for bit through our converters."""
+"""convert_weights.py: every conversion streams and round-trips bit for bit, keeps the dtype unless told,
+checks the source before writing, and leaves nothing that looks valid when it fails."""
+import json
+import re
+
+import ml_dtypes
 import numpy as np
+import pytest
 
 import convert_weights
+from bmgpt_jax.convert import hf_esm, hf_llama
+from bmgpt_jax.convert.safetensors_io import write_tensors
+from bmgpt_jax.convert.sources import open_source, read_state_dict
+from bmgpt_jax.models.esm import EsmConfig
+from bmgpt_jax.models.llama import LlamaConfig
+from tests.convert import synthetic
 from tests.torch_refs.hf_llama import make_hf_llama
+
+SMALL = LlamaConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+
+
+def llama_dir(path, cfg=SMALL, dtype=None, **kw):
+    """A synthetic HF Llama folder (config.json + safetensors) of `cfg`."""
+    return synthetic.write(hf_llama.layout(cfg), path, dtype=dtype, extra_files=lambda t: (t / "config.json").write_text(
+        json.dumps(hf_llama.config_to_hf(cfg))), **kw)
+
+
+def write_hf(path, tensors, config: dict):
+    write_tensors(tensors, path)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def same_bits(a, b) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
 def test_hf_llama_round_trip(tmp_path, torch, capsys):
     make_hf_llama(tmp_path / "src", num_kv_heads=2)
     assert convert_weights.main(["hf_llama", str(tmp_path / "src"), str(tmp_path / "dst"), "--check"]) == 0
     assert "checked bit for bit" in capsys.readouterr().out
-    from bmgpt_jax.convert.torch_io import read_state_dict
     a, b = read_state_dict(tmp_path / "src"), read_state_dict(tmp_path / "dst")
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert a.keys() - b.keys() == {k for k in a if "inv_freq" in k} and all(np.array_equal(a[k], b[k]) for k in b)
+
+
+def test_dtype_is_kept_unless_asked_and_output_is_sharded(tmp_path):
+    src = llama_dir(tmp_path / "src", dtype="float16")
+    convert_weights.main(["hf_llama", str(src), str(tmp_path / "f16"), "--check", "--max-shard-gb", "0.00005"])
+    assert (tmp_path / "f16" / "model.safetensors.index.json").exists()
+    assert json.loads((tmp_path / "f16" / "config.json").read_text())["torch_dtype"] == "float16"
+    a, b = read_state_dict(src), read_state_dict(tmp_path / "f16")
+    assert a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a)
+    convert_weights.main(["hf_llama", str(src), str(tmp_path / "bf16"), "--dtype", "bfloat16", "--check"])
+    c = read_state_dict(tmp_path / "bf16")
+    assert all(same_bits(c[k], a[k].astype(ml_dtypes.bfloat16)) for k in a)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_esm_masked_lm_bin_becomes_a_canonical_esm_folder(tmp_path, torch):
+    cfg = EsmConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+    good = dict(synthetic.tensors(hf_esm.layout(cfg)))
+    legacy = {"esm." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"):
+              torch.from_numpy(v) for k, v in good.items()}
+    legacy["lm_head.dense.weight"] = torch.zeros(4, 4)
+    legacy["esm.encoder.layer.0.attention.self.rotary_embeddings.inv_freq"] = torch.zeros(4)
+    (tmp_path / "src").mkdir()
+    torch.save(legacy, tmp_path / "src" / "pytorch_model.bin")
+    (tmp_path / "src" / "config.json").write_text(json.dumps(hf_esm.config_to_hf(cfg)))
+    convert_weights.main(["hf_esm", str(tmp_path / "src"), str(tmp_path / "dst"), "--check"])
+    out = read_state_dict(tmp_path / "dst")
+    assert out.keys() == good.keys() and all(same_bits(out[k], good[k]) for k in good)
+    assert (tmp_path / "dst" / "vocab.txt").exists()
 
 
 def test_gin_round_trip_with_prefix(tmp_path, torch):
@@ -21,14 +79,11 @@ def test_gin_round_trip_with_prefix(tmp_path, torch):
     convert_weights.main(["graphmvp_gin", str(tmp_path / "gin.pth"), str(tmp_path / "out.pth"),
                           "--prefix", "mol_structure_encoder.", "--check"])
     out = torch.load(tmp_path / "out.pth")
-    assert out.keys() == sd.keys() and all(torch.equal(out[k], sd[k]) for k in sd)
+    assert list(out) == list(sd) and all(torch.equal(out[k], sd[k]) and out[k].dtype == sd[k].dtype for k in sd)
 
 
 def test_openbiomed_to_checkpoint_dir_and_back(tmp_path, torch, shared_data):
-    import json
-
     from bmgpt_jax import config as config_lib
-    from bmgpt_jax.models.esm import EsmConfig
     from tests.torch_refs.biomedgpt import TorchBioMedGPT
     from tests.torch_refs.hf_esm import hf_config
     esm_cfg = config_lib.load(EsmConfig, "esm2_tiny")
@@ -40,10 +95,12 @@ def test_openbiomed_to_checkpoint_dir_and_back(tmp_path, torch, shared_data):
     convert_weights.main(["openbiomed", str(tmp_path / "biomedgpt_10b.pth"), str(tmp_path / "ckpt"),
                           "--lm-config", str(tmp_path / "lm.json"), "--esm-config", str(tmp_path / "esm.json"),
                           "--tokenizer", tok, "--check"])
+    assert not (tmp_path / "ckpt" / "biomedgpt_10b.pth").exists()     # the folder's weights are safetensors
     convert_weights.main(["to_openbiomed", str(tmp_path / "ckpt"), str(tmp_path / "back.pth"), "--check"])
     back = torch.load(tmp_path / "back.pth")
     src = ref.state_dict()
     assert all(torch.equal(back[k], src[k]) for k in back)
+    assert set(src) - set(back) == {k for k in src if "pooler." in k or "contact_head." in k or "inv_freq" in k}
 
 
 def test_bad_inputs_are_one_line_naming_the_file(tmp_path, torch, capsys):
@@ -78,5 +135,100 @@ def test_bad_inputs_are_one_line_naming_the_file(tmp_path, torch, capsys):
     weights = tmp_path / "hf" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     capsys.readouterr()                                   # transformers' progress bar while saving
-    assert f"{weights} is truncated: " in error("hf_llama", tmp_path / "hf", out)
+    assert f"{weights}: truncated: " in error("hf_llama", tmp_path / "hf", out)
     assert f"model folder {tmp_path / 'none'} does not exist" in error("to_openbiomed", tmp_path / "none", out)
+
+
+def _bad_sources(tmp_path):
+    """(name, make(folder) -> folder, exception, message regex): one defect each."""
+    good = dict(synthetic.tensors(hf_llama.layout(SMALL)))
+    cfg = hf_llama.config_to_hf(SMALL)
+    esm = EsmConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+
+    def edited(**changes):
+        return lambda d: write_hf(d, {k: v for k, v in {**good, **changes}.items() if v is not None}, cfg)
+
+    def truncated(d):
+        llama_dir(d)
+        f = d / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:-1000])
+        return d
+
+    def missing_shard(d):
+        llama_dir(d, max_shard_bytes=100_000)
+        sorted(d.glob("model-*.safetensors"))[1].unlink()
+        return d
+    down = "model.layers.0.mlp.down_proj.weight"
+    return [
+        ("esm_config", lambda d: write_hf(d, good, hf_esm.config_to_hf(esm)), ValueError,
+         r"'esm' config, not a Llama one"),
+        ("esm_weights", lambda d: write_hf(d, dict(synthetic.tensors(hf_esm.layout(esm))), cfg), KeyError,
+         r"model\.safetensors: holds none of the \d+ tensors of a Hugging Face Llama .* another model"),
+        ("truncated", truncated, ValueError, r"model\.safetensors: truncated: tensor '[\w.]+' ends at byte"),
+        ("missing_shard", missing_shard, FileNotFoundError,
+         r"index\.json names shard\(s\) that are missing: \['.*model-00002-of-0000\d\.safetensors'\]"),
+        ("missing_key", edited(**{"model.norm.weight": None}), KeyError,
+         r"missing tensor 'model\.norm\.weight' \(shape \(64,\), parameter model\.norm\.weight\)"),
+        ("unexpected_key", edited(**{"model.extra.weight": np.zeros(3, np.float32)}), KeyError,
+         r"unexpected tensors not used by the Hugging Face Llama: \['model\.extra\.weight \(3,\)'\]"),
+        ("shape", edited(**{down: np.zeros((64, 120), np.float32)}), ValueError,
+         r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.down_proj\.weight' has shape \(64, 120\) but the "
+         r"model expects \(64, 128\) \(parameter model\.layers\.0\.mlp\.down_proj\.kernel, ours \(128, 64\)"),
+        ("dtype", edited(**{"model.norm.weight": np.ones(64, np.int32)}), ValueError,
+         r"model\.safetensors: tensor 'model\.norm\.weight' has dtype int32 but the model expects float32"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8), ids=[c[0] for c in _bad_sources(None)])
+def test_bad_input_is_named_and_leaves_no_output(tmp_path, case, capsys):
+    name, make, exc, message = _bad_sources(tmp_path)[case]
+    src = make(tmp_path / "src")
+    dst = tmp_path / "dst"
+    capsys.readouterr()
+    assert convert_weights.main(["hf_llama", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{exc.__name__}: " in err[0] and re.search(message, err[0]), err
+    assert not dst.exists() and [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_a_failure_midway_keeps_the_old_output_and_leaves_no_partial(tmp_path, monkeypatch, capsys):
+    from bmgpt_jax.convert.safetensors_io import SafetensorsFile
+    src = llama_dir(tmp_path / "src")
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "marker").write_text("previous output")
+    real, calls = SafetensorsFile.read, []
+
+    def flaky(self, key, index=None):
+        calls.append(key)
+        if len(calls) == 5:
+            raise OSError("disk went away")
+        return real(self, key, index)
+    monkeypatch.setattr(SafetensorsFile, "read", flaky)
+    assert convert_weights.main(["hf_llama", str(src), str(tmp_path / "dst")]) == 2
+    assert "OSError: disk went away" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
+    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["marker"]
+
+
+CONVERT_BASELINE = r"""
+import sys, convert_weights
+from bmgpt_jax.convert import hf_llama, stream
+from bmgpt_jax.convert.sources import open_source
+with open_source(sys.argv[1]) as src:
+    hf_llama.layout(hf_llama.config_from_hf(sys.argv[1]))
+"""
+
+
+def test_real_width_conversion_streams(tmp_path):
+    """hidden 4096, FFN 11008, vocab 32001, one layer, float16 (0.9 GB): `--check` conversion peaks at
+    the baseline (imports, the name table) plus about two of the largest tensors, whatever the depth."""
+    cfg = LlamaConfig(vocab_size=32001, hidden_size=4096, num_layers=1, num_heads=32, num_kv_heads=32,
+                      intermediate_size=11008)
+    src = llama_dir(tmp_path / "src", cfg, dtype="float16", scale=None)
+    largest = 32001 * 4096 * 2
+    _, base = synthetic.run_child(["-c", CONVERT_BASELINE, str(src)])
+    out, peak = synthetic.run_child(["convert_weights.py", "hf_llama", str(src), str(tmp_path / "dst"), "--check"])
+    assert "checked bit for bit" in out
+    with open_source(tmp_path / "dst") as d:
+        assert d.dtype("lm_head.weight") == np.float16 and d.shape("lm_head.weight") == (32001, 4096)
+    assert peak - base < 2.5 * largest, ((peak - base) / 2**20, largest / 2**20)

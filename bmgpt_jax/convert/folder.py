@@ -1,45 +1,130 @@
 """Our on-disk model folder: the weights, the three configs and the tokenizer, in one directory.
 
-The folder holds `biomedgpt_10b.pth` (OpenBioMed's flat layout), `llm_config.json` (HF Llama),
-`esm_config.json` (HF ESM), the tokenizer (`tokenizer.model`, or a `tokenizer/` folder holding one) and
-optionally `gin_config.json`. Training writes one at the end of a run (`save_pretrained`); chat,
-evaluate and `convert_weights.py` read it (`from_pretrained`).
+    model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
+                        the weights under OpenBioMed's flat names (`llm.*`, `mol_structure_encoder.*`, ...)
+    llm_config.json     HF Llama config        esm_config.json   HF ESM config
+    gin_config.json     our GinConfig          tokenizer.model   SentencePiece (or a `tokenizer/` folder)
+    biomedgpt_10b.pth   OpenBioMed's file, written as well where torch is importable (optional)
+
+The default folder needs no torch to write or read. Training writes one at the end of a run (streamed
+from the final checkpoint, `convert.run_export`); chat and evaluate read it (`from_pretrained`, sharded
+over a mesh when one is given); `convert_weights.py openbiomed` / `to_openbiomed` convert from and to
+OpenBioMed's `.pth`. Every write goes to a temporary folder renamed at the end.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
-from bmgpt_jax.convert import hf_esm, hf_llama, openbiomed
-from bmgpt_jax.data.text import as_tokenizer, tokenizer_of
+from bmgpt_jax.convert import hf_esm, hf_llama, openbiomed, stream
+from bmgpt_jax.convert.safetensors_io import SAFE_INDEX
+from bmgpt_jax.convert.sources import open_source
+from bmgpt_jax.convert.tensor_map import ModelSource
+from bmgpt_jax.convert.tensor_source import TensorSource
+from bmgpt_jax.data.text import Tokenizer, as_tokenizer, attach_tokenizer, tokenizer_of
+from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
+from bmgpt_jax.models.esm import EsmConfig
 from bmgpt_jax.models.gin import GinConfig
+from bmgpt_jax.models.llama import LlamaConfig
 
-FILES = {"pth": "biomedgpt_10b.pth", "lm": "llm_config.json", "esm": "esm_config.json", "gin": "gin_config.json",
-         "tokenizer": "tokenizer.model"}
+FILES = {"weights": "model.safetensors", "pth": "biomedgpt_10b.pth", "lm": "llm_config.json",
+         "esm": "esm_config.json", "gin": "gin_config.json", "tokenizer": "tokenizer.model"}
 
 
-def save_pretrained(model, tokenizer, out_dir) -> Path:
-    """Write `out_dir` in the model-folder layout (see the module docstring); `tokenizer=None`: the
-    attached one. Returns the folder."""
+def torch_available() -> bool:
+    """Whether torch can be imported here (the optional `.pth` is written only then)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _write_configs(d: Path, cfg: BioMedGPTConfig, tokenizer: Tokenizer) -> None:
+    (d / FILES["lm"]).write_text(json.dumps(hf_llama.config_to_hf(cfg.lm), indent=1))
+    (d / FILES["esm"]).write_text(json.dumps(hf_esm.config_to_hf(cfg.esm), indent=1))
+    (d / FILES["gin"]).write_text(json.dumps(dataclasses.asdict(cfg.gin), indent=1))
+    (d / FILES["tokenizer"]).write_bytes(tokenizer.model_proto)
+
+
+def write(out_dir: str | os.PathLike, cfg: BioMedGPTConfig, tokenizer, reader: TensorSource,
+          pth: bool | None = None, max_shard_bytes: int = stream.SHARD_BYTES) -> Path:
+    """A model folder streamed from our variables in `reader` (dotted paths: a model in memory or a
+    training checkpoint), one tensor at a time. `pth`: also write `biomedgpt_10b.pth` (streamed from the
+    new safetensors); None: when torch is importable."""
+    lay = openbiomed.layout(cfg.lm, cfg.esm, cfg.gin)
+    tok = as_tokenizer(tokenizer)
+    pth = torch_available() if pth is None else pth
+
+    def extra(tmp: Path) -> None:
+        _write_configs(tmp, cfg, tok)
+        if pth:
+            with open_source(tmp) as written:
+                keys = written.keys()
+                stream.write_into(tmp / FILES["pth"], "pth", [(k, written.shape(k), written.dtype(k)) for k in keys],
+                                  ((k, written.read(k)) for k in keys))
+    return stream.write(out_dir, "safetensors", stream.export_specs(lay), stream.exported(reader, lay), extra,
+                        max_shard_bytes)
+
+
+def save_pretrained(model, tokenizer, out_dir, pth: bool | None = None) -> Path:
+    """Write `model` as a model folder (see the module docstring); `tokenizer=None`: the attached one."""
     tok = tokenizer_of(model) if tokenizer is None else as_tokenizer(tokenizer)
-    out = Path(out_dir)
-    openbiomed.save(model, out / FILES["pth"])
-    (out / FILES["lm"]).write_text(json.dumps(hf_llama.config_to_hf(model.config.lm), indent=1))
-    (out / FILES["esm"]).write_text(json.dumps(hf_esm.config_to_hf(model.config.esm), indent=1))
-    (out / FILES["gin"]).write_text(json.dumps(dataclasses.asdict(model.config.gin), indent=1))
-    (out / FILES["tokenizer"]).write_bytes(tok.model_proto)
-    return out
+    return write(out_dir, model.config, tok, ModelSource(model), pth)
 
 
-def from_pretrained(ckpt_dir, **lm_overrides):
-    """BioMedGPT with its tokenizer from a model folder; `lm_overrides`: LlamaConfig fields (`dtype`...)."""
+def _tokenizer_file(d: Path) -> Path | None:
+    return next((p for p in (d / FILES["tokenizer"], d / "tokenizer") if p.exists()), None)
+
+
+def configs(ckpt_dir, **lm_overrides) -> tuple[LlamaConfig, EsmConfig, GinConfig | None]:
+    """The folder's configs (`lm_overrides`: LlamaConfig fields such as `dtype`); the GIN's is None when
+    `gin_config.json` is absent (its depth and width are then read off the weights)."""
     d = Path(ckpt_dir)
-    tok = next((p for p in (d / FILES["tokenizer"], d / "tokenizer") if p.exists()), None)
-    missing = [d / FILES[k] for k in ("pth", "lm", "esm") if not (d / FILES[k]).exists()] + \
-        ([] if tok else [d / FILES["tokenizer"]])
+    has_weights = any((d / name).exists() for name in (FILES["weights"], SAFE_INDEX, FILES["pth"]))
+    missing = ([] if has_weights else [d / FILES["weights"]]) + \
+        [d / FILES[k] for k in ("lm", "esm") if not (d / FILES[k]).exists()] + \
+        ([] if _tokenizer_file(d) else [d / FILES["tokenizer"]])
     if missing:
         raise FileNotFoundError(f"checkpoint folder {d} lacks {[str(m) for m in missing]}")
+    lm, esm = openbiomed.configs(d / FILES["lm"], d / FILES["esm"], **lm_overrides)
     gin = GinConfig(**json.loads((d / FILES["gin"]).read_text())) if (d / FILES["gin"]).exists() else None
-    return openbiomed.load(d / FILES["pth"], d / FILES["lm"], d / FILES["esm"], tokenizer=tok, gin_config=gin,
-                           **lm_overrides)
+    return lm, esm, gin
+
+
+def from_pretrained(ckpt_dir, mesh=None, **lm_overrides):
+    """BioMedGPT with its tokenizer from a model folder; `lm_overrides`: LlamaConfig fields (`dtype`...).
+    With `mesh`, the parameters are global arrays laid out by the rule shardings, each process reading
+    only its devices' slices."""
+    d = Path(ckpt_dir)
+    model = openbiomed.load_sharded(d, *configs(d, **lm_overrides), mesh)
+    return attach_tokenizer(model, _tokenizer_file(d))
+
+
+def from_openbiomed(pth_path, dst, lm_config, esm_config, tokenizer, dtype=None, check: bool = False,
+                    max_shard_bytes: int = stream.SHARD_BYTES) -> int:
+    """OpenBioMed `biomedgpt_10b.pth` -> a model folder, streaming (dtype kept unless `dtype`; `check`:
+    re-read bit for bit). Returns the number of tensors."""
+    lm, esm = openbiomed.configs(lm_config, esm_config)
+    tok = as_tokenizer(tokenizer)
+    with open_source(pth_path) as raw:
+        src = openbiomed.view(raw)
+        cfg = BioMedGPTConfig(lm=lm, esm=esm, gin=openbiomed.gin_config(src))
+        lay = openbiomed.layout(cfg.lm, cfg.esm, cfg.gin)
+        first = stream.out_dtype(src.dtype(lay.entries[0].key), dtype) if lay.entries[0].key in src else lm.param_dtype
+        out = dataclasses.replace(cfg, lm=dataclasses.replace(lm, param_dtype=str(first)),
+                                  esm=dataclasses.replace(esm, param_dtype=str(first)))
+        return stream.convert(src, lay, dst, "safetensors", dtype=dtype, check=check,
+                              extra_files=lambda tmp: _write_configs(tmp, out, tok), max_shard_bytes=max_shard_bytes)
+
+
+def to_openbiomed(ckpt_dir, dst, dtype=None, check: bool = False) -> int:
+    """A model folder -> OpenBioMed's flat `.pth`, streaming (dtype kept unless `dtype`; `check`:
+    re-read bit for bit). Returns the number of tensors."""
+    lm, esm, gin = configs(ckpt_dir)
+    with open_source(ckpt_dir) as raw:
+        src = openbiomed.view(raw)
+        lay = openbiomed.layout(lm, esm, openbiomed.gin_config(src, gin))
+        return stream.convert(src, lay, dst, "pth", dtype=dtype, check=check)

@@ -8,7 +8,8 @@ every `encoder.layer.{i}....weight` at once.
 Import accepts `EsmModel` (no prefix) and `EsmForMaskedLM` (`esm.` prefix) checkpoints, or any prefix
 you name (BioMedGPT's `prot_structure_encoder.`); old `LayerNorm.gamma/beta` names; and skips, with a
 log note, what the encoder does not use: `rotary_embeddings.inv_freq` (recomputed), `position_ids`,
-`contact_head.*`, `pooler.*` and `lm_head.*`.
+`contact_head.*`, `pooler.*` and `lm_head.*` (and, with a prefix, every key outside it). Reading is
+lazy (whole, or per device slice with `load_sharded`); saving streams one tensor at a time.
 
     model = load("esm2_t33_650M_UR50D/")          # HF directory -> Esm
     save(model, "out/")                           # -> EsmModel.from_pretrained("out/") works
@@ -18,21 +19,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Mapping
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from bmgpt_jax.convert.torch_io import read_state_dict, to_numpy
+from bmgpt_jax.convert import stream, tensor_map
+from bmgpt_jax.convert.sources import open_source
+from bmgpt_jax.convert.tensor_map import ModelSource
+from bmgpt_jax.convert.tensor_source import DictSource, TensorSource, View
 from bmgpt_jax.data.proteins import write_vocab
 from bmgpt_jax.models.esm import ROPE_THETA, Esm, EsmConfig
 
 log = logging.getLogger(__name__)
 
+FAMILY = "Hugging Face ESM-2 encoder"
 IGNORED = re.compile(r"(^|\.)(inv_freq|position_ids)$|^(contact_head|pooler|lm_head)\.")
 _AUTO_PREFIXES = ("esm.", "")
 
@@ -42,6 +45,8 @@ def config_from_hf(hf: Mapping, **overrides) -> EsmConfig:
     """Our `EsmConfig` from an HF `config.json` mapping (missing keys take HF's defaults); `overrides`
     set our own fields (`dtype`, `param_dtype`, `scan_layers`, `remat`)."""
     unsupported = []
+    if hf.get("model_type", "esm") != "esm":
+        unsupported.append(f"model_type={hf['model_type']!r} (need 'esm')")
     if hf.get("position_embedding_type", "absolute") != "rotary":
         unsupported.append(f"position_embedding_type={hf.get('position_embedding_type', 'absolute')!r} (need 'rotary')")
     if hf.get("emb_layer_norm_before"):
@@ -81,86 +86,56 @@ def config_to_hf(cfg: EsmConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ state dict
-def _hf_name(path: tuple) -> tuple[str, bool]:
-    """Our param path -> (HF key with `{i}` in place of the layer index when scanned, transpose?)."""
-    parts = [str(p) for p in path]
-    transpose = parts[-1] == "kernel"
-    if transpose:
-        parts[-1] = "weight"
-    return ".".join(parts), transpose
-
-
-def _normalize(key: str) -> str:
+def normalize_key(key: str) -> str:
+    """Old `LayerNorm.gamma`/`beta` names -> `weight`/`bias`."""
     return re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", key))
 
 
-def _layer_key(name: str, i: int) -> str:
-    return name.replace("encoder.layer.", f"encoder.layer.{i}.", 1)
-
-
-def _strip_prefix(sd: Mapping[str, np.ndarray], prefix: str | None) -> dict[str, np.ndarray]:
-    """Keys under `prefix` with it removed (auto: `esm.` if any key has it, else none); gamma/beta renamed."""
+def view(source: TensorSource, prefix: str | None = None) -> View:
+    """The encoder's tensors in `source`: those under `prefix` (None: `esm.` if the checkpoint has it, else
+    no prefix) with the prefix removed and `gamma`/`beta` renamed; keys outside the prefix are logged."""
+    keys = source.keys()
     if prefix is None:
-        prefix = next((p for p in _AUTO_PREFIXES if any(k.startswith(p + "embeddings.") for k in sd)), "")
-    return {_normalize(k[len(prefix):]): v for k, v in sd.items() if k.startswith(prefix)}
+        prefix = next((p for p in _AUTO_PREFIXES if any(k.startswith(p + "embeddings.") for k in keys)), "")
+    outside = [k for k in keys if not k.startswith(prefix)]
+    if outside and prefix in _AUTO_PREFIXES:
+        log.info("hf_esm: ignored %d key(s) outside the encoder's prefix %r: %s", len(outside), prefix,
+                 ", ".join(outside[:20]))
+    return View(source, prefix, normalize_key)
 
 
-def from_state_dict(sd: Mapping[str, np.ndarray], config: EsmConfig, prefix: str | None = None) -> Esm:
+def layout(cfg: EsmConfig, prefix: str = "") -> tensor_map.Layout:
+    """The HF `EsmModel` tensors of an encoder with `cfg` (keys prefixed with `prefix`)."""
+    abstract = nnx.eval_shape(lambda: Esm(cfg, rngs=nnx.Rngs(0)))
+    return tensor_map.param_layout(abstract, FAMILY, "layer" if cfg.scan_layers else None, prefix,
+                                   ignored=lambda k: bool(IGNORED.search(k)))
+
+
+def load_source(source: TensorSource, config: EsmConfig, mesh=None) -> Esm:
+    """An `Esm` from HF-named tensors (already selected by `view`); with `mesh`, sharded global arrays."""
+    return tensor_map.load(lambda: Esm(config, rngs=nnx.Rngs(0)), source, layout(config), mesh)
+
+
+def from_state_dict(sd: Mapping, config: EsmConfig, prefix: str | None = None) -> Esm:
     """An `Esm` with parameters from an HF-named state dict (numpy or torch arrays).
 
     `prefix`: `None` detects `esm.` or no prefix; a string (e.g. "prot_structure_encoder.") selects the
     keys under it and leaves all others alone. Raises `KeyError` for missing or unexpected keys and
     `ValueError` for shape mismatches, naming the key and both shapes.
     """
-    sd = {k: to_numpy(v) for k, v in _strip_prefix(sd, prefix).items()}
-    abstract = nnx.eval_shape(lambda: Esm(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    used: set[str] = set()
-
-    def fetch(key: str, shape: tuple, transpose: bool) -> np.ndarray:
-        if key not in sd:
-            raise KeyError(f"checkpoint has no {key!r} (prefix {prefix!r}); a few keys it has: {sorted(sd)[:5]}")
-        arr = sd[key].T if transpose else sd[key]
-        if arr.shape != shape:
-            raise ValueError(f"{key!r}: checkpoint shape {sd[key].shape} (as ours {arr.shape}) != model shape {shape}")
-        used.add(key)
-        return arr
-
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        name, transpose = _hf_name(path)
-        dtype = var.value.dtype
-        if config.scan_layers and path[:2] == ("encoder", "layer"):
-            shape = var.value.shape[1:]
-            arr = np.stack([fetch(_layer_key(name, i), shape, transpose) for i in range(config.num_layers)])
-        else:
-            arr = fetch(name, var.value.shape, transpose)
-        flat.append((path, var.replace(jnp.asarray(arr, dtype=dtype))))
-    extra = sorted(set(sd) - used)
-    ignored = [k for k in extra if IGNORED.search(k)]
-    unexpected = [k for k in extra if not IGNORED.search(k)]
-    if unexpected:
-        raise KeyError(f"unexpected checkpoint keys for an ESM-2 encoder: {unexpected[:10]}"
-                       f"{' ...' if len(unexpected) > 10 else ''}")
-    if ignored:
-        log.info("hf_esm: ignored %d key(s) the encoder does not use: %s", len(ignored), ", ".join(ignored))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return load_source(view(DictSource(sd), prefix), config)
 
 
-def to_state_dict(model: Esm, prefix: str = "") -> dict[str, np.ndarray]:
+def to_state_dict(model: Esm, prefix: str = "") -> dict:
     """HF `EsmModel` state dict (numpy, param dtype) of `model`, keys prefixed with `prefix`;
     stacked (scanned) layers are split into `encoder.layer.{i}.*`."""
-    cfg = model.config
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name, transpose = _hf_name(path)
-        arr = np.asarray(jax.device_get(var.value))
-        if cfg.scan_layers and path[:2] == ("encoder", "layer"):
-            for i in range(cfg.num_layers):
-                out[prefix + _layer_key(name, i)] = np.ascontiguousarray(arr[i].T if transpose else arr[i])
-        else:
-            out[prefix + name] = np.ascontiguousarray(arr.T if transpose else arr)
-    return out
+    return tensor_map.state_dict(model, layout(model.config, prefix))
+
+
+def _config(d: Path, **overrides) -> EsmConfig:
+    if not (d / "config.json").exists():
+        raise FileNotFoundError(f"{d}: no config.json")
+    return config_from_hf(json.loads((d / "config.json").read_text()), **overrides)
 
 
 def load(hf_dir: str | Path, **overrides) -> Esm:
@@ -168,23 +143,46 @@ def load(hf_dir: str | Path, **overrides) -> Esm:
 
     `overrides` set our config fields: `dtype="bfloat16"`, `scan_layers=True`, `remat=True`, ...
     """
-    d = Path(hf_dir)
-    if not (d / "config.json").exists():
-        raise FileNotFoundError(f"{d}: no config.json")
-    cfg = config_from_hf(json.loads((d / "config.json").read_text()), **overrides)
-    return from_state_dict(read_state_dict(d), cfg)
+    cfg = _config(Path(hf_dir), **overrides)
+    with open_source(hf_dir) as src:
+        return load_source(view(src), cfg)
 
 
-def save(model: Esm, out_dir: str | Path) -> Path:
-    """Write `config.json`, `model.safetensors` and the ESM `vocab.txt` to `out_dir`, a directory that
-    `transformers.EsmModel.from_pretrained` and `EsmTokenizer.from_pretrained` load (the pooler and
-    contact head, which we do not have, are initialised randomly by transformers)."""
-    from safetensors.numpy import save_file
-    d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
-    save_file(to_state_dict(model), str(d / "model.safetensors"), metadata={"format": "pt"})
+def load_sharded(path: str | os.PathLike, cfg: EsmConfig, mesh) -> Esm:
+    """The encoder with `cfg` from an HF checkpoint (folder or file), its parameters global `jax.Array`s
+    laid out by `parallel.tree_shardings` on `mesh`: each process reads only its devices' slices."""
+    with open_source(path) as src:
+        return load_source(view(src), cfg, mesh)
+
+
+def _write_config_and_vocab(d: Path, cfg: EsmConfig) -> None:
+    (d / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
     write_vocab(d / "vocab.txt")
     (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "EsmTokenizer",
                                                          "model_max_length": 1024}, indent=2) + "\n")
-    return d
+
+
+def save(model: Esm, out_dir: str | Path, max_shard_bytes: int = stream.SHARD_BYTES) -> Path:
+    """Write `config.json`, safetensors and the ESM `vocab.txt` to `out_dir` (atomically, one tensor at a
+    time), a directory that `transformers.EsmModel.from_pretrained` and `EsmTokenizer.from_pretrained`
+    load (the pooler and contact head, which we do not have, are initialised randomly by transformers)."""
+    lay = layout(model.config)
+    return stream.write(out_dir, "safetensors", stream.export_specs(lay), stream.exported(ModelSource(model), lay),
+                        lambda tmp: _write_config_and_vocab(tmp, model.config), max_shard_bytes)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, check: bool = False,
+            max_shard_bytes: int = stream.SHARD_BYTES) -> int:
+    """HF ESM-2 folder -> HF `EsmModel` folder (safetensors, canonical names: no `esm.` prefix, no
+    gamma/beta), streaming, keys and shapes checked against the config; dtype kept unless `dtype`.
+    `check`: re-read and compare bit for bit. Returns the number of tensors written."""
+    cfg = _config(Path(src))
+    lay = layout(cfg)
+    with open_source(src) as raw:
+        source = view(raw)
+        first = lay.entries[0].key
+        out_cfg = dataclasses.replace(cfg, param_dtype=str(stream.out_dtype(source.dtype(first), dtype))
+                                      if first in source else cfg.param_dtype)
+        return stream.convert(source, lay, dst, "safetensors", dtype=dtype, check=check,
+                              extra_files=lambda tmp: _write_config_and_vocab(tmp, out_cfg),
+                              max_shard_bytes=max_shard_bytes)

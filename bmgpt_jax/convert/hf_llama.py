@@ -1,25 +1,30 @@
 """Hugging Face Llama directory (config.json + safetensors/bin) <-> our `LlamaForCausalLM`.
 
-Parameter names already match HF's, so the conversion is `torch_io`'s name table: Linear weights
+Parameter names already match HF's, so the conversion is `tensor_map`'s name table: Linear weights
 transpose to `kernel`, and scanned layers stack under `model.layers`. No q/k permutation is needed
-because our rotary uses HF's rotate_half layout.
+because our rotary uses HF's rotate_half layout. Loading reads lazily (`sources.open_source`): whole
+(`load`) or, given a mesh, each process only its devices' slices (`load_sharded`); saving streams one
+tensor at a time into sharded safetensors with an index, in a temporary folder renamed at the end.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from bmgpt_jax.convert.torch_io import export_params, import_params, read_state_dict, write_safetensors
-from bmgpt_jax.models.layers import Linear
+from bmgpt_jax.convert import stream, tensor_map
+from bmgpt_jax.convert.sources import open_source
+from bmgpt_jax.convert.tensor_map import ModelSource
+from bmgpt_jax.convert.tensor_source import DictSource, TensorSource, View
 from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
+log = logging.getLogger(__name__)
+FAMILY = "Hugging Face Llama"
 IGNORED = ("rotary_emb.inv_freq",)
 
 
@@ -33,6 +38,8 @@ def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> Ll
             raise FileNotFoundError(f"{p} not found: a Hugging Face Llama directory holds config.json and "
                                     "*.safetensors (or pytorch_model*.bin)")
         hf = json.loads(p.read_text())
+    if hf.get("model_type", "llama") != "llama":
+        raise ValueError(f"{hf.get('model_type')!r} config, not a Llama one (model_type must be 'llama')")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope and rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise ValueError(f"rope scaling {rope!r} is not supported (only plain RoPE, as in Llama 2)")
@@ -58,7 +65,13 @@ def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> Ll
 
 
 def config_to_hf(cfg: LlamaConfig) -> dict:
-    """The HF `config.json` mapping for `cfg`."""
+    """The HF `config.json` mapping for `cfg`. A `pad_token_id` outside the vocabulary (the tiny configs'
+    32000 with a 1001-token demo tokenizer) is written as null, with a warning: transformers refuses it."""
+    pad = cfg.pad_token_id
+    if pad is not None and not 0 <= pad < cfg.vocab_size:
+        log.warning("pad_token_id %d is outside the vocabulary of %d: written as null in config.json", pad,
+                    cfg.vocab_size)
+        pad = None
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
@@ -67,58 +80,88 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
         "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
-        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": pad,
         "initializer_range": cfg.initializer_range, "attention_bias": False, "mlp_bias": False,
         "torch_dtype": cfg.param_dtype, "dtype": cfg.param_dtype,
     }
 
 
 def abstract_model(cfg: LlamaConfig) -> LlamaForCausalLM:
-    """A shape-only model (no memory): fill it with `from_state_dict`."""
+    """A shape-only model (no memory)."""
     return nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
 
 
-def from_state_dict(tensors: Mapping, cfg: LlamaConfig, prefix: str = "", source: str = "checkpoint") -> LlamaForCausalLM:
-    """Our model from HF-named tensors (`prefix` is prepended to every HF key, e.g. `llm.`)."""
-    model = abstract_model(cfg)
-    import_params(model, tensors, stack_at="layers" if cfg.scan_layers else None,
-                  rename=lambda k: prefix + k, ignore=IGNORED, source=source,
-                  skip=lambda path: str(path[-1]).startswith("lora_"))
-    init_lora(model)
-    return model
+def layout(cfg: LlamaConfig, prefix: str = "") -> tensor_map.Layout:
+    """The HF tensors of a model with `cfg` (keys prefixed with `prefix`, e.g. `llm.`)."""
+    return tensor_map.param_layout(abstract_model(cfg), FAMILY, "layers" if cfg.scan_layers else None, prefix,
+                                   ignored=lambda k: any(s in k for s in IGNORED))
 
 
-def init_lora(model: LlamaForCausalLM, seed: int = 0) -> None:
-    """Fresh LoRA adapters (A random, B zero) on every Linear that has them, in place: a checkpoint
-    holds the base weights only, so after loading the model computes exactly the base function."""
-    key = jax.random.key(seed)
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, Linear) and module.lora_a is not None:
-            key, sub = jax.random.split(key)
-            a, b = module.lora_a, module.lora_b
-            a.value = (jax.random.normal(sub, a.shape, jnp.float32) * a.shape[-2] ** -0.5).astype(a.dtype)
-            b.value = jnp.zeros(b.shape, b.dtype)
+def load_source(source: TensorSource, cfg: LlamaConfig, mesh=None) -> LlamaForCausalLM:
+    """Our model from HF-named tensors in `source`; with `mesh`, sharded global arrays read slice by slice."""
+    return tensor_map.load(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), source, layout(cfg), mesh)
+
+
+def from_state_dict(tensors: Mapping, cfg: LlamaConfig, prefix: str = "",
+                    source: str = "checkpoint") -> LlamaForCausalLM:
+    """Our model from HF-named tensors in memory (the keys under `prefix`, e.g. `llm.`, with it removed)."""
+    return load_source(View(DictSource(tensors, name=source), prefix), cfg)
 
 
 def to_state_dict(model: LlamaForCausalLM, prefix: str = "") -> dict:
-    """HF-named numpy tensors of `model` (each key prefixed with `prefix`)."""
-    return export_params(model, stack_at="layers" if model.config.scan_layers else None,
-                         rename=lambda k: prefix + k)
+    """HF-named numpy tensors of `model` (each key prefixed with `prefix`), LoRA merged."""
+    return tensor_map.state_dict(model, layout(model.config, prefix))
 
 
 def load(hf_dir: str | os.PathLike, **overrides) -> LlamaForCausalLM:
     """Our causal LM from a Hugging Face Llama directory. `overrides`: LlamaConfig fields such as
     `scan_layers=True`, `dtype="bfloat16"`."""
     cfg = config_from_hf(hf_dir, **overrides)
-    return from_state_dict(read_state_dict(hf_dir), cfg, source=str(hf_dir))
+    with open_source(hf_dir) as src:
+        return load_source(src, cfg)
 
 
-def save(model: LlamaForCausalLM, out_dir: str | os.PathLike) -> None:
+def load_sharded(path: str | os.PathLike, cfg: LlamaConfig, mesh) -> LlamaForCausalLM:
+    """Our causal LM with `cfg` from an HF checkpoint (folder or file), its parameters global `jax.Array`s
+    laid out by `parallel.tree_shardings` on `mesh`: each process reads only its devices' slices."""
+    with open_source(path) as src:
+        return load_source(src, cfg, mesh)
+
+
+def write(out_dir: str | os.PathLike, cfg: LlamaConfig, reader: TensorSource, tokenizer=None,
+          max_shard_bytes: int = stream.SHARD_BYTES) -> Path:
+    """An HF Llama folder (config.json, sharded safetensors, `tokenizer.model` when given) streamed from
+    our variables in `reader` (dotted paths: a model in memory or a training checkpoint), atomically."""
+    lay = layout(cfg)
+
+    def extra(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
+        if tokenizer is not None:
+            (tmp / "tokenizer.model").write_bytes(tokenizer.model_proto)
+    return stream.write(out_dir, "safetensors", stream.export_specs(lay), stream.exported(reader, lay), extra,
+                        max_shard_bytes)
+
+
+def save(model: LlamaForCausalLM, out_dir: str | os.PathLike, max_shard_bytes: int = stream.SHARD_BYTES) -> None:
     """Write `config.json` + safetensors that `transformers.LlamaForCausalLM.from_pretrained` loads."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2))
-    write_safetensors(to_state_dict(model), out)
+    write(out_dir, model.config, ModelSource(model), max_shard_bytes=max_shard_bytes)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, check: bool = False,
+            max_shard_bytes: int = stream.SHARD_BYTES) -> int:
+    """HF Llama folder -> HF Llama folder (sharded safetensors), streaming, every key and shape checked
+    against the config; dtype kept unless `dtype`. `check`: re-read and compare bit for bit. Returns the
+    number of tensors written."""
+    cfg = config_from_hf(src)
+    lay = layout(cfg)
+    with open_source(src) as source:
+        written = stream.out_dtype(source.dtype(lay.entries[0].key), dtype) if lay.entries[0].key in source else None
+        out_cfg = dataclasses.replace(cfg, param_dtype=str(written or cfg.param_dtype))
+
+        def extra(tmp: Path) -> None:
+            (tmp / "config.json").write_text(json.dumps(config_to_hf(out_cfg), indent=2))
+        return stream.convert(source, lay, dst, "safetensors", dtype=dtype, check=check, extra_files=extra,
+                              max_shard_bytes=max_shard_bytes)
 
 
 def init(cfg: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
@@ -132,5 +175,5 @@ def with_config(model: LlamaForCausalLM, **changes) -> LlamaForCausalLM:
     return from_state_dict(to_state_dict(model), cfg)
 
 
-__all__ = ["load", "save", "config_from_hf", "config_to_hf", "from_state_dict", "to_state_dict", "init",
-           "with_config"]
+__all__ = ["load", "load_sharded", "save", "write", "convert", "config_from_hf", "config_to_hf", "from_state_dict",
+           "to_state_dict", "layout", "init", "with_config"]

@@ -2,8 +2,11 @@
 
 Layout: `llm.*` (HF Llama names, vocab 32001), `mol_structure_encoder.*` (GraphMVP GIN),
 `prot_structure_encoder.*` (HF ESM names; `pooler.*`, `position_ids`, `inv_freq` ignored),
-`proj_mol.{weight,bias}`, `proj_prot.{weight,bias}`. Each part goes through its own converter with
-its prefix; a key under no known prefix is an error, as is a missing key or a shape mismatch.
+`proj_mol.{weight,bias}`, `proj_prot.{weight,bias}`. The table is the three families' tables nested
+under their prefixes plus the two adaptors; a key under no known prefix is an error, as is a missing
+key or a shape mismatch. The same flat names are used in our model folder's safetensors
+(`convert.folder`). Reading is lazy (`torch.load(mmap=True)` for the `.pth`), whole or per device
+slice (`load_sharded`); writing streams one tensor at a time.
 """
 from __future__ import annotations
 
@@ -12,16 +15,21 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 from flax import nnx
 
-from bmgpt_jax.convert import graphmvp_gin, hf_esm, hf_llama
-from bmgpt_jax.convert.torch_io import export_params, import_params, read_state_dict, to_numpy, to_torch
+from bmgpt_jax.convert import graphmvp_gin, hf_esm, hf_llama, stream, tensor_map
+from bmgpt_jax.convert.sources import open_source
+from bmgpt_jax.convert.tensor_map import Layout, ModelSource
+from bmgpt_jax.convert.tensor_source import DictSource, TensorSource, View
 from bmgpt_jax.data.text import attach_tokenizer
 from bmgpt_jax.models.biomedgpt import BioMedGPT, BioMedGPTConfig
+from bmgpt_jax.models.esm import EsmConfig
 from bmgpt_jax.models.gin import GinConfig
+from bmgpt_jax.models.llama import LlamaConfig
 
+FAMILY = "OpenBioMed BioMedGPT"
 PREFIXES = ("llm.", "mol_structure_encoder.", "prot_structure_encoder.", "proj_mol.", "proj_prot.")
+ESM_PREFIX, GIN_PREFIX = "prot_structure_encoder.", "mol_structure_encoder."
 
 
 def _json(cfg: Mapping | str | os.PathLike) -> dict:
@@ -31,57 +39,89 @@ def _json(cfg: Mapping | str | os.PathLike) -> dict:
     return json.loads((p / "config.json" if p.is_dir() else p).read_text())
 
 
-def _check_prefixes(sd: Mapping[str, Any], source: str) -> None:
-    stray = sorted(k for k in sd if not k.startswith(PREFIXES))
+def view(source: TensorSource) -> View:
+    """`source` with the ESM part's old `gamma`/`beta` names renamed; a key under no known prefix is an error."""
+    stray = sorted(k for k in source.keys() if not k.startswith(PREFIXES))
     if stray:
-        raise KeyError(f"{source}: keys outside {list(PREFIXES)}: {stray[:10]}")
+        raise KeyError(f"{source.name}: keys outside {list(PREFIXES)}: {stray[:10]}; not an OpenBioMed BioMedGPT "
+                       "checkpoint?")
+    return View(source, "", lambda k: hf_esm.normalize_key(k) if k.startswith(ESM_PREFIX) else k)
+
+
+def gin_config(source: TensorSource, base: GinConfig | None = None) -> GinConfig:
+    """The GIN config: `base` if given, else the default with the checkpoint's depth and width."""
+    return base or graphmvp_gin.infer_config(graphmvp_gin.view(source, GIN_PREFIX))
+
+
+def layout(lm_cfg: LlamaConfig, esm_cfg: EsmConfig, gin_cfg: GinConfig) -> Layout:
+    """The flat OpenBioMed tensors of a BioMedGPT with these configs."""
+    model = nnx.eval_shape(lambda: BioMedGPT(BioMedGPTConfig(lm=lm_cfg, gin=gin_cfg, esm=esm_cfg), rngs=nnx.Rngs(0)))
+    parts = (hf_llama.layout(lm_cfg).nest("llm", "llm."),
+             graphmvp_gin.layout(gin_cfg).nest("mol_structure_encoder", GIN_PREFIX),
+             hf_esm.layout(esm_cfg).nest("prot_structure_encoder", ESM_PREFIX),
+             *(tensor_map.param_layout(getattr(model, name), FAMILY).nest(name, name + ".")
+               for name in ("proj_mol", "proj_prot")))
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + p
+    return Layout(out.entries, FAMILY, out.ignored)
+
+
+def load_source(source: TensorSource, lm_cfg: LlamaConfig, esm_cfg: EsmConfig, gin_cfg: GinConfig | None = None,
+                mesh=None) -> BioMedGPT:
+    """Our BioMedGPT from flat OpenBioMed tensors in `source`; with `mesh`, sharded global arrays."""
+    src = view(source)
+    gin_cfg = gin_config(src, gin_cfg)
+    cfg = BioMedGPTConfig(lm=lm_cfg, gin=gin_cfg, esm=esm_cfg)
+    return tensor_map.load(lambda: BioMedGPT(cfg, rngs=nnx.Rngs(0)), src, layout(lm_cfg, esm_cfg, gin_cfg), mesh)
+
+
+def load_sharded(path: str | os.PathLike, lm_cfg: LlamaConfig, esm_cfg: EsmConfig, gin_cfg: GinConfig | None,
+                 mesh) -> BioMedGPT:
+    """Our BioMedGPT from `biomedgpt_10b.pth` or a model folder's safetensors, its parameters global
+    `jax.Array`s laid out by `parallel.tree_shardings` on `mesh` (each process reads only its devices'
+    slices; the small GIN is replicated). `gin_cfg=None`: inferred from the checkpoint."""
+    with open_source(path) as src:
+        return load_source(src, lm_cfg, esm_cfg, gin_cfg, mesh)
+
+
+def configs(lm_config, esm_config, **lm_overrides) -> tuple[LlamaConfig, EsmConfig]:
+    """Our configs from HF `config.json` paths/folders or dicts; `lm_overrides`: LlamaConfig fields."""
+    return hf_llama.config_from_hf(_json(lm_config), **lm_overrides), hf_esm.config_from_hf(_json(esm_config))
 
 
 def from_state_dict(sd: Mapping[str, Any], lm_config, esm_config, gin_config: GinConfig | None = None,
                     source: str = "checkpoint", **lm_overrides) -> BioMedGPT:
     """Our BioMedGPT from the flat OpenBioMed state dict. `lm_config`/`esm_config`: HF `config.json`
     paths/folders or dicts; `lm_overrides`: LlamaConfig fields such as `scan_layers`, `dtype`."""
-    sd = {k: to_numpy(v) for k, v in sd.items()}
-    _check_prefixes(sd, source)
-    lm_cfg = hf_llama.config_from_hf(_json(lm_config), **lm_overrides)
-    esm_cfg = hf_esm.config_from_hf(_json(esm_config))
-    llm = hf_llama.from_state_dict({k: v for k, v in sd.items() if k.startswith("llm.")}, lm_cfg,
-                                   prefix="llm.", source=source)
-    gin = graphmvp_gin.load(sd, prefix="mol_structure_encoder.", config=gin_config)
-    esm = hf_esm.from_state_dict(sd, esm_cfg, prefix="prot_structure_encoder.")
-    cfg = BioMedGPTConfig(lm=lm_cfg, gin=gin.config, esm=esm_cfg)
-    model = nnx.eval_shape(lambda: BioMedGPT(cfg, rngs=nnx.Rngs(0)))
-    model.llm, model.mol_structure_encoder, model.prot_structure_encoder = llm, gin, esm
-    for name in ("proj_mol", "proj_prot"):
-        part = {k: v for k, v in sd.items() if k.startswith(name + ".")}
-        import_params(getattr(model, name), part, rename=lambda k, n=name: f"{n}.{k}", source=source)
-    return model
+    lm_cfg, esm_cfg = configs(lm_config, esm_config, **lm_overrides)
+    return load_source(DictSource(sd, name=source), lm_cfg, esm_cfg, gin_config)
 
 
-def to_state_dict(model: BioMedGPT) -> dict[str, np.ndarray]:
+def to_state_dict(model: BioMedGPT) -> dict:
     """The flat OpenBioMed state dict (numpy) of `model`."""
-    out = hf_llama.to_state_dict(model.llm, prefix="llm.")
-    out.update(graphmvp_gin.to_state_dict(model.mol_structure_encoder, prefix="mol_structure_encoder."))
-    out.update(hf_esm.to_state_dict(model.prot_structure_encoder, prefix="prot_structure_encoder."))
-    for name in ("proj_mol", "proj_prot"):
-        out.update(export_params(getattr(model, name), rename=lambda k, n=name: f"{n}.{k}"))
-    return out
+    c = model.config
+    return tensor_map.state_dict(model, layout(c.lm, c.esm, c.gin))
 
 
 def load(pth_path: str | os.PathLike, lm_config, esm_config, tokenizer=None,
          gin_config: GinConfig | None = None, **lm_overrides) -> BioMedGPT:
-    """Our BioMedGPT from `biomedgpt_10b.pth`. `tokenizer`: a SentencePiece `.model` path, an HF
-    tokenizer folder or a `bmgpt_jax.data.text` tokenizer; attached for `chat.ask`."""
-    model = from_state_dict(read_state_dict(pth_path), lm_config, esm_config, gin_config,
-                            source=str(pth_path), **lm_overrides)
+    """Our BioMedGPT from `biomedgpt_10b.pth` (or our folder's safetensors). `tokenizer`: a SentencePiece
+    `.model` path, an HF tokenizer folder or a `bmgpt_jax.data.text` tokenizer; attached for `chat.ask`."""
+    lm_cfg, esm_cfg = configs(lm_config, esm_config, **lm_overrides)
+    with open_source(pth_path) as src:
+        model = load_source(src, lm_cfg, esm_cfg, gin_config)
     if tokenizer is not None:
         attach_tokenizer(model, tokenizer)
     return model
 
 
+def write(reader: TensorSource, cfg: BioMedGPTConfig, dst: str | os.PathLike) -> Path:
+    """The flat OpenBioMed `.pth` streamed from our variables in `reader` (dotted paths), atomically."""
+    lay = layout(cfg.lm, cfg.esm, cfg.gin)
+    return stream.write(dst, "pth", stream.export_specs(lay), stream.exported(reader, lay))
+
+
 def save(model: BioMedGPT, pth_path: str | os.PathLike) -> None:
-    """Write the flat state dict with `torch.save`, loadable by OpenBioMed's `BioMedGPTV`."""
-    import torch
-    sd = {k: to_torch(v) for k, v in to_state_dict(model).items()}
-    Path(pth_path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(sd, os.fspath(pth_path))
+    """Write the flat state dict as a torch `.pth`, loadable by OpenBioMed's `BioMedGPTV` (streamed)."""
+    write(ModelSource(model), model.config, pth_path)

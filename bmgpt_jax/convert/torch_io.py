@@ -1,177 +1,218 @@
-"""Reading/writing PyTorch-style state dicts and mapping them onto NNX parameters by name.
+"""PyTorch `.pth` / `.bin` state dicts read lazily and written one tensor at a time (torch needed here only).
 
-Our parameter paths follow the PyTorch names, so the mapping is mechanical: join the path with dots,
-call the Linear leaf `kernel` `weight` (transposed), and for scanned (stacked) layers insert the layer
-index after the stacking attribute. Everything is checked: a missing, extra or mis-shaped tensor
-raises naming the key and both shapes.
+`TorchFile` opens a file with `torch.load(mmap=True, weights_only=True)`: nothing is read until a tensor
+is asked for, and `read` copies just the requested slice out of the memory map, then tells the kernel
+to drop the pages it touched (`madvise(MADV_DONTNEED)`), so the process's resident memory stays at about
+one tensor however large the file (a checkpoint in the legacy non-zip format cannot be mapped and is
+read whole, with a warning). A nested `{"state_dict": {...}}` is unwrapped.
+
+`TorchWriter` writes the zip format `torch.save` writes, streaming: the pickle of the whole dict
+(tensors as references to storages, built from shapes and dtypes alone) goes first, then each tensor's
+bytes as its own record as it arrives, through torch's own zip writer. The result loads with
+`torch.load(..., weights_only=True)` and OpenBioMed's `load_state_dict`.
 """
 from __future__ import annotations
 
-import json
+import collections
+import ctypes
+import io
+import logging
 import os
+import pickle
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-SAFE_NAME = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
+from bmgpt_jax.convert.tensor_source import Index, TensorSource, normalize_index, to_numpy
 
+log = logging.getLogger(__name__)
+__all__ = ["TorchFile", "TorchWriter", "to_numpy", "to_torch"]
 
-def to_numpy(t) -> np.ndarray:
-    """A torch tensor (any dtype, bfloat16 included) or array -> numpy (bfloat16 kept via ml_dtypes)."""
-    if hasattr(t, "detach"):
-        import torch
-        t = t.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(jnp.bfloat16)
-        return t.numpy()
-    return np.asarray(t)
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4
+_CHUNK = 64 * 2**20
 
 
 def to_torch(a: np.ndarray):
     """numpy (bfloat16 included) -> a contiguous torch tensor."""
+    import ml_dtypes
     import torch
     a = np.array(a, order="C")  # (np.ascontiguousarray would turn a 0-d array into 1-d)
-    if a.dtype == jnp.bfloat16:
+    if a.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Tensors from a safetensors file, a `.bin`/`.pt`/`.pth` torch file, or a Hugging Face folder
-    (single or sharded safetensors, else `pytorch_model*.bin`)."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(p.glob("*.safetensors")) or sorted(p.glob("pytorch_model*.bin"))
-        if not files:
-            raise FileNotFoundError(f"{p}: no model.safetensors (single or sharded) or pytorch_model*.bin found")
-        out: dict[str, np.ndarray] = {}
-        for f in files:
-            out.update(read_state_dict(f))
-        return out
-    if p.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-        try:
-            return dict(load_file(str(p)))
-        except (TypeError, ValueError):  # bfloat16 needs torch's loader
-            from safetensors.torch import load_file as load_torch
-            return {k: to_numpy(v) for k, v in load_torch(str(p)).items()}
-    import torch
-    sd = torch.load(str(p), map_location="cpu", weights_only=True)
-    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-        sd = sd["state_dict"]
-    return {k: to_numpy(v) for k, v in sd.items()}
-
-
-def write_safetensors(tensors: Mapping[str, np.ndarray], out_dir: str | os.PathLike,
-                      max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write `tensors` as HF safetensors: one `model.safetensors`, or shards plus an index json."""
-    from safetensors.numpy import save_file
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for k, v in tensors.items():
-        v = np.array(v, order="C")
-        if size and size + v.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += v.nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(out / SAFE_NAME), metadata=meta)
+def _release(tensor) -> None:
+    """Drop the memory-mapped pages under `tensor` (a view: the span from its first to its last element)
+    from this process; they are re-read from the file if touched again."""
+    if not tensor.numel():
         return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata=meta)
-        weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))}, "weight_map": weight_map}
-    (out / SAFE_INDEX).write_text(json.dumps(index, indent=2))
+    span = (sum((n - 1) * st for n, st in zip(tensor.shape, tensor.stride())) + 1) * tensor.element_size()
+    ptr = tensor.data_ptr()
+    start = ptr // _PAGE * _PAGE
+    end = -(-(ptr + span) // _PAGE) * _PAGE
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_DONTNEED))
+    except (OSError, AttributeError):   # no madvise on this platform: pages stay until the kernel reclaims them
+        pass
 
 
-def torch_name(path: tuple, stack_at: str | None = None, layer: int | None = None) -> str:
-    """Our path tuple -> PyTorch key. `stack_at` names the attribute holding scanned layers, whose
-    index `layer` is inserted after it. `kernel` becomes `weight`."""
-    parts = [str(p) for p in path]
-    if stack_at is not None and layer is not None:
-        i = parts.index(stack_at)
-        parts.insert(i + 1, str(layer))
-    if parts[-1] == "kernel":
-        parts[-1] = "weight"
-    return ".".join(parts)
+class TorchFile(TensorSource):
+    """A torch `.pth`/`.bin`/`.pt` state dict as a lazy `TensorSource`."""
 
+    def __init__(self, path: str | os.PathLike):
+        import torch
+        self.path = Path(path)
+        self.name = str(self.path)
+        self._mapped = True
+        try:
+            sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise ValueError(f"{self.path}: cannot read as a PyTorch checkpoint: {e}") from None
+            try:
+                sd = torch.load(self.path, map_location="cpu", weights_only=True)
+            except Exception as e2:
+                raise ValueError(f"{self.path}: cannot read as a PyTorch checkpoint (truncated or corrupt?): "
+                                 f"{str(e2).splitlines()[0]}") from None
+            log.warning("%s: legacy (non-zip) torch format, read whole into memory; re-save it with torch>=1.6 "
+                        "to stream it", self.path)
+            self._mapped = False
+        except (pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+            raise ValueError(f"{self.path}: cannot read as a PyTorch checkpoint (truncated or corrupt?): "
+                             f"{str(e).splitlines()[0]}") from None
+        if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
+            sd = sd["state_dict"]
+        if not isinstance(sd, Mapping):
+            raise ValueError(f"{self.path}: holds a {type(sd).__name__}, not a state dict of tensors")
+        bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise ValueError(f"{self.path}: entries that are not tensors: {bad[:5]}")
+        self._tensors = dict(sd)
 
-def _is_stacked(path: tuple, stack_at: str | None) -> bool:
-    return stack_at is not None and stack_at in path and not any(isinstance(p, int) for p in path)
+    def keys(self) -> list[str]:
+        return list(self._tensors)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._tensors
 
-def merged_params(model: nnx.Module) -> list[tuple[tuple, np.ndarray]]:
-    """`(path, array)` for every `nnx.Param`, with LoRA updates folded into their Linear kernels (the
-    `lora_a`/`lora_b` leaves dropped), i.e. the weights a plain PyTorch model holds."""
-    from bmgpt_jax.models.layers import Linear
-    flat = {path: var[...] for path, var in nnx.state(model, nnx.Param).flat_state()}
-    for path, module in nnx.iter_graph(model):
-        if isinstance(module, Linear) and module.lora_a is not None:
-            flat[tuple(path) + ("kernel",)] = module.merged_kernel()
-            del flat[tuple(path) + ("lora_a",)], flat[tuple(path) + ("lora_b",)]
-    return [(p, np.asarray(jax.device_get(v))) for p, v in flat.items()]
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
 
+    def dtype(self, key: str) -> np.dtype:
+        import torch
+        t = self._tensors[key]
+        return to_numpy(torch.empty(0, dtype=t.dtype)).dtype
 
-def export_params(model: nnx.Module, stack_at: str | None = None,
-                  rename: Callable[[str], str] = lambda k: k) -> dict[str, np.ndarray]:
-    """Every `nnx.Param` of `model` as a PyTorch-named numpy array (Linear kernels transposed, LoRA merged)."""
-    out: dict[str, np.ndarray] = {}
-    for path, arr in merged_params(model):
-        kernel = path[-1] == "kernel"
-        if _is_stacked(path, stack_at):
-            for i in range(arr.shape[0]):
-                out[rename(torch_name(path, stack_at, i))] = arr[i].T if kernel else arr[i]
+    def read(self, key: str, index: Index = None) -> np.ndarray:
+        """The slice, copied out of the memory map 64 MiB of rows at a time, each block's pages released
+        as soon as it is copied (so the copy is the only full-size buffer)."""
+        t = self._tensors[key]
+        idx = normalize_index(index, tuple(t.shape), f"{self.path}:{key}")
+        part = t[idx] if all(s.step > 0 for s in idx) else t          # torch slices have no negative steps
+        if part.ndim == 0 or part.numel() * part.element_size() <= _CHUNK:
+            out = np.array(to_numpy(part))
+            if self._mapped:
+                _release(part)
         else:
-            out[rename(torch_name(path))] = arr.T if kernel else arr
-    return out
+            out = np.empty(tuple(part.shape), self.dtype(key))
+            step = max(1, _CHUNK // (part[0].numel() * part.element_size()))
+            for lo in range(0, part.shape[0], step):
+                out[lo:lo + step] = to_numpy(part[lo:lo + step])
+                if self._mapped:
+                    _release(part[lo:lo + step])
+        return np.array(out[idx]) if part is t and idx else out
+
+    def close(self) -> None:
+        self._tensors = {}
 
 
-def import_params(model: nnx.Module, tensors: Mapping[str, np.ndarray], stack_at: str | None = None,
-                  rename: Callable[[str], str] = lambda k: k, ignore: Iterable[str] = (),
-                  source: str = "checkpoint", skip: Callable[[tuple], bool] = lambda path: False) -> None:
-    """Fill every `nnx.Param` of `model` (abstract or concrete) from PyTorch-named `tensors`, in place.
+def _storage_type(dtype: np.dtype):
+    """The legacy storage class torch pickles for `dtype` (e.g. `torch.BFloat16Storage`)."""
+    import torch
+    from torch.storage import _dtype_to_storage_type_map
+    return getattr(torch, _dtype_to_storage_type_map()[to_torch(np.zeros(0, dtype)).dtype])
 
-    `rename` maps our torch-style name to the key used in `tensors`; keys matching a substring in
-    `ignore` may be left unused. Raises KeyError on missing/unused keys, ValueError on shape mismatch.
+
+class _Storage:
+    def __init__(self, key: str, dtype: np.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _Tensor:
+    """Pickles as `torch._utils._rebuild_tensor_v2(storage, 0, shape, stride, False, OrderedDict())`."""
+
+    def __init__(self, storage: _Storage, shape: tuple[int, ...]):
+        self.storage, self.shape = storage, shape
+
+    def __reduce_ex__(self, protocol):
+        import torch
+        stride = tuple(int(np.prod(self.shape[i + 1:], dtype=np.int64)) for i in range(len(self.shape)))
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, 0, tuple(self.shape), stride, False, collections.OrderedDict()))
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            return ("storage", _storage_type(obj.dtype), obj.key, "cpu", obj.numel)
+        return None
+
+
+class TorchWriter:
+    """Streaming writer of a flat `{key: tensor}` `.pth` file (the format of `torch.save`).
+
+        w = TorchWriter(path, [(key, shape, dtype), ...])
+        for key, array in tensors:   # any order, each key once
+            w.write(key, array)
+        w.close()                    # raises if a planned key was never written
     """
-    state = nnx.state(model, nnx.Param)
-    used: set[str] = set()
-    flat = []
-    for path, var in state.flat_state():
-        if skip(path):
-            continue
-        kernel = path[-1] == "kernel"
-        stacked = _is_stacked(path, stack_at)
-        want = tuple(var.shape)
-        names = ([rename(torch_name(path, stack_at, i)) for i in range(want[0])] if stacked
-                 else [rename(torch_name(path))])
-        layer_shape = want[1:] if stacked else want
-        torch_shape = tuple(reversed(layer_shape)) if kernel else layer_shape
-        arrays = []
-        for name in names:
-            if name not in tensors:
-                raise KeyError(f"{source}: missing tensor {name!r} (for parameter {'/'.join(map(str, path))})")
-            a = np.asarray(tensors[name])
-            if a.shape != torch_shape:
-                raise ValueError(f"{source}: tensor {name!r} has shape {a.shape} but the model expects "
-                                 f"{torch_shape} (parameter {'/'.join(map(str, path))})")
-            arrays.append(a.T if kernel else a)
-            used.add(name)
-        value = np.stack(arrays) if stacked else arrays[0]
-        flat.append((path, var.replace(jnp.asarray(value, dtype=var.dtype))))
-    unused = [k for k in tensors if k not in used and not any(s in k for s in ignore)]
-    if unused:
-        raise KeyError(f"{source}: unexpected tensors not used by the model: {sorted(unused)[:10]}"
-                       f"{' ...' if len(unused) > 10 else ''}")
-    nnx.update(model, nnx.State.from_flat_path(flat))
+
+    def __init__(self, path: str | os.PathLike, specs: Iterable[tuple[str, tuple, np.dtype]]):
+        import torch
+        from torch.serialization import _open_zipfile_writer
+        self.path = Path(path)
+        self._plan: dict[str, tuple[str, tuple, np.dtype]] = {}
+        obj = collections.OrderedDict()
+        for i, (key, shape, dtype) in enumerate(specs):
+            shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
+            if key in obj:
+                raise ValueError(f"{self.path}: tensor {key!r} planned twice")
+            obj[key] = _Tensor(_Storage(str(i), dtype, int(np.prod(shape, dtype=np.int64))), shape)
+            self._plan[key] = (str(i), shape, dtype)
+        buf = io.BytesIO()
+        _Pickler(buf, protocol=2).dump(obj)
+        self._opener = _open_zipfile_writer(str(self.path))
+        self._zip = self._opener.__enter__()
+        data = buf.getvalue()
+        self._zip.write_record("data.pkl", data, len(data))
+        self._zip.write_record(".format_version", "1", 1)
+        alignment = str(torch.serialization._get_storage_alignment())
+        self._zip.write_record(".storage_alignment", alignment, len(alignment))
+        self._zip.write_record("byteorder", "little", len("little"))
+        self._written: set[str] = set()
+
+    def write(self, key: str, array: np.ndarray) -> None:
+        """Append `array` (exactly the planned shape and dtype) as the record of `key`."""
+        if key not in self._plan:
+            raise KeyError(f"{self.path}: tensor {key!r} was not planned")
+        if key in self._written:
+            raise KeyError(f"{self.path}: tensor {key!r} written twice")
+        record, shape, dtype = self._plan[key]
+        array = np.asarray(array, order="C")
+        if array.shape != shape or array.dtype != dtype:
+            raise ValueError(f"{self.path}: tensor {key!r} is {array.dtype}{list(array.shape)} but was planned "
+                             f"as {dtype}{list(shape)}")
+        raw = array.reshape(-1).view(np.uint8)
+        self._zip.write_record(f"data/{record}", raw.ctypes.data if raw.size else b"", raw.size)
+        self._written.add(key)
+
+    def close(self) -> None:
+        """Finish the zip; raise if a planned tensor was never written."""
+        missing = [k for k in self._plan if k not in self._written]
+        self._opener.__exit__(None, None, None)
+        if missing:
+            raise ValueError(f"{self.path}: {len(missing)} planned tensors were never written, e.g. {missing[:5]}")

@@ -248,30 +248,30 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
             monitor.close()
         if hasattr(it, "close"):
             it.close()  # the encoding worker processes
-    model = nnx.merge(graphdef, trainable, frozen)
     if cfg.export and i == cfg.steps:
-        _export(model, it.tokenizer, cfg)
+        _export(frozen, it.tokenizer, cfg, i)
+    model = nnx.merge(graphdef, trainable, frozen)
     return {"losses": losses, "last_step": i, "model": model, "stopped": stopped, "data": dict(tally.totals)}
 
 
-def _export(model: nnx.Module, tokenizer, cfg: TrainConfig) -> None:
-    """The trained model in a loadable form under `{out_dir}/final` (process 0 writes)."""
-    out = Path(cfg.out_dir) / "final"
-    if jax.process_count() > 1:  # every process takes part in gathering the sharded arrays
-        from jax.experimental import multihost_utils
-        graphdef, state = nnx.split(model)
-        state = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), state)
-        model = nnx.merge(graphdef, state)
-    if jax.process_index() != 0:
-        return
-    if cfg.stage == "lm":
-        from bmgpt_jax.convert import hf_llama
-        hf_llama.save(model, out)
-        (out / "tokenizer.model").write_bytes(tokenizer.model_proto)
-    else:
-        from bmgpt_jax.convert.folder import save_pretrained
-        save_pretrained(model, tokenizer, out)
-    log.info("exported the trained model to %s", out)
+def _export(frozen: nnx.State, tokenizer, cfg: TrainConfig, step: int) -> None:
+    """The trained model under `{out_dir}/final`, streamed from the final checkpoint (the source of truth)
+    by process 0, one tensor at a time, nothing gathered: every process first saves its shards of the
+    frozen parameters beside the steps, then process 0 writes (`convert.run_export`; safetensors,
+    configs and tokenizer, plus OpenBioMed's `.pth` where torch is importable)."""
+    from jax.experimental import multihost_utils
+
+    from bmgpt_jax.convert import run_export
+    run_export.save_frozen(frozen, cfg.checkpoint.dir)
+    multihost_utils.sync_global_devices("bmgpt_jax export: checkpoint complete")
+    try:
+        if jax.process_index() == 0:
+            out = Path(cfg.out_dir) / "final"
+            n = run_export.export(cfg.checkpoint.dir, out, step, stage=cfg.stage, model_cfg=cfg.model,
+                                  tokenizer=tokenizer)
+            log.info("exported the trained model (%d tensors) to %s", n, out)
+    finally:
+        multihost_utils.sync_global_devices("bmgpt_jax export: written")
 
 
 def where_things_went(cfg: TrainConfig, result: dict, argv: list[str]) -> list[str]:

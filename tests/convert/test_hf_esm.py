@@ -74,9 +74,10 @@ def test_masked_lm_bin_with_gamma_beta_names(torch, tiny, hf, hf_sd, tmp_path, c
     legacy["lm_head.dense.weight"] = torch.zeros(32, 32)
     torch.save(legacy, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps(hf.config.to_dict()))
-    with caplog.at_level(logging.INFO, logger="bmgpt_jax.convert.hf_esm"):
+    with caplog.at_level(logging.INFO, logger="bmgpt_jax.convert"):
         ours = hf_esm.load(tmp_path)
     assert "contact_head.regression.weight" in caplog.text and "inv_freq" in caplog.text
+    assert "lm_head.dense.weight" in caplog.text        # outside the prefix: counted and named too
     np.testing.assert_allclose(np.asarray(ours(IDS, MASK)), hf_out(torch, hf), atol=1e-4, rtol=0)
 
 

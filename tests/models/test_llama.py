@@ -168,7 +168,7 @@ def test_checkpoint_shape_mismatch_names_key_and_shapes(hf_model, tmp_path):
 
 def test_missing_and_extra_keys_are_named(hf_model):
     path, _ = hf_model
-    from bmgpt_jax.convert.torch_io import read_state_dict
+    from bmgpt_jax.convert.sources import read_state_dict
     sd = read_state_dict(path)
     cfg = hf_llama.config_from_hf(path)
     broken = dict(sd)

@@ -1,0 +1,164 @@
+"""Streaming conversion: tensors from a lazy source (or from our variables) to a writer, one at a time,
+into a temporary folder or file renamed at the end, and the bit-exact streaming check of the result.
+
+Formats: `"safetensors"` (a folder: HF sharded safetensors with an index past `max_shard_bytes`) and
+`"pth"` (one torch file, torch needed). A failed or interrupted run leaves only a hidden
+`.NAME.tmp-PID` beside the target (removed on a Python error), never something at the target path
+that looks like a valid checkpoint; an existing target is replaced only once the new one is complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Literal
+
+import jax.numpy as jnp
+import numpy as np
+
+from bmgpt_jax.convert.safetensors_io import SafetensorsWriter
+from bmgpt_jax.convert.sources import open_source
+from bmgpt_jax.convert.tensor_map import Layout, check as check_layout, iter_tensors
+from bmgpt_jax.convert.tensor_source import TensorSource
+
+Format = Literal["safetensors", "pth"]
+Specs = list[tuple[str, tuple, np.dtype]]
+SHARD_BYTES = 5 * 2**30
+
+
+def _tmp_name(final: Path) -> Path:
+    return final.parent / f".{final.name}.tmp-{os.getpid()}"
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `final`; on success it replaces `final`, on error it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; on success it replaces `final`, on error it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(final)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, final)
+
+
+def cast(a: np.ndarray, dtype) -> np.ndarray:
+    """`a` in `dtype` if it is floating and `dtype` is given (integer tensors, e.g. counters, keep theirs)."""
+    return a.astype(dtype) if dtype is not None and jnp.issubdtype(a.dtype, jnp.floating) else a
+
+
+def out_dtype(source_dtype, dtype) -> np.dtype:
+    floating = dtype is not None and jnp.issubdtype(source_dtype, jnp.floating)
+    return np.dtype(dtype) if floating else np.dtype(source_dtype)
+
+
+def write_into(target: Path, fmt: Format, specs: Specs, tensors: Iterable[tuple[str, np.ndarray]],
+               max_shard_bytes: int = SHARD_BYTES) -> None:
+    """Write `tensors` (each key of `specs` once, any order) into the folder (safetensors) or file (pth)
+    `target`, not atomically: for use inside `atomic_dir`/`atomic_file`."""
+    if fmt == "safetensors":
+        writer = SafetensorsWriter(target, specs, max_shard_bytes)
+    else:
+        from bmgpt_jax.convert.torch_io import TorchWriter
+        writer = TorchWriter(target, specs)
+    for key, a in tensors:
+        writer.write(key, a)
+        del a                   # before the next tensor is read: one in memory at a time
+    writer.close()
+
+
+def write(dst: str | os.PathLike, fmt: Format, specs: Specs, tensors: Iterable[tuple[str, np.ndarray]],
+          extra_files: Callable[[Path], None] | None = None, max_shard_bytes: int = SHARD_BYTES) -> Path:
+    """`write_into` a temporary folder/file renamed to `dst` at the end; `extra_files(folder)` adds
+    configs etc. to a safetensors folder once the weights are complete."""
+    if fmt == "safetensors":
+        with atomic_dir(dst) as tmp:
+            write_into(tmp, fmt, specs, tensors, max_shard_bytes)
+            if extra_files is not None:
+                extra_files(tmp)
+    else:
+        with atomic_file(dst) as tmp:
+            write_into(tmp, fmt, specs, tensors)
+    return Path(dst)
+
+
+def convert(source: TensorSource, layout: Layout, dst: str | os.PathLike, fmt: Format, *, dtype=None,
+            check: bool = False, rename: Callable[[str], str] = lambda k: k,
+            extra_files: Callable[[Path], None] | None = None, max_shard_bytes: int = SHARD_BYTES) -> int:
+    """Copy `layout`'s tensors from `source` (checked first: keys, shapes, dtype kinds) to `dst` under
+    `rename(key)`, one at a time, dtype kept unless `dtype` (floating tensors only). `check`: re-read
+    `dst` and compare with the source bit for bit, streaming. Returns the number of tensors."""
+    check_layout(source, layout)
+    specs = [(rename(e.key), e.shape, out_dtype(source.dtype(e.key), dtype)) for e in layout.entries]
+
+    def tensors():
+        for e in layout.entries:
+            yield rename(e.key), cast(source.read(e.key), dtype)
+    write(dst, fmt, specs, tensors(), extra_files, max_shard_bytes)
+    if check:
+        with open_source(dst) as out:
+            verify(out, tensors())
+    return len(specs)
+
+
+def export_specs(layout: Layout) -> Specs:
+    """`(key, shape, dtype)` of `layout`'s tensors as exported from our variables."""
+    return [(e.key, e.shape, np.dtype(e.save_dtype or e.dtype)) for e in layout.entries]
+
+
+def exported(reader: TensorSource, layout: Layout, max_block_bytes: int = 2**29) -> Iterator[tuple[str, np.ndarray]]:
+    """`(key, tensor)` of `layout` from our variables in `reader` (dotted paths), one at a time."""
+    for e, a in iter_tensors(reader, layout, max_block_bytes):
+        yield e.key, a
+        del a
+
+
+def same_bytes(a: np.ndarray, b: np.ndarray, chunk: int = 2**24) -> bool:
+    """Bit-for-bit equality of two arrays of one dtype and shape, compared 16 MiB at a time (no full-size
+    boolean temporary)."""
+    a = np.asarray(a, order="C").reshape(-1).view(np.uint8)
+    b = np.asarray(b, order="C").reshape(-1).view(np.uint8)
+    return a.size == b.size and all(np.array_equal(a[i:i + chunk], b[i:i + chunk]) for i in range(0, a.size, chunk))
+
+
+def verify(written: TensorSource, expected: Iterable[tuple[str, np.ndarray]]) -> int:
+    """Compare, one tensor at a time, `written` with `(key, array)` pairs, bit for bit (dtype included);
+    raise ValueError naming the first differing tensors. Returns how many were compared."""
+    bad, seen = [], set()
+    for key, want in expected:
+        seen.add(key)
+        if key not in written:
+            bad.append(f"{key} (missing)")
+            continue
+        got = written.read(key)
+        if got.dtype != want.dtype or got.shape != want.shape or not same_bytes(got, want):
+            bad.append(f"{key} ({got.dtype}{list(got.shape)} vs {want.dtype}{list(want.shape)})")
+        del got, want           # before the next pair is read: two tensors in memory at a time
+    extra = [k for k in written.keys() if k not in seen]
+    if bad or extra:
+        raise ValueError(f"{written.name}: {len(bad)} tensors differ from the source (e.g. {bad[:5]})"
+                         + (f"; unexpected tensors {extra[:5]}" if extra else ""))
+    return len(seen)
