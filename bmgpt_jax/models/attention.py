@@ -137,6 +137,11 @@ def plain_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) 
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
 
 
+def _pad_to(x: jax.Array, n: int, fill=0) -> jax.Array:
+    """`x [b, t, ...]` padded with `fill` along the sequence axis to length n."""
+    return jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+
+
 def _blocks(n: int, largest: int = FLASH_BLOCK) -> tuple[int, int]:
     """(block, count) covering n with the fewest blocks of at most `largest` and little padding."""
     count = -(-n // largest)
@@ -151,10 +156,9 @@ def flash_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) 
     s, kvh = k.shape[1], k.shape[2]
     bq, nq = _blocks(t)
     bk, nk = _blocks(s)
-    pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-    qg = pad(q, bq * nq).reshape(b, bq * nq, kvh, h // kvh, d)
-    out = _flash(qg, pad(k, bk * nk), pad(v, bk * nk), pad(segments.q, bq * nq), pad(segments.kv, bk * nk),
-                 _offset(segments), causal, scale, bq, bk, s)
+    qg = _pad_to(q, bq * nq).reshape(b, bq * nq, kvh, h // kvh, d)
+    out = _flash(qg, _pad_to(k, bk * nk), _pad_to(v, bk * nk), _pad_to(segments.q, bq * nq),
+                 _pad_to(segments.kv, bk * nk), _offset(segments), causal, scale, bq, bk, s)
     return out[:, :t].reshape(b, t, h, d)
 
 
@@ -270,15 +274,14 @@ def splash_attention(q, k, v, segments: Segments, *, causal: bool, scale: float,
         raise ValueError(f"splash attention is self-attention: {t} queries, {k.shape[1]} keys, no KV cache")
     n = -(-t // 128) * 128
     block = next(bs for bs in SPLASH_BLOCKS if n % bs == 0)
-    lead = lambda x, fill=0: jnp.pad(x, [(0, 0), (0, n - t)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)  # noqa: E731
     pad_id = jnp.iinfo(jnp.int32).min
-    qh, kh, vh = (jnp.swapaxes(lead(x), 1, 2) for x in ((q * scale).astype(q.dtype), k, v))  # [b, heads, n, d]
-    q_ids, kv_ids = lead(segments.q, pad_id), lead(segments.kv, pad_id)
+    qh, kh, vh = (jnp.swapaxes(_pad_to(x, n), 1, 2) for x in ((q * scale).astype(q.dtype), k, v))  # [b, h, n, d]
+    q_ids, kv_ids = _pad_to(segments.q, n, pad_id), _pad_to(segments.kv, n, pad_id)
     one = (sm.CausalMask if causal else sm.FullMask)((n, n))
     mesh = jax.sharding.get_abstract_mesh()
     sharded = mesh is not None and not mesh.empty
     heads_axis = parallel.logical_to_spec(("heads",))[0] if sharded else None
-    head_shards = math.prod(mesh.shape[a] for a in (heads_axis,) if a) if sharded else 1
+    head_shards = math.prod(mesh.shape[a] for a in ((heads_axis,) if isinstance(heads_axis, str) else heads_axis or ()))
     if h % head_shards or kvh % head_shards:
         heads_axis, head_shards = None, 1
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
@@ -286,8 +289,10 @@ def splash_attention(q, k, v, segments: Segments, *, causal: bool, scale: float,
     kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * h), block_sizes=sizes, head_shards=head_shards,
                                 q_seq_shards=1, interpret=interpret)
 
-    def run(kernel, qh, kh, vh, q_ids, kv_ids):
-        return jax.vmap(lambda a, b_, c, i, j: kernel(a, b_, c, segment_ids=sk.SegmentIds(i, j)))(qh, kh, vh, q_ids, kv_ids)
+    def run(kernel, qh, kh, vh, q_ids, kv_ids):  # the kernel takes one row: vmap over the batch
+        def row(q1, k1, v1, i, j):
+            return kernel(q1, k1, v1, segment_ids=sk.SegmentIds(i, j))
+        return jax.vmap(row)(qh, kh, vh, q_ids, kv_ids)
 
     if sharded:
         batch_axes = parallel.fitted_spec((b,), ("batch",), mesh)
