@@ -60,15 +60,16 @@ def main(argv=None) -> int:
     elif args.kind == "openbiomed":
         if not (args.lm_config and args.esm_config and args.tokenizer):
             ap.error("openbiomed needs --lm-config, --esm-config and --tokenizer")
-        from bmgpt_jax.chat import from_pretrained, save_pretrained, tokenizer_of
         from bmgpt_jax.convert import openbiomed
+        from bmgpt_jax.convert.folder import from_pretrained, save_pretrained
+        from bmgpt_jax.data.text import tokenizer_of
         model = openbiomed.load(args.src, args.lm_config, args.esm_config, tokenizer=args.tokenizer)
         save_pretrained(model, tokenizer_of(model), args.dst)
         if args.check:
             _same(openbiomed.to_state_dict(model), openbiomed.to_state_dict(from_pretrained(args.dst)))
     else:
-        from bmgpt_jax.chat import from_pretrained
         from bmgpt_jax.convert import openbiomed
+        from bmgpt_jax.convert.folder import from_pretrained
         model = from_pretrained(args.src)
         openbiomed.save(model, args.dst)
         if args.check:

@@ -30,7 +30,8 @@ from bmgpt_jax.config import load  # noqa: E402
 from bmgpt_jax.convert import openbiomed  # noqa: E402
 from bmgpt_jax.data.records import Record  # noqa: E402
 from bmgpt_jax.data.text import load_tokenizer  # noqa: E402
-from bmgpt_jax.generate import generate  # noqa: E402
+from bmgpt_jax.data.text import attach_tokenizer  # noqa: E402
+from bmgpt_jax.generation import generate  # noqa: E402
 from bmgpt_jax.models.esm import EsmConfig  # noqa: E402
 from timing import median_time  # noqa: E402  (bench/timing.py; scripts run as python bench/x.py)
 
@@ -58,8 +59,8 @@ def main():
     tok = load_tokenizer(args.tokenizer or None)
     esm_cfg = load(EsmConfig, "esm2_tiny")
     ref = TorchBioMedGPT(esm_cfg, vocab_size=tok.vocab_size, hidden=args.hidden, layers=args.layers).eval()
-    ours = chat.attach_tokenizer(openbiomed.from_state_dict(ref.state_dict(), ref.llm_config(),
-                                                            hf_config(esm_cfg).to_dict()), tok)
+    ours = attach_tokenizer(openbiomed.from_state_dict(ref.state_dict(), ref.llm_config(),
+                                                       hf_config(esm_cfg).to_dict()), tok)
     cfg = dataclasses.replace(chat.generation_config(tok, {"max_new_tokens": args.new}), eos_token_id=-1,
                               stop_sequences=())
     rows = []

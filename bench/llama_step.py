@@ -21,8 +21,8 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bmgpt_jax.convert import hf_llama  # noqa: E402
-from bmgpt_jax.generate import generate  # noqa: E402
-from bmgpt_jax.monitor import measure_matmul_flops, train_flops_per_token  # noqa: E402
+from bmgpt_jax.generation import generate  # noqa: E402
+from bmgpt_jax.training.monitor import measure_matmul_flops, train_flops_per_token  # noqa: E402
 from timing import median_time  # noqa: E402  (bench/timing.py; scripts run as python bench/x.py)
 
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from bmgpt_jax.config import load  # noqa: E402
 from bmgpt_jax.convert import graphmvp_gin  # noqa: E402
 from bmgpt_jax.data import molecules as M  # noqa: E402
+from bmgpt_jax import encode as E  # noqa: E402
 from bmgpt_jax.models import gin as G  # noqa: E402
 
 
@@ -93,17 +94,17 @@ def main() -> None:
     graphdef, state = nnx.split(model)
     start = time.perf_counter()
     for g in {g.nodes.shape + g.edges.shape + g.n_node.shape: g for g in graphs}.values():
-        G._forward(state, graphdef, g).block_until_ready()
+        E._forward(state, graphdef, g).block_until_ready()
     compile_s = time.perf_counter() - start
-    ours = rate(len(feats), lambda: [G._forward(state, graphdef, g).block_until_ready() for g in graphs], args.trials)
+    ours = rate(len(feats), lambda: [E._forward(state, graphdef, g).block_until_ready() for g in graphs], args.trials)
     with torch.no_grad():
         ref(*torch_inputs[0])
         theirs = rate(len(feats), lambda: [ref(*t) for t in torch_inputs], args.trials)
     rows.append((f"GIN 5x300 eval, ours (jax {jax.default_backend()}, {len(feats)} mols, batches of "
                  f"{args.batch}; compile {compile_s:.1f}s for {len({g.nodes.shape for g in graphs})} buckets)", ours))
     rows.append((f"GIN 5x300 eval, torch reference ({torch.get_num_threads()} threads)", theirs))
-    G.encode_smiles(model, mols)   # compile its buckets first
-    e2e = rate(len(mols), lambda: G.encode_smiles(model, mols), args.trials)
+    E.encode_smiles(model, mols)   # compile its buckets first
+    e2e = rate(len(mols), lambda: E.encode_smiles(model, mols), args.trials)
     rows.append(("encode_smiles end to end (featurize + batch + encode + unpad)", e2e))
 
     width = max(len(r[0]) for r in rows)

@@ -1,6 +1,6 @@
 """Benchmark: the tiny BioMedGPT `align` and `finetune` train steps, ours (JAX) vs the PyTorch reference.
 
-Ours is the real step of `python -m bmgpt_jax.train` (stages.build_model's loss, optim.split_trainable,
+Ours is the real step of `python -m bmgpt_jax.train` (training.stages.build_model's loss, optim.split_trainable,
 step.make_train_step / jit_train_step on a 1x1x1 mesh, data.pipeline.global_batch every step). PyTorch's
 is the reference composition of tests/torch_refs/biomedgpt.py (HF LlamaForCausalLM + HF EsmModel + torch
 GIN + two nn.Linear) run on the same batch dict by bench/_torch_batched.py, frozen parts
@@ -74,7 +74,7 @@ def others_busy(a, b) -> float | None:
 
 def matmul_params(state) -> int:
     """Parameters that take part in matmuls: embedding tables (`...weight` with ndim >= 2) are gathers
-    (the rule of `bmgpt_jax.train`; it also leaves out scan-stacked norm scales, which are no matmuls)."""
+    (the rule of `training.loop`; it also leaves out scan-stacked norm scales, which are no matmuls)."""
     return sum(int(np.prod(v.shape)) for p, v in nnx.to_flat_state(state)
                if p[-1] != "weight" or len(v.shape) < 2)
 
@@ -104,11 +104,12 @@ def main():
     from bmgpt_jax.convert import openbiomed
     from bmgpt_jax.data.builders import shared_data_dir
     from bmgpt_jax.data.pipeline import BatchIterator, global_batch
-    from bmgpt_jax.monitor import measure_matmul_flops, train_flops_per_token
-    from bmgpt_jax.optim import count_params, make_optimizer, make_schedule, split_trainable, trainable_filter
-    from bmgpt_jax.stages import build_model, trainable_patterns
-    from bmgpt_jax.step import batch_shardings, init_opt_state, jit_train_step, make_train_step, shard
-    from bmgpt_jax.train import load_config
+    from bmgpt_jax.parallel import batch_shardings, shard
+    from bmgpt_jax.training.loop import load_config
+    from bmgpt_jax.training.monitor import measure_matmul_flops, train_flops_per_token
+    from bmgpt_jax.training.optim import count_params, make_optimizer, make_schedule, split_trainable, trainable_filter
+    from bmgpt_jax.training.stages import build_model, trainable_patterns
+    from bmgpt_jax.training.step import init_opt_state, jit_train_step, make_train_step
     from tests.torch_refs.hf_esm import hf_config
 
     start = time.perf_counter()

@@ -1,29 +1,19 @@
 """Talk to BioMedGPT about molecules and proteins: prompts -> answers, like the reference's `Conversation`.
 
-A `Prompt` is the reference's prompt text, one placeholder (`<moleculeHere>`, `<proteinHere>`) per entity,
-plus the entities in placeholder order. One human turn is `### Human: {entity tags} {question}` (or the
-question's own placeholders, filled in order), each answer is `### Assistant: {answer} `, so a one-turn
-prompt is exactly `format_prompt` of the record without its answer: the training layout up to
-`### Assistant: `. Encoding splits the text at the placeholders and tokenizes the pieces separately (BOS
-on the first) with one slot per atom / ESM position, as the reference does; a batch is `collate`d
-(right-padded, shapes bucketed so repeated questions reuse compiled code), embedded by a jitted
-`embed_inputs` and decoded by `generate` from the spliced embeddings, stopping at EOS or `###`.
+Questions become prompts in the reference's template (`data.prompts`: placeholders, entity slots, one
+BOS); a batch of them is collated, embedded by a jitted `embed_inputs` (molecule and protein tokens
+spliced in) and decoded by `generation.generate` from the spliced embeddings, stopping at EOS or `###`.
 
     python -m bmgpt_jax.chat --checkpoint DIR --smiles 'CC(=O)Oc1ccccc1C(=O)O' --question 'What is it?'
     python -m bmgpt_jax.chat --checkpoint DIR --interactive
     python -m bmgpt_jax.chat --checkpoint DIR --jsonl questions.jsonl --output answers.jsonl
 
-A checkpoint DIR holds `biomedgpt_10b.pth` (OpenBioMed's flat layout), `llm_config.json` (HF Llama),
-`esm_config.json` (HF ESM), the tokenizer (`tokenizer.model`, or a `tokenizer/` folder holding one) and
-optionally `gin_config.json`; `save_pretrained` writes one, `from_pretrained` reads it.
+DIR is a model folder (`convert.folder`: weights, configs, tokenizer), e.g. a training run's `final/`.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
-import re
 import sys
 from functools import partial
 from pathlib import Path
@@ -33,90 +23,16 @@ import jax
 import numpy as np
 from flax import nnx
 
+from bmgpt_jax.convert.folder import from_pretrained
 from bmgpt_jax.data import examples, molecules, proteins
-from bmgpt_jax.data.records import ENTITY_KINDS
-from bmgpt_jax.data.text import DEFAULT_SYSTEM, ENTITY_TAGS, PLACEHOLDERS, Tokenizer, encode_segments, load_tokenizer
-from bmgpt_jax.generate import GenerationConfig, generate
+from bmgpt_jax.data import prompts as prompt_lib
+from bmgpt_jax.data.prompts import Prompt, as_entities, collate_prompts, human_message, make_prompt
+from bmgpt_jax.data.text import Tokenizer, tokenizer_of
+from bmgpt_jax.generation import GenerationConfig, generate
 
-PATTERN = re.compile("|".join(PLACEHOLDERS.values()))
-KIND_OF = {v: k for k, v in PLACEHOLDERS.items()}
 OPTIONS = ("max_new_tokens", "do_sample", "num_beams", "temperature", "top_k", "top_p", "repetition_penalty",
            "length_penalty", "seed")
-FILES = {"pth": "biomedgpt_10b.pth", "lm": "llm_config.json", "esm": "esm_config.json", "gin": "gin_config.json",
-         "tokenizer": "tokenizer.model"}
 ROW_KEYS = ("question", "smiles", "protein", "system", "id")
-
-
-def as_tokenizer(tokenizer) -> Tokenizer:
-    """A `Tokenizer`, or one loaded from a SentencePiece `.model` path or a folder holding one."""
-    return tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(os.fspath(tokenizer))
-
-
-def attach_tokenizer(model, tokenizer):
-    """Give `model` its tokenizer (see `as_tokenizer`) for `model.chat`. A plain attribute: static in
-    `nnx.split`'s graphdef (hashed by identity), so params, jit and checkpoints are unaffected. Returns `model`."""
-    tok = as_tokenizer(tokenizer)
-    vocab = model.config.lm.vocab_size
-    if tok.vocab_size > vocab:
-        raise ValueError(f"tokenizer has {tok.vocab_size} ids but the model's vocabulary is {vocab}")
-    model.tokenizer = tok
-    return model
-
-
-def tokenizer_of(model) -> Tokenizer:
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        raise ValueError("the model has no tokenizer: pass tokenizer= to openbiomed.load, use from_pretrained, "
-                         "or call bmgpt_jax.chat.attach_tokenizer(model, tokenizer)")
-    return tok
-
-
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-    """`text`: the prompt with one placeholder per entity; `entities`: (kind, value) in placeholder order."""
-    text: str
-    entities: tuple[tuple[str, str], ...]
-
-
-def as_entities(smiles=None, protein=None) -> list[tuple[str, str]]:
-    """`smiles` / `protein` (a string, a list of them, or None) as (kind, value) pairs, molecules first."""
-    listed = lambda v: [] if v is None else [v] if isinstance(v, str) else list(v)  # noqa: E731
-    return [("molecule", s) for s in listed(smiles)] + [("protein", p) for p in listed(protein)]
-
-
-def human_message(question: str, entities: Sequence[tuple[str, str]]) -> tuple[str, tuple]:
-    """One human turn and its entities in placeholder order. Without placeholders in `question` the entity
-    tags come first (the reference's template); otherwise each placeholder takes the next entity of its
-    kind, and the counts must match."""
-    text = question
-    for kind, hole in PLACEHOLDERS.items():
-        open_tag, close_tag = ENTITY_TAGS[kind]
-        text = text.replace(open_tag + hole + close_tag, hole).replace(hole, open_tag + hole + close_tag)
-    found = [KIND_OF[h] for h in PATTERN.findall(text)]
-    if not found:
-        tags = [f"{ENTITY_TAGS[k][0]}{PLACEHOLDERS[k]}{ENTITY_TAGS[k][1]}" for k, _ in entities]
-        return " ".join(tags + [question]) if tags else question, tuple(entities)
-    queues = {k: [v for kind, v in entities if kind == k] for k in ENTITY_KINDS}
-    for kind in ENTITY_KINDS:
-        holes, given = found.count(kind), len(queues[kind])
-        if holes > given:
-            raise ValueError(f"question {question!r} has {holes} {PLACEHOLDERS[kind]} placeholder(s) but "
-                             f"{given} {kind}(s) were given")
-        if given > holes:
-            raise ValueError(f"{kind} {queues[kind][holes]!r} has no {PLACEHOLDERS[kind]} placeholder in "
-                             f"question {question!r} ({holes} placeholder(s), {given} {kind}(s))")
-    return text, tuple((k, queues[k].pop(0)) for k in found)
-
-
-def make_prompt(question: str, entities: Sequence[tuple[str, str]] = (), system: str | None = None,
-                history: Sequence[tuple[str, str]] = (), history_entities: tuple = ()) -> Prompt:
-    """The prompt asking `question` about `entities` after the answered turns `history` ((human message,
-    answer) pairs whose placeholders `history_entities` fill). `system=None`: the reference's default."""
-    human, ents = human_message(question, entities)
-    text = DEFAULT_SYSTEM if system is None else system
-    for msg, answer in [*history, (human, None)]:
-        text += f"### Human: {msg} ### Assistant: " + ("" if answer is None else f"{answer} ")
-    return Prompt(text, tuple(history_entities) + ents)
 
 
 def stop_sequences(tok: Tokenizer) -> tuple[tuple[int, ...], ...]:
@@ -137,62 +53,11 @@ def generation_config(tok: Tokenizer, options: dict) -> GenerationConfig:
 
 
 def encode_prompt(model, prompt: Prompt, max_new_tokens: int, max_protein_len: int = 1024) -> examples.Encoded:
-    """`prompt` encoded for generation (no answer, no EOS): entities featurized (an invalid SMILES or residue
-    raises `ValueError` naming it; molecules over the GIN's atom cap follow its `over_cap`, proteins are cut
-    to `max_protein_len` ESM tokens as in training), and the prompt plus `max_new_tokens` checked to fit
-    the LM's context."""
-    holes = [KIND_OF[h] for h in PATTERN.findall(prompt.text)]
-    if holes != [k for k, _ in prompt.entities]:
-        raise ValueError(f"the prompt's placeholders {holes} do not match its entities {list(prompt.entities)}")
-    pieces = PATTERN.split(prompt.text)
-    segments = [pieces[0]] + [s for i, p in enumerate(pieces[1:]) for s in (i, p)]
-    gin, feats = model.config.gin, []
-    for kind, value in prompt.entities:
-        if kind == "molecule":
-            f = molecules.featurize(value)
-            feats.append((f, molecules.kept_atoms(len(f[0]), gin.max_atoms, gin.over_cap, value)))
-        else:
-            ids, mask = proteins.tokenize([value], max_length=max_protein_len, ids=[f"protein {value[:40]!r}"])
-            feats.append(ids[0])
-    lengths = [len(f[1]) if isinstance(f, tuple) else len(f) for f in feats]
-    enc = encode_segments(tokenizer_of(model), segments, lengths, answer=False)
-    context = model.config.lm.max_position_embeddings
-    if len(enc.input_ids) + max_new_tokens > context:
-        sizes = ", ".join(f"{k} {v[:40]!r}: {n} tokens" for (k, v), n in zip(prompt.entities, lengths))
-        raise ValueError(f"prompt of {len(enc.input_ids)} positions ({len(enc.input_ids) - sum(lengths)} text "
-                         f"tokens{'; ' + sizes if sizes else ''}) plus max_new_tokens={max_new_tokens} exceeds "
-                         f"the context of {context}")
-    mols, prots = [], []
-    for f, start in zip(feats, enc.slot_starts):
-        if isinstance(f, tuple):
-            (atoms, edge_index, bonds), keep = f
-            node_pos = np.full(len(atoms), -1, np.int32)
-            node_pos[keep] = start + np.arange(len(keep), dtype=np.int32)
-            mols.append((atoms, edge_index, bonds, node_pos))
-        else:
-            prots.append((f, start))
-    return examples.Encoded(enc.input_ids, enc.loss_mask, mols, prots)
-
-
-def _round_up(n: int, step: int) -> int:
-    return max(step, -(-n // step) * step)
-
-
-def collate_prompts(encoded: Sequence[examples.Encoded], rows: int | None = None,
-                    max_len: int | None = None) -> dict[str, np.ndarray]:
-    """The right-padded batch of `encoded` (docs/batch_format.md), `rows` rows (default: one per prompt;
-    spare rows repeat the first prompt), `T` and protein width rounded up to multiples of 64 (`T` capped
-    at `max_len`: the context left for the prompt) and the graph budget to `molecules.choose_bucket`'s
-    ladder, so nearby prompt sizes share one compilation."""
-    encoded = list(encoded) + [encoded[0]] * ((rows or len(encoded)) - len(encoded))
-    n, e, g, p = (sum(x) for x in zip(*(ex.budget for ex in encoded)))
-    nodes, edges, graphs = molecules.choose_bucket(n, e, g)
-    prot_len = max([len(ids) for ex in encoded for ids, _ in ex.prots] or [1])
-    budget = examples.Budget(batch=len(encoded), nodes=nodes, edges=edges, graphs=graphs,
-                             proteins=_round_up(p, 4) if p else 0)
-    longest = max(ex.length for ex in encoded)
-    T = max(longest, min(_round_up(longest, 64), max_len or longest))
-    return examples.collate(encoded, T, budget, _round_up(prot_len, 64))
+    """`data.prompts.encode_prompt` with `model`'s tokenizer, atom cap and context."""
+    gin = model.config.gin
+    return prompt_lib.encode_prompt(tokenizer_of(model), prompt, max_new_tokens=max_new_tokens,
+                                   context=model.config.lm.max_position_embeddings, max_atoms=gin.max_atoms,
+                                   over_cap=gin.over_cap, max_protein_len=max_protein_len)
 
 
 @partial(jax.jit, static_argnames="graphdef")
@@ -292,35 +157,6 @@ def answer_rows(model, lines: Iterable[str], batch_size: int = 8, system: str | 
         for (j, _), row in zip(chunk, tokens):
             results[j]["answer"] = answer_text(tok, row)
     return results
-
-
-def save_pretrained(model, tokenizer, out_dir) -> Path:
-    """Write `out_dir` in the checkpoint-DIR layout (see the module docstring); `tokenizer=None`: the
-    attached one. Returns the folder."""
-    from bmgpt_jax.convert import hf_esm, hf_llama, openbiomed
-    tok = tokenizer_of(model) if tokenizer is None else as_tokenizer(tokenizer)
-    out = Path(out_dir)
-    openbiomed.save(model, out / FILES["pth"])
-    (out / FILES["lm"]).write_text(json.dumps(hf_llama.config_to_hf(model.config.lm), indent=1))
-    (out / FILES["esm"]).write_text(json.dumps(hf_esm.config_to_hf(model.config.esm), indent=1))
-    (out / FILES["gin"]).write_text(json.dumps(dataclasses.asdict(model.config.gin), indent=1))
-    (out / FILES["tokenizer"]).write_bytes(tok.model_proto)
-    return out
-
-
-def from_pretrained(ckpt_dir, **lm_overrides):
-    """BioMedGPT with its tokenizer from a checkpoint DIR; `lm_overrides`: LlamaConfig fields (`dtype`...)."""
-    from bmgpt_jax.convert import openbiomed
-    from bmgpt_jax.models.gin import GinConfig
-    d = Path(ckpt_dir)
-    tok = next((p for p in (d / FILES["tokenizer"], d / "tokenizer") if p.exists()), None)
-    missing = [d / FILES[k] for k in ("pth", "lm", "esm") if not (d / FILES[k]).exists()] + \
-        ([] if tok else [d / FILES["tokenizer"]])
-    if missing:
-        raise FileNotFoundError(f"checkpoint folder {d} lacks {[str(m) for m in missing]}")
-    gin = GinConfig(**json.loads((d / FILES["gin"]).read_text())) if (d / FILES["gin"]).exists() else None
-    return openbiomed.load(d / FILES["pth"], d / FILES["lm"], d / FILES["esm"], tokenizer=tok, gin_config=gin,
-                           **lm_overrides)
 
 
 def interactive(conv: Conversation, lines: Iterable[str], out=None) -> None:

@@ -3,11 +3,14 @@
 Parameters and main activations carry *logical* axis names (`embed`, `mlp`, `heads`, `batch`, ...).
 `RULES` maps each logical name to mesh axes (`data`, `fsdp`, `tensor`); everything that shards goes
 through `logical_to_spec`, so changing a parallelism strategy is a one-line edit of the table.
+
+Every placement of an array lives here and is used by the model (`constrain`), the data pipeline
+(`batch_shardings`), checkpointing (`abstract_state`) and the train step (`tree_shardings`, `shard`).
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -105,15 +108,63 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
     return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def state_specs(state: nnx.State) -> nnx.State:
-    """Mesh-independent PartitionSpecs of an NNX state from each variable's logical axes."""
-    return jax.tree.map(lambda v: v.replace(logical_to_spec(v.get_metadata().get("out_sharding"))), state,
-                        is_leaf=lambda v: isinstance(v, nnx.Variable))
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a state tree: nnx Variables by their logical `out_sharding`, other leaves replicated.
+
+    Works for parameters, for optax states (whose moments keep the Param nodes and their metadata) and for
+    abstract trees from `jax.eval_shape`.
+    """
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            return x.replace(NamedSharding(mesh, fitted_spec(x.shape, x.get_metadata().get("out_sharding"), mesh)))
+        return NamedSharding(mesh, P())
+    return jax.tree.map(one, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """NamedShardings for an NNX state (same tree structure) on `mesh`, from each variable's logical
-    `out_sharding` metadata (`fitted_spec`)."""
-    def one(var):
-        return var.replace(NamedSharding(mesh, fitted_spec(var.shape, var.get_metadata().get("out_sharding"), mesh)))
-    return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+def shard(tree: Any, mesh: Mesh) -> Any:
+    """`tree` placed on `mesh` with `tree_shardings` (a copy; use on freshly built or restored state).
+
+    With several processes every process must hold the same full values (same seed or checkpoint);
+    each then builds only its addressable shards (`jax.make_array_from_callback`).
+    """
+    shardings = tree_shardings(tree, mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def place(x, sharding):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # RNG streams: place the raw key data
+            impl = jax.random.key_impl(x)
+            return jax.random.wrap_key_data(place(jax.random.key_data(x), sharding), impl=impl)
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree.map(place, tree, shardings)
+
+
+def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, *, axes: Mapping[str, tuple] | None = None,
+                    microbatched: bool = False) -> dict:
+    """NamedShardings for a flat batch dict (arrays or ShapeDtypeStructs).
+
+    Each key's logical axes come from `axes` (e.g. `{"mol_atoms": (None, None)}` to replicate a graph
+    budget), by default `("batch", None, ...)`. With `microbatched` a leading unsharded micro-batch axis is
+    prepended. Raises ValueError when a sharded dimension does not divide over its mesh axes.
+    """
+    axes = dict(axes or {})
+    out = {}
+    for key, x in batch.items():
+        lead = 1 if microbatched else 0
+        logical = tuple(axes.get(key, ("batch",) + (None,) * (x.ndim - lead - 1)))
+        spec = logical_to_spec(((None,) * lead) + logical)
+        for dim, mesh_axes in enumerate(spec):
+            names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+            size = math.prod(mesh.shape[a] for a in names)
+            if x.shape[dim] % size:
+                raise ValueError(f"batch[{key!r}] dimension {dim} has size {x.shape[dim]}, not divisible by "
+                                 f"mesh axes {names} of total size {size} (mesh {dict(mesh.shape)})")
+        out[key] = NamedSharding(mesh, spec)
+    return out
+
+
+def abstract_state(tree: Any, mesh: Mesh) -> Any:
+    """`tree` (concrete or from `jax.eval_shape`) as ShapeDtypeStructs carrying `mesh`'s rule shardings."""
+    shardings = tree_shardings(tree, mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -14,7 +14,8 @@ from bmgpt_jax import config as config_lib
 from bmgpt_jax.convert import openbiomed
 from bmgpt_jax.data import examples
 from bmgpt_jax.data.records import Record
-from bmgpt_jax.data.text import format_prompt, encode_record, load_tokenizer
+from bmgpt_jax.convert.folder import save_pretrained
+from bmgpt_jax.data.text import attach_tokenizer, encode_record, format_prompt, load_tokenizer
 from bmgpt_jax.models.biomedgpt import BioMedGPT, BioMedGPTConfig
 from bmgpt_jax.models.esm import EsmConfig
 from bmgpt_jax.models.gin import GinConfig
@@ -41,7 +42,7 @@ def pair(tok, torch):
     ref = TorchBioMedGPT(config_lib.load(EsmConfig, "esm2_tiny"), vocab_size=tok.vocab_size).eval()
     esm = hf_config(config_lib.load(EsmConfig, "esm2_tiny")).to_dict()
     ours = openbiomed.from_state_dict(ref.state_dict(), ref.llm_config(), esm)
-    return ref, chat.attach_tokenizer(ours, tok)
+    return ref, attach_tokenizer(ours, tok)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def demo_model():
     lm = dataclasses.replace(config_lib.load(LlamaConfig, "llama_tiny"), vocab_size=demo.vocab_size,
                              pad_token_id=demo.pad_id)
     cfg = BioMedGPTConfig(lm=lm, gin=config_lib.load(GinConfig, "gin_tiny"), esm=config_lib.load(EsmConfig, "esm2_tiny"))
-    return chat.attach_tokenizer(BioMedGPT(cfg, rngs=nnx.Rngs(1)), demo)
+    return attach_tokenizer(BioMedGPT(cfg, rngs=nnx.Rngs(1)), demo)
 
 
 def prompts_of(records):
@@ -168,7 +169,7 @@ def test_attached_tokenizer_keeps_split_and_jit_working(pair, tok):
 
 def test_chat_api_conversation_and_bad_input(demo_model):
     m = demo_model
-    one = m.chat("What is this molecule?", smiles="CCO", max_new_tokens=8)
+    one = chat.ask(m, "What is this molecule?", smiles="CCO", max_new_tokens=8)
     assert isinstance(one, str) and one == chat.ask(m, "What is this molecule?", "CCO", max_new_tokens=8)
     conv = chat.Conversation(m, max_new_tokens=8)
     conv.append_molecule("CCO")
@@ -195,18 +196,18 @@ def test_chat_api_conversation_and_bad_input(demo_model):
            (dict(question="Q?", smiles="CCO", beams=2), "unknown generation option")]
     for kw, message in bad:
         with pytest.raises(ValueError, match=message):
-            m.chat(**kw)
+            chat.ask(m, **kw)
     with pytest.raises(ValueError, match="no tokenizer"):
         chat.ask(BioMedGPT(m.config, rngs=nnx.Rngs(0)), "Q?")
 
 
 def test_checkpoint_folder_cli_interactive_and_jsonl(demo_model, tmp_path, capsys):
     m = demo_model
-    ckpt = chat.save_pretrained(m, None, tmp_path / "ckpt")
+    ckpt = save_pretrained(m, None, tmp_path / "ckpt")
     back = chat.from_pretrained(ckpt)
     same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), nnx.state(m, nnx.Param), nnx.state(back, nnx.Param))
     assert all(jax.tree.leaves(same)) and back.tokenizer.model_proto == m.tokenizer.model_proto
-    expected = m.chat("What is this molecule?", smiles="CCO", max_new_tokens=8)
+    expected = chat.ask(m, "What is this molecule?", smiles="CCO", max_new_tokens=8)
     base = ["--checkpoint", str(ckpt), "--max-new-tokens", "8"]
     assert chat.main(base + ["--smiles", "CCO", "--question", "What is this molecule?"]) == 0
     assert capsys.readouterr().out.strip() == expected

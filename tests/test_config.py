@@ -67,7 +67,7 @@ def test_model_validation_runs(tmp_path):
 
 
 def test_every_shipped_config_loads():
-    from bmgpt_jax import train
+    from bmgpt_jax.training import loop as train
     from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
     from bmgpt_jax.models.esm import EsmConfig
     from bmgpt_jax.models.gin import GinConfig

@@ -56,16 +56,17 @@ def run_steps(mesh, local_part) -> list[float]:
     import jax
     from flax import nnx
 
-    from bmgpt_jax import config, optim, step
+    from bmgpt_jax import config, parallel
+    from bmgpt_jax.training import optim, step
     from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM
     from bmgpt_jax.models.biomedgpt import lm_loss
     cfg = config.load(LlamaConfig, "llama_tiny")
     graphdef, trainable, frozen = optim.split_trainable(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
     tx = optim.make_optimizer(optim.OptimConfig(lr=1e-2, warmup_steps=0, total_steps=10))
-    trainable, frozen = step.shard(trainable, mesh), step.shard(frozen, mesh)
+    trainable, frozen = parallel.shard(trainable, mesh), parallel.shard(frozen, mesh)
     opt_state = step.init_opt_state(tx, trainable, mesh)
     full = batches()
-    bsh = step.batch_shardings(full[0], mesh)
+    bsh = parallel.batch_shardings(full[0], mesh)
     fn = step.jit_train_step(step.make_train_step(lm_loss, tx), graphdef, trainable, frozen, opt_state, bsh, mesh)
     losses = []
     for b in full:

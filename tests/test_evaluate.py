@@ -12,7 +12,8 @@ from bmgpt_jax import chat
 from bmgpt_jax import config as config_lib
 from bmgpt_jax import evaluate as ev
 from bmgpt_jax.data.records import Record
-from bmgpt_jax.data.text import load_tokenizer
+from bmgpt_jax.convert.folder import save_pretrained
+from bmgpt_jax.data.text import attach_tokenizer, load_tokenizer
 from bmgpt_jax.models.biomedgpt import BioMedGPT, BioMedGPTConfig
 from bmgpt_jax.models.esm import EsmConfig
 from bmgpt_jax.models.gin import GinConfig
@@ -101,8 +102,8 @@ def checkpoint(tmp_path_factory):
                              pad_token_id=tok.pad_id)
     cfg = BioMedGPTConfig(lm=lm, gin=config_lib.load(GinConfig, "gin_tiny"),
                           esm=config_lib.load(EsmConfig, "esm2_tiny"))
-    model = chat.attach_tokenizer(BioMedGPT(cfg, rngs=nnx.Rngs(0)), tok)
-    return chat.save_pretrained(model, None, tmp_path_factory.mktemp("ckpt"))
+    model = attach_tokenizer(BioMedGPT(cfg, rngs=nnx.Rngs(0)), tok)
+    return save_pretrained(model, None, tmp_path_factory.mktemp("ckpt"))
 
 
 def test_prompts_near_the_context_limit(checkpoint):

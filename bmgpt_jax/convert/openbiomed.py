@@ -17,6 +17,7 @@ from flax import nnx
 
 from bmgpt_jax.convert import graphmvp_gin, hf_esm, hf_llama
 from bmgpt_jax.convert.torch_io import export_params, import_params, read_state_dict, to_numpy, to_torch
+from bmgpt_jax.data.text import attach_tokenizer
 from bmgpt_jax.models.biomedgpt import BioMedGPT, BioMedGPTConfig
 from bmgpt_jax.models.gin import GinConfig
 
@@ -74,7 +75,6 @@ def load(pth_path: str | os.PathLike, lm_config, esm_config, tokenizer=None,
     model = from_state_dict(read_state_dict(pth_path), lm_config, esm_config, gin_config,
                             source=str(pth_path), **lm_overrides)
     if tokenizer is not None:
-        from bmgpt_jax.chat import attach_tokenizer
         attach_tokenizer(model, tokenizer)
     return model
 

@@ -31,7 +31,6 @@ import numpy as np
 from rdkit import Chem, RDLogger
 
 if TYPE_CHECKING:
-    import jax
     import jraph
 
 RDLogger.DisableLog("rdApp.*")
@@ -205,13 +204,6 @@ def batch_graphs(featurized: Sequence[Featurized], n_node: int | None = None, n_
     # jraph adds int64 offsets to senders/receivers; keep every index array int32 (the batch format).
     return padded._replace(**{k: getattr(padded, k).astype(np.int32)
                               for k in ("nodes", "edges", "senders", "receivers", "n_node", "n_edge")})
-
-
-def padding_masks(graph: jraph.GraphsTuple) -> tuple[jax.Array, jax.Array]:
-    """`(node_mask [N], graph_mask [G])` as jnp bools, True for the real nodes/molecules of a
-    `batch_graphs` result (jraph's masks; usable inside jit)."""
-    import jraph
-    return jraph.get_node_padding_mask(graph), jraph.get_graph_padding_mask(graph)
 
 
 def unpad_nodes(node_features: np.ndarray, graph: jraph.GraphsTuple) -> list[np.ndarray]:

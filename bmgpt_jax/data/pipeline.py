@@ -27,6 +27,7 @@ from typing import Literal, Sequence
 import jax
 import numpy as np
 
+from ..parallel import batch_shardings
 from .builders import BUILDERS, make_builder, read_split, shared_data_dir
 from .demo import demo_records
 from .examples import Budget, EncodeOptions, Encoded, collate, encode_example, repad
@@ -302,11 +303,10 @@ def global_batch(batch: dict[str, np.ndarray], mesh, axes=None) -> dict[str, jax
     With several processes, the hosts first agree on the longest bucket (`repad`), then indices are
     offset (`offset_for_process`), so the global arrays are the processes' batches concatenated in
     process order (the mesh must order devices by process, as `parallel.make_mesh` does). `axes`
-    overrides per-key logical axes as in `step.batch_shardings` (every sharded dimension must divide).
+    overrides per-key logical axes as in `parallel.batch_shardings` (every sharded dimension must divide).
     """
     from jax.experimental import multihost_utils
 
-    from ..step import batch_shardings
     P = jax.process_count()
     lead = batch["input_ids"].ndim - 2
     if P > 1:

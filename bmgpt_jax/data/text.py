@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,31 @@ def load_tokenizer(path: str | None = None) -> Tokenizer:
     from .demo import demo_texts
     template = "### Human: <molecule></molecule> <protein></protein> ### Assistant:"
     return train_tokenizer([DEFAULT_SYSTEM, template] + demo_texts())
+
+
+def as_tokenizer(tokenizer) -> Tokenizer:
+    """A `Tokenizer`, or one loaded from a SentencePiece `.model` path or a folder holding one."""
+    return tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(os.fspath(tokenizer))
+
+
+def attach_tokenizer(model, tokenizer):
+    """Give `model` its tokenizer (see `as_tokenizer`) for `model.chat`. A plain attribute: static in
+    `nnx.split`'s graphdef (hashed by identity), so params, jit and checkpoints are unaffected. Returns `model`."""
+    tok = as_tokenizer(tokenizer)
+    vocab = model.config.lm.vocab_size
+    if tok.vocab_size > vocab:
+        raise ValueError(f"tokenizer has {tok.vocab_size} ids but the model's vocabulary is {vocab}")
+    model.tokenizer = tok
+    return model
+
+
+def tokenizer_of(model) -> Tokenizer:
+    """The tokenizer attached to `model` (`attach_tokenizer`); ValueError when there is none."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError("the model has no tokenizer: pass tokenizer= to openbiomed.load, use "
+                         "convert.folder.from_pretrained, or call bmgpt_jax.data.text.attach_tokenizer(model, tokenizer)")
+    return tok
 
 
 @dataclasses.dataclass

@@ -101,12 +101,6 @@ class BioMedGPT(nnx.Module):
         """
         return answer_nll(self.llm, self.hidden(batch), batch)
 
-    def chat(self, question: str, smiles=None, protein=None, system: str | None = None, **generation_options) -> str:
-        """The answer text to `question` about molecule(s) `smiles` / protein(s) `protein` (`bmgpt_jax.chat.ask`;
-        needs a tokenizer: `openbiomed.load(..., tokenizer=)` or `bmgpt_jax.chat.attach_tokenizer`)."""
-        from bmgpt_jax.chat import ask
-        return ask(self, question, smiles, protein, system, **generation_options)
-
 
 def lm_loss(model: LlamaForCausalLM, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """The same loss for a text-only batch on the bare decoder (stage-1 LM pretraining)."""

@@ -12,13 +12,11 @@ and BatchNorm's training statistics are taken over real nodes only. Parameter na
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Literal, Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import jraph
-import numpy as np
 from flax import nnx
 
 from bmgpt_jax.data import molecules
@@ -139,10 +137,6 @@ class GIN(nnx.Module):
             h = self.dropout(h)
         return h
 
-    def pool(self, node_features: jax.Array, graph: jraph.GraphsTuple) -> jax.Array:
-        """Masked mean over each graph's nodes: `[N, d] -> [G, d]`; padding graphs give zeros."""
-        return mean_pool(node_features, graph)
-
 
 def mean_pool(node_features: jax.Array, graph: jraph.GraphsTuple) -> jax.Array:
     """Per-graph mean of node features `[N, d] -> [G, d]` (torch_geometric `global_mean_pool`), with
@@ -152,38 +146,3 @@ def mean_pool(node_features: jax.Array, graph: jraph.GraphsTuple) -> jax.Array:
     sums = jax.ops.segment_sum(node_features, graph_of_node, num_segments=n_graph)
     means = sums / jnp.maximum(graph.n_node, 1)[:, None].astype(sums.dtype)
     return jnp.where(jraph.get_graph_padding_mask(graph)[:, None], means, 0)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _forward(state: nnx.State, graphdef: nnx.GraphDef, graph: jraph.GraphsTuple) -> jax.Array:
-    return nnx.merge(graphdef, state)(graph)
-
-
-def encode_smiles(model: GIN, smiles: Sequence[str], max_nodes_per_batch: int = 4096) -> list[np.ndarray]:
-    """SMILES -> one `[n_kept, emb_dim]` float array per molecule (eval mode, jitted once per bucket).
-
-    `n_kept` is the atom count, or `model.config.max_atoms` for a larger molecule when `over_cap` is
-    "subsample" (`molecules.kept_atoms`); a bad SMILES or an over-cap molecule with "error" raises
-    `ValueError` naming it and its index. Molecules are batched in order up to `max_nodes_per_batch`.
-    """
-    feats = molecules.featurize_many(smiles)
-    cfg = model.config
-    keep = []
-    for i, (s, f) in enumerate(zip(smiles, feats)):
-        try:
-            keep.append(molecules.kept_atoms(len(f[0]), cfg.max_atoms, cfg.over_cap, s))
-        except ValueError as e:
-            raise ValueError(f"molecule {i}: {e}") from None
-    graphdef, state = nnx.split(nnx.view(model, use_running_average=True, deterministic=True))
-    out: list[np.ndarray] = []
-    start = 0
-    while start < len(feats):
-        stop, nodes = start, 0
-        while stop < len(feats) and (stop == start or nodes + len(feats[stop][0]) <= max_nodes_per_batch):
-            nodes += len(feats[stop][0])
-            stop += 1
-        graph = molecules.batch_graphs(feats[start:stop])
-        h = np.asarray(_forward(state, graphdef, graph))
-        out.extend(x[k] for x, k in zip(molecules.unpad_nodes(h, graph), keep[start:stop]))
-        start = stop
-    return out

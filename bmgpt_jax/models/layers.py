@@ -19,7 +19,7 @@ Initializer = nnx.initializers.Initializer
 
 def param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],
           dtype=jnp.float32) -> nnx.Param:
-    """A parameter with logical axis names; sharding is applied later by `parallel.state_shardings`."""
+    """A parameter with logical axis names; sharding is applied later by `parallel.tree_shardings`."""
     key = rngs.params() if rngs is not None else jax.random.key(0)
     return nnx.Param(init(key, tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)
 

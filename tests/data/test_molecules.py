@@ -2,6 +2,7 @@
 padded batching to buckets, masks, the atom cap and bad input."""
 import os
 
+import jraph
 import numpy as np
 import pytest
 from rdkit import Chem, RDConfig
@@ -133,7 +134,7 @@ def test_batch_graphs_order_offsets_and_bucket():
     assert np.array_equal(g.nodes[:10], np.concatenate([f[0] for f in feats]))
     assert np.array_equal(g.senders[4:16], feats[1][1][0] + 3) and np.array_equal(g.receivers[4:16], feats[1][1][1] + 3)
     assert all(a.dtype == np.int32 for a in (g.nodes, g.edges, g.senders, g.receivers, g.n_node, g.n_edge))
-    node_mask, graph_mask = (np.asarray(m) for m in M.padding_masks(g))
+    node_mask, graph_mask = np.asarray(jraph.get_node_padding_mask(g)), np.asarray(jraph.get_graph_padding_mask(g))
     assert node_mask.sum() == 10 and node_mask[:10].all() and graph_mask.tolist() == [True] * 3 + [False] * 13
     assert (g.senders[16:] >= 10).all() and (g.receivers[16:] >= 10).all()   # padding edges stay in padding
     parts = M.unpad_nodes(np.arange(16), g)
@@ -147,7 +148,7 @@ def test_batch_graphs_explicit_sizes_and_errors():
     with pytest.raises(ValueError, match="too small"):
         M.batch_graphs(feats, n_node=15)     # 15 atoms leave no padding node
     empty = M.batch_graphs([])
-    assert empty.n_node.shape[0] == 16 and not np.asarray(M.padding_masks(empty)[0]).any()
+    assert empty.n_node.shape[0] == 16 and not np.asarray(jraph.get_node_padding_mask(empty)).any()
     assert M.unpad_nodes(np.zeros(empty.nodes.shape[0]), empty) == []
 
 

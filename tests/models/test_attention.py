@@ -191,7 +191,7 @@ def test_auto_routing_and_impossible_choices():
 def test_splash_compiles_for_v5e_topology(mesh_shape):
     """Forward + backward of a 7B-shaped attention (32 heads of 128, T = 4096, bf16) compiled by libtpu
     for a v5e:4x4 slice; under the TPU mesh `auto` is splash, in shard_map over batch (and heads)."""
-    from bmgpt_jax.plan import tpu_devices
+    from bmgpt_jax.training.plan import tpu_devices
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compile-only: no chip is opened
     mesh = parallel.make_mesh(mesh_shape, tpu_devices("v5e:4x4"))
     b, t, h, d = 16, 4096, 32, 128

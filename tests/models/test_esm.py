@@ -119,7 +119,7 @@ def test_sharded_scanned_model_matches_unsharded(hf_pair, tiny, batch):
         assert len(axes) == var.value.ndim and all(a is None or a in dict(parallel.RULES) for a in axes), path
         assert (axes[0] == "layers") == (path[:2] == ("encoder", "layer")), path
     mesh = parallel.make_mesh((2, 2, 2))
-    state = jax.device_put(state, parallel.state_shardings(state, mesh))
+    state = jax.device_put(state, parallel.tree_shardings(state, mesh))
     assert state["encoder"]["layer"]["intermediate"]["dense"]["kernel"].value.sharding.spec == P(None, "fsdp", "tensor")
 
     @jax.jit

@@ -2,12 +2,10 @@
 import json
 import math
 
-import jax
-import jax.numpy as jnp
 import pytest
 
-from bmgpt_jax.monitor import (Monitor, NonFiniteLossError, check_loss, compiled_flops, measure_matmul_flops,
-                               train_flops_per_token)
+from bmgpt_jax.training.monitor import (Monitor, NonFiniteLossError, check_loss, measure_matmul_flops,
+                                        train_flops_per_token)
 
 
 def test_monitor_writes_jsonl_and_tensorboard(tmp_path):
@@ -45,6 +43,4 @@ def test_nonfinite_policy():
 def test_flop_counts():
     assert train_flops_per_token(100) == 600
     assert train_flops_per_token(100, n_trainable=10, n_layers=2, seq_len=8, d_model=4) == 400 + 20 + 12 * 64
-    compiled = jax.jit(jnp.matmul).lower(jnp.ones((64, 32)), jnp.ones((32, 16))).compile()
-    assert compiled_flops(compiled) == pytest.approx(2 * 64 * 32 * 16)
     assert measure_matmul_flops(n=128, repeats=2) > 1e6

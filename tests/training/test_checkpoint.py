@@ -8,10 +8,11 @@ import pytest
 from flax import nnx
 
 from bmgpt_jax import parallel
-from bmgpt_jax.checkpoint import CheckpointConfig, Checkpointer, abstract_state
-from bmgpt_jax.optim import make_optimizer, split_trainable
-from bmgpt_jax.step import batch_shardings, init_opt_state, jit_train_step, make_train_step, shard
-from tests.test_optim import CFG, Toy, toy_batch, toy_loss
+from bmgpt_jax.parallel import abstract_state, batch_shardings, shard
+from bmgpt_jax.training.checkpoint import CheckpointConfig, Checkpointer
+from bmgpt_jax.training.optim import make_optimizer, split_trainable
+from bmgpt_jax.training.step import init_opt_state, jit_train_step, make_train_step
+from tests.training.test_optim import CFG, Toy, toy_batch, toy_loss
 
 
 def trained_state(mesh, width=16):

@@ -1,6 +1,7 @@
 """Jitted KV-cache decoding for our causal LM: greedy, sampling (temperature, top-k, top-p), repetition
-penalty and stop sequences. One `jax.jit` holds prefill and the whole decode loop (`lax.while_loop`),
-so no Python runs per token.
+penalty and stop sequences (the processors are in `options`; `num_beams > 1` hands over to
+`beam.beam_search`). One `jax.jit` holds prefill and the whole decode loop (`lax.while_loop`), so no
+Python runs per token.
 
 Prompts may be padded on either side: padding slots are invalid in the cache and do not advance the
 rotary position, so a row decodes exactly as it would alone. Option names follow Hugging Face's
@@ -16,70 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bmgpt_jax.generation.beam import beam_search
+from bmgpt_jax.generation.options import (GenerationConfig, apply_repetition_penalty, ends_with_stop,
+                                          last_real_index, sample_logits)
 from bmgpt_jax.models.llama import LlamaForCausalLM, check_ids
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationConfig:
-    """Decoding options (HF names). `stop_sequences`: token-id sequences that end a row (e.g. `###`)."""
-
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    eos_token_id: int = 2
-    pad_token_id: int = 0
-    stop_sequences: tuple[tuple[int, ...], ...] = ()
-    seed: int = 0
-
-
-def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
-    """HF's rule: a seen token's logit is divided by `penalty` if positive, multiplied if negative.
-    logits `[b, vocab]` float32, seen `[b, vocab]` bool."""
-    if penalty == 1.0:
-        return logits
-    penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
-    return jnp.where(seen, penalised, logits)
-
-
-def sample_logits(logits: jax.Array, key: jax.Array, cfg: GenerationConfig) -> jax.Array:
-    """Next tokens `[b]` from float32 logits `[b, vocab]`: argmax, or temperature/top-k/top-p sampling."""
-    if not cfg.do_sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    neg = jnp.finfo(jnp.float32).min
-    logits = logits / max(cfg.temperature, 1e-6)
-    if cfg.top_k > 0:
-        kth = jax.lax.top_k(logits, min(cfg.top_k, logits.shape[-1]))[0][:, -1:]
-        logits = jnp.where(logits < kth, neg, logits)
-    if cfg.top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        drop_sorted = (cum - jax.nn.softmax(sorted_logits, axis=-1)) >= cfg.top_p  # keep the first token always
-        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
-        logits = jnp.where(drop, neg, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
-def _ends_with_stop(tokens: jax.Array, step: jax.Array, stops: tuple[tuple[int, ...], ...]) -> jax.Array:
-    """[b] bool: the tokens up to and including `step` end with one of `stops`."""
-    hit = jnp.zeros(tokens.shape[0], bool)
-    for seq in stops:
-        n = len(seq)
-        start = jnp.maximum(step - n + 1, 0)
-        tail = jax.lax.dynamic_slice_in_dim(tokens, start, n, axis=1)
-        hit = hit | (jnp.all(tail == jnp.asarray(seq, jnp.int32), axis=1) & (step >= n - 1))
-    return hit
-
-
-def last_real_index(mask: jax.Array) -> jax.Array:
-    """Index of the last 1 in each row of `mask [b, t]` (works for left and right padding)."""
-    t = mask.shape[1]
-    return t - 1 - jnp.argmax(mask[:, ::-1].astype(jnp.int32), axis=1)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "cfg"))
@@ -109,7 +50,7 @@ def _decode(graphdef, state, prompt_ids, prompt_embeds, mask, key, *, cfg: Gener
         tok = jnp.where(done, cfg.pad_token_id, sample_logits(logits, sub, cfg))
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
         seen = seen.at[jnp.arange(b), tok].set(True)
-        done = done | _ends_with_stop(tokens, step, stops)
+        done = done | ends_with_stop(tokens, step, stops)
         logits, cache = model(tok[:, None], jnp.ones((b, 1), jnp.int32), cache=cache)
         return step + 1, cache, logits[:, -1], tokens, seen, done, key
 
@@ -127,7 +68,6 @@ def generate(model: LlamaForCausalLM, input_ids=None, attention_mask=None, *, in
     """
     cfg = dataclasses.replace(config or GenerationConfig(eos_token_id=model.config.eos_token_id), **options)
     if cfg.num_beams > 1:
-        from bmgpt_jax.beam import beam_search
         return beam_search(model, input_ids, attention_mask, inputs_embeds=inputs_embeds, config=cfg)
     ref = input_ids if inputs_embeds is None else inputs_embeds
     if attention_mask is None:

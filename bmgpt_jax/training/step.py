@@ -7,22 +7,20 @@ once by the total token count, so k micro-batches give the update of one k-times
 up to float re-association). Only `trainable` is differentiated and updated; `frozen` is read only.
 
 `jit_train_step` jits it on a mesh with explicit in/out shardings from the logical-axis rules
-(`parallel.logical_to_spec`) and donates the trainable and optimizer state buffers.
+(`parallel.tree_shardings`) and donates the trainable and optimizer state buffers.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bmgpt_jax import parallel
-from bmgpt_jax.optim import update_count
+from bmgpt_jax.parallel import tree_shardings
+from bmgpt_jax.training.optim import update_count
 
 LossFn = Callable[[nnx.Module, Any], tuple[jax.Array, jax.Array]]
 StepFn = Callable[[nnx.GraphDef, nnx.State, nnx.State, Any, Any], tuple[nnx.State, Any, dict]]
@@ -45,7 +43,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
     """Build `train_step(graphdef, trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics)`.
 
     grad_accum: with k > 1 every batch leaf carries a leading micro-batch axis `[k, ...]` (see
-      `stack_microbatches`); the step scans over it. Each micro-batch keeps its own static shapes, so a
+      `data.pipeline.stack_batches`); the step scans over it. Each micro-batch keeps its own static shapes, so a
       multimodal batch (graphs, proteins) is split by the pipeline, not by reshaping.
     compute_dtype: e.g. jnp.bfloat16: float parameters are cast at use (master copy stays float32; the
       cast's transpose returns float32 gradients).
@@ -102,79 +100,6 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
         return new_trainable, new_opt_state, metrics
 
     return train_step
-
-
-def stack_microbatches(batch: Mapping[str, Any], k: int) -> dict:
-    """Split a text-only batch `[B, ...]` into `[k, B/k, ...]` on the host (numpy or jax arrays).
-
-    Micro-batch j takes rows j, j+k, j+2k, ... so that, with rows sharded in contiguous blocks over the
-    data axes, every device holds a slice of every micro-batch. Batches with graph or protein budgets
-    must instead be built as k separate fixed-shape micro-batches and stacked by the pipeline.
-    """
-    out = {}
-    for key, x in batch.items():
-        if x.shape[0] % k:
-            raise ValueError(f"batch[{key!r}] has {x.shape[0]} rows, not divisible by grad_accum={k}")
-        x = x.reshape((x.shape[0] // k, k) + x.shape[1:])
-        out[key] = x.swapaxes(0, 1)
-    return out
-
-
-def tree_shardings(tree: Any, mesh: Mesh) -> Any:
-    """NamedShardings for a state tree: nnx Variables by their logical `out_sharding`, other leaves replicated.
-
-    Works for parameters, for optax states (whose moments keep the Param nodes and their metadata) and for
-    abstract trees from `jax.eval_shape`.
-    """
-    def one(x):
-        if isinstance(x, nnx.Variable):
-            return x.replace(NamedSharding(mesh, parallel.fitted_spec(x.shape, x.get_metadata().get("out_sharding"),
-                                                                      mesh)))
-        return NamedSharding(mesh, P())
-    return jax.tree.map(one, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
-
-
-def shard(tree: Any, mesh: Mesh) -> Any:
-    """`tree` placed on `mesh` with `tree_shardings` (a copy; use on freshly built or restored state).
-
-    With several processes every process must hold the same full values (same seed or checkpoint);
-    each then builds only its addressable shards (`jax.make_array_from_callback`).
-    """
-    shardings = tree_shardings(tree, mesh)
-    if jax.process_count() == 1:
-        return jax.device_put(tree, shardings)
-
-    def place(x, sharding):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # RNG streams: place the raw key data
-            impl = jax.random.key_impl(x)
-            return jax.random.wrap_key_data(place(jax.random.key_data(x), sharding), impl=impl)
-        host = np.asarray(jax.device_get(x))
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-    return jax.tree.map(place, tree, shardings)
-
-
-def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, *, axes: Mapping[str, tuple] | None = None,
-                    microbatched: bool = False) -> dict:
-    """NamedShardings for a flat batch dict (arrays or ShapeDtypeStructs).
-
-    Each key's logical axes come from `axes` (e.g. `{"mol_atoms": (None, None)}` to replicate a graph
-    budget), by default `("batch", None, ...)`. With `microbatched` a leading unsharded micro-batch axis is
-    prepended. Raises ValueError when a sharded dimension does not divide over its mesh axes.
-    """
-    axes = dict(axes or {})
-    out = {}
-    for key, x in batch.items():
-        lead = 1 if microbatched else 0
-        logical = tuple(axes.get(key, ("batch",) + (None,) * (x.ndim - lead - 1)))
-        spec = parallel.logical_to_spec(((None,) * lead) + logical)
-        for dim, mesh_axes in enumerate(spec):
-            names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-            size = math.prod(mesh.shape[a] for a in names)
-            if x.shape[dim] % size:
-                raise ValueError(f"batch[{key!r}] dimension {dim} has size {x.shape[dim]}, not divisible by "
-                                 f"mesh axes {names} of total size {size} (mesh {dict(mesh.shape)})")
-        out[key] = NamedSharding(mesh, spec)
-    return out
 
 
 def init_opt_state(tx: optax.GradientTransformation, trainable: nnx.State, mesh: Mesh) -> Any:

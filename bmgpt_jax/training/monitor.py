@@ -1,8 +1,7 @@
 """Training feedback: progress bar, TensorBoard + JSONL metrics, MFU, and the non-finite-loss policy.
 
 MFU (model FLOPs utilisation) = useful training FLOPs per second / the device's peak rate. The FLOPs
-come from `train_flops_per_token` (6·N + attention, the PaLM appendix-B count) or from XLA's own count
-of a compiled step (`compiled_flops`); the peak is *measured* by `measure_matmul_flops` (a timed square
+come from `train_flops_per_token` (6·N + attention, the PaLM appendix-B count); the peak is *measured* by `measure_matmul_flops` (a timed square
 matmul on the current device) rather than taken from a spec sheet, so a CPU run reports a meaningful
 number too. Only process 0 writes (`enabled` defaults to `jax.process_index() == 0`).
 """
@@ -12,7 +11,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Literal, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -68,23 +67,12 @@ def train_flops_per_token(n_params: int, *, n_trainable: int | None = None, n_la
     return 4.0 * n_params + 2.0 * n_trainable + 12.0 * n_layers * seq_len * d_model
 
 
-def compiled_flops(compiled: Any) -> float | None:
-    """XLA's FLOP count for one call of a compiled function (`jax.jit(f).lower(...).compile()`), or None
-    when the backend does not report it. XLA counts a loop body once: a step that scans over layers or
-    micro-batches is undercounted by the trip count, so prefer `train_flops_per_token` there."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else None
-    flops = (analysis or {}).get("flops")
-    return float(flops) if flops is not None and flops > 0 else None
-
-
 class Monitor:
     """Progress bar, `metrics.jsonl` and TensorBoard events under `log_dir` for one run.
 
     Call `log(step, metrics, tokens=...)` after each logged step with host floats (e.g.
     `jax.device_get(metrics)`); `tokens` is how many token positions were processed since the previous
-    call (padding included, for throughput). tokens/s uses wall time since the previous call, so the
+    call (real tokens: the attention mask's sum, padding excluded). tokens/s uses wall time since the previous call, so the
     first value includes compilation. MFU needs `flops_per_token` and `peak_flops`.
     """
 

@@ -4,7 +4,7 @@ Only the *trainable* parameters are handed to optax, so frozen parameters (the d
 the `align` stage, everything but LoRA in a LoRA fine-tune) get neither a gradient nor Adam moments:
 `split_trainable` cuts the model state into `(graphdef, trainable, frozen)` with `nnx.split`, the train
 step differentiates with respect to `trainable` only, and `tx.init(trainable)` sizes the optimizer state.
-Master parameters stay float32; a lower compute dtype is applied at use inside the step (see step.py).
+Master parameters stay float32; a lower compute dtype is applied at use inside the step (see training/step.py).
 """
 from __future__ import annotations
 

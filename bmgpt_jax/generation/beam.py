@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bmgpt_jax.generate import GenerationConfig, _ends_with_stop, apply_repetition_penalty, last_real_index
+from bmgpt_jax.generation.options import GenerationConfig, apply_repetition_penalty, ends_with_stop, last_real_index
 from bmgpt_jax.models.llama import KVCache, LlamaForCausalLM, check_ids
 
 _NEG = -1.0e9
@@ -75,7 +75,7 @@ def _beam_decode(graphdef, state, prompt_ids, prompt_embeds, mask, *, cfg: Gener
         cand_scores, flat = jax.lax.top_k(acc, k)
         src, tok = flat // vocab, flat % vocab
         cand_seqs = _gather(run_seqs, src).at[:, :, step].set(tok)
-        hits = _ends_with_stop(cand_seqs.reshape(b * k, n), step, stops).reshape(b, k) | (step == n - 1)
+        hits = ends_with_stop(cand_seqs.reshape(b * k, n), step, stops).reshape(b, k) | (step == n - 1)
 
         # the best num_beams unfinished candidates run on
         run_k = cand_scores + hits.astype(jnp.float32) * _NEG

@@ -1,4 +1,4 @@
-"""Optimizer, trainable subset and the generic train step (bmgpt_jax.optim, bmgpt_jax.step) on a toy model."""
+"""Optimizer, trainable subset and the generic train step (training.optim, training.step) on a toy model."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +10,10 @@ from jax.sharding import PartitionSpec as P
 from bmgpt_jax import parallel
 from bmgpt_jax.config import from_dict
 from bmgpt_jax.models.layers import Linear
-from bmgpt_jax.optim import (OptimConfig, count_params, make_optimizer, make_schedule, split_trainable,
+from bmgpt_jax.training.optim import (OptimConfig, count_params, make_optimizer, make_schedule, split_trainable,
                              trainable_filter)
-from bmgpt_jax.step import (batch_shardings, init_opt_state, jit_train_step, make_train_step, shard,
-                            stack_microbatches, tree_shardings)
+from bmgpt_jax.parallel import batch_shardings, shard, tree_shardings
+from bmgpt_jax.training.step import init_opt_state, jit_train_step, make_train_step
 
 
 class Toy(nnx.Module):
@@ -40,6 +40,11 @@ def toy_batch(seed: int = 0, rows: int = 8, seq: int = 4) -> dict:
     mask[:, 0] = 1  # token counts differ per row, none is empty
     return {"x": rng.normal(size=(rows, seq, 8)).astype(np.float32),
             "y": rng.normal(size=(rows, seq, 8)).astype(np.float32), "mask": mask}
+
+
+def micro_batches(batch: dict, k: int) -> dict:
+    """`[B, ...]` -> `[k, B/k, ...]`, micro-batch j holding rows j, j+k, ... (as the pipeline's k batches)."""
+    return {key: np.stack([x[j::k] for j in range(k)]) for key, x in batch.items()}
 
 
 CFG = OptimConfig(lr=1e-2, warmup_steps=2, total_steps=20, weight_decay=0.1, clip_norm=1.0)
@@ -82,7 +87,7 @@ def test_grad_accumulation_equals_big_batch():
     one = jax.jit(make_train_step(toy_loss, tx))
     four = jax.jit(make_train_step(toy_loss, tx, grad_accum=4))
     t1, o1, m1 = one(graphdef, trainable, frozen, tx.init(trainable), batch)
-    t4, o4, m4 = four(graphdef, trainable, frozen, tx.init(trainable), stack_microbatches(batch, 4))
+    t4, o4, m4 = four(graphdef, trainable, frozen, tx.init(trainable), micro_batches(batch, 4))
     assert float(m1["n_tokens"]) == float(m4["n_tokens"]) == batch["mask"].sum()
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-6)
@@ -162,7 +167,7 @@ def test_sharded_step_matches_single_device_and_rules():
     for arr, sh in zip(jax.tree.leaves(new_t), jax.tree.leaves(want)):
         assert arr.sharding.spec == sh.spec
     # accumulation under sharding: the micro-batch axis stays unsharded, rows split over data x fsdp
-    micro = stack_microbatches(batch, 2)
+    micro = micro_batches(batch, 2)
     msh = batch_shardings(micro, mesh, microbatched=True)
     assert msh["x"].spec == P(None, ("data", "fsdp"), None, None)
     s_trainable = shard(trainable, mesh)
@@ -179,7 +184,7 @@ def test_sharded_step_matches_single_device_and_rules():
 
 def test_weight_decay_skips_stacked_norms_and_biases():
     from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM
-    from bmgpt_jax.optim import _decay_mask
+    from bmgpt_jax.training.optim import _decay_mask
     model = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=2,
                                          intermediate_size=16, scan_layers=True), rngs=nnx.Rngs(0))
     mask = {".".join(map(str, p)): bool(v.get_value()) for p, v in _decay_mask(nnx.state(model, nnx.Param)).flat_state()}

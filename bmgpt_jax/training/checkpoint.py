@@ -8,7 +8,7 @@ One checkpoint step directory holds three items written together:
 
 Saves are asynchronous: `save` returns once arrays are copied off the devices (so the next step may
 donate them) and the files are written in the background; `close()` waits for them. `restore` takes an
-*abstract* target (`abstract_state(tree, mesh)`: shapes, dtypes and the new mesh's shardings), so a
+*abstract* target (`parallel.abstract_state(tree, mesh)`: shapes, dtypes and the new mesh's shardings), so a
 checkpoint written on an 8x1x1 mesh restores onto 2x2x2 or onto one device. Before reading any array,
 the target is checked against the checkpoint's metadata, and a mismatch (another model shape) raises
 ValueError naming every differing key with both shapes.
@@ -24,9 +24,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
-
-from bmgpt_jax.step import tree_shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,19 +40,13 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.every ({self.every}) and checkpoint.keep ({self.keep}) must be >= 1")
 
 
-def abstract_state(tree: Any, mesh: Mesh) -> Any:
-    """`tree` (concrete or from `jax.eval_shape`) as ShapeDtypeStructs carrying `mesh`'s rule shardings."""
-    shardings = tree_shardings(tree, mesh)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 class Checkpointer:
     """Wrapper around `ocp.CheckpointManager` for one run directory.
 
     Train-loop use:
         ckpt = Checkpointer(CheckpointConfig(dir=..., every=100, keep=3)); ckpt.install_sigterm_handler()
         if resume and ckpt.latest_step() is not None:
-            state, data_state, meta = ckpt.restore(abstract_state(state, mesh))
+            state, data_state, meta = ckpt.restore(parallel.abstract_state(state, mesh))
         for step in range(start + 1, total + 1):
             ... one train step ...
             ckpt.save(step, state, data_state=it.state(), metadata={"config": cfg_dict},

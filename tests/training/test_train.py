@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bmgpt_jax import parallel, train
+from bmgpt_jax import chat, parallel
+from bmgpt_jax.training import loop as train
 from bmgpt_jax.config import ConfigError
 from bmgpt_jax.data.pipeline import BatchIterator, offset_for_process, repad
 
 # one bucket, demo data only, small budgets: one compile per mesh
 SMALL = ["data.sources=[demo]", "data.seq_buckets=[160]", "data.demo_molecules=200", "progress=false",
          "optim.warmup_steps=2", "optim.total_steps=40", "export=false"]
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def cfg_for(tmp_path, *extra, name="run"):
@@ -41,7 +42,7 @@ def reference(tmp_path_factory):
 
 def test_align_trains_only_the_adaptors(reference, tmp_path):
     cfg, out = reference
-    from bmgpt_jax.stages import build_model
+    from bmgpt_jax.training.stages import build_model
     initial = params(build_model("align", out["model"].config, cfg.init)[0])  # vocab resolved
     final = params(out["model"])
     changed = sorted(k for k in final if not np.array_equal(final[k], initial[k]))
@@ -195,7 +196,7 @@ def test_embedded_default_learns_and_loads_in_chat(tmp_path):
     assert last < 0.6 * first, (first, last)
     from bmgpt_jax.chat import from_pretrained
     model = from_pretrained(tmp_path / "default" / "final")
-    answer = model.chat("What is the molecular formula of this molecule?", smiles="CCO", max_new_tokens=8)
+    answer = chat.ask(model, "What is the molecular formula of this molecule?", smiles="CCO", max_new_tokens=8)
     assert isinstance(answer, str)
     assert jax.device_count() == 8
 
@@ -215,7 +216,7 @@ def test_gradient_accumulation_runs_sharded(tmp_path):
 
 
 def test_nonfinite_loss_stops_naming_the_step_or_skips(tmp_path):
-    from bmgpt_jax.monitor import NonFiniteLossError
+    from bmgpt_jax.training.monitor import NonFiniteLossError
     blowup = ["stage=align", "steps=4", "optim.lr=1e30", "optim.warmup_steps=0", "optim.clip_norm=0"]
     with pytest.raises(NonFiniteLossError, match=r"step [2-4]\b"):
         train.run(cfg_for(tmp_path, *blowup, name="stop"))

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from bmgpt_jax.convert import hf_llama
-from bmgpt_jax.generate import _decode, generate
+from bmgpt_jax.generation import generate
+from bmgpt_jax.generation.sampling import _decode
 from tests.torch_refs.hf_llama import make_hf_llama
 
 VOCAB = 211

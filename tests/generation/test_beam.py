@@ -3,10 +3,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bmgpt_jax.beam import _beam_decode
+from bmgpt_jax.generation.beam import _beam_decode
 from bmgpt_jax.convert import hf_llama
-from bmgpt_jax.generate import generate
-from tests.test_generate import VOCAB, prompts
+from bmgpt_jax.generation import generate
+from tests.generation.test_generate import VOCAB, prompts
 from tests.torch_refs.hf_llama import make_hf_llama
 
 N = 16

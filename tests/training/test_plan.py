@@ -7,7 +7,8 @@ import importlib.util
 import jax
 import pytest
 
-from bmgpt_jax import config, plan
+from bmgpt_jax import config
+from bmgpt_jax.training import plan
 from bmgpt_jax.models.llama import LlamaConfig
 
 DEVICES = jax.devices()  # initialise the 8-device CPU backend (conftest) before plan touches jax config
