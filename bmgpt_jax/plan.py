@@ -4,4 +4,4 @@ import sys
 from bmgpt_jax.training.plan import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(0 if main() else 1)  # main returns the plans; printing them again would be noise

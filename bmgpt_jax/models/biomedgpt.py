@@ -17,13 +17,13 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 import jraph
-import optax
 from flax import nnx
 
 from bmgpt_jax.models.esm import Esm, EsmConfig
 from bmgpt_jax.models.gin import GIN, GinConfig
 from bmgpt_jax.models.layers import Linear, dtype_of
 from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from bmgpt_jax.models.loss import chunked_cross_entropy
 from bmgpt_jax.parallel import constrain
 
 Batch = Mapping[str, jax.Array]
@@ -98,19 +98,20 @@ class BioMedGPT(nnx.Module):
         """Next-token NLL summed over answer tokens (`loss_mask`), and their count (float32 scalars).
 
         Position t-1 predicts token t; only targets with `loss_mask[t] = 1` count, so the prompt,
-        entity slots and padding never contribute.
+        entity slots and padding never contribute. Logits are formed `lm.loss_chunk_size` tokens at a time.
         """
-        return answer_nll(self.llm.logits(self.hidden(batch)[:, :-1]), batch)
+        return answer_nll(self.llm, self.hidden(batch), batch)
 
 
 def lm_loss(model: LlamaForCausalLM, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """The same loss for a text-only batch on the bare decoder (stage-1 LM pretraining)."""
-    return answer_nll(model(batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1]), batch)
+    return answer_nll(model, model.model(batch["input_ids"], batch["attention_mask"]), batch)
 
 
-def answer_nll(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """logits `[B, T-1, vocab]` (position t predicts token t+1) -> (summed NLL of the targets with
-    `loss_mask = 1`, their count), float32 scalars."""
-    weights = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["input_ids"][:, 1:])
-    return jnp.sum(nll * weights), jnp.sum(weights)
+def answer_nll(lm: LlamaForCausalLM, hidden: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Decoder hidden states `[B, T, embed]` (position t predicts token t+1) -> (summed NLL of the targets
+    with `loss_mask = 1`, their count), float32 scalars, through `lm`'s head in chunks of
+    `lm.config.loss_chunk_size` tokens (`models.loss.chunked_cross_entropy`)."""
+    shift = lambda x: jnp.pad(x[:, 1:], ((0, 0), (0, 1)))  # noqa: E731  (the last position predicts nothing)
+    weights = shift(batch["loss_mask"] * batch["attention_mask"])
+    return chunked_cross_entropy(lm.logits, hidden, shift(batch["input_ids"]), weights, lm.config.loss_chunk_size)

@@ -13,12 +13,14 @@ whose parameters are stacked on a leading `layers` axis and the blocks run under
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bmgpt_jax.models.layers import Embedding, LayerNorm, Linear, apply_rotary, attention, dtype_of, rotary_cos_sin
+from bmgpt_jax.models.attention import IMPLEMENTATIONS, Segments, attention
+from bmgpt_jax.models.layers import Embedding, LayerNorm, Linear, apply_rotary, dtype_of, rotary_cos_sin
 from bmgpt_jax.parallel import constrain
 
 ROPE_THETA = 10000.0
@@ -43,12 +45,15 @@ class EsmConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat: bool = False
+    attention: Literal["auto", "xla", "flash", "splash", "cudnn"] = "auto"  # bmgpt_jax.models.attention
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
         if (self.hidden_size // self.num_heads) % 2:
             raise ValueError(f"head_dim={self.hidden_size // self.num_heads} must be even for rotary")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r} is not one of {list(IMPLEMENTATIONS)}")
 
     @property
     def head_dim(self) -> int:
@@ -98,9 +103,11 @@ class EsmSelfAttention(nnx.Module):
         self.key = _linear(cfg, h, h, ("embed", "heads"), rngs)
         self.value = _linear(cfg, h, h, ("embed", "heads"), rngs)
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.implementation = cfg.attention
 
-    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        """x `[b, s, hidden]`, mask `[b, 1, 1, s]` bool, cos/sin `[1, s, head_dim]` -> `[b, s, hidden]`."""
+    def __call__(self, x: jax.Array, segments: Segments, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x `[b, s, hidden]`, segments: per-token mask inputs (bidirectional), cos/sin `[1, s, head_dim]`
+        -> `[b, s, hidden]`."""
         b, s, _ = x.shape
         split = lambda t: t.reshape(b, s, self.num_heads, self.head_dim)
         # ESM scales the query before rotary (not the logits), as HF and fair-esm do.
@@ -109,7 +116,7 @@ class EsmSelfAttention(nnx.Module):
         v = split(self.value(x))
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(x.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(x.dtype)
-        out = attention(q, k, v, mask, scale=1.0)
+        out = attention(q, k, v, segments, causal=False, scale=1.0, implementation=self.implementation)
         return out.reshape(b, s, self.num_heads * self.head_dim)
 
 
@@ -131,8 +138,8 @@ class EsmAttention(nnx.Module):
         self.output = EsmDense(cfg, cfg.hidden_size, cfg.hidden_size, ("heads", "embed"), rngs=rngs)
         self.LayerNorm = _norm(cfg, rngs)
 
-    def __call__(self, x, mask, cos, sin):
-        return x + self.output(self.self(self.LayerNorm(x), mask, cos, sin))
+    def __call__(self, x, segments, cos, sin):
+        return x + self.output(self.self(self.LayerNorm(x), segments, cos, sin))
 
 
 class EsmLayer(nnx.Module):
@@ -144,8 +151,8 @@ class EsmLayer(nnx.Module):
         self.output = EsmDense(cfg, cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), rngs=rngs)
         self.LayerNorm = _norm(cfg, rngs)
 
-    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        x = self.attention(x, mask, cos, sin)
+    def __call__(self, x: jax.Array, segments: Segments, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        x = self.attention(x, segments, cos, sin)
         h = jax.nn.gelu(self.intermediate(self.LayerNorm(x)), approximate=False)
         return constrain(x + self.output(h), ACT)
 
@@ -165,12 +172,12 @@ class EsmEncoder(nnx.Module):
             self.layer = nnx.List([EsmLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.emb_layer_norm_after = _norm(cfg, rngs)
 
-    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, segments: Segments, cos: jax.Array, sin: jax.Array) -> jax.Array:
         # Layers run as pure functions of their split state (jax.lax.scan / jax.checkpoint rather than
         # nnx.scan / nnx.remat), so a frozen encoder traces inside a train step that differentiates
         # only other parameters.
         def step(gdef: nnx.GraphDef, state: nnx.State, h: jax.Array) -> jax.Array:
-            return nnx.merge(gdef, state)(h, mask, cos, sin)
+            return nnx.merge(gdef, state)(h, segments, cos, sin)
         if self.cfg.remat:
             step = jax.checkpoint(step, static_argnums=0, policy=jax.checkpoint_policies.nothing_saveable)
         if self.cfg.scan_layers:
@@ -198,4 +205,13 @@ class Esm(nnx.Module):
         mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
         x = constrain(self.embeddings(input_ids, mask), ACT)
         cos, sin = rotary_cos_sin(jnp.arange(input_ids.shape[1])[None], self.config.head_dim, ROPE_THETA)
-        return self.encoder(x, mask.astype(bool)[:, None, None, :], cos, sin)
+        return self.encoder(x, padding_segments(mask), cos, sin)
+
+
+def padding_segments(mask: jax.Array) -> Segments:
+    """HF's key-padding mask as segment ids: keys `mask [b, s]` (1 real, 0 padding); every query of a row
+    with a real token sees that row's real keys (padding queries too, as in HF), and a row that is all
+    padding attends to itself (finite, meaningless), so no query is left without a key."""
+    kv = (mask != 0).astype(jnp.int32)
+    q = jnp.broadcast_to(jnp.max(kv, axis=1, keepdims=True), kv.shape)
+    return Segments(q, kv)

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bmgpt_jax.models.layers import Embedding, Linear, RMSNorm, apply_rotary, attention, dtype_of, rotary_cos_sin
+from bmgpt_jax.models.attention import IMPLEMENTATIONS, Segments, attention
+from bmgpt_jax.models.layers import Embedding, Linear, RMSNorm, apply_rotary, dtype_of, rotary_cos_sin
 from bmgpt_jax.parallel import constrain
 
 
@@ -46,6 +47,8 @@ class LlamaConfig:
     param_dtype: str = "float32"    # storage dtype of parameters (master weights)
     scan_layers: bool = False
     remat: Literal["none", "full", "dots"] = "none"
+    attention: Literal["auto", "xla", "flash", "splash", "cudnn"] = "auto"  # bmgpt_jax.models.attention
+    loss_chunk_size: int = 512      # tokens per chunk of the training loss's logits (0: all at once)
     lora_rank: int = 0                                   # > 0: LoRA adapters on `lora_targets`
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
@@ -58,6 +61,10 @@ class LlamaConfig:
             raise ValueError(f"lora_targets {sorted(bad)} are not attention projections (q/k/v/o_proj)")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r} is not one of {list(IMPLEMENTATIONS)}")
+        if self.loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be >= 0 (0: no chunking)")
 
     @property
     def dim_per_head(self) -> int:
@@ -96,10 +103,11 @@ class LlamaAttention(nnx.Module):
         self.v_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw, **lora("v_proj"))
         self.o_proj = Linear(cfg.num_heads * hd, d, axes=("heads", "embed"), **kw, **lora("o_proj"))
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.implementation = cfg.attention
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        """x `[b, t, embed]`; mask `[b, 1, t, s]`; kv: cached (k, v) `[b, s, kv_heads, head_dim]` written at
-        `index`. Returns (`[b, t, embed]`, new kv or the fresh (k, v))."""
+    def __call__(self, x, cos, sin, segments: Segments, kv=None, index=None):
+        """x `[b, t, embed]`; segments: per-token mask inputs (causal); kv: cached (k, v)
+        `[b, s, kv_heads, head_dim]` written at `index`. Returns (`[b, t, embed]`, new kv or the fresh (k, v))."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -109,7 +117,8 @@ class LlamaAttention(nnx.Module):
         if kv is not None:
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), segments, causal=True,
+                        implementation=self.implementation)
         return self.o_proj(out.reshape(b, t, -1)), (k, v)
 
 
@@ -137,8 +146,8 @@ class LlamaDecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+    def __call__(self, x, cos, sin, segments, kv=None, index=None):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, segments, kv, index)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, ("batch", "seq", "act_embed")), kv
@@ -151,9 +160,9 @@ _REMAT_POLICIES = {
 
 
 def _apply_layer(gdef, remat: str):
-    """A pure function (layer_state, x, cos, sin, mask, kv, index) -> (x, kv), rematerialised if asked."""
-    def fn(state, x, cos, sin, mask, kv, index):
-        return nnx.merge(gdef, state)(x, cos, sin, mask, kv, index)
+    """A pure function (layer_state, x, cos, sin, segments, kv, index) -> (x, kv), rematerialised if asked."""
+    def fn(state, x, cos, sin, segments, kv, index):
+        return nnx.merge(gdef, state)(x, cos, sin, segments, kv, index)
     if remat != "none":
         fn = jax.checkpoint(fn, policy=_REMAT_POLICIES[remat])
     return fn
@@ -178,7 +187,15 @@ class LlamaModel(nnx.Module):
                             param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
 
     def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, positions=None,
-                 cache: KVCache | None = None):
+                 segment_ids=None, cache: KVCache | None = None):
+        """Hidden states `[b, t, embed]` (and the new cache when `cache` is given).
+
+        attention_mask `[b, t]`: 1 = real token, 0 = padding (either side); padding is a segment of its
+        own, never attended by real tokens, and does not advance the rotary position. segment_ids `[b, t]`
+        (no cache; instead of attention_mask): packed sequences, each id attending only to itself, 0 for
+        padding; positions then restart at every segment. Attention gets only these per-token ids (and the
+        cache's slot offset), never a dense mask: see `bmgpt_jax.models.attention`.
+        """
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -190,20 +207,25 @@ class LlamaModel(nnx.Module):
         b, t, _ = x.shape
         if cache is None and t > cfg.max_position_embeddings:
             raise ValueError(f"sequence length {t} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+        if segment_ids is not None and (cache is not None or attention_mask is not None):
+            raise ValueError("segment_ids replaces attention_mask and takes no cache")
         x = constrain(x, ("batch", "seq", "act_embed"))
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-        if cache is None:
+        if segment_ids is not None:
+            segments = Segments.self_attention(segment_ids)
+            if positions is None:
+                positions = _positions_in_segments(segments.q)
+            index = None
+        elif cache is None:
             if positions is None:
                 positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-            kv_valid, q_slots, index = mask, jnp.arange(t), None
+            segments, index = Segments.self_attention(mask), None
         else:
             index = cache.index
             if positions is None:
                 positions = cache.next_pos[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
             kv_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
-            q_slots = index + jnp.arange(t)
-        k_slots = jnp.arange(kv_valid.shape[1])
-        attn_mask = (q_slots[:, None] >= k_slots[None, :])[None, None] & kv_valid[:, None, None, :]
+            segments = Segments(mask.astype(jnp.int32), kv_valid.astype(jnp.int32), index)
         cos, sin = rotary_cos_sin(positions, cfg.dim_per_head, cfg.rope_theta)
 
         if cfg.scan_layers:
@@ -211,13 +233,13 @@ class LlamaModel(nnx.Module):
             fn = _apply_layer(gdef, cfg.remat)
             if cache is None:
                 def body(h, st):
-                    h, _ = fn(st, h, cos, sin, attn_mask, None, None)
+                    h, _ = fn(st, h, cos, sin, segments, None, None)
                     return h, None
                 x, _ = jax.lax.scan(body, x, state)
             else:
                 def body(h, xs):
                     st, k, v = xs
-                    h, (k, v) = fn(st, h, cos, sin, attn_mask, (k, v), index)
+                    h, (k, v) = fn(st, h, cos, sin, segments, (k, v), index)
                     return h, (k, v)
                 x, (ks, vs) = jax.lax.scan(body, x, (state, cache.k, cache.v))
         else:
@@ -225,7 +247,7 @@ class LlamaModel(nnx.Module):
             for i, layer in enumerate(self.layers):
                 gdef, state = nnx.split(layer)
                 kv = None if cache is None else (cache.k[i], cache.v[i])
-                x, (k, v) = _apply_layer(gdef, cfg.remat)(state, x, cos, sin, attn_mask, kv, index)
+                x, (k, v) = _apply_layer(gdef, cfg.remat)(state, x, cos, sin, segments, kv, index)
                 new_k.append(k)
                 new_v.append(v)
             if cache is not None:
@@ -235,6 +257,13 @@ class LlamaModel(nnx.Module):
             return x
         next_pos = cache.next_pos + mask.sum(axis=1).astype(cache.next_pos.dtype)
         return x, KVCache(ks, vs, kv_valid, index + t, next_pos)
+
+
+def _positions_in_segments(ids: jax.Array) -> jax.Array:
+    """`[b, t]` index of each token within its run of equal segment ids (packed rows restart at 0)."""
+    i = jnp.arange(ids.shape[1])
+    first = jnp.concatenate([jnp.ones_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+    return i - jax.lax.cummax(jnp.where(first, i, 0), axis=1)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -266,8 +295,9 @@ class LlamaForCausalLM(nnx.Module):
         return self.model.embed_tokens(input_ids)
 
     def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, positions=None,
-                 cache: KVCache | None = None):
-        out = self.model(input_ids, attention_mask, inputs_embeds=inputs_embeds, positions=positions, cache=cache)
+                 segment_ids=None, cache: KVCache | None = None):
+        out = self.model(input_ids, attention_mask, inputs_embeds=inputs_embeds, positions=positions,
+                         segment_ids=segment_ids, cache=cache)
         if cache is None:
             return self.logits(out)
         hidden, cache = out

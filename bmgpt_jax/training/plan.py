@@ -17,6 +17,11 @@ Stages (`--stage`, default all that exist):
   align     BioMedGPT-10B stage 2: decoder and both encoders frozen, the adaptors trainable.
   finetune  BioMedGPT-10B, every parameter trainable.
 The 10B model is configs/biomedgpt_10b.yaml (LM-7B + GraphMVP GIN + ESM-2 3B + two linear adaptors).
+
+Each row names the attention the step compiles with (decoder/ESM, as `attention: auto` resolves on the
+target: splash on TPU) and the loss's logits chunk. `--seq 2048 4096` plans several lengths; `--dense`
+adds, beside each row, the same step with plain O(T^2) attention and whole-sequence logits
+(`attention=xla`, `loss_chunk_size=0`), the form before issue 12.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from jax.experimental import topologies
 from bmgpt_jax import config as C
 from bmgpt_jax import parallel
 from bmgpt_jax.training import optim, step
+from bmgpt_jax.models.attention import resolve
 from bmgpt_jax.models.biomedgpt import BioMedGPT, BioMedGPTConfig, lm_loss
 from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -44,6 +50,9 @@ TPU_CHIPS = {"v4": ("megacore", 32, "v4", 2), "v5p": ("megacore", 95, "v5p", 2),
              "v5e": ("default", 16, "v5litepod", 1), "v6e": ("default", 32, "v6e", 1)}
 STAGE_HELP = {"lm": "LM-7B full fine-tune (text)", "align": "10B align (LM+encoders frozen)",
               "finetune": "10B full fine-tune"}
+DENSE = {"lm": ["attention=xla", "loss_chunk_size=0"],
+         "10b": ["lm.attention=xla", "lm.loss_chunk_size=0", "esm.attention=xla"]}  # --dense: the O(T^2) form
+PROTEIN_LEN = 1026  # ESM tokens per protein in the abstract multimodal batch (ESM-2's 1024 residues + 2)
 GiB = 1024 ** 3
 
 
@@ -123,8 +132,23 @@ def model_spec(stage: str, *, dtype: str, remat: str, overrides: list[str]) -> M
                      (r"^proj_(mol|prot)\.",) if stage == "align" else None, None, True)
 
 
+def dense_overrides(stage: str) -> list[str]:
+    """Overrides giving `stage` plain attention and whole-sequence logits (`--dense`)."""
+    return DENSE["lm" if stage == "lm" else "10b"]
+
+
+def attention_used(spec: ModelSpec, seq: int, mesh, dtype: str) -> tuple[str, int]:
+    """(the attention the step runs, as `lm` or `lm/esm`, resolved on `mesh`'s platform; the loss chunk)."""
+    lm = spec.config if not spec.multimodal else spec.config.lm
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        name = resolve(lm.attention, seq, seq, dtype, cached=False)
+        if spec.multimodal:
+            name += "/" + resolve(spec.config.esm.attention, PROTEIN_LEN, PROTEIN_LEN, dtype, cached=False)
+    return name, lm.loss_chunk_size
+
+
 def abstract_batch(batch: int, seq: int, *, multimodal: bool, shards: int, max_atoms: int = 256,
-                   protein_len: int = 1026) -> dict:
+                   protein_len: int = PROTEIN_LEN) -> dict:
     """ShapeDtypeStructs of a global batch (docs/batch_format.md), all int32.
 
     Text: `[batch, seq]` ids/masks. Multimodal budgets are the worst case of one molecule of `max_atoms`
@@ -158,8 +182,13 @@ def param_leaves(state) -> list:
 
 @dataclasses.dataclass
 class Plan:
-    """One compiled stage. Counts are global; the `*_bytes` of `memory` are per device (from XLA)."""
+    """One compiled stage at one sequence length. Counts are global; the `*_bytes` of `memory` are per
+    device (from XLA). attention: what the decoder (and ESM) ran, e.g. `splash/splash`; loss_chunk: the
+    loss's logits chunk (0: whole sequence)."""
     stage: str
+    seq: int
+    attention: str
+    loss_chunk: int
     params: int
     trainable: int
     expected_params: int | None
@@ -185,6 +214,7 @@ def plan_stage(stage: str, devices: list, *, mesh_shape=(1, -1, 1), batch: int =
     """
     spec = spec or model_spec(stage, dtype=dtype, remat=remat, overrides=list(overrides))
     mesh = parallel.make_mesh(mesh_shape, devices)
+    attention, loss_chunk = attention_used(spec, seq, mesh, dtype)
     graphdef, trainable, frozen = optim.split_trainable(nnx.eval_shape(spec.make), optim.trainable_filter(spec.trainable))
     tx = optim.make_optimizer(optim.OptimConfig(total_steps=1000))  # any length: only compiled
     opt_state = jax.eval_shape(tx.init, trainable)
@@ -199,18 +229,19 @@ def plan_stage(stage: str, devices: list, *, mesh_shape=(1, -1, 1), batch: int =
     ma = compiled.memory_analysis()
     memory = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp", "generated_code")}
     params = param_leaves(trainable) + param_leaves(frozen)
-    return Plan(stage, sum(math.prod(x.shape) for x in params), optim.count_params(trainable), spec.num_params,
-                nbytes(params), nbytes(opt_state), memory, seconds)
+    return Plan(stage, seq, attention, loss_chunk, sum(math.prod(x.shape) for x in params),
+                optim.count_params(trainable), spec.num_params, nbytes(params), nbytes(opt_state), memory, seconds)
 
 
 def format_table(plans: list[Plan], hbm_gib: float | None = None) -> str:
-    """The report: one row per stage; parameter counts global, GiB columns per device."""
-    cols = ["stage", "params", "trainable", "param GiB", "opt GiB", "args/dev", "out/dev", "alias/dev", "temp/dev",
-            "code/dev", "peak/dev", "compile s"] + (["fits HBM"] if hbm_gib else [])
+    """The report: one row per stage and length; parameter counts global, GiB columns per device."""
+    cols = ["stage", "seq", "attention", "loss chunk", "params", "trainable", "param GiB", "opt GiB", "args/dev",
+            "out/dev", "alias/dev", "temp/dev", "code/dev", "peak/dev", "compile s"] + (["fits HBM"] if hbm_gib else [])
     rows = []
     for p in plans:
         m = p.memory
-        row = [p.stage, f"{p.params:,}", f"{p.trainable:,}", f"{p.param_bytes / GiB:.2f}", f"{p.opt_state_bytes / GiB:.2f}"]
+        row = [p.stage, str(p.seq), p.attention, str(p.loss_chunk or "-"), f"{p.params:,}", f"{p.trainable:,}",
+               f"{p.param_bytes / GiB:.2f}", f"{p.opt_state_bytes / GiB:.2f}"]
         row += [f"{m[k] / GiB:.2f}" for k in ("argument", "output", "alias", "temp", "generated_code")]
         row += [f"{p.peak / GiB:.2f}", f"{p.compile_s:.1f}"]
         if hbm_gib:
@@ -231,7 +262,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="; ".join(f"{k}: {v}" for k, v in STAGE_HELP.items()) + "; all (default)")
     ap.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes; one may be -1 (the rest)")
     ap.add_argument("--batch", type=int, help="global batch rows (default: 16, or one per data x fsdp shard if more)")
-    ap.add_argument("--seq", type=int, default=2048, help="sequence length T (default 2048)")
+    ap.add_argument("--seq", type=int, nargs="+", default=[2048], help="sequence length(s) T (default 2048)")
+    ap.add_argument("--dense", action="store_true",
+                    help="also compile each row with plain O(T^2) attention and whole-sequence logits")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
     ap.add_argument("--remat", default="full", choices=["full", "dots", "none"], help="per-layer remat policy")
     ap.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
@@ -266,22 +299,25 @@ def main(argv=None) -> list[Plan]:
     except ValueError as e:
         raise SystemExit(f"plan: --mesh: {e}") from None
     args.batch = args.batch or max(16, mesh.shape["data"] * mesh.shape["fsdp"])
-    print(f"plan: {target}\nmesh {dict(mesh.shape)}, batch {args.batch} x seq {args.seq}, compute {args.dtype}, "
-          f"remat {args.remat}, AdamW (float32 master params and moments)" +
+    print(f"plan: {target}\nmesh {dict(mesh.shape)}, batch {args.batch} x seq {'/'.join(map(str, args.seq))}, "
+          f"compute {args.dtype}, remat {args.remat}, AdamW (float32 master params and moments)" +
           (f", overrides {args.override}" if args.override else ""), flush=True)
     stages = list(STAGE_HELP) if args.stage == "all" else [args.stage]
     plans = []
     for stage in stages:
-        print(f"compiling {stage}: {STAGE_HELP[stage]} ...", flush=True)
-        try:
-            plans.append(plan_stage(stage, devices, mesh_shape=args.mesh, batch=args.batch, seq=args.seq,
-                                    dtype=args.dtype, remat=args.remat, overrides=args.override))
-        except ValueError as e:  # a batch that does not divide the mesh, a bad override
-            raise SystemExit(f"plan: {stage}: {e}") from None
-        p = plans[-1]
-        if p.expected_params is not None and p.params != p.expected_params:
-            print(f"warning: {stage}: {p.params:,} parameters, the config says {p.expected_params:,}")
+        for seq in args.seq:
+            for extra in ([[], dense_overrides(stage)] if args.dense else [[]]):
+                print(f"compiling {stage}: {STAGE_HELP[stage]}, seq {seq}{' (dense)' if extra else ''} ...", flush=True)
+                try:
+                    plans.append(plan_stage(stage, devices, mesh_shape=args.mesh, batch=args.batch, seq=seq,
+                                            dtype=args.dtype, remat=args.remat, overrides=args.override + extra))
+                except ValueError as e:  # a batch that does not divide the mesh, a bad override
+                    raise SystemExit(f"plan: {stage}: {e}") from None
+                p = plans[-1]
+                if p.expected_params is not None and p.params != p.expected_params:
+                    print(f"warning: {stage}: {p.params:,} parameters, the config says {p.expected_params:,}")
     print(format_table(plans, hbm))
     print("GiB = 2^30 bytes. params/opt: global; */dev: per device from compiled.memory_analysis(); "
-          "peak = args + out - alias (donated) + temp + code.")
+          "peak = args + out - alias (donated) + temp + code. attention: decoder[/ESM]; loss chunk: tokens "
+          "of logits at a time (-: the whole sequence).")
     return plans

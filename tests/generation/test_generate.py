@@ -127,3 +127,34 @@ def test_a_prompt_token_equal_to_the_pad_id_is_penalised(models):
     want = generate(tilted, alone, **kw)[0]
     assert want[0] != 0
     np.testing.assert_array_equal(generate(tilted, ids, mask, **kw)[row], want)
+
+
+@pytest.fixture(scope="session")
+def long_models(tmp_path_factory, torch):
+    path = tmp_path_factory.mktemp("gen_llama_long")
+    hf = make_hf_llama(path, num_kv_heads=2, vocab_size=VOCAB, seed=4, max_positions=512)
+    return hf, hf_llama.load(path, scan_layers=True)
+
+
+@pytest.mark.parametrize("pad_left", [True, False], ids=["left-padded", "right-padded"])
+def test_more_than_256_cache_slots_equal_transformers(long_models, torch, pad_left):
+    """A 40-token prompt + 240 new tokens = 280 cache slots (chat always asks for more than 256): the
+    prompt is prefilled on the blockwise flash path, each decode step on the plain path."""
+    hf, ours = long_models
+    rs = np.random.RandomState(11)
+    lens, t, new = (40, 23, 31, 5), 40, 240
+    ids = np.zeros((len(lens), t), np.int64)
+    mask = np.zeros_like(ids)
+    for i, n in enumerate(lens):
+        sl = slice(t - n, t) if pad_left else slice(0, n)
+        ids[i, sl] = rs.randint(3, VOCAB, n)
+        mask[i, sl] = 1
+    left = np.stack([np.roll(r, -int(m.sum())) for r, m in zip(ids, mask)]) if not pad_left else ids
+    left_mask = np.stack([np.roll(m, -int(m.sum())) for m in mask]) if not pad_left else mask
+    with torch.no_grad():  # transformers is given the prompts left-padded, as it wants for generation
+        ref = hf.generate(torch.tensor(left), attention_mask=torch.tensor(left_mask), pad_token_id=0,
+                          do_sample=False, max_new_tokens=new, eos_token_id=None).numpy()[:, t:]
+    out = generate(ours, ids, mask, max_new_tokens=new, eos_token_id=-1)
+    assert out.shape == (len(lens), new)
+    np.testing.assert_array_equal(out, ref)
+    assert len(set(out[:, -40:].ravel().tolist())) > 4  # still a non-degenerate continuation at the end

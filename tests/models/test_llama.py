@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from bmgpt_jax import config as config_lib
 from bmgpt_jax.convert import hf_llama
@@ -43,6 +44,45 @@ def test_logits_match_transformers(hf_model, scan, torch):
     assert ours.shape == (3, 12, VOCAB)
     err = np.abs(ours - ref)[mask.astype(bool)].max()
     assert err < 1e-4, err
+
+
+@pytest.fixture(scope="session")
+def long_model(tmp_path_factory, torch):
+    path = tmp_path_factory.mktemp("hf_llama_long")
+    return path, make_hf_llama(path, num_kv_heads=2, vocab_size=VOCAB, max_positions=512, seed=5)
+
+
+@pytest.mark.parametrize("pad_left", [True, False], ids=["left-padded", "right-padded"])
+def test_long_padded_batch_matches_transformers(long_model, torch, pad_left):
+    """300 tokens: `auto` takes the blockwise flash path (> 256 keys); the plain path agrees too."""
+    path, hf = long_model
+    lens, t = (300, 211, 57), 300
+    ids, mask = padded_batch(seed=4, lens=lens, t=t)
+    if pad_left:
+        ids, mask = ids[:, ::-1].copy(), mask[:, ::-1].copy()
+    ref = torch_logits(hf, ids, mask, torch)
+    for attention in ("auto", "xla"):
+        model = hf_llama.load(path, scan_layers=True, attention=attention)
+        ours = np.asarray(nnx.jit(lambda m, i, a: m(i, a))(model, jnp.asarray(ids), jnp.asarray(mask)))
+        assert np.abs(ours - ref)[mask.astype(bool)].max() < 1e-4, attention
+
+
+def test_packed_rows_equal_separate_rows(hf_model):
+    """segment_ids: three sequences packed in one row (then padding) give each sequence's own logits."""
+    path, _ = hf_model
+    model = hf_llama.load(path)
+    ids, _ = padded_batch(seed=3, lens=(12, 12, 12), t=12)
+    lens = (5, 3, 2)
+    packed = np.concatenate([ids[i, :n] for i, n in enumerate(lens)] + [np.zeros(2, ids.dtype)])[None]
+    seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lens)] + [np.zeros(2, int)])[None]
+    out = np.asarray(model(jnp.asarray(packed), segment_ids=jnp.asarray(seg)))
+    start = 0
+    for i, n in enumerate(lens):
+        alone = np.asarray(model(jnp.asarray(ids[i:i + 1, :n])))
+        np.testing.assert_allclose(out[0, start:start + n], alone[0], atol=1e-5)
+        start += n
+    with pytest.raises(ValueError, match="segment_ids replaces attention_mask"):
+        model(jnp.asarray(packed), jnp.ones_like(jnp.asarray(packed)), segment_ids=jnp.asarray(seg))
 
 
 def test_padding_does_not_change_real_rows(hf_model):

@@ -25,7 +25,7 @@ def test_7b_on_cpu_table_counts_and_fsdp_scaling(capsys):
     for col in ("params", "trainable", "opt GiB", "args/dev", "out/dev", "alias/dev", "temp/dev", "code/dev", "peak/dev"):
         assert col in header
     row = next(l for l in out.splitlines() if l.startswith("lm "))
-    assert row.split()[1:3] == ["6,738,423,808", "6,738,423,808"]
+    assert row.split()[1:6] == ["2048", "flash", "512", "6,738,423,808", "6,738,423,808"]
 
     n = config.load(LlamaConfig, "biomedgpt_lm_7b").num_params()
     assert n == 6_738_423_808 and p8.params == p8.trainable == p8.expected_params == n
@@ -97,12 +97,33 @@ def test_bad_mesh_and_batch():
         plan.plan_stage("lm", DEVICES, mesh_shape=(1, 8, 1), batch=12, seq=64, overrides=["num_layers=1"])
 
 
+def test_several_lengths_beside_the_dense_form(capsys):
+    """`--seq 512 1024 --dense`: a row per length with flash attention + chunked loss, each beside the plain
+    attention + whole-logits step; the dense temporaries grow with T^2 and whole logits, the others do not."""
+    small = ["-o", "num_layers=1", "-o", "hidden_size=256", "-o", "intermediate_size=512", "-o", "num_heads=4",
+             "-o", "num_kv_heads=4", "-o", "loss_chunk_size=256"]
+    plans = plan.main(["--devices", "8", "--stage", "lm", "--batch", "8", "--seq", "512", "1024", "--dense"] + small)
+    out = capsys.readouterr().out
+    assert "batch 8 x seq 512/1024" in out
+    assert [(p.seq, p.attention, p.loss_chunk) for p in plans] == [(512, "flash", 256), (512, "xla", 0),
+                                                                   (1024, "flash", 256), (1024, "xla", 0)]
+    rows = [line.split()[:4] for line in out.splitlines() if line.startswith("lm ")]
+    assert rows == [["lm", "512", "flash", "256"], ["lm", "512", "xla", "-"], ["lm", "1024", "flash", "256"],
+                    ["lm", "1024", "xla", "-"]]
+    flash, dense = plans[2].memory["temp"], plans[3].memory["temp"]
+    assert flash < dense / 2
+    assert plans[2].params == plans[3].params
+
+
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install -e .[tpu-plan])")
 def test_tpu_topology_compiles_7b_layer(capsys):
-    """v5e:4x4 (16 chips, 4 hosts): the 7B width with 1 layer, compiled by libtpu's TPU compiler."""
-    (p,) = plan.main(["--topology", "v5e:4x4", "--stage", "lm", "--batch", "16", "--seq", "128",
+    """v5e:4x4 (16 chips, 4 hosts): the 7B width with 1 layer, compiled by libtpu's TPU compiler; at 512
+    tokens `attention: auto` is the Pallas splash kernel."""
+    (p,) = plan.main(["--topology", "v5e:4x4", "--stage", "lm", "--batch", "16", "--seq", "512",
                       "-o", "num_layers=1"])
     out = capsys.readouterr().out
+    assert p.attention == "splash" and p.loss_chunk == 512
+    assert next(l for l in out.splitlines() if l.startswith("lm ")).split()[1:4] == ["512", "splash", "512"]
     assert "v5e:4x4: 16 x TPU v5 lite (4 hosts) -- figures from the TPU compiler" in out
     assert "yes (16)" in out  # fits the 16 GiB of HBM per v5e chip
     assert p.params == config.load(LlamaConfig, "biomedgpt_lm_7b", ["num_layers=1"]).num_params()

@@ -1,0 +1,321 @@
+"""Softmax attention behind one switch: `xla` | `flash` | `splash` | `cudnn` | `auto`.
+
+No caller builds a mask. Each passes per-token `Segments`: a segment id per query and per key, and for
+a KV cache the slot of the first query. Query i may attend key j iff their segment ids are equal and,
+when causal, key slot j <= query slot (`q_offset + i`). Each implementation builds the mask it needs from
+these, block by block, so memory stays linear in the sequence length:
+
+  xla     the plain form: all `[q, kv]` scores at once (fastest for decode steps and short sequences).
+  flash   blockwise online softmax in XLA with a flash-style custom VJP (FlashAttention-2): the forward
+          saves q, k, v, the output and the log-sum-exp; the backward recomputes each block. Causal
+          blocks above the diagonal are skipped. Runs on any backend; O(T) memory.
+  splash  JAX's Pallas TPU kernel (`splash_attention`), causal or full `MultiHeadMask` and `SegmentIds`,
+          under `shard_map` with the kernel's own sharding spec. TPU only (or `interpret=True`).
+  cudnn   cuDNN flash attention through `jax.nn.dot_product_attention(implementation="cudnn")`. GPU only,
+          bfloat16/float16 compute; padding is expressed as key lengths, so only right-padded single-segment
+          rows can be represented: any other row comes out NaN rather than silently wrong.
+  auto    `xla` for decode steps (<= PLAIN_MAX_QUERIES queries) and short keys (<= PLAIN_MAX_KEYS); with
+          a KV cache `flash`; otherwise by platform (of the context mesh, else the default backend):
+          TPU `splash`, GPU `cudnn` (bf16/fp16 compute; float32 -> `flash`), CPU `flash`.
+
+An explicit choice that cannot run here (splash off TPU, cudnn off GPU or in float32, splash/cudnn with
+a KV cache) raises ValueError; nothing falls back silently. Outputs at a query with no allowed key are
+finite and meaningless, like those of padding queries, which callers never read.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bmgpt_jax import parallel
+
+IMPLEMENTATIONS = ("auto", "xla", "flash", "splash", "cudnn")
+PLAIN_MAX_KEYS = 256     # auto: up to this many keys, the plain path
+PLAIN_MAX_QUERIES = 16   # auto: decode steps (this many queries or fewer) too
+FLASH_BLOCK = 256        # largest query/key block of the flash path
+SPLASH_BLOCKS = (512, 256, 128)  # MaxText's 512 where the padded length allows it
+MASKED = -1e30           # finite: a row without any allowed key averages instead of producing NaN
+
+
+class Segments(NamedTuple):
+    """Per-token mask inputs. `q [b, t]`, `kv [b, s]` int32 segment ids; `q_offset`: scalar slot of the
+    first query among the keys (a KV cache), or None when queries and keys are the same tokens (t == s)."""
+
+    q: jax.Array
+    kv: jax.Array
+    q_offset: jax.Array | None = None
+
+    @classmethod
+    def self_attention(cls, segment_ids: jax.Array) -> "Segments":
+        """Queries and keys are the same tokens with ids `[b, t]`."""
+        ids = segment_ids.astype(jnp.int32)
+        return cls(ids, ids)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: Segments, *, causal: bool,
+              scale: float | None = None, implementation: str = "auto", interpret: bool = False) -> jax.Array:
+    """q `[b, t, heads, d]`, k/v `[b, s, kv_heads, d]` (heads a multiple of kv_heads) -> `[b, t, heads, d]`.
+
+    Softmax in float32 whatever the input dtype; `scale` defaults to d ** -0.5. `interpret` runs the
+    splash kernel in Pallas interpret mode (any backend; for tests).
+    """
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    impl = resolve(implementation, q.shape[1], k.shape[1], q.dtype, segments.q_offset is not None,
+                   interpret=interpret)
+    if impl == "xla":
+        return plain_attention(q, k, v, segments, causal=causal, scale=scale)
+    if impl == "flash":
+        return flash_attention(q, k, v, segments, causal=causal, scale=scale)
+    if impl == "splash":
+        return splash_attention(q, k, v, segments, causal=causal, scale=scale, interpret=interpret)
+    return cudnn_attention(q, k, v, segments, causal=causal, scale=scale)
+
+
+def platform() -> str:
+    """The platform attention compiles for: the context mesh's devices (an AOT TPU topology counts),
+    else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is not None and not mesh.empty and mesh.abstract_device is not None:
+        return mesh.abstract_device.platform
+    return jax.default_backend()
+
+
+def resolve(implementation: str, q_len: int, kv_len: int, dtype, cached: bool, *, interpret: bool = False) -> str:
+    """The implementation `implementation` runs as for these shapes here; ValueError when impossible."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention={implementation!r} is not one of {list(IMPLEMENTATIONS)}")
+    where = platform()
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    if implementation == "auto":
+        if q_len <= PLAIN_MAX_QUERIES or kv_len <= PLAIN_MAX_KEYS:
+            return "xla"
+        if cached or where == "cpu":
+            return "flash"
+        return {"tpu": "splash", "gpu": "cudnn" if half else "flash"}.get(where, "flash")
+    if implementation in ("splash", "cudnn") and cached:
+        raise ValueError(f"attention={implementation!r} takes no KV cache (queries at a slot offset); "
+                         "decoding uses attention='auto', 'flash' or 'xla'")
+    if implementation == "splash" and where != "tpu" and not interpret:
+        raise ValueError(f"attention='splash' is a TPU kernel and this computation is for {where!r}; "
+                         "use attention='flash' (or 'auto')")
+    if implementation == "cudnn":
+        if where != "gpu":
+            raise ValueError(f"attention='cudnn' needs a GPU and this computation is for {where!r}; "
+                             "use attention='flash' (or 'auto')")
+        if not half:
+            raise ValueError(f"attention='cudnn' needs bfloat16/float16 compute, got {jnp.dtype(dtype).name}; "
+                             "set dtype=bfloat16 or use attention='flash'")
+    return implementation
+
+
+def _allowed(q_ids, kv_ids, q_slots, kv_slots, causal: bool) -> jax.Array:
+    """`[b, tq, tk]` bool from ids `[b, tq]`/`[b, tk]` and slots `[tq]`/`[tk]`."""
+    ok = q_ids[:, :, None] == kv_ids[:, None, :]
+    if causal:
+        ok = ok & (kv_slots[None, None, :] <= q_slots[None, :, None])
+    return ok
+
+
+def _offset(segments: Segments) -> jax.Array:
+    return jnp.zeros((), jnp.int32) if segments.q_offset is None else jnp.asarray(segments.q_offset, jnp.int32)
+
+
+def plain_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) -> jax.Array:
+    """All `[b, kv_heads, group, t, s]` scores at once; the mask is built from `segments` in place."""
+    b, t, h, d = q.shape
+    s, kvh = k.shape[1], k.shape[2]
+    qg = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    ok = _allowed(segments.q, segments.kv, _offset(segments) + jnp.arange(t), jnp.arange(s), causal)
+    probs = jax.nn.softmax(jnp.where(ok[:, None, None], scores, MASKED), axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+
+
+def _pad_to(x: jax.Array, n: int, fill=0) -> jax.Array:
+    """`x [b, t, ...]` padded with `fill` along the sequence axis to length n."""
+    return jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+
+
+def _blocks(n: int, largest: int = FLASH_BLOCK) -> tuple[int, int]:
+    """(block, count) covering n with the fewest blocks of at most `largest` and little padding."""
+    count = -(-n // largest)
+    block = -(-n // count)
+    block = -(-block // 8) * 8 if block > 8 else block
+    return block, -(-n // block)
+
+
+def flash_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) -> jax.Array:
+    """The blockwise path: `[b, t, heads, d]`, O(t + s) memory in the forward and the backward pass."""
+    b, t, h, d = q.shape
+    s, kvh = k.shape[1], k.shape[2]
+    bq, nq = _blocks(t)
+    bk, nk = _blocks(s)
+    qg = _pad_to(q, bq * nq).reshape(b, bq * nq, kvh, h // kvh, d)
+    out = _flash(qg, _pad_to(k, bk * nk), _pad_to(v, bk * nk), _pad_to(segments.q, bq * nq),
+                 _pad_to(segments.kv, bk * nk), _offset(segments), causal, scale, bq, bk, s)
+    return out[:, :t].reshape(b, t, h, d)
+
+
+def _kv_blocks_seen(i, off, bq: int, bk: int, nk: int, causal: bool):
+    """Number of key blocks query block i can see (causal: up to its last slot)."""
+    return jnp.clip((off + (i + 1) * bq - 1) // bk + 1, 0, nk) if causal else nk
+
+
+def _scores(qi, kj, q_ids, kv_ids, q_slots, kv_slots, causal, scale, kv_len):
+    """Masked float32 scores `[b, kv_heads, group, bq, bk]` of one block pair."""
+    sc = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
+    ok = _allowed(q_ids, kv_ids, q_slots, kv_slots, causal) & (kv_slots < kv_len)[None, None]
+    return jnp.where(ok[:, None, None], sc, MASKED)
+
+
+def _slice(x, start, size, axis=1):
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _flash(qg, k, v, q_ids, kv_ids, off, causal, scale, bq, bk, kv_len):
+    return _flash_forward(qg, k, v, q_ids, kv_ids, off, causal, scale, bq, bk, kv_len)[0]
+
+
+def _flash_forward(qg, k, v, q_ids, kv_ids, off, causal, scale, bq, bk, kv_len):
+    """qg `[b, T, kv_heads, group, d]` (T = nq * bq), k/v `[b, S, kv_heads, d]` -> (out like qg, lse
+    `[b, kv_heads, group, T]` float32). Query blocks in a scan, key blocks in a loop that stops at the
+    causal diagonal, with the online softmax (running max, normaliser, unnormalised output)."""
+    b, tq, kvh, g, d = qg.shape
+    nq, nk = tq // bq, k.shape[1] // bk
+
+    def q_block(_, i):
+        qi, ids = _slice(qg, i * bq, bq), _slice(q_ids, i * bq, bq)
+        q_slots = off + i * bq + jnp.arange(bq)
+
+        def kv_block(j, carry):
+            acc, norm, run_max = carry
+            sc = _scores(qi, _slice(k, j * bk, bk), ids, _slice(kv_ids, j * bk, bk), q_slots,
+                         j * bk + jnp.arange(bk), causal, scale, kv_len)
+            new_max = jnp.maximum(run_max, sc.max(-1))
+            p = jnp.exp(sc - new_max[..., None])
+            rescale = jnp.exp(run_max - new_max)
+            acc = acc * rescale[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), _slice(v, j * bk, bk),
+                                                        preferred_element_type=jnp.float32)
+            return acc, norm * rescale + p.sum(-1), new_max
+
+        init = (jnp.zeros((b, kvh, g, bq, d), jnp.float32), jnp.zeros((b, kvh, g, bq), jnp.float32),
+                jnp.full((b, kvh, g, bq), MASKED, jnp.float32))
+        acc, norm, run_max = jax.lax.fori_loop(0, _kv_blocks_seen(i, off, bq, bk, nk, causal), kv_block, init)
+        return None, ((acc / norm[..., None]).astype(qg.dtype), run_max + jnp.log(norm))
+
+    _, (out, lse) = jax.lax.scan(q_block, None, jnp.arange(nq))
+    out = jnp.moveaxis(out, 0, 3).reshape(b, kvh, g, tq, d).transpose(0, 3, 1, 2, 4)
+    lse = jnp.moveaxis(lse, 0, 3).reshape(b, kvh, g, tq)
+    return out, lse
+
+
+def _flash_fwd(qg, k, v, q_ids, kv_ids, off, causal, scale, bq, bk, kv_len):
+    out, lse = _flash_forward(qg, k, v, q_ids, kv_ids, off, causal, scale, bq, bk, kv_len)
+    return out, (qg, k, v, q_ids, kv_ids, off, out, lse)
+
+
+def _flash_bwd(causal, scale, bq, bk, kv_len, res, dout):
+    """Key blocks in a scan (emitting dk, dv per block), query blocks in a loop starting at the causal
+    diagonal; dq is accumulated in place. p = exp(s - lse), ds = p * (dp - rowsum(dout * out))."""
+    qg, k, v, q_ids, kv_ids, off, out, lse = res
+    b, tq, kvh, g, d = qg.shape
+    nq, nk = tq // bq, k.shape[1] // bk
+    delta = jnp.einsum("bqkgd,bqkgd->bkgq", dout.astype(jnp.float32), out.astype(jnp.float32))
+
+    def kv_block(dq, j):
+        kj, vj, kv_i = _slice(k, j * bk, bk), _slice(v, j * bk, bk), _slice(kv_ids, j * bk, bk)
+        kv_slots = j * bk + jnp.arange(bk)
+
+        def q_block(i, carry):
+            dq, dk, dv = carry
+            qi, doi = _slice(qg, i * bq, bq), _slice(dout, i * bq, bq)
+            sc = _scores(qi, kj, _slice(q_ids, i * bq, bq), kv_i, off + i * bq + jnp.arange(bq), kv_slots,
+                         causal, scale, kv_len)
+            p = jnp.exp(sc - _slice(lse, i * bq, bq, axis=3)[..., None])
+            dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bqkgd,bskd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
+            ds = (p * (dp - _slice(delta, i * bq, bq, axis=3)[..., None])).astype(qi.dtype)
+            dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, qi, preferred_element_type=jnp.float32) * scale
+            dqi = jnp.einsum("bkgqs,bskd->bqkgd", ds, kj, preferred_element_type=jnp.float32) * scale
+            dq = jax.lax.dynamic_update_slice_in_dim(dq, _slice(dq, i * bq, bq) + dqi, i * bq, 1)
+            return dq, dk, dv
+
+        first = jnp.clip((j * bk - off) // bq, 0, nq) if causal else 0
+        zeros = jnp.zeros((b, bk, kvh, d), jnp.float32)
+        dq, dk, dv = jax.lax.fori_loop(first, nq, q_block, (dq, zeros, zeros))
+        return dq, (dk, dv)
+
+    dq, (dk, dv) = jax.lax.scan(kv_block, jnp.zeros(qg.shape, jnp.float32), jnp.arange(nk))
+    dk, dv = (jnp.moveaxis(x, 0, 1).reshape(k.shape).astype(k.dtype) for x in (dk, dv))
+    return dq.astype(qg.dtype), dk, dv, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def splash_attention(q, k, v, segments: Segments, *, causal: bool, scale: float, interpret: bool = False):
+    """JAX's Pallas splash kernel; t == s. The sequence is padded to a multiple of 128 (padding in a
+    segment of its own), blocks of 512 where that divides it; q is pre-scaled (the kernel does not scale).
+    Under a mesh the kernel runs in `shard_map`: batch over the batch axes, heads over the heads axis when
+    both head counts divide it."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    if segments.q_offset is not None or k.shape[1] != t:
+        raise ValueError(f"splash attention is self-attention: {t} queries, {k.shape[1]} keys, no KV cache")
+    n = -(-t // 128) * 128
+    block = next(bs for bs in SPLASH_BLOCKS if n % bs == 0)
+    pad_id = jnp.iinfo(jnp.int32).min
+    qh, kh, vh = (jnp.swapaxes(_pad_to(x, n), 1, 2) for x in ((q * scale).astype(q.dtype), k, v))  # [b, h, n, d]
+    q_ids, kv_ids = _pad_to(segments.q, n, pad_id), _pad_to(segments.kv, n, pad_id)
+    one = (sm.CausalMask if causal else sm.FullMask)((n, n))
+    mesh = jax.sharding.get_abstract_mesh()
+    sharded = mesh is not None and not mesh.empty
+    heads_axis = parallel.logical_to_spec(("heads",))[0] if sharded else None
+    head_shards = math.prod(mesh.shape[a] for a in ((heads_axis,) if isinstance(heads_axis, str) else heads_axis or ()))
+    if h % head_shards or kvh % head_shards:
+        heads_axis, head_shards = None, 1
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * h), block_sizes=sizes, head_shards=head_shards,
+                                q_seq_shards=1, interpret=interpret)
+
+    def run(kernel, qh, kh, vh, q_ids, kv_ids):  # the kernel takes one row: vmap over the batch
+        def row(q1, k1, v1, i, j):
+            return kernel(q1, k1, v1, segment_ids=sk.SegmentIds(i, j))
+        return jax.vmap(row)(qh, kh, vh, q_ids, kv_ids)
+
+    if sharded:
+        batch_axes = parallel.fitted_spec((b,), ("batch",), mesh)
+        batch_axes = batch_axes[0] if len(batch_axes) else None
+        heads_spec = jax.sharding.PartitionSpec(batch_axes, heads_axis, None, None)
+        ids_spec = jax.sharding.PartitionSpec(batch_axes, None)
+        kernel_spec = kernel.manual_sharding_spec(
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(heads_axis, None)))
+        run = jax.shard_map(run, mesh=mesh, in_specs=(kernel_spec, heads_spec, heads_spec, heads_spec, ids_spec,
+                                                      ids_spec), out_specs=heads_spec, check_vma=False)
+    out = run(kernel, qh, kh, vh, q_ids, kv_ids)
+    return jnp.swapaxes(out, 1, 2)[:, :t].astype(q.dtype)
+
+
+def cudnn_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) -> jax.Array:
+    """cuDNN flash attention; keys valid up to each row's length. Rows whose key ids are not a right-
+    padded run of 1s followed by 0s, or whose query ids are not 0/1, are not representable: they come
+    out NaN (a loss over them is NaN, and `skip_nonfinite` steps skip it) rather than wrong."""
+    s = k.shape[1]
+    lengths = jnp.sum(segments.kv != 0, axis=1).astype(jnp.int32)
+    right_padded = jnp.all(segments.kv == (jnp.arange(s)[None] < lengths[:, None]), axis=1)
+    ok = right_padded & jnp.all((segments.q == 0) | (segments.q == 1), axis=1)
+    # an all-padding row keeps one key, so it stays finite (and meaningless) like on the other paths
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                       key_value_seq_lengths=jnp.maximum(lengths, 1), implementation="cudnn")
+    return jnp.where(ok[:, None, None, None], out, jnp.nan).astype(q.dtype)
