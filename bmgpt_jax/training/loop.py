@@ -30,7 +30,7 @@ from bmgpt_jax import config as config_lib
 from bmgpt_jax import parallel
 from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, global_batch, stack_batches
 from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
-from bmgpt_jax.parallel import abstract_state, batch_shardings, shard
+from bmgpt_jax.parallel import abstract_state, batch_shardings
 from bmgpt_jax.training.checkpoint import CheckpointConfig, Checkpointer
 from bmgpt_jax.training.monitor import Monitor, check_loss, measure_matmul_flops, train_flops_per_token
 from bmgpt_jax.training.optim import (OptimConfig, count_params, make_optimizer, make_schedule, split_trainable,
@@ -124,13 +124,12 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
     check_layout(cfg, mesh)
     it = batches if batches is not None else BatchIterator(cfg.data)
     cfg = _resolve_vocab(cfg, it.tokenizer.vocab_size)
-    model, loss_fn = build_model(cfg.stage, cfg.model, cfg.init)
+    model, loss_fn = build_model(cfg.stage, cfg.model, cfg.init, mesh)  # created sharded, never whole
     patterns = trainable_patterns(cfg.stage, cfg.model, cfg.trainable)
     graphdef, trainable, frozen = split_trainable(model, trainable_filter(patterns))
     n_total, n_train = count_params(nnx.state(model, nnx.Param)), count_params(trainable)
     matmul = _matmul_params(model)
     del model
-    trainable, frozen = shard(trainable, mesh), shard(frozen, mesh)
     tx = make_optimizer(cfg.optim)
     opt_state = init_opt_state(tx, trainable, mesh)
 
