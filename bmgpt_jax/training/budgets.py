@@ -83,10 +83,14 @@ def fit_rate(batch_costs: np.ndarray, budget: Budget) -> float:
 
 
 def required_budgets(batch_costs: np.ndarray, quantile: float = 0.999) -> dict[str, int]:
-    """The smallest budgets (rounded up to `ROUND`) holding the `quantile` of each batch cost: node and
-    graph budgets count the padding graph (one more node, one more graph), edge and protein ones do not."""
+    """The smallest budgets holding the `quantile` of each batch cost, rounded up to a multiple of
+    `min(ROUND, the next power of two)` (so they divide over the data shards): node and graph budgets
+    count the padding graph (one more node, one more graph), edge and protein ones do not."""
     q = np.quantile(batch_costs, quantile, axis=0, method="higher")
-    up = lambda v: int(max(ROUND, math.ceil(v / ROUND) * ROUND))  # noqa: E731
+
+    def up(v) -> int:
+        step = min(ROUND, 1 << max(0, math.ceil(math.log2(max(v, 1)))))
+        return int(math.ceil(max(v, 1) / step) * step)
     return {"node_budget": up(q[1] + 1), "edge_budget": up(q[2]), "graph_budget": up(q[3] + 1),
             "protein_budget": up(q[4])}
 

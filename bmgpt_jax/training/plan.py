@@ -48,6 +48,7 @@ TPU_CHIPS = {"v4": ("megacore", 32, "v4", 2), "v5p": ("megacore", 95, "v5p", 2),
              "v5e": ("default", 16, "v5litepod", 1), "v6e": ("default", 32, "v6e", 1)}
 CONFIGS = ("biomedgpt_10b_lm", "biomedgpt_10b_align", "biomedgpt_10b_finetune")
 GiB = 1024 ** 3
+RESERVE_GIB = 1.0  # HBM the TPU runtime keeps (v5e: 15.75 of 16 GiB usable) plus fragmentation headroom
 
 # CLI option -> the config overrides it stands for (None = not given: the config's value). Adding an
 # option to the plan (an attention kind, a loss variant) is one entry here and one `add_argument`.
@@ -126,22 +127,30 @@ def abstract_batch(cfg: TrainConfig, processes: int) -> dict[str, jax.ShapeDtype
 
 @dataclasses.dataclass
 class Phase:
-    """One compiled program's memory per device (bytes, from XLA's `memory_analysis()`) and compile time."""
+    """One compiled program's memory per device (bytes, from XLA's `memory_analysis()`) and compile time.
+    `error`: the compiler's out-of-memory message when it refused the program (the TPU compiler does when
+    the program cannot fit the chip's HBM); `memory` is then empty."""
     memory: dict[str, int]
     compile_s: float
+    error: str = ""
 
     @classmethod
     def compile(cls, jitted, *args) -> "Phase":
         t0 = time.perf_counter()
-        ma = jitted.lower(*args).compile().memory_analysis()
+        try:
+            ma = jitted.lower(*args).compile().memory_analysis()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            return cls({}, time.perf_counter() - t0, str(e).splitlines()[0])
         keys = ("argument", "output", "alias", "temp", "generated_code")
         return cls({k: int(getattr(ma, f"{k}_size_in_bytes")) for k in keys}, time.perf_counter() - t0)
 
     @property
-    def peak(self) -> int:
+    def peak(self) -> int | None:
         """Live bytes at the high-water mark: arguments + outputs - donated aliases + temporaries + code."""
         m = self.memory
-        return m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"]
+        return m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"] if m else None
 
 
 @dataclasses.dataclass
@@ -162,12 +171,17 @@ class Plan:
     batch: dict[str, tuple]
 
     @property
-    def init_peak(self) -> int:
+    def init_peak(self) -> int | None:
         """The init phase's high-water mark: the model init, or the optimizer init with the frozen state alive."""
+        if self.init.error or self.opt_init.error:
+            return None
         return max(self.init.peak, self.opt_init.peak + self.frozen_per_device)
 
     @property
-    def peak(self) -> int:
+    def peak(self) -> int | None:
+        """The job's high-water mark over its phases; None when the compiler refused one (out of memory)."""
+        if self.init_peak is None or self.step.error:
+            return None
         return max(self.init_peak, self.state_per_device, self.step.peak)
 
 
@@ -214,22 +228,33 @@ def plan_job(cfg: TrainConfig, devices: list, name: str = "", processes: int | N
                 {k: v.shape for k, v in batch.items()})
 
 
+def fits(peak: int | None, hbm_gib: float) -> str:
+    """The verdict: "yes" with at least `RESERVE_GIB` to spare (the runtime keeps some HBM for itself),
+    "tight" within it, "NO" beyond the chip's HBM or when the compiler refused the program."""
+    if peak is None or peak > hbm_gib * GiB:
+        return "NO"
+    return "yes" if peak <= (hbm_gib - RESERVE_GIB) * GiB else "tight"
+
+
 def format_table(plans: list[Plan], hbm_gib: float | None = None) -> str:
     """The report: one row per job; parameter counts and state global, the phases' GiB per device."""
     cols = ["config", "params", "trainable", "state GiB", "init/dev", "restore/dev", "step args/dev",
             "step temp/dev", "step peak/dev", "compile s"] + (["fits HBM"] if hbm_gib else [])
-    rows = []
+    rows, notes = [], []
+    g = lambda b: "OOM" if b is None else f"{b / GiB:.2f}"  # noqa: E731
     for p in plans:
-        g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
+        m = p.step.memory
         row = [p.name, f"{p.params:,}", f"{p.trainable:,}", g(p.param_bytes + p.opt_state_bytes), g(p.init_peak),
-               g(p.state_per_device), g(p.step.memory["argument"]), g(p.step.memory["temp"]), g(p.step.peak),
+               g(p.state_per_device), g(m.get("argument")), g(m.get("temp")), g(p.step.peak),
                f"{p.init.compile_s + p.opt_init.compile_s + p.step.compile_s:.0f}"]
         if hbm_gib:
-            row.append(("yes" if p.peak <= hbm_gib * GiB else "NO") + f" ({hbm_gib:g})")
+            row.append(fits(p.peak, hbm_gib) + f" ({hbm_gib:g})")
         rows.append(row)
+        notes += [f"{p.name} {phase}: {ph.error}" for phase, ph in (("init", p.init), ("optimizer init", p.opt_init),
+                                                                   ("step", p.step)) if ph.error]
     width = [max(len(r[i]) for r in rows + [cols]) for i in range(len(cols))]
     line = lambda r: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, width)))  # noqa: E731
-    return "\n".join([line(cols), line(["-" * w for w in width])] + [line(r) for r in rows])
+    return "\n".join([line(cols), line(["-" * w for w in width])] + [line(r) for r in rows] + notes)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -290,5 +315,5 @@ def main(argv=None) -> list[Plan]:
     print("GiB = 2^30 bytes. params, state (params + optimizer state): global; /dev: per device. init: peak of the "
           "jitted sharded init (model, then optimizer state beside the frozen params); restore: the state one "
           "device holds (shard shapes x item size); step: compiled.memory_analysis(), peak = args + out - alias "
-          "(donated) + temp + code; fits: the largest phase vs the chip's HBM.")
+          "(donated) + temp + code; fits: the largest phase vs the chip's HBM (yes: >= 1 GiB spare).")
     return plans
