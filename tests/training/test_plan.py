@@ -49,7 +49,6 @@ def test_7b_lm_config_phases_on_cpu(capsys):
     assert p8.init.memory["argument"] == 0
     assert p8.init.memory["output"] == pytest.approx(p8.param_bytes / 8, rel=0.01)
     assert p8.opt_init.memory["output"] == pytest.approx(p8.opt_state_bytes / 8, rel=0.01)
-    assert p8.init.memory["temp"] < p8.init.memory["output"] / 4  # random bits of a few shards, no whole matrix
     assert p8.init_peak < p8.step.peak and p8.peak == p8.step.peak
 
     cfg = load_config("biomedgpt_10b_lm", ["data.batch_size=16", "data.seq_buckets=[2048]", "mesh=[1,2,1]"])
@@ -68,8 +67,8 @@ def test_10b_align_and_finetune_configs():
     lm = load_config("biomedgpt_10b_finetune", ["model.lm.num_layers=2"]).model.lm.num_params()
     assert fine.trainable == adaptors + lm
     assert align.opt_state_bytes == 8 * adaptors + 8
-    for p in (align, fine):
-        assert p.step.memory["argument"] == p.state_per_device + batch_bytes_per_device(p, 8)
+    for p in (align, fine):  # (jit drops the RNG streams, which the step never reads: a few bytes)
+        assert p.step.memory["argument"] == pytest.approx(p.state_per_device + batch_bytes_per_device(p, 8), abs=1024)
         assert p.batch["prot_ids"] == (8, 512) and p.batch["mol_atoms"] == (1024, 2)
     assert align.state_per_device < fine.state_per_device / 2
     assert align.step.memory["output"] < 0.05 * fine.step.memory["output"]
@@ -114,7 +113,7 @@ def test_bad_inputs():
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install -e .[tpu-plan])")
 def test_tpu_topology_fits_and_refuses(capsys):
-    """v5e:4x4 (16 chips, 4 hosts): the 7B width with 1 layer fits; 64 x 8192 tokens per chip does not,
+    """v5e:4x4 (16 chips, 4 hosts): the 7B width with 1 layer fits; 64 x 4096 tokens per chip does not,
     which the TPU compiler says (RESOURCE_EXHAUSTED) and the table reports."""
     (fits,) = plan.main(["--topology", "v5e:4x4", "--config", "biomedgpt_10b_lm", "-o", "model.lm.num_layers=1",
                          "--batch", "16", "--seq", "128"])
@@ -123,7 +122,10 @@ def test_tpu_topology_fits_and_refuses(capsys):
     assert "yes (16)" in out
     assert fits.state_per_device == pytest.approx((fits.param_bytes + fits.opt_state_bytes) / 16, rel=0.01)
     assert 0 < fits.peak < 16 * GiB
+    # the TPU compiler fuses the random bits into the outputs: initialising costs the state and little more
+    assert fits.init.memory["temp"] < 0.1 * fits.init.memory["output"]
+    assert fits.init_peak < 1.1 * fits.state_per_device
     (oom,) = plan.main(["--topology", "v5e:4x4", "--config", "biomedgpt_10b_lm", "-o", "model.lm.num_layers=1",
-                        "--batch", "1024", "--seq", "8192"])
+                        "--batch", "1024", "--seq", "4096"])
     out = capsys.readouterr().out
     assert oom.peak is None and "RESOURCE_EXHAUSTED" in oom.step.error and "NO (16)" in out and "OOM" in out
