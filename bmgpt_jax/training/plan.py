@@ -6,7 +6,7 @@ the three phases of the job are planned on the target devices:
   init     the sharded random initialisation training runs (`parallel.sharded_init`: the model's
            variables created by one jit with the rule shardings as outputs), then the optimizer state
            (`step.jit_opt_init`), each `lower().compile()`d; the phase's peak is the larger of the model
-           init's and the optimizer init's (plus the frozen state alive beside it).
+           init's and the optimizer init's (plus the parameters alive beside it).
   restore  the state one device holds after an orbax restore (or a sharded pretrained load) into the
            target shardings: trainable + frozen parameters + optimizer state, each leaf's shard shape
            (`sharding.shard_shape`) x item size (`parallel.bytes_per_device`) -- the restore's
@@ -163,7 +163,7 @@ class Plan:
     expected_params: int | None
     param_bytes: int
     opt_state_bytes: int
-    frozen_per_device: int
+    params_per_device: int          # trainable + frozen parameters on one device
     state_per_device: int           # restore: trainable + frozen + optimizer state on one device
     init: Phase                     # the model's sharded random init
     opt_init: Phase                 # the optimizer state's sharded init (trainable params as arguments)
@@ -172,10 +172,12 @@ class Plan:
 
     @property
     def init_peak(self) -> int | None:
-        """The init phase's high-water mark: the model init, or the optimizer init with the frozen state alive."""
+        """The init phase's high-water mark: the model init, or the optimizer init with every parameter
+        alive beside it (`tx.init` reads only the trainable parameters' shapes, so jit passes it none)."""
         if self.init.error or self.opt_init.error:
             return None
-        return max(self.init.peak, self.opt_init.peak + self.frozen_per_device)
+        m = self.opt_init.memory
+        return max(self.init.peak, self.params_per_device + m["output"] + m["temp"] + m["generated_code"])
 
     @property
     def peak(self) -> int | None:
@@ -223,7 +225,7 @@ def plan_job(cfg: TrainConfig, devices: list, name: str = "", processes: int | N
                   for k, t in (("trainable", trainable), ("frozen", frozen), ("opt", opt_state))}
     return Plan(name or cfg.stage, cfg.stage, sum(math.prod(x.shape) for x in params), optim.count_params(trainable),
                 cfg.model.lm.num_params() if cfg.stage == "lm" else None, nbytes(params), nbytes(opt_state),
-                per_device["frozen"], sum(per_device.values()), Phase.compile(init),
+                per_device["trainable"] + per_device["frozen"], sum(per_device.values()), Phase.compile(init),
                 Phase.compile(opt_init, trainable), Phase.compile(jitted, trainable, frozen, opt_state, batch),
                 {k: v.shape for k, v in batch.items()})
 
@@ -250,8 +252,8 @@ def format_table(plans: list[Plan], hbm_gib: float | None = None) -> str:
         if hbm_gib:
             row.append(fits(p.peak, hbm_gib) + f" ({hbm_gib:g})")
         rows.append(row)
-        notes += [f"{p.name} {phase}: {ph.error}" for phase, ph in (("init", p.init), ("optimizer init", p.opt_init),
-                                                                   ("step", p.step)) if ph.error]
+        notes += [f"{p.name} {phase}: " + (ph.error or ", ".join(f"{k} {g(v)}" for k, v in ph.memory.items()))
+                  for phase, ph in (("model init", p.init), ("optimizer init", p.opt_init), ("step", p.step))]
     width = [max(len(r[i]) for r in rows + [cols]) for i in range(len(cols))]
     line = lambda r: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, width)))  # noqa: E731
     return "\n".join([line(cols), line(["-" * w for w in width])] + [line(r) for r in rows] + notes)
@@ -313,7 +315,7 @@ def main(argv=None) -> list[Plan]:
             print(f"warning: {name}: {p.params:,} parameters, the config says {p.expected_params:,}")
     print(format_table(plans, hbm))
     print("GiB = 2^30 bytes. params, state (params + optimizer state): global; /dev: per device. init: peak of the "
-          "jitted sharded init (model, then optimizer state beside the frozen params); restore: the state one "
+          "jitted sharded init (model, then optimizer state beside the parameters); restore: the state one "
           "device holds (shard shapes x item size); step: compiled.memory_analysis(), peak = args + out - alias "
           "(donated) + temp + code; fits: the largest phase vs the chip's HBM (yes: >= 1 GiB spare).")
     return plans

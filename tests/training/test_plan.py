@@ -72,7 +72,7 @@ def test_10b_align_and_finetune_configs():
         assert p.batch["prot_ids"] == (8, 512) and p.batch["mol_atoms"] == (1024, 2)
     assert align.state_per_device < fine.state_per_device / 2
     assert align.step.memory["output"] < 0.05 * fine.step.memory["output"]
-    assert align.frozen_per_device > fine.frozen_per_device  # the decoder is frozen in align only
+    assert align.params_per_device == fine.params_per_device < fine.state_per_device
 
 
 def test_abstract_batch_is_the_pipelines(shared_data):
