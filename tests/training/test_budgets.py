@@ -79,3 +79,15 @@ def test_required_budgets_round_up_and_count_the_padding_graph():
                                                    "protein_budget": 64}
     tight = budgets.required_budgets(np.array([[0, 128, 0, 64, 0]]), 1.0)
     assert tight["node_budget"] == 192 and tight["graph_budget"] == 128  # 128 nodes + 1 padding node, 65 graphs
+
+
+def test_cli_prints_the_derivation(shared_data, capsys):
+    rates = budgets.main(["--config", "biomedgpt_10b_finetune", "--tokenizer",
+                          str(shared_data / "tokenizer" / "llama2_tokenizer.model"), "--molecules", "300",
+                          "--windows", "20", "data.batch_size=64"])
+    out = capsys.readouterr().out
+    assert "biomedgpt_10b_finetune: 64 rows per process, window 16 batches" in out
+    assert "ChEBI-20: 300 of 300 encode" in out and "Swiss-Prot: 140 of 141 encode" in out
+    # the finetune config's budgets are for 16 rows: 64 proteins or 64 molecules do not fit them
+    assert rates["proteins only"] == 0.0 and rates["molecules only"] < 0.5
+    assert "needs {'node_budget'" in out
