@@ -5,7 +5,8 @@ Parameters and main activations carry *logical* axis names (`embed`, `mlp`, `hea
 through `logical_to_spec`, so changing a parallelism strategy is a one-line edit of the table.
 
 Every placement of an array lives here and is used by the model (`constrain`), the data pipeline
-(`batch_shardings`), checkpointing (`abstract_state`) and the train step (`tree_shardings`, `shard`).
+(`batch_shardings`), model building (`init_sharded`: random init inside jit, each device creating only
+its own shards), checkpointing (`abstract_state`) and the train step (`tree_shardings`, `shard`).
 """
 from __future__ import annotations
 
@@ -192,6 +193,35 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(one, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
+def sharded_init(make: Callable[[], nnx.Module], mesh: Mesh, skip: nnx.filterlib.Filter = nnx.Nothing
+                 ) -> tuple[nnx.GraphDef, Any, nnx.State]:
+    """`(graphdef, init, rest)` for the module `make()` builds, nothing allocated yet.
+
+    `init` is a jitted function of no arguments returning the state of every variable `skip` does not
+    select, with `tree_shardings` as its `out_shardings`: XLA partitions the random number generation
+    (`jax_threefry_partitionable`, JAX's default), so each device computes only its own shards -- no
+    parameter is ever whole on a device or on the host, and with several processes each creates only its
+    addressable shards (every process calls `init`, as with any jitted function). `rest` is the abstract
+    state (sharded ShapeDtypeStructs, `abstract_state`) of the skipped variables, e.g. the parts a
+    checkpoint will fill. `make` is traced twice (`nnx.eval_shape`, then inside jit) and must be
+    deterministic (seeded `nnx.Rngs`); the values do not depend on `skip` or on the mesh.
+    `init.lower().compile()` gives the initialisation's memory per device (training/plan.py).
+    """
+    graphdef, built, rest = nnx.split(nnx.eval_shape(make), nnx.Not(skip), ...)
+
+    def create() -> nnx.State:
+        return nnx.split(make(), nnx.Not(skip), ...)[1]
+    return graphdef, jax.jit(create, out_shardings=tree_shardings(built, mesh)), abstract_state(rest, mesh)
+
+
+def init_sharded(make: Callable[[], nnx.Module], mesh: Mesh, skip: nnx.filterlib.Filter = nnx.Nothing) -> nnx.Module:
+    """The module `make()` builds, its variables created directly in their rule shardings on `mesh`
+    (`sharded_init`); variables `skip` selects stay abstract (ShapeDtypeStructs with their target
+    sharding) for the caller to replace, e.g. with pretrained sub-modules."""
+    graphdef, init, rest = sharded_init(make, mesh, skip)
+    return nnx.merge(graphdef, init(), rest)
+
+
 def shard(tree: Any, mesh: Mesh) -> Any:
     """`tree` placed on `mesh` with `tree_shardings` (a copy; use on freshly built or restored state).
 
@@ -239,3 +269,10 @@ def abstract_state(tree: Any, mesh: Mesh) -> Any:
     """`tree` (concrete or from `jax.eval_shape`) as ShapeDtypeStructs carrying `mesh`'s rule shardings."""
     shardings = tree_shardings(tree, mesh)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes one device holds of `tree`'s sharded leaves (jax.Arrays or ShapeDtypeStructs with a
+    `sharding`): each leaf's shard shape (`sharding.shard_shape`) times its item size, summed. The rule
+    shardings split dimensions evenly (`fitted_spec`), so every device of the mesh holds the same."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))

@@ -132,7 +132,9 @@ def to_state_dict(model: Esm, prefix: str = "") -> dict:
     return tensor_map.state_dict(model, layout(model.config, prefix))
 
 
-def _config(d: Path, **overrides) -> EsmConfig:
+def config_from_dir(d: str | Path, **overrides) -> EsmConfig:
+    """Our config from an HF folder's `config.json`; `overrides`: EsmConfig fields (dtype, scan_layers, ...)."""
+    d = Path(d)
     if not (d / "config.json").exists():
         raise FileNotFoundError(f"{d}: no config.json")
     return config_from_hf(json.loads((d / "config.json").read_text()), **overrides)
@@ -143,7 +145,7 @@ def load(hf_dir: str | Path, **overrides) -> Esm:
 
     `overrides` set our config fields: `dtype="bfloat16"`, `scan_layers=True`, `remat=True`, ...
     """
-    cfg = _config(Path(hf_dir), **overrides)
+    cfg = config_from_dir(hf_dir, **overrides)
     with open_source(hf_dir) as src:
         return load_source(view(src), cfg)
 
@@ -176,7 +178,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, check: b
     """HF ESM-2 folder -> HF `EsmModel` folder (safetensors, canonical names: no `esm.` prefix, no
     gamma/beta), streaming, keys and shapes checked against the config; dtype kept unless `dtype`.
     `check`: re-read and compare bit for bit. Returns the number of tensors written."""
-    cfg = _config(Path(src))
+    cfg = config_from_dir(src)
     lay = layout(cfg)
     with open_source(src) as raw:
         source = view(raw)

@@ -19,7 +19,12 @@ Initializer = nnx.initializers.Initializer
 
 def param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],
           dtype=jnp.float32) -> nnx.Param:
-    """A parameter with logical axis names; sharding is applied later by `parallel.tree_shardings`."""
+    """A parameter with logical axis names (`out_sharding`), created where it is called.
+
+    Training builds models inside `parallel.sharded_init`'s jit, whose outputs carry the shardings
+    `parallel.tree_shardings` derives from these names: each device then computes only its own shard of
+    `init(key, shape)`. Called eagerly (small models, tests), the value is made whole on the default device.
+    """
     key = rngs.params() if rngs is not None else jax.random.key(0)
     return nnx.Param(init(key, tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)
 

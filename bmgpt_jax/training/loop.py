@@ -33,7 +33,7 @@ from bmgpt_jax import parallel
 from bmgpt_jax.data.examples import check_ids
 from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, global_batch, stack_batches
 from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
-from bmgpt_jax.parallel import abstract_state, batch_shardings, shard
+from bmgpt_jax.parallel import abstract_state, batch_shardings
 from bmgpt_jax.training.checkpoint import CheckpointConfig, Checkpointer, saved_steps
 from bmgpt_jax.training.dropped import DropTally
 from bmgpt_jax.training.monitor import (Monitor, NonFiniteLossError, check_loss, measure_matmul_flops,
@@ -176,13 +176,12 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
     gin = cfg.model.gin
     it = batches if batches is not None else BatchIterator(cfg.data, max_atoms=gin.max_atoms, over_cap=gin.over_cap)
     cfg = resolve_tokenizer(cfg, it.tokenizer)
-    model, loss_fn = build_model(cfg.stage, cfg.model, cfg.init)
+    model, loss_fn = build_model(cfg.stage, cfg.model, cfg.init, mesh)  # created sharded, never whole
     patterns = trainable_patterns(cfg.stage, cfg.model, cfg.trainable)
     graphdef, trainable, frozen = split_trainable(model, trainable_filter(patterns))
     n_total, n_train = count_params(nnx.state(model, nnx.Param)), count_params(trainable)
     matmul = _matmul_params(model)
     del model
-    trainable, frozen = shard(trainable, mesh), shard(frozen, mesh)
     tx = make_optimizer(cfg.optim)
     opt_state = init_opt_state(tx, trainable, mesh)
 

@@ -1,27 +1,32 @@
-"""`python -m bmgpt_jax.plan`: compile a real-size train step ahead of time and report its memory per device.
+"""`python -m bmgpt_jax.plan`: compile a real-size training job ahead of time and report its memory per device.
 
-Nothing is allocated: the model is built abstractly (`nnx.eval_shape`), the batch is `ShapeDtypeStruct`s,
-and the sharded step of `training.step` (the one training runs: trainable subset, AdamW, donation,
-logical-axis shardings) is `jit(...).lower(...).compile()`d for the target devices. The compiled
-program's `memory_analysis()` then says how many bytes each device needs, so one knows which TPU slice or
-GPU count fits before paying for it.
+Nothing is allocated. For each training config (default: configs/biomedgpt_10b_{lm,align,finetune}.yaml)
+the three phases of the job are planned on the target devices:
 
-Targets:
-  --topology v5e:4x4 | v4:4x4x4 | v5p:4x4x4 | v6e:8x8   the TPU compiler for that slice (needs `libtpu`,
-      `pip install -e .[tpu-plan]`; `jax.experimental.topologies` gives compile-only devices on any host)
-  --devices N   N virtual CPU devices: the figures are then the *CPU* compiler's (other fusion, layout
-      and rematerialisation decisions, no HBM limit), a rough guide only.
-
-Stages (`--stage`, default all that exist):
-  lm        LM-only full fine-tune of BioMedGPT-LM-7B (configs/biomedgpt_lm_7b.yaml), text batch.
-  align     BioMedGPT-10B stage 2: decoder and both encoders frozen, the adaptors trainable.
-  finetune  BioMedGPT-10B, every parameter trainable.
-The 10B model is configs/biomedgpt_10b.yaml (LM-7B + GraphMVP GIN + ESM-2 3B + two linear adaptors).
+  init     the sharded random initialisation training runs (`parallel.sharded_init`: the model's
+           variables created by one jit with the rule shardings as outputs), then the optimizer state
+           (`step.jit_opt_init`), each `lower().compile()`d; the phase's peak is the larger of the model
+           init's and the optimizer init's (plus the parameters alive beside it).
+  restore  the state one device holds after an orbax restore (or a sharded pretrained load) into the
+           target shardings: trainable + frozen parameters + optimizer state, each leaf's shard shape
+           (`sharding.shard_shape`) x item size (`parallel.bytes_per_device`) -- the restore's
+           output bytes, and the train step's state arguments.
+  step     the sharded train step of `training.step` (trainable subset, AdamW, donation, logical-axis
+           shardings) on the batch the pipeline would make: `data.batch_size` rows split over the
+           target's hosts, the longest `data.seq_buckets`, each host's graph/protein budgets (`collate`'s
+           shapes), `optim.grad_accum` micro-batches.
+The figures are the compiled programs' `memory_analysis()`; `fits` compares the largest phase with the chip's HBM.
 
 Each row names the attention the step compiles with (decoder/ESM, as `attention: auto` resolves on the
 target: splash on TPU) and the loss's logits chunk. `--seq 2048 4096` plans several lengths; `--dense`
-adds, beside each row, the same step with plain O(T^2) attention and whole-sequence logits
-(`attention=xla`, `loss_chunk_size=0`), the form before issue 12.
+adds, beside each row, the same job with plain O(T^2) attention and whole-sequence logits
+(`attention=xla`, `loss_chunk_size=0`: the form before issue 12).
+
+Targets:
+  --topology v5e:4x4 | v4:2x2x4 | v4:4x4x4 | v5p:4x4x4 | v6e:8x8   the TPU compiler for that slice (needs
+      `libtpu`, `pip install -e .[tpu-plan]`; `jax.experimental.topologies` gives compile-only devices)
+  --devices N   N virtual CPU devices: the figures are then the *CPU* compiler's (other fusion, layout
+      and rematerialisation decisions, no HBM limit), a rough guide only.
 """
 from __future__ import annotations
 
@@ -31,29 +36,35 @@ import importlib.util
 import math
 import os
 import time
-from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.experimental import topologies
 
-from bmgpt_jax import config as C
 from bmgpt_jax import parallel
-from bmgpt_jax.training import optim, step
+from bmgpt_jax.data.examples import Budget, collate
 from bmgpt_jax.models.attention import resolve
-from bmgpt_jax.models.biomedgpt import BioMedGPT, BioMedGPTConfig, lm_loss
-from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from bmgpt_jax.training import optim, stages, step
+from bmgpt_jax.training.loop import TEXT_KEYS, TrainConfig, load_config
 
 # TPU generation -> (chip config, HBM GiB per chip, accelerator-type prefix, cores per chip in that name)
 TPU_CHIPS = {"v4": ("megacore", 32, "v4", 2), "v5p": ("megacore", 95, "v5p", 2), "v5": ("megacore", 95, "v5p", 2),
              "v5e": ("default", 16, "v5litepod", 1), "v6e": ("default", 32, "v6e", 1)}
-STAGE_HELP = {"lm": "LM-7B full fine-tune (text)", "align": "10B align (LM+encoders frozen)",
-              "finetune": "10B full fine-tune"}
-DENSE = {"lm": ["attention=xla", "loss_chunk_size=0"],
-         "10b": ["lm.attention=xla", "lm.loss_chunk_size=0", "esm.attention=xla"]}  # --dense: the O(T^2) form
-PROTEIN_LEN = 1026  # ESM tokens per protein in the abstract multimodal batch (ESM-2's 1024 residues + 2)
+CONFIGS = ("biomedgpt_10b_lm", "biomedgpt_10b_align", "biomedgpt_10b_finetune")
 GiB = 1024 ** 3
+DENSE = ["model.lm.attention=xla", "model.lm.loss_chunk_size=0", "model.esm.attention=xla"]  # --dense
+RESERVE_GIB = 1.0  # HBM the TPU runtime keeps (v5e: 15.75 of 16 GiB usable) plus fragmentation headroom
+
+# CLI option -> the config overrides it stands for (None = not given: the config's value). Adding an
+# option to the plan (an attention kind, a loss variant) is one entry here and one `add_argument`.
+OPTIONS = {
+    "batch": lambda v: [f"data.batch_size={v}"],
+    "mesh": lambda v: [f"mesh=[{v}]"],
+    "grad_accum": lambda v: [f"optim.grad_accum={v}"],
+    "dtype": lambda v: [f"compute_dtype={v}"] + [f"model.{m}.dtype={v}" for m in ("lm", "esm", "gin")],
+    "remat": lambda v: [f"model.lm.remat={v}", f"model.esm.remat={str(v != 'none').lower()}"],
+}
 
 
 def tpu_devices(topology: str) -> list:
@@ -99,79 +110,89 @@ def cpu_devices(n: int) -> list:
     return devices[:n]
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """What a stage compiles: `make()` builds the module (called under `nnx.eval_shape`), `loss(model, batch)`
-    -> (loss_sum, n_tokens), `trainable` regexes for `optim.trainable_filter` (None = every Param),
-    `num_params` the count the config says (None: no formula), `multimodal` whether batches carry molecules and proteins."""
-    config: Any
-    make: Callable[[], Any]
-    loss: Callable[[Any, dict], tuple[Any, Any]]
-    trainable: tuple[str, ...] | None
-    num_params: int | None
-    multimodal: bool
+def abstract_batch(cfg: TrainConfig, processes: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the pipeline feeds the step, as ShapeDtypeStructs (docs/batch_format.md).
 
-
-def model_spec(stage: str, *, dtype: str, remat: str, overrides: list[str]) -> ModelSpec:
-    """The model factory: `lm` = LlamaForCausalLM(7B) with `biomedgpt.lm_loss`; `align`/`finetune` =
-    BioMedGPT-10B (configs/biomedgpt_10b.yaml) with `model.loss`; align trains `proj_mol`/`proj_prot` only.
-
-    `overrides` are `key=value` on the stage's config (LlamaConfig for `lm`, e.g. `num_layers=2`;
-    BioMedGPTConfig for the others, e.g. `lm.num_layers=2`), applied after the CLI's dtype/remat.
+    Each of `processes` hosts collates `batch_size / processes` rows of the longest bucket with its own
+    graph/protein budgets (`data.examples.collate`'s shapes, proteins `min(max_protein_len, T)` long);
+    the global arrays concatenate them; `grad_accum > 1` stacks that many micro-batches in front. The
+    `lm` stage keeps the text keys only, as training does.
     """
-    if stage == "lm":
-        base = [f"dtype={dtype}", f"remat={remat}", "scan_layers=true"]
-        cfg = C.load(LlamaConfig, "biomedgpt_lm_7b", base + overrides)
-        return ModelSpec(cfg, lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), lm_loss, None, cfg.num_params(), False)
-    base = [f"lm.dtype={dtype}", f"lm.remat={remat}", "lm.scan_layers=true", f"esm.dtype={dtype}",
-            f"esm.remat={str(remat != 'none').lower()}", "esm.scan_layers=true", f"gin.dtype={dtype}"]
-    if stage == "align":  # a frozen ESM needs no backward pass: nothing to rematerialise
-        base += ["esm.remat=false"]
-    cfg = C.load(BioMedGPTConfig, "biomedgpt_10b", base + overrides)
-    return ModelSpec(cfg, lambda: BioMedGPT(cfg, rngs=nnx.Rngs(0)), BioMedGPT.loss,
-                     (r"^proj_(mol|prot)\.",) if stage == "align" else None, None, True)
+    d = cfg.data
+    if d.batch_size % processes:
+        raise ValueError(f"data.batch_size {d.batch_size} does not divide over {processes} hosts")
+    T = d.seq_buckets[-1]
+    local = collate([], T, Budget(d.batch_size // processes, d.node_budget, d.edge_budget, d.graph_budget,
+                                  d.protein_budget), min(d.max_protein_len, T))
+    keys = TEXT_KEYS if cfg.stage == "lm" else tuple(local)
+    k = cfg.optim.grad_accum
+    return {key: jax.ShapeDtypeStruct((k,) * (k > 1) + (local[key].shape[0] * processes,) + local[key].shape[1:],
+                                      local[key].dtype) for key in keys}
 
 
-def dense_overrides(stage: str) -> list[str]:
-    """Overrides giving `stage` plain attention and whole-sequence logits (`--dense`)."""
-    return DENSE["lm" if stage == "lm" else "10b"]
+@dataclasses.dataclass
+class Phase:
+    """One compiled program's memory per device (bytes, from XLA's `memory_analysis()`) and compile time.
+    `error`: the compiler's out-of-memory message when it refused the program (the TPU compiler does when
+    the program cannot fit the chip's HBM); `memory` is then empty."""
+    memory: dict[str, int]
+    compile_s: float
+    error: str = ""
+
+    @classmethod
+    def compile(cls, jitted, *args) -> "Phase":
+        t0 = time.perf_counter()
+        try:
+            ma = jitted.lower(*args).compile().memory_analysis()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            return cls({}, time.perf_counter() - t0, str(e).splitlines()[0])
+        keys = ("argument", "output", "alias", "temp", "generated_code")
+        return cls({k: int(getattr(ma, f"{k}_size_in_bytes")) for k in keys}, time.perf_counter() - t0)
+
+    @property
+    def peak(self) -> int | None:
+        """Live bytes at the high-water mark: arguments + outputs - donated aliases + temporaries + code."""
+        m = self.memory
+        return m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"] if m else None
 
 
-def attention_used(spec: ModelSpec, seq: int, mesh, dtype: str) -> tuple[str, int]:
-    """(the attention the step runs, as `lm` or `lm/esm`, resolved on `mesh`'s platform; the loss chunk)."""
-    lm = spec.config if not spec.multimodal else spec.config.lm
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        name = resolve(lm.attention, seq, seq, dtype, cached=False)
-        if spec.multimodal:
-            name += "/" + resolve(spec.config.esm.attention, PROTEIN_LEN, PROTEIN_LEN, dtype, cached=False)
-    return name, lm.loss_chunk_size
+@dataclasses.dataclass
+class Plan:
+    """One planned job. Counts and `*_bytes` are global; `*_per_device` and the phases' bytes per device."""
+    name: str
+    stage: str
+    seq: int
+    attention: str                  # what the decoder (and ESM) compile with, e.g. `splash/splash`
+    loss_chunk: int                 # tokens of logits at a time in the loss (0: the whole sequence)
+    params: int
+    trainable: int
+    expected_params: int | None
+    param_bytes: int
+    opt_state_bytes: int
+    params_per_device: int          # trainable + frozen parameters on one device
+    state_per_device: int           # restore: trainable + frozen + optimizer state on one device
+    init: Phase                     # the model's sharded random init
+    opt_init: Phase                 # the optimizer state's sharded init (trainable params as arguments)
+    step: Phase
+    batch: dict[str, tuple]
 
+    @property
+    def init_peak(self) -> int | None:
+        """The init phase's high-water mark: the model init, or the optimizer init with every parameter
+        alive beside it (`tx.init` reads only the trainable parameters' shapes, so jit passes it none)."""
+        if self.init.error or self.opt_init.error:
+            return None
+        m = self.opt_init.memory
+        return max(self.init.peak, self.params_per_device + m["output"] + m["temp"] + m["generated_code"])
 
-def abstract_batch(batch: int, seq: int, *, multimodal: bool, shards: int, max_atoms: int = 256,
-                   protein_len: int = PROTEIN_LEN) -> dict:
-    """ShapeDtypeStructs of a global batch (docs/batch_format.md), all int32.
-
-    Text: `[batch, seq]` ids/masks. Multimodal budgets are the worst case of one molecule of `max_atoms`
-    atoms and one protein of `protein_len` ESM tokens per row: N = max_atoms*batch nodes, E = 2.25 N edges
-    (the pipeline's default edge:node budget ratio), G = batch + 1 graphs (padding graph) rounded up to a
-    multiple of `shards` (the data x fsdp size, since every leading dimension is sharded), P = batch proteins.
-    """
-    def sds(*shape):
-        return jax.ShapeDtypeStruct(shape, jnp.int32)
-    out = {k: sds(batch, seq) for k in ("input_ids", "attention_mask", "loss_mask")}
-    if not multimodal:
-        return out
-    n, g = max_atoms * batch, -(-(batch + 1) // shards) * shards
-    e = -(-(9 * n // 4) // shards) * shards
-    out.update(mol_atoms=sds(n, 2), mol_bonds=sds(e, 2), mol_senders=sds(e), mol_receivers=sds(e),
-               mol_n_node=sds(g), mol_n_edge=sds(g), mol_slot=sds(n), prot_ids=sds(batch, protein_len),
-               prot_mask=sds(batch, protein_len), prot_slot=sds(batch, protein_len))
-    return out
-
-
-def nbytes(tree) -> int:
-    """Total bytes of the array leaves (abstract or concrete) of `tree`."""
-    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    @property
+    def peak(self) -> int | None:
+        """The job's high-water mark over its phases; None when the compiler refused one (out of memory)."""
+        if self.init_peak is None or self.step.error:
+            return None
+        return max(self.init_peak, self.state_per_device, self.step.peak)
 
 
 def param_leaves(state) -> list:
@@ -180,110 +201,115 @@ def param_leaves(state) -> list:
     return [x for v in variables if isinstance(v, nnx.Param) for x in jax.tree.leaves(v)]
 
 
-@dataclasses.dataclass
-class Plan:
-    """One compiled stage at one sequence length. Counts are global; the `*_bytes` of `memory` are per
-    device (from XLA). attention: what the decoder (and ESM) ran, e.g. `splash/splash`; loss_chunk: the
-    loss's logits chunk (0: whole sequence)."""
-    stage: str
-    seq: int
-    attention: str
-    loss_chunk: int
-    params: int
-    trainable: int
-    expected_params: int | None
-    param_bytes: int
-    opt_state_bytes: int
-    memory: dict[str, int]
-    compile_s: float
-
-    @property
-    def peak(self) -> int:
-        """Live bytes at the step's high-water mark: arguments + outputs - donated aliases + temporaries + code."""
-        m = self.memory
-        return m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"]
+def nbytes(tree) -> int:
+    """Total bytes of the array leaves (abstract or concrete) of `tree`."""
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def plan_stage(stage: str, devices: list, *, mesh_shape=(1, -1, 1), batch: int = 16, seq: int = 2048,
-               dtype: str = "bfloat16", remat: str = "full", overrides: list[str] = (),
-               spec: ModelSpec | None = None) -> Plan:
-    """Lower and compile `stage`'s train step for `devices` on a data x fsdp x tensor mesh; nothing is allocated.
+def attention_used(cfg: TrainConfig, mesh) -> str:
+    """The attention `cfg`'s train step runs, `lm` or `lm/esm`, as resolved on `mesh`'s platform."""
+    T, dtype = cfg.data.seq_buckets[-1], cfg.compute_dtype
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        name = resolve(cfg.model.lm.attention, T, T, dtype, cached=False)
+        if cfg.stage != "lm":
+            P = min(cfg.data.max_protein_len, T)
+            name += "/" + resolve(cfg.model.esm.attention, P, P, dtype, cached=False)
+    return name
 
-    dtype: compute dtype (master params and Adam moments stay float32). remat: the decoder's per-layer
-    rematerialisation (full | dots | none). Raises ValueError when the batch does not divide the mesh.
-    """
-    spec = spec or model_spec(stage, dtype=dtype, remat=remat, overrides=list(overrides))
-    mesh = parallel.make_mesh(mesh_shape, devices)
-    attention, loss_chunk = attention_used(spec, seq, mesh, dtype)
-    graphdef, trainable, frozen = optim.split_trainable(nnx.eval_shape(spec.make), optim.trainable_filter(spec.trainable))
-    tx = optim.make_optimizer(optim.OptimConfig(total_steps=1000))  # any length: only compiled
+
+def plan_job(cfg: TrainConfig, devices: list, name: str = "", processes: int | None = None) -> Plan:
+    """Compile `cfg`'s init and train step for `devices` (its `mesh`) and size its restored state; nothing
+    is allocated. `processes`: hosts feeding the batch (default: the devices' distinct process indices).
+    Raises ValueError when the batch or a budget does not divide the mesh, or the vocabulary is unresolved."""
+    if cfg.model.lm.vocab_size == 0:
+        raise ValueError("model.lm.vocab_size is 0 (the tokenizer's): give it, e.g. -o model.lm.vocab_size=32001")
+    processes = processes or len({d.process_index for d in devices})
+    mesh = parallel.make_mesh(cfg.mesh, devices)
+    make, loss_fn = stages.model_factory(cfg.stage, cfg.model)
+    patterns = stages.trainable_patterns(cfg.stage, cfg.model, cfg.trainable)
+    graphdef, init, _ = parallel.sharded_init(make, mesh)
+    _, trainable, frozen = optim.split_trainable(nnx.eval_shape(make), optim.trainable_filter(patterns))
+    tx = optim.make_optimizer(cfg.optim)
+    opt_init = step.jit_opt_init(tx, trainable, mesh)
     opt_state = jax.eval_shape(tx.init, trainable)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    abatch = abstract_batch(batch, seq, multimodal=spec.multimodal, shards=shards)
-    train_step = step.make_train_step(spec.loss, tx, compute_dtype=None if dtype == "float32" else jnp.dtype(dtype))
+    batch = abstract_batch(cfg, processes)
+    lead = cfg.optim.grad_accum > 1
+    train_step = step.make_train_step(loss_fn, tx, grad_accum=cfg.optim.grad_accum,
+                                      compute_dtype=None if cfg.compute_dtype == "float32" else np.dtype(cfg.compute_dtype),
+                                      skip_nonfinite=cfg.nonfinite == "skip", schedule=optim.make_schedule(cfg.optim))
     jitted = step.jit_train_step(train_step, graphdef, trainable, frozen, opt_state,
-                                 parallel.batch_shardings(abatch, mesh), mesh)
-    t0 = time.perf_counter()
-    compiled = jitted.lower(trainable, frozen, opt_state, abatch).compile()
-    seconds = time.perf_counter() - t0
-    ma = compiled.memory_analysis()
-    memory = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp", "generated_code")}
+                                 parallel.batch_shardings(batch, mesh, microbatched=lead), mesh)
     params = param_leaves(trainable) + param_leaves(frozen)
-    return Plan(stage, seq, attention, loss_chunk, sum(math.prod(x.shape) for x in params),
-                optim.count_params(trainable), spec.num_params, nbytes(params), nbytes(opt_state), memory, seconds)
+    per_device = {k: parallel.bytes_per_device(parallel.abstract_state(t, mesh))
+                  for k, t in (("trainable", trainable), ("frozen", frozen), ("opt", opt_state))}
+    return Plan(name or cfg.stage, cfg.stage, cfg.data.seq_buckets[-1], attention_used(cfg, mesh),
+                cfg.model.lm.loss_chunk_size, sum(math.prod(x.shape) for x in params), optim.count_params(trainable),
+                cfg.model.lm.num_params() if cfg.stage == "lm" else None, nbytes(params), nbytes(opt_state),
+                per_device["trainable"] + per_device["frozen"], sum(per_device.values()), Phase.compile(init),
+                Phase.compile(opt_init, trainable), Phase.compile(jitted, trainable, frozen, opt_state, batch),
+                {k: v.shape for k, v in batch.items()})
+
+
+def fits(peak: int | None, hbm_gib: float) -> str:
+    """The verdict: "yes" with at least `RESERVE_GIB` to spare (the runtime keeps some HBM for itself),
+    "tight" within it, "NO" beyond the chip's HBM or when the compiler refused the program."""
+    if peak is None or peak > hbm_gib * GiB:
+        return "NO"
+    return "yes" if peak <= (hbm_gib - RESERVE_GIB) * GiB else "tight"
 
 
 def format_table(plans: list[Plan], hbm_gib: float | None = None) -> str:
-    """The report: one row per stage and length; parameter counts global, GiB columns per device."""
-    cols = ["stage", "seq", "attention", "loss chunk", "params", "trainable", "param GiB", "opt GiB", "args/dev",
-            "out/dev", "alias/dev", "temp/dev", "code/dev", "peak/dev", "compile s"] + (["fits HBM"] if hbm_gib else [])
-    rows = []
+    """The report: one row per job; parameter counts and state global, the phases' GiB per device."""
+    cols = ["config", "seq", "attention", "loss chunk", "params", "trainable", "state GiB", "init/dev", "restore/dev", "step args/dev",
+            "step temp/dev", "step peak/dev", "compile s"] + (["fits HBM"] if hbm_gib else [])
+    rows, notes = [], []
+    g = lambda b: "OOM" if b is None else f"{b / GiB:.2f}"  # noqa: E731
     for p in plans:
-        m = p.memory
-        row = [p.stage, str(p.seq), p.attention, str(p.loss_chunk or "-"), f"{p.params:,}", f"{p.trainable:,}",
-               f"{p.param_bytes / GiB:.2f}", f"{p.opt_state_bytes / GiB:.2f}"]
-        row += [f"{m[k] / GiB:.2f}" for k in ("argument", "output", "alias", "temp", "generated_code")]
-        row += [f"{p.peak / GiB:.2f}", f"{p.compile_s:.1f}"]
+        m = p.step.memory
+        row = [p.name, str(p.seq), p.attention, str(p.loss_chunk or "-"), f"{p.params:,}", f"{p.trainable:,}", g(p.param_bytes + p.opt_state_bytes), g(p.init_peak),
+               g(p.state_per_device), g(m.get("argument")), g(m.get("temp")), g(p.step.peak),
+               f"{p.init.compile_s + p.opt_init.compile_s + p.step.compile_s:.0f}"]
         if hbm_gib:
-            row.append(("yes" if p.peak <= hbm_gib * GiB else "NO") + f" ({hbm_gib:g})")
+            row.append(fits(p.peak, hbm_gib) + f" ({hbm_gib:g})")
         rows.append(row)
+        notes += [f"{p.name} {phase}: " + (ph.error or ", ".join(f"{k} {g(v)}" for k, v in ph.memory.items()))
+                  for phase, ph in (("model init", p.init), ("optimizer init", p.opt_init), ("step", p.step))]
     width = [max(len(r[i]) for r in rows + [cols]) for i in range(len(cols))]
     line = lambda r: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, width)))  # noqa: E731
-    return "\n".join([line(cols), line(["-" * w for w in width])] + [line(r) for r in rows])
+    return "\n".join([line(cols), line(["-" * w for w in width])] + [line(r) for r in rows] + notes)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bmgpt_jax.plan", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     target = ap.add_mutually_exclusive_group()
-    target.add_argument("--topology", help="TPU slice, e.g. v5e:4x4, v4:4x4x4, v5p:4x4x4, v6e:8x8 (needs libtpu)")
+    target.add_argument("--topology", help="TPU slice, e.g. v5e:4x4, v4:2x2x4, v4:4x4x4, v5p:4x4x4, v6e:8x8 (needs libtpu)")
     target.add_argument("--devices", type=int, help="N virtual CPU devices (CPU compiler's figures)")
-    ap.add_argument("--stage", default="all", choices=["all", *STAGE_HELP],
-                    help="; ".join(f"{k}: {v}" for k, v in STAGE_HELP.items()) + "; all (default)")
-    ap.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes; one may be -1 (the rest)")
-    ap.add_argument("--batch", type=int, help="global batch rows (default: 16, or one per data x fsdp shard if more)")
-    ap.add_argument("--seq", type=int, nargs="+", default=[2048], help="sequence length(s) T (default 2048)")
+    ap.add_argument("--config", action="append", help=f"training config, repeatable (default: {', '.join(CONFIGS)})")
+    ap.add_argument("--stage", choices=["lm", "align", "finetune"], help="shorthand for --config biomedgpt_10b_STAGE")
+    ap.add_argument("--processes", type=int, help="hosts feeding the batch (default: the target's hosts; CPU: 1)")
+    ap.add_argument("--mesh", help="data,fsdp,tensor sizes, one may be -1 (default: the config's)")
+    ap.add_argument("--batch", type=int, help="data.batch_size: global rows per micro-batch (default: the config's)")
+    ap.add_argument("--grad-accum", dest="grad_accum", type=int, help="optim.grad_accum micro-batches per step")
+    ap.add_argument("--seq", type=int, nargs="+", help="sequence length(s) T, one job each (default: the config's longest bucket)")
     ap.add_argument("--dense", action="store_true",
-                    help="also compile each row with plain O(T^2) attention and whole-sequence logits")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
-    ap.add_argument("--remat", default="full", choices=["full", "dots", "none"], help="per-layer remat policy")
+                    help="also plan each job with plain attention and whole-sequence logits (the O(T^2) form)")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute and activation dtype")
+    ap.add_argument("--remat", choices=["full", "dots", "none"], help="decoder remat policy (ESM remat on unless none)")
     ap.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                    help="stage config override, e.g. num_layers=4 (lm) or lm.num_layers=4 (align/finetune)")
+                    help="training-config override, e.g. model.lm.num_layers=2 or trainable=[.]")
     args = ap.parse_args(argv)
     if args.topology is None and args.devices is None:
-        if importlib.util.find_spec("libtpu") is not None:
-            args.topology = "v5e:4x4"
-        else:
-            args.devices = 8
-    try:
-        args.mesh = tuple(int(s) for s in args.mesh.split(","))
-    except ValueError:
-        ap.error(f"--mesh {args.mesh!r}: expected three integers data,fsdp,tensor")
+        args.devices = None if importlib.util.find_spec("libtpu") else 8
+        args.topology = "v5e:4x4" if args.devices is None else None
+    args.configs = args.config or ([f"biomedgpt_10b_{args.stage}"] if args.stage else list(CONFIGS))
+    args.overrides = [o for key, fn in OPTIONS.items() if getattr(args, key) is not None
+                      for o in fn(getattr(args, key))] + args.override
     return args
 
 
 def main(argv=None) -> list[Plan]:
-    """The CLI: resolve the devices, compile each stage, print the table; returns the plans."""
+    """The CLI: resolve the devices, plan each config, print the table; returns the plans."""
     args = parse_args(argv)
     host_backend_only()
     if args.devices is not None:
@@ -291,33 +317,31 @@ def main(argv=None) -> list[Plan]:
         target = f"{len(devices)} virtual CPU devices -- figures from the CPU compiler (XLA:CPU), not a TPU/GPU's"
     else:
         devices, hbm = tpu_devices(args.topology), TPU_CHIPS[args.topology.split(":")[0]][1]
-        hosts = len({d.process_index for d in devices})
-        target = (f"{args.topology}: {len(devices)} x {devices[0].device_kind} ({hosts} hosts) -- figures from the "
-                  f"TPU compiler (libtpu), compile-only devices")
-    try:
-        mesh = parallel.make_mesh(args.mesh, devices)
-    except ValueError as e:
-        raise SystemExit(f"plan: --mesh: {e}") from None
-    args.batch = args.batch or max(16, mesh.shape["data"] * mesh.shape["fsdp"])
-    print(f"plan: {target}\nmesh {dict(mesh.shape)}, batch {args.batch} x seq {'/'.join(map(str, args.seq))}, "
-          f"compute {args.dtype}, remat {args.remat}, AdamW (float32 master params and moments)" +
-          (f", overrides {args.override}" if args.override else ""), flush=True)
-    stages = list(STAGE_HELP) if args.stage == "all" else [args.stage]
+        target = (f"{args.topology}: {len(devices)} x {devices[0].device_kind} "
+                  f"({len({d.process_index for d in devices})} hosts) -- figures from the TPU compiler (libtpu), "
+                  "compile-only devices")
+    print(f"plan: {target}" + (f"; overrides {args.overrides}" if args.overrides else ""), flush=True)
     plans = []
-    for stage in stages:
-        for seq in args.seq:
-            for extra in ([[], dense_overrides(stage)] if args.dense else [[]]):
-                print(f"compiling {stage}: {STAGE_HELP[stage]}, seq {seq}{' (dense)' if extra else ''} ...", flush=True)
-                try:
-                    plans.append(plan_stage(stage, devices, mesh_shape=args.mesh, batch=args.batch, seq=seq,
-                                            dtype=args.dtype, remat=args.remat, overrides=args.override + extra))
-                except ValueError as e:  # a batch that does not divide the mesh, a bad override
-                    raise SystemExit(f"plan: {stage}: {e}") from None
-                p = plans[-1]
-                if p.expected_params is not None and p.params != p.expected_params:
-                    print(f"warning: {stage}: {p.params:,} parameters, the config says {p.expected_params:,}")
+    jobs = [(name, [f"data.seq_buckets=[{t}]"] if t else [], dense) for name in args.configs
+            for t in (args.seq or [None]) for dense in ([False, True] if args.dense else [False])]
+    for name, seq, dense in jobs:
+        label = name + (" (dense)" if dense else "")
+        try:
+            cfg = load_config(name, args.overrides + seq + (DENSE if dense else []))
+            mesh = parallel.make_mesh(cfg.mesh, devices)
+            print(f"compiling {label}: stage {cfg.stage}, mesh {dict(mesh.shape)}, batch {cfg.data.batch_size} x "
+                  f"{cfg.optim.grad_accum} micro-batch(es) x seq {cfg.data.seq_buckets[-1]}, compute {cfg.compute_dtype}, "
+                  f"remat {cfg.model.lm.remat} (esm {cfg.model.esm.remat}) ...", flush=True)
+            plans.append(plan_job(cfg, devices, label, args.processes))
+        except ValueError as e:  # a bad override, a batch or budget that does not divide the mesh
+            raise SystemExit(f"plan: {name}: {e}") from None
+        p = plans[-1]
+        if p.expected_params is not None and p.params != p.expected_params:
+            print(f"warning: {name}: {p.params:,} parameters, the config says {p.expected_params:,}")
     print(format_table(plans, hbm))
-    print("GiB = 2^30 bytes. params/opt: global; */dev: per device from compiled.memory_analysis(); "
-          "peak = args + out - alias (donated) + temp + code. attention: decoder[/ESM]; loss chunk: tokens "
-          "of logits at a time (-: the whole sequence).")
+    print("GiB = 2^30 bytes. params, state (params + optimizer state): global; /dev: per device. init: peak of the "
+          "jitted sharded init (model, then optimizer state beside the parameters); restore: the state one "
+          "device holds (shard shapes x item size); step: compiled.memory_analysis(), peak = args + out - alias "
+          "(donated) + temp + code; fits: the largest phase vs the chip's HBM (yes: >= 1 GiB spare). attention: "
+          "decoder[/ESM]; loss chunk: tokens of logits at a time (-: the whole sequence).")
     return plans

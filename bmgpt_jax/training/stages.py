@@ -7,20 +7,22 @@
 
 Frozen parameters are split off before differentiation (`optim.split_trainable`): no gradient, no
 optimizer state. Initial weights come from the config's `init` section (an OpenBioMed checkpoint, or HF
-Llama / HF ESM / GraphMVP files for the parts), else from a seeded random init.
+Llama / HF ESM / GraphMVP files for the parts, each read by one `load_*` function), else from a seeded
+random init created sharded inside jit (`parallel.init_sharded`): the model is never whole on one device.
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Callable, Literal
 
 from flax import nnx
+from jax.sharding import Mesh
 
+from bmgpt_jax import parallel
 from bmgpt_jax.models.biomedgpt import BioMedGPT, BioMedGPTConfig, lm_loss
+from bmgpt_jax.models.esm import Esm
+from bmgpt_jax.models.gin import GIN
 from bmgpt_jax.models.llama import LlamaForCausalLM
-
-log = logging.getLogger(__name__)
 
 Stage = Literal["lm", "align", "finetune"]
 
@@ -58,10 +60,13 @@ def trainable_patterns(stage: Stage, model_cfg: BioMedGPTConfig, patterns: tuple
 
 
 def _lm_overrides(cfg: BioMedGPTConfig) -> dict:
-    """Our-only decoder fields a pretrained HF Llama is loaded with."""
+    """Our-only decoder fields a pretrained HF Llama is loaded with (the token ids are the training
+    config's: its tokenizer decides them, e.g. `[PAD]` 32000 that a Llama-2 config.json leaves null)."""
     lm = cfg.lm
-    return dict(dtype=lm.dtype, param_dtype=lm.param_dtype, scan_layers=lm.scan_layers, remat=lm.remat,
-                lora_rank=lm.lora_rank, lora_alpha=lm.lora_alpha, lora_targets=lm.lora_targets)
+    return dict(bos_token_id=lm.bos_token_id, eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id,
+                dtype=lm.dtype, param_dtype=lm.param_dtype, scan_layers=lm.scan_layers, remat=lm.remat,
+                lora_rank=lm.lora_rank, lora_alpha=lm.lora_alpha, lora_targets=lm.lora_targets,
+                attention=lm.attention, loss_chunk_size=lm.loss_chunk_size)
 
 
 def _check_same(name: str, ours, loaded) -> None:
@@ -73,34 +78,80 @@ def _check_same(name: str, ours, loaded) -> None:
                          + ", ".join(f"{k}: config {a} vs checkpoint {b}" for k, (a, b) in mismatched.items()))
 
 
-def build_model(stage: Stage, model_cfg: BioMedGPTConfig, init: InitConfig) -> tuple[nnx.Module, Callable]:
-    """(model, loss_fn) for `stage`; `loss_fn(model, batch) -> (loss_sum, n_tokens)`."""
-    from bmgpt_jax.convert import graphmvp_gin, hf_esm, hf_llama, openbiomed
-    rngs = nnx.Rngs(init.seed)
+# One function per pretrained source: (path, config, mesh) -> the sub-module, its parameters global arrays
+# in the rule shardings on `mesh`; each process reads only the slices its devices own (`load_sharded`).
+
+def load_hf_llama(path: str, cfg: BioMedGPTConfig, mesh: Mesh) -> LlamaForCausalLM:
+    """The decoder from a Hugging Face Llama folder (`init.hf_llama`)."""
+    from bmgpt_jax.convert import hf_llama
+    loaded = hf_llama.config_from_hf(path, **_lm_overrides(cfg))
+    _check_same("hf_llama", cfg.lm, loaded)
+    return hf_llama.load_sharded(path, loaded, mesh)
+
+
+def load_hf_esm(path: str, cfg: BioMedGPTConfig, mesh: Mesh) -> Esm:
+    """The protein encoder from a Hugging Face ESM-2 folder (`init.hf_esm`)."""
+    from bmgpt_jax.convert import hf_esm
+    esm = cfg.esm
+    loaded = hf_esm.config_from_dir(path, dtype=esm.dtype, param_dtype=esm.param_dtype,
+                                    scan_layers=esm.scan_layers, remat=esm.remat, attention=esm.attention)
+    _check_same("hf_esm", esm, loaded)
+    return hf_esm.load_sharded(path, loaded, mesh)
+
+
+def load_gin(path: str, cfg: BioMedGPTConfig, mesh: Mesh) -> GIN:
+    """The molecule encoder from a GraphMVP `.pth` state dict (`init.gin`), replicated."""
+    from bmgpt_jax.convert import graphmvp_gin
+    return graphmvp_gin.load_sharded(path, cfg.gin, mesh)
+
+
+def load_openbiomed(init: InitConfig, cfg: BioMedGPTConfig, mesh: Mesh) -> BioMedGPT:
+    """The whole BioMedGPT from OpenBioMed's `biomedgpt_10b.pth` or a model folder's safetensors
+    (`init.openbiomed` + the HF config.json paths `init.lm_config` / `init.esm_config`)."""
+    from bmgpt_jax.convert import openbiomed
+    if not (init.lm_config and init.esm_config):
+        raise ValueError("init.openbiomed needs init.lm_config and init.esm_config (HF config.json paths)")
+    lm_cfg, esm_cfg = openbiomed.configs(init.lm_config, init.esm_config, **_lm_overrides(cfg))
+    esm_cfg = dataclasses.replace(esm_cfg, dtype=cfg.esm.dtype, param_dtype=cfg.esm.param_dtype,
+                                  scan_layers=cfg.esm.scan_layers, remat=cfg.esm.remat, attention=cfg.esm.attention)
+    for name, loaded in (("lm", lm_cfg), ("esm", esm_cfg)):
+        _check_same(f"openbiomed ({name})", getattr(cfg, name), loaded)
+    return openbiomed.load_sharded(init.openbiomed, lm_cfg, esm_cfg, cfg.gin, mesh)
+
+
+PARTS = {"llm": ("hf_llama", load_hf_llama), "prot_structure_encoder": ("hf_esm", load_hf_esm),
+         "mol_structure_encoder": ("gin", load_gin)}  # BioMedGPT attribute -> (init field, loader)
+
+
+def model_factory(stage: Stage, model_cfg: BioMedGPTConfig, seed: int = 0) -> tuple[Callable[[], nnx.Module], Callable]:
+    """(make, loss_fn): `make()` builds `stage`'s randomly initialised model (the bare decoder for `lm`,
+    else BioMedGPT) from `seed`; `loss_fn(model, batch) -> (loss_sum, n_tokens)`. Used under
+    `nnx.eval_shape` or inside jit (`parallel.sharded_init`), never eagerly at real size."""
+    if stage == "lm":
+        return (lambda: LlamaForCausalLM(model_cfg.lm, rngs=nnx.Rngs(seed))), lm_loss
+    return (lambda: BioMedGPT(model_cfg, rngs=nnx.Rngs(seed))), BioMedGPT.loss
+
+
+def build_model(stage: Stage, model_cfg: BioMedGPTConfig, init: InitConfig,
+                mesh: Mesh | None = None) -> tuple[nnx.Module, Callable]:
+    """(model, loss_fn) for `stage`, every variable already on `mesh` (default: one device) in its rule
+    sharding; `loss_fn(model, batch) -> (loss_sum, n_tokens)`.
+
+    Random parts are created by one jitted init whose outputs carry the rule shardings
+    (`parallel.init_sharded`): each device makes only its own shards. Parts named in `init` are not
+    created at all (they stay abstract until their loader fills them), so a pretrained 7B decoder is never
+    doubled by a random one.
+    """
+    mesh = mesh if mesh is not None else parallel.make_mesh((1, 1, 1))
+    make, loss_fn = model_factory(stage, model_cfg, init.seed)
     if stage == "lm":
         if init.hf_llama:
-            model = hf_llama.load(init.hf_llama, **_lm_overrides(model_cfg))
-            _check_same("hf_llama", model_cfg.lm, model.config)
-        else:
-            model = LlamaForCausalLM(model_cfg.lm, rngs=rngs)
-        return model, lm_loss
+            return load_hf_llama(init.hf_llama, model_cfg, mesh), loss_fn
+        return parallel.init_sharded(make, mesh), loss_fn
     if init.openbiomed:
-        if not (init.lm_config and init.esm_config):
-            raise ValueError("init.openbiomed needs init.lm_config and init.esm_config (HF config.json paths)")
-        model = openbiomed.load(init.openbiomed, init.lm_config, init.esm_config, gin_config=model_cfg.gin,
-                                **_lm_overrides(model_cfg))
-        for name in ("lm", "esm"):
-            _check_same(f"openbiomed ({name})", getattr(model_cfg, name), getattr(model.config, name))
-        return model, BioMedGPT.loss
-    model = BioMedGPT(model_cfg, rngs=rngs)
-    if init.hf_llama:
-        model.llm = hf_llama.load(init.hf_llama, **_lm_overrides(model_cfg))
-        _check_same("hf_llama", model_cfg.lm, model.llm.config)
-    if init.hf_esm:
-        esm = model_cfg.esm
-        model.prot_structure_encoder = hf_esm.load(init.hf_esm, dtype=esm.dtype, param_dtype=esm.param_dtype,
-                                                   scan_layers=esm.scan_layers, remat=esm.remat)
-        _check_same("hf_esm", esm, model.prot_structure_encoder.config)
-    if init.gin:
-        model.mol_structure_encoder = graphmvp_gin.load(init.gin, config=model_cfg.gin)
-    return model, BioMedGPT.loss
+        return load_openbiomed(init, model_cfg, mesh), loss_fn
+    pretrained = {name: (getattr(init, field), load) for name, (field, load) in PARTS.items() if getattr(init, field)}
+    model = parallel.init_sharded(make, mesh, skip=lambda path, _: path[0] in pretrained)
+    for name, (path, load) in pretrained.items():
+        setattr(model, name, load(path, model_cfg, mesh))
+    return model, loss_fn

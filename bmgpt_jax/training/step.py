@@ -102,10 +102,15 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
     return train_step
 
 
+def jit_opt_init(tx: optax.GradientTransformation, trainable: Any, mesh: Mesh):
+    """`jax.jit(tx.init)` with the rule shardings as `out_shardings`: each device creates only its shards of
+    the optimizer state (Adam moments sharded like the params). `trainable` may be abstract."""
+    return jax.jit(tx.init, out_shardings=tree_shardings(jax.eval_shape(tx.init, trainable), mesh))
+
+
 def init_opt_state(tx: optax.GradientTransformation, trainable: nnx.State, mesh: Mesh) -> Any:
-    """`tx.init(trainable)` created directly in its sharded layout (Adam moments sharded like the params)."""
-    shardings = tree_shardings(jax.eval_shape(tx.init, trainable), mesh)
-    return jax.jit(tx.init, out_shardings=shardings)(trainable)
+    """`tx.init(trainable)` created directly in its sharded layout (`jit_opt_init`)."""
+    return jit_opt_init(tx, trainable, mesh)(trainable)
 
 
 def jit_train_step(train_step: StepFn, graphdef: nnx.GraphDef, trainable: Any, frozen: Any, opt_state: Any,

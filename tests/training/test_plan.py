@@ -1,131 +1,157 @@
-"""`python -m bmgpt_jax.plan`: the LM-7B train step compiled ahead of time at full size (32 layers, hidden 4096,
-vocab 32001, batch 16 x 2048) on the 8 virtual CPU devices, and on a TPU slice's compile-only devices when
-libtpu is installed. Scanning over layers keeps the compile about as fast as one layer's (~10 s on CPU)."""
-import dataclasses
+"""`python -m bmgpt_jax.plan`: the training configs' init, restore and train step planned ahead of time --
+the LM-7B at full size (32 layers, hidden 4096, vocab 32001, batch 16 x 2048) on the 8 virtual CPU
+devices, the 10B's widths with 2 layers, and a TPU slice's compile-only devices when libtpu is installed.
+Scanning over layers keeps each compile about as fast as one layer's."""
 import importlib.util
+import math
 
 import jax
 import pytest
+from flax import nnx
 
-from bmgpt_jax import config
+from bmgpt_jax.data.pipeline import BatchIterator
 from bmgpt_jax.training import plan
-from bmgpt_jax.models.llama import LlamaConfig
+from bmgpt_jax.training.loop import load_config
 
 DEVICES = jax.devices()  # initialise the 8-device CPU backend (conftest) before plan touches jax config
 GiB = 1024 ** 3
+SMALL_10B = ["-o", "model.lm.num_layers=2", "-o", "model.esm.num_layers=2", "--batch", "8", "--grad-accum", "1", "--seq", "512",
+             "-o", "data.node_budget=1024", "-o", "data.edge_budget=2048", "-o", "data.graph_budget=16",
+             "-o", "data.protein_budget=8"]
 
 
-def test_7b_on_cpu_table_counts_and_fsdp_scaling(capsys):
+def batch_bytes_per_device(p: plan.Plan, n: int) -> int:
+    """Every batch array is int32 with its leading dimension split over the n devices (pure fsdp)."""
+    return sum(4 * math.prod(s) // n for s in p.batch.values())
+
+
+def test_7b_lm_config_phases_on_cpu(capsys):
     assert len(DEVICES) == 8
-    (p8,) = plan.main(["--devices", "8", "--stage", "lm", "--mesh", "1,-1,1", "--batch", "16", "--seq", "2048"])
+    (p8,) = plan.main(["--devices", "8", "--config", "biomedgpt_10b_lm", "--batch", "16", "--grad-accum", "1",
+                       "--seq", "2048"])
     out = capsys.readouterr().out
     assert "8 virtual CPU devices -- figures from the CPU compiler" in out
-    assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}, batch 16 x seq 2048, compute bfloat16, remat full" in out
-    header = next(l for l in out.splitlines() if l.startswith("stage"))
-    for col in ("params", "trainable", "opt GiB", "args/dev", "out/dev", "alias/dev", "temp/dev", "code/dev", "peak/dev"):
+    assert "stage lm, mesh {'data': 1, 'fsdp': 8, 'tensor': 1}, batch 16 x 1 micro-batch(es) x seq 2048, compute bfloat16" in out
+    header = next(line for line in out.splitlines() if line.startswith("config"))
+    for col in ("init/dev", "restore/dev", "step args/dev", "step temp/dev", "step peak/dev"):
         assert col in header
-    row = next(l for l in out.splitlines() if l.startswith("lm "))
+    row = next(line for line in out.splitlines() if line.startswith("biomedgpt_10b_lm "))
     assert row.split()[1:6] == ["2048", "flash", "512", "6,738,423,808", "6,738,423,808"]
 
-    n = config.load(LlamaConfig, "biomedgpt_lm_7b").num_params()
-    assert n == 6_738_423_808 and p8.params == p8.trainable == p8.expected_params == n
-    assert p8.param_bytes == 4 * n  # float32 master weights
-    assert p8.opt_state_bytes == 8 * n + 8  # Adam mu + nu float32, two int32 counters
-    # each device holds 1/8 of params + moments (fsdp shards every matrix); donation aliases them to the output
-    assert p8.memory["argument"] == pytest.approx((p8.param_bytes + p8.opt_state_bytes) / 8, rel=0.01)
-    assert p8.memory["alias"] == pytest.approx(p8.memory["argument"], rel=0.01)
-    assert p8.peak > p8.memory["argument"] + p8.memory["temp"] - 1
+    n = 6_738_423_808
+    assert p8.params == p8.trainable == p8.expected_params == n
+    assert p8.param_bytes == 4 * n and p8.opt_state_bytes == 8 * n + 8  # float32 weights, Adam mu + nu, counts
+    # restore: one eighth of weights + moments (fsdp shards every matrix) ...
+    assert p8.state_per_device == pytest.approx((p8.param_bytes + p8.opt_state_bytes) / 8, rel=0.01)
+    # ... which is what the compiled step takes as state arguments, besides its batch shard
+    assert p8.step.memory["argument"] == p8.state_per_device + batch_bytes_per_device(p8, 8)
+    assert p8.step.memory["alias"] == p8.state_per_device  # donated: the update is written in place
+    # init: the jitted sharded init outputs one eighth of the weights, the optimizer init one of the moments
+    assert p8.init.memory["argument"] == 0
+    assert p8.init.memory["output"] == pytest.approx(p8.param_bytes / 8, rel=0.01)
+    assert p8.opt_init.memory["output"] == pytest.approx(p8.opt_state_bytes / 8, rel=0.01)
+    assert p8.init_peak < p8.step.peak and p8.peak == p8.step.peak
 
-    p2 = plan.plan_stage("lm", DEVICES[:2], mesh_shape=(1, 2, 1), batch=16, seq=2048)
-    assert p2.params == n
-    assert p2.memory["argument"] == pytest.approx(4 * p8.memory["argument"], rel=0.01)
-    assert p8.peak < p2.peak / 2
-    assert p8.memory["temp"] < p2.memory["temp"]
-
-
-def test_trainable_subset_and_overrides():
-    """A frozen-decoder variant: only `lm_head` trainable -> optimizer state sized by it alone."""
-    spec = plan.model_spec("lm", dtype="bfloat16", remat="full", overrides=["num_layers=2", "hidden_size=256",
-                                                                            "intermediate_size=512", "num_heads=4",
-                                                                            "num_kv_heads=4"])
-    spec = dataclasses.replace(spec, trainable=("lm_head",))
-    p = plan.plan_stage("lm", DEVICES[:4], mesh_shape=(2, 2, 1), batch=8, seq=128, spec=spec)
-    assert p.params == spec.num_params and p.trainable == 256 * 32001
-    assert p.opt_state_bytes == 8 * p.trainable + 8
+    cfg = load_config("biomedgpt_10b_lm", ["data.batch_size=16", "optim.grad_accum=1", "data.seq_buckets=[2048]",
+                                             "mesh=[1,2,1]"])
+    p2 = plan.plan_job(cfg, DEVICES[:2])
+    assert p2.params == n and p2.state_per_device == pytest.approx(4 * p8.state_per_device, rel=0.01)
+    assert p8.step.peak < p2.step.peak / 2 and p8.init_peak < p2.init_peak / 3
 
 
-def esm_params(c) -> int:
-    """ESM-2 encoder parameters: token table, per layer q/k/v/o + FFN (with biases) + 2 LayerNorms, final LN."""
-    d, f = c.hidden_size, c.intermediate_size
-    return c.vocab_size * d + c.num_layers * (4 * (d * d + d) + 2 * d * f + f + d + 4 * d) + 2 * d
+def test_10b_align_and_finetune_configs():
+    """The 10B's widths (LM 4096, ESM 2560, GIN 300), 2 decoder / 2 ESM layers, multimodal batch: align
+    trains the adaptors only (frozen weights read, no moments), the finetune config adaptors + decoder."""
+    align, fine = plan.main(["--devices", "8", "--config", "biomedgpt_10b_align", "--config", "biomedgpt_10b_finetune",
+                             *SMALL_10B])
+    adaptors = (300 + 1) * 4096 + (2560 + 1) * 4096
+    assert align.params == fine.params and align.trainable == adaptors == 11_722_752
+    lm = load_config("biomedgpt_10b_finetune", ["model.lm.num_layers=2"]).model.lm.num_params()
+    assert fine.trainable == adaptors + lm
+    assert align.opt_state_bytes == 8 * adaptors + 8
+    for p in (align, fine):  # (jit drops the RNG streams and other leaves the step never reads: a few KiB)
+        assert p.step.memory["argument"] == pytest.approx(p.state_per_device + batch_bytes_per_device(p, 8), abs=4096)
+        assert p.batch["prot_ids"] == (8, 512) and p.batch["mol_atoms"] == (1024, 2)
+    assert align.state_per_device < fine.state_per_device / 2
+    assert align.step.memory["output"] < 0.05 * fine.step.memory["output"]
+    assert align.params_per_device == fine.params_per_device < fine.state_per_device
 
 
-def test_10b_align_freezes_all_but_adaptors():
-    """BioMedGPT-10B widths (LM 4096, ESM 2560, GIN 300) with 2 decoder / 2 ESM layers, multimodal batch."""
-    from flax import nnx
-
-    from bmgpt_jax.models.gin import GIN
-    small = ["lm.num_layers=2", "esm.num_layers=2"]
-    kw = dict(mesh_shape=(1, 8, 1), batch=8, seq=512, overrides=small)
-    align, full = plan.plan_stage("align", DEVICES, **kw), plan.plan_stage("finetune", DEVICES, **kw)
-    cfg = plan.model_spec("align", dtype="bfloat16", remat="full", overrides=small).config
-    adaptors = (cfg.gin.emb_dim + 1) * 4096 + (cfg.esm.hidden_size + 1) * 4096
-    gin = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: GIN(cfg.gin, rngs=nnx.Rngs(0))), nnx.Param)))
-    assert align.params == full.params == cfg.lm.num_params() + esm_params(cfg.esm) + gin + adaptors
-    assert align.trainable == adaptors == 11_722_752 and full.trainable == full.params
-    assert align.opt_state_bytes == 8 * adaptors + 8 and full.opt_state_bytes == 8 * full.params + 8
-    # frozen weights are read, not updated: no moments, no donated outputs
-    assert align.memory["argument"] < full.memory["argument"] / 2
-    assert align.memory["output"] < 0.05 * full.memory["output"]
+def test_abstract_batch_is_the_pipelines(shared_data):
+    """The planned batch has the shapes of a real pipeline batch (tiny config, one bucket), concatenated
+    over hosts and stacked over micro-batches; the `lm` stage keeps the text keys."""
+    cfg = load_config("tiny", ["data.seq_buckets=[256]", "data.sources=[demo]"])
+    real = next(BatchIterator(cfg.data))
+    planned = plan.abstract_batch(cfg, 1)
+    assert {k: (v.shape, v.dtype) for k, v in planned.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}
+    two = plan.abstract_batch(load_config("tiny", ["data.seq_buckets=[256]", "optim.grad_accum=3"]), 2)
+    assert two["input_ids"].shape == (3, 8, 256) and two["mol_atoms"].shape == (3, 2 * real["mol_atoms"].shape[0], 2)
+    assert set(plan.abstract_batch(load_config("tiny_lm"), 1)) == {"input_ids", "attention_mask", "loss_mask"}
 
 
 def test_10b_parameter_count():
     """The full configs/biomedgpt_10b.yaml, built abstractly: 9.58B = LM 6.74B + ESM-2 3B + GIN + adaptors."""
-    import math
+    from bmgpt_jax.training import stages
+    cfg = load_config("biomedgpt_10b_finetune").model
+    make, _ = stages.model_factory("finetune", cfg)
+    n = sum(math.prod(x.shape) for x in plan.param_leaves(nnx.state(nnx.eval_shape(make))))
+    assert cfg.lm.num_params() == 6_738_423_808
+    assert n == 9_584_447_340 == 6_738_423_808 + 2_832_442_880 + 11_722_752 + 1_857_900  # ESM-2 3B, GIN 5 x 300
 
-    from flax import nnx
-    spec = plan.model_spec("finetune", dtype="bfloat16", remat="full", overrides=[])
-    n = sum(math.prod(x.shape) for x in plan.param_leaves(nnx.state(nnx.eval_shape(spec.make))))
-    assert spec.config.lm.num_params() == 6_738_423_808 and esm_params(spec.config.esm) == 2_832_442_880
-    assert n == 9_584_447_340 == 6_738_423_808 + 2_832_442_880 + 11_722_752 + 1_857_900  # GIN 5 x 300
 
-
-def test_bad_mesh_and_batch():
+def test_bad_inputs():
+    one_layer = ["model.lm.num_layers=1"]
     with pytest.raises(ValueError, match="needs 6 devices"):
-        plan.plan_stage("lm", DEVICES, mesh_shape=(1, 6, 1), overrides=["num_layers=1"])
+        plan.plan_job(load_config("biomedgpt_10b_lm", one_layer + ["mesh=[1,6,1]"]), DEVICES)
     with pytest.raises(ValueError, match="not divisible"):
-        plan.plan_stage("lm", DEVICES, mesh_shape=(1, 8, 1), batch=12, seq=64, overrides=["num_layers=1"])
+        plan.plan_job(load_config("biomedgpt_10b_lm", one_layer + ["data.batch_size=12"]), DEVICES[:8])
+    with pytest.raises(ValueError, match="does not divide over 3 hosts"):
+        plan.plan_job(load_config("biomedgpt_10b_lm", one_layer), DEVICES, processes=3)
+    with pytest.raises(ValueError, match="vocab_size is 0"):
+        plan.plan_job(load_config("tiny"), DEVICES)
+    with pytest.raises(SystemExit, match="biomedgpt_10b_align: .*mol_n_node"):
+        plan.main(["--devices", "8", "--stage", "align", "-o", "data.graph_budget=12", *SMALL_10B[:4]])
 
 
 def test_several_lengths_beside_the_dense_form(capsys):
     """`--seq 512 1024 --dense`: a row per length with flash attention + chunked loss, each beside the plain
     attention + whole-logits step; the dense temporaries grow with T^2 and whole logits, the others do not."""
-    small = ["-o", "num_layers=1", "-o", "hidden_size=256", "-o", "intermediate_size=512", "-o", "num_heads=4",
-             "-o", "num_kv_heads=4", "-o", "loss_chunk_size=256"]
-    plans = plan.main(["--devices", "8", "--stage", "lm", "--batch", "8", "--seq", "512", "1024", "--dense"] + small)
+    small = [f"model.lm.{kv}" for kv in ("num_layers=1", "hidden_size=256", "intermediate_size=512", "num_heads=4",
+                                          "num_kv_heads=4", "loss_chunk_size=256")]
+    plans = plan.main(["--devices", "8", "--config", "biomedgpt_10b_lm", "--batch", "8", "--seq", "512", "1024",
+                       "--dense"] + [a for o in small for a in ("-o", o)])
     out = capsys.readouterr().out
-    assert "batch 8 x seq 512/1024" in out
     assert [(p.seq, p.attention, p.loss_chunk) for p in plans] == [(512, "flash", 256), (512, "xla", 0),
                                                                    (1024, "flash", 256), (1024, "xla", 0)]
-    rows = [line.split()[:4] for line in out.splitlines() if line.startswith("lm ")]
-    assert rows == [["lm", "512", "flash", "256"], ["lm", "512", "xla", "-"], ["lm", "1024", "flash", "256"],
-                    ["lm", "1024", "xla", "-"]]
-    flash, dense = plans[2].memory["temp"], plans[3].memory["temp"]
+    rows = [line.split()[:5] for line in out.splitlines()
+            if line.startswith("biomedgpt_10b_lm") and ("flash" in line or "xla" in line)]
+    n = f"{plans[0].params:,}"
+    assert rows == [["biomedgpt_10b_lm", "512", "flash", "256", n], ["biomedgpt_10b_lm", "(dense)", "512", "xla", "-"],
+                    ["biomedgpt_10b_lm", "1024", "flash", "256", n], ["biomedgpt_10b_lm", "(dense)", "1024", "xla", "-"]]
+    flash, dense = plans[2].step.memory["temp"], plans[3].step.memory["temp"]
     assert flash < dense / 2
     assert plans[2].params == plans[3].params
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install -e .[tpu-plan])")
-def test_tpu_topology_compiles_7b_layer(capsys):
-    """v5e:4x4 (16 chips, 4 hosts): the 7B width with 1 layer, compiled by libtpu's TPU compiler; at 512
-    tokens `attention: auto` is the Pallas splash kernel."""
-    (p,) = plan.main(["--topology", "v5e:4x4", "--stage", "lm", "--batch", "16", "--seq", "512",
-                      "-o", "num_layers=1"])
+def test_tpu_topology_fits_and_refuses(capsys):
+    """v5e:4x4 (16 chips, 4 hosts): the 7B width with 1 layer fits, and at 512 tokens `attention: auto` is
+    the Pallas splash kernel; 64 x 4096 tokens per chip does not fit, which the TPU compiler says
+    (RESOURCE_EXHAUSTED) and the table reports."""
+    (fits,) = plan.main(["--topology", "v5e:4x4", "--config", "biomedgpt_10b_lm", "-o", "model.lm.num_layers=1",
+                         "--batch", "16", "--seq", "512"])
     out = capsys.readouterr().out
-    assert p.attention == "splash" and p.loss_chunk == 512
-    assert next(l for l in out.splitlines() if l.startswith("lm ")).split()[1:4] == ["512", "splash", "512"]
+    assert fits.attention == "splash" and fits.loss_chunk == 512
+    assert next(line for line in out.splitlines() if line.startswith("biomedgpt_10b_lm")).split()[1:4] == \
+        ["512", "splash", "512"]
     assert "v5e:4x4: 16 x TPU v5 lite (4 hosts) -- figures from the TPU compiler" in out
-    assert "yes (16)" in out  # fits the 16 GiB of HBM per v5e chip
-    assert p.params == config.load(LlamaConfig, "biomedgpt_lm_7b", ["num_layers=1"]).num_params()
-    assert p.memory["argument"] == pytest.approx((p.param_bytes + p.opt_state_bytes) / 16, rel=0.01)
-    assert 0 < p.peak < 16 * GiB
+    assert "yes (16)" in out
+    assert fits.state_per_device == pytest.approx((fits.param_bytes + fits.opt_state_bytes) / 16, rel=0.01)
+    assert 0 < fits.peak < 16 * GiB
+    # the TPU compiler fuses the random bits into the outputs: initialising costs the state and little more
+    assert fits.init.memory["temp"] < 0.1 * fits.init.memory["output"]
+    assert fits.init_peak < 1.1 * fits.state_per_device
+    (oom,) = plan.main(["--topology", "v5e:4x4", "--config", "biomedgpt_10b_lm", "-o", "model.lm.num_layers=1",
+                        "--batch", "1024", "--seq", "4096"])
+    out = capsys.readouterr().out
+    assert oom.peak is None and "RESOURCE_EXHAUSTED" in oom.step.error and "NO (16)" in out and "OOM" in out
