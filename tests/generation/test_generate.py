@@ -19,12 +19,13 @@ def models(tmp_path_factory, torch):
     return hf, hf_llama.load(path, scan_layers=True)
 
 
-def prompts(pad_left: bool):
-    rs = np.random.RandomState(7)
-    t = max(LENS)
-    ids = np.zeros((len(LENS), t), np.int64)
+def prompts(pad_left: bool, lens=LENS, seed: int = 7):
+    """Random prompts of `lens` tokens, `[len(lens), max(lens)]` ids and mask, padded left or right."""
+    rs = np.random.RandomState(seed)
+    t = max(lens)
+    ids = np.zeros((len(lens), t), np.int64)
     mask = np.zeros_like(ids)
-    for i, n in enumerate(LENS):
+    for i, n in enumerate(lens):
         sl = slice(t - n, t) if pad_left else slice(0, n)
         ids[i, sl] = rs.randint(3, VOCAB, n)
         mask[i, sl] = 1
@@ -141,14 +142,8 @@ def test_more_than_256_cache_slots_equal_transformers(long_models, torch, pad_le
     """A 40-token prompt + 240 new tokens = 280 cache slots (chat always asks for more than 256): the
     prompt is prefilled on the blockwise flash path, each decode step on the plain path."""
     hf, ours = long_models
-    rs = np.random.RandomState(11)
     lens, t, new = (40, 23, 31, 5), 40, 240
-    ids = np.zeros((len(lens), t), np.int64)
-    mask = np.zeros_like(ids)
-    for i, n in enumerate(lens):
-        sl = slice(t - n, t) if pad_left else slice(0, n)
-        ids[i, sl] = rs.randint(3, VOCAB, n)
-        mask[i, sl] = 1
+    ids, mask = prompts(pad_left, lens, seed=11)
     left = np.stack([np.roll(r, -int(m.sum())) for r, m in zip(ids, mask)]) if not pad_left else ids
     left_mask = np.stack([np.roll(m, -int(m.sum())) for m in mask]) if not pad_left else mask
     with torch.no_grad():  # transformers is given the prompts left-padded, as it wants for generation
