@@ -71,14 +71,6 @@ def jit_step(model, loss):
     return lambda ids: fn(state, ids)
 
 
-def decode_bytes_per_token(cfg, prompt: int, new: int, itemsize: int) -> float:
-    """Bytes that must be read from memory per new token at batch 1: all parameters but the embedding
-    table (one row of it), plus the keys and values cached so far (mean over the `new` steps)."""
-    weights = (cfg.num_params() - cfg.vocab_size * cfg.hidden_size + cfg.hidden_size) * itemsize
-    kv_per_pos = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.dim_per_head * itemsize
-    return weights + kv_per_pos * (prompt + (new - 1) / 2)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
@@ -98,7 +90,7 @@ def main():
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    load = P.header(f"bench/llama_step.py: Llama train step and greedy decode, ours vs transformers, {args.dtype}")
+    load_before = P.header(f"bench/llama_step.py: Llama train step and greedy decode, ours vs transformers, {args.dtype}")
     if args.dtype == "bfloat16" and not P.has_flag("avx512_bf16"):
         print("# this CPU has no avx512_bf16: bfloat16 matmuls are emulated on both sides")
     torch.set_num_threads(args.threads)
@@ -190,17 +182,17 @@ def main():
             s = P.interleave({"ours": ours_gen, "hf": hf_gen}, args.trials)
             bound = ""
             if gb == 1:
-                limit = bw / decode_bytes_per_token(cfg, args.gen_prompt, args.gen_new, 4)
+                limit = bw / P.decode_bytes_per_token(cfg, args.gen_prompt, args.gen_new, 4)
                 bound = (f"{new / s['ours'].median / limit:.0%} / {new / s['hf'].median / limit:.0%} "
                          f"of {limit:,.0f} tok/s")
             rows.append([f"{gb} x ({args.gen_prompt} + {args.gen_new} new)", P.rate(s["ours"], new),
                          P.rate(s["hf"], new), P.ratio(s["ours"], s["hf"]), bound])
         print(f"\ngreedy decode, float32, same tokens asserted; measured read bandwidth {bw / 1e9:.1f} GB/s; "
               f"batch-1 bound = that / bytes read per token "
-              f"({decode_bytes_per_token(cfg, args.gen_prompt, args.gen_new, 4) / 1e6:.1f} MB: weights + KV cache)")
+              f"({P.decode_bytes_per_token(cfg, args.gen_prompt, args.gen_new, 4) / 1e6:.1f} MB: weights + KV cache)")
         P.table(["decode batch x tokens", "ours new tok/s", "HF generate new tok/s", "ours / HF",
                  "ours / HF of the bandwidth bound"], rows)
-    P.footer(load)
+    P.footer(load_before)
 
 
 if __name__ == "__main__":

@@ -167,6 +167,14 @@ def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
     return mib * 2 ** 20 / best
 
 
+def decode_bytes_per_token(cfg, prompt: int, new: int, itemsize: int) -> float:
+    """For a Llama config `cfg`: bytes that must be read from memory per new token at batch 1: all parameters but the embedding
+    table (one row of it), plus the keys and values cached so far (mean over the `new` steps)."""
+    weights = (cfg.num_params() - cfg.vocab_size * cfg.hidden_size + cfg.hidden_size) * itemsize
+    kv_per_pos = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.dim_per_head * itemsize
+    return weights + kv_per_pos * (prompt + (new - 1) / 2)
+
+
 def table(columns: list[str], rows: list[list[str]]) -> None:
     """Print a Markdown table."""
     print("\n| " + " | ".join(columns) + " |")
