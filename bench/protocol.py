@@ -4,7 +4,7 @@
   vector extensions that matter here (avx2, avx512f, avx512_bf16, amx_*), cores (`os.cpu_count` and the
   affinity set this process may run on), library versions, the date and the 1-minute load average; a load
   >= 1 is flagged: such a run checks the code, its figures do not go into README/docs. `footer(load)`
-  prints the load average after.
+  prints the load average after and how many cores other processes kept busy during the run.
 - `interleave(sides, trials)` warms every side up once (compilation, caches), then runs the sides one
   after the other, trial by trial, rotating which goes first, so load from other processes hits all sides
   alike. Each side gets `trials` (>= 5 for a published figure) wall-clock times.
@@ -67,6 +67,28 @@ def add_trials_arg(ap: argparse.ArgumentParser, default: int = 5) -> None:
                     help=f"interleaved timed trials per side (default {default}; >= 5 for a published figure)")
 
 
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """(wall s, CPU s busy on the whole machine, CPU s of this process) -- Linux /proc/stat, else None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    busy = (sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0.0)) / os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
+
+
+def others_busy(a, b) -> float | None:
+    """Cores kept busy by other processes between two `cpu_snapshot`s (a clean benchmark wants ~0)."""
+    if a is None or b is None:
+        return None
+    return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / max(b[0] - a[0], 1e-9))
+
+
+_START: list = []
+
+
 def header(title: str) -> float:
     """Print the machine description; return the 1-minute load average before the run."""
     name, flags = cpu()
@@ -85,15 +107,18 @@ def header(title: str) -> float:
     print(f"# load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
           + ("" if load[0] < 1 else "  ** >= 1: the machine is busy; figures below are not for publication **"),
           flush=True)
+    _START[:] = [cpu_snapshot()]
     return load[0]
 
 
 def footer(load_before: float) -> None:
     """Print the load average after the run (and whether the whole run was on a quiet machine)."""
     load = os.getloadavg()
-    quiet = load_before < 1 and load[0] < 1.5
-    print(f"\n# load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
-          f"({'quiet run' if quiet else 'busy machine: ratios only indicative, absolute figures not comparable'})")
+    busy = others_busy(_START[0], cpu_snapshot()) if _START else None
+    quiet = load_before < 1 and load[0] < 1.5 and (busy is None or busy < 0.25)
+    print(f"\n# load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+          + ("" if busy is None else f"; other processes kept {busy:.2f} of {os.cpu_count()} cores busy during the run")
+          + f" ({'quiet run' if quiet else 'busy machine: ratios only indicative, absolute figures not comparable'})")
 
 
 @dataclass

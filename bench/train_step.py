@@ -56,25 +56,6 @@ def pick_batches(it, n: int, scan: int = 200) -> list[dict]:
     return (prot + mol + rest)[:n]
 
 
-def cpu_snapshot() -> tuple[float, float, float] | None:
-    """(wall s, CPU s busy on the whole machine, CPU s of this process) -- Linux /proc/stat, else None."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [float(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return None
-    busy = (sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0.0)) / os.sysconf("SC_CLK_TCK")
-    t = os.times()
-    return time.perf_counter(), busy, t.user + t.system
-
-
-def others_busy(a, b) -> float | None:
-    """Cores kept busy by other processes between two `cpu_snapshot`s (the benchmark wants ~0)."""
-    if a is None or b is None:
-        return None
-    return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / max(b[0] - a[0], 1e-9))
-
-
 def matmul_params(state) -> int:
     """Parameters that take part in matmuls: embedding tables (`...weight` with ndim >= 2) are gathers
     (the rule of `training.loop`; it also leaves out scan-stacked norm scales, which are no matmuls)."""
@@ -199,10 +180,10 @@ def main():
 
         # passes over the batches, one step each, ours and PyTorch interleaved pass by pass
         losses = {"ours": [], "torch": []}
-        snap = cpu_snapshot()
+        snap = P.cpu_snapshot()
         stats = P.interleave({"ours": lambda: losses["ours"].extend(ours_step(b) for b in batches),
                               "torch": lambda: losses["torch"].extend(tstep(b) for b in batches)}, args.trials)
-        busy = others_busy(snap, cpu_snapshot())
+        busy = P.others_busy(snap, P.cpu_snapshot())
         assert step._cache_size() == 1, f"ours recompiled: {step._cache_size()} programs"
         drift = max(abs(a - b) for a, b in zip(losses["ours"], losses["torch"]))
         t_ours, t_torch = stats["ours"].median, stats["torch"].median
