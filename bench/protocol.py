@@ -35,18 +35,18 @@ LIBRARIES = ("jax", "jaxlib", "flax", "torch", "transformers")
 
 def cpu() -> tuple[str, set[str]]:
     """(CPU model name, its flags) from /proc/cpuinfo; (platform's processor name, empty set) elsewhere."""
-    name, flags = platform.processor() or platform.machine(), set()
+    name, flags = "", set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
+                if key.strip() == "model name" and not name:
                     name = value.strip()
                 elif key.strip() == "flags" and not flags:
                     flags = set(value.split())
     except OSError:
         pass
-    return name, flags
+    return name or platform.processor() or platform.machine(), flags
 
 
 def has_flag(flag: str) -> bool:
