@@ -13,6 +13,8 @@ process; the peak RSS is that child's `ru_maxrss` (RUSAGE_CHILDREN of a launcher
 its wall clock (Python and JAX start-up included). `--layers` shrinks both decoder and encoder depth (the
 widths stay real). A model is skipped, saying so, when `DIR` lacks the free disk it needs (source plus
 output, checked with `shutil.disk_usage`); everything written is removed at the end unless `--keep`.
+There is no PyTorch peer and one conversion of the real size takes minutes, so each runs once; the
+machine header and the load average before and after are those of bench/protocol.py.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ from bmgpt_jax.data.text import load_tokenizer  # noqa: E402
 from bmgpt_jax.models.biomedgpt import BioMedGPTConfig  # noqa: E402
 from bmgpt_jax.models.llama import LlamaConfig  # noqa: E402
 from tests.convert import synthetic  # noqa: E402
+
+import protocol as P  # noqa: E402  (bench/protocol.py; scripts run as python bench/x.py)
 
 GB = 1e9
 
@@ -111,6 +115,7 @@ def main() -> None:
     ap.add_argument("--dir", help="where to write (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
     args = ap.parse_args()
+    load_before = P.header("bench/convert.py: streaming checkpoint conversion, peak memory and time")
     root = Path(args.dir or tempfile.mkdtemp(prefix="bmgpt_convert_bench_"))
     rows = []
     try:
@@ -132,6 +137,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['model']} | {r['direction']} | {r['size'] / GB:.2f} GB | {r['peak'] / GB:.2f} GB | "
               f"{r['seconds']:.0f} s |")
+    P.footer(load_before)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,17 @@
 
 Both models get identical right-padded batches (sequences sorted by length, each batch padded to a
 multiple of --pad-multiple so JAX compiles few shapes). Weights are random (no hub access), which does
-not change the speed. JAX compiles on a warm-up pass; torch also gets one warm-up pass; then each is
-timed over all batches in one run. Residues/s counts real residues only (no `<cls>`/`<eos>`/padding).
-Torch runs on CUDA when available, in the config's compute dtype, like ours.
+not change the speed. The protocol of bench/protocol.py: machine header, one warm-up pass each (JAX
+compiles there), then --trials passes over all batches, ours and torch interleaved pass by pass, median
+and min-max, ratio of medians, load average before and after. Before timing, the last hidden states of
+every batch must agree on real tokens (float32: within 1e-3; the difference is printed). Residues/s counts
+real residues only (no `<cls>`/`<eos>`/padding). Torch runs on CUDA when available, in the config's
+compute dtype, like ours.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 import warnings
 from pathlib import Path
@@ -27,9 +29,13 @@ from flax import nnx
 from bmgpt_jax.config import load
 from bmgpt_jax.convert import hf_esm
 from bmgpt_jax.data import proteins
+from bmgpt_jax.data.builders import shared_data_dir
 from bmgpt_jax.models.esm import EsmConfig
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "proteins" / "swissprot_function_pairs.tsv"
+import protocol as P  # (bench/protocol.py; scripts run as python bench/x.py)
+
+SHARED = shared_data_dir()  # ../shared/data or $BMGPT_SHARED_DATA
+DATA = SHARED / "proteins" / "swissprot_function_pairs.tsv" if SHARED else Path("-")
 
 
 def make_batches(seqs: list[str], batch_size: int, max_length: int, multiple: int):
@@ -44,12 +50,6 @@ def make_batches(seqs: list[str], batch_size: int, max_length: int, multiple: in
     return out
 
 
-def time_pass(run, batches) -> tuple[float, list[np.ndarray]]:
-    t0 = time.perf_counter()
-    outs = [run(ids, mask) for ids, mask in batches]
-    return time.perf_counter() - t0, outs
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="esm2_8m", help="configs/<name>.yaml (default esm2_8m)")
@@ -59,8 +59,10 @@ def main() -> None:
     ap.add_argument("--pad-multiple", type=int, default=64)
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. dtype=bfloat16 scan_layers=true")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+    P.add_trials_arg(ap)
     args = ap.parse_args()
 
+    load_before = P.header(f"bench/esm.py: ESM-2 {args.config} inference, ours vs transformers' EsmModel")
     torch.set_num_threads(args.threads)
     cfg = load(EsmConfig, args.config, args.overrides)
     seqs, _ = proteins.read_sequences_tsv(args.data)
@@ -88,23 +90,29 @@ def main() -> None:
             out = hf(torch.from_numpy(ids).long().to(tdev), attention_mask=torch.from_numpy(mask).long().to(tdev))
             return out.last_hidden_state.float().cpu().numpy()
 
-    compile_s, _ = time_pass(run_jax, batches)
-    t_jax, out_jax = time_pass(run_jax, batches)
-    time_pass(run_torch, batches[:1])
-    t_torch, out_torch = time_pass(run_torch, batches)
+    t0 = time.perf_counter()
+    out_jax = [run_jax(ids, mask) for ids, mask in batches]
+    compile_s = time.perf_counter() - t0
+    out_torch = [run_torch(ids, mask) for ids, mask in batches]
     diff = max(float(np.abs(a - b)[m.astype(bool)].max()) for a, b, (_, m) in zip(out_jax, out_torch, batches))
+    if cfg.dtype == "float32":
+        assert diff < 1e-3, f"max |ours - torch| on real tokens {diff:.2e} >= 1e-3"
+    stats = P.interleave({"ours": lambda: [run_jax(i, m) for i, m in batches],
+                          "torch": lambda: [run_torch(i, m) for i, m in batches]}, args.trials, warmup=0)
 
     dev = jax.devices()[0]
     print(f"ESM-2 {args.config}: {cfg.num_layers} layers x {cfg.hidden_size}, {cfg.dtype}; {len(seqs)} sequences, "
           f"{len(batches)} batches of <= {args.batch_size}, {residues} residues, {tokens} padded tokens")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus; jax {jax.__version__} on "
-          f"{dev.platform}; torch {torch.__version__} on {tdev} ({args.threads} CPU threads)")
+    print(f"jax on {dev.platform}; torch on {tdev} ({args.threads} CPU threads); {args.trials} interleaved passes, "
+          f"median (min-max)")
     print(f"max |ours - torch| on real tokens: {diff:.2e}; JAX first pass (compiles {len({i.shape for i, _ in batches})}"
-          f" shapes): {compile_s:.1f} s\n")
-    print(f"| {'implementation':<30} | {'seconds':>8} | {'residues/s':>11} | {'vs torch':>8} |")
-    print(f"|{'-' * 32}|{'-' * 10}|{'-' * 13}|{'-' * 10}|")
-    for name, t in ((f"bmgpt_jax (jax.jit, {dev.platform})", t_jax), (f"transformers EsmModel ({tdev})", t_torch)):
-        print(f"| {name:<30} | {t:>8.2f} | {residues / t:>11,.0f} | {t_torch / t:>7.2f}x |")
+          f" shapes): {compile_s:.1f} s")
+    P.table(["implementation", "seconds per pass", "residues/s", "vs torch"],
+            [[f"bmgpt_jax (jax.jit, {dev.platform})", P.seconds(stats["ours"], 1, ".2f"),
+              P.rate(stats["ours"], residues), P.ratio(stats["ours"], stats["torch"])],
+             [f"transformers EsmModel ({tdev})", P.seconds(stats["torch"], 1, ".2f"), P.rate(stats["torch"], residues),
+              "1.00x"]])
+    P.footer(load_before)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,33 @@
-"""Benchmark: Llama train step (forward+backward) and greedy decoding, ours vs transformers' PyTorch.
+"""Benchmark: Llama train step (forward + backward) and greedy decoding, ours vs transformers' PyTorch.
 
-Same config, same weights, float32, measured in one run, so the ratios are meaningful on a noisy
-machine. MFU is against this machine's measured float32 matmul rate.
+Same config, same weights, the protocol of bench/protocol.py (machine header, ours and PyTorch
+interleaved trial by trial, median and min-max over --trials, ratio of medians, load before and after).
+
+Train step: `value_and_grad` of the mean next-token loss over batch x (seq - 1) targets, three ways on our
+side against one PyTorch reference (`LlamaForCausalLM` logits + `F.cross_entropy`, `backward()`):
+"optax" (full logits, `optax.softmax_cross_entropy_with_integer_labels`), "plain" (full logits,
+`log_softmax` + `take_along_axis`) and "chunked" (the project's training loss `lm_loss`, logits in chunks of
+`loss_chunk_size` tokens). Before timing, every loss must equal PyTorch's (float32: within 2e-4).
+MFU is against this machine's measured matmul rate in the same dtype.
+
+Decode: greedy, a fixed number of new tokens, ours (`generation.generate`) vs HF `generate`, the same
+tokens asserted first; per decode batch. The batch-1 row also reports the memory-bandwidth bound: bytes
+that must be read per new token (every weight matrix, the LM head, one embedding row, and the KV cache of
+the positions so far) over the measured read bandwidth (`protocol.read_bandwidth`).
+
+`--dtype bfloat16`: both sides in bfloat16 (parameters and compute; the loss in float32), the loss and
+logit differences of each side against its float32 self printed (and ours against PyTorch's bfloat16
+loss asserted within 5e-2); decoding stays float32. Without
+avx512_bf16 in the CPU flags bfloat16 matmuls are emulated, and the header says so.
 
     python bench/llama_step.py                       # 4 layers, hidden 512, 8 heads, batch 8 x 256
-    python bench/llama_step.py --layers 2 --steps 3  # quicker
+    python bench/llama_step.py --layers 2 --trials 5 --losses optax --gen-batch 1   # quicker
+    python bench/llama_step.py --dtype bfloat16 --gen-batch      # the bfloat16 train step, no decode
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import tempfile
 
@@ -20,29 +39,61 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import protocol as P  # noqa: E402  (bench/protocol.py; scripts run as python bench/x.py)
 from bmgpt_jax.convert import hf_llama  # noqa: E402
 from bmgpt_jax.generation import generate  # noqa: E402
+from bmgpt_jax.models.biomedgpt import lm_loss  # noqa: E402
 from bmgpt_jax.training.monitor import measure_matmul_flops, train_flops_per_token  # noqa: E402
-from timing import median_time  # noqa: E402  (bench/timing.py; scripts run as python bench/x.py)
+
+
+def optax_loss(model, ids):
+    logits = model(ids[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), ids[:, 1:]).mean()
+
+
+def plain_loss(model, ids):
+    logp = jax.nn.log_softmax(model(ids[:, :-1]).astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
+
+
+def chunked_loss(model, ids):
+    ones = jnp.ones_like(ids)
+    total, count = lm_loss(model, {"input_ids": ids, "attention_mask": ones, "loss_mask": ones})
+    return total / count
+
+
+LOSSES = {"optax": optax_loss, "plain": plain_loss, "chunked": chunked_loss}
+
+
+def jit_step(model, loss):
+    """A jitted `(state, ids) -> (loss, grads)` over the split model (no graph traversal per call)."""
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(jax.value_and_grad(lambda st, ids: loss(nnx.merge(graphdef, st), ids)))
+    return lambda ids: fn(state, ids)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32001)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--gen-batch", type=int, default=4)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
+    ap.add_argument("--gen-batch", type=int, nargs="*", default=[1, 4], help="decode batches (none: no decode)")
     ap.add_argument("--gen-prompt", type=int, default=32)
     ap.add_argument("--gen-new", type=int, default=64)
+    P.add_trials_arg(ap)
     args = ap.parse_args()
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    load_before = P.header(f"bench/llama_step.py: Llama train step and greedy decode, ours vs transformers, {args.dtype}")
+    if args.dtype == "bfloat16" and not P.has_flag("avx512_bf16"):
+        print("# this CPU has no avx512_bf16: bfloat16 matmuls are emulated on both sides")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ffn = int(args.hidden * 8 / 3 + 63) // 64 * 64
@@ -54,61 +105,97 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = hf_llama.load(d, scan_layers=True)
+        ours_lp = (hf_llama.load(d, scan_layers=True, dtype="bfloat16", param_dtype="bfloat16")
+                   if args.dtype == "bfloat16" else ours)
+    hf_lp = copy.deepcopy(hf).to(torch.bfloat16) if args.dtype == "bfloat16" else hf
     cfg = ours.config
 
     rs = np.random.RandomState(0)
     ids = rs.randint(3, args.vocab, (args.batch, args.seq))
     tokens = args.batch * args.seq
+    batch, tids = jnp.asarray(ids), torch.tensor(ids)
 
-    # --- train step: forward + backward + SGD-free grads (the optimizer update is cheap and equal) ---
-    def loss_fn(model, batch):
-        logits = model(batch[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+    def torch_loss(model):
+        out = model(tids[:, :-1]).logits.float()
+        return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), tids[:, 1:].reshape(-1))
 
-    @nnx.jit
-    def jax_step(model, batch):
-        return nnx.value_and_grad(loss_fn)(model, batch)
-
-    batch = jnp.asarray(ids)
-    t_jax = median_time(lambda: jax.block_until_ready(jax_step(ours, batch)), args.steps)
-
+    # --- parity: every loss of ours equals PyTorch's in float32 before anything is timed ---
     hf.train()
-    tids = torch.tensor(ids)
+    with torch.no_grad():
+        ref = float(torch_loss(hf))
+    for name in args.losses:
+        got = float(LOSSES[name](ours, batch))
+        assert abs(got - ref) < 2e-4, f"{name} loss {got:.6f} != PyTorch {ref:.6f}"
+    print(f"# parity: float32 loss {ref:.6f} (PyTorch); ours ({', '.join(args.losses)}) within 2e-4")
+    if args.dtype == "bfloat16":
+        hf_lp.train()
+        with torch.no_grad():
+            ref_lp = float(torch_loss(hf_lp))
+            t_logits = hf_lp(tids[:1, :64]).logits.float().numpy()
+            t_logits32 = hf(tids[:1, :64]).logits.numpy()
+        loss_lp = float(optax_loss(ours_lp, batch))
+        assert abs(loss_lp - ref_lp) < 5e-2, f"bfloat16 loss ours {loss_lp:.4f} vs PyTorch {ref_lp:.4f}"
+        o_logits = np.asarray(ours_lp(batch[:1, :64]))
+        o_logits32 = np.asarray(ours(batch[:1, :64]))
+        print(f"# bfloat16 vs float32: loss ours {loss_lp - ref:+.2e}, PyTorch "
+              f"{ref_lp - ref:+.2e}; max |logit diff| (first row, 64 tokens) ours "
+              f"{np.abs(o_logits - o_logits32).max():.3f}, PyTorch {np.abs(t_logits - t_logits32).max():.3f}; "
+              f"ours bf16 vs PyTorch bf16 {np.abs(o_logits - t_logits).max():.3f}")
+
+    # --- train step: forward + backward (the optimizer update is cheap and equal) ---
+    steps = {f"ours {n}": jit_step(ours_lp, LOSSES[n]) for n in args.losses}
+    sides = {k: (lambda f=f: jax.block_until_ready(f(batch))) for k, f in steps.items()}
 
     def torch_step():
-        hf.zero_grad(set_to_none=True)
-        out = hf(tids[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), tids[:, 1:].reshape(-1))
-        loss.backward()
-    t_torch = median_time(torch_step, args.steps)
+        hf_lp.zero_grad(set_to_none=True)
+        torch_loss(hf_lp).backward()
+    sides["PyTorch"] = torch_step
+    hf_lp.train()
+    stats = P.interleave(sides, args.trials)
 
-    peak = measure_matmul_flops()
+    peak = measure_matmul_flops(dtype=jnp.dtype(args.dtype))
     matmul_params = cfg.num_params() - cfg.vocab_size * cfg.hidden_size  # embedding lookups are gathers
     flops = train_flops_per_token(matmul_params, n_layers=cfg.num_layers, seq_len=args.seq,
                                   d_model=cfg.hidden_size) * tokens
-
-    # --- greedy decoding ---
-    hf.eval()
-    gids = rs.randint(3, args.vocab, (args.gen_batch, args.gen_prompt))
-    new = args.gen_batch * args.gen_new
-    t_gen = median_time(lambda: generate(ours, gids, max_new_tokens=args.gen_new, eos_token_id=-1), 3)
-
-    def hf_gen():
-        with torch.no_grad():
-            hf.generate(torch.tensor(gids), max_new_tokens=args.gen_new, min_new_tokens=args.gen_new,
-                        do_sample=False, pad_token_id=0)
-    t_hf_gen = median_time(hf_gen, 3)
-
     print(f"\nLlama {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads, FFN {ffn}, "
-          f"vocab {cfg.vocab_size}, float32, {args.threads} threads; {jax.devices()[0].device_kind}; "
-          f"measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s\n")
-    print("| measure | ours (JAX) | PyTorch | ours / PyTorch |")
-    print("|---|---|---|---|")
-    print(f"| train step tokens/s (batch {args.batch} x {args.seq}) | {tokens / t_jax:,.0f} | "
-          f"{tokens / t_torch:,.0f} | {t_torch / t_jax:.2f}x |")
-    print(f"| train step MFU | {flops / t_jax / peak:.1%} | {flops / t_torch / peak:.1%} | |")
-    print(f"| greedy decode new tokens/s (batch {args.gen_batch}, prompt {args.gen_prompt}, "
-          f"{args.gen_new} new) | {new / t_gen:,.0f} | {new / t_hf_gen:,.0f} | {t_hf_gen / t_gen:.2f}x |")
+          f"vocab {cfg.vocab_size}, {args.dtype}, torch {args.threads} threads; train step on batch "
+          f"{args.batch} x {args.seq}; measured {args.dtype} matmul rate {peak / 1e9:.1f} GFLOP/s; "
+          f"{args.trials} interleaved trials, median (min-max)")
+    rows = [[name, P.rate(s, tokens), f"{flops / s.median / peak:.1%}", P.ratio(s, stats["PyTorch"])]
+            for name, s in stats.items()]
+    P.table(["train step", "tokens/s", "MFU", "vs PyTorch"], rows)
+
+    # --- greedy decoding, float32 ---
+    if args.gen_batch:
+        hf.eval()
+        bw = P.read_bandwidth()
+        rows = []
+        for gb in args.gen_batch:
+            gids = rs.randint(3, args.vocab, (gb, args.gen_prompt))
+            new = gb * args.gen_new
+
+            def ours_gen():
+                return generate(ours, gids, max_new_tokens=args.gen_new, eos_token_id=-1)
+
+            def hf_gen():
+                with torch.no_grad():
+                    return hf.generate(torch.tensor(gids), max_new_tokens=args.gen_new,
+                                       min_new_tokens=args.gen_new, do_sample=False, pad_token_id=0).numpy()
+            assert np.array_equal(ours_gen(), hf_gen()[:, args.gen_prompt:]), f"decode batch {gb}: tokens differ"
+            s = P.interleave({"ours": ours_gen, "hf": hf_gen}, args.trials)
+            bound = ""
+            if gb == 1:
+                limit = bw / P.decode_bytes_per_token(cfg, args.gen_prompt, args.gen_new, 4)
+                bound = (f"{new / s['ours'].median / limit:.0%} / {new / s['hf'].median / limit:.0%} "
+                         f"of {limit:,.0f} tok/s")
+            rows.append([f"{gb} x ({args.gen_prompt} + {args.gen_new} new)", P.rate(s["ours"], new),
+                         P.rate(s["hf"], new), P.ratio(s["ours"], s["hf"]), bound])
+        print(f"\ngreedy decode, float32, same tokens asserted; measured read bandwidth {bw / 1e9:.1f} GB/s; "
+              f"batch-1 bound = that / bytes read per token "
+              f"({P.decode_bytes_per_token(cfg, args.gen_prompt, args.gen_new, 4) / 1e6:.1f} MB: weights + KV cache)")
+        P.table(["decode batch x tokens", "ours new tok/s", "HF generate new tok/s", "ours / HF",
+                 "ours / HF of the bandwidth bound"], rows)
+    P.footer(load_before)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """Molecule path throughput: featurization (1 and N processes) and the GIN encoder, ours vs the
 plain-torch reference, measured in one run on the same machine.
 
-    python bench/molecules.py [--processes 2] [--encode 1024] [--batch 64] [--repeat 3] [--trials 3]
+    python bench/molecules.py [--processes 2] [--encode 1024] [--batch 64] [--repeat 1] [--trials 5]
 
 Featurization runs over drug-like SMILES: the NCI set shipped with rdkit plus the ChEMBL drugs in
 ../shared/data (when present), repeated `--repeat` times; the multi-process figure includes starting
 the (spawn) workers. The encoder rows use the full GraphMVP size (5 x 300) in eval mode on ChEBI-20
 molecules (or the NCI set), `--batch` molecules per padded batch; ours is jitted (compile time
-reported separately, once per bucket), torch runs with as many threads as the machine has cores.
-Each row is the best of `--trials` runs.
+reported separately, once per bucket), torch runs with as many threads as the machine has cores; before
+timing, our node embeddings must equal the torch reference's within 1e-4 (the difference is printed).
+The protocol of bench/protocol.py: machine header, one warm-up call per row, --trials timed calls with
+ours and torch interleaved call by call, median and min-max, ratio of medians, load before and after.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import json
 import os
 import sys
 import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from pathlib import Path
 
 import jax
@@ -26,9 +30,12 @@ from rdkit import Chem, RDConfig
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import protocol as P  # noqa: E402  (bench/protocol.py; scripts run as python bench/x.py)
+
 from bmgpt_jax.config import load  # noqa: E402
 from bmgpt_jax.convert import graphmvp_gin  # noqa: E402
 from bmgpt_jax.data import molecules as M  # noqa: E402
+from bmgpt_jax.data.builders import shared_data_dir  # noqa: E402
 from bmgpt_jax import encode as E  # noqa: E402
 from bmgpt_jax.models import gin as G  # noqa: E402
 
@@ -48,33 +55,25 @@ def chebi_smiles(shared: Path) -> list[str]:
     return out
 
 
-def rate(n: int, fn, trials: int) -> float:
-    """Items per second of the fastest of `trials` calls (the machine may be shared: noise only slows)."""
-    best = float("inf")
-    for _ in range(trials):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return n / best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--encode", type=int, default=1024, help="molecules through the encoder")
     ap.add_argument("--batch", type=int, default=64, help="molecules per padded batch")
-    ap.add_argument("--repeat", type=int, default=3, help="passes over the featurization set")
-    ap.add_argument("--trials", type=int, default=3, help="best of this many timed runs per row")
-    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--repeat", type=int, default=1, help="passes over the featurization set")
+    ap.add_argument("--shared", type=Path, default=shared_data_dir() or REPO.parent / "shared" / "data")
+    P.add_trials_arg(ap)
     args = ap.parse_args()
+    load_before = P.header("bench/molecules.py: featurisation, and the GIN 5x300 encoder ours vs the torch reference")
 
     rows = []
     smiles = drug_like_smiles(args.shared) * args.repeat
     atoms = np.mean([Chem.MolFromSmiles(s).GetNumAtoms() for s in smiles[: len(smiles) // args.repeat]])
-    serial = rate(len(smiles), lambda: M.featurize_valid(smiles), args.trials)
-    rows.append((f"featurize, 1 process ({len(smiles)} mols, {atoms:.1f} atoms avg)", serial))
-    parallel = rate(len(smiles), lambda: M.featurize_valid(smiles, processes=args.processes), args.trials)
-    rows.append((f"featurize, {args.processes} processes (incl. worker start)", parallel))
+    n_feat = len(smiles)
+    feat = P.interleave({"serial": lambda: M.featurize_valid(smiles),
+                         "parallel": lambda: M.featurize_valid(smiles, processes=args.processes)}, args.trials)
+    rows.append([f"featurize, 1 process ({n_feat} mols, {atoms:.1f} atoms avg)", P.rate(feat["serial"], n_feat), ""])
+    rows.append([f"featurize, {args.processes} processes (incl. worker start)", P.rate(feat["parallel"], n_feat), ""])
 
     import torch
     from tests.torch_refs.gin import TorchGIN, graph_batch
@@ -96,24 +95,29 @@ def main() -> None:
     for g in {g.nodes.shape + g.edges.shape + g.n_node.shape: g for g in graphs}.values():
         E._forward(state, graphdef, g).block_until_ready()
     compile_s = time.perf_counter() - start
-    ours = rate(len(feats), lambda: [E._forward(state, graphdef, g).block_until_ready() for g in graphs], args.trials)
     with torch.no_grad():
-        ref(*torch_inputs[0])
-        theirs = rate(len(feats), lambda: [ref(*t) for t in torch_inputs], args.trials)
-    rows.append((f"GIN 5x300 eval, ours (jax {jax.default_backend()}, {len(feats)} mols, batches of "
-                 f"{args.batch}; compile {compile_s:.1f}s for {len({g.nodes.shape for g in graphs})} buckets)", ours))
-    rows.append((f"GIN 5x300 eval, torch reference ({torch.get_num_threads()} threads)", theirs))
-    E.encode_smiles(model, mols)   # compile its buckets first
-    e2e = rate(len(mols), lambda: E.encode_smiles(model, mols), args.trials)
-    rows.append(("encode_smiles end to end (featurize + batch + encode + unpad)", e2e))
+        diff = 0.0
+        for g, t in zip(graphs, torch_inputs):
+            theirs = ref(*t).numpy()
+            diff = max(diff, float(np.abs(np.asarray(E._forward(state, graphdef, g))[:len(theirs)] - theirs).max()))
+    assert diff < 1e-4, f"GIN node embeddings: max |ours - torch| {diff:.2e} >= 1e-4"
 
-    width = max(len(r[0]) for r in rows)
-    print(f"{'what':<{width}}  molecules/s")
-    print("-" * (width + 13))
-    for what, value in rows:
-        print(f"{what:<{width}}  {value:>11,.0f}")
-    print(f"\nour encoder / torch: {ours / theirs:.2f}x   ({os.cpu_count()} CPU cores, jax {jax.__version__}, "
-          f"torch {torch.__version__})")
+    def torch_pass():
+        with torch.no_grad():
+            return [ref(*t) for t in torch_inputs]
+    n = len(feats)
+    gin = P.interleave({"ours": lambda: [E._forward(state, graphdef, g).block_until_ready() for g in graphs],
+                        "torch": torch_pass}, args.trials)
+    rows.append([f"GIN 5x300 eval, ours (jax {jax.default_backend()}, {n} mols, batches of {args.batch}; compile "
+                 f"{compile_s:.1f}s for {len({g.nodes.shape for g in graphs})} buckets)", P.rate(gin["ours"], n),
+                 P.ratio(gin["ours"], gin["torch"])])
+    rows.append([f"GIN 5x300 eval, torch reference ({torch.get_num_threads()} threads)", P.rate(gin["torch"], n),
+                 "1.00x"])
+    e2e = P.interleave({"e2e": lambda: E.encode_smiles(model, mols)}, args.trials)  # warm-up compiles its buckets
+    rows.append(["encode_smiles end to end (featurize + batch + encode + unpad)", P.rate(e2e["e2e"], len(mols)), ""])
+    print(f"\nGIN node embeddings, max |ours - torch| {diff:.1e}; {args.trials} trials, median (min-max)")
+    P.table(["what", "molecules/s", "ours / torch"], rows)
+    P.footer(load_before)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ Datasets are built once into the tfds cache (not timed). `--step` also times the
 BioMedGPT step) on one of these batches, to show the step never waits for data. Each run builds a fresh `BatchIterator`, takes
 one warm-up batch (which starts the worker processes and encodes the first window) and then times
 `--batches` batches. Examples/s counts real rows; tokens/s counts positions with attention 1 (text and
-entity slots). Without ../shared/data it falls back to the demo set and the demo tokenizer.
+entity slots). Without ../shared/data it falls back to the demo set and the demo tokenizer. There is no
+PyTorch peer; the worker settings are interleaved trial by trial (bench/protocol.py: machine header,
+median and min-max over --trials, load average before and after).
 """
 from __future__ import annotations
 
@@ -23,13 +25,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import tensorflow_datasets as tfds  # noqa: E402
 
+import protocol as P  # noqa: E402  (bench/protocol.py; scripts run as python bench/x.py)
+
 from bmgpt_jax.config import apply_overrides, from_dict, to_dict  # noqa: E402
 from bmgpt_jax.data.builders import SAMPLE_SETS, shared_data_dir  # noqa: E402
 from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, Records  # noqa: E402
 
 
-def run(cfg: DataConfig, records, batches: int) -> tuple[float, float, float]:
-    """(examples/s, tokens/s, seconds) over `batches` batches after one warm-up batch."""
+def run(cfg: DataConfig, records, batches: int, counts: dict) -> float:
+    """Seconds for `batches` batches after one warm-up batch; `counts` gets the real rows and tokens."""
     it = BatchIterator(cfg, records=records)
     try:
         next(it)
@@ -42,7 +46,8 @@ def run(cfg: DataConfig, records, batches: int) -> tuple[float, float, float]:
         dt = time.perf_counter() - start
     finally:
         it.close()
-    return rows / dt, tokens / dt, dt
+    counts.update(rows=rows, tokens=tokens)
+    return dt
 
 
 def tiny_step_seconds(batch: dict, steps: int = 5) -> float:
@@ -81,7 +86,9 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--step", action="store_true", help="also time the tiny Llama train step")
     ap.add_argument("overrides", nargs="*", help="DataConfig key=value overrides")
+    P.add_trials_arg(ap)
     args = ap.parse_args()
+    load_before = P.header("bench/pipeline.py: host data pipeline throughput")
     tfds.disable_progress_bar()
     shared = shared_data_dir()
     sources = args.sources or (list(SAMPLE_SETS) if shared else ["demo"])
@@ -94,10 +101,13 @@ def main():
           f"tokenizer {'llama2' if cfg.tokenizer else 'demo'}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cpus")
     print({k: v for k, v in to_dict(cfg).items() if k in ("batch_size", "seq_buckets", "window_batches")})
-    print(f"{'workers':>7} {'examples/s':>11} {'tokens/s':>10} {'batches/s':>10}")
-    for w in args.workers:
-        ex, tok, dt = run(from_dict(DataConfig, {**to_dict(cfg), "workers": w}), records, args.batches)
-        print(f"{w:>7} {ex:>11.1f} {tok:>10.0f} {args.batches / dt:>10.2f}")
+    counts = {}
+    stats = P.interleave({w: (lambda w=w: run(from_dict(DataConfig, {**to_dict(cfg), "workers": w}), records,
+                                              args.batches, counts.setdefault(w, {}))) for w in args.workers}, args.trials, warmup=0)
+    print(f"{args.trials} interleaved trials, median (min-max)")
+    P.table(["workers", "examples/s", "tokens/s", "batches/s"],
+            [[w, P.rate(st, counts[w]["rows"], ",.1f"), P.rate(st, counts[w]["tokens"]), P.rate(st, args.batches, ".2f")]
+             for w, st in stats.items()])
     if args.step:
         it = BatchIterator(cfg, records=records)
         batch = next(it)
@@ -105,6 +115,7 @@ def main():
         sec = tiny_step_seconds(batch)
         print(f"tiny Llama train step on a {batch['input_ids'].shape} batch: {sec * 1e3:.1f} ms "
               f"({1 / sec:.2f} steps/s)")
+    P.footer(load_before)
 
 
 if __name__ == "__main__":

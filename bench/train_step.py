@@ -6,10 +6,11 @@ is the reference composition of tests/torch_refs/biomedgpt.py (HF LlamaForCausal
 GIN + two nn.Linear) run on the same batch dict by bench/_torch_batched.py, frozen parts
 `requires_grad_(False)`, torch.optim.AdamW with the same schedule and clipping. Same weights (ours is
 loaded from the torch state dict), same real batches from the data pipeline (one sequence bucket, a few
-batches reused), same thread count, measured in one run, the two sides alternating step by step so that
-load from other processes hits both alike; a side's time is the sum over batches of its best step on
-each (and the bench says how busy other processes kept the CPUs meanwhile). Before timing, the first
-batch's loss must agree within 1e-4 (and the losses of the timed steps are compared as well).
+batches reused), same thread count, on the protocol of bench/protocol.py: machine header, then per stage
+one warm-up pass and --trials timed passes over the batches (one step per batch), ours and PyTorch
+interleaved pass by pass, median and min-max, ratio of medians, load average before and after (and how
+busy other processes kept the CPUs while timing). Before timing, the first batch's loss must agree within
+1e-4 (and the losses of every later step are compared as well: both sides see the same batches in order).
 
 tokens/s counts real (non-padding) positions, as the training monitor does. MFU = the monitor's FLOP
 count (`train_flops_per_token`: 6N for trainable, 4N for frozen matmul parameters, plus attention) over
@@ -36,6 +37,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import protocol as P  # noqa: E402  (bench/protocol.py)
+
 
 def pick_batches(it, n: int, scan: int = 200) -> list[dict]:
     """`n` fixed batches from the stream: the first with a protein (rare in the sample sets), the first
@@ -51,25 +54,6 @@ def pick_batches(it, n: int, scan: int = 200) -> list[dict]:
     mol = [x for x in seen if (x["mol_slot"] >= 0).any()][:1]
     rest = [x for x in seen if not any(x is m for m in mol)]
     return (prot + mol + rest)[:n]
-
-
-def cpu_snapshot() -> tuple[float, float, float] | None:
-    """(wall s, CPU s busy on the whole machine, CPU s of this process) -- Linux /proc/stat, else None."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [float(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return None
-    busy = (sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0.0)) / os.sysconf("SC_CLK_TCK")
-    t = os.times()
-    return time.perf_counter(), busy, t.user + t.system
-
-
-def others_busy(a, b) -> float | None:
-    """Cores kept busy by other processes between two `cpu_snapshot`s (the benchmark wants ~0)."""
-    if a is None or b is None:
-        return None
-    return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / max(b[0] - a[0], 1e-9))
 
 
 def matmul_params(state) -> int:
@@ -89,12 +73,11 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256, help="the one sequence bucket (no per-bucket recompiles)")
     ap.add_argument("--batches", type=int, default=3, help="fixed batches, reused")
-    ap.add_argument("--rounds", type=int, default=5,
-                    help="timed rounds (every batch once per side, alternating); each batch's best step counts")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokenizer", default="auto",
                     help="auto (the Llama tokenizer in ../shared/data/tokenizer, else the demo one), demo, or a path")
     ap.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. model.lm.scan_layers=false")
+    P.add_trials_arg(ap)
     args = ap.parse_args()
 
     import torch
@@ -113,6 +96,7 @@ def main():
     from tests.torch_refs.hf_esm import hf_config
 
     start = time.perf_counter()
+    load_before = P.header("bench/train_step.py: tiny BioMedGPT align / finetune train steps, ours vs PyTorch")
     torch.set_num_threads(args.threads)
     shared = shared_data_dir()
     if args.tokenizer == "auto":
@@ -194,26 +178,21 @@ def main():
         l_torch = tstep(batches[0])
         assert abs(l_ours - l_torch) < 1e-4, f"{stage}: first-batch loss ours {l_ours:.6f} vs torch {l_torch:.6f}"
 
-        # rounds of every batch once per side, alternating step by step so that load from other processes
-        # hits both alike; a side's time is the sum of its best step on each batch (the least disturbed)
-        times = {"ours": np.zeros((args.rounds, len(batches))), "torch": np.zeros((args.rounds, len(batches)))}
+        # passes over the batches, one step each, ours and PyTorch interleaved pass by pass
         losses = {"ours": [], "torch": []}
-        snap = cpu_snapshot()
-        for r in range(args.rounds):
-            for i, b in enumerate(batches):
-                for name, fn in (("ours", ours_step), ("torch", tstep)):
-                    t0 = time.perf_counter()
-                    losses[name].append(fn(b))
-                    times[name][r, i] = time.perf_counter() - t0
-        busy = others_busy(snap, cpu_snapshot())
+        snap = P.cpu_snapshot()
+        stats = P.interleave({"ours": lambda: losses["ours"].extend(ours_step(b) for b in batches),
+                              "torch": lambda: losses["torch"].extend(tstep(b) for b in batches)}, args.trials)
+        busy = P.others_busy(snap, P.cpu_snapshot())
         assert step._cache_size() == 1, f"ours recompiled: {step._cache_size()} programs"
         drift = max(abs(a - b) for a, b in zip(losses["ours"], losses["torch"]))
-        t_ours, t_torch = (float(times[k].min(0).sum()) for k in ("ours", "torch"))  # best of each batch
+        t_ours, t_torch = stats["ours"].median, stats["torch"].median
         flops = train_flops_per_token(mm_all, n_trainable=mm_train, n_layers=lm.num_layers, seq_len=args.seq,
                                       d_model=lm.hidden_size) * real_tokens
-        rows.append((stage, n_train, n_all, real_tokens / t_ours, real_tokens / t_torch, flops / t_ours / peak,
-                     flops / t_torch / peak, t_torch / t_ours, 1e3 * t_ours / len(batches),
-                     1e3 * t_torch / len(batches)))
+        rows.append([stage, f"{n_train:,} / {n_all:,}", P.rate(stats["ours"], real_tokens),
+                     P.rate(stats["torch"], real_tokens), f"{flops / t_ours / peak:.1%}", f"{flops / t_torch / peak:.1%}",
+                     P.seconds(stats["ours"], 1e3 / len(batches), ".0f"),
+                     P.seconds(stats["torch"], 1e3 / len(batches), ".0f"), P.ratio(stats["ours"], stats["torch"])])
         print(f"{stage}: first-batch loss ours {l_ours:.6f}, PyTorch {l_torch:.6f} (|diff| {abs(l_ours - l_torch):.1e}); "
               f"max |loss diff| over the next {len(losses['ours'])} steps {drift:.1e}; ours compiled in "
               f"{compile_s:.1f} s (one program)"
@@ -221,13 +200,11 @@ def main():
                  else ""), flush=True)
         del state, frozen, ours, ref, tstep, step
 
-    print("\n| stage | trainable / all params | ours tokens/s | PyTorch tokens/s | ours MFU | PyTorch MFU "
-          "| ours ms/step | PyTorch ms/step | ours / PyTorch |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for stage, n_train, n_all, tps_o, tps_t, mfu_o, mfu_t, ratio, ms_o, ms_t in rows:
-        print(f"| {stage} | {n_train:,} / {n_all:,} | {tps_o:,.0f} | {tps_t:,.0f} | {mfu_o:.1%} | {mfu_t:.1%} "
-              f"| {ms_o:.0f} | {ms_t:.0f} | {ratio:.2f}x |")
+    print(f"\n{args.trials} interleaved passes over the {len(batches)} batches, median (min-max)")
+    P.table(["stage", "trainable / all params", "ours tokens/s", "PyTorch tokens/s", "ours MFU", "PyTorch MFU",
+             "ours ms/step", "PyTorch ms/step", "ours / PyTorch"], rows)
     print(f"\n(total {time.perf_counter() - start:.0f} s)")
+    P.footer(load_before)
 
 
 if __name__ == "__main__":

@@ -73,29 +73,28 @@ def featurize_mol(mol: Chem.Mol, smiles: str = "") -> Featurized:
     n = mol.GetNumAtoms()
     if n == 0:
         raise ValueError(f"SMILES {smiles!r}: the molecule has no atoms")
-    atoms = np.empty((n, 2), np.int64)
-    for k, atom in enumerate(mol.GetAtoms()):
-        z = atom.GetAtomicNum()
-        chi = _CHIRALITY.get(atom.GetChiralTag())
+    # index lookups, not mol.GetAtoms()/GetBonds() (rdkit's sequence wrappers run Python per item); one
+    # list of Python ints per molecule, turned into arrays once
+    atom_list = [mol.GetAtomWithIdx(k) for k in range(n)]
+    rows = [(atom.GetAtomicNum(), _CHIRALITY.get(atom.GetChiralTag())) for atom in atom_list]
+    for k, (_, chi) in enumerate(rows):
         if chi is None:
-            raise ValueError(f"SMILES {smiles!r}: atom {k} ({atom.GetSymbol()}) has chirality "
-                             f"{atom.GetChiralTag()}, which the GraphMVP GIN cannot embed")
-        atoms[k, 0] = z - 1 if 1 <= z <= 118 else MISC_ATOM
-        atoms[k, 1] = chi
-    n_bonds = mol.GetNumBonds()
-    edge_index = np.empty((2, 2 * n_bonds), np.int64)
-    bonds = np.empty((2 * n_bonds, 2), np.int64)
-    for k, bond in enumerate(mol.GetBonds()):
-        i, j = bond.GetBeginAtomIdx(), bond.GetEndAtomIdx()
-        kind = _BOND_TYPE.get(bond.GetBondType())
-        direction = _BOND_DIR.get(bond.GetBondDir())
+            raise ValueError(f"SMILES {smiles!r}: atom {k} ({atom_list[k].GetSymbol()}) has chirality "
+                             f"{atom_list[k].GetChiralTag()}, which the GraphMVP GIN cannot embed")
+    atoms = np.array(rows, np.int64)
+    z = atoms[:, 0]
+    atoms[:, 0] = np.where((z >= 1) & (z <= 118), z - 1, MISC_ATOM)
+    bond_list = [mol.GetBondWithIdx(k) for k in range(mol.GetNumBonds())]
+    rows = [(bond.GetBeginAtomIdx(), bond.GetEndAtomIdx(), _BOND_TYPE.get(bond.GetBondType()),
+             _BOND_DIR.get(bond.GetBondDir())) for bond in bond_list]
+    for k, (i, j, kind, direction) in enumerate(rows):
         if kind is None or direction is None:
-            bad = bond.GetBondType() if kind is None else bond.GetBondDir()
+            bad = bond_list[k].GetBondType() if kind is None else bond_list[k].GetBondDir()
             raise ValueError(f"SMILES {smiles!r}: bond {k} (atoms {i}-{j}) is {bad}, outside the "
                              "GraphMVP featurization (single/double/triple/aromatic, no wedges)")
-        edge_index[:, 2 * k] = (i, j)
-        edge_index[:, 2 * k + 1] = (j, i)
-        bonds[2 * k] = bonds[2 * k + 1] = (kind, direction)
+    table = np.array(rows, np.int64).reshape(-1, 4)                      # [n_bonds, (i, j, type, dir)]
+    edge_index = table[:, [0, 1, 1, 0]].reshape(-1, 2).T.copy()          # (i, j) then (j, i) per bond
+    bonds = np.repeat(table[:, 2:], 2, axis=0)
     return atoms, edge_index, bonds
 
 
