@@ -1,12 +1,5 @@
-"""The training job: stages, meshes, multi-process, kill/resume (past a torn checkpoint), SIGTERM and
-Ctrl-C, dropped-example accounting, exports other tools load, one-line errors, the embedded default."""
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-
+"""The training job: stages, meshes, resume past a torn checkpoint, dropped-example accounting, exports
+other tools load, one-line errors, the embedded default (recovery from signals: test_recovery.py)."""
 import jax
 import numpy as np
 import pytest
@@ -15,23 +8,10 @@ from flax import nnx
 from bmgpt_jax import chat, parallel
 from bmgpt_jax.training import loop as train
 from bmgpt_jax.config import ConfigError
-from bmgpt_jax.data.pipeline import BatchIterator, offset_for_process, repad
+from bmgpt_jax.data.pipeline import BatchIterator
 from bmgpt_jax.data.text import load_tokenizer
 
-# one bucket, demo data only, small budgets: one compile per mesh
-SMALL = ["data.sources=[demo]", "data.seq_buckets=[160]", "data.demo_molecules=200", "progress=false",
-         "optim.warmup_steps=2", "optim.total_steps=40", "export=false"]
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def cfg_for(tmp_path, *extra, name="run"):
-    """The tiny config of the stage named in `extra` (default finetune), made small."""
-    stage = next((e.split("=")[1] for e in extra if e.startswith("stage=")), "finetune")
-    return train.load_config(f"tiny_{stage}", SMALL + [f"out_dir={tmp_path / name}", *extra])
-
-
-def params(model, filt=nnx.Param):
-    return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.state(model, filt).flat_state()}
+from tests.training.runs import SMALL, _losses, _rows, _spawn, cfg_for, params
 
 
 @pytest.fixture(scope="module")
@@ -66,124 +46,6 @@ def test_same_losses_and_params_on_every_mesh(reference, tmp_path, mesh):
         want = parallel.fitted_spec(var.shape, var.get_metadata()["out_sharding"], var[...].sharding.mesh)
         assert var[...].sharding.spec == want, (path, var[...].sharding.spec, want)
 
-
-def _rows(out_dir):
-    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
-
-
-def _losses(out_dir):
-    """step -> loss from metrics.jsonl, which must hold each step once (a resumed run cuts what it replays)."""
-    rows = _rows(out_dir)
-    steps = [r["step"] for r in rows]
-    assert steps == sorted(set(steps)), f"duplicate or unordered steps in metrics.jsonl: {steps}"
-    return {r["step"]: r["loss"] for r in rows}
-
-
-def _spawn(args, env_extra=None):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "bmgpt_jax.train", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for_checkpoint(proc, ckpt_dir, min_step, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
-        if any(s >= min_step for s in steps):
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"training exited early:\n{proc.stdout.read()[-3000:]}")
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail("no checkpoint appeared")
-
-
-def test_sigkill_then_resume_is_bit_exact(tmp_path):
-    args = ["--config", "tiny_finetune"] + SMALL + ["steps=24", "checkpoint.every=4"]
-    full = train.run(cfg_for(tmp_path, *args[2 + len(SMALL):], name="full"))
-    killed_dir = tmp_path / "killed"
-    proc = _spawn(args + [f"out_dir={killed_dir}"])
-    _wait_for_checkpoint(proc, killed_dir / "checkpoints", 8)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed = train.run(cfg_for(tmp_path, *args[2 + len(SMALL):], name="killed"), resume=True)
-    assert min(resumed["losses"]) > 8 and max(resumed["losses"]) == 24  # it really resumed, then finished
-    a, b = params(full["model"], nnx.Param), params(resumed["model"], nnx.Param)
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert _losses(killed_dir) == full["losses"]
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_a_stop_signal_saves_and_exits(tmp_path, sig):
-    out_dir = tmp_path / "term"
-    proc = _spawn(SMALL + ["steps=100000", "checkpoint.every=1000", f"out_dir={out_dir}"])
-    deadline = time.time() + 240
-    while not (out_dir / "metrics.jsonl").exists() or len(_losses(out_dir)) < 3:
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.1)
-    proc.send_signal(sig)
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, output[-3000:]
-    steps = [int(d) for d in os.listdir(out_dir / "checkpoints") if d.isdigit()]
-    assert steps and max(steps) == max(_losses(out_dir)) and max(steps) < 1000
-    assert f"{sig.name}: checkpoint saved at step {max(steps)}" in output
-    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
-    assert f"stopped by {sig.name} at step {max(steps)} of 100000; continue with: python -m bmgpt_jax.train" in output
-    assert output.rstrip().endswith(f"TensorBoard:  tensorboard --logdir {out_dir / 'tensorboard'}")
-
-
-def test_restore_onto_another_mesh(tmp_path):
-    args = ["steps=6", "checkpoint.every=3", "stage=align"]
-    full = train.run(cfg_for(tmp_path, *args, "mesh=[8,1,1]", name="a"))
-    train.run(cfg_for(tmp_path, "steps=3", *args[1:], "mesh=[8,1,1]", "optim.total_steps=40", name="b"))
-    resumed = train.run(cfg_for(tmp_path, *args, "mesh=[2,2,2]", name="b"), resume=True)
-    assert sorted(resumed["losses"]) == [4, 5, 6]
-    for s in (4, 5, 6):
-        assert abs(resumed["losses"][s] - full["losses"][s]) < 1e-5
-
-
-class MergedShards:
-    """What two processes feed, concatenated in process order, as one process's stream (the reference)."""
-
-    def __init__(self, cfg):
-        gin = cfg.model.gin
-        self.its = [BatchIterator(cfg.data, p, 2, max_atoms=gin.max_atoms, over_cap=gin.over_cap) for p in range(2)]
-        self.tokenizer = self.its[0].tokenizer
-
-    def __next__(self):
-        parts = [next(it) for it in self.its]
-        T = max(p["input_ids"].shape[1] for p in parts)
-        L = max(p["prot_ids"].shape[1] for p in parts)
-        parts = [offset_for_process(repad(p, T, L), i) for i, p in enumerate(parts)]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-    def state(self):
-        return self.its[0].state()
-
-    def restore(self, state):
-        for it in self.its:
-            it.restore(state)
-
-
-def test_two_processes_match_one(tmp_path):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = ["--config", "tiny_align"] + SMALL + ["steps=4", "mesh=[2,1,1]"]
-    procs = [_spawn(args + [f"out_dir={tmp_path / 'mp'}"],
-                    {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_NUM_PROCESSES": "2",
-                     "JAX_PROCESS_ID": str(p), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"})
-             for p in range(2)]
-    outputs = [p.communicate(timeout=400)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
-    cfg = cfg_for(tmp_path, "steps=4", "stage=align", "mesh=[1,1,1]", name="single")
-    single = train.run(cfg, batches=MergedShards(cfg))
-    multi = _losses(tmp_path / "mp")
-    assert sorted(multi) == [1, 2, 3, 4]
-    for s, loss in single["losses"].items():
-        assert abs(multi[s] - loss) < 1e-5, (s, multi[s], loss)
 
 
 def test_errors_come_before_any_compute(tmp_path, capsys):
