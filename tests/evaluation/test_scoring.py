@@ -7,17 +7,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from bmgpt_jax import config as config_lib
 from bmgpt_jax import evaluate as ev
 from bmgpt_jax import parallel
-from bmgpt_jax.convert import openbiomed
 from bmgpt_jax.data.records import Record
 from bmgpt_jax.data.text import attach_tokenizer, load_tokenizer
 from bmgpt_jax.evaluation import batches
 from bmgpt_jax.evaluation.choices import answer_options
 from bmgpt_jax.evaluation.scoring import MeshModel
-from bmgpt_jax.models.esm import EsmConfig
-from tests.torch_refs.hf_esm import hf_config
+from tests.biomedgpt_pair import tiny_pair
 
 RECORDS = [
     Record((("molecule", "CC(=O)Oc1ccccc1C(=O)O"),), "Which drug is this?\nA. Aspirin\nB. Caffeine\nC. Ethanol",
@@ -38,10 +35,7 @@ def tok(shared_data):
 
 @pytest.fixture(scope="module")
 def pair(tok, torch):
-    from tests.torch_refs.biomedgpt import TorchBioMedGPT
-    esm = config_lib.load(EsmConfig, "esm2_tiny")
-    ref = TorchBioMedGPT(esm, vocab_size=tok.vocab_size).eval()
-    ours = openbiomed.from_state_dict(ref.state_dict(), ref.llm_config(), hf_config(esm).to_dict())
+    ref, ours = tiny_pair(tok.vocab_size)
     return ref, attach_tokenizer(ours, tok)
 
 

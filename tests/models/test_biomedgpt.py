@@ -9,8 +9,7 @@ from bmgpt_jax.convert import openbiomed
 from bmgpt_jax.data import examples
 from bmgpt_jax.data.records import Record
 from bmgpt_jax.data.text import DEFAULT_SYSTEM, load_tokenizer
-from bmgpt_jax.models.esm import EsmConfig
-from tests.torch_refs.hf_esm import hf_config
+from tests.biomedgpt_pair import tiny_pair
 
 MOLS = ["CC(=O)Oc1ccccc1C(=O)O", "C1=CC=C(C=C1)O", "CN1C=NC2=C1C(=O)N(C(=O)N2C)C"]
 PROTS = ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "GSHMLEDPVDAFQLGLEHK"]
@@ -32,11 +31,7 @@ def tok(shared_data):
 
 @pytest.fixture(scope="session")
 def pair(tok, torch):
-    from tests.torch_refs.biomedgpt import TorchBioMedGPT
-    esm_cfg = config_lib.load(EsmConfig, "esm2_tiny")
-    ref = TorchBioMedGPT(esm_cfg, vocab_size=tok.vocab_size).eval()
-    ours = openbiomed.from_state_dict(ref.state_dict(), ref.llm_config(), hf_config(esm_cfg).to_dict())
-    return ref, ours
+    return tiny_pair(tok.vocab_size)
 
 
 def make_batch(tok, records, T=256, budget=examples.Budget(batch=6, nodes=64, edges=160, graphs=5, proteins=3),
