@@ -18,7 +18,7 @@ from bmgpt_jax.convert import folder, run_export
 from bmgpt_jax.convert.sources import read_state_dict
 from bmgpt_jax.training import loop as train
 from tests.convert.synthetic import REPO
-from tests.training.test_train import SMALL
+from tests.training.runs import SMALL
 
 STAGES = ("finetune", "align")
 SETTINGS = [s for s in SMALL if not s.startswith("export=")] + ["steps=2", "export=true", "checkpoint.every=1"]
@@ -56,7 +56,7 @@ def no_torch(tmp_path_factory) -> dict:
 SINGLE = r"""
 import sys
 from bmgpt_jax.training import loop
-from tests.training.test_train import MergedShards
+from tests.training.test_recovery import MergedShards
 for stage, out_dir in zip(sys.argv[1::2], sys.argv[2::2]):
     cfg = loop.load_config(f"tiny_{stage}", SETTINGS + ["mesh=[2,1,1]", f"out_dir={out_dir}"])
     loop.run(cfg, batches=MergedShards(cfg))
