@@ -6,6 +6,9 @@ when causal, key slot j <= query slot (`q_offset + i`). Each implementation buil
 these, block by block, so memory stays linear in the sequence length:
 
   xla     the plain form: all `[q, kv]` scores at once (fastest for decode steps and short sequences).
+  rows    for the CPU: per (batch row, kv head), a block of queries against all keys; each step's scores
+          (at most ROWS_SCORES of them) stay in cache, and each step is rematerialised in the backward.
+          O(t + s) memory; causal blocks are masked, not skipped.
   flash   blockwise online softmax in XLA with a flash-style custom VJP (FlashAttention-2): the forward
           saves q, k, v, the output and the log-sum-exp; the backward recomputes each block. Causal
           blocks above the diagonal are skipped. Runs on any backend; O(T) memory.
@@ -14,9 +17,11 @@ these, block by block, so memory stays linear in the sequence length:
   cudnn   cuDNN flash attention through `jax.nn.dot_product_attention(implementation="cudnn")`. GPU only,
           bfloat16/float16 compute; padding is expressed as key lengths, so only right-padded single-segment
           rows can be represented: any other row comes out NaN rather than silently wrong.
-  auto    `xla` for decode steps (<= PLAIN_MAX_QUERIES queries) and short keys (<= PLAIN_MAX_KEYS); with
-          a KV cache `flash`; otherwise by platform (of the context mesh, else the default backend):
-          TPU `splash`, GPU `cudnn` (bf16/fp16 compute; float32 -> `flash`), CPU `flash`.
+  auto    `xla` for decode steps (<= PLAIN_MAX_QUERIES queries), and off the CPU or with a KV cache for
+          short keys (<= PLAIN_MAX_KEYS); else with a KV cache `flash`; otherwise by platform (of the
+          context mesh, else the default backend): TPU `splash`, GPU `cudnn` (bf16/fp16 compute; float32
+          -> `flash`), CPU `rows` (`flash` for a causal sequence longer than ROWS_CAUSAL_MAX, where
+          skipping the blocks above the diagonal wins; bench/attention.py measures both).
 
 An explicit choice that cannot run here (splash off TPU, cudnn off GPU or in float32, splash/cudnn with
 a KV cache) raises ValueError; nothing falls back silently. Outputs at a query with no allowed key are
@@ -33,10 +38,13 @@ import jax.numpy as jnp
 
 from bmgpt_jax import parallel
 
-IMPLEMENTATIONS = ("auto", "xla", "flash", "splash", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "rows", "flash", "splash", "cudnn")
 PLAIN_MAX_KEYS = 256     # auto: up to this many keys, the plain path
 PLAIN_MAX_QUERIES = 16   # auto: decode steps (this many queries or fewer) too
 FLASH_BLOCK = 256        # largest query/key block of the flash path
+ROWS_SCORES = 1 << 20    # rows: most float32 scores per step (4 MiB: one core's share of cache)
+ROWS_CAUSAL_MAX = 4096   # auto on CPU: causal sequences up to this long take `rows` (measured on par with
+                         # `flash` at 4096, ahead below), longer ones `flash`
 SPLASH_BLOCKS = (512, 256, 128)  # MaxText's 512 where the padded length allows it
 MASKED = -1e30           # finite: a row without any allowed key averages instead of producing NaN
 
@@ -67,9 +75,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: Segments, *, c
         raise ValueError(f"attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     impl = resolve(implementation, q.shape[1], k.shape[1], q.dtype, segments.q_offset is not None,
-                   interpret=interpret)
+                   causal=causal, interpret=interpret)
     if impl == "xla":
         return plain_attention(q, k, v, segments, causal=causal, scale=scale)
+    if impl == "rows":
+        return rows_attention(q, k, v, segments, causal=causal, scale=scale)
     if impl == "flash":
         return flash_attention(q, k, v, segments, causal=causal, scale=scale)
     if impl == "splash":
@@ -86,17 +96,20 @@ def platform() -> str:
     return jax.default_backend()
 
 
-def resolve(implementation: str, q_len: int, kv_len: int, dtype, cached: bool, *, interpret: bool = False) -> str:
+def resolve(implementation: str, q_len: int, kv_len: int, dtype, cached: bool, *, causal: bool = True,
+            interpret: bool = False) -> str:
     """The implementation `implementation` runs as for these shapes here; ValueError when impossible."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention={implementation!r} is not one of {list(IMPLEMENTATIONS)}")
     where = platform()
     half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     if implementation == "auto":
-        if q_len <= PLAIN_MAX_QUERIES or kv_len <= PLAIN_MAX_KEYS:
+        if q_len <= PLAIN_MAX_QUERIES or (kv_len <= PLAIN_MAX_KEYS and (cached or where != "cpu")):
             return "xla"
-        if cached or where == "cpu":
+        if cached:
             return "flash"
+        if where == "cpu":
+            return "flash" if causal and kv_len > ROWS_CAUSAL_MAX else "rows"
         return {"tpu": "splash", "gpu": "cudnn" if half else "flash"}.get(where, "flash")
     if implementation in ("splash", "cudnn") and cached:
         raise ValueError(f"attention={implementation!r} takes no KV cache (queries at a slot offset); "
@@ -135,6 +148,56 @@ def plain_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) 
     ok = _allowed(segments.q, segments.kv, _offset(segments) + jnp.arange(t), jnp.arange(s), causal)
     probs = jax.nn.softmax(jnp.where(ok[:, None, None], scores, MASKED), axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+
+
+def rows_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) -> jax.Array:
+    """The CPU path: `[b, t, heads, d]` attention one (batch row, kv head) block at a time.
+
+    XLA:CPU runs each op of a loop body on all cores but does not fuse a matmul with the softmax that
+    reads its output, so every score goes to memory and is read back by the max, exp and sum passes.
+    `plain_attention` holds all `[b, heads, t, s]` scores and `flash` vectorises each block over every
+    batch row and head (`[b, heads, 256, 256]`: 42 MB at ESM-2 8M's 8 x 20 heads), so those passes run
+    at DRAM speed. Here a step is `rows` (batch row, kv head) pairs x `bq` query positions (x the query
+    heads sharing that kv head) against all `s` keys, at most ROWS_SCORES scores, which stay in cache;
+    the output `[.., d]` is normalised instead of the scores. `lax.map` over row chunks, and inside over
+    query blocks, each step under `jax.checkpoint`: the backward recomputes a step's scores rather than
+    storing `[b, heads, t, s]` probabilities, so memory is O(t + s), as with `flash`. A causal mask is
+    applied to whole rows of keys (work t * s, where `flash` skips the blocks above the diagonal).
+    """
+    b, t, h, d = q.shape
+    s, kvh = k.shape[1], k.shape[2]
+    g, n = h // kvh, b * kvh
+    per_query = g * s
+    bq, nq = (t, 1) if t * per_query <= ROWS_SCORES else _blocks(t, max(8, ROWS_SCORES // per_query))
+    rows = max(c for c in range(1, n + 1) if n % c == 0 and c * bq * per_query <= max(ROWS_SCORES, bq * per_query))
+    off = _offset(segments)
+    # [b, t, kvh, g, d] -> [n/rows, nq, rows, bq * g, d]: one leading step index per (row chunk, query block)
+    qr = _pad_to(q, bq * nq).reshape(b, nq, bq, kvh, g, d).transpose(0, 3, 1, 2, 4, 5)
+    qr = qr.reshape(n // rows, rows, nq, bq * g, d).swapaxes(1, 2)
+    kr, vr = (x.transpose(0, 2, 1, 3).reshape(n // rows, rows, s, d) for x in (k, v))
+    per_row = lambda ids: jnp.repeat(ids, kvh, axis=0).reshape(n // rows, rows, ids.shape[1])
+    q_ids = per_row(_pad_to(segments.q, bq * nq)).reshape(n // rows, rows, nq, bq).swapaxes(1, 2)
+    kv_ids = per_row(segments.kv)
+
+    def chunk(args):
+        q_c, qid_c, k_c, v_c, kvid_c = args   # [nq, rows, bq*g, d], [nq, rows, bq], [rows, s, d] x2, [rows, s]
+
+        @jax.checkpoint
+        def step(args):
+            qi, qid, i = args                  # [rows, bq*g, d], [rows, bq], block index
+            sc = jnp.einsum("rqd,rsd->rqs", qi, k_c, preferred_element_type=jnp.float32) * scale
+            ok = _allowed(qid, kvid_c, off + i * bq + jnp.arange(bq), jnp.arange(s), causal)  # [rows, bq, s]
+            ok = jnp.repeat(ok, g, axis=1) if g > 1 else ok
+            sc = jnp.where(ok, sc, MASKED)
+            p = jnp.exp(sc - sc.max(-1, keepdims=True))
+            out = jnp.einsum("rqs,rsd->rqd", p.astype(v_c.dtype), v_c, preferred_element_type=jnp.float32)
+            return (out / p.sum(-1)[..., None]).astype(q.dtype)
+
+        return jax.lax.map(step, (q_c, qid_c, jnp.arange(nq)))
+
+    out = jax.lax.map(chunk, (qr, q_ids, kr, vr, kv_ids))            # [n/rows, nq, rows, bq*g, d]
+    out = out.swapaxes(1, 2).reshape(b, kvh, nq * bq, g, d).transpose(0, 2, 1, 3, 4)
+    return out[:, :t].reshape(b, t, h, d)
 
 
 def _pad_to(x: jax.Array, n: int, fill=0) -> jax.Array:

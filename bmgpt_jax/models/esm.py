@@ -45,7 +45,7 @@ class EsmConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat: bool = False
-    attention: Literal["auto", "xla", "flash", "splash", "cudnn"] = "auto"  # bmgpt_jax.models.attention
+    attention: Literal["auto", "xla", "rows", "flash", "splash", "cudnn"] = "auto"  # bmgpt_jax.models.attention
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:

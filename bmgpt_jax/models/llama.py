@@ -47,7 +47,7 @@ class LlamaConfig:
     param_dtype: str = "float32"    # storage dtype of parameters (master weights)
     scan_layers: bool = False
     remat: Literal["none", "full", "dots"] = "none"
-    attention: Literal["auto", "xla", "flash", "splash", "cudnn"] = "auto"  # bmgpt_jax.models.attention
+    attention: Literal["auto", "xla", "rows", "flash", "splash", "cudnn"] = "auto"  # bmgpt_jax.models.attention
     loss_chunk_size: int = 512      # tokens per chunk of the training loss's logits (0: all at once)
     lora_rank: int = 0                                   # > 0: LoRA adapters on `lora_targets`
     lora_alpha: float = 16.0

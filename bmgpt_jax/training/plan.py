@@ -213,7 +213,7 @@ def attention_used(cfg: TrainConfig, mesh) -> str:
         name = resolve(cfg.model.lm.attention, T, T, dtype, cached=False)
         if cfg.stage != "lm":
             P = min(cfg.data.max_protein_len, T)
-            name += "/" + resolve(cfg.model.esm.attention, P, P, dtype, cached=False)
+            name += "/" + resolve(cfg.model.esm.attention, P, P, dtype, cached=False, causal=False)
     return name
 
 

@@ -1,5 +1,5 @@
 """Attention: every path equals a float64 PyTorch reference (values and gradients) with GQA, left/right
-padding and packed segments; the flash path's memory is linear in T; splash runs in Pallas interpret mode
+padding and packed segments; the rows and flash paths' memory is linear in T; splash runs in Pallas interpret mode
 and compiles for a TPU topology; the switch routes and refuses impossible choices."""
 import dataclasses
 import importlib.util
@@ -66,7 +66,7 @@ def inputs(b, t, s, h, kvh, d, seed=0):
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("layout", ["left", "right", "packed"])
-@pytest.mark.parametrize("impl", ["xla", "flash"])
+@pytest.mark.parametrize("impl", ["xla", "rows", "flash"])
 def test_values_and_grads_equal_float64_reference(torch, impl, layout, causal):
     b, t, h, kvh, d = 3, 600, 4, 2, 16          # flash: 3 query and 3 key blocks of 200, GQA 2 per group
     q, k, v, cot = inputs(b, t, t, h, kvh, d)
@@ -77,7 +77,7 @@ def test_values_and_grads_equal_float64_reference(torch, impl, layout, causal):
         assert np.abs(a - r).max() < 1e-5, (name, np.abs(a - r).max())
 
 
-@pytest.mark.parametrize("impl", ["xla", "flash"])
+@pytest.mark.parametrize("impl", ["xla", "rows", "flash"])
 def test_kv_cache_queries_at_a_slot_offset(torch, impl):
     """Queries at slots 290..369 of a 400-slot cache: slots after a query and invalid slots are not seen."""
     b, t, s, off, h, kvh, d = 2, 80, 400, 290, 4, 1, 16
@@ -92,6 +92,21 @@ def test_kv_cache_queries_at_a_slot_offset(torch, impl):
         assert np.abs(a - r).max() < 1e-5
 
 
+@pytest.mark.parametrize("scores, layout", [(4096, "packed"), (40_000, "left")], ids=["query-blocks", "row-chunks"])
+def test_rows_query_blocks_and_row_chunks_equal_float64_reference(torch, monkeypatch, scores, layout):
+    """`rows` with a small step budget: 4096 scores cut 100 queries x 2 heads x 100 keys into 5 blocks of
+    24 queries (20 of them padding), 40,000 keep the queries whole and take two (batch, kv head) rows a step."""
+    monkeypatch.setattr(A, "ROWS_SCORES", scores)
+    b, t, h, kvh, d = 2, 100, 4, 2, 8
+    q, k, v, cot = inputs(b, t, t, h, kvh, d, seed=2)
+    ids = segment_ids(layout, b, t)
+    for causal in (True, False):
+        got = ours("rows", q, k, v, A.Segments.self_attention(jnp.asarray(ids)), causal, cot)
+        want = reference(torch, q, k, v, ids, ids, 0, causal, d ** -0.5, cot)
+        for name, a, r in zip(("out", "dq", "dk", "dv"), got, want):
+            assert np.abs(a - r).max() < 1e-5, (name, causal, np.abs(a - r).max())
+
+
 def flash_temp(t: int, impl: str = "flash") -> float:
     """Compiled temporary MiB of forward + backward of one attention call at sequence length t."""
     sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
@@ -103,8 +118,9 @@ def flash_temp(t: int, impl: str = "flash") -> float:
     return lowered.compile().memory_analysis().temp_size_in_bytes / MiB
 
 
-def test_flash_memory_is_linear_in_sequence_length():
-    a, b = flash_temp(4096), flash_temp(8192)
+@pytest.mark.parametrize("impl", ["rows", "flash"])
+def test_flash_and_rows_memory_is_linear_in_sequence_length(impl):
+    a, b = flash_temp(4096, impl), flash_temp(8192, impl)
     assert b / a < 2.3, (a, b)
     assert b < flash_temp(8192, "xla") / 20   # the plain path holds [heads, T, T] scores
 
@@ -165,8 +181,11 @@ def test_splash_interpret_equals_flash_padded_gqa(causal):
 def test_auto_routing_and_impossible_choices():
     f32, bf16 = jnp.float32, jnp.bfloat16
     assert A.resolve("auto", 1, 4096, f32, cached=True) == "xla"          # a decode step
-    assert A.resolve("auto", 200, 200, f32, cached=False) == "xla"        # short
-    assert A.resolve("auto", 2048, 2048, f32, cached=False) == "flash"    # CPU, long
+    assert A.resolve("auto", 200, 200, f32, cached=False) == "rows"       # CPU, short
+    assert A.resolve("auto", 20, 200, f32, cached=True) == "xla"          # a short prefill into a cache
+    assert A.resolve("auto", 2048, 2048, f32, cached=False) == "rows"     # CPU, long
+    assert A.resolve("auto", 8192, 8192, f32, cached=False, causal=False) == "rows"
+    assert A.resolve("auto", 8192, 8192, f32, cached=False) == "flash"    # CPU, long and causal
     assert A.resolve("auto", 300, 4096, f32, cached=True) == "flash"      # a long prefill into a cache
     assert A.resolve("splash", 8, 8, f32, cached=False, interpret=True) == "splash"
     q = k = v = jnp.zeros((1, 512, 2, 8))

@@ -45,10 +45,10 @@ def hf_forward(torch, hf, ids, mask):
     return out.last_hidden_state.numpy()
 
 
-@pytest.mark.parametrize("attention", ["auto", "flash"])
+@pytest.mark.parametrize("attention", ["auto", "xla", "flash"])
 def test_parity_with_hf_on_padded_real_batch(torch, hf_pair, tiny, batch, attention):
-    """All positions, padding included (padding queries see the real keys, as in HF), on the plain path
-    (`auto` at this length) and the blockwise flash path."""
+    """All positions, padding included (padding queries see the real keys, as in HF), on the CPU's rows
+    path (`auto`), the plain path and the blockwise flash path."""
     hf, ours = hf_pair
     ours = hf_esm.from_state_dict(hf_esm.to_state_dict(ours), dataclasses.replace(tiny, attention=attention))
     ids, mask = batch

@@ -54,14 +54,14 @@ def long_model(tmp_path_factory, torch):
 
 @pytest.mark.parametrize("pad_left", [True, False], ids=["left-padded", "right-padded"])
 def test_long_padded_batch_matches_transformers(long_model, torch, pad_left):
-    """300 tokens: `auto` takes the blockwise flash path (> 256 keys); the plain path agrees too."""
+    """300 tokens: `auto` (the CPU's rows path), the plain and the blockwise flash paths all agree."""
     path, hf = long_model
     lens, t = (300, 211, 57), 300
     ids, mask = padded_batch(seed=4, lens=lens, t=t)
     if pad_left:
         ids, mask = ids[:, ::-1].copy(), mask[:, ::-1].copy()
     ref = torch_logits(hf, ids, mask, torch)
-    for attention in ("auto", "xla"):
+    for attention in ("auto", "xla", "flash"):
         model = hf_llama.load(path, scan_layers=True, attention=attention)
         ours = np.asarray(nnx.jit(lambda m, i, a: m(i, a))(model, jnp.asarray(ids), jnp.asarray(mask)))
         assert np.abs(ours - ref)[mask.astype(bool)].max() < 1e-4, attention
