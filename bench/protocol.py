@@ -7,7 +7,8 @@
   prints the load average after and how many cores other processes kept busy during the run.
 - `interleave(sides, trials)` warms every side up once (compilation, caches), then runs the sides one
   after the other, trial by trial, rotating which goes first, so load from other processes hits all sides
-  alike. Each side gets `trials` (>= 5 for a published figure) wall-clock times.
+  alike; each timed call starts after a short idle pause, so no side runs while the other's thread pool is
+  still spinning. Each side gets `trials` (>= 5 for a published figure) wall-clock times.
 - `Stats` reports the median and the min-max; `rate(stats, work)` turns them into items/s (the median
   rate is work / median time; the range is work / slowest .. work / fastest); the ratio of two sides is
   the ratio of their medians.
@@ -139,8 +140,16 @@ class Stats:
         return float(max(self.times))
 
 
-def interleave(sides: Mapping[str, Callable[[], object]], trials: int, warmup: int = 1) -> dict[str, Stats]:
-    """Time every side `trials` times, trial by trial, rotating the order; `warmup` untimed calls first."""
+PAUSE_S = 0.2  # idle time before each timed call: the previous side's worker threads stop spinning
+
+
+def interleave(sides: Mapping[str, Callable[[], object]], trials: int, warmup: int = 1,
+               pause: float = PAUSE_S) -> dict[str, Stats]:
+    """Time every side `trials` times, trial by trial, rotating the order; `warmup` untimed calls first.
+
+    Each timed call starts after `pause` idle seconds: PyTorch's OpenMP threads (and XLA's pool) keep
+    spinning on the cores for a while after a call returns, and a call started at once would share the
+    cores with them (measured here: an XLA matmul right after a torch one ran at 0.7x its speed)."""
     if trials < 1:
         raise ValueError(f"--trials must be >= 1, got {trials}")
     names = list(sides)
@@ -150,6 +159,7 @@ def interleave(sides: Mapping[str, Callable[[], object]], trials: int, warmup: i
     times = {n: [] for n in names}
     for t in range(trials):
         for name in names[t % len(names):] + names[:t % len(names)]:
+            time.sleep(pause)
             start = time.perf_counter()
             sides[name]()
             times[name].append(time.perf_counter() - start)
