@@ -43,6 +43,7 @@ NUM_CHIRALITY = 3
 NUM_BOND_TYPES = 6       # single, double, triple, aromatic, self-loop (4), mask (5)
 NUM_BOND_DIRS = 3
 MISC_ATOM = 118
+CARBON_ROW = 5           # atomic number 6
 SELF_LOOP_BOND = 4
 
 _CHIRALITY = {Chem.ChiralType.CHI_UNSPECIFIED: 0, Chem.ChiralType.CHI_TETRAHEDRAL_CW: 1,
@@ -50,11 +51,25 @@ _CHIRALITY = {Chem.ChiralType.CHI_UNSPECIFIED: 0, Chem.ChiralType.CHI_TETRAHEDRA
 _BOND_TYPE = {Chem.BondType.SINGLE: 0, Chem.BondType.DOUBLE: 1, Chem.BondType.TRIPLE: 2,
               Chem.BondType.AROMATIC: 3}
 _BOND_DIR = {Chem.BondDir.NONE: 0, Chem.BondDir.ENDUPRIGHT: 1, Chem.BondDir.ENDDOWNRIGHT: 2}
-# One C++ pass over a molecule each, exact for any rdkit Mol (from SMILES, a mol block, built by hand):
-# atoms whose chiral tag is not CHI_UNSPECIFIED (rdkit's queryAtomHasChiralTag: tag != UNSPECIFIED), and
-# whether any bond's type is none of the four (each SMARTS bond primitive is rdkit's BondOrder query,
-# `int(bond.GetBondType()) == 1 / 2 / 3 / 12`; `*` matches every atom, the dummy atom included).
-_HAS_CHIRAL_TAG = rdqueries.HasChiralTagQueryAtom()
+
+
+def _one_atom_query(atom_query: Chem.QueryAtom) -> Chem.Mol:
+    """A query molecule of one atom, for `_atoms_matching`."""
+    query = Chem.RWMol()
+    query.AddAtom(atom_query)
+    return query.GetMol()
+
+
+# Bulk checks, one C++ pass over a molecule each and exact for any rdkit Mol (parsed from SMILES or a mol
+# block, built by hand). A one-atom query's substructure matches are exactly the atoms it matches (each
+# once; no cap: rdkit's default stops at 1000 matches): atoms that are not carbon, atoms whose chiral
+# tag is not CHI_UNSPECIFIED (rdkit's queryAtomHasChiralTag). _OTHER_BOND_TYPE matches where some bond's
+# type is none of the four: each SMARTS bond primitive is rdkit's BondOrder query (int(GetBondType())
+# == 1 / 2 / 3 / 12) and `*` matches every atom, the dummy atom included.
+_EVERY_MATCH = Chem.SubstructMatchParameters()
+_EVERY_MATCH.uniquify, _EVERY_MATCH.maxMatches = False, 2**32 - 1
+_NOT_CARBON = _one_atom_query(rdqueries.AtomNumEqualsQueryAtom(6, negate=True))
+_CHIRAL_TAGGED = _one_atom_query(rdqueries.HasChiralTagQueryAtom())
 _OTHER_BOND_TYPE = Chem.MolFromSmarts("*!-!=!#!:*")
 # GetBondTypeAsDouble is ambiguous (DATIVE = SINGLE = 1.0, ONEANDAHALF = AROMATIC = 1.5) and raises for
 # some types (OTHER, THREECENTER, ...), so it is read only after _OTHER_BOND_TYPE found no such bond.
@@ -90,21 +105,26 @@ def _featurize(mol: Chem.Mol, smiles: str, read_bond_dirs: bool) -> Featurized:
     """The features of `mol`; `read_bond_dirs=False` only where every bond direction is known NONE.
 
     Speed: rdkit's Python getters that return an enum (`GetChiralTag`, `GetBondType`, `GetBondDir`)
-    cost about 1 us each, as much as making the atom/bond wrapper itself. So chiral tags and bond
-    types outside the four are found by one C++ pass each (`_HAS_CHIRAL_TAG`, `_OTHER_BOND_TYPE`; most
-    molecules have neither), bond types are then read as floats, and what is read per item goes
-    through `map` over index lookups (not `mol.GetAtoms()`/`GetBonds()`, whose sequence wrappers run
-    Python per item). The result and every error are those of reading each atom's and bond's
-    features one by one (tests/data/test_molecules.py checks it on all NCI and ChEBI-20 test SMILES).
+    cost about 1 us each, as much as making an atom or bond wrapper. So only the atoms that are not
+    carbon (about a quarter in drug-like molecules) are read one by one, chiral tags and bond types
+    outside the four are found by one C++ pass each (most molecules have neither), bond types are
+    then read as floats, and what is read per item goes through `map` over index lookups (not
+    `mol.GetAtoms()`/`GetBonds()`, whose sequence wrappers run Python per item). The result and every
+    error are those of reading each atom's and bond's features one by one (tests/data/
+    test_molecules.py checks it on all NCI and ChEBI-20 test SMILES, mol blocks and hand-made Mols).
     """
     n = mol.GetNumAtoms()
     if n == 0:
         raise ValueError(f"SMILES {smiles!r}: the molecule has no atoms")
     atoms = np.zeros((n, 2), np.int64)                                   # [n_atoms, (element, chirality)]
-    atoms[:, 0] = [z - 1 if 1 <= z <= 118 else MISC_ATOM
-                   for z in map(Chem.Atom.GetAtomicNum, map(mol.GetAtomWithIdx, range(n)))]
-    if len(mol.GetAtomsMatchingQuery(_HAS_CHIRAL_TAG)):
-        _set_chirality(atoms, mol, smiles)
+    atoms[:, 0] = CARBON_ROW
+    others = _atoms_matching(mol, _NOT_CARBON)
+    if others:
+        atoms[others, 0] = [z - 1 if 1 <= z <= 118 else MISC_ATOM
+                            for z in map(Chem.Atom.GetAtomicNum, map(mol.GetAtomWithIdx, others))]
+    chiral = _atoms_matching(mol, _CHIRAL_TAGGED)
+    if chiral:
+        _set_chirality(atoms, mol, chiral, smiles)
     n_bonds = mol.GetNumBonds()
     bond_list = list(map(mol.GetBondWithIdx, range(n_bonds)))
     if read_bond_dirs:
@@ -125,14 +145,20 @@ def _featurize(mol: Chem.Mol, smiles: str, read_bond_dirs: bool) -> Featurized:
     return atoms, edge_index, bonds
 
 
-def _set_chirality(atoms: np.ndarray, mol: Chem.Mol, smiles: str) -> None:
-    """Fill `atoms[:, 1]` for the atoms with a chiral tag; the first one outside the three raises."""
-    for atom in sorted(mol.GetAtomsMatchingQuery(_HAS_CHIRAL_TAG), key=Chem.Atom.GetIdx):
+def _atoms_matching(mol: Chem.Mol, one_atom_query: Chem.Mol) -> list[int]:
+    return [i for (i,) in mol.GetSubstructMatches(one_atom_query, _EVERY_MATCH)]
+
+
+def _set_chirality(atoms: np.ndarray, mol: Chem.Mol, chiral: list[int], smiles: str) -> None:
+    """Fill `atoms[:, 1]` for the atoms `chiral` (those with a chiral tag); the first (lowest index)
+    whose tag is outside the three raises."""
+    for k in sorted(chiral):
+        atom = mol.GetAtomWithIdx(k)
         tag = atom.GetChiralTag()
         if tag not in _CHIRALITY:
-            raise ValueError(f"SMILES {smiles!r}: atom {atom.GetIdx()} ({atom.GetSymbol()}) has chirality "
-                             f"{tag}, which the GraphMVP GIN cannot embed")
-        atoms[atom.GetIdx(), 1] = _CHIRALITY[tag]
+            raise ValueError(f"SMILES {smiles!r}: atom {k} ({atom.GetSymbol()}) has chirality {tag}, "
+                             "which the GraphMVP GIN cannot embed")
+        atoms[k, 1] = _CHIRALITY[tag]
 
 
 def _bond_error(bond_list: list[Chem.Bond], smiles: str) -> ValueError:

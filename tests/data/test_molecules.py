@@ -135,13 +135,15 @@ def per_item(mol, smiles):
     if mol.GetNumAtoms() == 0:
         return f"SMILES {smiles!r}: the molecule has no atoms"
     atoms, edges, feats = [], [], []
-    for k, atom in enumerate(mol.GetAtoms()):
+    for k in range(mol.GetNumAtoms()):
+        atom = mol.GetAtomWithIdx(k)
         z, tag = atom.GetAtomicNum(), atom.GetChiralTag()
         if tag not in CHI_ROW:
             return (f"SMILES {smiles!r}: atom {k} ({atom.GetSymbol()}) has chirality {tag}, which the "
                     "GraphMVP GIN cannot embed")
         atoms.append([z - 1 if 1 <= z <= 118 else 118, CHI_ROW[tag]])
-    for k, bond in enumerate(mol.GetBonds()):
+    for k in range(mol.GetNumBonds()):
+        bond = mol.GetBondWithIdx(k)
         i, j = bond.GetBeginAtomIdx(), bond.GetEndAtomIdx()
         kind, direction = bond.GetBondType(), bond.GetBondDir()
         if kind not in TYPE_ROW or direction not in DIR_ROW:
@@ -165,14 +167,14 @@ def assert_same(got, want, name):
     if isinstance(want, str) or isinstance(got, str):
         assert got == want, name
         return
-    for g, w in zip(got, want, strict=True):
-        assert g.dtype == np.int64 and g.shape == w.shape and g.flags.c_contiguous, name
-        assert np.array_equal(g, w), name
+    assert len(got) == len(want) == 3, name
+    assert all(g.dtype == np.int64 and g.flags.c_contiguous and np.array_equal(g, w) and g.shape == w.shape
+               for g, w in zip(got, want)), name
 
 
 def test_fast_path_equals_per_item_reading(nci, shared_data):
     """All NCI and ChEBI-20 test SMILES, through `featurize` (which skips reading bond directions for
-    SMILES that cannot set any) and `featurize_mol`; every 5th also as an unsanitised Mol."""
+    SMILES that cannot set any) and `featurize_mol`; every 10th also as an unsanitised Mol."""
     lines = (shared_data / "molecules" / "chebi20_test.txt").read_text().splitlines()[1:]
     smiles = nci + [line.split("\t")[1] for line in lines]
     n_chiral = n_directed = n_bad = 0
@@ -183,7 +185,7 @@ def test_fast_path_equals_per_item_reading(nci, shared_data):
         want = per_item(mol, s)
         assert_same(outcome(M.featurize, s), want, s)
         assert_same(outcome(M.featurize_mol, mol, s), want, s)
-        if k % 5 == 0:
+        if k % 10 == 0:
             raw = Chem.MolFromSmiles(s, sanitize=False)     # unkekulised, no stereo perception
             assert_same(outcome(M.featurize_mol, raw, s), per_item(raw, s), s)
         if isinstance(want, str):
@@ -221,7 +223,7 @@ HAND_MADE = [Chem.MolFromSmiles(s) for s in (
     "C[C@H](N)O", "C[C@@H](N)O", "N[C@@H](C)C(=O)O", "F/C=C/F", "F/C=C\\F", "C/C=C/[C@H](N)*", "*",
     "c1ccccc1O", "C#N", "CC#CC=O", "[Na+].[Cl-]", "O", "N->[Cu]", "[Cu]<-N", "F[Pt@SP1](Cl)(Br)I",
     "C[Fe@TB1](F)(Cl)(Br)I", "CC=CC |c:1|", "CC=CC |t:1|", "CC=CC |w:1.0|", "C[C@H](F)Cl |wU:1.0|",
-    "CCO ethanol/x")] + [
+    "CCO ethanol/x", "O" * 1200, "F[C@H](Cl)[C@@H](Br)[C@H](I)F")] + [             # > 1000 non-carbons
     edited("CC(N)O", lambda m: m.GetAtomWithIdx(1).SetChiralTag(CT.CHI_OTHER)),
     edited("CC(N)C(F)O", lambda m: (m.GetAtomWithIdx(4).SetChiralTag(CT.CHI_OTHER),
                                     m.GetAtomWithIdx(1).SetChiralTag(CT.CHI_SQUAREPLANAR))),
