@@ -146,6 +146,7 @@ def _featurize(mol: Chem.Mol, smiles: str, read_bond_dirs: bool) -> Featurized:
 
 
 def _atoms_matching(mol: Chem.Mol, one_atom_query: Chem.Mol) -> list[int]:
+    """Indices of every atom of `mol` that the one atom of `one_atom_query` matches."""
     return [i for (i,) in mol.GetSubstructMatches(one_atom_query, _EVERY_MATCH)]
 
 
