@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 from rdkit import Chem, RDLogger
+from rdkit.Chem import rdqueries
 
 if TYPE_CHECKING:
     import jraph
@@ -42,6 +43,7 @@ NUM_CHIRALITY = 3
 NUM_BOND_TYPES = 6       # single, double, triple, aromatic, self-loop (4), mask (5)
 NUM_BOND_DIRS = 3
 MISC_ATOM = 118
+CARBON_ROW = 5           # atomic number 6
 SELF_LOOP_BOND = 4
 
 _CHIRALITY = {Chem.ChiralType.CHI_UNSPECIFIED: 0, Chem.ChiralType.CHI_TETRAHEDRAL_CW: 1,
@@ -49,6 +51,29 @@ _CHIRALITY = {Chem.ChiralType.CHI_UNSPECIFIED: 0, Chem.ChiralType.CHI_TETRAHEDRA
 _BOND_TYPE = {Chem.BondType.SINGLE: 0, Chem.BondType.DOUBLE: 1, Chem.BondType.TRIPLE: 2,
               Chem.BondType.AROMATIC: 3}
 _BOND_DIR = {Chem.BondDir.NONE: 0, Chem.BondDir.ENDUPRIGHT: 1, Chem.BondDir.ENDDOWNRIGHT: 2}
+
+
+def _one_atom_query(atom_query: Chem.QueryAtom) -> Chem.Mol:
+    """A query molecule of one atom, for `_atoms_matching`."""
+    query = Chem.RWMol()
+    query.AddAtom(atom_query)
+    return query.GetMol()
+
+
+# Bulk checks, one C++ pass over a molecule each and exact for any rdkit Mol (parsed from SMILES or a mol
+# block, built by hand). A one-atom query's substructure matches are exactly the atoms it matches (each
+# once; no cap: rdkit's default stops at 1000 matches): atoms that are not carbon, atoms whose chiral
+# tag is not CHI_UNSPECIFIED (rdkit's queryAtomHasChiralTag). _OTHER_BOND_TYPE matches where some bond's
+# type is none of the four: each SMARTS bond primitive is rdkit's BondOrder query (int(GetBondType())
+# == 1 / 2 / 3 / 12) and `*` matches every atom, the dummy atom included.
+_EVERY_MATCH = Chem.SubstructMatchParameters()
+_EVERY_MATCH.uniquify, _EVERY_MATCH.maxMatches = False, 2**32 - 1
+_NOT_CARBON = _one_atom_query(rdqueries.AtomNumEqualsQueryAtom(6, negate=True))
+_CHIRAL_TAGGED = _one_atom_query(rdqueries.HasChiralTagQueryAtom())
+_OTHER_BOND_TYPE = Chem.MolFromSmarts("*!-!=!#!:*")
+# GetBondTypeAsDouble is ambiguous (DATIVE = SINGLE = 1.0, ONEANDAHALF = AROMATIC = 1.5) and raises for
+# some types (OTHER, THREECENTER, ...), so it is read only after _OTHER_BOND_TYPE found no such bond.
+_BOND_TYPE_OF_ORDER = {1.0: 0, 2.0: 1, 3.0: 2, 1.5: 3}
 
 # Allowed padded sizes, used for n_node, n_edge and n_graph independently: 16 * 2**k and 24 * 2**k, so
 # padding wastes at most half (a third on average) and a stream of batches compiles only a few shapes.
@@ -65,37 +90,88 @@ def featurize(smiles: str) -> Featurized:
     mol = Chem.MolFromSmiles(smiles)
     if mol is None:
         raise ValueError(f"SMILES {smiles!r}: rdkit cannot parse it")
-    return featurize_mol(mol, smiles)
+    # rdkit's SMILES parser gives a bond a direction only for a '/' or '\\' bond token or a CXSMILES
+    # mark (c:/t:/w:/wU:/wD:, all after a '|'); sanitisation and stereo perception only clear
+    # directions. Without these characters every direction is NONE, so they are not read one by one.
+    return _featurize(mol, smiles, read_bond_dirs="/" in smiles or "\\" in smiles or "|" in smiles)
 
 
 def featurize_mol(mol: Chem.Mol, smiles: str = "") -> Featurized:
     """`featurize` for an rdkit molecule (from an SDF, say); `smiles` only names it in errors."""
+    return _featurize(mol, smiles, read_bond_dirs=True)
+
+
+def _featurize(mol: Chem.Mol, smiles: str, read_bond_dirs: bool) -> Featurized:
+    """The features of `mol`; `read_bond_dirs=False` only where every bond direction is known NONE.
+
+    Speed: rdkit's Python getters that return an enum (`GetChiralTag`, `GetBondType`, `GetBondDir`)
+    cost about 1 us each, as much as making an atom or bond wrapper. So only the atoms that are not
+    carbon (about a quarter in drug-like molecules) are read one by one, chiral tags and bond types
+    outside the four are found by one C++ pass each (most molecules have neither), bond types are
+    then read as floats, and what is read per item goes through `map` over index lookups (not
+    `mol.GetAtoms()`/`GetBonds()`, whose sequence wrappers run Python per item). The result and every
+    error are those of reading each atom's and bond's features one by one (tests/data/
+    test_molecules.py checks it on all NCI and ChEBI-20 test SMILES, mol blocks and hand-made Mols).
+    """
     n = mol.GetNumAtoms()
     if n == 0:
         raise ValueError(f"SMILES {smiles!r}: the molecule has no atoms")
-    # index lookups, not mol.GetAtoms()/GetBonds() (rdkit's sequence wrappers run Python per item); one
-    # list of Python ints per molecule, turned into arrays once
-    atom_list = [mol.GetAtomWithIdx(k) for k in range(n)]
-    rows = [(atom.GetAtomicNum(), _CHIRALITY.get(atom.GetChiralTag())) for atom in atom_list]
-    for k, (_, chi) in enumerate(rows):
-        if chi is None:
-            raise ValueError(f"SMILES {smiles!r}: atom {k} ({atom_list[k].GetSymbol()}) has chirality "
-                             f"{atom_list[k].GetChiralTag()}, which the GraphMVP GIN cannot embed")
-    atoms = np.array(rows, np.int64)
-    z = atoms[:, 0]
-    atoms[:, 0] = np.where((z >= 1) & (z <= 118), z - 1, MISC_ATOM)
-    bond_list = [mol.GetBondWithIdx(k) for k in range(mol.GetNumBonds())]
-    rows = [(bond.GetBeginAtomIdx(), bond.GetEndAtomIdx(), _BOND_TYPE.get(bond.GetBondType()),
-             _BOND_DIR.get(bond.GetBondDir())) for bond in bond_list]
-    for k, (i, j, kind, direction) in enumerate(rows):
-        if kind is None or direction is None:
-            bad = bond_list[k].GetBondType() if kind is None else bond_list[k].GetBondDir()
-            raise ValueError(f"SMILES {smiles!r}: bond {k} (atoms {i}-{j}) is {bad}, outside the "
-                             "GraphMVP featurization (single/double/triple/aromatic, no wedges)")
-    table = np.array(rows, np.int64).reshape(-1, 4)                      # [n_bonds, (i, j, type, dir)]
-    edge_index = table[:, [0, 1, 1, 0]].reshape(-1, 2).T.copy()          # (i, j) then (j, i) per bond
-    bonds = np.repeat(table[:, 2:], 2, axis=0)
+    atoms = np.zeros((n, 2), np.int64)                                   # [n_atoms, (element, chirality)]
+    atoms[:, 0] = CARBON_ROW
+    others = _atoms_matching(mol, _NOT_CARBON)
+    if others:
+        atoms[others, 0] = [z - 1 if 1 <= z <= 118 else MISC_ATOM
+                            for z in map(Chem.Atom.GetAtomicNum, map(mol.GetAtomWithIdx, others))]
+    chiral = _atoms_matching(mol, _CHIRAL_TAGGED)
+    if chiral:
+        _set_chirality(atoms, mol, chiral, smiles)
+    n_bonds = mol.GetNumBonds()
+    bond_list = list(map(mol.GetBondWithIdx, range(n_bonds)))
+    if read_bond_dirs:
+        dirs = list(map(_BOND_DIR.get, map(Chem.Bond.GetBondDir, bond_list)))     # None: outside the table
+    else:
+        dirs = [0] * n_bonds
+    if None in dirs or mol.HasSubstructMatch(_OTHER_BOND_TYPE):
+        raise _bond_error(bond_list, smiles)
+    # only single/double/triple/aromatic are left, whose orders 1, 2, 3, 1.5 tell them apart
+    types = list(map(_BOND_TYPE_OF_ORDER.__getitem__, map(Chem.Bond.GetBondTypeAsDouble, bond_list)))
+    begin = list(map(Chem.Bond.GetBeginAtomIdx, bond_list))
+    end = list(map(Chem.Bond.GetEndAtomIdx, bond_list))
+    # edge 2k is (begin_k, end_k), edge 2k + 1 is (end_k, begin_k): built as [row, edge of the bond, k],
+    # then put in [row, k, edge of the bond] order
+    edge_index = np.array((begin, end, end, begin), np.int64).reshape(2, 2, n_bonds)
+    edge_index = edge_index.transpose(0, 2, 1).reshape(2, 2 * n_bonds)
+    bonds = np.array((types, dirs, types, dirs), np.int64).T.reshape(2 * n_bonds, 2)
     return atoms, edge_index, bonds
+
+
+def _atoms_matching(mol: Chem.Mol, one_atom_query: Chem.Mol) -> list[int]:
+    """Indices of every atom of `mol` that the one atom of `one_atom_query` matches."""
+    return [i for (i,) in mol.GetSubstructMatches(one_atom_query, _EVERY_MATCH)]
+
+
+def _set_chirality(atoms: np.ndarray, mol: Chem.Mol, chiral: list[int], smiles: str) -> None:
+    """Fill `atoms[:, 1]` for the atoms `chiral` (those with a chiral tag); the first (lowest index)
+    whose tag is outside the three raises."""
+    for k in sorted(chiral):
+        atom = mol.GetAtomWithIdx(k)
+        tag = atom.GetChiralTag()
+        if tag not in _CHIRALITY:
+            raise ValueError(f"SMILES {smiles!r}: atom {k} ({atom.GetSymbol()}) has chirality {tag}, "
+                             "which the GraphMVP GIN cannot embed")
+        atoms[k, 1] = _CHIRALITY[tag]
+
+
+def _bond_error(bond_list: list[Chem.Bond], smiles: str) -> ValueError:
+    """The error for the first bond (in rdkit order) whose type or direction is outside the tables."""
+    for k, bond in enumerate(bond_list):
+        kind, direction = bond.GetBondType(), bond.GetBondDir()
+        if kind not in _BOND_TYPE or direction not in _BOND_DIR:
+            bad = kind if kind not in _BOND_TYPE else direction
+            return ValueError(f"SMILES {smiles!r}: bond {k} (atoms {bond.GetBeginAtomIdx()}-"
+                              f"{bond.GetEndAtomIdx()}) is {bad}, outside the GraphMVP featurization "
+                              "(single/double/triple/aromatic, no wedges)")
+    raise AssertionError("_bond_error called for a molecule whose bonds are all supported")
 
 
 def _featurize_or_message(smiles: str) -> Featurized | str:

@@ -102,7 +102,9 @@ def test_nci_first_5k(nci):
 
 
 @pytest.mark.parametrize("smiles,reason", [("", "empty"), ("  ", "empty"), ("C1CC", "cannot parse"),
-                                           ("N->[Cu]", "DATIVE"), ("F[Pt@SP1](Cl)(Br)I", "CHI_SQUAREPLANAR")])
+                                           ("N->[Cu]", "DATIVE"), ("F[Pt@SP1](Cl)(Br)I", "CHI_SQUAREPLANAR"),
+                                           ("C[C@H](F)Cl |wU:1.0|", "BEGINWEDGE"),
+                                           ("CC=CC |w:1.0|", "UNKNOWN")])
 def test_bad_input_names_smiles(smiles, reason):
     with pytest.raises(ValueError, match=reason) as e:
         M.featurize(smiles)
@@ -116,6 +118,143 @@ def test_chi_other_and_zero_atoms_rejected():
         M.featurize_mol(mol, "CC(N)O")
     with pytest.raises(ValueError, match="no atoms"):
         M.featurize_mol(Chem.Mol(), "x")
+
+
+# The featurizer as it read molecules before its bulk checks, transcribed: one rdkit getter per atom
+# and per bond, every chiral tag, bond type and bond direction read. `featurize` / `featurize_mol`
+# must give the same arrays (values, int64, shapes, C order, edge order) and the same error messages.
+CHI_ROW = {Chem.ChiralType.CHI_UNSPECIFIED: 0, Chem.ChiralType.CHI_TETRAHEDRAL_CW: 1,
+           Chem.ChiralType.CHI_TETRAHEDRAL_CCW: 2}
+TYPE_ROW = {Chem.BondType.SINGLE: 0, Chem.BondType.DOUBLE: 1, Chem.BondType.TRIPLE: 2,
+            Chem.BondType.AROMATIC: 3}
+DIR_ROW = {Chem.BondDir.NONE: 0, Chem.BondDir.ENDUPRIGHT: 1, Chem.BondDir.ENDDOWNRIGHT: 2}
+
+
+def per_item(mol, smiles):
+    """`(atoms, edge_index, bonds)`, or the ValueError message, reading every atom and bond."""
+    if mol.GetNumAtoms() == 0:
+        return f"SMILES {smiles!r}: the molecule has no atoms"
+    atoms, edges, feats = [], [], []
+    for k in range(mol.GetNumAtoms()):
+        atom = mol.GetAtomWithIdx(k)
+        z, tag = atom.GetAtomicNum(), atom.GetChiralTag()
+        if tag not in CHI_ROW:
+            return (f"SMILES {smiles!r}: atom {k} ({atom.GetSymbol()}) has chirality {tag}, which the "
+                    "GraphMVP GIN cannot embed")
+        atoms.append([z - 1 if 1 <= z <= 118 else 118, CHI_ROW[tag]])
+    for k in range(mol.GetNumBonds()):
+        bond = mol.GetBondWithIdx(k)
+        i, j = bond.GetBeginAtomIdx(), bond.GetEndAtomIdx()
+        kind, direction = bond.GetBondType(), bond.GetBondDir()
+        if kind not in TYPE_ROW or direction not in DIR_ROW:
+            bad = kind if kind not in TYPE_ROW else direction
+            return (f"SMILES {smiles!r}: bond {k} (atoms {i}-{j}) is {bad}, outside the GraphMVP "
+                    "featurization (single/double/triple/aromatic, no wedges)")
+        edges += [[i, j], [j, i]]
+        feats += [[TYPE_ROW[kind], DIR_ROW[direction]]] * 2
+    return (np.array(atoms, np.int64), np.array(edges, np.int64).reshape(-1, 2).T.copy(),
+            np.array(feats, np.int64).reshape(-1, 2))
+
+
+def outcome(fn, *args):
+    try:
+        return fn(*args)
+    except ValueError as e:
+        return str(e)
+
+
+def assert_same(got, want, name):
+    if isinstance(want, str) or isinstance(got, str):
+        assert got == want, name
+        return
+    assert len(got) == len(want) == 3, name
+    assert all(g.dtype == np.int64 and g.flags.c_contiguous and np.array_equal(g, w) and g.shape == w.shape
+               for g, w in zip(got, want)), name
+
+
+def test_fast_path_equals_per_item_reading(nci, shared_data):
+    """All NCI and ChEBI-20 test SMILES, through `featurize` (which skips reading bond directions for
+    SMILES that cannot set any) and `featurize_mol`; every 10th also as an unsanitised Mol."""
+    lines = (shared_data / "molecules" / "chebi20_test.txt").read_text().splitlines()[1:]
+    smiles = nci + [line.split("\t")[1] for line in lines]
+    n_chiral = n_directed = n_bad = 0
+    for k, s in enumerate(smiles):
+        mol = Chem.MolFromSmiles(s)
+        if mol is None:
+            continue
+        want = per_item(mol, s)
+        assert_same(outcome(M.featurize, s), want, s)
+        assert_same(outcome(M.featurize_mol, mol, s), want, s)
+        if k % 10 == 0:
+            raw = Chem.MolFromSmiles(s, sanitize=False)     # unkekulised, no stereo perception
+            assert_same(outcome(M.featurize_mol, raw, s), per_item(raw, s), s)
+        if isinstance(want, str):
+            n_bad += 1
+        else:
+            n_chiral += bool(want[0][:, 1].any())
+            n_directed += bool(want[2][:, 1].any())
+    assert n_bad == 1 and n_chiral > 500 and n_directed > 50      # every branch of the fast path ran
+
+
+def test_mol_block_molecules_and_wedges(chebi):
+    """Mols from mol blocks (stereo from 2D coordinates and wedges); with the wedges put back as bond
+    directions (BEGINWEDGE/BEGINDASH) the GIN cannot embed them, and the error is the same."""
+    stereo = [s for s in chebi if "@" in s or "/" in s][:40]
+    n_wedged = 0
+    for s in stereo:
+        block = Chem.MolToMolBlock(Chem.MolFromSmiles(s))
+        mol = Chem.MolFromMolBlock(block)
+        assert_same(outcome(M.featurize_mol, mol, s), per_item(mol, s), s)
+        Chem.ReapplyMolBlockWedging(mol)
+        want = per_item(mol, s)
+        n_wedged += isinstance(want, str) and "BEGIN" in want
+        assert_same(outcome(M.featurize_mol, mol, s), want, s)
+    assert n_wedged > 20
+
+
+def edited(smiles, edit):
+    mol = Chem.RWMol(Chem.MolFromSmiles(smiles))
+    edit(mol)
+    return mol
+
+
+B, D, CT = Chem.BondType, Chem.BondDir, Chem.ChiralType
+HAND_MADE = [Chem.MolFromSmiles(s) for s in (
+    "C[C@H](N)O", "C[C@@H](N)O", "N[C@@H](C)C(=O)O", "F/C=C/F", "F/C=C\\F", "C/C=C/[C@H](N)*", "*",
+    "c1ccccc1O", "C#N", "CC#CC=O", "[Na+].[Cl-]", "O", "N->[Cu]", "[Cu]<-N", "F[Pt@SP1](Cl)(Br)I",
+    "C[Fe@TB1](F)(Cl)(Br)I", "CC=CC |c:1|", "CC=CC |t:1|", "CC=CC |w:1.0|", "C[C@H](F)Cl |wU:1.0|",
+    "CCO ethanol/x", "O" * 1200, "F[C@H](Cl)[C@@H](Br)[C@H](I)F")] + [             # > 1000 non-carbons
+    edited("CC(N)O", lambda m: m.GetAtomWithIdx(1).SetChiralTag(CT.CHI_OTHER)),
+    edited("CC(N)C(F)O", lambda m: (m.GetAtomWithIdx(4).SetChiralTag(CT.CHI_OTHER),
+                                    m.GetAtomWithIdx(1).SetChiralTag(CT.CHI_SQUAREPLANAR))),
+    edited("CC(N)C(F)O", lambda m: (m.GetAtomWithIdx(1).SetChiralTag(CT.CHI_TETRAHEDRAL_CW),
+                                    m.GetAtomWithIdx(3).SetChiralTag(CT.CHI_TETRAHEDRAL_CCW))),
+    edited("CCO", lambda m: m.GetAtomWithIdx(2).SetAtomicNum(120)),                # misc row, like 0
+    edited("CC=CC", lambda m: m.GetBondWithIdx(1).SetBondDir(D.ENDUPRIGHT)),       # a direction on =
+    edited("CC=CC", lambda m: (m.GetBondWithIdx(2).SetBondType(B.DATIVE),          # first bad bond:
+                               m.GetBondWithIdx(1).SetBondDir(D.BEGINDASH))),      # bond 1, its dir
+    edited("CC=CC", lambda m: (m.GetBondWithIdx(1).SetBondType(B.ZERO),            # type named before
+                               m.GetBondWithIdx(1).SetBondDir(D.BEGINWEDGE))),     # the direction
+    edited("c1ccccc1", lambda m: Chem.Kekulize(m, clearAromaticFlags=False)),     # aromatic flags, = types
+    Chem.Mol()] + [
+    edited("CCC", lambda m, t=t: m.GetBondWithIdx(1).SetBondType(t)) for t in B.values.values()] + [
+    edited("CCC", lambda m, d=d: m.GetBondWithIdx(1).SetBondDir(d)) for d in D.values.values()]
+
+
+@pytest.mark.parametrize("index", range(len(HAND_MADE)))
+def test_hand_made_molecules_equal_per_item_reading(index):
+    mol, name = HAND_MADE[index], f"hand-made {index}"
+    assert_same(outcome(M.featurize_mol, mol, name), per_item(mol, name), name)
+
+
+@pytest.mark.parametrize("smiles,bond_dirs", [
+    ("F/C=C/F", [1, 0, 1]), ("F/C=C\\F", [1, 0, 2]), ("CC=CC |c:1|", [1, 0, 2]), ("CC=CC |t:1|", [1, 0, 1]),
+    ("CCO ethanol/x", [0, 0]), ("C[C@H](N)O", [0, 0, 0])])
+def test_featurize_reads_bond_directions_where_the_smiles_can_set_them(smiles, bond_dirs):
+    """`featurize` skips reading directions unless the SMILES has '/', '\\' or a CXSMILES part ('|')."""
+    want = per_item(Chem.MolFromSmiles(smiles), smiles)
+    assert_same(M.featurize(smiles), want, smiles)
+    assert want[2][::2, 1].tolist() == bond_dirs
 
 
 def test_featurize_many_names_index_and_processes(chebi):
