@@ -140,7 +140,9 @@ class Stats:
         return float(max(self.times))
 
 
-PAUSE_S = 0.2  # idle time before each timed call: the previous side's worker threads stop spinning
+# idle seconds before each timed call, so the previous side's worker threads stop spinning; the
+# environment variable BENCH_PAUSE_S changes it (0: the calls back to back, as before issue 16's fix)
+PAUSE_S = float(os.environ.get("BENCH_PAUSE_S", "0.2"))
 
 
 def interleave(sides: Mapping[str, Callable[[], object]], trials: int, warmup: int = 1,
