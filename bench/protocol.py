@@ -4,7 +4,9 @@
   vector extensions that matter here (avx2, avx512f, avx512_bf16, amx_*), cores (`os.cpu_count` and the
   affinity set this process may run on), library versions, the date and the 1-minute load average; a load
   >= 1 is flagged: such a run checks the code, its figures do not go into README/docs. `footer(load)`
-  prints the load average after and how many cores other processes kept busy during the run.
+  prints the load average after and how many cores other processes kept busy during the run (from
+  /proc/stat: all busy CPU time minus this process's own); a quiet run started below load 1 and others
+  kept under a quarter of a core busy.
 - `interleave(sides, trials)` warms every side up once (compilation, caches), then runs the sides one
   after the other, trial by trial, rotating which goes first, so load from other processes hits all sides
   alike; each timed call starts after a short idle pause, so no side runs while the other's thread pool is
@@ -116,7 +118,9 @@ def footer(load_before: float) -> None:
     """Print the load average after the run (and whether the whole run was on a quiet machine)."""
     load = os.getloadavg()
     busy = others_busy(_START[0], cpu_snapshot()) if _START else None
-    quiet = load_before < 1 and load[0] < 1.5 and (busy is None or busy < 0.25)
+    # the load average after counts this run's own threads (2 busy cores on a 2-core machine read ~2),
+    # so where /proc/stat tells what other processes used, that decides; elsewhere the load after does
+    quiet = load_before < 1 and (busy < 0.25 if busy is not None else load[0] < 1.5)
     print(f"\n# load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
           + ("" if busy is None else f"; other processes kept {busy:.2f} of {os.cpu_count()} cores busy during the run")
           + f" ({'quiet run' if quiet else 'busy machine: ratios only indicative, absolute figures not comparable'})")
