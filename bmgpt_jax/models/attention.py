@@ -20,8 +20,8 @@ these, block by block, so memory stays linear in the sequence length:
   auto    `xla` for decode steps (<= PLAIN_MAX_QUERIES queries), and off the CPU or with a KV cache for
           short keys (<= PLAIN_MAX_KEYS); else with a KV cache `flash`; otherwise by platform (of the
           context mesh, else the default backend): TPU `splash`, GPU `cudnn` (bf16/fp16 compute; float32
-          -> `flash`), CPU `rows` (`flash` for a causal sequence longer than ROWS_CAUSAL_MAX, where
-          skipping the blocks above the diagonal wins; bench/attention.py measures both).
+          -> `flash`), CPU `rows` (`flash` under a multi-device mesh, and for a causal sequence longer
+          than ROWS_CAUSAL_MAX, where skipping the blocks above the diagonal wins; bench/attention.py).
 
 An explicit choice that cannot run here (splash off TPU, cudnn off GPU or in float32, splash/cudnn with
 a KV cache) raises ValueError; nothing falls back silently. Outputs at a query with no allowed key are
@@ -96,6 +96,14 @@ def platform() -> str:
     return jax.default_backend()
 
 
+def _multi_device() -> bool:
+    """Whether the computation is traced under a mesh of several devices. `rows` maps over (batch row,
+    head) chunks, an axis the partitioner cannot split by the mesh's batch sharding (measured: on 8
+    CPU devices its compiled temporaries were 2x flash's), so sharded CPU programs keep `flash`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh is not None and not mesh.empty and mesh.size > 1
+
+
 def resolve(implementation: str, q_len: int, kv_len: int, dtype, cached: bool, *, causal: bool = True,
             interpret: bool = False) -> str:
     """The implementation `implementation` runs as for these shapes here; ValueError when impossible."""
@@ -109,7 +117,7 @@ def resolve(implementation: str, q_len: int, kv_len: int, dtype, cached: bool, *
         if cached:
             return "flash"
         if where == "cpu":
-            return "flash" if causal and kv_len > ROWS_CAUSAL_MAX else "rows"
+            return "flash" if _multi_device() or (causal and kv_len > ROWS_CAUSAL_MAX) else "rows"
         return {"tpu": "splash", "gpu": "cudnn" if half else "flash"}.get(where, "flash")
     if implementation in ("splash", "cudnn") and cached:
         raise ValueError(f"attention={implementation!r} takes no KV cache (queries at a slot offset); "
