@@ -1,0 +1,95 @@
+"""Where a Llama train step's time goes on the XLA backend: the compiled step's ops, slowest first.
+
+    python bench/profile_step.py                     # bench/llama_step.py's shape: 4 x 512, vocab 32001, 8 x 256
+    python bench/profile_step.py --layers 2 --top 20
+
+Runs `--steps` forward + backward steps of the optax loss (bench/llama_step.py's `optax_loss`) under
+`jax.profiler.trace(create_perfetto_trace=True)`, reads the Perfetto trace back and prints, per compiled
+op (an XLA:CPU thunk: a YNNPACK GEMM fusion `ynn_fusion.N`, a plain `dot.N`, a loop fusion ...), its time
+per step, its share of the step, the op's output shape and layout and the JAX operation it came from (the
+HLO `op_name` metadata), then the totals per op kind. Not a timed comparison, so no PyTorch side; it
+tells which ops a change to the model should target (issue 16: the step's gap to PyTorch is mostly
+outside the GEMMs).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import protocol as P  # noqa: E402  (bench/protocol.py; scripts run as python bench/x.py)
+from llama_step import optax_loss  # noqa: E402
+
+
+def op_table(hlo: str) -> dict[str, tuple[str, str]]:
+    """HLO instruction name -> (output shape with layout, the JAX op_name it came from)."""
+    out = {}
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", line)
+        if m:
+            origin = re.search(r'op_name="([^"]*)"', line)
+            out[m.group(1)] = (m.group(2), origin.group(1) if origin else "")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=32001)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--top", type=int, default=30)
+    args = ap.parse_args()
+    load_before = P.header("bench/profile_step.py: a Llama train step's compiled ops, slowest first")
+    ffn = int(args.hidden * 8 / 3 + 63) // 64 * 64
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=ffn, num_layers=args.layers,
+                      num_heads=args.heads, num_kv_heads=args.heads, max_position_embeddings=max(args.seq, 512))
+    graphdef, state = nnx.split(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    step = jax.jit(jax.value_and_grad(lambda st, ids: optax_loss(nnx.merge(graphdef, st), ids)))
+    ids = jnp.asarray(np.random.RandomState(0).randint(3, args.vocab, (args.batch, args.seq)))
+    ops = op_table(step.lower(state, ids).compile().as_text())
+    for _ in range(2):
+        jax.block_until_ready(step(state, ids))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(args.steps):
+                jax.block_until_ready(step(state, ids))
+        trace = json.load(gzip.open(next(Path(d).rglob("*.trace.json.gz"))))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    per_op = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") in ops:
+            per_op[e["name"]] += e["dur"] / 1e3 / args.steps     # microseconds -> ms per step
+    total = sum(per_op.values())
+    print(f"\nLlama {args.layers} x {args.hidden}, FFN {ffn}, vocab {args.vocab}, batch {args.batch} x {args.seq}, "
+          f"float32; {args.steps} profiled steps; the ops below sum to {total:,.0f} ms per step")
+    P.table(["op", "ms / step", "share", "output", "from"],
+            [[name, f"{ms:.1f}", f"{ms / total:.1%}", ops[name][0], ops[name][1][-70:]]
+             for name, ms in per_op.most_common(args.top)])
+    kinds = collections.Counter()
+    for name, ms in per_op.items():
+        kinds[name.rsplit(".", 1)[0]] += ms
+    print()
+    P.table(["op kind", "ms / step", "share"], [[k, f"{ms:.1f}", f"{ms / total:.1%}"] for k, ms in kinds.most_common(12)])
+    P.footer(load_before)
+
+
+if __name__ == "__main__":
+    main()
