@@ -72,14 +72,24 @@ def jit_step(model, loss):
     return lambda ids: fn(state, ids)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shape_args(ap: argparse.ArgumentParser) -> None:
+    """The model and batch shape options of this bench (bench/profile_step.py takes the same)."""
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32001)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
+
+
+def ffn_size(hidden: int) -> int:
+    """Llama's SwiGLU width for `hidden`: 8/3 of it, rounded up to a multiple of 64."""
+    return int(hidden * 8 / 3 + 63) // 64 * 64
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_args(ap)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
@@ -96,7 +106,7 @@ def main():
         print("# this CPU has no avx512_bf16: bfloat16 matmuls are emulated on both sides")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    ffn = int(args.hidden * 8 / 3 + 63) // 64 * 64
+    ffn = ffn_size(args.hidden)
     hf_cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=ffn,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.heads, max_position_embeddings=max(args.seq, 512),

@@ -32,7 +32,7 @@ from flax import nnx  # noqa: E402
 from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import protocol as P  # noqa: E402  (bench/protocol.py; scripts run as python bench/x.py)
-from llama_step import optax_loss  # noqa: E402
+from llama_step import add_shape_args, ffn_size, optax_loss  # noqa: E402
 
 
 def op_table(hlo: str) -> dict[str, tuple[str, str]]:
@@ -48,17 +48,12 @@ def op_table(hlo: str) -> dict[str, tuple[str, str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=32001)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
+    add_shape_args(ap)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args()
     load_before = P.header("bench/profile_step.py: a Llama train step's compiled ops, slowest first")
-    ffn = int(args.hidden * 8 / 3 + 63) // 64 * 64
+    ffn = ffn_size(args.hidden)
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=ffn, num_layers=args.layers,
                       num_heads=args.heads, num_kv_heads=args.heads, max_position_embeddings=max(args.seq, 512))
     graphdef, state = nnx.split(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
