@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from bmgpt_jax.models.attention import IMPLEMENTATIONS, Segments, attention
-from bmgpt_jax.models.layers import Embedding, Linear, RMSNorm, apply_rotary, dtype_of, rotary_cos_sin
+from bmgpt_jax.models.layers import Embedding, Linear, RMSNorm, apply_rotary, dense, dtype_of, rotary_cos_sin
 from bmgpt_jax.parallel import constrain
 
 
@@ -284,8 +284,7 @@ class LlamaForCausalLM(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Hidden states `[..., embed]` -> float32 logits `[..., vocab]`."""
         if self.config.tie_word_embeddings:
-            w = self.model.embed_tokens.weight[...].astype(hidden.dtype)
-            out = jnp.einsum("...d,vd->...v", hidden, w)
+            out = dense(hidden, self.model.embed_tokens.weight[...].astype(hidden.dtype).T)
         else:
             out = self.lm_head(hidden)
         return out.astype(jnp.float32)
