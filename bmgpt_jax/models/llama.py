@@ -79,7 +79,8 @@ class LlamaConfig:
 
 
 class KVCache(NamedTuple):
-    """Decoding state. k/v `[layers, batch, max_len, kv_heads, head_dim]`; `valid [batch, max_len]` marks
+    """Decoding state. k/v `[layers, batch, kv_heads, max_len, head_dim]` (heads before slots: the layout the
+    attention products read without a transposed copy); `valid [batch, max_len]` marks
     filled slots that are real tokens; `index` is the next slot to write; `next_pos [batch]` the next
     rotary position of each row (padding does not advance it, so left-padded prompts decode correctly)."""
 
@@ -105,21 +106,30 @@ class LlamaAttention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.implementation = cfg.attention
 
-    def __call__(self, x, cos, sin, segments: Segments, kv=None, index=None):
-        """x `[b, t, embed]`; segments: per-token mask inputs (causal); kv: cached (k, v)
-        `[b, s, kv_heads, head_dim]` written at `index`. Returns (`[b, t, embed]`, new kv or the fresh (k, v))."""
+    def __call__(self, x, cos, sin, segments: Segments, cache=None, index=None):
+        """x `[b, t, embed]`; segments: per-token mask inputs (causal). cache: None, or (k, v, layer) with k/v
+        the whole cache `[layers, b, kv_heads, s, head_dim]`: this step's keys and values are written in
+        place at (`layer`, slot `index`) and attention reads that layer's slots. Returns (`[b, t, embed]`,
+        the updated (k, v) cache or None)."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         q = constrain(apply_rotary(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
         k = apply_rotary(k, cos, sin)
-        if kv is not None:
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+        if cache is not None:
+            k_all, v_all, layer = cache
+            at = (layer, 0, 0, index, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, jnp.swapaxes(k, 1, 2)[None].astype(k_all.dtype), at)
+            v_all = jax.lax.dynamic_update_slice(v_all, jnp.swapaxes(v, 1, 2)[None].astype(v_all.dtype), at)
+            # [b, kv_heads, s, d] as attention's [b, s, kv_heads, d] view: the score products read the cache
+            # in its own layout (batch and head dims leading), no transposed copy of it per step.
+            k = jnp.swapaxes(jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False), 1, 2)
+            v = jnp.swapaxes(jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False), 1, 2)
+            cache = (k_all, v_all)
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), segments, causal=True,
                         implementation=self.implementation)
-        return self.o_proj(out.reshape(b, t, -1)), (k, v)
+        return self.o_proj(out.reshape(b, t, -1)), cache
 
 
 class LlamaMLP(nnx.Module):
@@ -146,11 +156,11 @@ class LlamaDecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
-    def __call__(self, x, cos, sin, segments, kv=None, index=None):
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, segments, kv, index)
+    def __call__(self, x, cos, sin, segments, cache=None, index=None):
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, segments, cache, index)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(x, ("batch", "seq", "act_embed")), kv
+        return constrain(x, ("batch", "seq", "act_embed")), cache
 
 
 _REMAT_POLICIES = {
@@ -160,9 +170,10 @@ _REMAT_POLICIES = {
 
 
 def _apply_layer(gdef, remat: str):
-    """A pure function (layer_state, x, cos, sin, segments, kv, index) -> (x, kv), rematerialised if asked."""
-    def fn(state, x, cos, sin, segments, kv, index):
-        return nnx.merge(gdef, state)(x, cos, sin, segments, kv, index)
+    """A pure function (layer_state, x, cos, sin, segments, cache, index) -> (x, cache), rematerialised if
+    asked (cache: see `LlamaAttention`)."""
+    def fn(state, x, cos, sin, segments, cache, index):
+        return nnx.merge(gdef, state)(x, cos, sin, segments, cache, index)
     if remat != "none":
         fn = jax.checkpoint(fn, policy=_REMAT_POLICIES[remat])
     return fn
@@ -228,35 +239,32 @@ class LlamaModel(nnx.Module):
             segments = Segments(mask.astype(jnp.int32), kv_valid.astype(jnp.int32), index)
         cos, sin = rotary_cos_sin(positions, cfg.dim_per_head, cfg.rope_theta)
 
+        kv = None if cache is None else (cache.k, cache.v)
         if cfg.scan_layers:
             gdef, state = nnx.split(self.layers)
             fn = _apply_layer(gdef, cfg.remat)
-            if cache is None:
+            if kv is None:
                 def body(h, st):
                     h, _ = fn(st, h, cos, sin, segments, None, None)
                     return h, None
                 x, _ = jax.lax.scan(body, x, state)
-            else:
-                def body(h, xs):
-                    st, k, v = xs
-                    h, (k, v) = fn(st, h, cos, sin, segments, (k, v), index)
-                    return h, (k, v)
-                x, (ks, vs) = jax.lax.scan(body, x, (state, cache.k, cache.v))
+            else:  # the cache rides in the carry: updated in place, never sliced out and restacked
+                def body(carry, xs):
+                    h, kv = carry
+                    st, i = xs
+                    h, kv = fn(st, h, cos, sin, segments, (*kv, i), index)
+                    return (h, kv), None
+                (x, kv), _ = jax.lax.scan(body, (x, kv), (state, jnp.arange(cfg.num_layers)))
         else:
-            new_k, new_v = [], []
             for i, layer in enumerate(self.layers):
                 gdef, state = nnx.split(layer)
-                kv = None if cache is None else (cache.k[i], cache.v[i])
-                x, (k, v) = _apply_layer(gdef, cfg.remat)(state, x, cos, sin, segments, kv, index)
-                new_k.append(k)
-                new_v.append(v)
-            if cache is not None:
-                ks, vs = jnp.stack(new_k), jnp.stack(new_v)
+                x, kv = _apply_layer(gdef, cfg.remat)(state, x, cos, sin, segments,
+                                                       None if kv is None else (*kv, i), index)
         x = self.norm(x)
         if cache is None:
             return x
         next_pos = cache.next_pos + mask.sum(axis=1).astype(cache.next_pos.dtype)
-        return x, KVCache(ks, vs, kv_valid, index + t, next_pos)
+        return x, KVCache(*kv, kv_valid, index + t, next_pos)
 
 
 def _positions_in_segments(ids: jax.Array) -> jax.Array:
@@ -307,7 +315,7 @@ class LlamaForCausalLM(nnx.Module):
         cfg = self.config
         if max_len > cfg.max_position_embeddings:
             raise ValueError(f"cache length {max_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.dim_per_head)
         dtype = dtype or dtype_of(cfg.dtype)
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
                        jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
