@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from bmgpt_jax.generation.options import GenerationConfig, apply_repetition_penalty, ends_with_stop, last_real_index
-from bmgpt_jax.models.llama import KVCache, LlamaForCausalLM, check_ids
+from bmgpt_jax.models.llama import LlamaForCausalLM, check_ids
 
 _NEG = -1.0e9
 
@@ -32,12 +32,6 @@ _NEG = -1.0e9
 def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
     """Beams `idx [b, m]` of each row of `x [b, k, ...]` -> `[b, m, ...]`."""
     return x[jnp.arange(x.shape[0])[:, None], idx]
-
-
-def _take_rows(cache: KVCache, rows: jax.Array) -> KVCache:
-    """Cache whose row `i` is row `rows[i]` of `cache` (k/v batch axis 1, valid/next_pos axis 0)."""
-    return cache._replace(k=jnp.take(cache.k, rows, axis=1), v=jnp.take(cache.v, rows, axis=1),
-                          valid=jnp.take(cache.valid, rows, axis=0), next_pos=jnp.take(cache.next_pos, rows, axis=0))
 
 
 @partial(jax.jit, static_argnames=("graphdef", "cfg"))
@@ -58,7 +52,7 @@ def _beam_decode(graphdef, state, prompt_ids, prompt_embeds, mask, *, cfg: Gener
         seen = jnp.zeros((b, vocab), bool)
     # every beam starts as its row's prompt; only beam 0 is live (HF: running score 0, others -1e9)
     logits = jnp.repeat(logits[jnp.arange(b), last_real_index(mask)], nb, axis=0)
-    cache = _take_rows(cache, jnp.repeat(jnp.arange(b), nb))
+    cache = cache.take_rows(jnp.repeat(jnp.arange(b), nb))
     seen = jnp.broadcast_to(seen[:, None], (b, nb, vocab))
     stops = ((cfg.eos_token_id,),) + tuple(tuple(s) for s in cfg.stop_sequences)
     # new_tokens ** length_penalty for new_tokens = 1..n, in float64 then float32 like HF's Python scalar
@@ -94,7 +88,7 @@ def _beam_decode(graphdef, state, prompt_ids, prompt_embeds, mask, *, cfg: Gener
         fin_scores = _gather(merged, best)
 
         # cache and seen-token sets follow the running beams
-        cache = _take_rows(cache, (parent + rows * nb).reshape(-1))
+        cache = cache.take_rows((parent + rows * nb).reshape(-1))
         new_tok = run_seqs[:, :, step]
         seen = _gather(seen, parent).at[rows, jnp.arange(nb)[None], new_tok].set(True)
 

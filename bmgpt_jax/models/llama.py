@@ -79,16 +79,24 @@ class LlamaConfig:
 
 
 class KVCache(NamedTuple):
-    """Decoding state. k/v `[layers, batch, kv_heads, max_len, head_dim]` (heads before slots: the layout the
-    attention products read without a transposed copy); `valid [batch, max_len]` marks
-    filled slots that are real tokens; `index` is the next slot to write; `next_pos [batch]` the next
-    rotary position of each row (padding does not advance it, so left-padded prompts decode correctly)."""
+    """Decoding state. k/v: per layer `[batch, kv_heads, max_len, head_dim]` (heads before slots: the layout the
+    attention products read without a transposed copy), a tuple of one buffer per layer, or for a scanned
+    model (`scan_layers`) one array `[layers, ...]` that rides in the scan's carry; either way each step
+    writes its slots in place. `valid [batch, max_len]` marks filled slots that are real tokens; `index` is
+    the next slot to write; `next_pos [batch]` the next rotary position of each row (padding does not
+    advance it, so left-padded prompts decode correctly)."""
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     valid: jax.Array
     index: jax.Array
     next_pos: jax.Array
+
+    def take_rows(self, rows: jax.Array) -> "KVCache":
+        """The cache whose batch row `i` is row `rows[i]` of this one (beam search reorders with it)."""
+        take = lambda x: jnp.take(x, rows, axis=x.ndim - 4)         # the batch axis of [(layers,) b, h, s, d]
+        return self._replace(k=jax.tree.map(take, self.k), v=jax.tree.map(take, self.v),
+                             valid=jnp.take(self.valid, rows, axis=0), next_pos=jnp.take(self.next_pos, rows, axis=0))
 
 
 class LlamaAttention(nnx.Module):
@@ -107,10 +115,10 @@ class LlamaAttention(nnx.Module):
         self.implementation = cfg.attention
 
     def __call__(self, x, cos, sin, segments: Segments, cache=None, index=None):
-        """x `[b, t, embed]`; segments: per-token mask inputs (causal). cache: None, or (k, v, layer) with k/v
-        the whole cache `[layers, b, kv_heads, s, head_dim]`: this step's keys and values are written in
-        place at (`layer`, slot `index`) and attention reads that layer's slots. Returns (`[b, t, embed]`,
-        the updated (k, v) cache or None)."""
+        """x `[b, t, embed]`; segments: per-token mask inputs (causal). cache: None, or (k, v, layer): this
+        layer's own buffers `[b, kv_heads, s, head_dim]` (layer None) or the stacked cache `[layers, b, kv_heads,
+        s, head_dim]` and this layer's index. This step's keys and values are written in place at slot
+        `index` and attention reads the layer's slots. Returns (`[b, t, embed]`, the updated (k, v) or None)."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -118,18 +126,23 @@ class LlamaAttention(nnx.Module):
         q = constrain(apply_rotary(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
         k = apply_rotary(k, cos, sin)
         if cache is not None:
-            k_all, v_all, layer = cache
-            at = (layer, 0, 0, index, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, jnp.swapaxes(k, 1, 2)[None].astype(k_all.dtype), at)
-            v_all = jax.lax.dynamic_update_slice(v_all, jnp.swapaxes(v, 1, 2)[None].astype(v_all.dtype), at)
-            # [b, kv_heads, s, d] as attention's [b, s, kv_heads, d] view: the score products read the cache
-            # in its own layout (batch and head dims leading), no transposed copy of it per step.
-            k = jnp.swapaxes(jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False), 1, 2)
-            v = jnp.swapaxes(jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False), 1, 2)
-            cache = (k_all, v_all)
+            *bufs, layer = cache
+            cache = tuple(_write_slots(buf, new, layer, index) for buf, new in zip(bufs, (k, v)))
+            # the layer's [b, kv_heads, s, d] slots as attention's [b, s, kv_heads, d] view: the score
+            # products read the cache in its own layout (batch and head dims leading), no transposed copy
+            k, v = (jnp.swapaxes(buf if layer is None else jax.lax.dynamic_index_in_dim(buf, layer, keepdims=False),
+                                 1, 2) for buf in cache)
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), segments, causal=True,
                         implementation=self.implementation)
         return self.o_proj(out.reshape(b, t, -1)), cache
+
+
+def _write_slots(buf: jax.Array, new: jax.Array, layer, index) -> jax.Array:
+    """`new [b, t, kv_heads, d]` written into the cache buffer at slot `index` (and layer `layer` of a stacked one)."""
+    new = jnp.swapaxes(new, 1, 2).astype(buf.dtype)
+    if layer is None:
+        return jax.lax.dynamic_update_slice(buf, new, (0, 0, index, 0))
+    return jax.lax.dynamic_update_slice(buf, new[None], (layer, 0, 0, index, 0))
 
 
 class LlamaMLP(nnx.Module):
@@ -255,11 +268,15 @@ class LlamaModel(nnx.Module):
                     h, kv = fn(st, h, cos, sin, segments, (*kv, i), index)
                     return (h, kv), None
                 (x, kv), _ = jax.lax.scan(body, (x, kv), (state, jnp.arange(cfg.num_layers)))
-        else:
+        else:  # each layer's own cache buffers, updated in place and read without slicing
+            new = []
             for i, layer in enumerate(self.layers):
                 gdef, state = nnx.split(layer)
-                x, kv = _apply_layer(gdef, cfg.remat)(state, x, cos, sin, segments,
-                                                       None if kv is None else (*kv, i), index)
+                x, layer_kv = _apply_layer(gdef, cfg.remat)(state, x, cos, sin, segments,
+                                                             None if kv is None else (kv[0][i], kv[1][i], None), index)
+                new.append(layer_kv)
+            if kv is not None:
+                kv = tuple(zip(*new))
         x = self.norm(x)
         if cache is None:
             return x
@@ -315,10 +332,13 @@ class LlamaForCausalLM(nnx.Module):
         cfg = self.config
         if max_len > cfg.max_position_embeddings:
             raise ValueError(f"cache length {max_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.dim_per_head)
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.dim_per_head)
         dtype = dtype or dtype_of(cfg.dtype)
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
-                       jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
+        if cfg.scan_layers:
+            k = v = jnp.zeros((cfg.num_layers, *shape), dtype)
+        else:
+            k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for _ in range(2))
+        return KVCache(k, v, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
 
 
 def check_ids(ids, vocab_size: int) -> None:
