@@ -130,8 +130,7 @@ class LlamaAttention(nnx.Module):
             cache = tuple(_write_slots(buf, new, layer, index) for buf, new in zip(bufs, (k, v)))
             # the layer's [b, kv_heads, s, d] slots as attention's [b, s, kv_heads, d] view: the score
             # products read the cache in its own layout (batch and head dims leading), no transposed copy
-            k, v = (jnp.swapaxes(buf if layer is None else jax.lax.dynamic_index_in_dim(buf, layer, keepdims=False),
-                                 1, 2) for buf in cache)
+            k, v = (jnp.swapaxes(_layer_slots(buf, layer), 1, 2) for buf in cache)
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), segments, causal=True,
                         implementation=self.implementation)
         return self.o_proj(out.reshape(b, t, -1)), cache
@@ -143,6 +142,11 @@ def _write_slots(buf: jax.Array, new: jax.Array, layer, index) -> jax.Array:
     if layer is None:
         return jax.lax.dynamic_update_slice(buf, new, (0, 0, index, 0))
     return jax.lax.dynamic_update_slice(buf, new[None], (layer, 0, 0, index, 0))
+
+
+def _layer_slots(buf: jax.Array, layer) -> jax.Array:
+    """The layer's `[b, kv_heads, s, d]` slots: the buffer itself, or its `layer` of a stacked one."""
+    return buf if layer is None else jax.lax.dynamic_index_in_dim(buf, layer, keepdims=False)
 
 
 class LlamaMLP(nnx.Module):
@@ -334,11 +338,12 @@ class LlamaForCausalLM(nnx.Module):
             raise ValueError(f"cache length {max_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
         shape = (batch, cfg.num_kv_heads, max_len, cfg.dim_per_head)
         dtype = dtype or dtype_of(cfg.dtype)
-        if cfg.scan_layers:
-            k = v = jnp.zeros((cfg.num_layers, *shape), dtype)
-        else:
-            k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for _ in range(2))
-        return KVCache(k, v, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
+        def buffers():  # one stacked array for a scanned model, else one buffer per layer
+            if cfg.scan_layers:
+                return jnp.zeros((cfg.num_layers, *shape), dtype)
+            return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return KVCache(buffers(), buffers(), jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32),
+                       jnp.zeros((batch,), jnp.int32))
 
 
 def check_ids(ids, vocab_size: int) -> None:
