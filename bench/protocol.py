@@ -188,23 +188,28 @@ def ratio(ours: Stats, theirs: Stats) -> str:
 
 
 def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
-    """Memory read rate in bytes/s: the best of `repeats` sums over a `mib` MiB float32 array (far larger
-    than any cache), the faster of numpy (one thread) and a jitted XLA reduction (all cores)."""
+    """Memory read rate in bytes/s: the best of `repeats` passes over a `mib` MiB float32 array (far larger
+    than any cache) by a numpy sum (one thread), a jitted XLA sum and a jitted XLA vector-matrix product
+    `[1, 512] @ [512, n]` (all cores). The last is the decode step's own access pattern and reads fastest
+    on the 2-core Ice Lake of README's table (24.5-25.9 GB/s against the sums' 19.5-23), so a batch-1
+    decode, whose LM-head product reads at that rate, cannot appear to beat the bound."""
     import jax
     import jax.numpy as jnp
     a = np.ones(mib * 2 ** 20 // 4, np.float32)
     x = jax.device_put(a)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
+    w = jnp.ones((512, a.size // 512), jnp.float32)
+    vec = jnp.ones((1, 512), jnp.float32)
+    total, product = jax.jit(jnp.sum), jax.jit(jnp.matmul)
+    passes = (a.sum, lambda: total(x).block_until_ready(), lambda: product(vec, w).block_until_ready())
+    for run in passes[1:]:
+        run()  # compile
     best = np.inf
     for _ in range(repeats):
-        start = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - start)
-        start = time.perf_counter()
-        total(x).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    del a, x
+        for run in passes:
+            start = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - start)
+    del a, x, w
     return mib * 2 ** 20 / best
 
 
