@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bmgpt_jax.generation.options import GenerationConfig, apply_repetition_penalty, ends_with_stop, last_real_index
+from bmgpt_jax.generation.options import GenerationConfig, apply_repetition_penalty, ends_with_stop, prefill
 from bmgpt_jax.models.llama import LlamaForCausalLM, check_ids
 
 _NEG = -1.0e9
@@ -43,15 +43,9 @@ def _beam_decode(graphdef, state, prompt_ids, prompt_embeds, mask, *, cfg: Gener
     nb, n, vocab = cfg.num_beams, cfg.max_new_tokens, model.config.vocab_size
     k = 2 * nb  # HF keeps (1 + number of EOS ids, at least 2) * num_beams candidates; we have one EOS id
     cache = model.init_cache(b, t + n)
-    if prompt_embeds is None:
-        logits, cache = model(prompt_ids, mask, cache=cache)
-        prompt_tokens = jnp.where(mask.astype(bool), prompt_ids, vocab)  # padding -> dropped index
-        seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], prompt_tokens].set(True, mode="drop")
-    else:  # HF has no prompt ids to penalise when generating from embeddings
-        logits, cache = model(inputs_embeds=prompt_embeds, attention_mask=mask, cache=cache)
-        seen = jnp.zeros((b, vocab), bool)
+    logits, cache, seen = prefill(model, prompt_ids, prompt_embeds, mask, cache)
     # every beam starts as its row's prompt; only beam 0 is live (HF: running score 0, others -1e9)
-    logits = jnp.repeat(logits[jnp.arange(b), last_real_index(mask)], nb, axis=0)
+    logits = jnp.repeat(logits, nb, axis=0)
     cache = cache.take_rows(jnp.repeat(jnp.arange(b), nb))
     seen = jnp.broadcast_to(seen[:, None], (b, nb, vocab))
     stops = ((cfg.eos_token_id,),) + tuple(tuple(s) for s in cfg.stop_sequences)

@@ -1,5 +1,6 @@
-"""Decoding options (Hugging Face's names) and the logit processors every decoding loop shares: repetition
-penalty, greedy / temperature / top-k / top-p token choice, stop-sequence detection.
+"""Decoding options (Hugging Face's names) and what every decoding loop shares: the prompt's prefill, the
+logit processors (repetition penalty, greedy / temperature / top-k / top-p token choice) and stop-sequence
+detection.
 """
 from __future__ import annotations
 
@@ -70,3 +71,25 @@ def last_real_index(mask: jax.Array) -> jax.Array:
     """Index of the last 1 in each row of `mask [b, t]` (works for left and right padding)."""
     t = mask.shape[1]
     return t - 1 - jnp.argmax(mask[:, ::-1].astype(jnp.int32), axis=1)
+
+
+def prefill(model, prompt_ids, prompt_embeds, mask: jax.Array, cache):
+    """The prompt (ids `[b, t]`, or embeddings `[b, t, embed]` when `prompt_ids` is None) run through the
+    causal LM `model` into `cache`. Returns the float32 logits `[b, vocab]` at each row's last real
+    position, the filled cache and `seen [b, vocab]`: the prompt's token ids, for the repetition penalty
+    (none from embeddings: HF has no ids to penalise then).
+
+    Only those positions go through the LM head (HF's `logits_to_keep=1`): the head over the whole prompt
+    would cost `2 t embed vocab` FLOPs and a `[b, t, vocab]` float32 array (0.5 GB per 4k-token row at
+    vocab 32k) of which one row is read."""
+    b, vocab = mask.shape[0], model.config.vocab_size
+    if prompt_ids is None:
+        hidden, cache = model.model(inputs_embeds=prompt_embeds, attention_mask=mask, cache=cache)
+        seen = jnp.zeros((b, vocab), bool)
+    else:
+        hidden, cache = model.model(prompt_ids, mask, cache=cache)
+        # padding -> an out-of-range index that the scatter drops, so a pad id never un-marks a real token
+        # (a scatter's duplicate indices resolve in no defined order)
+        prompt_tokens = jnp.where(mask.astype(bool), prompt_ids, vocab)
+        seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], prompt_tokens].set(True, mode="drop")
+    return model.logits(hidden[jnp.arange(b), last_real_index(mask)]), cache, seen

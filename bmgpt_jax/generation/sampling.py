@@ -18,8 +18,8 @@ import numpy as np
 from flax import nnx
 
 from bmgpt_jax.generation.beam import beam_search
-from bmgpt_jax.generation.options import (GenerationConfig, apply_repetition_penalty, ends_with_stop,
-                                          last_real_index, sample_logits)
+from bmgpt_jax.generation.options import (GenerationConfig, apply_repetition_penalty, ends_with_stop, prefill,
+                                          sample_logits)
 from bmgpt_jax.models.llama import LlamaForCausalLM, check_ids
 
 
@@ -27,18 +27,8 @@ from bmgpt_jax.models.llama import LlamaForCausalLM, check_ids
 def _decode(graphdef, state, prompt_ids, prompt_embeds, mask, key, *, cfg: GenerationConfig):
     model: LlamaForCausalLM = nnx.merge(graphdef, state)
     b, t = mask.shape
-    vocab = model.config.vocab_size
     cache = model.init_cache(b, t + cfg.max_new_tokens)
-    if prompt_embeds is None:
-        logits, cache = model(prompt_ids, mask, cache=cache)
-        # padding -> an out-of-range index that the scatter drops, so a pad id never un-marks a real token
-        # (a scatter's duplicate indices resolve in no defined order)
-        prompt_tokens = jnp.where(mask.astype(bool), prompt_ids, vocab)
-        seen = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], prompt_tokens].set(True, mode="drop")
-    else:
-        logits, cache = model(inputs_embeds=prompt_embeds, attention_mask=mask, cache=cache)
-        seen = jnp.zeros((b, vocab), bool)
-    logits = logits[jnp.arange(b), last_real_index(mask)]
+    logits, cache, seen = prefill(model, prompt_ids, prompt_embeds, mask, cache)
     tokens = jnp.full((b, cfg.max_new_tokens), cfg.pad_token_id, jnp.int32)
     stops = ((cfg.eos_token_id,),) + tuple(tuple(s) for s in cfg.stop_sequences)
 

@@ -153,3 +153,27 @@ def test_more_than_256_cache_slots_equal_transformers(long_models, torch, pad_le
     assert out.shape == (len(lens), new)
     np.testing.assert_array_equal(out, ref)
     assert len(set(out[:, -40:].ravel().tolist())) > 4  # still a non-degenerate continuation at the end
+
+
+@pytest.mark.parametrize("num_beams", [1, 2], ids=["sampling", "beam"])
+def test_prefill_runs_the_lm_head_on_the_last_positions_only(num_beams):
+    """A 512-token prompt at vocab 32000: the prompt's logits for every position would be `[2, 512, 32000]`
+    float32 (131 MB); prefill keeps only each row's last, so the whole compiled generation (prefill, cache,
+    loop) needs less than an eighth of that in temporaries."""
+    import jax
+    from flax import nnx
+    from bmgpt_jax.generation import GenerationConfig
+    from bmgpt_jax.generation.beam import _beam_decode
+    from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM
+    b, t, vocab = 2, 512, 32000
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                      num_kv_heads=2, max_position_embeddings=t + 8)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))))
+    ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    gen = GenerationConfig(max_new_tokens=8, eos_token_id=-1, num_beams=num_beams)
+    if num_beams == 1:
+        lowered = _decode.lower(graphdef, state, ids, None, ids, jax.random.key(0), cfg=gen)
+    else:
+        lowered = _beam_decode.lower(graphdef, state, ids, None, ids, cfg=gen)
+    temp = lowered.compile().memory_analysis().temp_size_in_bytes
+    assert temp < b * t * vocab * 4 / 8, f"{temp / 1e6:.0f} MB of temporaries"
