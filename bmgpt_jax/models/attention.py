@@ -155,7 +155,9 @@ def plain_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) 
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     ok = _allowed(segments.q, segments.kv, _offset(segments) + jnp.arange(t), jnp.arange(s), causal)
     probs = jax.nn.softmax(jnp.where(ok[:, None, None], scores, MASKED), axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+    # v as the first operand: for one query XLA:CPU then reads the values where they lie (with probs first
+    # it transposed every layer's cached values per decode step at batch 1)
+    return jnp.einsum("bskd,bkgts->btkgd", v, probs).reshape(b, t, h, d)
 
 
 def rows_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) -> jax.Array:

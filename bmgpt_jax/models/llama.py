@@ -82,9 +82,11 @@ class KVCache(NamedTuple):
     """Decoding state. k/v: per layer `[batch, kv_heads, max_len, head_dim]` (heads before slots: the layout the
     attention products read without a transposed copy), a tuple of one buffer per layer, or for a scanned
     model (`scan_layers`) one array `[layers, ...]` that rides in the scan's carry; either way each step
-    writes its slots in place. `valid [batch, max_len]` marks filled slots that are real tokens; `index` is
-    the next slot to write; `next_pos [batch]` the next rotary position of each row (padding does not
-    advance it, so left-padded prompts decode correctly)."""
+    writes its slots in place. A batch of one stores `[kv_heads, max_len, head_dim]`: XLA drops a size-1
+    batch dim from the score products, and on CPU the reshape between the buffer a step writes and the
+    one the products read made it copy every layer's keys per token (docs/chat.md). `valid [batch, max_len]` marks
+    filled slots that are real tokens; `index` is the next slot to write; `next_pos [batch]` the next rotary
+    position of each row (padding does not advance it, so left-padded prompts decode correctly)."""
 
     k: jax.Array | tuple[jax.Array, ...]
     v: jax.Array | tuple[jax.Array, ...]
@@ -94,7 +96,8 @@ class KVCache(NamedTuple):
 
     def take_rows(self, rows: jax.Array) -> "KVCache":
         """The cache whose batch row `i` is row `rows[i]` of this one (beam search reorders with it)."""
-        take = lambda x: jnp.take(x, rows, axis=x.ndim - 4)         # the batch axis of [(layers,) b, h, s, d]
+        batch = self.valid.shape[0]
+        take = lambda x: _stored(jnp.take(_with_batch(x, batch), rows, axis=x.ndim - 4 + (batch == 1)))
         return self._replace(k=jax.tree.map(take, self.k), v=jax.tree.map(take, self.v),
                              valid=jnp.take(self.valid, rows, axis=0), next_pos=jnp.take(self.next_pos, rows, axis=0))
 
@@ -117,7 +120,7 @@ class LlamaAttention(nnx.Module):
     def __call__(self, x, cos, sin, segments: Segments, cache=None, index=None):
         """x `[b, t, embed]`; segments: per-token mask inputs (causal). cache: None, or (k, v, layer): this
         layer's own buffers `[b, kv_heads, s, head_dim]` (layer None) or the stacked cache `[layers, b, kv_heads,
-        s, head_dim]` and this layer's index. This step's keys and values are written in place at slot
+        s, head_dim]` and this layer's index (as `KVCache` stores them: b == 1 dropped). This step's keys and values are written in place at slot
         `index` and attention reads the layer's slots. Returns (`[b, t, embed]`, the updated (k, v) or None)."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -130,23 +133,34 @@ class LlamaAttention(nnx.Module):
             cache = tuple(_write_slots(buf, new, layer, index) for buf, new in zip(bufs, (k, v)))
             # the layer's [b, kv_heads, s, d] slots as attention's [b, s, kv_heads, d] view: the score
             # products read the cache in its own layout (batch and head dims leading), no transposed copy
-            k, v = (jnp.swapaxes(_layer_slots(buf, layer), 1, 2) for buf in cache)
+            k, v = (jnp.swapaxes(_layer_slots(buf, layer, b), 1, 2) for buf in cache)
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), segments, causal=True,
                         implementation=self.implementation)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
+def _stored(x: jax.Array) -> jax.Array:
+    """Cache buffer(s) `[(layers,) b, kv_heads, s, d]` in their stored form (see `KVCache`): b == 1 dropped."""
+    return jnp.squeeze(x, x.ndim - 4) if x.shape[-4] == 1 else x
+
+
+def _with_batch(x: jax.Array, batch: int) -> jax.Array:
+    """A stored cache buffer back as `[(layers,) b, kv_heads, s, d]`."""
+    return jnp.expand_dims(x, x.ndim - 3) if batch == 1 else x
+
+
 def _write_slots(buf: jax.Array, new: jax.Array, layer, index) -> jax.Array:
     """`new [b, t, kv_heads, d]` written into the cache buffer at slot `index` (and layer `layer` of a stacked one)."""
-    new = jnp.swapaxes(new, 1, 2).astype(buf.dtype)
+    new = _stored(jnp.swapaxes(new, 1, 2).astype(buf.dtype))
+    start = (0,) * (new.ndim - 2) + (index, 0)
     if layer is None:
-        return jax.lax.dynamic_update_slice(buf, new, (0, 0, index, 0))
-    return jax.lax.dynamic_update_slice(buf, new[None], (layer, 0, 0, index, 0))
+        return jax.lax.dynamic_update_slice(buf, new, start)
+    return jax.lax.dynamic_update_slice(buf, new[None], (layer, *start))
 
 
-def _layer_slots(buf: jax.Array, layer) -> jax.Array:
+def _layer_slots(buf: jax.Array, layer, batch: int) -> jax.Array:
     """The layer's `[b, kv_heads, s, d]` slots: the buffer itself, or its `layer` of a stacked one."""
-    return buf if layer is None else jax.lax.dynamic_index_in_dim(buf, layer, keepdims=False)
+    return _with_batch(buf if layer is None else jax.lax.dynamic_index_in_dim(buf, layer, keepdims=False), batch)
 
 
 class LlamaMLP(nnx.Module):
@@ -336,7 +350,7 @@ class LlamaForCausalLM(nnx.Module):
         cfg = self.config
         if max_len > cfg.max_position_embeddings:
             raise ValueError(f"cache length {max_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
-        shape = (batch, cfg.num_kv_heads, max_len, cfg.dim_per_head)
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.dim_per_head)[batch == 1:]  # KVCache: b == 1 dropped
         dtype = dtype or dtype_of(cfg.dtype)
         def buffers():  # one stacked array for a scanned model, else one buffer per layer
             if cfg.scan_layers:

@@ -135,25 +135,28 @@ def test_kv_cache_decoding_matches_full_forward(hf_model, scan):
     assert np.abs(inc - full)[mask.astype(bool)].max() < 1e-4
 
 
+@pytest.mark.parametrize("batch", [2, 1])
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
-def test_decode_step_updates_the_cache_in_place(scan):
+def test_decode_step_updates_the_cache_in_place(scan, batch):
     """A decode step (cache donated) writes its keys/values into the cache buffers in place and never copies
     the whole cache: unscanned, each layer reads its own buffer as it is (temporaries well under one
     layer's k + v); scanned, the stacked cache rides in the carry and one layer's slots are read at a
-    time (under one layer's k + v). The old slice-per-layer + restack held more than the cache."""
+    time (under one layer's k + v). The old slice-per-layer + restack held more than the cache. At batch 1
+    the buffers drop the batch dim (`KVCache`): with it, XLA:CPU wrote a second copy of each layer's keys
+    and a transposed copy of its values (half a layer's k + v each)."""
     cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
                       num_kv_heads=4, max_position_embeddings=4096, scan_layers=scan)
     model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    cache = model.init_cache(2, 4096)
-    per_layer = (2, 4, 4096, 32)                          # [batch, kv_heads, slots, head_dim]
+    cache = model.init_cache(batch, 4096)
+    per_layer = (batch, 4, 4096, 32)[batch == 1:]         # [batch, kv_heads, slots, head_dim], batch 1 dropped
     if scan:
         assert cache.k.shape == (4, *per_layer)
     else:
         assert len(cache.k) == 4 and all(k.shape == per_layer for k in cache.k)
     cache_bytes = sum(x.nbytes for x in jax.tree.leaves((cache.k, cache.v)))
     step = jax.jit(lambda st, c, tok: nnx.merge(graphdef, st)(tok, jnp.ones_like(tok), cache=c)[1], donate_argnums=1)
-    mem = step.lower(state, cache, jnp.ones((2, 1), jnp.int32)).compile().memory_analysis()
+    mem = step.lower(state, cache, jnp.ones((batch, 1), jnp.int32)).compile().memory_analysis()
     layer_kv = cache_bytes // cfg.num_layers
     assert mem.alias_size_in_bytes >= cache_bytes
     assert mem.temp_size_in_bytes < (1.25 if scan else 0.25) * layer_kv, (mem.temp_size_in_bytes, layer_kv)
