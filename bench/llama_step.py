@@ -26,6 +26,7 @@ avx512_bf16 in the CPU flags bfloat16 matmuls are emulated, and the header says 
     python bench/llama_step.py                       # 4 layers, hidden 512, 8 heads, batch 8 x 256
     python bench/llama_step.py --layers 2 --trials 5 --losses optax --gen-batch 1   # quicker
     python bench/llama_step.py --dtype bfloat16 --gen-batch      # the bfloat16 train step, no decode
+    python bench/llama_step.py --losses optax --gen-batch 1 4 --gen-prompt 1024   # decoding after a long prompt
 """
 from __future__ import annotations
 
@@ -112,7 +113,8 @@ def main():
     ffn = ffn_size(args.hidden)
     hf_cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=ffn,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, max_position_embeddings=max(args.seq, 512),
+                         num_key_value_heads=args.heads,
+                         max_position_embeddings=max(args.seq, args.gen_prompt + args.gen_new, 512),
                          attn_implementation="sdpa")
     hf = LlamaForCausalLM(hf_cfg)
     with tempfile.TemporaryDirectory() as d:
