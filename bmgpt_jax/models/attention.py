@@ -18,10 +18,11 @@ these, block by block, so memory stays linear in the sequence length:
           bfloat16/float16 compute; padding is expressed as key lengths, so only right-padded single-segment
           rows can be represented: any other row comes out NaN rather than silently wrong.
   auto    `xla` for decode steps (<= PLAIN_MAX_QUERIES queries), and off the CPU or with a KV cache for
-          short keys (<= PLAIN_MAX_KEYS); else with a KV cache `flash`; otherwise by platform (of the
-          context mesh, else the default backend): TPU `splash`, GPU `cudnn` (bf16/fp16 compute; float32
-          -> `flash`), CPU `rows` (`flash` under a multi-device mesh, and for a causal sequence longer
-          than ROWS_CAUSAL_MAX, where skipping the blocks above the diagonal wins; bench/attention.py).
+          short keys (<= PLAIN_MAX_KEYS); otherwise by platform (of the context mesh, else the default
+          backend): CPU `rows`, with or without a KV cache (`flash` under a multi-device mesh, and for a
+          causal sequence longer than ROWS_CAUSAL_MAX, where skipping the blocks above the diagonal wins;
+          bench/attention.py); elsewhere with a KV cache `flash`, else TPU `splash`, GPU `cudnn`
+          (bf16/fp16 compute; float32 -> `flash`).
 
 An explicit choice that cannot run here (splash off TPU, cudnn off GPU or in float32, splash/cudnn with
 a KV cache) raises ValueError; nothing falls back silently. Outputs at a query with no allowed key are
@@ -114,14 +115,14 @@ def resolve(implementation: str, q_len: int, kv_len: int, dtype, cached: bool, *
     if implementation == "auto":
         if q_len <= PLAIN_MAX_QUERIES or (kv_len <= PLAIN_MAX_KEYS and (cached or where != "cpu")):
             return "xla"
-        if cached:
-            return "flash"
         if where == "cpu":
             return "flash" if _multi_device() or (causal and kv_len > ROWS_CAUSAL_MAX) else "rows"
+        if cached:
+            return "flash"
         return {"tpu": "splash", "gpu": "cudnn" if half else "flash"}.get(where, "flash")
     if implementation in ("splash", "cudnn") and cached:
         raise ValueError(f"attention={implementation!r} takes no KV cache (queries at a slot offset); "
-                         "decoding uses attention='auto', 'flash' or 'xla'")
+                         "decoding uses attention='auto', 'rows', 'flash' or 'xla'")
     if implementation == "splash" and where != "tpu" and not interpret:
         raise ValueError(f"attention='splash' is a TPU kernel and this computation is for {where!r}; "
                          "use attention='flash' (or 'auto')")

@@ -140,7 +140,7 @@ def long_models(tmp_path_factory, torch):
 @pytest.mark.parametrize("pad_left", [True, False], ids=["left-padded", "right-padded"])
 def test_more_than_256_cache_slots_equal_transformers(long_models, torch, pad_left):
     """A 40-token prompt + 240 new tokens = 280 cache slots (chat always asks for more than 256): the
-    prompt is prefilled on the blockwise flash path, each decode step on the plain path."""
+    prompt is prefilled at a slot offset on the CPU's `rows` path, each decode step on the plain path."""
     hf, ours = long_models
     lens, t, new = (40, 23, 31, 5), 40, 240
     ids, mask = prompts(pad_left, lens, seed=11)

@@ -189,7 +189,9 @@ def test_auto_routing_and_impossible_choices():
     if len(jax.devices()) >= 8:                                            # CPU, sharded over a mesh
         with jax.sharding.use_abstract_mesh(parallel.make_mesh((1, 8, 1), jax.devices()[:8]).abstract_mesh):
             assert A.resolve("auto", 2048, 2048, f32, cached=False) == "flash"
-    assert A.resolve("auto", 300, 4096, f32, cached=True) == "flash"      # a long prefill into a cache
+            assert A.resolve("auto", 300, 4096, f32, cached=True) == "flash"
+    assert A.resolve("auto", 300, 4096, f32, cached=True) == "rows"       # a long prefill into a cache, CPU
+    assert A.resolve("auto", 300, 8192, f32, cached=True) == "flash"      # ... longer than ROWS_CAUSAL_MAX
     assert A.resolve("splash", 8, 8, f32, cached=False, interpret=True) == "splash"
     q = k = v = jnp.zeros((1, 512, 2, 8))
     segs = A.Segments.self_attention(jnp.ones((1, 512), jnp.int32))
