@@ -84,9 +84,10 @@ class KVCache(NamedTuple):
     model (`scan_layers`) one array `[layers, ...]` that rides in the scan's carry; either way each step
     writes its slots in place. A batch of one stores `[kv_heads, max_len, head_dim]`: XLA drops a size-1
     batch dim from the score products, and on CPU the reshape between the buffer a step writes and the
-    one the products read made it copy every layer's keys per token (docs/chat.md). `valid [batch, max_len]` marks
-    filled slots that are real tokens; `index` is the next slot to write; `next_pos [batch]` the next rotary
-    position of each row (padding does not advance it, so left-padded prompts decode correctly)."""
+    one the products read made it copy every layer's keys per token (docs/chat.md). `valid [batch,
+    max_len]` marks filled slots that are real tokens; `index` is the next slot to write; `next_pos [batch]`
+    the next rotary position of each row (padding does not advance it, so left-padded prompts decode
+    correctly)."""
 
     k: jax.Array | tuple[jax.Array, ...]
     v: jax.Array | tuple[jax.Array, ...]
@@ -120,8 +121,9 @@ class LlamaAttention(nnx.Module):
     def __call__(self, x, cos, sin, segments: Segments, cache=None, index=None):
         """x `[b, t, embed]`; segments: per-token mask inputs (causal). cache: None, or (k, v, layer): this
         layer's own buffers `[b, kv_heads, s, head_dim]` (layer None) or the stacked cache `[layers, b, kv_heads,
-        s, head_dim]` and this layer's index (as `KVCache` stores them: b == 1 dropped). This step's keys and values are written in place at slot
-        `index` and attention reads the layer's slots. Returns (`[b, t, embed]`, the updated (k, v) or None)."""
+        s, head_dim]` and this layer's index (stored as `KVCache` says: b == 1 dropped). This step's keys and
+        values are written in place at slot `index` and attention reads the layer's slots. Returns
+        (`[b, t, embed]`, the updated (k, v) or None)."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
