@@ -97,8 +97,9 @@ class KVCache(NamedTuple):
 
     def take_rows(self, rows: jax.Array) -> "KVCache":
         """The cache whose batch row `i` is row `rows[i]` of this one (beam search reorders with it)."""
-        batch = self.valid.shape[0]
-        take = lambda x: _stored(jnp.take(_with_batch(x, batch), rows, axis=x.ndim - 4 + (batch == 1)))
+        def take(x):
+            full = _with_batch(x, self.valid.shape[0])            # [(layers,) b, h, s, d]
+            return _stored(jnp.take(full, rows, axis=full.ndim - 4))
         return self._replace(k=jax.tree.map(take, self.k), v=jax.tree.map(take, self.v),
                              valid=jnp.take(self.valid, rows, axis=0), next_pos=jnp.take(self.next_pos, rows, axis=0))
 
