@@ -41,8 +41,9 @@ def attention_grad(impl: str, t: int, args) -> tuple[object, tuple]:
     dt = jnp.dtype(args.dtype)
 
     def forward(q, k, v, ids):
-        return A.attention(q, k, v, A.Segments.self_attention(ids), causal=not args.bidirectional,
-                           implementation=impl)
+        # bidirectional: ids 0/1 as ESM passes them (`num_ids=2`, which `rows` folds into its scores)
+        segments = A.Segments.self_attention(ids, num_ids=2 if args.bidirectional else None)
+        return A.attention(q, k, v, segments, causal=not args.bidirectional, implementation=impl)
 
     def loss(q, k, v, ids):
         return jnp.sum(forward(q, k, v, ids).astype(jnp.float32))

@@ -3,6 +3,7 @@ padding and packed segments; the rows and flash paths' memory is linear in T; sp
 and compiles for a TPU topology; the switch routes and refuses impossible choices."""
 import dataclasses
 import importlib.util
+import re
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,30 @@ def test_rows_query_blocks_and_row_chunks_equal_float64_reference(torch, monkeyp
         want = reference(torch, q, k, v, ids, ids, 0, causal, d ** -0.5, cot)
         for name, a, r in zip(("out", "dq", "dk", "dv"), got, want):
             assert np.abs(a - r).max() < 1e-5, (name, causal, np.abs(a - r).max())
+
+
+@pytest.mark.parametrize("kvh", [4, 2], ids=["mha", "gqa"])
+def test_rows_folds_a_bidirectional_mask_of_few_ids_into_the_scores(torch, kvh):
+    """`Segments(num_ids=3)`: the mask rides in the score product (no select over the scores); values
+    and gradients equal the float64 reference, bidirectional with query ids that differ from the key ids
+    along a row, and causal (which cannot fold) with ids shared by queries and keys."""
+    b, t, h, d = 2, 120, 4, 16
+    q, k, v, cot = inputs(b, t, t, h, kvh, d, seed=3)
+    rs = np.random.RandomState(3)
+    q_ids, kv_ids = rs.randint(0, 3, (b, t)).astype(np.int32), rs.randint(0, 3, (b, t)).astype(np.int32)
+    kv_ids[:, :3] = [0, 1, 2]                        # every query id has keys
+    for causal, qi in ((False, q_ids), (True, kv_ids)):
+        folded = A.Segments(jnp.asarray(qi), jnp.asarray(kv_ids), num_ids=3)
+        got = ours("rows", q, k, v, folded, causal, cot)
+        want = reference(torch, q, k, v, qi, kv_ids, 0, causal, d ** -0.5, cot)
+        for name, a, r in zip(("out", "dq", "dk", "dv"), got, want):
+            assert np.abs(a - r).max() < 1e-5, (name, causal, np.abs(a - r).max())
+
+    def score_selects(segments):                     # selects over `[rows, queries, keys]` scores
+        jaxpr = jax.make_jaxpr(lambda q, k, v: A.rows_attention(q, k, v, segments, causal=False, scale=1.0))
+        return len(re.findall(rf"f32\[\d+,\d+,{t}\] = select_n", str(jaxpr(q, k, v))))
+    assert score_selects(A.Segments(jnp.asarray(q_ids), jnp.asarray(kv_ids))) == 1
+    assert score_selects(A.Segments(jnp.asarray(q_ids), jnp.asarray(kv_ids), num_ids=3)) == 0
 
 
 def flash_temp(t: int, impl: str = "flash") -> float:
