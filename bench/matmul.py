@@ -12,6 +12,11 @@ relative 1e-4), on the protocol of bench/protocol.py (interleaved trials, median
 machine and load average printed). The last row weights every product by how often one train step runs
 it (`--layers` times for the layer products): the ratio a step made only of these GEMMs would have, the
 ceiling of what layout and fusion work in the model can reach while XLA computes the products.
+
+A third column compiles the same products with XLA:CPU's YNNPACK library fusions limited to reductions
+(`compiler_options={"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}`), so a plain
+dot runs on XLA's Eigen GEMM instead of YNNPACK's (the default): which is faster depends on the shape
+and the CPU.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import protocol as P  # noqa: E402  (bench/protocol.py; scripts run as python bench/x.py)
+
+EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}  # YNNPACK for reductions only
 
 
 def products(tokens: int, hidden: int, ffn: int, vocab: int) -> list[tuple[str, int, int, int, int]]:
@@ -49,7 +56,7 @@ def main() -> None:
     load_before = P.header("bench/matmul.py: float32 GEMMs of a Llama train step, XLA (jnp.dot) vs torch.matmul")
     torch.set_num_threads(args.threads)
     rs = np.random.RandomState(0)
-    rows, total = [], {"xla": 0.0, "torch": 0.0}
+    rows, total = [], {"xla": 0.0, "xla_eigen": 0.0, "torch": 0.0}
     # forward x @ W, weight gradient x.T @ dy, input gradient dy @ W.T: the transposes are views of the
     # stored matrices, inside the jitted program, as autodiff produces them
     kinds = (("x @ W", lambda a, b: a @ b, 1), ("x.T @ dy", lambda a, b: a.T @ b, 2), ("dy @ W.T", lambda a, b: a @ b.T, 0))
@@ -59,20 +66,25 @@ def main() -> None:
             pair = (mats[0], mats[1]) if first == 1 else (mats[0], mats[2]) if first == 2 else (mats[2], mats[1])
             ja, jb = map(jnp.asarray, pair)
             ta, tb = map(torch.from_numpy, pair)
-            jfn = jax.jit(fn)
-            np.testing.assert_allclose(np.asarray(jfn(ja, jb)), fn(ta, tb).numpy(), rtol=1e-4, atol=1e-4 * max(m, k))
-            s = P.interleave({"xla": lambda: jfn(ja, jb).block_until_ready(), "torch": lambda: fn(ta, tb)},
+            jfn, efn = jax.jit(fn), jax.jit(fn, compiler_options=EIGEN_DOTS)
+            for f in (jfn, efn):
+                np.testing.assert_allclose(np.asarray(f(ja, jb)), fn(ta, tb).numpy(), rtol=1e-4, atol=1e-4 * max(m, k))
+            s = P.interleave({"xla": lambda: jfn(ja, jb).block_until_ready(),
+                              "xla_eigen": lambda: efn(ja, jb).block_until_ready(), "torch": lambda: fn(ta, tb)},
                              args.trials)
             flop = 2 * m * k * n
             weight = args.layers * per_layer if per_layer else 1
             for side in total:
                 total[side] += weight * s[side].median
             rows.append([f"{name} {kind}", f"M {m}, K {k}, N {n}", P.rate(s["xla"], flop / 1e9, ".1f"),
-                         P.rate(s["torch"], flop / 1e9, ".1f"), P.ratio(s["xla"], s["torch"])])
+                         P.rate(s["xla_eigen"], flop / 1e9, ".1f"), P.rate(s["torch"], flop / 1e9, ".1f"),
+                         P.ratio(s["xla"], s["torch"]), P.ratio(s["xla_eigen"], s["torch"])])
     rows.append([f"one step's GEMMs ({args.layers} layers)", "", f"{1e3 * total['xla']:.0f} ms",
-                 f"{1e3 * total['torch']:.0f} ms", f"{total['torch'] / total['xla']:.2f}x"])
+                 f"{1e3 * total['xla_eigen']:.0f} ms", f"{1e3 * total['torch']:.0f} ms",
+                 f"{total['torch'] / total['xla']:.2f}x", f"{total['torch'] / total['xla_eigen']:.2f}x"])
     print(f"\nfloat32, torch {args.threads} threads; {args.trials} interleaved trials, median (min-max) GFLOP/s")
-    P.table(["product", "shape", "XLA GFLOP/s", "torch GFLOP/s", "XLA / torch"], rows)
+    P.table(["product", "shape", "XLA GFLOP/s", "XLA Eigen dots", "torch GFLOP/s", "XLA / torch",
+             "Eigen dots / torch"], rows)
     P.footer(load_before)
 
 
