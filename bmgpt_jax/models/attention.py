@@ -44,7 +44,7 @@ PLAIN_MAX_KEYS = 256     # auto: up to this many keys, the plain path
 PLAIN_MAX_QUERIES = 16   # auto: decode steps (this many queries or fewer) too
 FLASH_BLOCK = 256        # largest query/key block of the flash path
 ROWS_SCORES = 1 << 20    # rows: most float32 scores per step (4 MiB: one core's share of cache)
-ROWS_FOLD_IDS = 4         # rows: fold a bidirectional mask of at most this many segment ids into the scores
+ROWS_FOLD_IDS = 4        # rows: fold a bidirectional mask of at most this many segment ids into the scores
 ROWS_CAUSAL_MAX = 4096   # auto on CPU: causal sequences up to this long take `rows` (measured on par with
                          # `flash` at 4096, ahead below), longer ones `flash`
 SPLASH_BLOCKS = (512, 256, 128)  # MaxText's 512 where the padded length allows it
@@ -177,10 +177,10 @@ def rows_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) -
     the output `[.., d]` is normalised instead of the scores. A bidirectional mask with
     `segments.num_ids` <= ROWS_FOLD_IDS ids rides in the score product as extra dimensions (query: the
     one-hot of its id; key: 0 at its own id, MASKED at the others; exactly one term can be nonzero, so
-    nothing cancels), which saves a select pass over the scores (ESM-2 8M's attention: 15-25% faster). `lax.map` over row chunks, and inside over query blocks,
-    each step under `jax.checkpoint`: the backward recomputes a step's scores rather than storing
-    `[b, heads, t, s]` probabilities, so memory is O(t + s), as with `flash`. A causal mask is applied
-    to whole rows of keys (work t * s, where `flash` skips the blocks above the diagonal).
+    nothing cancels), which saves a select pass over the scores. `lax.map` over row chunks, and inside
+    over query blocks, each step under `jax.checkpoint`: the backward recomputes a step's scores rather
+    than storing `[b, heads, t, s]` probabilities, so memory is O(t + s), as with `flash`. A causal mask
+    is applied to whole rows of keys (work t * s, where `flash` skips the blocks above the diagonal).
     """
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
