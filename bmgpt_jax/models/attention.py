@@ -194,7 +194,8 @@ def rows_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) -
         ids = segments.num_ids
         q = jnp.concatenate([q, jnp.broadcast_to(jax.nn.one_hot(segments.q, ids, dtype=q.dtype)[:, :, None],
                                                  (b, t, h, ids))], axis=-1)
-        bias = jnp.where(jax.nn.one_hot(segments.kv, ids, dtype=jnp.bool_), 0.0, MASKED).astype(k.dtype)
+        masked = max(MASKED, float(jnp.finfo(k.dtype).min) / 4)   # finite in k's dtype (float16 too)
+        bias = jnp.where(jax.nn.one_hot(segments.kv, ids, dtype=jnp.bool_), 0.0, masked).astype(k.dtype)
         k = jnp.concatenate([k, jnp.broadcast_to(bias[:, :, None], (b, s, kvh, ids))], axis=-1)
     dq = q.shape[-1]
     # [b, t, kvh, g, dq] -> [n/rows, nq, rows, bq * g, dq]: one leading step index per (row chunk, query block)

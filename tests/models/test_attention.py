@@ -125,6 +125,12 @@ def test_rows_folds_a_bidirectional_mask_of_few_ids_into_the_scores(torch, kvh):
         for name, a, r in zip(("out", "dq", "dk", "dv"), got, want):
             assert np.abs(a - r).max() < 1e-5, (name, causal, np.abs(a - r).max())
 
+    lo = [x.astype(jnp.float16) for x in (q, k, v)]  # the fold's MASKED must stay finite: 0 * -inf is NaN
+    half = A.rows_attention(*lo, A.Segments(jnp.asarray(q_ids), jnp.asarray(kv_ids), num_ids=3), causal=False,
+                            scale=d ** -0.5)
+    want = reference(torch, q, k, v, q_ids, kv_ids, 0, False, d ** -0.5, cot)[0]
+    assert np.abs(np.asarray(half, np.float32) - want).max() < 5e-3
+
     def score_selects(segments):                     # selects over `[rows, queries, keys]` scores
         jaxpr = jax.make_jaxpr(lambda q, k, v: A.rows_attention(q, k, v, segments, causal=False, scale=1.0))
         return len(re.findall(rf"f32\[\d+,\d+,{t}\] = select_n", str(jaxpr(q, k, v))))
