@@ -2,6 +2,7 @@
 
     python bench/matmul.py                         # the shapes of bench/llama_step.py's default
     python bench/matmul.py --hidden 320 --ffn 1280 --vocab 0 --tokens 4096   # ESM-2 8M-like, no LM head
+    python bench/matmul.py --dtype bfloat16        # bfloat16 products (avx512_bf16 CPUs)
 
 A forward + backward step of a decoder is almost all GEMMs: per layer the q/k/v/o projections
 (`[tokens, hidden] x [hidden, hidden]`), the MLP's gate/up (`x [hidden, ffn]`) and down (`x [ffn, hidden]`),
@@ -17,6 +18,11 @@ A third column compiles the same products with XLA:CPU's YNNPACK library fusions
 (`compiler_options={"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}`), so a plain
 dot runs on XLA's Eigen GEMM instead of YNNPACK's (the default): which is faster depends on the shape
 and the CPU.
+
+`--dtype bfloat16` times the products in bfloat16 on both sides. Our column is then what the model runs:
+`layers.dense` and, for the two gradients, its VJP (on CPU the bfloat16 GEMM with a float32 result,
+`layers._dense_bf16_cpu`); the second column is a plain bfloat16 `jnp.dot`, which XLA:CPU computes by
+converting both operands to float32.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import protocol as P  # noqa: E402  (bench/protocol.py; scripts run as python bench/x.py)
+from bmgpt_jax.models.layers import dense  # noqa: E402
 
 EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}  # YNNPACK for reductions only
 
@@ -49,26 +56,33 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32001, help="0: no LM head")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     P.add_trials_arg(ap)
     args = ap.parse_args()
 
     import torch
-    load_before = P.header("bench/matmul.py: float32 GEMMs of a Llama train step, XLA (jnp.dot) vs torch.matmul")
+    bf16 = args.dtype == "bfloat16"
+    load_before = P.header(f"bench/matmul.py: {args.dtype} GEMMs of a Llama train step, XLA vs torch.matmul")
     torch.set_num_threads(args.threads)
     rs = np.random.RandomState(0)
     rows, total = [], {"xla": 0.0, "xla_eigen": 0.0, "torch": 0.0}
     # forward x @ W, weight gradient x.T @ dy, input gradient dy @ W.T: the transposes are views of the
     # stored matrices, inside the jitted program, as autodiff produces them
     kinds = (("x @ W", lambda a, b: a @ b, 1), ("x.T @ dy", lambda a, b: a.T @ b, 2), ("dy @ W.T", lambda a, b: a @ b.T, 0))
+    # bfloat16: the model's products, `dense` and the two halves of its VJP (x, W, dy: shapes of `pair`)
+    model = (lambda x, w: dense(x, w),
+             lambda x, dy: jax.vjp(dense, x, jnp.zeros((x.shape[1], dy.shape[1]), x.dtype))[1](dy)[1],
+             lambda dy, w: jax.vjp(dense, jnp.zeros((dy.shape[0], w.shape[0]), dy.dtype), w)[1](dy)[0])
     for name, m, k, n, per_layer in products(args.tokens, args.hidden, args.ffn, args.vocab):
         mats = [rs.rand(*shape).astype(np.float32) for shape in ((m, k), (k, n), (m, n))]  # x, W, dy
-        for kind, fn, first in kinds:
+        for (kind, fn, first), ours in zip(kinds, model):
             pair = (mats[0], mats[1]) if first == 1 else (mats[0], mats[2]) if first == 2 else (mats[2], mats[1])
-            ja, jb = map(jnp.asarray, pair)
-            ta, tb = map(torch.from_numpy, pair)
-            jfn, efn = jax.jit(fn), jax.jit(fn, compiler_options=EIGEN_DOTS)
+            ja, jb = (jnp.asarray(a, args.dtype) for a in pair)
+            ta, tb = (torch.from_numpy(a).to(getattr(torch, args.dtype)) for a in pair)
+            jfn, efn = (jax.jit(ours), jax.jit(fn)) if bf16 else (jax.jit(fn), jax.jit(fn, compiler_options=EIGEN_DOTS))
             for f in (jfn, efn):
-                np.testing.assert_allclose(np.asarray(f(ja, jb)), fn(ta, tb).numpy(), rtol=1e-4, atol=1e-4 * max(m, k))
+                got, want = np.asarray(f(ja, jb), np.float32), fn(ta, tb).float().numpy()
+                np.testing.assert_allclose(got, want, rtol=1e-2 if bf16 else 1e-4, atol=(1e-2 if bf16 else 1e-4) * max(m, k))
             s = P.interleave({"xla": lambda: jfn(ja, jb).block_until_ready(),
                               "xla_eigen": lambda: efn(ja, jb).block_until_ready(), "torch": lambda: fn(ta, tb)},
                              args.trials)
@@ -82,9 +96,10 @@ def main() -> None:
     rows.append([f"one step's GEMMs ({args.layers} layers)", "", f"{1e3 * total['xla']:.0f} ms",
                  f"{1e3 * total['xla_eigen']:.0f} ms", f"{1e3 * total['torch']:.0f} ms",
                  f"{total['torch'] / total['xla']:.2f}x", f"{total['torch'] / total['xla_eigen']:.2f}x"])
-    print(f"\nfloat32, torch {args.threads} threads; {args.trials} interleaved trials, median (min-max) GFLOP/s")
-    P.table(["product", "shape", "XLA GFLOP/s", "XLA Eigen dots", "torch GFLOP/s", "XLA / torch",
-             "Eigen dots / torch"], rows)
+    print(f"\n{args.dtype}, torch {args.threads} threads; {args.trials} interleaved trials, median (min-max) GFLOP/s")
+    second = "plain jnp.dot" if bf16 else "Eigen dots"
+    P.table(["product", "shape", "ours (dense + VJP)" if bf16 else "XLA GFLOP/s", f"XLA {second}", "torch GFLOP/s",
+             "ours / torch" if bf16 else "XLA / torch", f"{second} / torch"], rows)
     P.footer(load_before)
 
 

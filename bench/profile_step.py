@@ -2,6 +2,7 @@
 
     python bench/profile_step.py                     # bench/llama_step.py's shape: 4 x 512, vocab 32001, 8 x 256
     python bench/profile_step.py --layers 2 --top 20
+    python bench/profile_step.py --dtype bfloat16    # parameters and compute in bfloat16 (the loss in float32)
 
 Runs `--steps` forward + backward steps of the optax loss (bench/llama_step.py's `optax_loss`) under
 `jax.profiler.trace(create_perfetto_trace=True)`, reads the Perfetto trace back and prints, per compiled
@@ -51,11 +52,13 @@ def main() -> None:
     add_shape_args(ap)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
     load_before = P.header("bench/profile_step.py: a Llama train step's compiled ops, slowest first")
     ffn = ffn_size(args.hidden)
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=ffn, num_layers=args.layers,
-                      num_heads=args.heads, num_kv_heads=args.heads, max_position_embeddings=max(args.seq, 512))
+                      num_heads=args.heads, num_kv_heads=args.heads, max_position_embeddings=max(args.seq, 512),
+                      dtype=args.dtype, param_dtype=args.dtype)
     graphdef, state = nnx.split(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
     step = jax.jit(jax.value_and_grad(lambda st, ids: optax_loss(nnx.merge(graphdef, st), ids)))
     ids = jnp.asarray(np.random.RandomState(0).randint(3, args.vocab, (args.batch, args.seq)))
@@ -74,7 +77,7 @@ def main() -> None:
             per_op[e["name"]] += e["dur"] / 1e3 / args.steps     # microseconds -> ms per step
     total = sum(per_op.values())
     print(f"\nLlama {args.layers} x {args.hidden}, FFN {ffn}, vocab {args.vocab}, batch {args.batch} x {args.seq}, "
-          f"float32; {args.steps} profiled steps; the ops below sum to {total:,.0f} ms per step")
+          f"{args.dtype}; {args.steps} profiled steps; the ops below sum to {total:,.0f} ms per step")
     P.table(["op", "ms / step", "share", "output", "from"],
             [[name, f"{ms:.1f}", f"{ms / total:.1%}", ops[name][0], ops[name][1][-70:]]
              for name, ms in per_op.most_common(args.top)])

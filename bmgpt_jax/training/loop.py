@@ -215,7 +215,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
                           flops_per_token=train_flops_per_token(matmul, n_trainable=n_train, n_layers=lm.num_layers,
                                                                 seq_len=host["input_ids"].shape[-1],
                                                                 d_model=lm.hidden_size),
-                          peak_flops=measure_matmul_flops())
+                          peak_flops=measure_matmul_flops(dtype=jnp.dtype(cfg.compute_dtype)))
         monitor.write(f"stage {cfg.stage}: {n_total:,} parameters, {n_train:,} trainable ({', '.join(patterns)}); "
                       f"mesh {dict(mesh.shape)}; {jax.process_count()} process(es); steps {start + 1}..{cfg.steps}")
         losses: dict[int, float] = {}

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import tqdm
 from tensorboardX import SummaryWriter
 
+from bmgpt_jax.models.layers import dense
+
 NonFinitePolicy = Literal["stop", "skip"]
 
 
@@ -43,12 +45,13 @@ def check_loss(step: int, loss: float, policy: NonFinitePolicy = "stop", grad_no
 
 
 def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 5, device=None) -> float:
-    """Peak matmul rate (FLOP/s) of `device` (default: the first): best of `repeats` timed n×n @ n×n."""
+    """Peak matmul rate (FLOP/s) of `device` (default: the first): best of `repeats` timed n×n @ n×n, computed
+    as the models compute their products (`layers.dense`: in bfloat16 on CPU, the bfloat16 GEMM)."""
     device = device or jax.devices()[0]
     key_a, key_b = jax.random.split(jax.random.key(0))
     a = jax.device_put(jax.random.normal(key_a, (n, n), dtype), device)
     b = jax.device_put(jax.random.normal(key_b, (n, n), dtype), device)
-    matmul = jax.jit(jnp.matmul)
+    matmul = jax.jit(dense)
     matmul(a, b).block_until_ready()  # compile + warm up
     best = math.inf
     for _ in range(repeats):

@@ -1,0 +1,100 @@
+"""`layers.dense` in bfloat16: PyTorch float64 parity of the product and both gradients, the compiled CPU
+program's GEMMs reading bfloat16, the plain product when lowered for TPU / GPU, and remat."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bmgpt_jax.models.layers import dense
+from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+
+def bf16_operands(seed=0, m=(3, 40), k=96, n=72):
+    rs = np.random.RandomState(seed)
+    return [jnp.asarray(rs.randn(*shape), jnp.bfloat16) for shape in ((*m, k), (k, n), (*m, n))]  # x, w, dy
+
+
+def test_bfloat16_dense_and_its_gradients_match_float64(torch):
+    x, w, dy = bf16_operands()
+    y, vjp = jax.vjp(jax.jit(dense), x, w)
+    dx, dw = vjp(dy)
+    assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16 and y.shape == (3, 40, 72) and dw.shape == w.shape
+    tx, tw, tdy = (torch.tensor(np.asarray(a, np.float64)) for a in (x, w, dy))
+    tx.requires_grad_(True)
+    tw.requires_grad_(True)
+    ty = tx @ tw
+    ty.backward(tdy)
+    for got, want in ((y, ty.detach()), (dx, tx.grad), (dw, tw.grad)):
+        want = want.numpy()
+        err = np.abs(np.asarray(got, np.float64) - want)
+        assert (err <= 2 ** -8 * np.abs(want) + 1e-3).all(), err.max()  # one bfloat16 rounding of the f32 sum
+    # and the plain bfloat16 product (what TPU / GPU run) agrees to within a rounding of each other
+    py, pvjp = jax.vjp(lambda a, b: jnp.dot(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], -1), x, w)
+    for ours, plain in zip((y, dx, dw), (py, *pvjp(dy))):
+        ours, plain = np.asarray(ours, np.float64), np.asarray(plain, np.float64)
+        assert (np.abs(ours - plain) <= 2 ** -7 * np.abs(plain) + 1e-3).all()
+
+
+def dot_operand_dtypes(hlo: str) -> list[tuple[str, str]]:
+    """(lhs, rhs) element types of every dot in a compiled HLO module (instruction names are unique)."""
+    types, dots = {}, []
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[", line)
+        if m:
+            types[m.group(1)] = m.group(2)
+        d = re.search(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", line)
+        if d:
+            dots.append(d.groups())
+    return [(types[a], types[b]) for a, b in dots]
+
+
+def test_bfloat16_gemms_read_bfloat16_on_cpu():
+    """XLA:CPU converts a bfloat16 dot with a bfloat16 result to float32 GEMMs (half the rate on an
+    AVX512-BF16 CPU); `dense`'s forward and both gradient products must reach the GEMM in bfloat16."""
+    x, w, dy = bf16_operands()
+
+    def step(x, w, dy):
+        y, vjp = jax.vjp(dense, x, w)
+        return y, *vjp(dy)
+
+    ours = dot_operand_dtypes(jax.jit(step).lower(x, w, dy).compile().as_text())
+    assert len(ours) == 3 and all(t == ("bf16", "bf16") for t in ours), ours
+    plain = jax.jit(lambda x, w: jnp.dot(x, w)).lower(x[0], w).compile().as_text()
+    assert dot_operand_dtypes(plain) == [("f32", "f32")]  # what the test guards against
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_bfloat16_dense_lowers_the_plain_product_elsewhere(platform):
+    """The CPU form is chosen at lowering (`lax.platform_dependent`): an AOT compile for TPU or GPU from
+    this CPU host gets the plain bfloat16 product, no float32 results and no extra transpose."""
+    x, w, dy = bf16_operands()
+    plain_dense = lambda a, b: jnp.dot(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], -1)  # noqa: E731
+
+    def lowered(fn, platform):
+        text = jax.jit(lambda x, w, dy: jax.vjp(fn, x, w)[1](dy)).trace(x, w, dy).lower(
+            lowering_platforms=(platform,)).as_text()
+        return re.findall(r"dot_general .*-> tensor<\w+x(\w+)>", text), text.count("stablehlo.transpose")
+
+    assert lowered(dense, platform) == lowered(plain_dense, platform) == (["bf16", "bf16"], 1)
+    assert lowered(dense, "cpu") == (["f32", "f32"], 1)  # the CPU form: float32 results (x transposed)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_bfloat16_llama_gradients_under_remat(remat):
+    """The custom-VJP product inside scanned, rematerialised layers: the gradients without remat, to within
+    bfloat16 rounding (recomputing fuses differently, so not bit for bit, as with the plain product)."""
+    kw = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+              max_position_embeddings=64, dtype="bfloat16", param_dtype="bfloat16", scan_layers=True)
+    ids = jnp.asarray(np.random.RandomState(0).randint(3, 97, (2, 16)))
+
+    def grads(**extra):
+        graphdef, state = nnx.split(LlamaForCausalLM(LlamaConfig(**kw, **extra), rngs=nnx.Rngs(0)))
+        loss = lambda st: nnx.merge(graphdef, st)(ids).astype(jnp.float32).mean()  # noqa: E731
+        return jax.tree.leaves(jax.jit(jax.grad(loss))(state))
+
+    for a, b in zip(grads(remat=remat), grads()):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(a - b).max() <= 2 ** -6 * np.abs(b).max()
