@@ -20,12 +20,16 @@ the positions so far) over the measured read bandwidth (`protocol.read_bandwidth
 
 `--dtype bfloat16`: both sides in bfloat16 (parameters and compute; the loss in float32), the loss and
 logit differences of each side against its float32 self printed (and ours against PyTorch's bfloat16
-loss asserted within 5e-2); decoding stays float32. Without
-avx512_bf16 in the CPU flags bfloat16 matmuls are emulated, and the header says so.
+loss asserted within 5e-2). Decoding is then timed in float32 as above and also in bfloat16 (ours
+unscanned against HF, both models in bfloat16): bfloat16 rounding differs between the two, so greedy
+paths may part after a near tie; both always generate `--gen-new` tokens per row (no early stop), and the
+table gives the share of new tokens equal to HF's instead of asserting them; the bandwidth bound counts
+2-byte weights. Without avx512_bf16 in the CPU flags bfloat16 matmuls are emulated, and the header says so.
 
     python bench/llama_step.py                       # 4 layers, hidden 512, 8 heads, batch 8 x 256
     python bench/llama_step.py --layers 2 --trials 5 --losses optax --gen-batch 1   # quicker
     python bench/llama_step.py --dtype bfloat16 --gen-batch      # the bfloat16 train step, no decode
+    python bench/llama_step.py --dtype bfloat16 --losses optax   # + float32 and bfloat16 decoding
     python bench/llama_step.py --losses optax --gen-batch 1 4 --gen-prompt 1024   # decoding after a long prompt
 """
 from __future__ import annotations
@@ -123,6 +127,7 @@ def main():
         ours_dec = hf_llama.load(d)  # decoding: the inference loaders' layout (scan_layers=False)
         ours_lp = (hf_llama.load(d, scan_layers=True, dtype="bfloat16", param_dtype="bfloat16")
                    if args.dtype == "bfloat16" else ours)
+        ours_dec_lp = hf_llama.load(d, dtype="bfloat16", param_dtype="bfloat16") if args.dtype == "bfloat16" else None
     hf_lp = copy.deepcopy(hf).to(torch.bfloat16) if args.dtype == "bfloat16" else hf
     cfg = ours.config
 
@@ -181,11 +186,31 @@ def main():
             for name, s in stats.items()]
     P.table(["train step", "tokens/s", "MFU", "vs PyTorch"], rows)
 
-    # --- greedy decoding, float32 ---
+    # --- greedy decoding, float32 (and bfloat16 with --dtype bfloat16) ---
     if args.gen_batch:
         hf.eval()
+        hf_lp.eval()
         bw = P.read_bandwidth()
-        rows = []
+        rows, rows_lp = [], []
+
+        def bf16_decode(gb, gids, new):
+            """One bfloat16 row: ours (unscanned) vs HF, both bfloat16, token agreement reported."""
+            def ours_gen():
+                return np.asarray(generate(ours_dec_lp, gids, max_new_tokens=args.gen_new, eos_token_id=-1))
+
+            def hf_gen():
+                with torch.no_grad():
+                    return hf_lp.generate(torch.tensor(gids), max_new_tokens=args.gen_new, min_new_tokens=args.gen_new,
+                                          do_sample=False, pad_token_id=0).numpy()[:, args.gen_prompt:]
+            a, b = ours_gen(), hf_gen()
+            assert a.shape == b.shape == (gb, args.gen_new), (a.shape, b.shape)
+            s = P.interleave({"ours": ours_gen, "hf": hf_gen}, args.trials)
+            bound = ""
+            if gb == 1:
+                limit = bw / P.decode_bytes_per_token(cfg, args.gen_prompt, args.gen_new, 2)
+                bound = f"{new / s['ours'].median / limit:.0%} / {new / s['hf'].median / limit:.0%} of {limit:,.0f} tok/s"
+            return [f"{gb} x ({args.gen_prompt} + {args.gen_new} new)", P.rate(s["ours"], new), P.rate(s["hf"], new),
+                    P.ratio(s["ours"], s["hf"]), f"{(a == b).mean():.0%}", bound]
         for gb in args.gen_batch:
             gids = rs.randint(3, args.vocab, (gb, args.gen_prompt))
             new = gb * args.gen_new
@@ -208,11 +233,18 @@ def main():
                          f"of {limit:,.0f} tok/s")
             rows.append([f"{gb} x ({args.gen_prompt} + {args.gen_new} new)", P.rate(s["ours"], new),
                          P.rate(s["ours scanned"], new), P.rate(s["hf"], new), P.ratio(s["ours"], s["hf"]), bound])
+            if ours_dec_lp is not None:
+                rows_lp.append(bf16_decode(gb, gids, new))
         print(f"\ngreedy decode, float32, same tokens asserted; measured read bandwidth {bw / 1e9:.1f} GB/s; "
               f"batch-1 bound = that / bytes read per token "
               f"({P.decode_bytes_per_token(cfg, args.gen_prompt, args.gen_new, 4) / 1e6:.1f} MB: weights + KV cache)")
         P.table(["decode batch x tokens", "ours new tok/s", "ours, scanned layers", "HF generate new tok/s", "ours / HF",
                  "ours / HF of the bandwidth bound"], rows)
+        if rows_lp:
+            print(f"\ngreedy decode, bfloat16 (both sides); batch-1 bound = {bw / 1e9:.1f} GB/s / "
+                  f"{P.decode_bytes_per_token(cfg, args.gen_prompt, args.gen_new, 2) / 1e6:.1f} MB per token")
+            P.table(["decode batch x tokens", "ours new tok/s", "HF generate new tok/s", "ours / HF",
+                     "new tokens equal to HF's", "ours / HF of the bandwidth bound"], rows_lp)
     P.footer(load_before)
 
 

@@ -51,19 +51,26 @@ def dot_operand_dtypes(hlo: str) -> list[tuple[str, str]]:
     return [(types[a], types[b]) for a, b in dots]
 
 
-def test_bfloat16_gemms_read_bfloat16_on_cpu():
+@pytest.mark.parametrize("rows", [(3, 40), (1, 1)], ids=["batch", "one-row"])
+def test_bfloat16_gemms_read_bfloat16_on_cpu(rows):
     """XLA:CPU converts a bfloat16 dot with a bfloat16 result to float32 GEMMs (half the rate on an
-    AVX512-BF16 CPU); `dense`'s forward and both gradient products must reach the GEMM in bfloat16."""
-    x, w, dy = bf16_operands()
+    AVX512-BF16 CPU), and a one-row product (batch-1 decoding) to a float32 matrix-vector product after
+    converting the whole weight; `dense`'s forward and both gradient products must reach the GEMM in
+    bfloat16 (a one-row weight gradient is an outer product, no dot)."""
+    x, w, dy = bf16_operands(m=rows)
 
     def step(x, w, dy):
         y, vjp = jax.vjp(dense, x, w)
         return y, *vjp(dy)
 
     ours = dot_operand_dtypes(jax.jit(step).lower(x, w, dy).compile().as_text())
-    assert len(ours) == 3 and all(t == ("bf16", "bf16") for t in ours), ours
-    plain = jax.jit(lambda x, w: jnp.dot(x, w)).lower(x[0], w).compile().as_text()
+    assert len(ours) == (3 if rows[-1] > 1 else 2) and all(t == ("bf16", "bf16") for t in ours), ours
+    plain = jax.jit(lambda x, w: jnp.dot(x, w)).lower(x.reshape(-1, x.shape[-1]), w).compile().as_text()
     assert dot_operand_dtypes(plain) == [("f32", "f32")]  # what the test guards against
+    got = jax.jit(step)(x, w, dy)
+    want = jax.vjp(lambda a, b: jnp.einsum("...k,kn->...n", a.astype(jnp.float32), b.astype(jnp.float32)), x, w)
+    for a, b in zip(got, (want[0], *want[1](dy.astype(jnp.float32)))):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b), rtol=2 ** -7, atol=1e-2)
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
@@ -98,3 +105,17 @@ def test_bfloat16_llama_gradients_under_remat(remat):
     for a, b in zip(grads(remat=remat), grads()):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert np.abs(a - b).max() <= 2 ** -6 * np.abs(b).max()
+
+
+def test_bfloat16_batch1_decode_holds_no_float32_weights():
+    """A batch-1 bfloat16 decode step must not convert weights to float32: XLA:CPU's one-row product did,
+    and in the decode loop it hoisted float32 copies of every layer's weights (twice the bfloat16 model's
+    bytes in temporaries; 40 GB at 10B)."""
+    cfg = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=1024, num_layers=2, num_heads=4,
+                      num_kv_heads=4, max_position_embeddings=64, dtype="bfloat16", param_dtype="bfloat16")
+    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda st, c, tok: nnx.merge(graphdef, st)(tok, jnp.ones_like(tok), cache=c), donate_argnums=1)
+    compiled = step.lower(state, model.init_cache(1, 64), jnp.ones((1, 1), jnp.int32)).compile()
+    mlp_weight_bytes = 3 * 256 * 1024 * 2  # one layer's gate/up/down in bfloat16
+    assert compiled.memory_analysis().temp_size_in_bytes < mlp_weight_bytes  # 8.5 MB without the padding
