@@ -57,8 +57,8 @@ def _dot_bf16(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Arra
     and returned by the GEMM in float32, then rounded to bfloat16 (what the plain product computes).
 
     A one-row `a` (batch-1 decoding) is padded to two rows: XLA:CPU turns a one-row product into a
-    matrix-vector product that first converts all of `b` to float32 (~1.4 GB/s of bfloat16 weights read on
-    a 2-core AMD EPYC, against 11-16 GB/s for the two-row bfloat16 GEMM)."""
+    matrix-vector product over a float32 copy of all of `b`, which a decode loop hoists, holding every
+    weight a second time at twice the size (docs/chat.md); two rows stay on the bfloat16 GEMM."""
     one_row = contract[0] == 1 and a.shape[0] == 1
     if one_row:
         a = jnp.concatenate([a, jnp.zeros_like(a)])
@@ -73,9 +73,8 @@ def _dense_bf16_cpu(x: jax.Array, w: jax.Array) -> jax.Array:
     CPU has it), forward and backward.
 
     Why: XLA:CPU runs a bfloat16 dot whose result is bfloat16 by converting both operands to float32 and
-    using the float32 GEMM; asked for a float32 result it keeps the operands in bfloat16, ~2x the rate on
-    an AVX512-BF16 CPU (380-430 vs 180-210 GFLOP/s at the Llama bench's shapes on a 2-core AMD EPYC, as
-    fast as PyTorch's bfloat16 matmul; 157 vs 10 GFLOP/s for a batch-8 LM head). The weight gradient
+    using the float32 GEMM; asked for a float32 result it keeps the operands in bfloat16, about twice the
+    rate on an AVX512-BF16 CPU, PyTorch's (`python bench/matmul.py --dtype bfloat16`). The weight gradient
     contracts the token dim, which is `x`'s major dim; XLA then converts again, so the backward reads
     `x` through an explicit `[in, m]` transpose (a reshape XLA cannot fold into the dot first). Every
     product rounds to bfloat16 as the plain path's do; only the order of float32 accumulation differs.
