@@ -143,8 +143,46 @@ class Linear(nnx.Module):
         return (self.kernel[...].astype(jnp.float32) + delta).astype(self.kernel.dtype)
 
 
+def embedding_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """Rows of `table [num, dim]` at integer `ids [...]` -> `[..., dim]` (`jnp.take` along axis 0).
+
+    A bfloat16 table on CPU is gathered as its `uint16` bits (`_take_bf16_cpu`): XLA:CPU gathers a
+    bfloat16 table by first converting all of it to float32, a `[num, dim]` float32 temporary per call
+    (0.5 GB at 7B; in a decode loop it is hoisted and held for the whole generation). Other dtypes and
+    platforms take `jnp.take` as is.
+    """
+    if table.dtype == jnp.bfloat16:
+        return lax.platform_dependent(table, ids, cpu=_take_bf16_cpu, default=lambda t, i: jnp.take(t, i, axis=0))
+    return jnp.take(table, ids, axis=0)
+
+
+@jax.custom_vjp
+def _take_bf16_cpu(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """`table[ids]` for a bfloat16 table, gathered as `uint16` bits (the same values, no conversion).
+    Out-of-range ids give zeros, not `jnp.take`'s NaN fill (callers check ids: `llama.check_ids`)."""
+    bits = jnp.take(lax.bitcast_convert_type(table, jnp.uint16), ids, axis=0, mode="fill", fill_value=0)
+    return lax.bitcast_convert_type(bits, jnp.bfloat16)
+
+
+def _take_bf16_cpu_fwd(table, ids):
+    return _take_bf16_cpu(table, ids), (jnp.zeros((table.shape[0], 0), table.dtype), ids)  # [num, 0]: the shape
+
+
+def _take_bf16_cpu_bwd(res, g):
+    """The table's gradient: `g` scatter-added into zeros (in float32, as `jnp.take`'s transpose is on
+    CPU), rounded to bfloat16; ids get none."""
+    shape, ids = res
+    dim = g.shape[-1]
+    grad = jnp.zeros((shape.shape[0], dim), jnp.float32).at[ids.reshape(-1)].add(g.reshape(-1, dim).astype(jnp.float32),
+                                                                       mode="drop")
+    return grad.astype(jnp.bfloat16), None
+
+
+_take_bf16_cpu.defvjp(_take_bf16_cpu_fwd, _take_bf16_cpu_bwd)
+
+
 class Embedding(nnx.Module):
-    """Token embedding table `weight [num, dim]`; `attend` gives tied-output logits."""
+    """Token embedding table `weight [num, dim]`, looked up by `embedding_lookup`."""
 
     def __init__(self, num: int, dim: int, *, axes=("vocab", "embed"), dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -152,7 +190,7 @@ class Embedding(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+        return embedding_lookup(self.weight[...], ids).astype(self.dtype)
 
 
 class RMSNorm(nnx.Module):

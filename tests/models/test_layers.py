@@ -1,5 +1,6 @@
 """`layers.dense` in bfloat16: PyTorch float64 parity of the product and both gradients, the compiled CPU
-program's GEMMs reading bfloat16, the plain product when lowered for TPU / GPU, and remat."""
+program's GEMMs reading bfloat16, the plain product when lowered for TPU / GPU, remat, batch-1 decoding;
+`layers.embedding_lookup` in bfloat16: exact rows, the gradient, no float32 copy of the table."""
 import re
 
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bmgpt_jax.models.layers import dense
+from bmgpt_jax.models.layers import dense, embedding_lookup
 from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -119,3 +120,24 @@ def test_bfloat16_batch1_decode_holds_no_float32_weights():
     compiled = step.lower(state, model.init_cache(1, 64), jnp.ones((1, 1), jnp.int32)).compile()
     mlp_weight_bytes = 3 * 256 * 1024 * 2  # one layer's gate/up/down in bfloat16
     assert compiled.memory_analysis().temp_size_in_bytes < mlp_weight_bytes  # 8.5 MB without the padding
+
+
+def test_bfloat16_embedding_lookup_is_exact_without_a_float32_table():
+    """A bfloat16 table's rows come back bit for bit, its gradient is the scatter-add of the cotangent (ids
+    repeated), and the compiled CPU lookup holds no float32 `[num, dim]` table (XLA:CPU's bfloat16 gather
+    converts the whole table first: 0.5 GB at 7B)."""
+    rs = np.random.RandomState(0)
+    table = jnp.asarray(rs.randn(50, 16), jnp.bfloat16)
+    ids = jnp.asarray([[3, 7, 3], [49, 0, 7]])
+    out, vjp = jax.vjp(lambda t: embedding_lookup(t, ids), table)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(table, np.float32)[np.asarray(ids)])
+    g = jnp.asarray(rs.randn(2, 3, 16), jnp.bfloat16)
+    want = np.zeros((50, 16))
+    np.add.at(want, np.asarray(ids).reshape(-1), np.asarray(g, np.float64).reshape(-1, 16))
+    got = np.asarray(vjp(g)[0], np.float64)
+    assert (np.abs(got - want) <= 2 ** -8 * np.abs(want)).all()  # one bfloat16 rounding of the sum
+    hlo = jax.jit(embedding_lookup).lower(table, ids).compile().as_text()
+    plain = jax.jit(lambda t, i: jnp.take(t, i, axis=0)).lower(table, ids).compile().as_text()
+    assert "f32[50,16]" not in hlo and "f32[50,16]" in plain
+    assert jax.jit(embedding_lookup).trace(table, ids).lower(lowering_platforms=("tpu",)).as_text().count(
+        "bitcast_convert") == 0  # TPU gathers bfloat16 as it is
