@@ -8,6 +8,7 @@ axis names (`out_sharding` metadata) that `bmgpt_jax.parallel` maps to mesh axes
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import jax
@@ -143,13 +144,29 @@ class Linear(nnx.Module):
         return (self.kernel[...].astype(jnp.float32) + delta).astype(self.kernel.dtype)
 
 
+def take(x: jax.Array, idx: jax.Array, axis: int = 0) -> jax.Array:
+    """`jnp.take(x, idx, axis)`. A bfloat16 `x` on CPU is gathered as its `uint16` bits (`_take_bits`):
+    XLA:CPU gathers bfloat16 by first converting all of `x` to float32 and back (for the KV cache's beam
+    reorder, the whole cache twice per step). That path has no gradient for `x`; `embedding_lookup` is
+    the differentiable form."""
+    if x.dtype != jnp.bfloat16:
+        return jnp.take(x, idx, axis=axis)
+    return lax.platform_dependent(x, idx, cpu=partial(_take_bits, axis=axis), default=partial(jnp.take, axis=axis))
+
+
+def _take_bits(x: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
+    """`jnp.take` of a bfloat16 array on its `uint16` bits (the same values, no conversion). Out-of-range
+    ids give zeros, not `jnp.take`'s NaN fill (callers check ids: `llama.check_ids`)."""
+    bits = jnp.take(lax.bitcast_convert_type(x, jnp.uint16), idx, axis=axis, mode="fill", fill_value=0)
+    return lax.bitcast_convert_type(bits, jnp.bfloat16)
+
+
 def embedding_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     """Rows of `table [num, dim]` at integer `ids [...]` -> `[..., dim]` (`jnp.take` along axis 0).
 
-    A bfloat16 table on CPU is gathered as its `uint16` bits (`_take_bf16_cpu`): XLA:CPU gathers a
-    bfloat16 table by first converting all of it to float32, a `[num, dim]` float32 temporary per call
-    (0.5 GB at 7B; in a decode loop it is hoisted and held for the whole generation). Other dtypes and
-    platforms take `jnp.take` as is.
+    A bfloat16 table on CPU is gathered as its `uint16` bits (`_take_bf16_cpu`, with a gradient): XLA:CPU
+    gathers a bfloat16 table by first converting all of it to float32, a `[num, dim]` float32 temporary per
+    call (0.5 GB at 7B; in a decode loop it is hoisted and held for the whole generation).
     """
     if table.dtype == jnp.bfloat16:
         return lax.platform_dependent(table, ids, cpu=_take_bf16_cpu, default=lambda t, i: jnp.take(t, i, axis=0))
@@ -158,10 +175,8 @@ def embedding_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def _take_bf16_cpu(table: jax.Array, ids: jax.Array) -> jax.Array:
-    """`table[ids]` for a bfloat16 table, gathered as `uint16` bits (the same values, no conversion).
-    Out-of-range ids give zeros, not `jnp.take`'s NaN fill (callers check ids: `llama.check_ids`)."""
-    bits = jnp.take(lax.bitcast_convert_type(table, jnp.uint16), ids, axis=0, mode="fill", fill_value=0)
-    return lax.bitcast_convert_type(bits, jnp.bfloat16)
+    """`table[ids]` for a bfloat16 table, gathered as bits (`_take_bits`), differentiable in `table`."""
+    return _take_bits(table, ids, 0)
 
 
 def _take_bf16_cpu_fwd(table, ids):

@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from bmgpt_jax.models.attention import IMPLEMENTATIONS, Segments, attention
-from bmgpt_jax.models.layers import Embedding, Linear, RMSNorm, apply_rotary, dense, dtype_of, rotary_cos_sin
+from bmgpt_jax.models.layers import (Embedding, Linear, RMSNorm, apply_rotary, dense, dtype_of, rotary_cos_sin,
+                                     take)
 from bmgpt_jax.parallel import constrain
 
 
@@ -97,10 +98,10 @@ class KVCache(NamedTuple):
 
     def take_rows(self, rows: jax.Array) -> "KVCache":
         """The cache whose batch row `i` is row `rows[i]` of this one (beam search reorders with it)."""
-        def take(x):
+        def reorder(x):
             full = _with_batch(x, self.valid.shape[0])            # [(layers,) b, h, s, d]
-            return _stored(jnp.take(full, rows, axis=full.ndim - 4))
-        return self._replace(k=jax.tree.map(take, self.k), v=jax.tree.map(take, self.v),
+            return _stored(take(full, rows, axis=full.ndim - 4))
+        return self._replace(k=jax.tree.map(reorder, self.k), v=jax.tree.map(reorder, self.v),
                              valid=jnp.take(self.valid, rows, axis=0), next_pos=jnp.take(self.next_pos, rows, axis=0))
 
 

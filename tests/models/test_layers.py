@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bmgpt_jax.models.layers import dense, embedding_lookup
+from bmgpt_jax.models.layers import dense, embedding_lookup, take
 from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -141,3 +141,13 @@ def test_bfloat16_embedding_lookup_is_exact_without_a_float32_table():
     assert "f32[50,16]" not in hlo and "f32[50,16]" in plain
     assert jax.jit(embedding_lookup).trace(table, ids).lower(lowering_platforms=("tpu",)).as_text().count(
         "bitcast_convert") == 0  # TPU gathers bfloat16 as it is
+
+
+def test_bfloat16_take_along_an_axis_is_exact_without_float32():
+    """`layers.take` (the KV cache's beam reorder) on a bfloat16 array: exact, and no float32 copy."""
+    x = jnp.asarray(np.random.RandomState(0).randn(2, 5, 3, 4), jnp.bfloat16)
+    rows = jnp.asarray([4, 0, 4, 2])
+    out = jax.jit(take, static_argnums=2)(x, rows, 1)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(x, np.float32)[:, [4, 0, 4, 2]])
+    hlo = jax.jit(take, static_argnums=2).lower(x, rows, 1).compile().as_text()
+    assert "f32[" not in hlo and "f32[" in jax.jit(lambda a, r: jnp.take(a, r, axis=1)).lower(x, rows).compile().as_text()
