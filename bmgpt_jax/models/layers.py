@@ -169,7 +169,7 @@ def embedding_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     call (0.5 GB at 7B; in a decode loop it is hoisted and held for the whole generation).
     """
     if table.dtype == jnp.bfloat16:
-        return lax.platform_dependent(table, ids, cpu=_take_bf16_cpu, default=lambda t, i: jnp.take(t, i, axis=0))
+        return lax.platform_dependent(table, ids, cpu=_take_bf16_cpu, default=partial(jnp.take, axis=0))
     return jnp.take(table, ids, axis=0)
 
 
@@ -187,9 +187,8 @@ def _take_bf16_cpu_bwd(res, g):
     """The table's gradient: `g` scatter-added into zeros (in float32, as `jnp.take`'s transpose is on
     CPU), rounded to bfloat16; ids get none."""
     shape, ids = res
-    dim = g.shape[-1]
-    grad = jnp.zeros((shape.shape[0], dim), jnp.float32).at[ids.reshape(-1)].add(g.reshape(-1, dim).astype(jnp.float32),
-                                                                       mode="drop")
+    rows = g.reshape(-1, g.shape[-1]).astype(jnp.float32)
+    grad = jnp.zeros((shape.shape[0], rows.shape[1]), jnp.float32).at[ids.reshape(-1)].add(rows, mode="drop")
     return grad.astype(jnp.bfloat16), None
 
 
