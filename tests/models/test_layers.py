@@ -111,7 +111,7 @@ def test_bfloat16_llama_gradients_under_remat(remat):
 def test_bfloat16_batch1_decode_holds_no_float32_weights():
     """A batch-1 bfloat16 decode step must not convert weights to float32: XLA:CPU's one-row product did,
     and in the decode loop it hoisted float32 copies of every layer's weights (twice the bfloat16 model's
-    bytes in temporaries; 40 GB at 10B)."""
+    bytes in temporaries; ~27 GB for a 6.7B LM)."""
     cfg = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=1024, num_layers=2, num_heads=4,
                       num_kv_heads=4, max_position_embeddings=64, dtype="bfloat16", param_dtype="bfloat16")
     model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
