@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bmgpt_jax import chat, parallel
 from bmgpt_jax.generation import generate
+from bmgpt_jax.models.layers import argmax
 
 
 WIDTH_STEP = 8
@@ -56,7 +57,7 @@ class MeshModel:
             logits = model.llm.logits(h)                                           # [B, width, vocab] f32
             ids = jnp.take_along_axis(batch["input_ids"], pos, axis=1)
             logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), ids[..., None], axis=-1)[..., 0]
-            greedy = jnp.all(jnp.where(valid, jnp.argmax(logits, axis=-1) == ids, True), axis=1)
+            greedy = jnp.all(jnp.where(valid, argmax(logits, axis=-1) == ids, True), axis=1)
             return jnp.sum(jnp.where(valid, logp, 0.0), axis=1), greedy
 
     def _embed_fn(self, state, batch):

@@ -9,6 +9,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from bmgpt_jax.models.layers import argmax
+
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
@@ -40,7 +42,7 @@ def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float)
 def sample_logits(logits: jax.Array, key: jax.Array, cfg: GenerationConfig) -> jax.Array:
     """Next tokens `[b]` from float32 logits `[b, vocab]`: argmax, or temperature/top-k/top-p sampling."""
     if not cfg.do_sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax(logits, axis=-1)
     neg = jnp.finfo(jnp.float32).min
     logits = logits / max(cfg.temperature, 1e-6)
     if cfg.top_k > 0:

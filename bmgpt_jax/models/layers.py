@@ -161,6 +161,29 @@ def _take_bits(x: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.bfloat16)
 
 
+def argmax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """`jnp.argmax(x, axis)` as int32 (the first maximum; the first NaN if there is one), e.g. greedy
+    tokens from logits `[b, vocab] -> [b]`.
+
+    On CPU it runs as two plain reductions (`_argmax_two_pass`): XLA:CPU runs `jnp.argmax`'s
+    (value, index) reduction element by element, 0.6 ms for 8 rows of a 32k vocab against 0.2 ms, a
+    tenth of a small decoder's step (bench/generate.py)."""
+    axis = axis % x.ndim
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.argmax(x, axis=axis).astype(jnp.int32)
+    return lax.platform_dependent(x, cpu=partial(_argmax_two_pass, axis=axis),
+                                  default=lambda v: jnp.argmax(v, axis=axis).astype(jnp.int32))
+
+
+def _argmax_two_pass(x: jax.Array, axis: int) -> jax.Array:
+    """The smallest index holding the maximum (the max reduction, then a min over the indices that hit
+    it). A NaN makes the maximum NaN, equal to nothing, so the NaN positions count as hits instead."""
+    top = jnp.max(x, axis=axis, keepdims=True)
+    hit = (x == top) | jnp.isnan(x)
+    index = lax.broadcasted_iota(jnp.int32, x.shape, axis)
+    return jnp.min(jnp.where(hit, index, x.shape[axis]), axis=axis)
+
+
 def embedding_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     """Rows of `table [num, dim]` at integer `ids [...]` -> `[..., dim]` (`jnp.take` along axis 0).
 
