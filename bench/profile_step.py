@@ -4,7 +4,7 @@
     python bench/profile_step.py --layers 2 --top 20
     python bench/profile_step.py --dtype bfloat16    # parameters and compute in bfloat16 (the loss in float32)
 
-Runs `--steps` forward + backward steps of the optax loss (bench/llama_step.py's `optax_loss`) under
+Runs `--steps` forward + backward steps of one of bench/llama_step.py's losses (`--loss`, default optax) under
 `jax.profiler.trace(create_perfetto_trace=True)`, reads the Perfetto trace back and prints, per compiled
 op (an XLA:CPU thunk: a YNNPACK GEMM fusion `ynn_fusion.N`, a plain `dot.N`, a loop fusion ...), its time
 per step, its share of the step, the op's output shape and layout and the JAX operation it came from (the
@@ -33,7 +33,7 @@ from flax import nnx  # noqa: E402
 from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import protocol as P  # noqa: E402  (bench/protocol.py; scripts run as python bench/x.py)
-from llama_step import add_shape_args, ffn_size, optax_loss  # noqa: E402
+from llama_step import LOSSES, add_shape_args, ffn_size  # noqa: E402
 
 
 def op_table(hlo: str) -> dict[str, tuple[str, str]]:
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--loss", default="optax", choices=sorted(LOSSES), help="bench/llama_step.py's loss")
     args = ap.parse_args()
     load_before = P.header("bench/profile_step.py: a Llama train step's compiled ops, slowest first")
     ffn = ffn_size(args.hidden)
@@ -60,7 +61,7 @@ def main() -> None:
                       num_heads=args.heads, num_kv_heads=args.heads, max_position_embeddings=max(args.seq, 512),
                       dtype=args.dtype, param_dtype=args.dtype)
     graphdef, state = nnx.split(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
-    step = jax.jit(jax.value_and_grad(lambda st, ids: optax_loss(nnx.merge(graphdef, st), ids)))
+    step = jax.jit(jax.value_and_grad(lambda st, ids: LOSSES[args.loss](nnx.merge(graphdef, st), ids)))
     ids = jnp.asarray(np.random.RandomState(0).randint(3, args.vocab, (args.batch, args.seq)))
     ops = op_table(step.lower(state, ids).compile().as_text())
     for _ in range(2):
