@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bmgpt_jax.models.attention import IMPLEMENTATIONS, Segments, attention
-from bmgpt_jax.models.layers import Embedding, LayerNorm, Linear, apply_rotary, dtype_of, rotary_cos_sin
+from bmgpt_jax.models.layers import Embedding, LayerNorm, Linear, apply_rotary, dtype_of, rotary_table
 from bmgpt_jax.parallel import constrain
 
 ROPE_THETA = 10000.0
@@ -204,7 +204,7 @@ class Esm(nnx.Module):
         input_ids = jnp.asarray(input_ids)
         mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
         x = constrain(self.embeddings(input_ids, mask), ACT)
-        cos, sin = rotary_cos_sin(jnp.arange(input_ids.shape[1])[None], self.config.head_dim, ROPE_THETA)
+        cos, sin = rotary_table(input_ids.shape[1], self.config.head_dim, ROPE_THETA)
         return self.encoder(x, padding_segments(mask), cos, sin)
 
 

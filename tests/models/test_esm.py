@@ -148,3 +148,18 @@ def test_real_configs_have_hf_architecture(torch, size):
 def test_config_rejects_bad_head_split():
     with pytest.raises(ValueError, match="not a multiple of num_heads"):
         EsmConfig(hidden_size=30, num_heads=4)
+
+
+def test_rotary_tables_are_constants_of_the_compiled_forward(hf_pair, batch):
+    """The rotary cos/sin tables come from `layers.rotary_table` (NumPy, at trace time), so the compiled
+    forward evaluates no cos or sin: traced from positions, XLA:CPU fused them into the q and k rotations
+    and evaluated them per head and batch row. The tables equal `rotary_cos_sin`'s within one float32 ulp."""
+    from bmgpt_jax.models.layers import rotary_cos_sin, rotary_table
+    _, model = hf_pair
+    ids, mask = batch
+    graphdef, state = nnx.split(model)
+    hlo = jax.jit(lambda st, i, m: nnx.merge(graphdef, st)(i, m)).lower(state, ids, mask).compile().as_text()
+    assert " cosine(" not in hlo and " sine(" not in hlo
+    for got, want in zip(rotary_table(300, 16, 10000.0), rotary_cos_sin(np.arange(300)[None], 16, 10000.0)):
+        assert got.shape == (1, 300, 16)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2.4e-7)
