@@ -256,6 +256,7 @@ class LlamaModel(nnx.Module):
         if segment_ids is not None and (cache is not None or attention_mask is not None):
             raise ValueError("segment_ids replaces attention_mask and takes no cache")
         x = constrain(x, ("batch", "seq", "act_embed"))
+        own_positions = positions is not None
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         if segment_ids is not None:
             segments = Segments.self_attention(segment_ids)
@@ -272,7 +273,10 @@ class LlamaModel(nnx.Module):
                 positions = cache.next_pos[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
             kv_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
             segments = Segments(mask.astype(jnp.int32), kv_valid.astype(jnp.int32), index)
-        cos, sin = rotary_cos_sin(positions, cfg.dim_per_head, cfg.rope_theta)
+        # positions derived here lie below max_position_embeddings (checked above / by init_cache), so CPU
+        # gathers them from a table (`rotary_cos_sin`); a caller's own positions are computed as given
+        cos, sin = rotary_cos_sin(positions, cfg.dim_per_head, cfg.rope_theta,
+                                  table_size=None if own_positions else cfg.max_position_embeddings)
 
         kv = None if cache is None else (cache.k, cache.v)
         if cfg.scan_layers:

@@ -1,6 +1,7 @@
 """`layers.dense` in bfloat16: PyTorch float64 parity of the product and both gradients, the compiled CPU
 program's GEMMs reading bfloat16, the plain product when lowered for TPU / GPU, remat, batch-1 decoding;
-`layers.embedding_lookup` in bfloat16: exact rows, the gradient, no float32 copy of the table."""
+`layers.embedding_lookup` in bfloat16: exact rows, the gradient, no float32 copy of the table; `layers.argmax`;
+the rotary tables (`rotary_cos_sin`'s CPU gather, PyTorch's frequencies)."""
 import re
 
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bmgpt_jax.models.layers import argmax, dense, embedding_lookup, take
+from bmgpt_jax.models.layers import argmax, dense, embedding_lookup, rotary_cos_sin, rotary_inv_freq, take
 from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 
@@ -176,3 +177,30 @@ def test_argmax_is_numpys_first_maximum_as_two_plain_reductions_on_cpu(dtype):
     assert re.search(pair_reduce, jax.jit(lambda v: jnp.argmax(v, -1)).lower(jnp.asarray(x)).compile().as_text())
     tpu = jax.jit(argmax).trace(jnp.asarray(x, dtype)).lower(lowering_platforms=("tpu",)).as_text()
     assert "stablehlo.minimum" not in tpu and re.search(r"stablehlo.reduce\(%\w+ init: %\w+\), \(%\w+ init", tpu)
+
+
+def test_rotary_frequencies_are_pytorchs_and_cpu_gathers_the_angles(torch):
+    """`rotary_inv_freq` equals HF's float32 `1 / base ** (arange(0, d, 2) / d)` bit for bit (XLA's float32
+    pow is an ulp off at some head dims, e.g. 80). With `table_size`, the CPU gathers cos/sin rows from
+    a constant table, within one float32 ulp of computing them, NaN past the table; the compiled CPU
+    Llama forward then evaluates no cos or sin (XLA:CPU fused them into every head's rotation), while
+    the TPU lowering still computes them, and a caller's own positions are computed as given."""
+    for d in (16, 64, 80, 128):
+        hf = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        np.testing.assert_array_equal(rotary_inv_freq(d, 10000.0), hf.numpy())
+    pos = jnp.asarray(np.random.RandomState(0).randint(0, 4096, (2, 33)))
+    gathered = jax.jit(lambda p: rotary_cos_sin(p, 128, table_size=4096))(pos)
+    for got, want in zip(gathered, rotary_cos_sin(pos, 128)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1.2e-7)
+    past = jax.jit(lambda p: rotary_cos_sin(p, 16, table_size=8))(jnp.asarray([[7, 8]]))[0]
+    assert np.isfinite(past[0, 0]).all() and np.isnan(past[0, 1]).all()
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
+                      max_position_embeddings=64)
+    graphdef, state = nnx.split(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    ids = jnp.ones((2, 16), jnp.int32)
+    fwd = jax.jit(lambda st, i, p=None: nnx.merge(graphdef, st)(i, positions=p))
+    transcendental = re.compile(r" (cosine|sine)\(")
+    assert not transcendental.search(fwd.lower(state, ids).compile().as_text())
+    assert transcendental.search(fwd.lower(state, ids, jnp.zeros((2, 16), jnp.int32)).compile().as_text())
+    assert "stablehlo.cosine" in fwd.trace(state, ids).lower(lowering_platforms=("tpu",)).as_text()
