@@ -26,11 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import protocol as P  # (bench/protocol.py; scripts run as python bench/x.py)
 from bmgpt_jax.models import attention as A
 from bmgpt_jax.models.biomedgpt import lm_loss
 from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM
-
-import protocol as P  # (bench/protocol.py; scripts run as python bench/x.py)
 
 MiB = 2 ** 20
 

@@ -26,13 +26,12 @@ import numpy as np
 import torch
 from flax import nnx
 
+import protocol as P  # (bench/protocol.py; scripts run as python bench/x.py)
 from bmgpt_jax.config import load
 from bmgpt_jax.convert import hf_esm
 from bmgpt_jax.data import proteins
 from bmgpt_jax.data.builders import shared_data_dir
 from bmgpt_jax.models.esm import EsmConfig
-
-import protocol as P  # (bench/protocol.py; scripts run as python bench/x.py)
 
 SHARED = shared_data_dir()  # ../shared/data or $BMGPT_SHARED_DATA
 DATA = SHARED / "proteins" / "swissprot_function_pairs.tsv" if SHARED else Path("-")

@@ -30,9 +30,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import protocol as P  # noqa: E402  (bench/protocol.py; scripts run as python bench/x.py)
 from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-import protocol as P  # noqa: E402  (bench/protocol.py; scripts run as python bench/x.py)
 from llama_step import LOSSES, add_shape_args, ffn_size  # noqa: E402
 
 

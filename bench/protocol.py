@@ -17,6 +17,9 @@
 - `read_bandwidth()` measures this machine's memory read rate (bytes/s) for the decode-bandwidth rows.
 
 Scripts run as `python bench/x.py`, so this module is imported as `protocol` (bench/ is sys.path[0]).
+Importing it puts the repository root first on `sys.path`: a bench measures the `bmgpt_jax` of the
+checkout it lives in, not whichever copy is installed (an A/B run from a second worktree would
+otherwise time the installed code twice). Every bench imports it before `bmgpt_jax`.
 """
 from __future__ import annotations
 
@@ -31,6 +34,10 @@ from importlib import metadata
 from typing import Callable, Mapping
 
 import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if sys.path[:1] != [REPO]:
+    sys.path.insert(0, REPO)
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 LIBRARIES = ("jax", "jaxlib", "flax", "torch", "transformers")
