@@ -273,10 +273,11 @@ class LlamaModel(nnx.Module):
                 positions = cache.next_pos[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
             kv_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
             segments = Segments(mask.astype(jnp.int32), kv_valid.astype(jnp.int32), index)
-        # positions derived here lie below max_position_embeddings (checked above / by init_cache), so CPU
-        # gathers them from a table (`rotary_cos_sin`); a caller's own positions are computed as given
+        # positions derived here lie below the sequence length (or the cache's), so CPU gathers them from a
+        # table that long (`rotary_cos_sin`); a caller's own positions are computed as given
+        table = t if cache is None else cache.valid.shape[1]
         cos, sin = rotary_cos_sin(positions, cfg.dim_per_head, cfg.rope_theta,
-                                  table_size=None if own_positions else cfg.max_position_embeddings)
+                                  table_size=None if own_positions else table)
 
         kv = None if cache is None else (cache.k, cache.v)
         if cfg.scan_layers:
