@@ -308,7 +308,7 @@ def rotary_table(length: int, head_dim: int, base: float = 10000.0) -> tuple[jax
 
     Why (see `rotary_cos_sin`): computed in the program, XLA:CPU evaluates cos and sin once per head and
     batch row (160 times per position and layer at ESM-2 8M's batch of 8); bench/esm.py's passes ran
-    5-11% faster with constants (docs/proteins.md). The angles are rounded to float32 as
+    5-14% faster with constants (docs/proteins.md). The angles are rounded to float32 as
     `rotary_cos_sin` (and PyTorch) computes them; their cos and sin are taken in float64, rounded once."""
     freqs = np.arange(length, dtype=np.float32)[:, None] * rotary_inv_freq(head_dim, base)[None, :]
     emb = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)[None]
