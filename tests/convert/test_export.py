@@ -17,6 +17,7 @@ import convert_weights
 from bmgpt_jax.convert import folder, run_export
 from bmgpt_jax.convert.sources import read_state_dict
 from bmgpt_jax.training import loop as train
+from tests.children import communicate
 from tests.convert.synthetic import REPO
 from tests.training.runs import SMALL
 
@@ -73,7 +74,7 @@ def _run(code: str, args: list[str], env: dict, n: int = 1, port: int = 0) -> No
     full = f"SETTINGS = {SETTINGS!r}\n" + code
     procs = [subprocess.Popen([sys.executable, "-c", full, *args], cwd=REPO, env=env_of(p), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for p in range(n)]
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    outputs = communicate(procs, timeout=900)
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
     assert not any("PRNGKey" in o for o in outputs)
 

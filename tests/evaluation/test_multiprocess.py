@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bmgpt_jax import evaluate as ev
+from tests.children import communicate
 from tests.test_evaluate import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,11 +42,7 @@ def test_two_processes_match_one(shared_data, tmp_path):
                                *data, "--mesh", "2,2,1", "--out-dir", str(tmp_path / f"run{i}")], cwd=REPO,
                               env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=400)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    outs = communicate(procs, timeout=400)
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
     assert not (tmp_path / "run1").exists()                         # only process 0 writes

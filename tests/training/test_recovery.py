@@ -10,6 +10,7 @@ from flax import nnx
 
 from bmgpt_jax.data.pipeline import BatchIterator, offset_for_process, repad
 from bmgpt_jax.training import loop as train
+from tests.children import communicate
 from tests.training.runs import SMALL, _losses, _spawn, _wait_for_checkpoint, cfg_for, params
 
 
@@ -33,11 +34,15 @@ def test_a_stop_signal_saves_and_exits(tmp_path, sig):
     out_dir = tmp_path / "term"
     proc = _spawn(SMALL + ["steps=100000", "checkpoint.every=1000", f"out_dir={out_dir}"])
     deadline = time.time() + 240
-    while not (out_dir / "metrics.jsonl").exists() or len(_losses(out_dir)) < 3:
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.1)
+    try:
+        while not (out_dir / "metrics.jsonl").exists() or len(_losses(out_dir)) < 3:
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.1)
+    except BaseException:
+        proc.kill()         # a 100000-step run must not outlive its test
+        raise
     proc.send_signal(sig)
-    output = proc.communicate(timeout=120)[0]
+    output, = communicate([proc], timeout=120)
     assert proc.returncode == 0, output[-3000:]
     steps = [int(d) for d in os.listdir(out_dir / "checkpoints") if d.isdigit()]
     assert steps and max(steps) == max(_losses(out_dir)) and max(steps) < 1000
@@ -90,7 +95,7 @@ def test_two_processes_match_one(tmp_path):
                     {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_NUM_PROCESSES": "2",
                      "JAX_PROCESS_ID": str(p), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"})
              for p in range(2)]
-    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    outputs = communicate(procs, timeout=400)
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
     cfg = cfg_for(tmp_path, "steps=4", "stage=align", "mesh=[1,1,1]", name="single")
     single = train.run(cfg, batches=MergedShards(cfg))

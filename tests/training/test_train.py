@@ -11,6 +11,7 @@ from bmgpt_jax.config import ConfigError
 from bmgpt_jax.data.pipeline import BatchIterator
 from bmgpt_jax.data.text import load_tokenizer
 
+from tests.children import communicate
 from tests.training.runs import SMALL, _losses, _rows, _spawn, cfg_for, params
 
 
@@ -74,7 +75,7 @@ def test_errors_come_before_any_compute(tmp_path, capsys):
 
 def test_embedded_default_learns_and_loads_in_chat(tmp_path):
     proc = _spawn(["steps=60", f"out_dir={tmp_path / 'default'}", "progress=false"])
-    output = proc.communicate(timeout=600)[0]
+    output, = communicate([proc], timeout=600)
     assert proc.returncode == 0, output[-3000:]
     losses = _losses(tmp_path / "default")
     first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (58, 59, 60)])
