@@ -7,7 +7,7 @@ and YNNPACK writes a packed copy of it, on every step). Here each row is a separ
 timed per new token as `(t(new) - t(1)) / (new - 1)` (prefill and dispatch cancel), the rows interleaved trial
 by trial (bench/protocol.py). Differences between rows give:
 - one decoder layer beside the full LM head: (L layers - 1 layer) / (L - 1). The whole 1-layer decoder
-  with a 512-token head bounds a layer beside a small head; when the first is several times the second,
+  with a 512-token head bounds a layer beside a small head; when the first is well above the second,
   the head's weight traffic (read, and packed by YNNPACK on every call) slows the layers too;
 - the vocabulary's part (LM head `[b, hidden] x [hidden, vocab]` plus the greedy pick over `[b, vocab]`):
   full vocabulary minus a 512-token one, 1 layer each;
