@@ -8,7 +8,7 @@ timed per new token as `(t(new) - t(1)) / (new - 1)` (prefill and dispatch cance
 by trial (bench/protocol.py). Differences between rows give:
 - one decoder layer beside the full LM head: (L layers - 1 layer) / (L - 1). The whole 1-layer decoder
   with a 512-token head bounds a layer beside a small head; when the first is well above the second,
-  the head's weight traffic (read, and packed by YNNPACK on every call) slows the layers too;
+  the head slows the layers too (likely its weight traffic: read, and packed by YNNPACK, on every call);
 - the vocabulary's part (LM head `[b, hidden] x [hidden, vocab]` plus the greedy pick over `[b, vocab]`):
   full vocabulary minus a 512-token one, 1 layer each;
 - the LM-head product alone, ours (jitted, inside a loop, weights as an argument) and PyTorch's
