@@ -7,12 +7,12 @@ and YNNPACK writes a packed copy of it, on every step). Here each row is a separ
 timed per new token as `(t(new) - t(1)) / (new - 1)` (prefill and dispatch cancel), the rows interleaved trial
 by trial (bench/protocol.py). Differences between rows give:
 - one decoder layer beside the full LM head: (L layers - 1 layer) / (L - 1). The whole 1-layer decoder
-  with a 512-token head bounds a layer beside a small head; when the first is well above the second,
-  the head slows the layers too (likely its weight traffic: read, and packed by YNNPACK, on every call);
+  with a 512-token head bounds a layer beside a small head; the first well above the second would mean
+  the head slows the layers (its weight is read, and packed by YNNPACK, on every call);
 - the vocabulary's part (LM head `[b, hidden] x [hidden, vocab]` plus the greedy pick over `[b, vocab]`):
   full vocabulary minus a 512-token one, 1 layer each;
-- the LM-head product alone, ours (jitted, inside a loop, weights as an argument) and PyTorch's
-  `F.linear` on the `[vocab, hidden]` weight, as HF's `lm_head` runs it.
+- the LM-head product alone, ours (`layers.dense`, the model's product, jitted inside a loop, weights as
+  an argument) and PyTorch's `F.linear` on the `[vocab, hidden]` weight, as HF's `lm_head` runs it.
 
     python bench/decode_parts.py                       # bench/generate.py's decoder: 4 x 256, vocab 32001, batch 8
     python bench/decode_parts.py --batch 1
@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bmgpt_jax.generation import GenerationConfig, generate  # noqa: E402
+from bmgpt_jax.models.layers import dense  # noqa: E402
 from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 SMALL_VOCAB = 512
@@ -81,7 +82,7 @@ def main():
     sides = {k: per_token(*decoder(*s, args), args.new) for k, s in shapes.items()}
     w = np.random.RandomState(1).randn(args.hidden, args.vocab).astype(np.float32) * 0.02
     x = np.random.RandomState(2).randn(args.batch, args.hidden).astype(np.float32)
-    head = jax.jit(lambda x, w: jax.lax.fori_loop(0, 100, lambda i, c: (c[0] + 1e-6, c[1] + jnp.dot(c[0], w)[:, 0]),
+    head = jax.jit(lambda x, w: jax.lax.fori_loop(0, 100, lambda i, c: (c[0] + 1e-6, c[1] + dense(c[0], w)[:, 0]),
                                                   (x, jnp.zeros(len(x))))[1])
     wj, xj, wt, xt = jnp.asarray(w), jnp.asarray(x), torch.from_numpy(np.ascontiguousarray(w.T)), torch.from_numpy(x)
 
@@ -108,7 +109,8 @@ def main():
     vocab_part = med["1 layer"] - med["1 layer, small vocab"]
     rows += [[f"= one decoder layer beside the {args.vocab}-token head: (full - 1 layer) / {max(args.layers - 1, 1)}",
               f"{layer:.3f}"],
-             [f"= the vocabulary's part (head + greedy pick, {args.vocab} vs {SMALL_VOCAB} tokens)", f"{vocab_part:.3f}"]]
+             [f"= the vocabulary's part (head + greedy pick, {args.vocab} vs {SMALL_VOCAB} tokens)",
+              f"{vocab_part:.3f}"]]
     print(f"\nLlama {args.layers} x {args.hidden} ({args.heads} heads, {args.kv_heads} kv), FFN {args.ffn}, vocab "
           f"{args.vocab}, batch {args.batch}, {args.seq}-token prompt, {args.new} new tokens, float32, greedy; "
           f"{args.trials} interleaved trials, median (min-max)")
