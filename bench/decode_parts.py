@@ -35,6 +35,8 @@ from bmgpt_jax.generation import GenerationConfig, generate  # noqa: E402
 from bmgpt_jax.models.layers import dense  # noqa: E402
 from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from llama_step import add_shape_args, ffn_size  # noqa: E402
+
 SMALL_VOCAB = 512
 
 
@@ -62,18 +64,15 @@ def per_token(model, ids, mask, new: int):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--ffn", type=int, default=704)
-    ap.add_argument("--heads", type=int, default=4)
+    add_shape_args(ap)  # bench/llama_step.py's options, with bench/generate.py's decoder as the defaults
+    ap.set_defaults(hidden=256, heads=4, seq=82)
+    ap.add_argument("--ffn", type=int, default=0, help="FFN width (default: Llama's for --hidden)")
     ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=32001)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=82, help="prompt tokens")
     ap.add_argument("--new", type=int, default=129, help="new tokens per timed generation")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (LM-head row)")
     P.add_trials_arg(ap)
     args = ap.parse_args()
+    args.ffn = args.ffn or ffn_size(args.hidden)
     load_before = P.header("bench/decode_parts.py: a greedy decode step's parts, by difference")
     import torch
     torch.set_num_threads(args.threads)
@@ -105,10 +104,10 @@ def main():
     stats = {k: P.Stats(v[1:]) for k, v in samples.items()}
     med = {k: s.median * 1e3 for k, s in stats.items()}
     rows = [[k, P.seconds(s, fmt=".3f")] for k, s in stats.items()]
-    layer = (med["full"] - med["1 layer"]) / max(args.layers - 1, 1)
+    extra = max(args.layers - 1, 1)
+    layer = (med["full"] - med["1 layer"]) / extra
     vocab_part = med["1 layer"] - med["1 layer, small vocab"]
-    rows += [[f"= one decoder layer beside the {args.vocab}-token head: (full - 1 layer) / {max(args.layers - 1, 1)}",
-              f"{layer:.3f}"],
+    rows += [[f"= one decoder layer beside the {args.vocab}-token head: (full - 1 layer) / {extra}", f"{layer:.3f}"],
              [f"= the vocabulary's part (head + greedy pick, {args.vocab} vs {SMALL_VOCAB} tokens)",
               f"{vocab_part:.3f}"]]
     print(f"\nLlama {args.layers} x {args.hidden} ({args.heads} heads, {args.kv_heads} kv), FFN {args.ffn}, vocab "

@@ -198,8 +198,9 @@ def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
     """Memory read rate in bytes/s: the best of `repeats` passes over a `mib` MiB float32 array (far larger
     than any cache) by a numpy sum (one thread), a jitted XLA sum and a jitted XLA vector-matrix product
     `[1, 512] @ [512, n]` (all cores). The last is the decode step's own access pattern and the fastest
-    reader on the 2-core Ice Lake of docs/benchmarks.md's earlier runs (the benches printed 23.5-26.4 GB/s with it, 23.2 with
-    the sums alone), so a batch-1 decode, whose LM-head product reads at that rate, cannot beat the bound."""
+    reader on the 2-core Ice Lake of docs/benchmarks.md's earlier runs (the benches printed 23.5-26.4 GB/s
+    with it, 23.2 with the sums alone), so a batch-1 decode, whose LM-head product reads at that rate,
+    cannot beat the bound."""
     import jax
     import jax.numpy as jnp
     a = np.ones(mib * 2 ** 20 // 4, np.float32)
