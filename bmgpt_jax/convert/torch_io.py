@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -207,7 +208,13 @@ class TorchWriter:
             raise ValueError(f"{self.path}: tensor {key!r} is {array.dtype}{list(array.shape)} but was planned "
                              f"as {dtype}{list(shape)}")
         raw = array.reshape(-1).view(np.uint8)
-        self._zip.write_record(f"data/{record}", raw.ctypes.data if raw.size else b"", raw.size)
+        data = b""
+        if raw.size:  # a storage over the array's own memory (no copy); raw pointers are deprecated in torch
+            import torch
+            with warnings.catch_warnings():  # a read-only array is fine: the writer only reads it
+                warnings.simplefilter("ignore", UserWarning)
+                data = torch.from_numpy(raw).untyped_storage()
+        self._zip.write_record(f"data/{record}", data, raw.size)
         self._written.add(key)
 
     def close(self) -> None:

@@ -1,5 +1,7 @@
 """The safetensors and torch file readers/writers against the reference libraries (the `safetensors`
 package, `torch.load`/`torch.save`): every dtype (bfloat16 without torch), slices, sharding, and bad files."""
+import warnings
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -123,14 +125,24 @@ def test_torch_file_reads_lazily_and_slices(torch, tmp_path, monkeypatch, chunk)
         assert same(f.read("bf", (slice(1, 2),)), to_numpy(sd["bf"])[1:2])
 
 
-def test_torch_writer_output_loads_in_torch(torch, tmp_path):
+def test_torch_writer_output_loads_in_torch(torch, tmp_path, capfd):
     from bmgpt_jax.convert.tensor_source import to_numpy
     from bmgpt_jax.convert.torch_io import TorchWriter
     tensors = sample()
-    w = TorchWriter(tmp_path / "out.pth", [(k, v.shape, v.dtype) for k, v in tensors.items()])
-    for k in sorted(tensors, reverse=True):                                         # any order
-        w.write(k, tensors[k])
-    w.close()
+    for v in tensors.values():
+        v.setflags(write=False)                       # read-only arrays (a jax array's numpy view) are fine
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)                       # torch's C++ warnings print every time, not once
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            w = TorchWriter(tmp_path / "out.pth", [(k, v.shape, v.dtype) for k, v in tensors.items()])
+            for k in sorted(tensors, reverse=True):                                 # any order
+                w.write(k, tensors[k])
+            w.close()
+    finally:
+        torch.set_warn_always(warn_always)
+    assert "deprecated" not in capfd.readouterr().err  # torch 2.13 deprecates writing records by raw pointer
     for mmap in (False, True):
         back = torch.load(tmp_path / "out.pth", weights_only=True, mmap=mmap)
         assert list(back) == list(tensors)                                          # the planned order
