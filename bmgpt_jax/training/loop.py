@@ -217,7 +217,10 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
                                                                 d_model=lm.hidden_size),
                           peak_flops=measure_matmul_flops(dtype=jnp.dtype(cfg.compute_dtype)))
         monitor.write(f"stage {cfg.stage}: {n_total:,} parameters, {n_train:,} trainable ({', '.join(patterns)}); "
-                      f"mesh {dict(mesh.shape)}; {jax.process_count()} process(es); steps {start + 1}..{cfg.steps}")
+                      f"mesh {dict(mesh.shape)}; {jax.process_count()} process(es); "
+                      + (f"steps {start + 1}..{cfg.steps}" if start < cfg.steps else
+                         f"the checkpoint is at step {start}, steps={cfg.steps}: nothing to train (raise steps= to "
+                         "continue)"))
         losses: dict[int, float] = {}
         i, stopped = start, None
         for i in range(start + 1, cfg.steps + 1):

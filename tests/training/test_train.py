@@ -199,10 +199,11 @@ def test_out_of_vocabulary_ids_are_refused_before_the_step(tmp_path):
         train.run(cfg, batches=CorruptedIds(BatchIterator(cfg.data)))
 
 
-def test_resume_skips_a_torn_checkpoint_and_counts_dropped_examples_on(tmp_path, caplog):
+def test_resume_skips_a_torn_checkpoint_and_counts_dropped_examples_on(tmp_path, caplog, capsys):
     """A run that drops examples over its node budget, stopped after step 6 with step 6's checkpoint torn:
     --resume falls back to step 4, says why, and ends with the uninterrupted run's losses, dropped-example
-    counts and a metrics.jsonl holding each step once."""
+    counts and a metrics.jsonl holding each step once; resumed again at the last step, it trains nothing and
+    says so."""
     extra = ["stage=align", "steps=8", "checkpoint.every=2", "checkpoint.keep=4", "data.node_budget=128",
              "data.max_dropped=1"]
     full = train.run(cfg_for(tmp_path, *extra, name="full"))
@@ -221,6 +222,10 @@ def test_resume_skips_a_torn_checkpoint_and_counts_dropped_examples_on(tmp_path,
     assert all(resumed["losses"][s] == full["losses"][s] for s in (5, 6, 7, 8))
     assert resumed["data"] == full["data"]
     assert _losses(tmp_path / "part") == full["losses"]
+    capsys.readouterr()
+    again = train.run(cfg_for(tmp_path, *extra, name="part"), resume=True)             # already at the last step
+    assert again["losses"] == {} and again["last_step"] == 8
+    assert "the checkpoint is at step 8, steps=8: nothing to train" in capsys.readouterr().out
 
 
 def test_one_line_errors_before_any_compute(tmp_path, capsys):
