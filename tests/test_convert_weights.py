@@ -37,10 +37,15 @@ def same_bits(a, b) -> bool:
 
 def test_hf_llama_round_trip(tmp_path, torch, capsys):
     make_hf_llama(tmp_path / "src", num_kv_heads=2)
+    files = {"tokenizer.model": b"\x0a\x01sp", "tokenizer_config.json": b'{"add_bos_token": true}',
+             "generation_config.json": b'{"bos_token_id": 1}'}
+    for name, data in files.items():
+        (tmp_path / "src" / name).write_bytes(data)
     assert convert_weights.main(["hf_llama", str(tmp_path / "src"), str(tmp_path / "dst"), "--check"]) == 0
     assert "checked bit for bit" in capsys.readouterr().out
     a, b = read_state_dict(tmp_path / "src"), read_state_dict(tmp_path / "dst")
     assert a.keys() - b.keys() == {k for k in a if "inv_freq" in k} and all(np.array_equal(a[k], b[k]) for k in b)
+    assert all((tmp_path / "dst" / name).read_bytes() == data for name, data in files.items())  # copied beside
 
 
 def test_dtype_is_kept_unless_asked_and_output_is_sharded(tmp_path):

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,6 +27,8 @@ from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM
 log = logging.getLogger(__name__)
 FAMILY = "Hugging Face Llama"
 IGNORED = ("rotary_emb.inv_freq",)
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json")  # what an HF Llama folder carries besides weights
 
 
 def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> LlamaConfig:
@@ -130,14 +133,17 @@ def load_sharded(path: str | os.PathLike, cfg: LlamaConfig, mesh) -> LlamaForCau
 
 def write(out_dir: str | os.PathLike, cfg: LlamaConfig, reader: TensorSource, tokenizer=None,
           max_shard_bytes: int = stream.SHARD_BYTES) -> Path:
-    """An HF Llama folder (config.json, sharded safetensors, `tokenizer.model` when given) streamed from
-    our variables in `reader` (dotted paths: a model in memory or a training checkpoint), atomically."""
+    """An HF Llama folder (config.json, sharded safetensors; given a tokenizer, `tokenizer.model` and the
+    `tokenizer_config.json` that makes `AutoTokenizer` encode as ours) streamed from our variables in
+    `reader` (dotted paths: a model in memory or a training checkpoint), atomically."""
     lay = layout(cfg)
 
     def extra(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
         if tokenizer is not None:
             (tmp / "tokenizer.model").write_bytes(tokenizer.model_proto)
+            hf_tok = tokenizer.hf_config(cfg.max_position_embeddings)
+            (tmp / "tokenizer_config.json").write_text(json.dumps(hf_tok, indent=2))
     return stream.write(out_dir, "safetensors", stream.export_specs(lay), stream.exported(reader, lay), extra,
                         max_shard_bytes)
 
@@ -150,8 +156,9 @@ def save(model: LlamaForCausalLM, out_dir: str | os.PathLike, max_shard_bytes: i
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, check: bool = False,
             max_shard_bytes: int = stream.SHARD_BYTES) -> int:
     """HF Llama folder -> HF Llama folder (sharded safetensors), streaming, every key and shape checked
-    against the config; dtype kept unless `dtype`. `check`: re-read and compare bit for bit. Returns the
-    number of tensors written."""
+    against the config; dtype kept unless `dtype`; the source folder's tokenizer and generation files
+    (`TOKENIZER_FILES`) copied beside. `check`: re-read and compare bit for bit. Returns the number of
+    tensors written."""
     cfg = config_from_hf(src)
     lay = layout(cfg)
     with open_source(src) as source:
@@ -160,6 +167,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, check: b
 
         def extra(tmp: Path) -> None:
             (tmp / "config.json").write_text(json.dumps(config_to_hf(out_cfg), indent=2))
+            for name in TOKENIZER_FILES:
+                if Path(src).is_dir() and (Path(src) / name).is_file():
+                    shutil.copyfile(Path(src) / name, tmp / name)
         return stream.convert(source, lay, dst, "safetensors", dtype=dtype, check=check, extra_files=extra,
                               max_shard_bytes=max_shard_bytes)
 

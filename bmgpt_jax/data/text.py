@@ -56,6 +56,21 @@ class Tokenizer:
         ids = self.sp.encode(text) if text else []
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
+    def hf_config(self, model_max_length: int) -> dict:
+        """`tokenizer_config.json` for this model's `tokenizer.model` in a Hugging Face folder, so that
+        `transformers.AutoTokenizer.from_pretrained(folder)` encodes as `encode(text, bos=True)` does (BOS
+        first, no EOS: HF's LlamaTokenizer read from a bare `tokenizer.model` adds no BOS) and knows `[PAD]`
+        as id `pad_id` (its length is then `vocab_size`, the model's vocabulary). What remains is
+        transformers' own: it splits runs of spaces otherwise than SentencePiece ("a  b"), and it skips a
+        model's normaliser (the demo model's NFKC, which drops trailing spaces; Llama 2's has none)."""
+        piece = self.sp.id_to_piece
+        pad = {"content": "[PAD]", "lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
+               "special": True}
+        return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                "bos_token": piece(self.bos_id), "eos_token": piece(self.eos_id), "unk_token": piece(self.unk_id),
+                "pad_token": "[PAD]", "added_tokens_decoder": {str(self.pad_id): pad},
+                "model_max_length": int(model_max_length), "clean_up_tokenization_spaces": False}
+
     def decode(self, ids) -> str:
         """Text of `ids`, dropping `[PAD]` and anything at or after the first EOS."""
         ids = [int(i) for i in ids]

@@ -157,11 +157,15 @@ def test_orbax_checkpoint_converts_like_the_export(single, tmp_path, capsys):
 def test_lm_stage_export_loads_in_transformers(tmp_path, torch):
     import transformers
     from bmgpt_jax.convert import hf_llama
+    from bmgpt_jax.data.text import load_tokenizer
     cfg = train.load_config("tiny_lm", [s for s in SETTINGS if not s.startswith("data.seq")] +
                             ["data.seq_buckets=[96]", f"out_dir={tmp_path}"])
     out = train.run(cfg)
     final = tmp_path / "final"
     assert (final / "tokenizer.model").exists() and (final / "config.json").exists()
+    hf_tok, tok = transformers.AutoTokenizer.from_pretrained(final), load_tokenizer(cfg.data.tokenizer)
+    assert hf_tok("Aspirin is a drug.").input_ids == tok.encode("Aspirin is a drug.", bos=True)  # BOS, as trained
+    assert (len(hf_tok), hf_tok.pad_token_id) == (out["model"].config.vocab_size, tok.pad_id)
     ref = transformers.LlamaForCausalLM.from_pretrained(final).eval()
     ours = hf_llama.to_state_dict(out["model"])
     theirs = {k: v.numpy() for k, v in ref.state_dict().items()}

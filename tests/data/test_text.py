@@ -23,6 +23,30 @@ def test_llama_ids_and_pad(llama):
     assert llama.decode([1, 306, 4658, 2, 32000, 278]) == "I believe"     # stops at EOS, drops [PAD]
 
 
+@pytest.mark.parametrize("which", ["llama", "demo"])
+def test_hf_tokenizer_config_makes_transformers_encode_as_ours(which, request, tmp_path, torch):
+    """`tokenizer.model` + `Tokenizer.hf_config` in a folder: transformers' AutoTokenizer gives our ids
+    (BOS first, no EOS), knows `[PAD]` at `pad_id`, has the model's vocabulary size and decodes back."""
+    import json
+
+    import transformers
+    tok = request.getfixturevalue("llama") if which == "llama" else load_tokenizer(None)
+    (tmp_path / "tokenizer.model").write_bytes(tok.model_proto)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tok.hf_config(4096)))
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    texts = ["Aspirin is an NSAID.", "CC(=O)Oc1ccccc1C(=O)O", DEFAULT_SYSTEM + "### Human: <molecule>",
+             "</molecule> What is it?"]
+    if which == "llama":
+        texts += ["### Assistant: ", "line\nbreak\ttab", "µ-opioid, 5′-UTR"]
+    # (transformers' tokenizer splits runs of spaces otherwise than SentencePiece: "a  b" -> ▁a ▁▁ b, not ▁a ▁ ▁b;
+    # and it skips the demo model's normalisation, which drops a trailing space and maps a newline to a space
+    # and µ to μ)
+    assert [hf(t).input_ids for t in texts] == [tok.encode(t, bos=True) for t in texts]
+    assert (len(hf), hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (tok.vocab_size, tok.pad_id, 1, 2)
+    assert hf.model_max_length == 4096
+    assert hf.decode(tok.encode(texts[0], bos=True), skip_special_tokens=True) == texts[0]
+
+
 def test_prompt_template_matches_reference():
     assert format_prompt(MOL) == (DEFAULT_SYSTEM + "### Human: <molecule><moleculeHere></molecule> What is it? "
                                   "### Assistant: Ethanol.")
