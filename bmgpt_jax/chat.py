@@ -164,9 +164,11 @@ def answer_rows(model, lines: Iterable[str], batch_size: int = 8, system: str | 
 
 
 def interactive(conv: Conversation, lines: Iterable[str], out=None) -> None:
-    """The REPL: `/mol SMILES`, `/prot SEQUENCE`, `/reset`, `/quit`; any other line is a question."""
+    """The REPL: `/mol SMILES`, `/prot SEQUENCE`, `/reset`, `/quit`; another `/word` is an error (not
+    asked as a question); any other line is a question."""
     out = out or sys.stdout
-    print("commands: /mol SMILES, /prot SEQUENCE, /reset, /quit; anything else is a question", file=out)
+    commands = "commands: /mol SMILES, /prot SEQUENCE, /reset, /quit; anything else is a question"
+    print(commands, file=out)
     for line in lines:
         cmd, _, arg = line.strip().partition(" ")
         try:
@@ -176,6 +178,8 @@ def interactive(conv: Conversation, lines: Iterable[str], out=None) -> None:
                 conv.reset()
             elif cmd in ("/mol", "/prot"):
                 (conv.append_molecule if cmd == "/mol" else conv.append_protein)(arg.strip())
+            elif cmd[:1] == "/" and cmd[1:].isalpha():
+                print(f"error: unknown command {cmd}; {commands}", file=out, flush=True)
             elif line.strip():
                 print(f"Assistant: {conv.ask(line.strip())}", file=out, flush=True)
         except ValueError as e:

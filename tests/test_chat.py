@@ -212,10 +212,11 @@ def test_checkpoint_folder_cli_interactive_and_jsonl(demo_model, tmp_path, capsy
     assert chat.main(base + ["--smiles", "CCO", "--question", "What is this molecule?"]) == 0
     assert capsys.readouterr().out.strip() == expected
     chat.main(base + ["--interactive"], stdin=["/mol CCO", "What is this molecule?", "/mol C1CC", "/reset",
-                                                  "Hello?", "/quit", "never read"])
+                                                  "/smiles CCO", "Hello?", "/quit", "never read"])
     out = capsys.readouterr().out.splitlines()
     assert out[1] == f"Assistant: {expected}" and out[2].startswith("error: SMILES 'C1CC'")
-    assert out[3].startswith("Assistant: ") and len(out) == 4
+    assert out[3].startswith("error: unknown command /smiles; commands: /mol SMILES")
+    assert out[4].startswith("Assistant: ") and len(out) == 5
     rows = [{"question": "What is this molecule?", "smiles": "CCO", "id": "a"}, "not json",
             {"question": "Q?", "smiles": "C1CC"}, {"question": "Q?", "protein": "MK1A"},
             {"question": "What is <moleculeHere>?"}, {"question": "Q?", "protein": "M" * 1000},
