@@ -61,13 +61,18 @@ def logical_to_spec(axes: Sequence[str | None] | None, rules=RULES) -> P:
     return P(*out)
 
 
+def axis_names(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry: `'fsdp'` -> `('fsdp',)`, `('data', 'fsdp')` as is, None -> ()."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def fitted_spec(shape: Sequence[int], axes: Sequence[str | None] | None, mesh: Mesh, rules=RULES) -> P:
     """`logical_to_spec(axes)` for an array of `shape` on `mesh`, dropping (replicating) any mesh axis a
     dimension does not divide: e.g. the 32001-row vocabulary stays whole on a 2-way tensor axis."""
     spec = logical_to_spec(axes, rules)
     out = []
     for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        names = axis_names(entry)
         kept, size = [], 1
         for name in names:
             if dim % (size * mesh.shape[name]) == 0:

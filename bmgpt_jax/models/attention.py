@@ -372,7 +372,7 @@ def splash_attention(q, k, v, segments: Segments, *, causal: bool, scale: float,
     mesh = jax.sharding.get_abstract_mesh()
     sharded = mesh is not None and not mesh.empty
     heads_axis = parallel.logical_to_spec(("heads",))[0] if sharded else None
-    head_shards = math.prod(mesh.shape[a] for a in ((heads_axis,) if isinstance(heads_axis, str) else heads_axis or ()))
+    head_shards = math.prod(mesh.shape[a] for a in parallel.axis_names(heads_axis))
     if h % head_shards or kvh % head_shards:
         heads_axis, head_shards = None, 1
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,

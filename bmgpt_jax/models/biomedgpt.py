@@ -47,9 +47,17 @@ def graph_from_batch(batch: Batch) -> jraph.GraphsTuple:
 
 
 def _scatter(flat: jax.Array, slots: jax.Array, values: jax.Array) -> jax.Array:
-    """flat `[B*T, D]`; slots `[n]` (-1 = drop); values `[n, D]` -> flat with those rows replaced."""
+    """flat `[B*T, D]`; slots `[n]` (-1 = drop; the others distinct, as the batch format promises); values
+    `[n, D]` -> flat with those rows replaced.
+
+    Written as a scatter-add onto flat with those rows zeroed rather than a scatter-set: with distinct
+    slots the result is the same (0 + v = v exactly), and the gradient of `values` is a plain gather of
+    the output's gradient (a scatter-set's transpose scatters and gathers u32 update ids to find each
+    row's last writer, which a mesh partitioner re-shards between the token and the node layouts by
+    replicating: the 10B align step on a v5e-16 compiled to 8.4 GiB of temporaries per chip, now 6.6)."""
     slots = jnp.where(slots < 0, flat.shape[0], slots)  # out of range: dropped (negative would wrap)
-    return flat.at[slots].set(values.astype(flat.dtype), mode="drop")
+    hit = jnp.zeros(flat.shape[:1], jnp.int32).at[slots].add(1, mode="drop")
+    return jnp.where(hit[:, None] > 0, 0, flat).at[slots].add(values.astype(flat.dtype), mode="drop")
 
 
 class BioMedGPT(nnx.Module):

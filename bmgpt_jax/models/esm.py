@@ -82,7 +82,10 @@ class EsmEmbeddings(nnx.Module):
     def __call__(self, input_ids: jax.Array, mask: jax.Array) -> jax.Array:
         """input_ids, mask `[b, s]` (mask 1 on real tokens) -> `[b, s, hidden]` in the compute dtype."""
         cfg = self.cfg
-        x = jnp.take(self.word_embeddings.weight[...], input_ids, axis=0).astype(jnp.float32)
+        # the (tiny) table gathered whole, its rows sharded like the activations: left free, the rows take
+        # the table's fsdp-sharded columns, which a mesh partitioner re-shards only by replicating them
+        table = constrain(self.word_embeddings.weight[...], (None, None))
+        x = constrain(jnp.take(table, input_ids, axis=0), ACT).astype(jnp.float32)
         if cfg.token_dropout:
             is_mask = input_ids == cfg.mask_token_id
             x = jnp.where(is_mask[..., None], 0.0, x)

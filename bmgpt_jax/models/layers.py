@@ -17,6 +17,8 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from bmgpt_jax import parallel
+
 Initializer = nnx.initializers.Initializer
 
 
@@ -185,13 +187,67 @@ def _argmax_two_pass(x: jax.Array, axis: int) -> jax.Array:
     return jnp.min(jnp.where(hit, index, x.shape[axis]), axis=axis)
 
 
-def embedding_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
-    """Rows of `table [num, dim]` at integer `ids [...]` -> `[..., dim]` (`jnp.take` along axis 0).
+def embedding_lookup(table: jax.Array, ids: jax.Array, axes: Sequence[str | None] = ("vocab", "embed")) -> jax.Array:
+    """Rows of `table [num, dim]` at integer `ids [batch, ...]` -> `[batch, ..., dim]` (`jnp.take` along
+    axis 0); under a mesh, `_sharded_lookup` when the table's `axes` shard its columns.
 
     A bfloat16 table on CPU is gathered as its `uint16` bits (`_take_bf16_cpu`, with a gradient): XLA:CPU
     gathers a bfloat16 table by first converting all of it to float32, a `[num, dim]` float32 temporary per
     call (0.5 GB at 7B; in a decode loop it is hoisted and held for the whole generation).
     """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is not None and not mesh.empty and mesh.size > 1 and ids.ndim >= 1:
+        plan = _lookup_plan(table.shape, ids.shape, axes, mesh)
+        if plan is not None:
+            return _sharded_lookup(table, ids, mesh, *plan)
+    return _take(table, ids)
+
+
+def _lookup_plan(table_shape, ids_shape, axes, mesh):
+    """(table spec, ids spec, column axes) for `_sharded_lookup`, or None where the plain gather is the
+    right one: columns unsharded, or sharded over an axis the batch rows are not also split over."""
+    table_spec = parallel.fitted_spec(table_shape, axes, mesh)
+    ids_spec = parallel.fitted_spec(ids_shape, ("batch",), mesh)
+    cols = parallel.axis_names(table_spec[1]) if len(table_spec) > 1 else ()
+    rows = parallel.axis_names(ids_spec[0]) if len(ids_spec) else ()
+    if not cols or not set(cols) <= set(rows):
+        return None
+    return table_spec, ids_spec, cols
+
+
+def _sharded_lookup(table, ids, mesh, table_spec, ids_spec, cols):
+    """The lookup in `shard_map`, for a table whose columns are split over mesh axes `cols` (FSDP's
+    "embed") that also split the batch rows. Left to the partitioner, such a gather comes out split on
+    columns and is then re-split on rows by replicating the whole `[batch, seq, dim]` output on every
+    device (SPMD's "involuntary full rematerialization": measured on a 2x2x2 and a 2x4x1 mesh at 7B width).
+    Here each device gathers its peers' ids (`cols` only: integers), looks them up in its own columns
+    (rows outside its vocabulary shard masked, then summed over the vocabulary axes), and an all-to-all
+    over `cols` trades column blocks for row blocks: out `[batch / row shards, ..., dim]`, nothing whole."""
+    vocab_axes = parallel.axis_names(table_spec[0])
+    # the axes that split the rows but not the table (e.g. data): the table is whole on each of them
+    extra = tuple(a for a in parallel.axis_names(ids_spec[0]) if a not in vocab_axes + cols)
+
+    def local(t, i):                      # t [num / vocab shards, dim / col shards], i [batch / row shards, ...]
+        i = jax.lax.all_gather(i, cols, axis=0, tiled=True)
+        # the table as varying over the row axes it is replicated on (e.g. data), as the ids are: the
+        # transpose then sums its gradient over them (`_take`'s custom VJP must see matching types)
+        t = jax.lax.pcast(t, extra, to="varying") if extra else t
+        if vocab_axes:
+            start = jax.lax.axis_index(vocab_axes) * t.shape[0]
+            i = i - start
+            ok = (i >= 0) & (i < t.shape[0])
+            rows = jnp.where(ok[..., None], _take(t, jnp.where(ok, i, 0)), 0)
+            rows = jax.lax.psum(rows, vocab_axes)
+        else:
+            rows = _take(t, i)
+        return jax.lax.all_to_all(rows, cols, 0, rows.ndim - 1, tiled=True)
+
+    out_spec = jax.sharding.PartitionSpec(*ids_spec, *(None,) * (ids.ndim + 1 - len(ids_spec)))
+    return jax.shard_map(local, mesh=mesh, in_specs=(table_spec, ids_spec), out_specs=out_spec)(table, ids)
+
+
+def _take(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """`jnp.take(table, ids, axis=0)`, a bfloat16 table on CPU as bits (see `embedding_lookup`)."""
     if table.dtype == jnp.bfloat16:
         return lax.platform_dependent(table, ids, cpu=_take_bf16_cpu, default=partial(jnp.take, axis=0))
     return jnp.take(table, ids, axis=0)
@@ -225,10 +281,10 @@ class Embedding(nnx.Module):
     def __init__(self, num: int, dim: int, *, axes=("vocab", "embed"), dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.weight = param(rngs, nnx.initializers.normal(0.02), (num, dim), axes, param_dtype)
-        self.dtype = dtype
+        self.dtype, self.axes = dtype, tuple(axes)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return embedding_lookup(self.weight[...], ids).astype(self.dtype)
+        return embedding_lookup(self.weight[...], ids, self.axes).astype(self.dtype)
 
 
 class RMSNorm(nnx.Module):

@@ -204,3 +204,36 @@ def test_rotary_frequencies_are_pytorchs_and_cpu_gathers_the_angles(torch):
     assert not transcendental.search(fwd.lower(state, ids).compile().as_text())
     assert transcendental.search(fwd.lower(state, ids, jnp.zeros((2, 16), jnp.int32)).compile().as_text())
     assert "stablehlo.cosine" in fwd.trace(state, ids).lower(lowering_platforms=("tpu",)).as_text()
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (2, 4, 1), (1, 4, 2)])
+@pytest.mark.parametrize("vocab, dtype", [(64, jnp.float32), (63, jnp.bfloat16)])
+def test_embedding_lookup_under_a_mesh_equals_the_gather_and_stays_batch_sharded(shape, vocab, dtype, capfd):
+    """Under a data x fsdp x tensor mesh, with the table's columns FSDP-sharded (and its rows tensor-sharded
+    where the vocabulary divides), the lookup (`layers._sharded_lookup`) gives one device's rows and table
+    gradient, its output is split over the batch axes, and the partitioner replicates nothing to get there
+    (before: XLA's "Involuntary full rematerialization" of the whole `[batch, seq, dim]` output)."""
+    from jax.sharding import NamedSharding
+
+    from bmgpt_jax import parallel
+    rs = np.random.RandomState(0)
+    table = jnp.asarray(rs.randn(vocab, 32), dtype)
+    ids = jnp.asarray(rs.randint(0, vocab, (8, 12)))
+    g = jnp.asarray(rs.randn(8, 12, 32), jnp.float32)
+    step = jax.jit(lambda t, i: jax.value_and_grad(
+        lambda t: (embedding_lookup(t, i).astype(jnp.float32) * g).sum(), has_aux=False)(t) + (embedding_lookup(t, i),))
+    _, want_grad, want = step(table, ids)
+    mesh = parallel.make_mesh(shape)
+    spec = lambda x, axes: NamedSharding(mesh, parallel.fitted_spec(x.shape, axes, mesh))  # noqa: E731
+    with jax.sharding.set_mesh(mesh):
+        capfd.readouterr()
+        _, grad, out = step(jax.device_put(table, spec(table, ("vocab", "embed"))), jax.device_put(ids, spec(ids, ("batch",))))
+        assert "rematerialization" not in capfd.readouterr().err
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+    exact, size = np.zeros((vocab, 32)), np.zeros((vocab, 32))   # the gradient in float64, and its terms' sizes
+    np.add.at(exact, np.asarray(ids).reshape(-1), np.asarray(g, np.float64).reshape(-1, 32))
+    np.add.at(size, np.asarray(ids).reshape(-1), np.abs(np.asarray(g, np.float64)).reshape(-1, 32))
+    tol = 2 ** -7 if dtype == jnp.bfloat16 else 1e-6    # bfloat16: partial sums (per data shard) rounded too
+    for got in (grad, want_grad):
+        assert (np.abs(np.asarray(got, np.float64) - exact) <= tol * size).all()
+    assert out.sharding.is_equivalent_to(spec(out, ("batch",)), out.ndim)
