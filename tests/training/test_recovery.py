@@ -85,12 +85,13 @@ class MergedShards:
             it.restore(state)
 
 
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("mesh", ["[2,1,1]", "[1,2,1]"])   # fsdp across the processes: the sharded lookup too
+def test_two_processes_match_one(tmp_path, mesh):
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = ["--config", "tiny_align"] + SMALL + ["steps=4", "mesh=[2,1,1]"]
+    args = ["--config", "tiny_align"] + SMALL + ["steps=4", f"mesh={mesh}"]
     procs = [_spawn(args + [f"out_dir={tmp_path / 'mp'}"],
                     {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_NUM_PROCESSES": "2",
                      "JAX_PROCESS_ID": str(p), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"})
