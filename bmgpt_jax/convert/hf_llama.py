@@ -167,9 +167,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, check: b
 
         def extra(tmp: Path) -> None:
             (tmp / "config.json").write_text(json.dumps(config_to_hf(out_cfg), indent=2))
-            for name in TOKENIZER_FILES:
-                if Path(src).is_dir() and (Path(src) / name).is_file():
-                    shutil.copyfile(Path(src) / name, tmp / name)
+            for f in (Path(src) / name for name in TOKENIZER_FILES):
+                if f.is_file():                  # (a single-file source has none beside it)
+                    shutil.copyfile(f, tmp / f.name)
         return stream.convert(source, lay, dst, "safetensors", dtype=dtype, check=check, extra_files=extra,
                               max_shard_bytes=max_shard_bytes)
 

@@ -82,10 +82,7 @@ class EsmEmbeddings(nnx.Module):
     def __call__(self, input_ids: jax.Array, mask: jax.Array) -> jax.Array:
         """input_ids, mask `[b, s]` (mask 1 on real tokens) -> `[b, s, hidden]` in the compute dtype."""
         cfg = self.cfg
-        # the (tiny) table gathered whole, its rows sharded like the activations: left free, the rows take
-        # the table's fsdp-sharded columns, which a mesh partitioner re-shards only by replicating them
-        table = constrain(self.word_embeddings.weight[...], (None, None))
-        x = constrain(jnp.take(table, input_ids, axis=0), ACT).astype(jnp.float32)
+        x = self.word_embeddings(input_ids).astype(jnp.float32)   # layers.embedding_lookup, mesh-aware
         if cfg.token_dropout:
             is_mask = input_ids == cfg.mask_token_id
             x = jnp.where(is_mask[..., None], 0.0, x)
