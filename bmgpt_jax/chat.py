@@ -6,7 +6,7 @@ spliced in) and decoded by `generation.generate` from the spliced embeddings, st
 
     python -m bmgpt_jax.chat --checkpoint DIR --smiles 'CC(=O)Oc1ccccc1C(=O)O' --question 'What is it?'
     python -m bmgpt_jax.chat --checkpoint DIR --interactive
-    python -m bmgpt_jax.chat --checkpoint DIR --jsonl questions.jsonl --output answers.jsonl
+    python -m bmgpt_jax.chat --checkpoint DIR --jsonl questions.jsonl --output answers.jsonl [--resume]
 
 DIR is a model folder (`convert.folder`: weights, configs, tokenizer), e.g. a training run's `final/`.
 What cannot be answered (a missing or corrupt folder, an empty question, an invalid SMILES) is one line
@@ -15,11 +15,12 @@ on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Container, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -131,16 +132,30 @@ def ask(model, question: str, smiles=None, protein=None, system: str | None = No
 
 
 def answer_rows(model, lines: Iterable[str], batch_size: int = 8, system: str | None = None,
-                **options) -> list[dict]:
+                skip: Container[int] = (), **options) -> Iterator[dict]:
     """Batch answering of JSONL lines `{"question", "smiles"?, "protein"?, "system"?, "id"?}` (`system`: the
-    default system prompt): each row comes back with `line` and `answer`, or with `error` (bad JSON or key,
-    invalid SMILES/residue, placeholder mismatch, too long) while the others are answered, `batch_size`
-    prompts per generate call."""
+    default system prompt), `batch_size` prompts per generate call. Yields one row per non-blank line, in
+    line order, with `line` and `answer`, or with `error` (bad JSON or key, invalid SMILES/residue,
+    placeholder mismatch, too long) while the others are answered. Lazy: lines are read and rows yielded
+    batch by batch, so a caller writing each row as it comes keeps every finished batch if the job dies.
+    `skip`: line numbers not to answer (those a previous run already wrote, `--resume`)."""
     tok = tokenizer_of(model)
     cfg = generation_config(tok, options)
-    results, ready = [], []
+    pending: list[dict] = []                          # rows since the last decoded batch
+    ready: list[tuple[int, examples.Encoded]] = []    # (index in pending, encoded prompt)
+
+    def decode() -> list[dict]:
+        if ready:
+            tokens = generate_tokens(model, [enc for _, enc in ready], cfg, rows=batch_size)
+            for (j, _), row in zip(ready, tokens):
+                pending[j]["answer"] = answer_text(tok, row)
+        done = pending.copy()
+        pending.clear()
+        ready.clear()
+        return done
+
     for n, line in enumerate(lines, 1):
-        if not line.strip():
+        if not line.strip() or n in skip:
             continue
         row: dict = {"line": n}
         try:
@@ -150,17 +165,36 @@ def answer_rows(model, lines: Iterable[str], batch_size: int = 8, system: str | 
             row.update(data)
             prompt = make_prompt(data["question"], as_entities(data.get("smiles"), data.get("protein")),
                                  data.get("system", system))
-            ready.append((len(results), encode_prompt(model, prompt, cfg.max_new_tokens)))
+            ready.append((len(pending), encode_prompt(model, prompt, cfg.max_new_tokens)))
         except (ValueError, TypeError) as e:
             row["error"] = f"{type(e).__name__}: {e}"
             print(f"line {n}: {row['error']}", file=sys.stderr)
-        results.append(row)
-    for i in range(0, len(ready), batch_size):
-        chunk = ready[i:i + batch_size]
-        tokens = generate_tokens(model, [enc for _, enc in chunk], cfg, rows=batch_size)
-        for (j, _), row in zip(chunk, tokens):
-            results[j]["answer"] = answer_text(tok, row)
-    return results
+        pending.append(row)
+        if len(ready) == batch_size:
+            yield from decode()
+    yield from decode()
+
+
+def written_rows(path: Path) -> list[dict]:
+    """The complete rows of a `--jsonl` output file (each a JSON object with `line`); a torn last line (a
+    job killed while writing) is dropped. Raises ValueError naming the file for anything else."""
+    text = path.read_text()
+    lines = text.split("\n")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("line"), int):
+                raise ValueError("not an answer row")
+        except ValueError:
+            if i == len(lines):   # no newline after it: cut short by a killed job
+                continue
+            raise ValueError(f"{path} line {i} is not an answer row of `chat --jsonl`; "
+                             "--resume appends only to such a file") from None
+        rows.append(row)
+    return rows
 
 
 def interactive(conv: Conversation, lines: Iterable[str], out=None) -> None:
@@ -218,11 +252,17 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
     ap.add_argument("--smiles", action="append", help="a molecule (repeatable)")
     ap.add_argument("--protein", action="append", help="a protein sequence (repeatable)")
     ap.add_argument("--system", help="system prompt (default: the reference's)")
-    ap.add_argument("--output", help="--jsonl results (default: stdout)")
+    ap.add_argument("--output", help="--jsonl results, a row per line as each batch is answered (default: stdout)")
+    ap.add_argument("--resume", action="store_true",
+                    help="with --output: keep the rows it holds and answer only the other lines")
     ap.add_argument("--batch-size", type=int, default=8)
     add_generation_args(ap)
     args = ap.parse_args(argv)
+    if args.resume and not (args.jsonl and args.output):
+        ap.error("--resume needs --jsonl and --output")
     try:
+        if args.resume and Path(args.output).exists():
+            written_rows(Path(args.output))   # a file that is not ours stops here, before the model loads
         model, options = model_and_options(args)
         lines = open(args.jsonl) if args.jsonl else None
     except (FileNotFoundError, ValueError) as e:
@@ -238,14 +278,34 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
             print(f"chat: {one_line(e)}", file=sys.stderr)
             return 2
         return 0
-    with lines:
-        results = answer_rows(model, lines, args.batch_size, args.system, **options)
-    text = "".join(json.dumps(r) + "\n" for r in results)
-    if args.output:
-        Path(args.output).write_text(text)
-    else:
-        sys.stdout.write(text)
+    try:
+        with lines, _output(args) as (out, skip):
+            for row in answer_rows(model, lines, args.batch_size, args.system, skip=skip, **options):
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+    except KeyboardInterrupt:
+        kept = f"; the rows written are kept in {args.output} (--resume answers the rest)" if args.output else ""
+        print(f"chat: interrupted{kept}", file=sys.stderr)
+        return 130
     return 0
+
+
+@contextlib.contextmanager
+def _output(args):
+    """(the file `--jsonl` rows go to, the line numbers it already answers): stdout, `--output` new, or with
+    `--resume` the existing `--output` rewritten with its complete rows and appended to."""
+    if not args.output:
+        yield sys.stdout, frozenset()
+        return
+    path = Path(args.output)
+    rows = written_rows(path) if args.resume and path.exists() else []
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    if rows:
+        print(f"chat: {path} already answers {len(rows)} line(s); answering the others", file=sys.stderr)
+    with open(path, "a") as f:
+        yield f, frozenset(r["line"] for r in rows)
 
 
 if __name__ == "__main__":

@@ -231,6 +231,54 @@ def test_checkpoint_folder_cli_interactive_and_jsonl(demo_model, tmp_path, capsy
     assert "line 3: ValueError: SMILES 'C1CC'" in capsys.readouterr().err
 
 
+def test_jsonl_rows_are_written_as_answered_and_resume_answers_only_the_rest(demo_model, tmp_path, capsys):
+    """A long `--jsonl` job keeps what it finished: rows are yielded (and written) batch by batch while
+    the input is still being read, and `--resume` keeps the rows of an earlier run, drops a torn last
+    line and answers only the lines missing from the output."""
+    molecules = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "C1CC", "CCCl", "OCC(O)CO"]   # C1CC: invalid
+    rows = [{"question": "What is this molecule?", "smiles": s} for s in molecules]
+    text = [json.dumps(r) for r in rows]
+
+    def lines_then_crash():
+        yield from text[:5]
+        raise RuntimeError("the job died")
+
+    got = []
+    with pytest.raises(RuntimeError, match="the job died"):
+        for row in chat.answer_rows(demo_model, lines_then_crash(), batch_size=2, max_new_tokens=6):
+            got.append(row)
+    assert [r["line"] for r in got] == [1, 2, 3, 4] and all("answer" in r for r in got)
+
+    ckpt = save_pretrained(demo_model, None, tmp_path / "ckpt")
+    src, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    src.write_text("\n".join(text) + "\n")
+    base = ["--checkpoint", str(ckpt), "--max-new-tokens", "6", "--jsonl", str(src), "--batch-size", "2"]
+    assert chat.main(base + ["--output", str(out)]) == 0
+    full = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["line"] for r in full] == list(range(1, 8)) and "error" in full[4]
+    assert [r["answer"] for r in full[:4]] == [r["answer"] for r in got]
+    planted = [dict(full[0], answer="PLANTED"), full[1], full[2]]
+    out.write_text("".join(json.dumps(r) + "\n" for r in planted) + json.dumps(full[3])[:20])   # torn row 4
+    capsys.readouterr()
+    assert chat.main(base + ["--output", str(out), "--resume"]) == 0
+    assert "already answers 3 line(s)" in capsys.readouterr().err
+    again = [json.loads(x) for x in out.read_text().splitlines()]
+    assert again == planted + full[3:]                  # rows 1-3 kept as written, 4-7 answered once
+    assert chat.main(base + ["--output", str(out), "--resume"]) == 0   # nothing left: nothing changes
+    assert [json.loads(x) for x in out.read_text().splitlines()] == again
+    assert "already answers 7 line(s)" in capsys.readouterr().err
+
+    other = tmp_path / "notes.txt"
+    other.write_text("my notes\nmore notes\n")
+    assert chat.main(base + ["--output", str(other), "--resume"]) == 2
+    assert capsys.readouterr().err.strip() == (f"chat: {other} line 1 is not an answer row of `chat --jsonl`; "
+                                               "--resume appends only to such a file")
+    assert other.read_text() == "my notes\nmore notes\n"
+    with pytest.raises(SystemExit) as exit_:
+        chat.main(base + ["--resume"])
+    assert exit_.value.code == 2 and "--resume needs --jsonl and --output" in capsys.readouterr().err
+
+
 def test_one_atom_cap_for_training_evaluation_and_chat(demo_model):
     """The GIN's `max_atoms` / `over_cap` decide for the training pipeline and for chat (and evaluation,
     which encodes as chat does): the same atoms get tokens, or the molecule is refused by both."""
