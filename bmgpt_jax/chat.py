@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from bmgpt_jax import inputs
 from bmgpt_jax.convert.folder import from_pretrained
 from bmgpt_jax.data import examples, molecules, proteins
 from bmgpt_jax.data import prompts as prompt_lib
@@ -176,25 +177,8 @@ def answer_rows(model, lines: Iterable[str], batch_size: int = 8, system: str | 
 
 
 def written_rows(path: Path) -> list[dict]:
-    """The complete rows of a `--jsonl` output file (each a JSON object with `line`); a torn last line (a
-    job killed while writing) is dropped. Raises ValueError naming the file for anything else."""
-    text = path.read_text()
-    lines = text.split("\n")
-    rows = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("line"), int):
-                raise ValueError("not an answer row")
-        except ValueError:
-            if i == len(lines):   # no newline after it: cut short by a killed job
-                continue
-            raise ValueError(f"{path} line {i} is not an answer row of `chat --jsonl`; "
-                             "--resume appends only to such a file") from None
-        rows.append(row)
-    return rows
+    """The complete rows of a `--jsonl` output (`inputs.written_rows`: a torn last line dropped)."""
+    return inputs.written_rows(path, lambda row: isinstance(row.get("line"), int), "an answer row of `chat --jsonl`")
 
 
 def interactive(conv: Conversation, lines: Iterable[str], out=None) -> None:

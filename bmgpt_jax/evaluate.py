@@ -17,7 +17,8 @@ of its question and entities, the default system prompt). Two kinds of scoring:
 It runs on the training mesh (`--mesh data,fsdp,tensor`): parameters sharded by the rule table, every
 batch a global array sharded over `data` x `fsdp` with static shapes from a few buckets; with several
 processes each feeds its block of every batch and process 0 writes. The run folder (`--out-dir`) gets
-`predictions.jsonl` (each record's row as soon as it is answered, so a crash keeps what was done),
+`predictions.jsonl` (each record's row as soon as it is answered, so a crash keeps what was done, and
+`--resume` asks only the records without a row),
 `metrics.json` (after every source), `report.png` (ours beside the paper's figures) and the table on
 stdout. Records that cannot be asked (no answer, invalid SMILES, bad residues, too long) are reported on
 stderr, written with an `error`, and left out of the metrics.
@@ -31,7 +32,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -45,6 +46,7 @@ from bmgpt_jax.evaluation import batches
 from bmgpt_jax.evaluation.choices import (answer_options, choice_options, extract_choice, gold_key, has_long_answer,
                                           is_yes_no, normalize)
 from bmgpt_jax.evaluation.report import PAPER, bar_chart, format_table, paper_row
+from bmgpt_jax.evaluation.resume import finished_rows
 from bmgpt_jax.evaluation.scoring import MeshModel
 from bmgpt_jax.evaluation.text_metrics import MissingResource, load_text_tokenizer, load_wordnet, text_metrics
 from bmgpt_jax.inputs import one_line
@@ -79,11 +81,15 @@ def _reason(message: str) -> str:
 
 
 def encode_records(mm: MeshModel, records: Sequence[Record], system: str | None, max_new_tokens: int,
-                   log=None) -> tuple[list[dict], dict[int, Encoded]]:
+                   log=None, done: Mapping[int, dict] | None = None) -> tuple[list[dict], dict[int, Encoded]]:
     """A row per record (`index`, `id`, `reference`, `label`; `error` and `reason` when it cannot be asked)
-    and the encoded prompts of the others; what was skipped is summarised on `log` (stderr)."""
+    and the encoded prompts of the others; what was skipped is summarised on `log` (stderr). `done`: the
+    finished rows of an earlier run by record index, taken as they are (not encoded, not asked again)."""
     rows, encoded, bad = [], {}, BadRecords()
     for i, r in enumerate(records):
+        if done and i in done:
+            rows.append(dict(done[i]))
+            continue
         row = {"index": i, "id": r.id, "reference": r.answer, "label": r.label}
         try:
             if not isinstance(r.answer, str):
@@ -207,13 +213,32 @@ def score(records: Sequence[Record], rows: Sequence[dict], vocab: str | None = N
     return out
 
 
+class ProcessesDisagree(ValueError):
+    """The processes of one evaluation hold different records (a one-line error on the command line)."""
+
+
+def _check_processes_agree(*counts: int) -> None:
+    """Every process plans the same batches from its own copy of the records; processes that read different
+    data (or skip different records) would feed mismatched batches and hang in a collective: stop first."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+    every = np.asarray(multihost_utils.process_allgather(np.asarray(counts, np.int32))).reshape(-1, len(counts))
+    if (every != every[0]).any():
+        raise ProcessesDisagree(f"the processes disagree on what to evaluate ((records, prompts, options) per process: "
+                         f"{[tuple(map(int, c)) for c in every]}): each must read the same data")
+
+
 def evaluate(model, records: Sequence[Record], *, batch_size: int = 8, system: str | None = None,
              mode: str = "both", mesh=None, sink: Sink | None = None, progress: bool = False, desc: str = "",
-             log=None, vocab: str | None = None, nltk_data: str | None = None, **options) -> tuple[list[dict], dict]:
+             log=None, vocab: str | None = None, nltk_data: str | None = None, done: Mapping[int, dict] | None = None,
+             **options) -> tuple[list[dict], dict]:
     """Rows (one per record, see docs/evaluate.md) and metrics of `records`.
 
     model: a BioMedGPT with its tokenizer (placed on `mesh`, default all devices on `data`) or a `MeshModel`.
     mode: `both`, `generate` or `loglik`. sink: called with each row once it is final (to write it).
+    done: finished rows of an earlier run of the same evaluation, by record index (`--resume`): kept as
+    they are, not asked again, not sunk again, scored with the others.
     options: HF-named generation options (`max_new_tokens`, `num_beams`, ...). `batch_size` is rounded up so
     that every process's block divides over the batch axes. Metrics gain `speed` (examples/s).
     """
@@ -223,11 +248,12 @@ def evaluate(model, records: Sequence[Record], *, batch_size: int = 8, system: s
     sink = sink or (lambda row: None)
     config = chat.generation_config(mm.tokenizer, options)
     rows_per = batches.rows_per_process(batch_size, mm.mesh)
-    rows, encoded = encode_records(mm, records, system, 0 if mode == "loglik" else config.max_new_tokens, log)
-    for row in rows:
-        if "error" in row:
+    rows, encoded = encode_records(mm, records, system, 0 if mode == "loglik" else config.max_new_tokens, log, done)
+    for i, row in enumerate(rows):
+        if "error" in row and not (done and i in done):
             sink(row)
     to_score = options_of(mm, records, rows, encoded) if mode != "generate" else []
+    _check_processes_agree(len(records), len(encoded), len(to_score))
     total = len(to_score) + (len(encoded) if mode != "loglik" else 0)
     speed = {}
     with tqdm(total=total, desc=desc or "evaluate", unit="ex", file=log or sys.stderr,
@@ -277,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--mode", choices=MODES, default="both", help="generation, log-likelihood or both (default)")
     ap.add_argument("--mesh", type=_mesh_shape, default=(-1, 1, 1), help="data,fsdp,tensor (default -1,1,1)")
     ap.add_argument("--out-dir", default="runs/eval", help="run folder for predictions, metrics and the chart")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the finished rows in --out-dir (same checkpoint, mode, limit, options) and ask the rest")
     ap.add_argument("--system", help="system prompt (default: the reference's)")
     ap.add_argument("--scibert-vocab", help="SciBERT vocab.txt, folder or hub name (default: the sample folder's)")
     ap.add_argument("--nltk-data", help="folder holding corpora/wordnet (default: the sample folder's nltk_data)")
@@ -310,15 +338,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     run = {"checkpoint": str(args.checkpoint), "mesh": dict(mm.mesh.shape), "processes": jax.process_count(),
            "batch_size": args.batch_size, "limit": args.limit, "mode": args.mode, "generation": options}
-    metrics: dict[str, dict] = {}
-    with (open(out / "predictions.jsonl", "w") if writer else contextlib.nullcontext()) as f:
+    try:
+        done = finished_rows(out, run, sources) if args.resume else {}
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    kept = [{"source": spec, **row} for spec, rows in done.items() for row in rows.values()]
+    if writer:   # the finished rows of an earlier run, rewritten whole (a torn last line gone), then appended to
+        tmp = out / "predictions.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(out / "predictions.jsonl")
+        if args.resume:
+            print(f"evaluate: --resume keeps {len(kept)} finished row(s) of {out / 'predictions.jsonl'}", file=sys.stderr)
+    run["resumed_rows"] = len(kept)
+    try:
+        metrics = _evaluate_sources(mm, sources, done, args, options, run)
+    except ProcessesDisagree as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if writer:
+        _sorted_predictions(out / "predictions.jsonl", list(sources))
+        bar_chart(metrics, out / "report.png")
+        print(format_table(metrics))
+        print(f"wrote {out / 'predictions.jsonl'}, {out / 'metrics.json'}, {out / 'report.png'}", file=sys.stderr)
+    return 0
+
+
+def _evaluate_sources(mm: MeshModel, sources: Mapping[str, Sequence[Record]], done: Mapping[str, dict],
+                      args, options: dict, run: dict) -> dict[str, dict]:
+    """Each source's metrics, in turn; process 0 appends each row to `--out-dir`'s predictions.jsonl as it
+    finishes and rewrites metrics.json after each source."""
+    out, writer, metrics = Path(args.out_dir), jax.process_index() == 0, {}
+    with (open(out / "predictions.jsonl", "a") if writer else contextlib.nullcontext()) as f:
         for spec, records in sources.items():
             def sink(row, spec=spec):
                 if f is not None:
                     f.write(json.dumps({"source": spec, **row}) + "\n")
                     f.flush()
             _, metrics[spec] = evaluate(mm, records, batch_size=args.batch_size, system=args.system, mode=args.mode,
-                                        sink=sink, progress=not args.no_progress, desc=spec,
+                                        sink=sink, progress=not args.no_progress, desc=spec, done=done.get(spec),
                                         vocab=args.scibert_vocab, nltk_data=args.nltk_data, **options)
             if writer:
                 paper = {s: PAPER[s.partition(":")[0]] for s in metrics if paper_row(s)}
@@ -326,12 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                              indent=1))
                 print(f"{spec}: {', '.join(f'{k} {v:.2f}' for k, v in metrics[spec]['speed'].items())}",
                       file=sys.stderr)
-    if writer:
-        _sorted_predictions(out / "predictions.jsonl", list(sources))
-        bar_chart(metrics, out / "report.png")
-        print(format_table(metrics))
-        print(f"wrote {out / 'predictions.jsonl'}, {out / 'metrics.json'}, {out / 'report.png'}", file=sys.stderr)
-    return 0
+    return metrics
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ The command lines (`chat`, `evaluate`, `convert_weights.py`) call these on what 
 load. The checks are cheap at any model size: a JSON file is parsed, a tokenizer is opened, a weights
 file is checked for its container's own integrity marks (a torch zip archive's central directory, which
 a truncated copy lacks; a safetensors header and the byte length it declares), never read whole.
+`written_rows` reads back the JSONL output of an interrupted job that `--resume` continues.
 `one_line` turns any remaining exception into the message a command line prints.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 from bmgpt_jax.convert.folder import FILES
 from bmgpt_jax.convert.safetensors_io import SAFE_INDEX, SafetensorsFile
@@ -86,6 +88,28 @@ def check_model_folder(path: str | Path) -> Path:
     else:
         check_weights(weights[0])
     return d
+
+
+def written_rows(path: str | Path, is_row: Callable[[dict], bool], what: str) -> list[dict]:
+    """The complete rows of a JSONL file a job writes row by row (`chat --jsonl`, evaluate's predictions):
+    each line a JSON object for which `is_row` holds. A torn last line (no newline after it: the job was
+    killed while writing it) is dropped; any other line that is not such a row raises ValueError naming
+    the file and the line, so `--resume` never appends to a file that is not its own."""
+    lines = Path(path).read_text().split("\n")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not is_row(row):
+                raise ValueError
+        except ValueError:
+            if i == len(lines):
+                continue
+            raise ValueError(f"{path} line {i} is not {what}; --resume appends only to such a file") from None
+        rows.append(row)
+    return rows
 
 
 def one_line(error: BaseException) -> str:

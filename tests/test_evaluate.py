@@ -186,7 +186,8 @@ def test_cli_end_to_end(checkpoint, shared_data, tmp_path, capsys):
     assert "generate_examples_per_s" in captured.err
 
 
-def test_a_crash_keeps_the_predictions_made(checkpoint, tmp_path, monkeypatch):
+def test_a_crash_keeps_the_predictions_made_and_resume_asks_only_the_rest(checkpoint, tmp_path, monkeypatch,
+                                                                           capsys):
     calls = []
     real = MeshModel.generate
 
@@ -196,12 +197,43 @@ def test_a_crash_keeps_the_predictions_made(checkpoint, tmp_path, monkeypatch):
             raise RuntimeError("device lost")
         return real(self, batch, config)
     monkeypatch.setattr(MeshModel, "generate", failing)
-    out = tmp_path / "run"
+    out, fresh = tmp_path / "run", tmp_path / "fresh"
+    argv = ["--checkpoint", str(checkpoint), "--source", "demo:test", "--limit", "6", "--batch-size", "2",
+            "--mesh", "1,1,1", "--max-new-tokens", "3", "--no-progress"]
     with pytest.raises(RuntimeError, match="device lost"):
-        ev.main(["--checkpoint", str(checkpoint), "--source", "demo:test", "--limit", "6", "--batch-size", "2",
-                 "--mesh", "1,1,1", "--max-new-tokens", "3", "--out-dir", str(out), "--no-progress"])
+        ev.main(argv + ["--out-dir", str(out)])
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all("prediction" in r for r in rows)
+
+    calls.clear()
+    monkeypatch.setattr(MeshModel, "generate", lambda self, batch, config: calls.append(1) or real(self, batch, config))
+    assert ev.main(argv + ["--out-dir", str(fresh)]) == 0
+    assert len(calls) == 3
+    planted = dict(rows[0], prediction=rows[0]["reference"])   # kept rows are scored as written, never re-asked
+    with open(out / "predictions.jsonl", "w") as f:
+        f.write(json.dumps(planted) + "\n" + json.dumps(rows[1]) + "\n" + '{"source": "demo:test", "ind')
+    calls.clear()
+    assert ev.main(argv + ["--out-dir", str(out), "--resume"]) == 0
+    assert len(calls) == 2                           # 4 records left, batches of 2
+    assert "--resume keeps 2 finished row(s)" in capsys.readouterr().err
+    resumed = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    whole = [json.loads(line) for line in (fresh / "predictions.jsonl").read_text().splitlines()]
+    p = planted["index"]                             # rows are written as batches finish: any two records
+    assert [r["index"] for r in resumed] == list(range(6)) and resumed[p] == planted
+    assert resumed[:p] + resumed[p + 1:] == whole[:p] + whole[p + 1:]
+    ours, theirs = (json.loads((d / "metrics.json").read_text()) for d in (out, fresh))
+    assert ours["sources"]["demo:test"]["n"] == 6 and ours["run"]["resumed_rows"] == 2
+    assert ours["sources"]["demo:test"]["exact_match"] == 1 / 6 != theirs["sources"]["demo:test"]["exact_match"]
+
+    calls.clear()   # resuming a finished run asks nothing and scores what the fresh run scored
+    assert ev.main(argv + ["--out-dir", str(fresh), "--resume"]) == 0 and not calls
+    again = json.loads((fresh / "metrics.json").read_text())["sources"]["demo:test"]
+    assert {k: v for k, v in again.items() if k != "speed"} == {k: v for k, v in theirs["sources"]["demo:test"].items()
+                                                                 if k != "speed"}
+    for wrong, message in ((["--limit", "5"], "was evaluated with limit=6, this run has 5"),
+                           (["--max-new-tokens", "4"], "was evaluated with generation={'max_new_tokens': 3}")):
+        assert ev.main(argv + wrong + ["--out-dir", str(fresh), "--resume"]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_cli_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys):

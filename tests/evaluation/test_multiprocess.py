@@ -1,6 +1,7 @@
 """Evaluation with two processes (127.0.0.1, gloo) x 2 CPU devices on a data=2 x fsdp=2 mesh: each process
 encodes and feeds its block of every batch, process 0 alone writes the run folder, and the predictions and
-option log-likelihoods equal those of one process on one device."""
+option log-likelihoods equal those of one process on one device; `--resume` (process 0 reads the folder,
+both skip the records it holds) keeps the finished rows as written."""
 import json
 import os
 import socket
@@ -34,12 +35,18 @@ def test_two_processes_match_one(shared_data, tmp_path):
     data = ["--data-dir", str(tmp_path / "tfds")]           # built once here, then only read by the workers
     assert ev.main(["--checkpoint", str(checkpoint), *ARGS, *data, "--mesh", "1,1,1",
                     "--out-dir", str(tmp_path / "single")]) == 0
+    one = rows_of(tmp_path / "single")
+    # the two processes resume a run that finished two records (one planted): process 0 reads it and both
+    # must skip the same records, or their blocks of each batch disagree
+    kept = [dict(one[0], prediction="PLANTED"), one[1]]
+    (tmp_path / "run0").mkdir()
+    (tmp_path / "run0" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS", "SLURM_"))}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2",
                BMGPT_SHARED_DATA=str(shared_data))
     procs = [subprocess.Popen([sys.executable, "-m", "bmgpt_jax.evaluate", "--checkpoint", str(checkpoint), *ARGS,
-                               *data, "--mesh", "2,2,1", "--out-dir", str(tmp_path / f"run{i}")], cwd=REPO,
+                               *data, "--mesh", "2,2,1", "--out-dir", str(tmp_path / f"run{i}"), "--resume"], cwd=REPO,
                               env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = communicate(procs, timeout=400)
@@ -47,8 +54,9 @@ def test_two_processes_match_one(shared_data, tmp_path):
         assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
     assert not (tmp_path / "run1").exists()                         # only process 0 writes
     assert json.loads((tmp_path / "run0" / "metrics.json").read_text())["run"]["processes"] == 2
-    two, one = rows_of(tmp_path / "run0"), rows_of(tmp_path / "single")
-    assert [(r["source"], r["index"], r["prediction"]) for r in two] == \
-        [(r["source"], r["index"], r["prediction"]) for r in one]
+    two = rows_of(tmp_path / "run0")
+    assert two[:2] == kept and "--resume keeps 2 finished row(s)" in outs[0]
+    assert [(r["source"], r["index"], r["prediction"]) for r in two[2:]] == \
+        [(r["source"], r["index"], r["prediction"]) for r in one[2:]]
     for a, b in zip(two[3:], one[3:]):
         assert a["ll_logprobs"] == pytest.approx(b["ll_logprobs"], abs=1e-3)

@@ -1,0 +1,69 @@
+"""`evaluate --resume`: continue an interrupted evaluation from the rows its predictions file holds.
+
+Evaluate writes each record's row to `predictions.jsonl` as soon as it is final, so a run that dies keeps
+what it finished; `--resume` reads those rows back (a torn last line dropped), checks that the earlier run
+was the same evaluation (its `metrics.json` settings), and hands each source's finished rows to
+`evaluate(..., done=...)`, which scores them with the new ones and asks only the rest. With several
+processes, process 0 reads the folder and broadcasts what it found, so every process skips the same
+records and the batches stay the same on all of them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+
+from bmgpt_jax.data.records import Record
+from bmgpt_jax.inputs import one_line, written_rows
+
+RESUME_KEYS = ("checkpoint", "mode", "limit", "generation")   # what must match for --resume to continue a run
+
+
+def _broadcast_json(obj):
+    """Process 0's JSON-able `obj` on every process (one process: `obj` itself)."""
+    if jax.process_count() == 1:
+        return obj
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    buf = data if data.size == size else np.zeros(size, np.uint8)
+    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes())
+
+
+def finished_rows(out: Path, run: dict, sources: Mapping[str, Sequence[Record]]) -> dict[str, dict[int, dict]]:
+    """`--resume`: the finished rows of `out/predictions.jsonl` (a torn last line dropped), by source and
+    record index. Process 0 reads the folder and every process gets the same rows, so all skip the same
+    records. ValueError when the earlier run (its metrics.json) differs in a `RESUME_KEYS` setting, or a
+    row's source or index is not one of this run's."""
+    path = out / "predictions.jsonl"
+    found: dict = {"rows": [], "run": None, "error": None}
+    if jax.process_index() == 0:
+        try:
+            if path.exists():
+                found["rows"] = written_rows(path, lambda r: isinstance(r.get("source"), str)
+                                             and isinstance(r.get("index"), int), "a predictions row of `evaluate`")
+            if (out / "metrics.json").exists():
+                found["run"] = json.loads((out / "metrics.json").read_text()).get("run")
+        except (OSError, ValueError) as e:
+            found["error"] = one_line(e)
+    found = _broadcast_json(found)
+    if found["error"]:
+        raise ValueError(found["error"])
+    before = found["run"] or {}
+    for key in RESUME_KEYS:
+        same = (Path(before[key]).resolve() == Path(run[key]).resolve() if key == "checkpoint"
+                else before[key] == run[key]) if key in before else True
+        if not same:
+            raise ValueError(f"{out} was evaluated with {key}={before[key]!r}, this run has {run[key]!r}; "
+                             "--resume continues only the same evaluation")
+    done: dict[str, dict[int, dict]] = {spec: {} for spec in sources}
+    for row in found["rows"]:
+        spec, i = row.pop("source"), row["index"]
+        if spec not in sources or not 0 <= i < len(sources[spec]):
+            raise ValueError(f"{path} holds a row of {spec} record {i}, which this run does not evaluate; "
+                             "--resume needs the same --source and --limit")
+        done[spec][i] = row
+    return done
