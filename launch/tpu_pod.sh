@@ -4,7 +4,8 @@
 #   launch/tpu_pod.sh --tpu NAME --zone ZONE [--project P] [--dir ~/bmgpt_jax] [--sync] [--setup] \
 #                     [--dry-run] -- [train arguments...]
 #
-# --sync   copy this checkout to DIR on every worker first (gcloud ... scp --recurse --worker=all)
+# --sync   copy this checkout (launch/pack.sh: what git carries, no .venv/runs/caches) into DIR on every
+#          worker first, over what is there
 # --setup  pip install -e '.[tpu]' in DIR on every worker first
 # --dry-run  print the gcloud commands, run nothing
 #
@@ -12,7 +13,7 @@
 # read the coordinator, process count and process id from the TPU metadata (jax.distributed.initialize()).
 set -euo pipefail
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 TPU="" ZONE="" PROJECT="" DIR="~/bmgpt_jax" SYNC=0 SETUP=0 DRY=0 PYTHON="python"
 while [[ $# -gt 0 ]]; do
@@ -48,8 +49,12 @@ run() {  # print the command; execute it unless --dry-run
 }
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
-if [[ $SYNC -eq 1 ]]; then
-  run gcloud compute tpus tpu-vm scp --recurse "$REPO" "$TPU:$DIR" "${GCLOUD_FLAGS[@]}" --worker=all
+if [[ $SYNC -eq 1 ]]; then  # one tarball, unpacked in place: a re-sync updates DIR (scp -r would nest a copy)
+  PACK="${TMPDIR:-/tmp}/bmgpt_jax_sync.tar.gz"
+  run bash "$REPO/launch/pack.sh" "$PACK"
+  run gcloud compute tpus tpu-vm scp "$PACK" "$TPU:/tmp/bmgpt_jax_sync.tar.gz" "${GCLOUD_FLAGS[@]}" --worker=all
+  run gcloud compute tpus tpu-vm ssh "$TPU" "${GCLOUD_FLAGS[@]}" --worker=all \
+    --command="mkdir -p $DIR && tar -xzf /tmp/bmgpt_jax_sync.tar.gz -C $DIR && rm /tmp/bmgpt_jax_sync.tar.gz"
 fi
 if [[ $SETUP -eq 1 ]]; then
   run gcloud compute tpus tpu-vm ssh "$TPU" "${GCLOUD_FLAGS[@]}" --worker=all \

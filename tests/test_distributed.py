@@ -9,6 +9,7 @@ molecules in one padded graph. Also: the env/no-op rules and the launchers' dry 
 """
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -231,10 +232,46 @@ def _dry(script: str, *args: str, env: dict | None = None) -> list[str]:
 def test_tpu_pod_dry_run():
     lines = _dry("tpu_pod.sh", "--tpu", "my-pod", "--zone", "us-east5-b", "--project", "proj", "--sync",
                  "--", "--config", "configs/align_10b.yaml", "train.steps=10")
-    assert lines[0].startswith("gcloud compute tpus tpu-vm scp --recurse")
-    assert "my-pod:~/bmgpt_jax" in lines[0] and "--worker=all" in lines[0]
+    assert lines[0] == f"bash {REPO}/launch/pack.sh /tmp/bmgpt_jax_sync.tar.gz"
+    assert lines[1] == ("gcloud compute tpus tpu-vm scp /tmp/bmgpt_jax_sync.tar.gz my-pod:/tmp/bmgpt_jax_sync.tar.gz "
+                        "--zone=us-east5-b --project=proj --worker=all")
+    assert "'--command=mkdir -p ~/bmgpt_jax && tar -xzf /tmp/bmgpt_jax_sync.tar.gz -C ~/bmgpt_jax" in lines[2]
     assert lines[-1].startswith("gcloud compute tpus tpu-vm ssh my-pod --zone=us-east5-b --project=proj --worker=all")
     assert "BMGPT_DISTRIBUTED=auto python -m bmgpt_jax.train --config configs/align_10b.yaml train.steps=10" in lines[-1]
+
+
+def test_pack_carries_what_git_carries(tmp_path):
+    """`launch/pack.sh` (what `tpu_pod.sh --sync` sends): tracked files and untracked ones git does not
+    ignore, never the ignored (.venv/, runs/) nor a tracked file deleted in the work tree; outside git,
+    everything but .git/, .venv/, runs/, caches."""
+    import tarfile
+
+    def tree(root: Path, git: bool) -> Path:
+        (root / "launch").mkdir(parents=True)
+        shutil.copy(REPO / "launch" / "pack.sh", root / "launch" / "pack.sh")
+        for name in ("pkg/a.py", "pkg/gone.py", "new.py", ".venv/lib/big.so", "runs/x/ckpt", "pkg/__pycache__/a.pyc"):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(name)
+        (root / ".gitignore").write_text(".venv/\n/runs/\n__pycache__/\n")
+        if git:
+            subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+            subprocess.run(["git", "add", ".gitignore", "launch", "pkg"], cwd=root, check=True)
+            (root / "pkg" / "gone.py").unlink()
+        return root
+
+    def packed(root: Path) -> list[str]:
+        out = tmp_path / f"{root.name}.tar.gz"
+        run = subprocess.run(["bash", str(root / "launch" / "pack.sh"), str(out)], capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 0, run.stderr
+        with tarfile.open(out) as t:
+            return sorted(n.removeprefix("./") for n in t.getnames() if t.getmember(n).isfile())
+
+    assert packed(tree(tmp_path / "git", True)) == [".gitignore", "launch/pack.sh", "new.py", "pkg/a.py"]
+    assert packed(tree(tmp_path / "plain", False)) == [".gitignore", "launch/pack.sh", "new.py", "pkg/a.py",
+                                                       "pkg/gone.py"]
+    usage = subprocess.run(["bash", str(REPO / "launch" / "pack.sh")], capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 2 and "launch/pack.sh OUT.tar.gz" in usage.stdout
 
 
 def test_gpu_multinode_dry_run():
