@@ -166,3 +166,23 @@ def test_text_corpus(tmp_path):
     assert answers[:2] + answers[4:] == ["First document,\nstill first.", "Second document.", "Third."]
     assert [len(a) for a in answers[2:4]] == [3995, 2003] and " ".join(answers[2:4]) == long_doc
     assert all(r.is_plain_text for r in got) and b.bad_records["train"].counts["malformed JSON line"] == 1
+
+
+def test_a_build_that_another_job_finished_first_reads_that_build(tmp_path, monkeypatch):
+    """Two jobs building one cache folder at once: tfds renames each build into place at the end, so the
+    later one fails (FileExistsError, what tfds does on its own, checked first); `read_split` then reads
+    the build that won. Raced deterministically: the other job's whole build runs inside ours."""
+    raw = tmp_path / "raw"
+    _write(raw, "a.txt", "One document.\n\nAnother one.\n")
+    mine, other = (make_builder("text", raw, tmp_path / "out") for _ in range(2))
+    real = type(mine)._split_generators
+
+    def split_generators(self, dl_manager):
+        if self is mine:
+            other.download_and_prepare()          # the other job finishes while ours is generating
+        return real(self, dl_manager)
+    monkeypatch.setattr(type(mine), "_split_generators", split_generators)
+    with pytest.raises(FileExistsError):
+        mine.download_and_prepare()
+    mine, other = (make_builder("text", raw, tmp_path / "again") for _ in range(2))
+    assert [r.answer for r in read_split(mine, "train")] == ["One document.", "Another one."]

@@ -1,7 +1,8 @@
 """Evaluation with two processes (127.0.0.1, gloo) x 2 CPU devices on a data=2 x fsdp=2 mesh: each process
 encodes and feeds its block of every batch, process 0 alone writes the run folder, and the predictions and
 option log-likelihoods equal those of one process on one device; `--resume` (process 0 reads the folder,
-both skip the records it holds) keeps the finished rows as written."""
+both skip the records it holds) keeps the finished rows as written; the datasets they share a fresh folder
+for are built once, by process 0, while process 1 waits (`builders.prepare`)."""
 import json
 import os
 import socket
@@ -32,7 +33,7 @@ def rows_of(folder: Path) -> list[dict]:
 
 def test_two_processes_match_one(shared_data, tmp_path):
     checkpoint = tiny_checkpoint(tmp_path / "ckpt")
-    data = ["--data-dir", str(tmp_path / "tfds")]           # built once here, then only read by the workers
+    data = ["--data-dir", str(tmp_path / "tfds")]
     assert ev.main(["--checkpoint", str(checkpoint), *ARGS, *data, "--mesh", "1,1,1",
                     "--out-dir", str(tmp_path / "single")]) == 0
     one = rows_of(tmp_path / "single")
@@ -46,12 +47,17 @@ def test_two_processes_match_one(shared_data, tmp_path):
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2",
                BMGPT_SHARED_DATA=str(shared_data))
     procs = [subprocess.Popen([sys.executable, "-m", "bmgpt_jax.evaluate", "--checkpoint", str(checkpoint), *ARGS,
-                               *data, "--mesh", "2,2,1", "--out-dir", str(tmp_path / f"run{i}"), "--resume"], cwd=REPO,
+                               "--data-dir", str(tmp_path / "tfds2"), "--mesh", "2,2,1",
+                               "--out-dir", str(tmp_path / f"run{i}"), "--resume"], cwd=REPO,
                               env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = communicate(procs, timeout=400)
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
+    # both read one fresh tfds folder: process 0 builds medqa (demo is not a tfds set), process 1 waits
+    # and reads that build
+    built = [out.count("Dataset medqa downloaded and prepared to") for out in outs]
+    assert built == [1, 0], built
     assert not (tmp_path / "run1").exists()                         # only process 0 writes
     assert json.loads((tmp_path / "run0" / "metrics.json").read_text())["run"]["processes"] == 2
     two = rows_of(tmp_path / "run0")

@@ -63,10 +63,47 @@ class RecordSource(Sequence[Record]):
 
 
 def read_split(builder: RecordBuilder, split: str) -> RecordSource:
-    """The records of `split`, building the dataset first if `data_dir` does not hold it yet."""
-    builder.download_and_prepare()
+    """The records of `split`, building the dataset first if `data_dir` does not hold it yet (`prepare`)."""
+    prepare(builder)
     return RecordSource(builder, split)
 
 
-__all__ = ["BUILDERS", "SAMPLE_SETS", "RecordBuilder", "RecordSource", "check_record", "make_builder", "read_split",
-           "shared_data_dir"]
+def prepare(builder: RecordBuilder) -> None:
+    """`builder.download_and_prepare()`, safe when several processes build the same dataset at once.
+
+    tfds builds into a temporary folder and renames it into place at the end; a second build of the same
+    folder then fails on that rename (FileExistsError). So: with several JAX processes (the hosts of one
+    job), process 0 builds first and the others wait for it (a barrier) before their own call, which finds
+    the dataset built in a `data_dir` they share, or builds their own copy in a host-local one; process 0's
+    failure is raised on every process after the barrier, not left as a hang. Independent jobs that race
+    on one cache folder: the loser's FileExistsError means the winner finished, so it reads that build.
+    """
+    def build() -> None:
+        try:
+            builder.download_and_prepare()
+        except FileExistsError:   # another job renamed the same build into place first
+            builder.download_and_prepare()
+        # a builder made before another process built the folder holds no splits, and tfds's "reusing
+        # the dataset" does not read them back: refresh them from the folder
+        builder.info.read_from_directory(builder.data_dir)
+
+    import jax
+    if jax.process_count() == 1:
+        build()
+        return
+    from jax.experimental import multihost_utils
+    failed = None
+    if jax.process_index() == 0:
+        try:
+            build()
+        except Exception as e:  # noqa: BLE001 -- re-raised below, after the others have been released
+            failed = e
+    multihost_utils.sync_global_devices(f"bmgpt_jax build {builder.name}")
+    if failed is not None:
+        raise failed
+    if jax.process_index() != 0:
+        build()
+
+
+__all__ = ["BUILDERS", "SAMPLE_SETS", "RecordBuilder", "RecordSource", "check_record", "make_builder", "prepare",
+           "read_split", "shared_data_dir"]
