@@ -18,8 +18,10 @@ On CPU, cross-process collectives use gloo.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import jax
+import numpy as np
 
 
 def _env_int(*names: str) -> int | None:
@@ -60,3 +62,37 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
                                cluster_detection_method="deactivate" if explicit else None)
     return True
+
+
+def check_shared_folder(path: str | os.PathLike, what: str) -> None:
+    """With several processes, ValueError unless `path` is one folder that every process sees.
+
+    Every host writes its own shards of each checkpoint into the checkpoint folder, and process 0 then
+    finalises the step there: a host-local folder (a relative path on hosts whose working directories
+    differ, a local disk on each node) would leave no host with a whole checkpoint, found out only at the
+    first save or the first restore. Process 0 writes a marker file named by a random token it broadcasts;
+    every process must read it back. One process: nothing to check.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+    token = np.frombuffer(os.urandom(8), np.uint8) if jax.process_index() == 0 else np.zeros(8, np.uint8)
+    name = ".shared-check-" + bytes(np.asarray(multihost_utils.broadcast_one_to_all(token))).hex()
+    marker = Path(path) / name
+    if jax.process_index() == 0:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(name)
+    multihost_utils.sync_global_devices(f"bmgpt_jax shared folder {what}")
+    try:
+        seen = marker.read_text() == name
+    except OSError:
+        seen = False
+    every = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
+    multihost_utils.sync_global_devices(f"bmgpt_jax shared folder {what} read")
+    if jax.process_index() == 0:
+        marker.unlink()
+    if not every.all():
+        blind = [int(i) for i in np.flatnonzero(every == 0)]
+        raise ValueError(f"{what} {path} is not one folder every process sees (process(es) {blind} do not see "
+                         f"what process 0 wrote there): each host writes its part of every checkpoint into it, "
+                         f"so give a disk every host mounts (NFS, a gcsfuse-mounted bucket) at the same path")

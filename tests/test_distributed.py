@@ -229,6 +229,37 @@ def _dry(script: str, *args: str, env: dict | None = None) -> list[str]:
     return out.stdout.strip().splitlines()
 
 
+SHARED_WORKER = r"""
+import json, sys
+import jax
+from bmgpt_jax import distributed
+assert distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+result = {}
+for name, folder in (("shared", SHARED), ("own", OWN[jax.process_index()])):
+    try:
+        distributed.check_shared_folder(folder, "checkpoint.dir")
+        result[name] = "ok"
+    except ValueError as e:
+        result[name] = str(e)
+print("RESULT " + json.dumps(result), flush=True)
+"""
+
+
+def test_a_checkpoint_folder_every_process_sees(tmp_path):
+    """`check_shared_folder` (training's start with several processes): one folder both processes see
+    passes and is left as it was; a folder of each process's own (as a relative path on hosts with
+    different working directories, or a local disk per node) stops both, naming the blind process."""
+    own = [tmp_path / "host0" / "ckpt", tmp_path / "host1" / "ckpt"]
+    script = f"SHARED = {str(tmp_path / 'shared')!r}\nOWN = {[str(o) for o in own]!r}\n" + SHARED_WORKER
+    for i, result in enumerate(_run_workers(script)):
+        assert result["shared"] == "ok"
+        assert result["own"].startswith(f"checkpoint.dir {own[i]} is not one folder every process sees "
+                                        "(process(es) [1] do not see what process 0 wrote there)"), result["own"]
+    assert list((tmp_path / "shared").iterdir()) == [] and list(own[0].iterdir()) == [] and not own[1].exists()
+    assert distributed.check_shared_folder(tmp_path / "anything", "x") is None   # one process: nothing to do
+    assert not (tmp_path / "anything").exists()
+
+
 def test_tpu_pod_dry_run():
     lines = _dry("tpu_pod.sh", "--tpu", "my-pod", "--zone", "us-east5-b", "--project", "proj", "--sync",
                  "--", "--config", "configs/align_10b.yaml", "train.steps=10")

@@ -31,6 +31,7 @@ from flax import nnx
 from bmgpt_jax import config as config_lib
 from bmgpt_jax import parallel
 from bmgpt_jax.data.examples import check_ids
+from bmgpt_jax.distributed import check_shared_folder
 from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, global_batch, stack_batches
 from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
 from bmgpt_jax.parallel import abstract_state, batch_shardings
@@ -149,6 +150,17 @@ def _batches(it, cfg: TrainConfig) -> Iterator[tuple[str, dict[str, np.ndarray]]
         yield where, batch
 
 
+def check_run_folders(cfg: TrainConfig) -> None:
+    """`out_dir` and `checkpoint.dir` are paths the run writes with file operations (a URL such as gs://...
+    is refused: mount the bucket instead), and with several processes the checkpoint folder is one that
+    every process sees (`distributed.check_shared_folder`)."""
+    for key, path in (("out_dir", cfg.out_dir), ("checkpoint.dir", cfg.checkpoint.dir)):
+        if "://" in path:
+            raise ValueError(f"{key}={path} is a URL: the run writes its folders with file operations; mount "
+                             "the bucket (e.g. gcsfuse) on every host and give the mount's path")
+    check_shared_folder(cfg.checkpoint.dir, "checkpoint.dir")
+
+
 def _matmul_params(model: nnx.Module) -> int:
     """Parameters that take part in matmuls (embedding tables are gathers)."""
     return sum(int(np.prod(v.shape)) for p, v in nnx.state(model, nnx.Param).flat_state()
@@ -162,11 +174,13 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
     `batches`: an iterator with `.tokenizer`, `.state()` and `.restore()` (default: this process's
     `BatchIterator(cfg.data)` with the GIN's atom cap), for tests that feed a known stream.
     Refused before any compute: a fresh run into a checkpoint folder that holds an earlier run's steps
-    (`resume` continues it), and missing input paths.
+    (`resume` continues it), missing input paths, a URL as a run folder and, with several processes, a
+    checkpoint folder that not every process sees.
     """
     mesh = parallel.make_mesh(cfg.mesh)
     check_layout(cfg, mesh)
     check_inputs(cfg)
+    check_run_folders(cfg)
     earlier = saved_steps(cfg.checkpoint.dir)
     if earlier and not resume:
         raise ValueError(f"{cfg.checkpoint.dir} holds checkpoints of an earlier run (steps {earlier}): pass --resume "

@@ -1,5 +1,7 @@
 """The training job: stages, meshes, resume past a torn checkpoint, dropped-example accounting, exports
 other tools load, one-line errors, the embedded default (recovery from signals: test_recovery.py)."""
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -246,6 +248,10 @@ def test_one_line_errors_before_any_compute(tmp_path, capsys):
     (tmp_path / "old" / "checkpoints" / "40").mkdir(parents=True)
     line = error(SMALL + [f"out_dir={tmp_path / 'old'}"])
     assert "holds checkpoints of an earlier run (steps [40]): pass --resume" in line
+    line = error(SMALL + ["out_dir=gs://bucket/run"])     # pathlib would make it a local folder "gs:"
+    assert line == ("train: ValueError: out_dir=gs://bucket/run is a URL: the run writes its folders with file "
+                    "operations; mount the bucket (e.g. gcsfuse) on every host and give the mount's path")
+    assert not Path("gs:").exists()
 
 
 def test_too_many_dropped_examples_stop_the_run_naming_the_setting(tmp_path, capsys):
