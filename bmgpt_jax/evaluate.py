@@ -49,7 +49,7 @@ from bmgpt_jax.evaluation.report import PAPER, bar_chart, format_table, paper_ro
 from bmgpt_jax.evaluation.resume import finished_rows
 from bmgpt_jax.evaluation.scoring import MeshModel
 from bmgpt_jax.evaluation.text_metrics import MissingResource, load_text_tokenizer, load_wordnet, text_metrics
-from bmgpt_jax.inputs import one_line
+from bmgpt_jax.inputs import check_not_url, one_line
 
 MODES = ("both", "generate", "loglik")
 REASONS = (("not a string", "answer not a string"), ("no answer", "no answer"), ("SMILES", "invalid SMILES"),
@@ -315,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     initialize()
     writer = jax.process_index() == 0
     try:
+        check_not_url(args.out_dir, "--out-dir")
         if args.mode != "loglik":                   # text metrics need both: fail before any generation
             load_text_tokenizer(args.scibert_vocab)
             load_wordnet(args.nltk_data)

@@ -112,6 +112,14 @@ def written_rows(path: str | Path, is_row: Callable[[dict], bool], what: str) ->
     return rows
 
 
+def check_not_url(path: str | Path, what: str) -> None:
+    """ValueError when `path` is a URL (gs://, s3://, ...): the commands write their folders with file
+    operations, and pathlib would quietly turn `gs://b/x` into a local folder `gs:/b/x`."""
+    if "://" in str(path):
+        raise ValueError(f"{what}={path} is a URL: the run writes its folders with file operations; mount the "
+                         "bucket (e.g. gcsfuse) on every host and give the mount's path")
+
+
 def one_line(error: BaseException) -> str:
     """An exception as one line: the first line of its message (a KeyError's without the quotes), or
     its type when it has none."""

@@ -251,6 +251,10 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: chebi20: input folder None not found") and "--raw-dir ../shared/data" in err
     assert "\n" not in err and not (tmp_path / "run").exists()
+    assert ev.main(base[:2] + ["--out-dir", "gs://bucket/eval", "--source", "demo:test"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --out-dir=gs://bucket/eval is a URL: the run writes its "
+                                               "folders with file operations; mount the bucket (e.g. gcsfuse) on "
+                                               "every host and give the mount's path")
     base[1] = str(tmp_path / "no_checkpoint")
     assert ev.main(base + ["--source", "demo:test", "--limit", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

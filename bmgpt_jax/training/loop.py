@@ -32,6 +32,7 @@ from bmgpt_jax import config as config_lib
 from bmgpt_jax import parallel
 from bmgpt_jax.data.examples import check_ids
 from bmgpt_jax.distributed import check_shared_folder
+from bmgpt_jax.inputs import check_not_url
 from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, global_batch, stack_batches
 from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
 from bmgpt_jax.parallel import abstract_state, batch_shardings
@@ -154,10 +155,8 @@ def check_run_folders(cfg: TrainConfig) -> None:
     """`out_dir` and `checkpoint.dir` are paths the run writes with file operations (a URL such as gs://...
     is refused: mount the bucket instead), and with several processes the checkpoint folder is one that
     every process sees (`distributed.check_shared_folder`)."""
-    for key, path in (("out_dir", cfg.out_dir), ("checkpoint.dir", cfg.checkpoint.dir)):
-        if "://" in path:
-            raise ValueError(f"{key}={path} is a URL: the run writes its folders with file operations; mount "
-                             "the bucket (e.g. gcsfuse) on every host and give the mount's path")
+    check_not_url(cfg.out_dir, "out_dir")
+    check_not_url(cfg.checkpoint.dir, "checkpoint.dir")
     check_shared_folder(cfg.checkpoint.dir, "checkpoint.dir")
 
 
