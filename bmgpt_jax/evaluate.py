@@ -345,13 +345,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     kept = [{"source": spec, **row} for spec, rows in done.items() for row in rows.values()]
+    run["resumed_rows"] = len(kept)
     if writer:   # the finished rows of an earlier run, rewritten whole (a torn last line gone), then appended to
         tmp = out / "predictions.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(out / "predictions.jsonl")
         if args.resume:
             print(f"evaluate: --resume keeps {len(kept)} finished row(s) of {out / 'predictions.jsonl'}", file=sys.stderr)
-    run["resumed_rows"] = len(kept)
+        # the settings first, so that a run which dies in its first source can still be resumed safely
+        (out / "metrics.json").write_text(json.dumps({"sources": {}, "paper": {}, "run": run}, indent=1))
     try:
         metrics = _evaluate_sources(mm, sources, done, args, options, run)
     except ProcessesDisagree as e:

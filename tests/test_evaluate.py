@@ -204,6 +204,9 @@ def test_a_crash_keeps_the_predictions_made_and_resume_asks_only_the_rest(checkp
         ev.main(argv + ["--out-dir", str(out)])
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all("prediction" in r for r in rows)
+    assert json.loads((out / "metrics.json").read_text())["run"]["generation"] == {"max_new_tokens": 3}
+    assert ev.main(argv + ["--out-dir", str(out), "--resume", "--max-new-tokens", "5"]) == 2   # settings kept
+    assert "was evaluated with generation={'max_new_tokens': 3}" in capsys.readouterr().err
 
     calls.clear()
     monkeypatch.setattr(MeshModel, "generate", lambda self, batch, config: calls.append(1) or real(self, batch, config))
