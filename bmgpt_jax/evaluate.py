@@ -385,8 +385,8 @@ def _evaluate_sources(mm: MeshModel, sources: Mapping[str, Sequence[Record]], do
                 paper = {s: PAPER[s.partition(":")[0]] for s in metrics if paper_row(s)}
                 (out / "metrics.json").write_text(json.dumps({"sources": metrics, "paper": paper, "run": run},
                                                              indent=1))
-                print(f"{spec}: {', '.join(f'{k} {v:.2f}' for k, v in metrics[spec]['speed'].items())}",
-                      file=sys.stderr)
+                speed = ', '.join(f'{k} {v:.2f}' for k, v in metrics[spec]['speed'].items())
+                print(f"{spec}: {speed or 'nothing left to ask (every record has a row)'}", file=sys.stderr)
     return metrics
 
 

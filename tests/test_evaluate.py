@@ -230,6 +230,7 @@ def test_a_crash_keeps_the_predictions_made_and_resume_asks_only_the_rest(checkp
 
     calls.clear()   # resuming a finished run asks nothing and scores what the fresh run scored
     assert ev.main(argv + ["--out-dir", str(fresh), "--resume"]) == 0 and not calls
+    assert "demo:test: nothing left to ask" in capsys.readouterr().err
     again = json.loads((fresh / "metrics.json").read_text())["sources"]["demo:test"]
     assert {k: v for k, v in again.items() if k != "speed"} == {k: v for k, v in theirs["sources"]["demo:test"].items()
                                                                  if k != "speed"}
