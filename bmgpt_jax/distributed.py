@@ -80,8 +80,11 @@ def check_shared_folder(path: str | os.PathLike, what: str) -> None:
     name = ".shared-check-" + bytes(np.asarray(multihost_utils.broadcast_one_to_all(token))).hex()
     marker = Path(path) / name
     if jax.process_index() == 0:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(name)
+        try:   # a failure here must still reach the barrier below, or the others would wait there
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(name)
+        except OSError:
+            pass
     multihost_utils.sync_global_devices(f"bmgpt_jax shared folder {what}")
     try:
         seen = marker.read_text() == name
@@ -89,8 +92,10 @@ def check_shared_folder(path: str | os.PathLike, what: str) -> None:
         seen = False
     every = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
     multihost_utils.sync_global_devices(f"bmgpt_jax shared folder {what} read")
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and every[0]:
         marker.unlink()
+    if not every[0]:
+        raise ValueError(f"{what} {path}: process 0 cannot write there")
     if not every.all():
         blind = [int(i) for i in np.flatnonzero(every == 0)]
         raise ValueError(f"{what} {path} is not one folder every process sees (process(es) {blind} do not see "

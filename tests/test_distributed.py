@@ -235,7 +235,7 @@ import jax
 from bmgpt_jax import distributed
 assert distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
 result = {}
-for name, folder in (("shared", SHARED), ("own", OWN[jax.process_index()])):
+for name, folder in (("shared", SHARED), ("own", OWN[jax.process_index()]), ("unwritable", UNWRITABLE)):
     try:
         distributed.check_shared_folder(folder, "checkpoint.dir")
         result[name] = "ok"
@@ -248,11 +248,16 @@ print("RESULT " + json.dumps(result), flush=True)
 def test_a_checkpoint_folder_every_process_sees(tmp_path):
     """`check_shared_folder` (training's start with several processes): one folder both processes see
     passes and is left as it was; a folder of each process's own (as a relative path on hosts with
-    different working directories, or a local disk per node) stops both, naming the blind process."""
+    different working directories, or a local disk per node) stops both, naming the blind process; one
+    process 0 cannot write stops both too (no process is left waiting at the barrier)."""
     own = [tmp_path / "host0" / "ckpt", tmp_path / "host1" / "ckpt"]
-    script = f"SHARED = {str(tmp_path / 'shared')!r}\nOWN = {[str(o) for o in own]!r}\n" + SHARED_WORKER
+    (tmp_path / "a_file").write_text("")
+    unwritable = tmp_path / "a_file" / "ckpt"
+    script = (f"SHARED = {str(tmp_path / 'shared')!r}\nOWN = {[str(o) for o in own]!r}\n"
+              f"UNWRITABLE = {str(unwritable)!r}\n" + SHARED_WORKER)
     for i, result in enumerate(_run_workers(script)):
         assert result["shared"] == "ok"
+        assert result["unwritable"] == f"checkpoint.dir {unwritable}: process 0 cannot write there"
         assert result["own"].startswith(f"checkpoint.dir {own[i]} is not one folder every process sees "
                                         "(process(es) [1] do not see what process 0 wrote there)"), result["own"]
     assert list((tmp_path / "shared").iterdir()) == [] and list(own[0].iterdir()) == [] and not own[1].exists()
