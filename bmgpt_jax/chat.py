@@ -133,7 +133,13 @@ def ask(model, question: str, smiles=None, protein=None, system: str | None = No
 
 
 def answer_rows(model, lines: Iterable[str], batch_size: int = 8, system: str | None = None,
-                skip: Container[int] = (), **options) -> Iterator[dict]:
+                **options) -> list[dict]:
+    """Every row of `iter_answers` (below) as a list."""
+    return list(iter_answers(model, lines, batch_size, system, **options))
+
+
+def iter_answers(model, lines: Iterable[str], batch_size: int = 8, system: str | None = None,
+                 skip: Container[int] = (), **options) -> Iterator[dict]:
     """Batch answering of JSONL lines `{"question", "smiles"?, "protein"?, "system"?, "id"?}` (`system`: the
     default system prompt), `batch_size` prompts per generate call. Yields one row per non-blank line, in
     line order, with `line` and `answer`, or with `error` (bad JSON or key, invalid SMILES/residue,
@@ -264,7 +270,7 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
         return 0
     try:
         with lines, _output(args) as (out, skip):
-            for row in answer_rows(model, lines, args.batch_size, args.system, skip=skip, **options):
+            for row in iter_answers(model, lines, args.batch_size, args.system, skip=skip, **options):
                 out.write(json.dumps(row) + "\n")
                 out.flush()
     except KeyboardInterrupt:

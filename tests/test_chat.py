@@ -245,7 +245,7 @@ def test_jsonl_rows_are_written_as_answered_and_resume_answers_only_the_rest(dem
 
     got = []
     with pytest.raises(RuntimeError, match="the job died"):
-        for row in chat.answer_rows(demo_model, lines_then_crash(), batch_size=2, max_new_tokens=6):
+        for row in chat.iter_answers(demo_model, lines_then_crash(), batch_size=2, max_new_tokens=6):
             got.append(row)
     assert [r["line"] for r in got] == [1, 2, 3, 4] and all("answer" in r for r in got)
 
@@ -257,6 +257,7 @@ def test_jsonl_rows_are_written_as_answered_and_resume_answers_only_the_rest(dem
     full = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["line"] for r in full] == list(range(1, 8)) and "error" in full[4]
     assert [r["answer"] for r in full[:4]] == [r["answer"] for r in got]
+    assert chat.answer_rows(demo_model, text, batch_size=3, max_new_tokens=6) == full   # the same, as a list
     planted = [dict(full[0], answer="PLANTED"), full[1], full[2]]
     out.write_text("".join(json.dumps(r) + "\n" for r in planted) + json.dumps(full[3])[:20])   # torn row 4
     capsys.readouterr()
