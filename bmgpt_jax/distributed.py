@@ -14,9 +14,14 @@ Where the settings come from, first found wins:
      job's first node; without it JAX finds that node itself but then shows each process one GPU only);
   4. `BMGPT_DISTRIBUTED=auto` (launch/tpu_pod.sh sets it): everything from the Cloud TPU metadata.
 On CPU, cross-process collectives use gloo.
+
+Once up: `broadcast_json` hands process 0's small host-side facts to every process (what it read from a
+folder only it reads), and `check_shared_folder` stops a job whose checkpoint folder is not one folder
+that every host sees.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -64,6 +69,17 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return True
 
 
+def broadcast_json(obj):
+    """Process 0's JSON-able `obj` on every process (one process: `obj` itself); the others pass anything."""
+    if jax.process_count() == 1:
+        return obj
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    buf = data if data.size == size else np.zeros(size, np.uint8)
+    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes())
+
+
 def check_shared_folder(path: str | os.PathLike, what: str) -> None:
     """With several processes, ValueError unless `path` is one folder that every process sees.
 
@@ -76,8 +92,7 @@ def check_shared_folder(path: str | os.PathLike, what: str) -> None:
     if jax.process_count() == 1:
         return
     from jax.experimental import multihost_utils
-    token = np.frombuffer(os.urandom(8), np.uint8) if jax.process_index() == 0 else np.zeros(8, np.uint8)
-    name = ".shared-check-" + bytes(np.asarray(multihost_utils.broadcast_one_to_all(token))).hex()
+    name = ".shared-check-" + broadcast_json(os.urandom(8).hex() if jax.process_index() == 0 else None)
     marker = Path(path) / name
     if jax.process_index() == 0:
         try:   # a failure here must still reach the barrier below, or the others would wait there

@@ -225,8 +225,8 @@ def _check_processes_agree(*counts: int) -> None:
     from jax.experimental import multihost_utils
     every = np.asarray(multihost_utils.process_allgather(np.asarray(counts, np.int32))).reshape(-1, len(counts))
     if (every != every[0]).any():
-        raise ProcessesDisagree(f"the processes disagree on what to evaluate ((records, prompts, options) per process: "
-                         f"{[tuple(map(int, c)) for c in every]}): each must read the same data")
+        raise ProcessesDisagree(f"the processes disagree on what to evaluate ((records, prompts, options) per "
+                                f"process: {[tuple(map(int, c)) for c in every]}): each must read the same data")
 
 
 def evaluate(model, records: Sequence[Record], *, batch_size: int = 8, system: str | None = None,

@@ -14,23 +14,12 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import jax
-import numpy as np
 
 from bmgpt_jax.data.records import Record
+from bmgpt_jax.distributed import broadcast_json
 from bmgpt_jax.inputs import one_line, written_rows
 
 RESUME_KEYS = ("checkpoint", "mode", "limit", "generation")   # what must match for --resume to continue a run
-
-
-def _broadcast_json(obj):
-    """Process 0's JSON-able `obj` on every process (one process: `obj` itself)."""
-    if jax.process_count() == 1:
-        return obj
-    from jax.experimental import multihost_utils
-    data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
-    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
-    buf = data if data.size == size else np.zeros(size, np.uint8)
-    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes())
 
 
 def finished_rows(out: Path, run: dict, sources: Mapping[str, Sequence[Record]]) -> dict[str, dict[int, dict]]:
@@ -49,7 +38,7 @@ def finished_rows(out: Path, run: dict, sources: Mapping[str, Sequence[Record]])
                 found["run"] = json.loads((out / "metrics.json").read_text()).get("run")
         except (OSError, ValueError) as e:
             found["error"] = one_line(e)
-    found = _broadcast_json(found)
+    found = broadcast_json(found)
     if found["error"]:
         raise ValueError(found["error"])
     before = found["run"] or {}

@@ -31,9 +31,9 @@ from flax import nnx
 from bmgpt_jax import config as config_lib
 from bmgpt_jax import parallel
 from bmgpt_jax.data.examples import check_ids
+from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, global_batch, stack_batches
 from bmgpt_jax.distributed import check_shared_folder
 from bmgpt_jax.inputs import check_not_url
-from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, global_batch, stack_batches
 from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
 from bmgpt_jax.parallel import abstract_state, batch_shardings
 from bmgpt_jax.training.checkpoint import CheckpointConfig, Checkpointer, saved_steps
