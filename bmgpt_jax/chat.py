@@ -7,8 +7,13 @@ spliced in) and decoded by `generation.generate` from the spliced embeddings, st
     python -m bmgpt_jax.chat --checkpoint DIR --smiles 'CC(=O)Oc1ccccc1C(=O)O' --question 'What is it?'
     python -m bmgpt_jax.chat --checkpoint DIR --interactive
     python -m bmgpt_jax.chat --checkpoint DIR --jsonl questions.jsonl --output answers.jsonl [--resume]
+    python -m bmgpt_jax.chat --checkpoint DIR --mesh 1,1,8 --dtype bfloat16 ...   # weights over 8 devices
 
 DIR is a model folder (`convert.folder`: weights, configs, tokenizer), e.g. a training run's `final/`.
+`--mesh data,fsdp,tensor` loads the weights straight into their shards on that device mesh (each device
+reads only its slices; the rule table of `parallel`), for a model larger than one device's memory
+(BioMedGPT-10B's 9.58B parameters in bfloat16 are 19.2 GB: `1,1,8` on a TPU v5e-8 host, 16 GB a chip);
+without it, all on one device.
 What cannot be answered (a missing or corrupt folder, an empty question, an invalid SMILES) is one line
 on stderr and exit status 2.
 """
@@ -26,7 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from bmgpt_jax import inputs
+from bmgpt_jax import inputs, parallel
 from bmgpt_jax.convert.folder import from_pretrained
 from bmgpt_jax.data import examples, molecules, proteins
 from bmgpt_jax.data import prompts as prompt_lib
@@ -219,16 +224,36 @@ def add_generation_args(ap) -> None:
     ap.add_argument("--do-sample", action="store_true", default=None)
 
 
+def mesh_shape(text: str) -> tuple[int, ...]:
+    """`--mesh data,fsdp,tensor` (an argparse type), e.g. `1,1,8`; one entry may be -1 (the other devices)."""
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != len(parallel.MESH_AXES):
+        raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected data,fsdp,tensor, e.g. -1,1,1")
+    return shape
+
+
 def model_and_options(args):
-    """The checkpoint of `args.checkpoint` (in `args.dtype`) and the generation options given on the line.
-    The folder is checked first (`inputs.check_model_folder`); any failure is FileNotFoundError or
-    ValueError with a one-line message naming the file."""
+    """(the checkpoint of `args.checkpoint` in `args.dtype`, the generation options given on the line, the
+    mesh it lies on). With `args.mesh` (data,fsdp,tensor) the parameters are global arrays sharded by the
+    rule table, each device given only its slices as they are read (`folder.from_pretrained(mesh=...)`), so
+    no device ever holds a parameter whole that the rules shard; without it (None), all on the default
+    device and the mesh is None. The folder is checked first (`inputs.check_model_folder`); any failure is
+    FileNotFoundError or ValueError with a one-line message naming the file or the mesh."""
     options = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None}
     folder = check_model_folder(args.checkpoint)
+    shape = getattr(args, "mesh", None)
     try:
-        return from_pretrained(folder, **({"dtype": args.dtype} if args.dtype else {})), options
+        mesh = None if shape is None else parallel.make_mesh(shape)
+    except ValueError as e:
+        raise ValueError(f"--mesh {','.join(map(str, shape))}: {one_line(e)}") from None
+    try:
+        model = from_pretrained(folder, mesh=mesh, **({"dtype": args.dtype} if args.dtype else {}))
     except Exception as e:  # noqa: BLE001 -- a command line reports what failed in one line
         raise ValueError(f"cannot load the model folder {folder}: {type(e).__name__}: {one_line(e)}") from e
+    return model, options, mesh
 
 
 def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) -> int:
@@ -246,6 +271,8 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
     ap.add_argument("--resume", action="store_true",
                     help="with --output: keep the rows it holds and answer only the other lines")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--mesh", type=mesh_shape, help="data,fsdp,tensor: load the weights sharded over this device "
+                    "mesh, e.g. 1,1,8 (default: one device)")
     add_generation_args(ap)
     args = ap.parse_args(argv)
     if args.resume and not (args.jsonl and args.output):
@@ -253,7 +280,7 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
     try:
         if args.resume and Path(args.output).exists():
             written_rows(Path(args.output))   # a file that is not ours stops here, before the model loads
-        model, options = model_and_options(args)
+        model, options, _ = model_and_options(args)
         lines = open(args.jsonl) if args.jsonl else None
     except (FileNotFoundError, ValueError) as e:
         print(f"chat: {one_line(e)}", file=sys.stderr)

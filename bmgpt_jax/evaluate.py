@@ -14,7 +14,8 @@ of its question and entities, the default system prompt). Two kinds of scoring:
   answer ("B. Caffeine", "Yes.") gets its summed log-probability; the highest wins (`ll_accuracy`), or the
   highest per character (`ll_accuracy_norm`, the harness's `acc_norm`).
 
-It runs on the training mesh (`--mesh data,fsdp,tensor`): parameters sharded by the rule table, every
+It runs on the training mesh (`--mesh data,fsdp,tensor`): parameters loaded straight into the shards of
+the rule table (each process reads only its devices' slices; no device holds a sharded parameter whole), every
 batch a global array sharded over `data` x `fsdp` with static shapes from a few buckets; with several
 processes each feeds its block of every batch and process 0 writes. The run folder (`--out-dir`) gets
 `predictions.jsonl` (each record's row as soon as it is answered, so a crash keeps what was done, and
@@ -274,13 +275,6 @@ def evaluate(model, records: Sequence[Record], *, batch_size: int = 8, system: s
     return rows, metrics
 
 
-def _mesh_shape(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected data,fsdp,tensor, e.g. -1,1,1") from None
-
-
 def _sorted_predictions(path: Path, sources: Sequence[str]) -> None:
     """Rewrite the predictions file (written in completion order) in source order, then by `index`."""
     rank = {s: k for k, s in enumerate(sources)}
@@ -301,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, help="evaluate the first N records of each source")
     ap.add_argument("--batch-size", type=int, default=8, help="global rows per batch (default 8)")
     ap.add_argument("--mode", choices=MODES, default="both", help="generation, log-likelihood or both (default)")
-    ap.add_argument("--mesh", type=_mesh_shape, default=(-1, 1, 1), help="data,fsdp,tensor (default -1,1,1)")
+    ap.add_argument("--mesh", type=chat.mesh_shape, default=(-1, 1, 1), help="data,fsdp,tensor (default -1,1,1)")
     ap.add_argument("--out-dir", default="runs/eval", help="run folder for predictions, metrics and the chart")
     ap.add_argument("--resume", action="store_true",
                     help="keep the finished rows in --out-dir (same checkpoint, mode, limit, options) and ask the rest")
@@ -327,12 +321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
     try:
-        model, options = chat.model_and_options(args)
+        model, options, mesh = chat.model_and_options(args)   # loaded into its shards on the mesh
     except (FileNotFoundError, ValueError) as e:
         hint = " (`python -m bmgpt_jax.train` writes one to runs/tiny/final)" if isinstance(e, FileNotFoundError) else ""
         print(f"error: {one_line(e)}{hint}", file=sys.stderr)
         return 2
-    mm = MeshModel(model, parallel.make_mesh(args.mesh))
+    mm = MeshModel(model, mesh)
     del model
     out = Path(args.out_dir)
     if writer:

@@ -231,13 +231,16 @@ def shard(tree: Any, mesh: Mesh) -> Any:
     """`tree` placed on `mesh` with `tree_shardings` (a copy; use on freshly built or restored state).
 
     With several processes every process must hold the same full values (same seed or checkpoint);
-    each then builds only its addressable shards (`jax.make_array_from_callback`).
+    each then builds only its addressable shards (`jax.make_array_from_callback`). A leaf already laid
+    out as the rules say (e.g. loaded sharded, `folder.from_pretrained(mesh=...)`) is kept as it is.
     """
     shardings = tree_shardings(tree, mesh)
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
 
     def place(x, sharding):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x   # no host round trip (which a global array spanning other processes cannot make)
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # RNG streams: place the raw key data
             impl = jax.random.key_impl(x)
             return jax.random.wrap_key_data(place(jax.random.key_data(x), sharding), impl=impl)

@@ -11,7 +11,8 @@ from flax import nnx
 
 from bmgpt_jax import chat
 from bmgpt_jax import config as config_lib
-from bmgpt_jax.convert import openbiomed
+from bmgpt_jax import parallel
+from bmgpt_jax.convert import openbiomed, tensor_map
 from bmgpt_jax.data import examples
 from bmgpt_jax.data.records import Record
 from bmgpt_jax.convert.folder import save_pretrained
@@ -342,3 +343,49 @@ def test_command_line_errors_are_one_line_naming_the_culprit(demo_model, tmp_pat
         chat.main(["--checkpoint", str(ckpt), "--dtype", "float16x"] + ask)
     assert exit_.value.code == 2
     assert "argument --dtype: invalid choice: 'float16x'" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert error(ckpt, ask + ["--mesh", "3,1,1"]) == ("chat: --mesh 3,1,1: mesh shape (3, 1, 1) needs 3 devices, which "
+                                                     "does not divide the 8 devices found")
+    with pytest.raises(SystemExit):
+        chat.main(["--checkpoint", str(ckpt), "--mesh", "1,2"] + ask)
+    assert "argument --mesh: --mesh '1,2': expected data,fsdp,tensor" in capsys.readouterr().err
+
+
+def slice_reads(monkeypatch) -> list[tuple]:
+    """Every slice the checkpoint loader reads from now on, as (variable path, its shape, the slice's shape)."""
+    reads, reader = [], tensor_map._reader
+
+    def spy(source, entries, shape, dtype):
+        read = reader(source, entries, shape, dtype)
+
+        def recorded(index):
+            out = read(index)
+            reads.append((entries[0].path, tuple(shape), out.shape))
+            return out
+        return recorded
+    monkeypatch.setattr(tensor_map, "_reader", spy)
+    return reads
+
+
+def assert_read_as_shards(reads: list[tuple], model, mesh) -> None:
+    """Each read is one device's slice of its variable under the rule shardings on `mesh` (never a sharded
+    variable whole), and the big weights were split (so the check is not vacuous)."""
+    shards = {path: s.get_value() for path, s in nnx.to_flat_state(parallel.tree_shardings(nnx.state(model), mesh))}
+    for path, shape, got in reads:
+        assert got == shards[path].shard_shape(shape), (path, shape, got)
+    assert len({path for path, shape, got in reads if got != shape}) >= 10
+
+
+def test_mesh_reads_each_device_its_slices_and_answers_the_same(demo_model, tmp_path, monkeypatch, capsys):
+    """`--mesh`: the weights go straight into their shards, read slice by slice (a model larger than one device
+    loads, and no device holds a sharded weight whole); the answers are those of one device."""
+    ckpt = save_pretrained(demo_model, None, tmp_path / "ckpt")
+    ask = ["--checkpoint", str(ckpt), "--question", "What is it?", "--smiles", "CCO", "--max-new-tokens", "8"]
+    reads = slice_reads(monkeypatch)
+    assert chat.main(ask) == 0
+    one = capsys.readouterr().out
+    assert reads and all(got == shape for _, shape, got in reads)         # one device: every variable read whole
+    for shape in ((1, 2, 4), (2, 2, 2)):
+        reads.clear()
+        assert chat.main(ask + ["--mesh", ",".join(map(str, shape))]) == 0
+        assert capsys.readouterr().out == one
+        assert_read_as_shards(reads, demo_model, parallel.make_mesh(shape))

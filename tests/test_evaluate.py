@@ -21,6 +21,7 @@ from bmgpt_jax.models.biomedgpt import BioMedGPT, BioMedGPTConfig
 from bmgpt_jax.models.esm import EsmConfig
 from bmgpt_jax.models.gin import GinConfig
 from bmgpt_jax.models.llama import LlamaConfig
+from tests.test_chat import assert_read_as_shards, slice_reads
 
 MC_Q = "Which drug?\nA. Aspirin\nB. Caffeine\nC. Ethanol\nD. Water"
 
@@ -158,12 +159,16 @@ def test_sharded_mesh_gives_the_same_answers(checkpoint):
     assert m1["n"] == m8["n"] == 7 and m1["speed"]["generate_examples_per_s"] > 0
 
 
-def test_cli_end_to_end(checkpoint, shared_data, tmp_path, capsys):
+def test_cli_end_to_end(checkpoint, shared_data, tmp_path, monkeypatch, capsys):
+    """On a 2x2x2 mesh, the checkpoint read slice by slice into its shards (never a sharded weight whole)."""
     out = tmp_path / "run"
     argv = ["--checkpoint", str(checkpoint), "--source", "demo:test", "--source", "medmcqa:validation",
             "--limit", "3", "--batch-size", "4", "--max-new-tokens", "6", "--data-dir", str(tmp_path / "tfds"),
-            "--out-dir", str(out), "--no-progress"]
+            "--out-dir", str(out), "--no-progress", "--mesh", "2,2,2"]
+    model = chat.from_pretrained(checkpoint)
+    reads = slice_reads(monkeypatch)
     assert ev.main(argv) == 0
+    assert_read_as_shards(reads, model, parallel.make_mesh((2, 2, 2)))
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     sources = ("demo:test", "medmcqa:validation")
     assert [(r["source"], r["index"]) for r in rows] == [(s, i) for s in sources for i in range(3)]
@@ -259,6 +264,10 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == ("error: --out-dir=gs://bucket/eval is a URL: the run writes its "
                                                "folders with file operations; mount the bucket (e.g. gcsfuse) on "
                                                "every host and give the mount's path")
+    assert ev.main(base + ["--source", "demo:test", "--limit", "1", "--mesh", "1,1,16"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --mesh 1,1,16: mesh shape (1, 1, 16) needs 16 devices, which does not divide the 8 devices found; on "
+        "CPU, XLA_FLAGS=--xla_force_host_platform_device_count=16 (set before JAX starts) simulates 16 devices")
     base[1] = str(tmp_path / "no_checkpoint")
     assert ev.main(base + ["--source", "demo:test", "--limit", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

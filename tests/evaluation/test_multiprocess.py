@@ -1,4 +1,6 @@
-"""Evaluation with two processes (127.0.0.1, gloo) x 2 CPU devices on a data=2 x fsdp=2 mesh: each process
+"""Evaluation with two processes (127.0.0.1, gloo) x 2 CPU devices on an fsdp=2 (one per process) x tensor=2
+mesh: the weights are loaded into their shards, each process reading its own slices (a weight split across
+the processes is never fetched whole to a host: `parallel.shard` keeps what is already laid out), each process
 encodes and feeds its block of every batch, process 0 alone writes the run folder, and the predictions and
 option log-likelihoods equal those of one process on one device; `--resume` (process 0 reads the folder,
 both skip the records it holds) keeps the finished rows as written; the datasets they share a fresh folder
@@ -47,7 +49,7 @@ def test_two_processes_match_one(shared_data, tmp_path):
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2",
                BMGPT_SHARED_DATA=str(shared_data))
     procs = [subprocess.Popen([sys.executable, "-m", "bmgpt_jax.evaluate", "--checkpoint", str(checkpoint), *ARGS,
-                               "--data-dir", str(tmp_path / "tfds2"), "--mesh", "2,2,1",
+                               "--data-dir", str(tmp_path / "tfds2"), "--mesh", "1,2,2",
                                "--out-dir", str(tmp_path / f"run{i}"), "--resume"], cwd=REPO,
                               env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
