@@ -38,7 +38,7 @@ from bmgpt_jax.data import prompts as prompt_lib
 from bmgpt_jax.data.prompts import Prompt, as_entities, collate_prompts, human_message, make_prompt
 from bmgpt_jax.data.text import Tokenizer, tokenizer_of
 from bmgpt_jax.generation import GenerationConfig, generate
-from bmgpt_jax.inputs import check_model_folder, one_line
+from bmgpt_jax.inputs import check_model_folder, one_line, positive_int
 
 OPTIONS = ("max_new_tokens", "do_sample", "num_beams", "temperature", "top_k", "top_p", "repetition_penalty",
            "length_penalty", "seed")
@@ -235,6 +235,13 @@ def mesh_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def options_of(args) -> dict:
+    """The generation options given on the line (HF names); ValueError naming the first out of its range."""
+    options = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None}
+    GenerationConfig(**options)
+    return options
+
+
 def model_and_options(args):
     """(the checkpoint of `args.checkpoint` in `args.dtype`, the generation options given on the line, the
     mesh it lies on). With `args.mesh` (data,fsdp,tensor) the parameters are global arrays sharded by the
@@ -242,7 +249,7 @@ def model_and_options(args):
     no device ever holds a parameter whole that the rules shard; without it (None), all on the default
     device and the mesh is None. The folder is checked first (`inputs.check_model_folder`); any failure is
     FileNotFoundError or ValueError with a one-line message naming the file or the mesh."""
-    options = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None}
+    options = options_of(args)
     folder = check_model_folder(args.checkpoint)
     shape = getattr(args, "mesh", None)
     try:
@@ -270,7 +277,7 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
     ap.add_argument("--output", help="--jsonl results, a row per line as each batch is answered (default: stdout)")
     ap.add_argument("--resume", action="store_true",
                     help="with --output: keep the rows it holds and answer only the other lines")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=positive_int, default=8)
     ap.add_argument("--mesh", type=mesh_shape, help="data,fsdp,tensor: load the weights sharded over this device "
                     "mesh, e.g. 1,1,8 (default: one device)")
     add_generation_args(ap)

@@ -50,7 +50,7 @@ from bmgpt_jax.evaluation.report import PAPER, bar_chart, format_table, paper_ro
 from bmgpt_jax.evaluation.resume import finished_rows
 from bmgpt_jax.evaluation.scoring import MeshModel
 from bmgpt_jax.evaluation.text_metrics import MissingResource, load_text_tokenizer, load_wordnet, text_metrics
-from bmgpt_jax.inputs import check_not_url, one_line
+from bmgpt_jax.inputs import check_not_url, one_line, positive_int
 
 MODES = ("both", "generate", "loglik")
 REASONS = (("not a string", "answer not a string"), ("no answer", "no answer"), ("SMILES", "invalid SMILES"),
@@ -293,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--raw-dir", help="raw files of the source(s) (sample sets default to ../shared/data)")
     ap.add_argument("--data-dir", help="tfds folder for built datasets (default: the user cache)")
     ap.add_argument("--limit", type=int, help="evaluate the first N records of each source")
-    ap.add_argument("--batch-size", type=int, default=8, help="global rows per batch (default 8)")
+    ap.add_argument("--batch-size", type=positive_int, default=8, help="global rows per batch (default 8)")
     ap.add_argument("--mode", choices=MODES, default="both", help="generation, log-likelihood or both (default)")
     ap.add_argument("--mesh", type=chat.mesh_shape, default=(-1, 1, 1), help="data,fsdp,tensor (default -1,1,1)")
     ap.add_argument("--out-dir", default="runs/eval", help="run folder for predictions, metrics and the chart")
@@ -310,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     writer = jax.process_index() == 0
     try:
         check_not_url(args.out_dir, "--out-dir")
+        chat.options_of(args)                       # generation options in range, before any data is built
         if args.mode != "loglik":                   # text metrics need both: fail before any generation
             load_text_tokenizer(args.scibert_vocab)
             load_wordnet(args.nltk_data)
@@ -321,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
     try:
-        model, options, mesh = chat.model_and_options(args)   # loaded into its shards on the mesh
+        model, options, mesh = chat.model_and_options(args)   # read into its shards
     except (FileNotFoundError, ValueError) as e:
         hint = " (`python -m bmgpt_jax.train` writes one to runs/tiny/final)" if isinstance(e, FileNotFoundError) else ""
         print(f"error: {one_line(e)}{hint}", file=sys.stderr)

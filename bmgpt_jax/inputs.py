@@ -5,10 +5,12 @@ load. The checks are cheap at any model size: a JSON file is parsed, a tokenizer
 file is checked for its container's own integrity marks (a torch zip archive's central directory, which
 a truncated copy lacks; a safetensors header and the byte length it declares), never read whole.
 `written_rows` reads back the JSONL output of an interrupted job that `--resume` continues.
-`one_line` turns any remaining exception into the message a command line prints.
+`one_line` turns any remaining exception into the message a command line prints; `positive_int` is the
+argparse type of counts (a batch size, a number of devices).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import zipfile
 from pathlib import Path
@@ -126,3 +128,11 @@ def one_line(error: BaseException) -> str:
     text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
     lines = str(text).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse prints the usage line and this message, status 2)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value

@@ -348,6 +348,18 @@ def test_command_line_errors_are_one_line_naming_the_culprit(demo_model, tmp_pat
     with pytest.raises(SystemExit):
         chat.main(["--checkpoint", str(ckpt), "--mesh", "1,2"] + ask)
     assert "argument --mesh: --mesh '1,2': expected data,fsdp,tensor" in capsys.readouterr().err
+    # generation options out of Hugging Face's ranges: one line before the model loads (a length of 0
+    # crashed inside the decode loop's compile; a top_p of 2 or a temperature of -1 ran as something else)
+    assert error(ckpt, ask + ["--max-new-tokens", "0"]) == "chat: generation option max_new_tokens=0 must be >= 1"
+    assert error(ckpt, ask + ["--top-p", "2"]) == "chat: generation option top_p=2.0 must be in (0, 1]"
+    assert error(ckpt, ask + ["--do-sample", "--temperature", "-1"]) == \
+        "chat: generation option temperature=-1.0 must be > 0 (greedy decoding is do_sample=False)"
+    assert error(ckpt, ask + ["--num-beams", "0"]) == "chat: generation option num_beams=0 must be >= 1"
+    assert error(ckpt, ask + ["--repetition-penalty", "0"]) == \
+        "chat: generation option repetition_penalty=0.0 must be > 0 (1: none)"
+    with pytest.raises(SystemExit):
+        chat.main(["--checkpoint", str(ckpt), "--jsonl", "q.jsonl", "--batch-size", "0"])
+    assert "argument --batch-size: 0 is not a positive integer" in capsys.readouterr().err
 
 
 def slice_reads(monkeypatch) -> list[tuple]:

@@ -264,6 +264,8 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == ("error: --out-dir=gs://bucket/eval is a URL: the run writes its "
                                                "folders with file operations; mount the bucket (e.g. gcsfuse) on "
                                                "every host and give the mount's path")
+    assert ev.main(base + ["--source", "demo:test", "--max-new-tokens", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: generation option max_new_tokens=-1 must be >= 1"
     assert ev.main(base + ["--source", "demo:test", "--limit", "1", "--mesh", "1,1,16"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: --mesh 1,1,16: mesh shape (1, 1, 16) needs 16 devices, which does not divide the 8 devices found; on "

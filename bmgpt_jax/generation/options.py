@@ -29,6 +29,17 @@ class GenerationConfig:
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     seed: int = 0
 
+    def __post_init__(self):
+        """ValueError naming the first option out of its range (HF's ranges), before anything compiles."""
+        bad = [(name, rule) for name, ok, rule in (
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"), ("num_beams", self.num_beams >= 1, ">= 1"),
+            ("temperature", self.temperature > 0, "> 0 (greedy decoding is do_sample=False)"),
+            ("top_k", self.top_k >= 0, ">= 0 (0: no top-k cut)"), ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1: none)")) if not ok]
+        if bad:
+            name, rule = bad[0]
+            raise ValueError(f"generation option {name}={getattr(self, name)!r} must be {rule}")
+
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
     """HF's rule: a seen token's logit is divided by `penalty` if positive, multiplied if negative.

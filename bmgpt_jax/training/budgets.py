@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections import Counter
 from typing import Sequence
 
@@ -28,6 +29,7 @@ from bmgpt_jax.data.builders import make_builder, read_split
 from bmgpt_jax.data.examples import Budget, EncodeOptions, encode_example
 from bmgpt_jax.data.records import Record
 from bmgpt_jax.data.text import Tokenizer, load_tokenizer
+from bmgpt_jax.inputs import one_line
 
 COSTS = ("length", "nodes", "edges", "graphs", "proteins")  # columns of a cost array
 ROUND = 64  # budgets are rounded up to a multiple of this, so they divide over up to 64 data shards
@@ -135,5 +137,17 @@ def main(argv=None) -> dict[str, float]:
     return rates
 
 
+def cli(argv=None) -> int:
+    """`main` with a config typo or a missing tokenizer as one line on stderr and status 2."""
+    try:
+        main(argv)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        hint = (" (--tokenizer: a SentencePiece model, e.g. ../shared/data/tokenizer/llama2_tokenizer.model)"
+                if isinstance(e, FileNotFoundError) else "")
+        print(f"budgets: {type(e).__name__}: {one_line(e)}{hint}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -44,6 +44,7 @@ from jax.experimental import topologies
 
 from bmgpt_jax import parallel
 from bmgpt_jax.data.examples import Budget, collate
+from bmgpt_jax.inputs import positive_int
 from bmgpt_jax.models.attention import resolve
 from bmgpt_jax.training import optim, stages, step
 from bmgpt_jax.training.loop import TEXT_KEYS, TrainConfig, load_config
@@ -284,14 +285,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     target = ap.add_mutually_exclusive_group()
     target.add_argument("--topology", help="TPU slice, e.g. v5e:4x4, v4:2x2x4, v4:4x4x4, v5p:4x4x4, v6e:8x8 (needs libtpu)")
-    target.add_argument("--devices", type=int, help="N virtual CPU devices (CPU compiler's figures)")
+    target.add_argument("--devices", type=positive_int, help="N virtual CPU devices (CPU compiler's figures)")
     ap.add_argument("--config", action="append", help=f"training config, repeatable (default: {', '.join(CONFIGS)})")
     ap.add_argument("--stage", choices=["lm", "align", "finetune"], help="shorthand for --config biomedgpt_10b_STAGE")
-    ap.add_argument("--processes", type=int, help="hosts feeding the batch (default: the target's hosts; CPU: 1)")
+    ap.add_argument("--processes", type=positive_int, help="hosts feeding the batch (default: the target's hosts; CPU: 1)")
     ap.add_argument("--mesh", help="data,fsdp,tensor sizes, one may be -1 (default: the config's)")
-    ap.add_argument("--batch", type=int, help="data.batch_size: global rows per micro-batch (default: the config's)")
-    ap.add_argument("--grad-accum", dest="grad_accum", type=int, help="optim.grad_accum micro-batches per step")
-    ap.add_argument("--seq", type=int, nargs="+", help="sequence length(s) T, one job each (default: the config's longest bucket)")
+    ap.add_argument("--batch", type=positive_int, help="data.batch_size: global rows per micro-batch (default: the config's)")
+    ap.add_argument("--grad-accum", dest="grad_accum", type=positive_int, help="optim.grad_accum micro-batches per step")
+    ap.add_argument("--seq", type=positive_int, nargs="+", help="sequence length(s) T, one job each (default: the config's longest bucket)")
     ap.add_argument("--dense", action="store_true",
                     help="also plan each job with plain attention and whole-sequence logits (the O(T^2) form)")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute and activation dtype")

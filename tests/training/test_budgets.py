@@ -92,3 +92,12 @@ def test_cli_prints_the_derivation(shared_data, capsys):
     # the finetune config's budgets are for 16 rows: 64 proteins or 64 molecules do not fit them
     assert rates["proteins only"] == 0.0 and rates["molecules only"] < 0.5
     assert "needs {'node_budget'" in out
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert budgets.cli(["--config", "tiny_algn"]) == 2
+    assert capsys.readouterr().err.strip().startswith("budgets: ConfigError: config file 'tiny_algn' not found")
+    assert budgets.cli(["--config", "tiny", "--tokenizer", str(tmp_path / "llama2_tokenizer.model")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("budgets: FileNotFoundError: ") and "llama2_tokenizer.model" in err and "\n" not in err
+    assert err.endswith("(--tokenizer: a SentencePiece model, e.g. ../shared/data/tokenizer/llama2_tokenizer.model)")

@@ -3,6 +3,7 @@ the LM-7B at full size (32 layers, hidden 4096, vocab 32001, batch 16 x 2048) on
 devices, the 10B's widths with 2 layers, and a TPU slice's compile-only devices when libtpu is installed.
 Scanning over layers keeps each compile about as fast as one layer's."""
 import importlib.util
+import os
 import math
 
 import jax
@@ -155,3 +156,18 @@ def test_tpu_topology_fits_and_refuses(capsys):
                         "--batch", "1024", "--seq", "4096"])
     out = capsys.readouterr().out
     assert oom.peak is None and "RESOURCE_EXHAUSTED" in oom.step.error and "NO (16)" in out and "OOM" in out
+
+
+def test_command_line_bad_input_is_one_line_with_status_2():
+    """As chat, evaluate, train and convert_weights: a bad value is one line on stderr and status 2 (SystemExit
+    with a message alone would exit 1)."""
+    import subprocess
+    import sys
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cases = ((["--devices", "8", "--config", "tiny_algn"], "plan: tiny_algn: config file 'tiny_algn' not found"),
+             (["--devices", "0"], "argument --devices: 0 is not a positive integer"))
+    for args, message in cases:
+        run = subprocess.run([sys.executable, "-m", "bmgpt_jax.plan", *args], capture_output=True, text=True, env=env,
+                             timeout=300)
+        assert run.returncode == 2 and message in run.stderr.strip().splitlines()[-1], (args, run.stderr[-500:])
+        assert "Traceback" not in run.stderr
