@@ -48,7 +48,7 @@ def check_sources(args) -> None:
         if args.kind == "openbiomed":
             inputs.check_tokenizer(args.tokenizer)
     elif args.kind == "to_openbiomed":
-        inputs.check_model_folder(args.src)
+        inputs.check_model_folder(args.src, flag=None)
 
 
 def main(argv=None) -> int:

@@ -23,6 +23,7 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
+        "tensorboard>=2.14",    # the viewer of the logs, as the run prints: tensorboard --logdir RUN/tensorboard
         "nltk>=3.9",            # evaluation: BLEU and METEOR as MolT5 computes them
         "rouge-score>=0.1.2",   # evaluation: ROUGE-1/2/L
         "matplotlib>=3.7",      # evaluation: the report's bar chart

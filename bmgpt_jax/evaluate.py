@@ -324,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model, options, mesh = chat.model_and_options(args)   # read into its shards
     except (FileNotFoundError, ValueError) as e:
-        hint = " (`python -m bmgpt_jax.train` writes one to runs/tiny/final)" if isinstance(e, FileNotFoundError) else ""
+        absent = isinstance(e, FileNotFoundError) and not Path(args.checkpoint).exists()
+        hint = " (`python -m bmgpt_jax.train` writes one to runs/tiny/final)" if absent else ""
         print(f"error: {one_line(e)}{hint}", file=sys.stderr)
         return 2
     mm = MeshModel(model, mesh)

@@ -64,16 +64,17 @@ def check_weights(path: str | Path) -> None:
                              f"central directory cannot be read: {e})") from None
 
 
-def check_model_folder(path: str | Path) -> Path:
+def check_model_folder(path: str | Path, flag: str | None = "--checkpoint") -> Path:
     """`path` as a model folder (`convert.folder`): it exists, holds its files, and each passes the checks
-    above. Given a training run's folder instead, the error points at its `final/` model."""
+    above. Given a training run's folder instead, the error points at its `final/` model (and at the
+    command line's `flag` for it)."""
     d = Path(path)
     if not d.is_dir():
         raise FileNotFoundError(f"model folder {d} does not exist" if not d.exists() else f"{d} is not a folder")
     weights = [d / name for name in (FILES["weights"], SAFE_INDEX, FILES["pth"]) if (d / name).exists()]
     if not weights and (d / "final").is_dir():
-        raise FileNotFoundError(f"{d} is a training run's folder; its model is {d / 'final'} "
-                                f"(--checkpoint {d / 'final'})")
+        raise FileNotFoundError(f"{d} is a training run's folder; its model is {d / 'final'}"
+                                + (f" ({flag} {d / 'final'})" if flag else ""))
     tokenizer = next((p for p in (d / FILES["tokenizer"], d / "tokenizer") if p.exists()), None)
     missing = ([] if weights else [f"{FILES['weights']} (or {SAFE_INDEX}, or {FILES['pth']})"]) + \
         [FILES[k] for k in ("lm", "esm") if not (d / FILES[k]).exists()] + ([] if tokenizer else [FILES["tokenizer"]])

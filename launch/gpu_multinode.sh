@@ -13,7 +13,7 @@
 # coordinator exported here (the job's first node). --dry-run prints the commands, runs nothing.
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 HOSTS="" SLURM=0 NODES="${SLURM_JOB_NUM_NODES:-}" GPUS=8 PER_GPU=0 PORT=12355 DRY=0 PYTHON="python"
 DIR="$(cd "$(dirname "$0")/.." && pwd)"

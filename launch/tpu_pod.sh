@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Run `python -m bmgpt_jax.train ARGS` on every host of a Cloud TPU VM slice (one process per host).
 #
-#   launch/tpu_pod.sh --tpu NAME --zone ZONE [--project P] [--dir ~/bmgpt_jax] [--sync] [--setup] \
-#                     [--dry-run] -- [train arguments...]
+#   launch/tpu_pod.sh --tpu NAME --zone ZONE [--project P] [--dir ~/bmgpt_jax] [--python python] [--sync] \
+#                     [--setup] [--dry-run] -- [train arguments...]
 #
+# --project  the Google Cloud project of the TPU (default: gcloud's configured one)
+# --dir      the checkout on every worker; --python  the interpreter there (e.g. a venv's)
 # --sync   copy this checkout (launch/pack.sh: what git carries, no .venv/runs/caches) into DIR on every
 #          worker first, over what is there
 # --setup  pip install -e '.[tpu]' in DIR on every worker first
@@ -13,7 +15,7 @@
 # read the coordinator, process count and process id from the TPU metadata (jax.distributed.initialize()).
 set -euo pipefail
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 TPU="" ZONE="" PROJECT="" DIR="~/bmgpt_jax" SYNC=0 SETUP=0 DRY=0 PYTHON="python"
 while [[ $# -gt 0 ]]; do

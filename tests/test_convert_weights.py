@@ -142,6 +142,9 @@ def test_bad_inputs_are_one_line_naming_the_file(tmp_path, torch, capsys):
     capsys.readouterr()                                   # transformers' progress bar while saving
     assert f"{weights}: truncated: " in error("hf_llama", tmp_path / "hf", out)
     assert f"model folder {tmp_path / 'none'} does not exist" in error("to_openbiomed", tmp_path / "none", out)
+    (tmp_path / "run" / "final").mkdir(parents=True)   # a training run's folder: the hint names SRC's path only
+    assert error("to_openbiomed", tmp_path / "run", out).endswith(
+        f"{tmp_path / 'run'} is a training run's folder; its model is {tmp_path / 'run' / 'final'}")
 
 
 def _bad_sources(tmp_path):

@@ -9,6 +9,7 @@ molecules in one padded graph. Also: the env/no-op rules and the launchers' dry 
 """
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -323,3 +324,12 @@ def test_gpu_multinode_dry_run():
     lines = _dry("gpu_multinode.sh", "--slurm", "--nodes", "4", "--", "--config", "c.yaml")
     assert lines == ["srun --nodes=4 --ntasks-per-node=1 bash -c 'export JAX_COORDINATOR_ADDRESS=$(scontrol show "
                      "hostnames \"$SLURM_JOB_NODELIST\" | head -n1):12355; exec python -m bmgpt_jax.train --config c.yaml'"]
+
+
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu_multinode.sh"])
+def test_launcher_help_is_the_header_and_names_every_flag(script):
+    path = REPO / "launch" / script
+    run = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "set -euo" not in run.stdout and "#!" not in run.stdout
+    flags = set(re.findall(r"^\s+(--[a-z-]+)(?:\|[^)]*)?\)", path.read_text(), re.M)) - {"--help"}
+    assert len(flags) >= 6 and all(flag in run.stdout for flag in flags), sorted(f for f in flags if f not in run.stdout)

@@ -270,6 +270,11 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: --mesh 1,1,16: mesh shape (1, 1, 16) needs 16 devices, which does not divide the 8 devices found; on "
         "CPU, XLA_FLAGS=--xla_force_host_platform_device_count=16 (set before JAX starts) simulates 16 devices")
+    import shutil
+    final = shutil.copytree(checkpoint, tmp_path / "train_run" / "final")
+    assert ev.main(base[2:] + ["--checkpoint", str(final.parent), "--source", "demo:test", "--limit", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (   # one hint, not two
+        f"error: {final.parent} is a training run's folder; its model is {final} (--checkpoint {final})")
     base[1] = str(tmp_path / "no_checkpoint")
     assert ev.main(base + ["--source", "demo:test", "--limit", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

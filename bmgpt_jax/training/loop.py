@@ -71,6 +71,10 @@ class TrainConfig:
     progress: bool = True
     export: bool = True
 
+    def __post_init__(self):
+        if self.steps < 1:
+            raise config_lib.ConfigError(f"steps={self.steps}: a run takes at least 1 step")
+
 
 def load_config(path: str | None = "tiny", overrides=()) -> TrainConfig:
     """The YAML config (a path or a name in configs/) with `key=value` overrides, validated and resolved:

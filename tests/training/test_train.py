@@ -66,6 +66,8 @@ def test_errors_come_before_any_compute(tmp_path, capsys):
     assert "did you mean 'lr'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="'stpes'; did you mean 'steps'"):
         train.load_config("tiny", ["stpes=3"])
+    with pytest.raises(ConfigError, match=r"^steps=-1: a run takes at least 1 step$"):   # not optim.total_steps'
+        train.load_config("tiny", ["steps=-1"])
     with pytest.raises(ValueError, match="needs 3 devices, which does not divide the 8 devices"):
         train.run(cfg_for(tmp_path, "mesh=[3,1,1]"))
     with pytest.raises(ValueError, match=r"data.batch_size 6 does not divide over the mesh's data axes \(data 4"):
