@@ -13,6 +13,7 @@ a time, and compared with the source bit for bit.
     python convert_weights.py openbiomed biomedgpt_10b.pth DST_DIR --lm-config LM/config.json \
         --esm-config ESM/config.json --tokenizer llama/tokenizer.model   # -> our model folder (chat, training)
     python convert_weights.py to_openbiomed MODEL_DIR DST.pth           # our model folder -> OpenBioMed .pth
+        # and back: openbiomed DST.pth DIR ... --gin-config MODEL_DIR/gin_config.json keeps the atom cap
     python convert_weights.py orbax RUN/checkpoints DST_DIR [--step N]  # a training run's checkpoint ->
                                                                         # model folder (HF Llama for `lm`)
 
@@ -42,7 +43,9 @@ def check_sources(args) -> None:
             inputs.check_weights(f)
     elif args.kind in ("graphmvp_gin", "openbiomed"):
         inputs.check_weights(args.src)
-        for config in (args.lm_config, args.esm_config) if args.kind == "openbiomed" else ():
+        for config in (args.lm_config, args.esm_config, args.gin_config) if args.kind == "openbiomed" else ():
+            if config is None:
+                continue
             path = Path(config)
             inputs.check_json(path / "config.json" if path.is_dir() else path)
         if args.kind == "openbiomed":
@@ -59,6 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prefix", default="", help="graphmvp_gin: key prefix in the source and target")
     ap.add_argument("--lm-config", help="openbiomed: the LM's HF config.json")
     ap.add_argument("--esm-config", help="openbiomed: the ESM-2 HF config.json")
+    ap.add_argument("--gin-config", help="openbiomed: a GIN config JSON (e.g. a model folder's gin_config.json) "
+                    "for what the .pth does not hold: the atom cap (max_atoms, over_cap), dropout")
     ap.add_argument("--tokenizer", help="openbiomed: SentencePiece model or HF tokenizer folder; orbax: instead "
                     "of the run's own")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -99,7 +104,8 @@ def convert(args) -> int:
     elif args.kind == "openbiomed":
         from bmgpt_jax.convert import folder
         n = folder.from_openbiomed(args.src, args.dst, args.lm_config, args.esm_config, args.tokenizer,
-                                   dtype=args.dtype, check=args.check, max_shard_bytes=shard)
+                                   dtype=args.dtype, check=args.check, max_shard_bytes=shard,
+                                   gin_config=args.gin_config)
     elif args.kind == "to_openbiomed":
         from bmgpt_jax.convert import folder
         n = folder.to_openbiomed(args.src, args.dst, dtype=args.dtype, check=args.check)

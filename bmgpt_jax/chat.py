@@ -172,9 +172,10 @@ def iter_answers(model, lines: Iterable[str], batch_size: int = 8, system: str |
         row: dict = {"line": n}
         try:
             data = json.loads(line)
+            if isinstance(data, dict):   # the input's fields, refused or not, so rows join back to inputs
+                row.update({k: v for k, v in data.items() if k not in ("line", "answer", "error")})
             if not isinstance(data, dict) or "question" not in data or set(data) - set(ROW_KEYS):
                 raise ValueError(f"expected an object with 'question' and only keys {list(ROW_KEYS)}")
-            row.update(data)
             prompt = make_prompt(data["question"], as_entities(data.get("smiles"), data.get("protein")),
                                  data.get("system", system))
             ready.append((len(pending), encode_prompt(model, prompt, cfg.max_new_tokens)))

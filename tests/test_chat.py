@@ -229,6 +229,7 @@ def test_checkpoint_folder_cli_interactive_and_jsonl(demo_model, tmp_path, capsy
     assert [r["line"] for r in res] == list(range(1, 9))
     assert res[0]["answer"] == expected and res[0]["id"] == "a" and "answer" in res[7]
     assert all("error" in r and "answer" not in r for r in res[1:7])
+    assert res[6]["colour"] == "red" and res[6]["question"] == "Q?"    # a refused object keeps its fields too
     assert "line 3: ValueError: SMILES 'C1CC'" in capsys.readouterr().err
 
 

@@ -106,6 +106,16 @@ def test_openbiomed_to_checkpoint_dir_and_back(tmp_path, torch, shared_data):
     src = ref.state_dict()
     assert all(torch.equal(back[k], src[k]) for k in back)
     assert set(src) - set(back) == {k for k in src if "pooler." in k or "contact_head." in k or "inv_freq" in k}
+    # the .pth holds no atom cap: a folder's gin_config.json given back keeps it (depth and width still
+    # from the weights), without it the default cap applies
+    gin = json.loads((tmp_path / "ckpt" / "gin_config.json").read_text())
+    (tmp_path / "gin.json").write_text(json.dumps({**gin, "max_atoms": 64, "over_cap": "error", "num_layers": 9}))
+    args = ["--lm-config", str(tmp_path / "lm.json"), "--esm-config", str(tmp_path / "esm.json"), "--tokenizer", tok]
+    assert convert_weights.main(["openbiomed", str(tmp_path / "back.pth"), str(tmp_path / "again"), *args,
+                                 "--gin-config", str(tmp_path / "gin.json")]) == 0
+    again = json.loads((tmp_path / "again" / "gin_config.json").read_text())
+    assert again == {**gin, "max_atoms": 64, "over_cap": "error"}
+    assert gin["max_atoms"] != 64 and gin["over_cap"] != "error"
 
 
 def test_bad_inputs_are_one_line_naming_the_file(tmp_path, torch, capsys):

@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from bmgpt_jax.convert import hf_esm, hf_llama, openbiomed, stream
+from bmgpt_jax.convert import graphmvp_gin, hf_esm, hf_llama, openbiomed, stream
 from bmgpt_jax.convert.safetensors_io import SAFE_INDEX
 from bmgpt_jax.convert.sources import open_source
 from bmgpt_jax.convert.tensor_map import ModelSource
@@ -104,14 +104,18 @@ def from_pretrained(ckpt_dir, mesh=None, **lm_overrides):
 
 
 def from_openbiomed(pth_path, dst, lm_config, esm_config, tokenizer, dtype=None, check: bool = False,
-                    max_shard_bytes: int = stream.SHARD_BYTES) -> int:
+                    max_shard_bytes: int = stream.SHARD_BYTES, gin_config=None) -> int:
     """OpenBioMed `biomedgpt_10b.pth` -> a model folder, streaming (dtype kept unless `dtype`; `check`:
-    re-read bit for bit). Returns the number of tensors."""
+    re-read bit for bit). Returns the number of tensors. The GIN's depth and width come from the weights;
+    what the `.pth` does not hold (the atom cap `max_atoms` / `over_cap`, dropout) from `gin_config`, a
+    GinConfig JSON such as a model folder's `gin_config.json` (default: GinConfig's defaults)."""
     lm, esm = openbiomed.configs(lm_config, esm_config)
     tok = as_tokenizer(tokenizer)
+    settings = GinConfig(**json.loads(Path(gin_config).read_text())) if gin_config else GinConfig()
     with open_source(pth_path) as raw:
         src = openbiomed.view(raw)
-        cfg = BioMedGPTConfig(lm=lm, esm=esm, gin=openbiomed.gin_config(src))
+        gin = graphmvp_gin.infer_config(graphmvp_gin.view(src, openbiomed.GIN_PREFIX), settings)
+        cfg = BioMedGPTConfig(lm=lm, esm=esm, gin=gin)
         lay = openbiomed.layout(cfg.lm, cfg.esm, cfg.gin)
         first = stream.out_dtype(src.dtype(lay.entries[0].key), dtype) if lay.entries[0].key in src else lm.param_dtype
         out = dataclasses.replace(cfg, lm=dataclasses.replace(lm, param_dtype=str(first)),
