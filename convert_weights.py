@@ -1,4 +1,4 @@
-"""Convert and check PyTorch / Hugging Face checkpoints and training runs with bmgpt_jax's converters.
+r"""Convert and check PyTorch / Hugging Face checkpoints and training runs with bmgpt_jax's converters.
 
 Every conversion streams: tensors are read lazily and written one at a time (peak memory about the
 largest tensor, not the model), into a temporary folder or file renamed at the end. Before anything is

@@ -1,4 +1,4 @@
-"""Attention memory and speed: compiled temporaries and time of forward + backward per implementation.
+r"""Attention memory and speed: compiled temporaries and time of forward + backward per implementation.
 
     python bench/attention.py                                  # CPU: xla vs flash, 1 x T x 8 heads of 64
     python bench/attention.py --impl xla flash cudnn --dtype bfloat16 --batch 8 --heads 32 --head-dim 128  # GPU
