@@ -16,6 +16,7 @@ the three phases of the job are planned on the target devices:
            target's hosts, the longest `data.seq_buckets`, each host's graph/protein budgets (`collate`'s
            shapes), `optim.grad_accum` micro-batches.
 The figures are the compiled programs' `memory_analysis()`; `fits` compares the largest phase with the chip's HBM.
+`--generate` plans the greedy decode of chat / evaluate instead (`bmgpt_jax.generation.plan`).
 
 Each row names the attention the step compiles with (decoder/ESM, as `attention: auto` resolves on the
 target: splash on TPU) and the loss's logits chunk. `--seq 2048 4096` plans several lengths; `--dense`
@@ -141,10 +142,10 @@ class Phase:
     error: str = ""
 
     @classmethod
-    def compile(cls, jitted, *args) -> "Phase":
+    def compile(cls, jitted, *args, **kwargs) -> "Phase":
         t0 = time.perf_counter()
         try:
-            ma = jitted.lower(*args).compile().memory_analysis()
+            ma = jitted.lower(*args, **kwargs).compile().memory_analysis()
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
@@ -299,7 +300,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--remat", choices=["full", "dots", "none"], help="decoder remat policy (ESM remat on unless none)")
     ap.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                     help="training-config override, e.g. model.lm.num_layers=2 or trainable=[.]")
+    ap.add_argument("--generate", action="store_true",
+                    help="plan greedy decoding (chat --mesh, evaluate) instead of training: --batch rows (default 8) "
+                         "of --seq prompt positions, --new tokens, the config's decoder in the compute dtype")
+    ap.add_argument("--new", type=positive_int, default=256, help="--generate: new tokens per row (default 256)")
     args = ap.parse_args(argv)
+    if args.generate:
+        args.batch = args.batch or 8
+        args.config = args.config or [f"biomedgpt_10b_{args.stage or 'finetune'}"]
     if args.topology is None and args.devices is None:
         args.devices = None if importlib.util.find_spec("libtpu") else 8
         args.topology = "v5e:4x4" if args.devices is None else None
@@ -322,6 +330,8 @@ def main(argv=None) -> list[Plan]:
                   f"({len({d.process_index for d in devices})} hosts) -- figures from the TPU compiler (libtpu), "
                   "compile-only devices")
     print(f"plan: {target}" + (f"; overrides {args.overrides}" if args.overrides else ""), flush=True)
+    if args.generate:
+        return plan_generation(args, devices, hbm)
     plans = []
     jobs = [(name, [f"data.seq_buckets=[{t}]"] if t else [], dense) for name in args.configs
             for t in (args.seq or [None]) for dense in ([False, True] if args.dense else [False])]
@@ -345,4 +355,25 @@ def main(argv=None) -> list[Plan]:
           "device holds (shard shapes x item size); step: compiled.memory_analysis(), peak = args + out - alias "
           "(donated) + temp + code; fits: the largest phase vs the chip's HBM (yes: >= 1 GiB spare). attention: "
           "decoder[/ESM]; loss chunk: tokens of logits at a time (-: the whole sequence).")
+    return plans
+
+
+def plan_generation(args, devices: list, hbm: float | None) -> list:
+    """`--generate`: each config's (and `--seq`'s) greedy decode planned (`generation.plan`), the table printed."""
+    from bmgpt_jax.generation import plan as decode  # imports this module (Phase, fits)
+    plans = []
+    for name in args.configs:
+        for seq in args.seq or [None]:
+            try:
+                cfg = load_config(name, args.overrides + ([f"data.seq_buckets=[{seq}]"] if seq else []))
+                print(f"compiling the decode of {name}: mesh {dict(parallel.make_mesh(cfg.mesh, devices).shape)}, "
+                      f"{cfg.data.batch_size} rows x {cfg.data.seq_buckets[-1]} + {args.new} positions, "
+                      f"{cfg.compute_dtype} ...", flush=True)
+                plans.append(decode.plan_decode(cfg, devices, args.new, name))
+            except ValueError as e:
+                raise SystemExit(f"plan: {name}: {e}") from None
+    print(decode.format_table(plans, hbm))
+    print("GiB = 2^30 bytes. params/dev: the decoder's weights one device holds (rule shardings); args/temp/peak: "
+          "the compiled decode's memory_analysis() (peak = args + out - alias + temp + code), the KV cache among "
+          "its temporaries; the molecule/protein encoders' program before it is not included.")
     return plans

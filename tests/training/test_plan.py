@@ -171,3 +171,20 @@ def test_command_line_bad_input_is_one_line_with_status_2():
                              timeout=300)
         assert run.returncode == 2 and message in run.stderr.strip().splitlines()[-1], (args, run.stderr[-500:])
         assert "Traceback" not in run.stderr
+
+
+def test_generate_plans_the_sharded_decode(capsys):
+    """`--generate`: the decode `chat --mesh` and `evaluate` run, at the 7B width (2 layers) over 8 devices with
+    fsdp: each device holds an eighth of the decoder's weights (fsdp splits even the 32001-token embedding and
+    head, by their 4096 dim), and the compiled program takes them as they lie: its arguments are that eighth
+    plus its rows of the prompt embeddings, never a whole weight."""
+    (p,) = plan.main(["--devices", "8", "--generate", "--mesh", "1,8,1", "-o", "model.lm.num_layers=2",
+                      "--seq", "256", "--new", "32"])
+    lm = load_config("biomedgpt_10b_finetune", ["model.lm.num_layers=2"]).model.lm
+    assert p.params == lm.num_params() and p.dtype == "bfloat16" and p.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert p.params_per_device == pytest.approx(2 * p.params / 8, rel=0.01)
+    embeds_and_mask = (8 * 256 * 4096 * 2 + 8 * 256 * 4) // 8
+    assert p.program.memory["argument"] == pytest.approx(p.params_per_device + embeds_and_mask, rel=0.01)
+    assert p.cache_bytes == 2 * 2 * 8 * 32 * (256 + 32) * 128 * 2   # k and v, 2 layers, 8 rows, 32 heads of 128
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("biomedgpt_10b_finetune"))
+    assert row.split()[1:6] == ["1x8x1", "8", "x", "256+32", "bfloat16"]

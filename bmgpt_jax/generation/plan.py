@@ -1,0 +1,80 @@
+"""`python -m bmgpt_jax.plan --generate`: the memory per device of greedy decoding at real size, compiled
+ahead of time for a TPU slice (or virtual CPU devices), before a chat or evaluation job starts.
+
+The program planned is the one `chat --mesh` and `evaluate` run for each batch: `generation.sampling`'s
+jitted decode (the prompt's prefill into the KV cache, then the `max_new_tokens` loop) of the config's
+decoder, its parameters in the compute dtype (a converted bfloat16 or float16 checkpoint, as
+`convert_weights.py` keeps it) laid out by the rule table on the mesh, the prompt embeddings
+`[batch, prompt, embed]` sharded over `data` x `fsdp` as `evaluate` feeds them. The molecule and protein
+encoders run in a separate, smaller program before it (the spliced embeddings are its input) and are not
+planned here. Nothing is allocated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from bmgpt_jax import parallel
+from bmgpt_jax.generation.options import GenerationConfig
+from bmgpt_jax.generation.sampling import _decode
+from bmgpt_jax.models.llama import LlamaForCausalLM
+from bmgpt_jax.training.plan import GiB, Phase, fits
+
+
+@dataclasses.dataclass
+class DecodePlan:
+    """One planned decode: the batch, the mesh, the parameters' bytes per device and the compiled program."""
+    name: str
+    mesh: dict
+    batch: int
+    prompt: int
+    new: int
+    dtype: str
+    params: int                 # parameters of the decoder (global count)
+    params_per_device: int      # bytes one device holds of them
+    cache_bytes: int            # the whole KV cache (global)
+    program: Phase
+
+
+def plan_decode(cfg, devices: list, new: int, name: str = "") -> DecodePlan:
+    """Compile the greedy decode of `new` tokens after prompts of `cfg.data.seq_buckets[-1]` positions for
+    `cfg.data.batch_size` rows, `cfg.model.lm` on `cfg.mesh` over `devices` (a `TrainConfig`: the plan's
+    options and overrides apply as for training)."""
+    mesh = parallel.make_mesh(cfg.mesh, devices)
+    lm = dataclasses.replace(cfg.model.lm, param_dtype=cfg.compute_dtype, dtype=cfg.compute_dtype)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(lm, rngs=nnx.Rngs(0))))
+    params = parallel.abstract_state(state, mesh)
+    B, T, dtype = cfg.data.batch_size, cfg.data.seq_buckets[-1], jnp.dtype(cfg.compute_dtype)
+    rows = NamedSharding(mesh, parallel.logical_to_spec(("batch", None, None)))
+    embeds = jax.ShapeDtypeStruct((B, T, lm.hidden_size), dtype, sharding=rows)
+    mask = jax.ShapeDtypeStruct((B, T), jnp.int32,
+                                sharding=NamedSharding(mesh, parallel.logical_to_spec(("batch", None))))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    program = Phase.compile(_decode, graphdef, params, None, embeds, mask, key,
+                            cfg=GenerationConfig(max_new_tokens=new, eos_token_id=lm.eos_token_id))
+    cache = 2 * lm.num_layers * B * lm.num_kv_heads * (T + new) * lm.dim_per_head * dtype.itemsize
+    return DecodePlan(name, dict(mesh.shape), B, T, new, cfg.compute_dtype,
+                      sum(math.prod(x.shape) for x in jax.tree.leaves(state)), parallel.bytes_per_device(params), cache, program)
+
+
+def format_table(plans: list[DecodePlan], hbm_gib: float | None = None) -> str:
+    """One row per plan: GiB per device (parameters, the compiled program's arguments, temporaries, peak)."""
+    g = lambda b: "OOM" if b is None else f"{b / GiB:.2f}"  # noqa: E731
+    cols = ["config", "mesh", "batch x prompt+new", "dtype", "params", "KV cache GiB", "params/dev", "args/dev",
+            "temp/dev", "peak/dev", "compile s"] + (["fits HBM"] if hbm_gib else [])
+    rows = []
+    for p in plans:
+        m = p.program.memory
+        row = [p.name, "x".join(str(v) for v in p.mesh.values()), f"{p.batch} x {p.prompt}+{p.new}", p.dtype,
+               f"{p.params:,}", g(p.cache_bytes), g(p.params_per_device), g(m.get("argument")), g(m.get("temp")),
+               g(p.program.peak), f"{p.program.compile_s:.0f}"]
+        rows.append(row + ([fits(p.program.peak, hbm_gib) + f" ({hbm_gib:g})"] if hbm_gib else []))
+    width = [max(len(r[i]) for r in rows + [cols]) for i in range(len(cols))]
+    line = lambda r: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, width)))  # noqa: E731
+    notes = [f"{p.name}: {p.program.error}" for p in plans if p.program.error]
+    return "\n".join([line(cols), line(["-" * w for w in width])] + [line(r) for r in rows] + notes)
