@@ -16,7 +16,7 @@ the three phases of the job are planned on the target devices:
            target's hosts, the longest `data.seq_buckets`, each host's graph/protein budgets (`collate`'s
            shapes), `optim.grad_accum` micro-batches.
 The figures are the compiled programs' `memory_analysis()`; `fits` compares the largest phase with the chip's HBM.
-`--generate` plans the greedy decode of chat / evaluate instead (`bmgpt_jax.generation.plan`).
+`--generate` plans the greedy decode of chat / evaluate instead (`bmgpt_jax.training.decode_plan`).
 
 Each row names the attention the step compiles with (decoder/ESM, as `attention: auto` resolves on the
 target: splash on TPU) and the loss's logits chunk. `--seq 2048 4096` plans several lengths; `--dense`
@@ -36,7 +36,6 @@ import dataclasses
 import importlib.util
 import math
 import os
-import time
 
 import jax
 import numpy as np
@@ -48,15 +47,14 @@ from bmgpt_jax.data.examples import Budget, collate
 from bmgpt_jax.inputs import positive_int
 from bmgpt_jax.models.attention import resolve
 from bmgpt_jax.training import optim, stages, step
+from bmgpt_jax.training.compiled import GiB, Phase, fits
 from bmgpt_jax.training.loop import TEXT_KEYS, TrainConfig, load_config
 
 # TPU generation -> (chip config, HBM GiB per chip, accelerator-type prefix, cores per chip in that name)
 TPU_CHIPS = {"v4": ("megacore", 32, "v4", 2), "v5p": ("megacore", 95, "v5p", 2), "v5": ("megacore", 95, "v5p", 2),
              "v5e": ("default", 16, "v5litepod", 1), "v6e": ("default", 32, "v6e", 1)}
 CONFIGS = ("biomedgpt_10b_lm", "biomedgpt_10b_align", "biomedgpt_10b_finetune")
-GiB = 1024 ** 3
 DENSE = ["model.lm.attention=xla", "model.lm.loss_chunk_size=0", "model.esm.attention=xla"]  # --dense
-RESERVE_GIB = 1.0  # HBM the TPU runtime keeps (v5e: 15.75 of 16 GiB usable) plus fragmentation headroom
 
 # CLI option -> the config overrides it stands for (None = not given: the config's value). Adding an
 # option to the plan (an attention kind, a loss variant) is one entry here and one `add_argument`.
@@ -130,34 +128,6 @@ def abstract_batch(cfg: TrainConfig, processes: int) -> dict[str, jax.ShapeDtype
     k = cfg.optim.grad_accum
     return {key: jax.ShapeDtypeStruct((k,) * (k > 1) + (local[key].shape[0] * processes,) + local[key].shape[1:],
                                       local[key].dtype) for key in keys}
-
-
-@dataclasses.dataclass
-class Phase:
-    """One compiled program's memory per device (bytes, from XLA's `memory_analysis()`) and compile time.
-    `error`: the compiler's out-of-memory message when it refused the program (the TPU compiler does when
-    the program cannot fit the chip's HBM); `memory` is then empty."""
-    memory: dict[str, int]
-    compile_s: float
-    error: str = ""
-
-    @classmethod
-    def compile(cls, jitted, *args, **kwargs) -> "Phase":
-        t0 = time.perf_counter()
-        try:
-            ma = jitted.lower(*args, **kwargs).compile().memory_analysis()
-        except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            return cls({}, time.perf_counter() - t0, str(e).splitlines()[0])
-        keys = ("argument", "output", "alias", "temp", "generated_code")
-        return cls({k: int(getattr(ma, f"{k}_size_in_bytes")) for k in keys}, time.perf_counter() - t0)
-
-    @property
-    def peak(self) -> int | None:
-        """Live bytes at the high-water mark: arguments + outputs - donated aliases + temporaries + code."""
-        m = self.memory
-        return m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"] if m else None
 
 
 @dataclasses.dataclass
@@ -250,14 +220,6 @@ def plan_job(cfg: TrainConfig, devices: list, name: str = "", processes: int | N
                 per_device["trainable"] + per_device["frozen"], sum(per_device.values()), Phase.compile(init),
                 Phase.compile(opt_init, trainable), Phase.compile(jitted, trainable, frozen, opt_state, batch),
                 {k: v.shape for k, v in batch.items()})
-
-
-def fits(peak: int | None, hbm_gib: float) -> str:
-    """The verdict: "yes" with at least `RESERVE_GIB` to spare (the runtime keeps some HBM for itself),
-    "tight" within it, "NO" beyond the chip's HBM or when the compiler refused the program."""
-    if peak is None or peak > hbm_gib * GiB:
-        return "NO"
-    return "yes" if peak <= (hbm_gib - RESERVE_GIB) * GiB else "tight"
 
 
 def format_table(plans: list[Plan], hbm_gib: float | None = None) -> str:
@@ -359,8 +321,8 @@ def main(argv=None) -> list[Plan]:
 
 
 def plan_generation(args, devices: list, hbm: float | None) -> list:
-    """`--generate`: each config's (and `--seq`'s) greedy decode planned (`generation.plan`), the table printed."""
-    from bmgpt_jax.generation import plan as decode  # imports this module (Phase, fits)
+    """`--generate`: each config's (and `--seq`'s) greedy decode planned (`decode_plan`), the table printed."""
+    from bmgpt_jax.training import decode_plan as decode
     plans = []
     for name in args.configs:
         for seq in args.seq or [None]:

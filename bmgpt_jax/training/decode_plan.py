@@ -23,7 +23,7 @@ from bmgpt_jax import parallel
 from bmgpt_jax.generation.options import GenerationConfig
 from bmgpt_jax.generation.sampling import _decode
 from bmgpt_jax.models.llama import LlamaForCausalLM
-from bmgpt_jax.training.plan import GiB, Phase, fits
+from bmgpt_jax.training.compiled import GiB, Phase, fits
 
 
 @dataclasses.dataclass
