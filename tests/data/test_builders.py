@@ -186,3 +186,28 @@ def test_a_build_that_another_job_finished_first_reads_that_build(tmp_path, monk
         mine.download_and_prepare()
     mine, other = (make_builder("text", raw, tmp_path / "again") for _ in range(2))
     assert [r.answer for r in read_split(mine, "train")] == ["One document.", "Another one."]
+
+
+def test_a_cached_build_of_other_raw_files_is_refused(tmp_path):
+    """The cache is keyed by name/config/version only: raw files changed since the build (a newer release,
+    another folder given as raw_dir) stop `read_split` in one line instead of serving the stale build."""
+    raw = tmp_path / "raw"
+    _write(raw, "a.txt", "One document.\n\nAnother one.\n")
+    assert [r.answer for r in read_split(make_builder("text", raw, tmp_path / "out"), "train")] == \
+        ["One document.", "Another one."]
+    again = make_builder("text", raw, tmp_path / "out")                        # same files: the build is read
+    assert len(list(read_split(again, "train"))) == 2
+    _write(tmp_path / "copy", "a.txt", "One document.\n\nAnother one.\n")    # same content elsewhere: fine
+    assert len(list(read_split(make_builder("text", tmp_path / "copy", tmp_path / "out"), "train"))) == 2
+    _write(raw, "a.txt", "One document, revised.\n")
+    changed = make_builder("text", raw, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"^text: the dataset in .*out/text/1\.0\.0 was built from other raw files "
+                                         r"than .*raw holds now \(1 differ: a\.txt\); delete .* to rebuild it"):
+        read_split(changed, "train")
+    assert len(list(read_split(make_builder("text", None, tmp_path / "out"), "train"))) == 2   # no raw_dir: the cache
+    long = "x" * (3 * (1 << 16)) + "\n"                                        # a change past the first 64 KiB
+    _write(tmp_path / "big", "a.txt", long)
+    read_split(make_builder("text", tmp_path / "big", tmp_path / "big_out"), "train")
+    _write(tmp_path / "big", "a.txt", long[:-2] + "y\n")
+    with pytest.raises(ValueError, match="1 differ: a.txt"):
+        read_split(make_builder("text", tmp_path / "big", tmp_path / "big_out"), "train")

@@ -86,6 +86,7 @@ def prepare(builder: RecordBuilder) -> None:
         # a builder made before another process built the folder holds no splits, and tfds's "reusing
         # the dataset" does not read them back: refresh them from the folder
         builder.info.read_from_directory(builder.data_dir)
+        builder.check_raw_files()
 
     import jax
     if jax.process_count() == 1:

@@ -5,6 +5,8 @@ This base checks every record the way the pipeline will use it (SMILES featurize
 alphabet, the answer is not empty), skips and counts the bad ones per reason (`BadRecords`), reports them
 at the end of each split (logged, and saved in the dataset's `metadata.json` under "bad_records") and
 never aborts on a bad row. A missing folder or file is a `FileNotFoundError` listing what was expected.
+A build records its raw files' fingerprints (`metadata.json` "raw_files"); a cached build read again with
+a `raw_dir` whose files differ (a newer release, another folder) is a ValueError, not stale data.
 
 Output is array_record with text features only, read back without tensorflow:
 `builder.as_data_source(split)[i]` -> dict, `Record.from_example(...)`.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import hashlib
 import itertools
 import json
 from pathlib import Path
@@ -23,6 +26,7 @@ import tensorflow_datasets as tfds
 from ..records import BadRecords, Record, features
 
 KEEP_MULTI, SINGLE_ONLY = "keep", "single"
+CHUNK = 1 << 16    # bytes of each end of a raw file its fingerprint reads
 
 
 class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -62,10 +66,38 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             raise FileNotFoundError(f"{self.name}: {self.raw_dir} lacks {', '.join(missing)} (expected "
                                     f"{', '.join(expected)})")
 
+    def raw_fingerprint(self) -> dict[str, list]:
+        """`{file: [size, digest]}` of the raw files this builder reads, the digest a sha256 of each file's
+        first and last 64 KiB: cheap at any size, and it tells other raw files from the ones a build read."""
+        out = {}
+        for path in sorted({p for pat in self.expected_files() for p in self.raw_dir.glob(pat)}):
+            size, digest = path.stat().st_size, hashlib.sha256()
+            with open(path, "rb") as f:
+                digest.update(f.read(CHUNK))
+                f.seek(max(CHUNK, size - CHUNK))
+                digest.update(f.read())
+            out[str(path.relative_to(self.raw_dir))] = [size, digest.hexdigest()[:16]]
+        return out
+
+    def check_raw_files(self) -> None:
+        """ValueError when the build in `data_dir` was made from other raw files than `raw_dir` holds now.
+        Nothing to compare without a `raw_dir` (the cache is then the data) or for a build that predates
+        the fingerprints."""
+        built = self.info.metadata.get("raw_files")
+        if built is None or self.raw_dir is None or not self.raw_dir.is_dir():
+            return
+        now = self.raw_fingerprint()
+        differ = sorted((set(now) ^ set(built)) | {f for f in set(now) & set(built) if now[f] != list(built[f])})
+        if differ:
+            raise ValueError(f"{self.name}: the dataset in {self.data_dir} was built from other raw files than "
+                             f"{self.raw_dir} holds now ({len(differ)} differ: {', '.join(differ[:3])}); delete "
+                             f"{self.data_dir} to rebuild it from them")
+
     def _split_generators(self, dl_manager):
         """One generator per split; a split without a single good record is left out (tfds cannot write
         an empty split), after its report."""
         self._check_inputs()
+        self.info.metadata["raw_files"] = self.raw_fingerprint()
         gens = {}
         for split in self.FILES:
             gen = self._generate_examples(split)
