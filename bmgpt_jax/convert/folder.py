@@ -79,6 +79,11 @@ def _tokenizer_file(d: Path) -> Path | None:
     return next((p for p in (d / FILES["tokenizer"], d / "tokenizer") if p.exists()), None)
 
 
+def gin_settings(path) -> GinConfig:
+    """A GinConfig JSON (a folder's `gin_config.json`)."""
+    return GinConfig(**json.loads(Path(path).read_text()))
+
+
 def configs(ckpt_dir, **lm_overrides) -> tuple[LlamaConfig, EsmConfig, GinConfig | None]:
     """The folder's configs (`lm_overrides`: LlamaConfig fields such as `dtype`); the GIN's is None when
     `gin_config.json` is absent (its depth and width are then read off the weights)."""
@@ -90,7 +95,7 @@ def configs(ckpt_dir, **lm_overrides) -> tuple[LlamaConfig, EsmConfig, GinConfig
     if missing:
         raise FileNotFoundError(f"checkpoint folder {d} lacks {[str(m) for m in missing]}")
     lm, esm = openbiomed.configs(d / FILES["lm"], d / FILES["esm"], **lm_overrides)
-    gin = GinConfig(**json.loads((d / FILES["gin"]).read_text())) if (d / FILES["gin"]).exists() else None
+    gin = gin_settings(d / FILES["gin"]) if (d / FILES["gin"]).exists() else None
     return lm, esm, gin
 
 
@@ -111,7 +116,7 @@ def from_openbiomed(pth_path, dst, lm_config, esm_config, tokenizer, dtype=None,
     GinConfig JSON such as a model folder's `gin_config.json` (default: GinConfig's defaults)."""
     lm, esm = openbiomed.configs(lm_config, esm_config)
     tok = as_tokenizer(tokenizer)
-    settings = GinConfig(**json.loads(Path(gin_config).read_text())) if gin_config else GinConfig()
+    settings = gin_settings(gin_config) if gin_config else GinConfig()
     with open_source(pth_path) as raw:
         src = openbiomed.view(raw)
         gin = graphmvp_gin.infer_config(graphmvp_gin.view(src, openbiomed.GIN_PREFIX), settings)
