@@ -10,6 +10,8 @@ its own shards), checkpointing (`abstract_state`) and the train step (`tree_shar
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from typing import Any, Callable, Mapping, Sequence
@@ -38,6 +40,13 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("gin_vocab", None),   # GIN embedding rows (atom/bond types): tiny, replicated
     ("gin_hidden", None),  # GIN feature dims (300/600): 1.8M params in all, replicated
 )
+# Generation traces within these (`within(mesh, DECODE_RULES)`): a decode step's activations are a few rows,
+# its weights gigabytes, so the weights stay in their shards and the activations move. The residual stream
+# is split by its embed dim over fsdp like the weights' rows (each device multiplies its slice and the
+# partial sums are reduced) and its batch only over data. Under RULES the TPU compile of an fsdp decode
+# all-gathered every layer's weights on every step (tests/training/test_plan.py). Attention still takes its
+# rows over data x fsdp (`attention.per_shard`), so each device holds only its rows of the KV cache.
+DECODE_RULES = tuple((name, {"batch": "data", "act_embed": "fsdp"}.get(name, axes)) for name, axes in RULES)
 
 
 def logical_to_spec(axes: Sequence[str | None] | None, rules=RULES) -> P:
@@ -85,11 +94,41 @@ def fitted_spec(shape: Sequence[int], axes: Sequence[str | None] | None, mesh: M
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """`with_sharding_constraint` by logical names inside a mesh context; a no-op without one."""
+    """`with_sharding_constraint` by logical names inside a mesh context (`within`), each dimension split
+    only by the mesh axes that divide it (`fitted_spec`: a decode batch of 1 stays whole); a no-op without one."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
+    return jax.lax.with_sharding_constraint(x, fitted_spec(x.shape, axes, mesh, _ACTIVATION_RULES.get()))
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+    """The mesh of the first leaf of `tree` (arrays or `ShapeDtypeStruct`s) laid out by a `NamedSharding`
+    over more than one device, else None: the mesh a jitted function given `tree` should trace `within`."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
+_ACTIVATION_RULES: contextvars.ContextVar = contextvars.ContextVar("activation_rules", default=RULES)
+
+
+@contextlib.contextmanager
+def within(mesh: Mesh | None, activation_rules=RULES):
+    """Context manager: trace under `mesh`'s abstract mesh, so attention's `shard_map` and the model's
+    `constrain`s (by `activation_rules`) see it; without it they do nothing and the partitioner guesses.
+    Nothing for None."""
+    if mesh is None:
+        yield
+        return
+    token = _ACTIVATION_RULES.set(activation_rules)
+    try:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            yield
+    finally:
+        _ACTIVATION_RULES.reset(token)
 
 
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bmgpt_jax import parallel
 from bmgpt_jax.generation.options import GenerationConfig, apply_repetition_penalty, ends_with_stop, prefill
 from bmgpt_jax.models.llama import LlamaForCausalLM, check_ids
 
@@ -34,11 +35,15 @@ def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
     return x[jnp.arange(x.shape[0])[:, None], idx]
 
 
-@partial(jax.jit, static_argnames=("graphdef", "cfg"))
-def _beam_decode(graphdef, state, prompt_ids, prompt_embeds, mask, *, cfg: GenerationConfig):
+@partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"))
+def _beam_decode(graphdef, state, prompt_ids, prompt_embeds, mask, *, cfg: GenerationConfig, mesh=None):
     """Best finished hypothesis `[b, max_new_tokens]` int32 (pad after its end) for prompt ids `[b, t]` or
-    embeddings `[b, t, embed]` with `mask [b, t]`."""
-    model: LlamaForCausalLM = nnx.merge(graphdef, state)
+    embeddings `[b, t, embed]` with `mask [b, t]`, traced within `mesh` (the one `state` is laid out on)."""
+    with parallel.within(mesh, parallel.DECODE_RULES):
+        return _beam_loop(nnx.merge(graphdef, state), prompt_ids, prompt_embeds, mask, cfg)
+
+
+def _beam_loop(model: LlamaForCausalLM, prompt_ids, prompt_embeds, mask, cfg: GenerationConfig):
     b, t = mask.shape
     nb, n, vocab = cfg.num_beams, cfg.max_new_tokens, model.config.vocab_size
     k = 2 * nb  # HF keeps (1 + number of EOS ids, at least 2) * num_beams candidates; we have one EOS id
@@ -99,7 +104,7 @@ def _beam_decode(graphdef, state, prompt_ids, prompt_embeds, mask, *, cfg: Gener
     init = (jnp.zeros((), jnp.int32), cache, logits, pad_seqs, run_scores, seen, pad_seqs,
             jnp.full((b, nb), _NEG, jnp.float32), jnp.zeros((b, nb), bool), jnp.ones(b, bool), jnp.ones((), bool))
     out = jax.lax.while_loop(lambda c: c[-1], body, init)
-    return out[6][:, 0]
+    return parallel.constrain(out[6][:, 0], (None, None))  # replicated: every process reads all rows
 
 
 def beam_search(model: LlamaForCausalLM, input_ids=None, attention_mask=None, *, inputs_embeds=None,
@@ -117,5 +122,6 @@ def beam_search(model: LlamaForCausalLM, input_ids=None, attention_mask=None, *,
     graphdef, state = nnx.split(model)
     ids = None if input_ids is None else jnp.asarray(input_ids, jnp.int32)
     embeds = None if inputs_embeds is None else jnp.asarray(inputs_embeds)
-    out = _beam_decode(graphdef, state, ids, embeds, jnp.asarray(attention_mask, jnp.int32), cfg=config)
+    out = _beam_decode(graphdef, state, ids, embeds, jnp.asarray(attention_mask, jnp.int32), cfg=config,
+                       mesh=parallel.mesh_of(state))
     return np.asarray(out)

@@ -17,15 +17,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bmgpt_jax import parallel
 from bmgpt_jax.generation.beam import beam_search
 from bmgpt_jax.generation.options import (GenerationConfig, apply_repetition_penalty, ends_with_stop, prefill,
                                           sample_logits)
 from bmgpt_jax.models.llama import LlamaForCausalLM, check_ids
 
 
-@partial(jax.jit, static_argnames=("graphdef", "cfg"))
-def _decode(graphdef, state, prompt_ids, prompt_embeds, mask, key, *, cfg: GenerationConfig):
-    model: LlamaForCausalLM = nnx.merge(graphdef, state)
+@partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"))
+def _decode(graphdef, state, prompt_ids, prompt_embeds, mask, key, *, cfg: GenerationConfig, mesh=None):
+    with parallel.within(mesh, parallel.DECODE_RULES):  # the mesh `state` is laid out on (`parallel.mesh_of`), or None
+        return _decode_loop(nnx.merge(graphdef, state), prompt_ids, prompt_embeds, mask, key, cfg)
+
+
+def _decode_loop(model: LlamaForCausalLM, prompt_ids, prompt_embeds, mask, key, cfg: GenerationConfig):
     b, t = mask.shape
     cache = model.init_cache(b, t + cfg.max_new_tokens)
     logits, cache, seen = prefill(model, prompt_ids, prompt_embeds, mask, cache)
@@ -49,7 +54,7 @@ def _decode(graphdef, state, prompt_ids, prompt_embeds, mask, key, *, cfg: Gener
 
     init = (jnp.zeros((), jnp.int32), cache, logits, tokens, seen, jnp.zeros(b, bool), key)
     step, _, _, tokens, _, done, _ = jax.lax.while_loop(cond, body, init)
-    return tokens
+    return parallel.constrain(tokens, (None, None))  # replicated: every process reads all rows
 
 
 def generate(model: LlamaForCausalLM, input_ids=None, attention_mask=None, *, inputs_embeds=None,
@@ -71,5 +76,6 @@ def generate(model: LlamaForCausalLM, input_ids=None, attention_mask=None, *, in
         check_ids(input_ids, model.config.vocab_size)
     ids = None if input_ids is None else jnp.asarray(input_ids, jnp.int32)
     embeds = None if inputs_embeds is None else jnp.asarray(inputs_embeds)
-    out = _decode(graphdef, state, ids, embeds, jnp.asarray(attention_mask, jnp.int32), key, cfg=cfg)
+    out = _decode(graphdef, state, ids, embeds, jnp.asarray(attention_mask, jnp.int32), key, cfg=cfg,
+                  mesh=parallel.mesh_of(state))
     return np.asarray(out)

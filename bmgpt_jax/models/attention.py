@@ -81,15 +81,42 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: Segments, *, c
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     impl = resolve(implementation, q.shape[1], k.shape[1], q.dtype, segments.q_offset is not None,
                    causal=causal, interpret=interpret)
-    if impl == "xla":
-        return plain_attention(q, k, v, segments, causal=causal, scale=scale)
-    if impl == "rows":
-        return rows_attention(q, k, v, segments, causal=causal, scale=scale)
-    if impl == "flash":
-        return flash_attention(q, k, v, segments, causal=causal, scale=scale)
-    if impl == "splash":
+    if impl == "splash":  # its own shard_map: the kernel carries a sharding spec of its own
         return splash_attention(q, k, v, segments, causal=causal, scale=scale, interpret=interpret)
-    return cudnn_attention(q, k, v, segments, causal=causal, scale=scale)
+    fn = {"xla": plain_attention, "rows": rows_attention, "flash": flash_attention, "cudnn": cudnn_attention}[impl]
+    return per_shard(partial(fn, causal=causal, scale=scale), q, k, v, segments)
+
+
+def shard_axes(mesh, b: int, h: int, kvh: int) -> tuple:
+    """`(batch, heads)` PartitionSpec entries attention runs under on `mesh`: the batch over the rule
+    table's batch axes that divide `b`, the heads over its heads axes when they divide both head counts
+    (else None: that dimension is whole on every device)."""
+    batch = parallel.fitted_spec((b,), ("batch",), mesh)
+    heads = parallel.logical_to_spec(("heads",))[0]
+    shards = math.prod(mesh.shape[a] for a in parallel.axis_names(heads))
+    return (batch[0] if len(batch) else None), (None if h % shards or kvh % shards else heads)
+
+
+def per_shard(fn, q, k, v, segments: Segments) -> jax.Array:
+    """`fn(q, k, v, segments)` on each device's own batch rows and heads (`shard_map`, `shard_axes`)
+    under a multi-device mesh; a plain call otherwise.
+
+    Attention is independent per (batch row, head), but left to the partitioner its reshapes and
+    transposes (the grouped-query `[b, t, kv_heads, group, d]` view, the KV cache's layer slice, the
+    flash blocks) lose the heads sharding: compiled for TPU with heads over a tensor axis, the prefill
+    all-gathered each layer's whole KV cache and computed all heads on every chip (docs/attention.md). Here
+    each device reads only its own slice and nothing is communicated."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return fn(q, k, v, segments)
+    batch, heads = shard_axes(mesh, q.shape[0], q.shape[2], k.shape[2])
+    x, ids = jax.sharding.PartitionSpec(batch, None, heads, None), jax.sharding.PartitionSpec(batch, None)
+
+    def local(q, k, v, q_ids, kv_ids, offset):
+        return fn(q, k, v, segments._replace(q=q_ids, kv=kv_ids, q_offset=None if segments.q_offset is None else offset))
+    # check_vma=False: the implementations' loops start from constants (not "varying" over the mesh)
+    return jax.shard_map(local, mesh=mesh, in_specs=(x, x, x, ids, ids, jax.sharding.PartitionSpec()),
+                         out_specs=x, check_vma=False)(q, k, v, segments.q, segments.kv, _offset(segments))
 
 
 def platform() -> str:
@@ -371,10 +398,8 @@ def splash_attention(q, k, v, segments: Segments, *, causal: bool, scale: float,
     one = (sm.CausalMask if causal else sm.FullMask)((n, n))
     mesh = jax.sharding.get_abstract_mesh()
     sharded = mesh is not None and not mesh.empty
-    heads_axis = parallel.logical_to_spec(("heads",))[0] if sharded else None
+    batch_axes, heads_axis = shard_axes(mesh, b, h, kvh) if sharded else (None, None)
     head_shards = math.prod(mesh.shape[a] for a in parallel.axis_names(heads_axis))
-    if h % head_shards or kvh % head_shards:
-        heads_axis, head_shards = None, 1
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * h), block_sizes=sizes, head_shards=head_shards,
@@ -386,8 +411,6 @@ def splash_attention(q, k, v, segments: Segments, *, causal: bool, scale: float,
         return jax.vmap(row)(qh, kh, vh, q_ids, kv_ids)
 
     if sharded:
-        batch_axes = parallel.fitted_spec((b,), ("batch",), mesh)
-        batch_axes = batch_axes[0] if len(batch_axes) else None
         heads_spec = jax.sharding.PartitionSpec(batch_axes, heads_axis, None, None)
         ids_spec = jax.sharding.PartitionSpec(batch_axes, None)
         kernel_spec = kernel.manual_sharding_spec(

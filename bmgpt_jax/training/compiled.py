@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import time
 
 import jax
@@ -14,28 +16,49 @@ RESERVE_GIB = 1.0  # HBM the TPU runtime keeps (v5e: 15.75 of 16 GiB usable) plu
 class Phase:
     """One compiled program's memory per device (bytes, from XLA's `memory_analysis()`) and compile time.
     `error`: the compiler's out-of-memory message when it refused the program (the TPU compiler does when
-    the program cannot fit the chip's HBM); `memory` is then empty."""
+    the program cannot fit the chip's HBM); `memory` is then empty. `collectives`: see `collectives`."""
     memory: dict[str, int]
     compile_s: float
     error: str = ""
+    collectives: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def compile(cls, jitted, *args, **kwargs) -> "Phase":
         t0 = time.perf_counter()
         try:
-            ma = jitted.lower(*args, **kwargs).compile().memory_analysis()
+            compiled = jitted.lower(*args, **kwargs).compile()
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
             return cls({}, time.perf_counter() - t0, str(e).splitlines()[0])
+        ma = compiled.memory_analysis()
         keys = ("argument", "output", "alias", "temp", "generated_code")
-        return cls({k: int(getattr(ma, f"{k}_size_in_bytes")) for k in keys}, time.perf_counter() - t0)
+        return cls({k: int(getattr(ma, f"{k}_size_in_bytes")) for k in keys}, time.perf_counter() - t0,
+                   collectives=collectives(compiled.as_text()))
 
     @property
     def peak(self) -> int | None:
         """Live bytes at the high-water mark: arguments + outputs - donated aliases + temporaries + code."""
         m = self.memory
         return m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"] if m else None
+
+
+KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_OP = re.compile(r"= (?:(\w+)\[([\d,]*)\]\S*|\(.*?\)\S*) (" + "|".join(KINDS) + r")(?:-start)?\(")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8, "u64": 8}
+
+
+def collectives(hlo: str) -> dict[str, list[int]]:
+    """`{kind: [result bytes of each op]}` for the cross-device operations in a compiled program's HLO
+    text (KINDS), each op once however often a loop runs it (an async start whose result is a tuple counts
+    0 bytes): what tells "each device works on its own shard" apart from "the partitioner moves weights",
+    which the memory figures alone do not."""
+    out: dict[str, list[int]] = {}
+    for dtype, dims, kind in _OP.findall(hlo):
+        size = _BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d) if dtype else 0
+        out.setdefault(kind, []).append(size)
+    return out
 
 
 def fits(peak: int | None, hbm_gib: float) -> str:

@@ -56,7 +56,8 @@ def plan_decode(cfg, devices: list, new: int, name: str = "") -> DecodePlan:
                                 sharding=NamedSharding(mesh, parallel.logical_to_spec(("batch", None))))
     key = jax.eval_shape(lambda: jax.random.key(0))
     program = Phase.compile(_decode, graphdef, params, None, embeds, mask, key,
-                            cfg=GenerationConfig(max_new_tokens=new, eos_token_id=lm.eos_token_id))
+                            cfg=GenerationConfig(max_new_tokens=new, eos_token_id=lm.eos_token_id),
+                            mesh=parallel.mesh_of(params))
     cache = 2 * lm.num_layers * B * lm.num_kv_heads * (T + new) * lm.dim_per_head * dtype.itemsize
     return DecodePlan(name, dict(mesh.shape), B, T, new, cfg.compute_dtype,
                       sum(math.prod(x.shape) for x in jax.tree.leaves(state)), parallel.bytes_per_device(params), cache, program)
@@ -66,13 +67,13 @@ def format_table(plans: list[DecodePlan], hbm_gib: float | None = None) -> str:
     """One row per plan: GiB per device (parameters, the compiled program's arguments, temporaries, peak)."""
     g = lambda b: "OOM" if b is None else f"{b / GiB:.2f}"  # noqa: E731
     cols = ["config", "mesh", "batch x prompt+new", "dtype", "params", "KV cache GiB", "params/dev", "args/dev",
-            "temp/dev", "peak/dev", "compile s"] + (["fits HBM"] if hbm_gib else [])
+            "temp/dev", "peak/dev", "gathers MiB", "compile s"] + (["fits HBM"] if hbm_gib else [])
     rows = []
     for p in plans:
         m = p.program.memory
         row = [p.name, "x".join(str(v) for v in p.mesh.values()), f"{p.batch} x {p.prompt}+{p.new}", p.dtype,
                f"{p.params:,}", g(p.cache_bytes), g(p.params_per_device), g(m.get("argument")), g(m.get("temp")),
-               g(p.program.peak), f"{p.program.compile_s:.0f}"]
+               g(p.program.peak), f"{sum(p.program.collectives.get('all-gather', [])) / 2 ** 20:.1f}", f"{p.program.compile_s:.0f}"]
         rows.append(row + ([fits(p.program.peak, hbm_gib) + f" ({hbm_gib:g})"] if hbm_gib else []))
     width = [max(len(r[i]) for r in rows + [cols]) for i in range(len(cols))]
     line = lambda r: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, width)))  # noqa: E731

@@ -337,5 +337,7 @@ def plan_generation(args, devices: list, hbm: float | None) -> list:
     print(decode.format_table(plans, hbm))
     print("GiB = 2^30 bytes. params/dev: the decoder's weights one device holds (rule shardings); args/temp/peak: "
           "the compiled decode's memory_analysis() (peak = args + out - alias + temp + code), the KV cache among "
-          "its temporaries; the molecule/protein encoders' program before it is not included.")
+          "its temporaries; gathers: the results of the compiled program's all-gathers, each op once however often a "
+          "loop runs it (weights would show here; a step's few activations are what should); the molecule/protein "
+          "encoders' program before it is not included.")
     return plans

@@ -93,6 +93,39 @@ def test_kv_cache_queries_at_a_slot_offset(torch, impl):
         assert np.abs(a - r).max() < 1e-5
 
 
+@pytest.mark.parametrize("heads", [(8, 4), (4, 2)], ids=["heads-split", "heads-whole"])
+@pytest.mark.parametrize("impl", ["xla", "rows", "flash"])
+def test_under_a_mesh_each_device_computes_its_own_rows_and_heads(torch, impl, heads):
+    """On a 2 x 1 x 4 mesh (batch over data, heads over tensor) attention runs per shard (`per_shard`): values
+    and gradients equal the float64 reference, a KV cache's slot offset included, and the compiled program
+    communicates nothing but the loss. 2 kv heads do not divide the tensor axis: every device then computes all heads of
+    its rows, and each gradient is counted once (not once per device)."""
+    mesh = parallel.make_mesh((2, 1, 4), jax.devices()[:8])
+    h, kvh = heads
+    b, t, s, off, d = 4, 40, 96, 50, 16
+    q, k, v, cot = inputs(b, t, s, h, kvh, d, seed=3)
+    kv_ids = (np.arange(s)[None] < off + t).astype(np.int32).repeat(b, 0)
+    kv_ids[1, :20] = 0                                          # a left-padded prompt
+    q_ids = np.ones((b, t), np.int32)
+    rows = NamedSharding(mesh, P("data", None, "tensor" if h == 8 else None))
+    q, k, v, cot = (jax.device_put(x, rows) for x in (q, k, v, cot))
+    segs = A.Segments(jnp.asarray(q_ids), jnp.asarray(kv_ids), jnp.asarray(off))
+
+    def loss(q, k, v):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            out = A.attention(q, k, v, segs, causal=True, implementation=impl)
+        return jnp.sum(out * cot), out
+    step = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
+    (_, out), grads = step(q, k, v)
+    want = reference(torch, q, k, v, q_ids, kv_ids, off, True, d ** -0.5, cot)
+    for name, a, r in zip(("out", "dq", "dk", "dv"), (out, *grads), want):
+        assert np.abs(np.asarray(a) - r).max() < 1e-5, (name, np.abs(np.asarray(a) - r).max())
+    if h == 8:
+        hlo = step.lower(q, k, v).compile().as_text()
+        collectives = re.findall(r"= (\S+) (all-gather|all-reduce|all-to-all|collective-permute)\(", hlo)
+        assert collectives and set(collectives) == {("f32[]", "all-reduce")}  # the loss's sum, nothing of attention's
+
+
 @pytest.mark.parametrize("scores, layout", [(4096, "packed"), (40_000, "left")], ids=["query-blocks", "row-chunks"])
 def test_rows_query_blocks_and_row_chunks_equal_float64_reference(torch, monkeypatch, scores, layout):
     """`rows` with a small step budget: 4096 scores cut 100 queries x 2 heads x 100 keys into 5 blocks of

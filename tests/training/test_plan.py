@@ -188,3 +188,23 @@ def test_generate_plans_the_sharded_decode(capsys):
     assert p.cache_bytes == 2 * 2 * 8 * 32 * (256 + 32) * 128 * 2   # k and v, 2 layers, 8 rows, 32 heads of 128
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("biomedgpt_10b_finetune"))
     assert row.split()[1:6] == ["1x8x1", "8", "x", "256+32", "bfloat16"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install -e .[tpu-plan])")
+def test_tpu_decode_moves_activations_not_weights_or_caches(capsys):
+    """The 10B decoder (2 layers) compiled for one v5e host. Heads over a 4-way tensor axis: each chip attends
+    with its own 8 of the 32 kv heads and the program has no all-gather at all; traced without its mesh (as
+    chat and evaluate once ran it) the prefill all-gathered each layer's whole KV cache onto every chip.
+    fsdp over the 4 chips: the weights stay in their shards (under the training rules the decode loop
+    all-gathered every layer's weights on every step); what is gathered is rows of activations."""
+    (tensor,) = plan.main(["--topology", "v5e:2x2", "--generate", "--mesh", "1,1,4", "-o", "model.lm.num_layers=2",
+                           "--seq", "512", "--new", "32"])
+    assert tensor.mesh == {"data": 1, "fsdp": 1, "tensor": 4} and tensor.program.memory
+    assert "all-gather" not in tensor.program.collectives, tensor.program.collectives
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("biomedgpt_10b_finetune"))
+    assert row.split()[-4] == "0.0" and row.endswith("yes (16)")   # the gathers column
+    (fsdp,) = plan.main(["--topology", "v5e:2x2", "--generate", "--mesh", "1,4,1", "-o", "model.lm.num_layers=2",
+                         "--seq", "256", "--new", "32"])
+    gathered = fsdp.program.collectives.get("all-gather", [])
+    # the smallest whole weight is a 4096 x 4096 projection (32 MiB); the prefill's 8 x 256 x 4096 rows are 16
+    assert fsdp.program.memory and max(gathered, default=0) < 32 * 2 ** 20, gathered
