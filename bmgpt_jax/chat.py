@@ -71,9 +71,12 @@ def encode_prompt(model, prompt: Prompt, max_new_tokens: int, max_protein_len: i
                                    over_cap=gin.over_cap, max_protein_len=max_protein_len)
 
 
-@partial(jax.jit, static_argnames="graphdef")
-def _embed(graphdef, state, batch):
-    return nnx.merge(graphdef, state).embed_inputs(batch)
+@partial(jax.jit, static_argnames=("graphdef", "mesh"))
+def _embed(graphdef, state, batch, mesh=None):
+    """The batch's spliced embeddings, traced within the mesh `state` lies on (`parallel.mesh_of`), so the
+    encoders' attention and the model's constraints apply as in training."""
+    with parallel.within(mesh):
+        return nnx.merge(graphdef, state).embed_inputs(batch)
 
 
 def generate_tokens(model, encoded: Sequence[examples.Encoded], config: GenerationConfig,
@@ -82,7 +85,7 @@ def generate_tokens(model, encoded: Sequence[examples.Encoded], config: Generati
     the spliced embeddings of the batch (GIN in eval mode) decoded by `generate` on `model.llm`."""
     batch = collate_prompts(encoded, rows, max_len=model.config.lm.max_position_embeddings - config.max_new_tokens)
     graphdef, state = nnx.split(nnx.view(model, use_running_average=True, deterministic=True))
-    embeds = _embed(graphdef, state, batch)
+    embeds = _embed(graphdef, state, batch, mesh=parallel.mesh_of(state))
     out = generate(model.llm, inputs_embeds=embeds, attention_mask=batch["attention_mask"], config=config)
     return out[:len(encoded)]
 

@@ -12,6 +12,7 @@ from flax import nnx
 from bmgpt_jax import chat
 from bmgpt_jax import config as config_lib
 from bmgpt_jax import parallel
+from bmgpt_jax.models import attention
 from bmgpt_jax.convert import openbiomed, tensor_map
 from bmgpt_jax.data import examples
 from bmgpt_jax.data.records import Record
@@ -390,15 +391,24 @@ def assert_read_as_shards(reads: list[tuple], model, mesh) -> None:
 
 def test_mesh_reads_each_device_its_slices_and_answers_the_same(demo_model, tmp_path, monkeypatch, capsys):
     """`--mesh`: the weights go straight into their shards, read slice by slice (a model larger than one device
-    loads, and no device holds a sharded weight whole); the answers are those of one device."""
+    loads, and no device holds a sharded weight whole); the answers are those of one device. Every attention
+    (ESM's, the decoder's prefill and decode steps) is traced within the mesh, so it runs per shard."""
     ckpt = save_pretrained(demo_model, None, tmp_path / "ckpt")
-    ask = ["--checkpoint", str(ckpt), "--question", "What is it?", "--smiles", "CCO", "--max-new-tokens", "8"]
+    ask = ["--checkpoint", str(ckpt), "--question", "What is it?", "--smiles", "CCO", "--protein", "MKTAYIAKQR",
+           "--max-new-tokens", "8"]
     reads = slice_reads(monkeypatch)
+    meshes = []
+    traced = attention.per_shard
+    monkeypatch.setattr(attention, "per_shard", lambda *a: meshes.append(dict(jax.sharding.get_abstract_mesh().shape))
+                        or traced(*a))
     assert chat.main(ask) == 0
     one = capsys.readouterr().out
     assert reads and all(got == shape for _, shape, got in reads)         # one device: every variable read whole
+    assert meshes and all(m == {} for m in meshes)
     for shape in ((1, 2, 4), (2, 2, 2)):
         reads.clear()
+        meshes.clear()
         assert chat.main(ask + ["--mesh", ",".join(map(str, shape))]) == 0
         assert capsys.readouterr().out == one
         assert_read_as_shards(reads, demo_model, parallel.make_mesh(shape))
+        assert len(meshes) >= 3 and all(m == dict(zip(parallel.MESH_AXES, shape)) for m in meshes), meshes  # ESM, prefill, step
