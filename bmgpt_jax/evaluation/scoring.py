@@ -45,7 +45,7 @@ class MeshModel:
         self._embed = jax.jit(self._embed_fn, out_shardings=(prompt_out, prompt_out))
 
     def _logprobs_fn(self, state, batch, width: int):
-        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+        with parallel.within(self.mesh):
             model = nnx.merge(self.graphdef, state)
             hidden = model.hidden(batch)                                           # [B, T, D]
             target = batch["loss_mask"] * batch["attention_mask"]                  # [B, T]
@@ -61,7 +61,7 @@ class MeshModel:
             return jnp.sum(jnp.where(valid, logp, 0.0), axis=1), greedy
 
     def _embed_fn(self, state, batch):
-        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+        with parallel.within(self.mesh):
             return nnx.merge(self.graphdef, state).embed_inputs(batch), batch["attention_mask"]
 
     def option_logprobs(self, batch: dict, width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -181,7 +181,7 @@ def nbytes(tree) -> int:
 def attention_used(cfg: TrainConfig, mesh) -> str:
     """The attention `cfg`'s train step runs, `lm` or `lm/esm`, as resolved on `mesh`'s platform."""
     T, dtype = cfg.data.seq_buckets[-1], cfg.compute_dtype
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    with parallel.within(mesh):
         name = resolve(cfg.model.lm.attention, T, T, dtype, cached=False)
         if cfg.stage != "lm":
             P = min(cfg.data.max_protein_len, T)

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bmgpt_jax.parallel import tree_shardings
+from bmgpt_jax.parallel import tree_shardings, within
 from bmgpt_jax.training.optim import update_count
 
 LossFn = Callable[[nnx.Module, Any], tuple[jax.Array, jax.Array]]
@@ -125,7 +125,7 @@ def jit_train_step(train_step: StepFn, graphdef: nnx.GraphDef, trainable: Any, f
     t_sh, f_sh, o_sh = (tree_shardings(x, mesh) for x in (trainable, frozen, opt_state))
 
     def step(tr, fr, os, batch):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        with within(mesh):
             return train_step(graphdef, tr, fr, os, batch)
 
     return jax.jit(step, in_shardings=(t_sh, f_sh, o_sh, dict(batch_sharding)),
