@@ -6,8 +6,8 @@ log-probs (HF runs its logits processors after the log-softmax in beam search), 
 score; the top `2 * num_beams` (beam, token) candidates over all beams. Candidates ending in EOS or a
 stop sequence (all of them at the last step) are offered, when among the first `num_beams`, to the row's
 `num_beams` finished hypotheses, scored `sum_logprob / new_tokens ** length_penalty`; the best
-`num_beams` unfinished candidates run on, and the KV cache rows (`batch * num_beams`) are reordered to
-follow them. A row stops accepting hypotheses once all `num_beams` are finished and its best running
+`num_beams` unfinished candidates run on, and the KV cache rows (`batch * num_beams`) follow them, each
+layer's slots reordered inside the next step's layer loop (`cache_beams`: one layer copied at a time). A row stops accepting hypotheses once all `num_beams` are finished and its best running
 beam, normalised by the current length, cannot beat the worst of them; the loop ends when no row can
 improve or every candidate has finished. Prefill, the loop (`lax.while_loop`) and the cache reordering
 are one `jax.jit`.
@@ -51,7 +51,7 @@ def _beam_loop(model: LlamaForCausalLM, prompt_ids, prompt_embeds, mask, cfg: Ge
     logits, cache, seen = prefill(model, prompt_ids, prompt_embeds, mask, cache)
     # every beam starts as its row's prompt; only beam 0 is live (HF: running score 0, others -1e9)
     logits = jnp.repeat(logits, nb, axis=0)
-    cache = cache.take_rows(jnp.repeat(jnp.arange(b), nb))
+    cache = cache.repeat_rows(nb)
     seen = jnp.broadcast_to(seen[:, None], (b, nb, vocab))
     stops = ((cfg.eos_token_id,),) + tuple(tuple(s) for s in cfg.stop_sequences)
     # new_tokens ** length_penalty for new_tokens = 1..n, in float64 then float32 like HF's Python scalar
@@ -86,8 +86,7 @@ def _beam_loop(model: LlamaForCausalLM, prompt_ids, prompt_embeds, mask, cfg: Ge
         fin_flag = _gather(jnp.concatenate([fin_flag, just], axis=1), best)
         fin_scores = _gather(merged, best)
 
-        # cache and seen-token sets follow the running beams
-        cache = cache.take_rows((parent + rows * nb).reshape(-1))
+        # seen-token sets follow the running beams, and the cache too (reordered layer by layer in the step)
         new_tok = run_seqs[:, :, step]
         seen = _gather(seen, parent).at[rows, jnp.arange(nb)[None], new_tok].set(True)
 
@@ -96,7 +95,8 @@ def _beam_loop(model: LlamaForCausalLM, prompt_ids, prompt_embeds, mask, cfg: Ge
         improvable = improvable & jnp.any(run_scores[:, :1] / norm[step] > worst, axis=1)
         go = jnp.any(improvable) & ~jnp.all(hits)
 
-        logits, cache = model(new_tok.reshape(b * nb, 1), jnp.ones((b * nb, 1), jnp.int32), cache=cache)
+        logits, cache = model(new_tok.reshape(b * nb, 1), jnp.ones((b * nb, 1), jnp.int32), cache=cache,
+                              cache_beams=parent)
         return (step + 1, cache, logits[:, -1], run_seqs, run_scores, seen, fin_seqs, fin_scores, fin_flag,
                 improvable, go)
 

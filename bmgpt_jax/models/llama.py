@@ -20,8 +20,7 @@ import numpy as np
 from flax import nnx
 
 from bmgpt_jax.models.attention import IMPLEMENTATIONS, Segments, attention
-from bmgpt_jax.models.layers import (Embedding, Linear, RMSNorm, apply_rotary, dense, dtype_of, rotary_cos_sin,
-                                     take)
+from bmgpt_jax.models.layers import Embedding, Linear, RMSNorm, apply_rotary, dense, dtype_of, rotary_cos_sin
 from bmgpt_jax.parallel import constrain
 
 
@@ -96,13 +95,17 @@ class KVCache(NamedTuple):
     index: jax.Array
     next_pos: jax.Array
 
-    def take_rows(self, rows: jax.Array) -> "KVCache":
-        """The cache whose batch row `i` is row `rows[i]` of this one (beam search reorders with it)."""
-        def reorder(x):
-            full = _with_batch(x, self.valid.shape[0])            # [(layers,) b, h, s, d]
-            return _stored(take(full, rows, axis=full.ndim - 4))
-        return self._replace(k=jax.tree.map(reorder, self.k), v=jax.tree.map(reorder, self.v),
-                             valid=jnp.take(self.valid, rows, axis=0), next_pos=jnp.take(self.next_pos, rows, axis=0))
+    def repeat_rows(self, n: int) -> "KVCache":
+        """The cache with each batch row repeated `n` times in place (rows `0, 0, .., 1, 1, ..`): beam search's
+        start, every beam a copy of its prompt. A broadcast: as a gather of those rows, the TPU compiler
+        assembled the grown cache from per-128-slot pieces, holding it twice."""
+        b = self.valid.shape[0]
+
+        def repeat(x):
+            full = _with_batch(x, b)                                  # [(layers,) b, h, s, d]
+            return _stored(jnp.repeat(full, n, axis=full.ndim - 4))  # a static count: broadcast + reshape
+        return self._replace(k=jax.tree.map(repeat, self.k), v=jax.tree.map(repeat, self.v),
+                             valid=jnp.repeat(self.valid, n, axis=0), next_pos=jnp.repeat(self.next_pos, n, axis=0))
 
 
 class LlamaAttention(nnx.Module):
@@ -121,10 +124,11 @@ class LlamaAttention(nnx.Module):
         self.implementation = cfg.attention
 
     def __call__(self, x, cos, sin, segments: Segments, cache=None, index=None):
-        """x `[b, t, embed]`; segments: per-token mask inputs (causal). cache: None, or (k, v, layer): this
+        """x `[b, t, embed]`; segments: per-token mask inputs (causal). cache: None, or (k, v, layer, rows): this
         layer's own buffers `[b, kv_heads, s, head_dim]` (layer None) or the stacked cache `[layers, b, kv_heads,
-        s, head_dim]` and this layer's index (stored as `KVCache` says: b == 1 dropped). This step's keys and
-        values are written in place at slot `index` and attention reads the layer's slots. Returns
+        s, head_dim]` and this layer's index (stored as `KVCache` says: b == 1 dropped), and None or the
+        `[rows, beams]` the layer's slots first follow (beam search; `follow_beams`). This step's keys
+        and values are written in place at slot `index` and attention reads the layer's slots. Returns
         (`[b, t, embed]`, the updated (k, v) or None)."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -133,7 +137,9 @@ class LlamaAttention(nnx.Module):
         q = constrain(apply_rotary(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
         k = apply_rotary(k, cos, sin)
         if cache is not None:
-            *bufs, layer = cache
+            *bufs, layer, beams = cache
+            if beams is not None:
+                bufs = [_reorder_layer(buf, layer, beams) for buf in bufs]
             cache = tuple(_write_slots(buf, new, layer, index) for buf, new in zip(bufs, (k, v)))
             # the layer's [b, kv_heads, s, d] slots as attention's [b, s, kv_heads, d] view: the score
             # products read the cache in its own layout (batch and head dims leading), no transposed copy
@@ -160,6 +166,34 @@ def _write_slots(buf: jax.Array, new: jax.Array, layer, index) -> jax.Array:
     if layer is None:
         return jax.lax.dynamic_update_slice(buf, new, start)
     return jax.lax.dynamic_update_slice(buf, new[None], (layer, *start))
+
+
+def follow_beams(x: jax.Array, beams: jax.Array) -> jax.Array:
+    """`x [b * nb, ...]` (beam j of batch row i at row `i * nb + j`) with beam j of each row taking that row's
+    beam `beams[i, j]`; `beams [b, nb]`. A gather along the beams of each row only, so under a mesh that
+    splits the rows no row moves to another device (a gather by flat row ids made the partitioner all-gather
+    the cache). bfloat16 is gathered as its `uint16` bits: XLA:CPU converts a bfloat16 gather's whole
+    operand to float32 and back."""
+    b, nb = beams.shape
+    y = jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+    g = jax.vmap(lambda group, idx: jnp.take(group, idx, axis=0))(y.reshape(b, nb, *y.shape[1:]), beams)
+    return jax.lax.bitcast_convert_type(g, x.dtype).reshape(x.shape) if y is not x else g.reshape(x.shape)
+
+
+def _reorder_layer(buf: jax.Array, layer, beams: jax.Array) -> jax.Array:
+    """The cache buffer with (layer `layer`'s) slots following `beams` (`follow_beams`), the other layers
+    untouched: beam search reorders the cache one layer at a time inside the layer loop, so one layer's
+    slots are copied at a time (reordering the whole `[layers, ...]` cache at once held a second cache and
+    the while loop's copies of it beside the first). A stored batch dim (b * nb > 1) is assumed.
+
+    A layer's own buffer (an unscanned model: the small CPU ones) is gathered by flat row ids, which XLA:CPU
+    writes in place (`follow_beams`' batched gather held about half the cache in temporaries there); the
+    stacked cache of a scanned model (the 10B configs, on meshes) by `follow_beams`."""
+    if layer is None:
+        b, nb = beams.shape
+        return jnp.take(buf, (beams + nb * jnp.arange(b)[:, None]).reshape(-1), axis=0)
+    moved = follow_beams(jax.lax.dynamic_index_in_dim(buf, layer, keepdims=False), beams)
+    return jax.lax.dynamic_update_slice(buf, moved[None], (layer,) + (0,) * moved.ndim)
 
 
 def _layer_slots(buf: jax.Array, layer, batch: int) -> jax.Array:
@@ -233,8 +267,12 @@ class LlamaModel(nnx.Module):
                             param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
 
     def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, positions=None,
-                 segment_ids=None, cache: KVCache | None = None):
+                 segment_ids=None, cache: KVCache | None = None, cache_beams: jax.Array | None = None):
         """Hidden states `[b, t, embed]` (and the new cache when `cache` is given).
+
+        cache_beams `[rows, beams]` (with `cache`; beam search, b = rows x beams): beam j of each row first
+        takes over the cache of that row's beam `cache_beams[i, j]`, each layer's slots inside the layer
+        loop (`follow_beams`).
 
         attention_mask `[b, t]`: 1 = real token, 0 = padding (either side); padding is a segment of its
         own, never attended by real tokens, and does not advance the rotary position. segment_ids `[b, t]`
@@ -268,6 +306,9 @@ class LlamaModel(nnx.Module):
                 positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
             segments, index = Segments.self_attention(mask), None
         else:
+            if cache_beams is not None:
+                cache = cache._replace(valid=follow_beams(cache.valid, cache_beams),
+                                       next_pos=follow_beams(cache.next_pos, cache_beams))
             index = cache.index
             if positions is None:
                 positions = cache.next_pos[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
@@ -292,7 +333,7 @@ class LlamaModel(nnx.Module):
                 def body(carry, xs):
                     h, kv = carry
                     st, i = xs
-                    h, kv = fn(st, h, cos, sin, segments, (*kv, i), index)
+                    h, kv = fn(st, h, cos, sin, segments, (*kv, i, cache_beams), index)
                     return (h, kv), None
                 (x, kv), _ = jax.lax.scan(body, (x, kv), (state, jnp.arange(cfg.num_layers)))
         else:  # each layer's own cache buffers, updated in place and read without slicing
@@ -300,7 +341,8 @@ class LlamaModel(nnx.Module):
             for i, layer in enumerate(self.layers):
                 gdef, state = nnx.split(layer)
                 x, layer_kv = _apply_layer(gdef, cfg.remat)(state, x, cos, sin, segments,
-                                                             None if kv is None else (kv[0][i], kv[1][i], None), index)
+                                                             None if kv is None else (kv[0][i], kv[1][i], None, cache_beams),
+                                                             index)
                 new.append(layer_kv)
             if kv is not None:
                 kv = tuple(zip(*new))
@@ -346,9 +388,9 @@ class LlamaForCausalLM(nnx.Module):
         return self.model.embed_tokens(input_ids)
 
     def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, positions=None,
-                 segment_ids=None, cache: KVCache | None = None):
+                 segment_ids=None, cache: KVCache | None = None, cache_beams: jax.Array | None = None):
         out = self.model(input_ids, attention_mask, inputs_embeds=inputs_embeds, positions=positions,
-                         segment_ids=segment_ids, cache=cache)
+                         segment_ids=segment_ids, cache=cache, cache_beams=cache_beams)
         if cache is None:
             return self.logits(out)
         hidden, cache = out

@@ -1,8 +1,9 @@
-"""`python -m bmgpt_jax.plan --generate`: the memory per device of greedy decoding at real size, compiled
-ahead of time for a TPU slice (or virtual CPU devices), before a chat or evaluation job starts.
+"""`python -m bmgpt_jax.plan --generate`: the memory per device of greedy decoding (or beam search, with
+`--num-beams`) at real size, compiled ahead of time for a TPU slice (or virtual CPU devices), before a chat
+or evaluation job starts.
 
 The program planned is the one `chat --mesh` and `evaluate` run for each batch: `generation.sampling`'s
-jitted decode (the prompt's prefill into the KV cache, then the `max_new_tokens` loop) of the config's
+(or `generation.beam`'s) jitted decode (the prompt's prefill into the KV cache, then the `max_new_tokens` loop) of the config's
 decoder, its parameters in the compute dtype (a converted bfloat16 or float16 checkpoint, as
 `convert_weights.py` keeps it) laid out by the rule table on the mesh, the prompt embeddings
 `[batch, prompt, embed]` sharded over `data` x `fsdp` as `evaluate` feeds them. The molecule and protein
@@ -20,6 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from bmgpt_jax import parallel
+from bmgpt_jax.generation.beam import _beam_decode
 from bmgpt_jax.generation.options import GenerationConfig
 from bmgpt_jax.generation.sampling import _decode
 from bmgpt_jax.models.llama import LlamaForCausalLM
@@ -34,6 +36,7 @@ class DecodePlan:
     batch: int
     prompt: int
     new: int
+    beams: int                  # 1: greedy (`sampling`), else beam search (`beam`) with this many per row
     dtype: str
     params: int                 # parameters of the decoder (global count)
     params_per_device: int      # bytes one device holds of them
@@ -41,10 +44,10 @@ class DecodePlan:
     program: Phase
 
 
-def plan_decode(cfg, devices: list, new: int, name: str = "") -> DecodePlan:
-    """Compile the greedy decode of `new` tokens after prompts of `cfg.data.seq_buckets[-1]` positions for
-    `cfg.data.batch_size` rows, `cfg.model.lm` on `cfg.mesh` over `devices` (a `TrainConfig`: the plan's
-    options and overrides apply as for training)."""
+def plan_decode(cfg, devices: list, new: int, name: str = "", num_beams: int = 1) -> DecodePlan:
+    """Compile the greedy decode (beam search for `num_beams` > 1) of `new` tokens after prompts of
+    `cfg.data.seq_buckets[-1]` positions for `cfg.data.batch_size` rows, `cfg.model.lm` on `cfg.mesh` over
+    `devices` (a `TrainConfig`: the plan's options and overrides apply as for training)."""
     mesh = parallel.make_mesh(cfg.mesh, devices)
     lm = dataclasses.replace(cfg.model.lm, param_dtype=cfg.compute_dtype, dtype=cfg.compute_dtype)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(lm, rngs=nnx.Rngs(0))))
@@ -54,24 +57,27 @@ def plan_decode(cfg, devices: list, new: int, name: str = "") -> DecodePlan:
     embeds = jax.ShapeDtypeStruct((B, T, lm.hidden_size), dtype, sharding=rows)
     mask = jax.ShapeDtypeStruct((B, T), jnp.int32,
                                 sharding=NamedSharding(mesh, parallel.logical_to_spec(("batch", None))))
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    program = Phase.compile(_decode, graphdef, params, None, embeds, mask, key,
-                            cfg=GenerationConfig(max_new_tokens=new, eos_token_id=lm.eos_token_id),
-                            mesh=parallel.mesh_of(params))
-    cache = 2 * lm.num_layers * B * lm.num_kv_heads * (T + new) * lm.dim_per_head * dtype.itemsize
-    return DecodePlan(name, dict(mesh.shape), B, T, new, cfg.compute_dtype,
+    options = GenerationConfig(max_new_tokens=new, eos_token_id=lm.eos_token_id, num_beams=num_beams)
+    if num_beams > 1:
+        program = Phase.compile(_beam_decode, graphdef, params, None, embeds, mask, cfg=options,
+                                mesh=parallel.mesh_of(params))
+    else:
+        program = Phase.compile(_decode, graphdef, params, None, embeds, mask, jax.eval_shape(lambda: jax.random.key(0)),
+                                cfg=options, mesh=parallel.mesh_of(params))
+    cache = 2 * lm.num_layers * B * num_beams * lm.num_kv_heads * (T + new) * lm.dim_per_head * dtype.itemsize
+    return DecodePlan(name, dict(mesh.shape), B, T, new, num_beams, cfg.compute_dtype,
                       sum(math.prod(x.shape) for x in jax.tree.leaves(state)), parallel.bytes_per_device(params), cache, program)
 
 
 def format_table(plans: list[DecodePlan], hbm_gib: float | None = None) -> str:
     """One row per plan: GiB per device (parameters, the compiled program's arguments, temporaries, peak)."""
     g = lambda b: "OOM" if b is None else f"{b / GiB:.2f}"  # noqa: E731
-    cols = ["config", "mesh", "batch x prompt+new", "dtype", "params", "KV cache GiB", "params/dev", "args/dev",
+    cols = ["config", "mesh", "batch x prompt+new", "beams", "dtype", "params", "KV cache GiB", "params/dev", "args/dev",
             "temp/dev", "peak/dev", "gathers MiB", "compile s"] + (["fits HBM"] if hbm_gib else [])
     rows = []
     for p in plans:
         m = p.program.memory
-        row = [p.name, "x".join(str(v) for v in p.mesh.values()), f"{p.batch} x {p.prompt}+{p.new}", p.dtype,
+        row = [p.name, "x".join(str(v) for v in p.mesh.values()), f"{p.batch} x {p.prompt}+{p.new}", str(p.beams), p.dtype,
                f"{p.params:,}", g(p.cache_bytes), g(p.params_per_device), g(m.get("argument")), g(m.get("temp")),
                g(p.program.peak), f"{sum(p.program.collectives.get('all-gather', [])) / 2 ** 20:.1f}", f"{p.program.compile_s:.0f}"]
         rows.append(row + ([fits(p.program.peak, hbm_gib) + f" ({hbm_gib:g})"] if hbm_gib else []))

@@ -16,7 +16,8 @@ the three phases of the job are planned on the target devices:
            target's hosts, the longest `data.seq_buckets`, each host's graph/protein budgets (`collate`'s
            shapes), `optim.grad_accum` micro-batches.
 The figures are the compiled programs' `memory_analysis()`; `fits` compares the largest phase with the chip's HBM.
-`--generate` plans the greedy decode of chat / evaluate instead (`bmgpt_jax.training.decode_plan`).
+`--generate` plans the greedy decode (`--num-beams`: beam search) of chat / evaluate instead
+(`bmgpt_jax.training.decode_plan`).
 
 Each row names the attention the step compiles with (decoder/ESM, as `attention: auto` resolves on the
 target: splash on TPU) and the loss's logits chunk. `--seq 2048 4096` plans several lengths; `--dense`
@@ -266,6 +267,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="plan greedy decoding (chat --mesh, evaluate) instead of training: --batch rows (default 8) "
                          "of --seq prompt positions, --new tokens, the config's decoder in the compute dtype")
     ap.add_argument("--new", type=positive_int, default=256, help="--generate: new tokens per row (default 256)")
+    ap.add_argument("--num-beams", type=positive_int, default=1,
+                    help="--generate: plan beam search with this many beams per row (default 1: greedy)")
     args = ap.parse_args(argv)
     if args.generate:
         args.batch = args.batch or 8
@@ -331,7 +334,7 @@ def plan_generation(args, devices: list, hbm: float | None) -> list:
                 print(f"compiling the decode of {name}: mesh {dict(parallel.make_mesh(cfg.mesh, devices).shape)}, "
                       f"{cfg.data.batch_size} rows x {cfg.data.seq_buckets[-1]} + {args.new} positions, "
                       f"{cfg.compute_dtype} ...", flush=True)
-                plans.append(decode.plan_decode(cfg, devices, args.new, name))
+                plans.append(decode.plan_decode(cfg, devices, args.new, name, num_beams=args.num_beams))
             except ValueError as e:
                 raise SystemExit(f"plan: {name}: {e}") from None
     print(decode.format_table(plans, hbm))

@@ -162,6 +162,43 @@ def test_decode_step_updates_the_cache_in_place(scan, batch):
     assert mem.temp_size_in_bytes < (1.25 if scan else 0.25) * layer_kv, (mem.temp_size_in_bytes, layer_kv)
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_beam_reorder_copies_one_layer_at_a_time(scan):
+    """`cache_beams` (beam search: beam j of row i continues that row's beam `cache_beams[i, j]`) reorders each
+    layer's slots inside the layer loop: the step equals reordering the whole cache first (a gather of every buffer, as beam search did) and
+    then stepping. With the stacked cache of a scanned model (the 10B configs') its temporaries stay under two
+    layers' k + v where the whole-cache reorder holds a second cache; per-layer buffers were already
+    reordered one at a time."""
+    cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_layers=8, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=2048, scan_layers=scan)
+    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    b = 4
+    ids = jnp.asarray(np.random.RandomState(0).randint(3, 128, (b, 5)), jnp.int32)
+    _, cache = model(ids, jnp.ones_like(ids), cache=model.init_cache(b, 2048))
+    beams, tok = jnp.asarray([[1, 1], [0, 1]]), jnp.asarray([[5], [6], [7], [8]], jnp.int32)  # 2 rows x 2 beams
+    rows = jnp.asarray([1, 1, 2, 3])                                                          # the same, flat
+    per_row = jax.jit(lambda st, c, t, r: nnx.merge(graphdef, st)(t, jnp.ones_like(t), cache=c, cache_beams=beams),
+                      donate_argnums=1)
+    def reordered(c, r):
+        return c._replace(k=jax.tree.map(lambda x: jnp.take(x, r, axis=x.ndim - 4), c.k),
+                          v=jax.tree.map(lambda x: jnp.take(x, r, axis=x.ndim - 4), c.v),
+                          valid=c.valid[r], next_pos=c.next_pos[r])
+    whole = jax.jit(lambda st, c, t, r: nnx.merge(graphdef, st)(t, jnp.ones_like(t), cache=reordered(c, r)),
+                    donate_argnums=1)
+    copy = lambda c: jax.tree.map(jnp.copy, c)  # noqa: E731  (each call donates its own cache)
+    (got, got_cache), (want, want_cache) = per_row(state, copy(cache), tok, rows), whole(state, copy(cache), tok, rows)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for a, w in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(w))
+    layer_kv = sum(x.nbytes for x in jax.tree.leaves((cache.k, cache.v))) // cfg.num_layers
+    temp = {name: f.lower(state, cache, tok, rows).compile().memory_analysis().temp_size_in_bytes
+            for name, f in (("per_row", per_row), ("whole", whole))}
+    assert temp["per_row"] < 2 * layer_kv, (temp, layer_kv)
+    if scan:
+        assert temp["whole"] > 6 * layer_kv, (temp, layer_kv)
+
+
 def test_remat_gives_same_loss_and_grads(hf_model):
     from flax import nnx
     path, _ = hf_model

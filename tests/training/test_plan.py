@@ -187,7 +187,13 @@ def test_generate_plans_the_sharded_decode(capsys):
     assert p.program.memory["argument"] == pytest.approx(p.params_per_device + embeds_and_mask, rel=0.01)
     assert p.cache_bytes == 2 * 2 * 8 * 32 * (256 + 32) * 128 * 2   # k and v, 2 layers, 8 rows, 32 heads of 128
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("biomedgpt_10b_finetune"))
-    assert row.split()[1:6] == ["1x8x1", "8", "x", "256+32", "bfloat16"]
+    assert row.split()[1:7] == ["1x8x1", "8", "x", "256+32", "1", "bfloat16"]
+    (beams,) = plan.main(["--devices", "8", "--generate", "--mesh", "1,8,1", "-o", "model.lm.num_layers=2",
+                          "--seq", "256", "--new", "32", "--num-beams", "4"])   # beam search's program
+    assert beams.beams == 4 and beams.cache_bytes == 4 * p.cache_bytes and beams.program.memory
+    assert p.program.memory["argument"] - beams.program.memory["argument"] == 8   # the same but greedy's random key
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("biomedgpt_10b_finetune"))
+    assert row.split()[1:7] == ["1x8x1", "8", "x", "256+32", "4", "bfloat16"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install -e .[tpu-plan])")
