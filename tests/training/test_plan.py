@@ -214,3 +214,8 @@ def test_tpu_decode_moves_activations_not_weights_or_caches(capsys):
     gathered = fsdp.program.collectives.get("all-gather", [])
     # the smallest whole weight is a 4096 x 4096 projection (32 MiB); the prefill's 8 x 256 x 4096 rows are 16
     assert fsdp.program.memory and max(gathered, default=0) < 32 * 2 ** 20, gathered
+    # beam search reorders each row's beams where the row lies (a flat gather all-gathered each layer's cache)
+    (beams,) = plan.main(["--topology", "v5e:2x2", "--generate", "--mesh", "1,4,1", "-o", "model.lm.num_layers=2",
+                          "--seq", "256", "--new", "32", "--num-beams", "4"])
+    gathered = beams.program.collectives.get("all-gather", [])
+    assert beams.program.memory and max(gathered, default=0) < 32 * 2 ** 20, gathered
