@@ -7,9 +7,10 @@ score; the top `2 * num_beams` (beam, token) candidates over all beams. Candidat
 stop sequence (all of them at the last step) are offered, when among the first `num_beams`, to the row's
 `num_beams` finished hypotheses, scored `sum_logprob / new_tokens ** length_penalty`; the best
 `num_beams` unfinished candidates run on, and the KV cache rows (`batch * num_beams`) follow them, each
-layer's slots reordered inside the next step's layer loop (`cache_beams`: one layer copied at a time). A row stops accepting hypotheses once all `num_beams` are finished and its best running
-beam, normalised by the current length, cannot beat the worst of them; the loop ends when no row can
-improve or every candidate has finished. Prefill, the loop (`lax.while_loop`) and the cache reordering
+layer's slots reordered inside the next step's layer loop (`cache_beams`: one layer copied at a time). A
+row stops accepting hypotheses once all `num_beams` are finished and its best running beam, normalised by
+the current length, cannot beat the worst of them; the loop ends when no row can improve or every
+candidate has finished. Prefill, the loop (`lax.while_loop`) and the cache reordering
 are one `jax.jit`.
 
 HF's `-1e9` "impossible" offsets are reproduced as is (same float32 rounding, same tie behaviour).

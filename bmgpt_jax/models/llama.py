@@ -12,7 +12,7 @@ prefill and every decode step are the same pure call and a whole generation loop
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from bmgpt_jax.models.attention import IMPLEMENTATIONS, Segments, attention
+from bmgpt_jax.models.kv_cache import KVCache, follow_beams, layer_slots, reorder_layer, write_slots
 from bmgpt_jax.models.layers import Embedding, Linear, RMSNorm, apply_rotary, dense, dtype_of, rotary_cos_sin
 from bmgpt_jax.parallel import constrain
 
@@ -78,36 +79,6 @@ class LlamaConfig:
         return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + d
 
 
-class KVCache(NamedTuple):
-    """Decoding state. k/v: per layer `[batch, kv_heads, max_len, head_dim]` (heads before slots: the layout the
-    attention products read without a transposed copy), a tuple of one buffer per layer, or for a scanned
-    model (`scan_layers`) one array `[layers, ...]` that rides in the scan's carry; either way each step
-    writes its slots in place. A batch of one stores `[kv_heads, max_len, head_dim]`: XLA drops a size-1
-    batch dim from the score products, and on CPU the reshape between the buffer a step writes and the
-    one the products read made it copy every layer's keys per token (docs/chat.md). `valid [batch,
-    max_len]` marks filled slots that are real tokens; `index` is the next slot to write; `next_pos [batch]`
-    the next rotary position of each row (padding does not advance it, so left-padded prompts decode
-    correctly)."""
-
-    k: jax.Array | tuple[jax.Array, ...]
-    v: jax.Array | tuple[jax.Array, ...]
-    valid: jax.Array
-    index: jax.Array
-    next_pos: jax.Array
-
-    def repeat_rows(self, n: int) -> "KVCache":
-        """The cache with each batch row repeated `n` times in place (rows `0, 0, .., 1, 1, ..`): beam search's
-        start, every beam a copy of its prompt. A broadcast: as a gather of those rows, the TPU compiler
-        assembled the grown cache from per-128-slot pieces, holding it twice."""
-        b = self.valid.shape[0]
-
-        def repeat(x):
-            full = _with_batch(x, b)                                  # [(layers,) b, h, s, d]
-            return _stored(jnp.repeat(full, n, axis=full.ndim - 4))  # a static count: broadcast + reshape
-        return self._replace(k=jax.tree.map(repeat, self.k), v=jax.tree.map(repeat, self.v),
-                             valid=jnp.repeat(self.valid, n, axis=0), next_pos=jnp.repeat(self.next_pos, n, axis=0))
-
-
 class LlamaAttention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         d, hd = cfg.hidden_size, cfg.dim_per_head
@@ -124,7 +95,7 @@ class LlamaAttention(nnx.Module):
         self.implementation = cfg.attention
 
     def __call__(self, x, cos, sin, segments: Segments, cache=None, index=None):
-        """x `[b, t, embed]`; segments: per-token mask inputs (causal). cache: None, or (k, v, layer, rows): this
+        """x `[b, t, embed]`; segments: per-token mask inputs (causal). cache: None, or (k, v, layer, beams): this
         layer's own buffers `[b, kv_heads, s, head_dim]` (layer None) or the stacked cache `[layers, b, kv_heads,
         s, head_dim]` and this layer's index (stored as `KVCache` says: b == 1 dropped), and None or the
         `[rows, beams]` the layer's slots first follow (beam search; `follow_beams`). This step's keys
@@ -139,66 +110,14 @@ class LlamaAttention(nnx.Module):
         if cache is not None:
             *bufs, layer, beams = cache
             if beams is not None:
-                bufs = [_reorder_layer(buf, layer, beams) for buf in bufs]
-            cache = tuple(_write_slots(buf, new, layer, index) for buf, new in zip(bufs, (k, v)))
+                bufs = [reorder_layer(buf, layer, beams) for buf in bufs]
+            cache = tuple(write_slots(buf, new, layer, index) for buf, new in zip(bufs, (k, v)))
             # the layer's [b, kv_heads, s, d] slots as attention's [b, s, kv_heads, d] view: the score
             # products read the cache in its own layout (batch and head dims leading), no transposed copy
-            k, v = (jnp.swapaxes(_layer_slots(buf, layer, b), 1, 2) for buf in cache)
+            k, v = (jnp.swapaxes(layer_slots(buf, layer, b), 1, 2) for buf in cache)
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), segments, causal=True,
                         implementation=self.implementation)
         return self.o_proj(out.reshape(b, t, -1)), cache
-
-
-def _stored(x: jax.Array) -> jax.Array:
-    """Cache buffer(s) `[(layers,) b, kv_heads, s, d]` in their stored form (see `KVCache`): b == 1 dropped."""
-    return jnp.squeeze(x, x.ndim - 4) if x.shape[-4] == 1 else x
-
-
-def _with_batch(x: jax.Array, batch: int) -> jax.Array:
-    """A stored cache buffer back as `[(layers,) b, kv_heads, s, d]`."""
-    return jnp.expand_dims(x, x.ndim - 3) if batch == 1 else x
-
-
-def _write_slots(buf: jax.Array, new: jax.Array, layer, index) -> jax.Array:
-    """`new [b, t, kv_heads, d]` written into the cache buffer at slot `index` (and layer `layer` of a stacked one)."""
-    new = _stored(jnp.swapaxes(new, 1, 2).astype(buf.dtype))
-    start = (0,) * (new.ndim - 2) + (index, 0)
-    if layer is None:
-        return jax.lax.dynamic_update_slice(buf, new, start)
-    return jax.lax.dynamic_update_slice(buf, new[None], (layer, *start))
-
-
-def follow_beams(x: jax.Array, beams: jax.Array) -> jax.Array:
-    """`x [b * nb, ...]` (beam j of batch row i at row `i * nb + j`) with beam j of each row taking that row's
-    beam `beams[i, j]`; `beams [b, nb]`. A gather along the beams of each row only, so under a mesh that
-    splits the rows no row moves to another device (a gather by flat row ids made the partitioner all-gather
-    the cache). bfloat16 is gathered as its `uint16` bits: XLA:CPU converts a bfloat16 gather's whole
-    operand to float32 and back."""
-    b, nb = beams.shape
-    y = jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
-    g = jax.vmap(lambda group, idx: jnp.take(group, idx, axis=0))(y.reshape(b, nb, *y.shape[1:]), beams)
-    return jax.lax.bitcast_convert_type(g, x.dtype).reshape(x.shape) if y is not x else g.reshape(x.shape)
-
-
-def _reorder_layer(buf: jax.Array, layer, beams: jax.Array) -> jax.Array:
-    """The cache buffer with (layer `layer`'s) slots following `beams` (`follow_beams`), the other layers
-    untouched: beam search reorders the cache one layer at a time inside the layer loop, so one layer's
-    slots are copied at a time (reordering the whole `[layers, ...]` cache at once held a second cache and
-    the while loop's copies of it beside the first). A stored batch dim (b * nb > 1) is assumed.
-
-    A layer's own buffer (an unscanned model: the small CPU ones) is gathered by flat row ids, which XLA:CPU
-    writes in place (`follow_beams`' batched gather held about half the cache in temporaries there); the
-    stacked cache of a scanned model (the 10B configs, on meshes) by `follow_beams`."""
-    if layer is None:
-        b, nb = beams.shape
-        return jnp.take(buf, (beams + nb * jnp.arange(b)[:, None]).reshape(-1), axis=0)
-    moved = follow_beams(jax.lax.dynamic_index_in_dim(buf, layer, keepdims=False), beams)
-    return jax.lax.dynamic_update_slice(buf, moved[None], (layer,) + (0,) * moved.ndim)
-
-
-def _layer_slots(buf: jax.Array, layer, batch: int) -> jax.Array:
-    """The layer's `[b, kv_heads, s, d]` slots: the buffer itself, or its `layer` of a stacked one."""
-    return _with_batch(buf if layer is None else jax.lax.dynamic_index_in_dim(buf, layer, keepdims=False), batch)
 
 
 class LlamaMLP(nnx.Module):
