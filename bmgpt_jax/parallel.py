@@ -1,12 +1,15 @@
-"""Device mesh and the one logical-axis rule table (MaxText's habit).
+"""Device mesh and the logical-axis rule table (MaxText's habit).
 
 Parameters and main activations carry *logical* axis names (`embed`, `mlp`, `heads`, `batch`, ...).
 `RULES` maps each logical name to mesh axes (`data`, `fsdp`, `tensor`); everything that shards goes
-through `logical_to_spec`, so changing a parallelism strategy is a one-line edit of the table.
+through `logical_to_spec`, so changing a parallelism strategy is a one-line edit of the table. Decoding
+places its activations by `DECODE_RULES` (the same table with two entries changed: the weights stay
+put and the few rows of activations move), parameters always by `RULES`.
 
-Every placement of an array lives here and is used by the model (`constrain`), the data pipeline
-(`batch_shardings`), model building (`init_sharded`: random init inside jit, each device creating only
-its own shards), checkpointing (`abstract_state`) and the train step (`tree_shardings`, `shard`).
+Every placement of an array lives here and is used by the model (`constrain`, inside a program traced
+`within` its mesh), the data pipeline (`batch_shardings`), model building (`init_sharded`: random init
+inside jit, each device creating only its own shards), checkpointing (`abstract_state`) and the train
+step (`tree_shardings`, `shard`).
 """
 from __future__ import annotations
 
