@@ -65,12 +65,9 @@ def follow_beams(x: jax.Array, beams: jax.Array) -> jax.Array:
     """`x [b * nb, ...]` (beam j of batch row i at row `i * nb + j`) with beam j of each row taking that row's
     beam `beams[i, j]`; `beams [b, nb]`. A gather along the beams of each row only, so under a mesh that
     splits the rows no row moves to another device (a gather by flat row ids made the partitioner all-gather
-    the cache). bfloat16 is gathered as its `uint16` bits: XLA:CPU converts a bfloat16 gather's whole
-    operand to float32 and back."""
+    the cache). `layers.take`: bfloat16 as its bits on CPU."""
     b, nb = beams.shape
-    y = jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
-    g = jax.vmap(lambda group, idx: jnp.take(group, idx, axis=0))(y.reshape(b, nb, *y.shape[1:]), beams)
-    return jax.lax.bitcast_convert_type(g, x.dtype).reshape(x.shape) if y is not x else g.reshape(x.shape)
+    return jax.vmap(lambda group, idx: take(group, idx, axis=0))(x.reshape(b, nb, *x.shape[1:]), beams).reshape(x.shape)
 
 
 def reorder_layer(buf: jax.Array, layer, beams: jax.Array) -> jax.Array:

@@ -3,8 +3,8 @@
 or evaluation job starts.
 
 The program planned is the one `chat --mesh` and `evaluate` run for each batch: `generation.sampling`'s
-(or `generation.beam`'s) jitted decode (the prompt's prefill into the KV cache, then the `max_new_tokens` loop) of the config's
-decoder, its parameters in the compute dtype (a converted bfloat16 or float16 checkpoint, as
+(or `generation.beam`'s) jitted decode (the prompt's prefill into the KV cache, then the `max_new_tokens`
+loop) of the config's decoder, its parameters in the compute dtype (a converted bfloat16 or float16 checkpoint, as
 `convert_weights.py` keeps it) laid out by the rule table on the mesh, the prompt embeddings
 `[batch, prompt, embed]` sharded over `data` x `fsdp` as `evaluate` feeds them. The molecule and protein
 encoders run in a separate, smaller program before it (the spliced embeddings are its input) and are not
@@ -58,12 +58,12 @@ def plan_decode(cfg, devices: list, new: int, name: str = "", num_beams: int = 1
     mask = jax.ShapeDtypeStruct((B, T), jnp.int32,
                                 sharding=NamedSharding(mesh, parallel.logical_to_spec(("batch", None))))
     options = GenerationConfig(max_new_tokens=new, eos_token_id=lm.eos_token_id, num_beams=num_beams)
+    traced = dict(cfg=options, mesh=parallel.mesh_of(params))   # as `generate` calls it
     if num_beams > 1:
-        program = Phase.compile(_beam_decode, graphdef, params, None, embeds, mask, cfg=options,
-                                mesh=parallel.mesh_of(params))
+        program = Phase.compile(_beam_decode, graphdef, params, None, embeds, mask, **traced)
     else:
-        program = Phase.compile(_decode, graphdef, params, None, embeds, mask, jax.eval_shape(lambda: jax.random.key(0)),
-                                cfg=options, mesh=parallel.mesh_of(params))
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        program = Phase.compile(_decode, graphdef, params, None, embeds, mask, key, **traced)
     cache = 2 * lm.num_layers * B * num_beams * lm.num_kv_heads * (T + new) * lm.dim_per_head * dtype.itemsize
     return DecodePlan(name, dict(mesh.shape), B, T, new, num_beams, cfg.compute_dtype,
                       sum(math.prod(x.shape) for x in jax.tree.leaves(state)), parallel.bytes_per_device(params), cache, program)
