@@ -78,19 +78,31 @@ def axis_names(entry) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
-def fitted_spec(shape: Sequence[int], axes: Sequence[str | None] | None, mesh: Mesh, rules=RULES) -> P:
-    """`logical_to_spec(axes)` for an array of `shape` on `mesh`, dropping (replicating) any mesh axis a
-    dimension does not divide: e.g. the 32001-row vocabulary stays whole on a 2-way tensor axis."""
+def fitted_spec(shape: Sequence[int], axes: Sequence[str | None] | None, mesh: Mesh, rules=RULES,
+                refit: bool = False) -> P:
+    """`logical_to_spec(axes)` for an array of `shape` on `mesh`, dropping any mesh axis a dimension does
+    not divide: e.g. the 32001-row vocabulary does not divide a 4-way tensor axis. Dropped, the axis
+    replicates the array (activations: a decode batch of 1 stays whole); with `refit` (parameters) it
+    moves to the last other dimension it divides, so no weight is whole on every device: the vocabulary
+    `[32001, 4096]` on fsdp x tensor is split `[32001, 4096 / (fsdp x tensor)]`."""
     spec = logical_to_spec(axes, rules)
-    out = []
+    kept_axes, dropped = [], []
     for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = axis_names(entry)
         kept, size = [], 1
-        for name in names:
+        for name in axis_names(entry):
             if dim % (size * mesh.shape[name]) == 0:
                 kept.append(name)
                 size *= mesh.shape[name]
-        out.append(kept[0] if len(kept) == 1 else (tuple(kept) or None))
+            elif mesh.shape[name] > 1:
+                dropped.append(name)
+        kept_axes.append(kept)
+    for name in dropped if refit else ():
+        for i in reversed(range(len(shape))):
+            size = math.prod(mesh.shape[a] for a in kept_axes[i]) * mesh.shape[name]
+            if shape[i] % size == 0:
+                kept_axes[i].append(name)
+                break
+    out = [kept[0] if len(kept) == 1 else (tuple(kept) or None) for kept in kept_axes]
     while out and out[-1] is None:
         out.pop()
     return P(*out)
@@ -103,6 +115,26 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if mesh is None or mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, fitted_spec(x.shape, axes, mesh, _ACTIVATION_RULES.get()))
+
+
+def constrain_to_weight(x: jax.Array, axes: Sequence[str | None], weight: nnx.Variable, dim: int) -> jax.Array:
+    """Decoding only (traced `within(mesh, DECODE_RULES)`): `x [..., in]` constrained by `axes` and then
+    split on its last dim as the weight's contracting dim `dim` is laid out (its parameter spec, `refit`),
+    less the axes `x`'s other dims use: the product then sums partial results over those axes instead of
+    gathering the weight. For the LM head when the tensor axis does not divide the vocabulary: the head's
+    rows split over fsdp x tensor, while the residual stream is split over fsdp only; the first constraint
+    keeps the head's layout from propagating back into the layers. Elsewhere `constrain(x, axes)`."""
+    x = constrain(x, axes)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or _ACTIVATION_RULES.get() is not DECODE_RULES:
+        return x
+    spec = tuple(fitted_spec(x.shape, axes, mesh, DECODE_RULES))[: x.ndim - 1]
+    spec += (None,) * (x.ndim - 1 - len(spec))
+    used = {a for entry in spec for a in axis_names(entry)}
+    weight_spec = fitted_spec(weight.shape, weight.get_metadata().get("out_sharding"), mesh, refit=True)
+    weight_spec = tuple(weight_spec) + (None,) * len(weight.shape)
+    split = tuple(a for a in axis_names(weight_spec[dim]) if a not in used)
+    return jax.lax.with_sharding_constraint(x, P(*spec, split[0] if len(split) == 1 else (split or None)))
 
 
 def mesh_of(tree: Any) -> Mesh | None:
@@ -235,7 +267,8 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
     """
     def one(x):
         if isinstance(x, nnx.Variable):
-            return x.replace(NamedSharding(mesh, fitted_spec(x.shape, x.get_metadata().get("out_sharding"), mesh)))
+            return x.replace(NamedSharding(mesh, fitted_spec(x.shape, x.get_metadata().get("out_sharding"), mesh,
+                                                              refit=True)))
         return NamedSharding(mesh, P())
     return jax.tree.map(one, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
 

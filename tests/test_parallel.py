@@ -3,8 +3,10 @@ checked for the data pipeline's per-process row blocks (processes simulated by m
 import importlib.util
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import AxisType
 
 from bmgpt_jax import parallel
@@ -25,6 +27,23 @@ def test_a_mesh_that_does_not_fit_the_devices_says_how_to_simulate_them():
         parallel.make_mesh((4, 4, 1))
     with pytest.raises(ValueError, match="needs 3 devices"):
         parallel.make_mesh((3, 1, 1))
+
+
+def test_an_axis_a_weight_dimension_does_not_divide_moves_to_another_dimension():
+    """`fitted_spec`: the 32001-token vocabulary does not divide a 4-way tensor axis. An activation keeps
+    the axis off (replicated over it); a parameter (`refit`, `tree_shardings`) moves it to the last other
+    dimension it divides, after that dimension's own axes, so no weight is whole on every device."""
+    from jax.sharding import PartitionSpec as P
+    mesh = parallel.make_mesh((1, 2, 4))
+    table, head = (32001, 4096), (4096, 32001)
+    assert parallel.fitted_spec(table, ("vocab", "embed"), mesh) == P(None, "fsdp")
+    assert parallel.fitted_spec(table, ("vocab", "embed"), mesh, refit=True) == P(None, ("fsdp", "tensor"))
+    assert parallel.fitted_spec(head, ("embed", "vocab"), mesh, refit=True) == P(("fsdp", "tensor"))
+    assert parallel.fitted_spec((32000, 4096), ("vocab", "embed"), mesh, refit=True) == P("tensor", "fsdp")
+    assert parallel.fitted_spec((3, 5), ("vocab", "embed"), mesh, refit=True) == P()   # nothing divides: whole
+    assert parallel.fitted_spec((4096, 11008), ("embed", "mlp"), mesh, refit=True) == P("fsdp", "tensor")
+    state = {"w": nnx.Param(jnp.zeros(table), out_sharding=("vocab", "embed"), eager_sharding=False)}
+    assert parallel.tree_shardings(state, mesh)["w"].get_value().spec == P(None, ("fsdp", "tensor"))
 
 
 def by_id(split):

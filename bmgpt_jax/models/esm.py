@@ -75,7 +75,7 @@ class EsmEmbeddings(nnx.Module):
 
     def __init__(self, cfg: EsmConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        # The 33-row table is kept whole on every device ("vocab" would need 33 % tensor == 0).
+        # The 33-row table is split by its columns only ("vocab" would need 33 % tensor == 0).
         self.word_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, axes=(None, "embed"),
                                          param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
 

@@ -205,30 +205,38 @@ def embedding_lookup(table: jax.Array, ids: jax.Array, axes: Sequence[str | None
 
 def _lookup_plan(table_shape, ids_shape, axes, mesh):
     """(table spec, ids spec, column axes) for `_sharded_lookup`, or None where the plain gather is the
-    right one: columns unsharded, or sharded over an axis the batch rows are not also split over."""
-    table_spec = parallel.fitted_spec(table_shape, axes, mesh)
+    right one: the table's columns unsplit, or split with an axis that does not split the rows before
+    one that does (`_sharded_lookup` gathers the minor column blocks). The table spec is its parameter's
+    (`refit`, as laid out by `parallel.tree_shardings`)."""
+    table_spec = parallel.fitted_spec(table_shape, axes, mesh, refit=True)
     ids_spec = parallel.fitted_spec(ids_shape, ("batch",), mesh)
     cols = parallel.axis_names(table_spec[1]) if len(table_spec) > 1 else ()
     rows = parallel.axis_names(ids_spec[0]) if len(ids_spec) else ()
-    if not cols or not set(cols) <= set(rows):
+    split_both = [a in rows for a in cols]
+    if not cols or split_both != sorted(split_both, reverse=True):   # see `_sharded_lookup`'s column order
         return None
     return table_spec, ids_spec, cols
 
 
 def _sharded_lookup(table, ids, mesh, table_spec, ids_spec, cols):
     """The lookup in `shard_map`, for a table whose columns are split over mesh axes `cols` (FSDP's
-    "embed") that also split the batch rows. Left to the partitioner, such a gather comes out split on
-    columns and is then re-split on rows by replicating the whole `[batch, seq, dim]` output on every
-    device (SPMD's "involuntary full rematerialization": measured on a 2x2x2 and a 2x4x1 mesh at 7B width).
-    Here each device gathers its peers' ids (`cols` only: integers), looks them up in its own columns
-    (rows outside its vocabulary shard masked, then summed over the vocabulary axes), and an all-to-all
-    over `cols` trades column blocks for row blocks: out `[batch / row shards, ..., dim]`, nothing whole."""
+    "embed", and the tensor axis where the vocabulary does not divide it: `parallel.fitted_spec`'s
+    refit). Left to the partitioner, such a gather comes out split on columns and is then re-split on
+    rows by replicating the whole `[batch, seq, dim]` output on every device (SPMD's "involuntary full
+    rematerialization": measured on a 2x2x2 and a 2x4x1 mesh at 7B width). Here each device gathers its
+    peers' ids over the column axes that also split the rows (integers), looks them up in its own columns
+    (rows outside its vocabulary shard masked, then summed over the vocabulary axes), gathers the column
+    blocks of the axes that do not split the rows (tensor: a few rows of activations), and an all-to-all
+    over the rest trades column blocks for row blocks: out `[batch / row shards, ..., dim]`, nothing whole."""
     vocab_axes = parallel.axis_names(table_spec[0])
+    row_axes = parallel.axis_names(ids_spec[0]) if len(ids_spec) else ()
+    shared = tuple(a for a in cols if a in row_axes)       # split both: traded by the all-to-all
+    gathered = tuple(a for a in cols if a not in row_axes)  # split the columns only: all-gathered
     # the axes that split the rows but not the table (e.g. data): the table is whole on each of them
-    extra = tuple(a for a in parallel.axis_names(ids_spec[0]) if a not in vocab_axes + cols)
+    extra = tuple(a for a in row_axes if a not in vocab_axes + cols)
 
     def local(t, i):                      # t [num / vocab shards, dim / col shards], i [batch / row shards, ...]
-        i = jax.lax.all_gather(i, cols, axis=0, tiled=True)
+        i = jax.lax.all_gather(i, shared, axis=0, tiled=True) if shared else i
         # the table as varying over the row axes it is replicated on (e.g. data), as the ids are: the
         # transpose then sums its gradient over them (`_take`'s custom VJP must see matching types)
         t = jax.lax.pcast(t, extra, to="varying") if extra else t
@@ -240,7 +248,9 @@ def _sharded_lookup(table, ids, mesh, table_spec, ids_spec, cols):
             rows = jax.lax.psum(rows, vocab_axes)
         else:
             rows = _take(t, i)
-        return jax.lax.all_to_all(rows, cols, 0, rows.ndim - 1, tiled=True)
+        # the columns as `cols` order them, major to minor: the minor (gathered) blocks join first
+        rows = jax.lax.all_gather(rows, gathered, axis=rows.ndim - 1, tiled=True, to="invarying") if gathered else rows
+        return jax.lax.all_to_all(rows, shared, 0, rows.ndim - 1, tiled=True) if shared else rows
 
     out_spec = jax.sharding.PartitionSpec(*ids_spec, *(None,) * (ids.ndim + 1 - len(ids_spec)))
     return jax.shard_map(local, mesh=mesh, in_specs=(table_spec, ids_spec), out_specs=out_spec)(table, ids)

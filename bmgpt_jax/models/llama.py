@@ -22,7 +22,7 @@ from flax import nnx
 from bmgpt_jax.models.attention import IMPLEMENTATIONS, Segments, attention
 from bmgpt_jax.models.kv_cache import KVCache, follow_beams, layer_slots, reorder_layer, write_slots
 from bmgpt_jax.models.layers import Embedding, Linear, RMSNorm, apply_rotary, dense, dtype_of, rotary_cos_sin
-from bmgpt_jax.parallel import constrain
+from bmgpt_jax.parallel import constrain, constrain_to_weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,9 +296,12 @@ class LlamaForCausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Hidden states `[..., embed]` -> float32 logits `[..., vocab]`."""
+        axes = ("batch",) + ("seq",) * (hidden.ndim - 2) + ("act_embed",)
         if self.config.tie_word_embeddings:
+            hidden = constrain_to_weight(hidden, axes, self.model.embed_tokens.weight, 1)
             out = dense(hidden, self.model.embed_tokens.weight[...].astype(hidden.dtype).T)
         else:
+            hidden = constrain_to_weight(hidden, axes, self.lm_head.kernel, 0)
             out = self.lm_head(hidden)
         return out.astype(jnp.float32)
 

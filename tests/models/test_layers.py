@@ -209,8 +209,8 @@ def test_rotary_frequencies_are_pytorchs_and_cpu_gathers_the_angles(torch):
 @pytest.mark.parametrize("shape", [(2, 2, 2), (2, 4, 1), (1, 4, 2)])
 @pytest.mark.parametrize("vocab, dtype", [(64, jnp.float32), (63, jnp.bfloat16)])
 def test_embedding_lookup_under_a_mesh_equals_the_gather_and_stays_batch_sharded(shape, vocab, dtype, capfd):
-    """Under a data x fsdp x tensor mesh, with the table's columns FSDP-sharded (and its rows tensor-sharded
-    where the vocabulary divides), the lookup (`layers._sharded_lookup`) gives one device's rows and table
+    """Under a data x fsdp x tensor mesh, with the table's columns FSDP-sharded and its rows tensor-sharded
+    where the vocabulary divides (else its columns over fsdp x tensor: `fitted_spec`'s refit), the lookup (`layers._sharded_lookup`) gives one device's rows and table
     gradient, its output is split over the batch axes, and the partitioner replicates nothing to get there
     (before: XLA's "Involuntary full rematerialization" of the whole `[batch, seq, dim]` output)."""
     from jax.sharding import NamedSharding
@@ -224,10 +224,12 @@ def test_embedding_lookup_under_a_mesh_equals_the_gather_and_stays_batch_sharded
         lambda t: (embedding_lookup(t, i).astype(jnp.float32) * g).sum(), has_aux=False)(t) + (embedding_lookup(t, i),))
     _, want_grad, want = step(table, ids)
     mesh = parallel.make_mesh(shape)
-    spec = lambda x, axes: NamedSharding(mesh, parallel.fitted_spec(x.shape, axes, mesh))  # noqa: E731
+    spec = lambda x, axes, **kw: NamedSharding(mesh, parallel.fitted_spec(x.shape, axes, mesh, **kw))  # noqa: E731
+    laid_out = jax.device_put(table, spec(table, ("vocab", "embed"), refit=True))
+    assert laid_out.addressable_shards[0].data.size == table.size // (mesh.shape["fsdp"] * mesh.shape["tensor"])
     with jax.sharding.set_mesh(mesh):
         capfd.readouterr()
-        _, grad, out = step(jax.device_put(table, spec(table, ("vocab", "embed"))), jax.device_put(ids, spec(ids, ("batch",))))
+        _, grad, out = step(laid_out, jax.device_put(ids, spec(ids, ("batch",))))
         assert "rematerialization" not in capfd.readouterr().err
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
     exact, size = np.zeros((vocab, 32)), np.zeros((vocab, 32))   # the gradient in float64, and its terms' sizes

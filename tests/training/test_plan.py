@@ -199,16 +199,27 @@ def test_generate_plans_the_sharded_decode(capsys):
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install -e .[tpu-plan])")
 def test_tpu_decode_moves_activations_not_weights_or_caches(capsys):
     """The 10B decoder (2 layers) compiled for one v5e host. Heads over a 4-way tensor axis: each chip attends
-    with its own 8 of the 32 kv heads and the program has no all-gather at all; traced without its mesh (as
-    chat and evaluate once ran it) the prefill all-gathered each layer's whole KV cache onto every chip.
+    with its own 8 of the 32 kv heads, holds a quarter of every weight (the 32001-token embedding and head
+    too, split by their hidden columns: before, whole on every chip) and gathers only each step's new
+    token's embedding (8 x 4096); traced without its mesh (as chat and evaluate once ran it) the prefill
+    all-gathered each layer's whole KV cache onto every chip, and a head split on its columns without the
+    hidden states pinned made the prefill all-gather the residual stream (64 MiB) in every layer.
     fsdp over the 4 chips: the weights stay in their shards (under the training rules the decode loop
     all-gathered every layer's weights on every step); what is gathered is rows of activations."""
     (tensor,) = plan.main(["--topology", "v5e:2x2", "--generate", "--mesh", "1,1,4", "-o", "model.lm.num_layers=2",
                            "--seq", "512", "--new", "32"])
     assert tensor.mesh == {"data": 1, "fsdp": 1, "tensor": 4} and tensor.program.memory
-    assert "all-gather" not in tensor.program.collectives, tensor.program.collectives
+    quarter = tensor.params * 2 / 4    # bfloat16; only the norms' vectors are whole on each chip
+    assert quarter <= tensor.params_per_device < 1.001 * quarter, (tensor.params_per_device, tensor.params)
+    assert max(tensor.program.collectives.get("all-gather", [0])) <= 8 * 4096 * 2, tensor.program.collectives
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("biomedgpt_10b_finetune"))
-    assert row.split()[-4] == "0.0" and row.endswith("yes (16)")   # the gathers column
+    assert row.split()[-4] == "0.1" and row.endswith("yes (16)")   # the gathers column, MiB
+    # fsdp x tensor (two hosts): the head's rows split over both; its input is split as they are, so the
+    # prefill sums partial logits (without `head_in`, it all-gathered the 250 MiB head)
+    (both,) = plan.main(["--topology", "v5e:2x4", "--generate", "--mesh", "1,2,4", "-o", "model.lm.num_layers=2",
+                         "--seq", "256", "--new", "32"])
+    assert both.params_per_device < 1.001 * both.params * 2 / 8
+    assert both.program.memory and max(both.program.collectives.get("all-gather", [0])) < 32 * 2 ** 20
     (fsdp,) = plan.main(["--topology", "v5e:2x2", "--generate", "--mesh", "1,4,1", "-o", "model.lm.num_layers=2",
                          "--seq", "256", "--new", "32"])
     gathered = fsdp.program.collectives.get("all-gather", [])
