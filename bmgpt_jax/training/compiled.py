@@ -7,6 +7,7 @@ import re
 import time
 
 import jax
+from jax.experimental.layout import Format
 
 GiB = 1024 ** 3
 RESERVE_GIB = 1.0  # HBM the TPU runtime keeps (v5e: 15.75 of 16 GiB usable) plus fragmentation headroom
@@ -21,9 +22,12 @@ class Phase:
     compile_s: float
     error: str = ""
     collectives: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    input_layouts: list = dataclasses.field(default_factory=list)
 
     @classmethod
     def compile(cls, jitted, *args, **kwargs) -> "Phase":
+        """`jitted.lower(*args, **kwargs).compile()`, measured. `input_layouts`: each flat argument's
+        `major_to_minor` in the compiled program (what a jit given `Layout.AUTO` formats chose)."""
         t0 = time.perf_counter()
         try:
             compiled = jitted.lower(*args, **kwargs).compile()
@@ -33,8 +37,10 @@ class Phase:
             return cls({}, time.perf_counter() - t0, str(e).splitlines()[0])
         ma = compiled.memory_analysis()
         keys = ("argument", "output", "alias", "temp", "generated_code")
+        formats = jax.tree.leaves(compiled.input_formats, is_leaf=lambda f: isinstance(f, Format))
         return cls({k: int(getattr(ma, f"{k}_size_in_bytes")) for k in keys}, time.perf_counter() - t0,
-                   collectives=collectives(compiled.as_text()))
+                   collectives=collectives(compiled.as_text()),
+                   input_layouts=[getattr(f.layout, "major_to_minor", None) for f in formats])
 
     @property
     def peak(self) -> int | None:

@@ -9,6 +9,11 @@ loop) of the config's decoder, its parameters in the compute dtype (a converted 
 `[batch, prompt, embed]` sharded over `data` x `fsdp` as `evaluate` feeds them. The molecule and protein
 encoders run in a separate, smaller program before it (the spliced embeddings are its input) and are not
 planned here. Nothing is allocated.
+
+`--weight-layouts auto` compiles the same decode with the parameters' physical layouts left to the
+compiler (`Format(Layout.AUTO, sharding)`) instead of the row-major layouts arrays are placed in, and names
+the weights it lays out otherwise: what serving with weights in the decode's own layouts would save (the
+TPU compiler otherwise holds relaid copies of them, docs/plan.md). chat and evaluate do not do that yet.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.layout import Format, Layout
 from jax.sharding import NamedSharding
 
 from bmgpt_jax import parallel
@@ -42,12 +48,15 @@ class DecodePlan:
     params_per_device: int      # bytes one device holds of them
     cache_bytes: int            # the whole KV cache (global)
     program: Phase
+    relaid: tuple[str, ...] = ()  # `auto_layouts`: the weights the compiler laid out other than row-major
 
 
-def plan_decode(cfg, devices: list, new: int, name: str = "", num_beams: int = 1) -> DecodePlan:
+def plan_decode(cfg, devices: list, new: int, name: str = "", num_beams: int = 1,
+                auto_layouts: bool = False) -> DecodePlan:
     """Compile the greedy decode (beam search for `num_beams` > 1) of `new` tokens after prompts of
     `cfg.data.seq_buckets[-1]` positions for `cfg.data.batch_size` rows, `cfg.model.lm` on `cfg.mesh` over
-    `devices` (a `TrainConfig`: the plan's options and overrides apply as for training)."""
+    `devices` (a `TrainConfig`: the plan's options and overrides apply as for training); with
+    `auto_layouts` the parameters' layouts are the compiler's choice (see the module docstring)."""
     mesh = parallel.make_mesh(cfg.mesh, devices)
     lm = dataclasses.replace(cfg.model.lm, param_dtype=cfg.compute_dtype, dtype=cfg.compute_dtype)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(lm, rngs=nnx.Rngs(0))))
@@ -59,14 +68,22 @@ def plan_decode(cfg, devices: list, new: int, name: str = "", num_beams: int = 1
                                 sharding=NamedSharding(mesh, parallel.logical_to_spec(("batch", None))))
     options = GenerationConfig(max_new_tokens=new, eos_token_id=lm.eos_token_id, num_beams=num_beams)
     traced = dict(cfg=options, mesh=parallel.mesh_of(params))   # as `generate` calls it
-    if num_beams > 1:
-        program = Phase.compile(_beam_decode, graphdef, params, None, embeds, mask, **traced)
+    decode, rest = (_beam_decode, ()) if num_beams > 1 else (_decode, (jax.eval_shape(lambda: jax.random.key(0)),))
+    if auto_layouts:
+        def program(state, embeds, mask, *rest):
+            return decode.__wrapped__(graphdef, state, None, embeds, mask, *rest, **traced)
+        formats = jax.tree.map(lambda x: Format(Layout.AUTO, x.sharding), params)
+        jitted = jax.jit(program, in_shardings=(formats, embeds.sharding, mask.sharding) + (None,) * len(rest))
+        program = Phase.compile(jitted, params, embeds, mask, *rest)
     else:
-        key = jax.eval_shape(lambda: jax.random.key(0))
-        program = Phase.compile(_decode, graphdef, params, None, embeds, mask, key, **traced)
+        program = Phase.compile(decode, graphdef, params, None, embeds, mask, *rest, **traced)
+    names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    relaid = tuple(n for n, x, order in zip(names, jax.tree.leaves(params), program.input_layouts)
+                   if auto_layouts and order is not None and tuple(order) != tuple(range(x.ndim)))
     cache = 2 * lm.num_layers * B * num_beams * lm.num_kv_heads * (T + new) * lm.dim_per_head * dtype.itemsize
     return DecodePlan(name, dict(mesh.shape), B, T, new, num_beams, cfg.compute_dtype,
-                      sum(math.prod(x.shape) for x in jax.tree.leaves(state)), parallel.bytes_per_device(params), cache, program)
+                      sum(math.prod(x.shape) for x in jax.tree.leaves(state)), parallel.bytes_per_device(params), cache,
+                      program, relaid)
 
 
 def format_table(plans: list[DecodePlan], hbm_gib: float | None = None) -> str:

@@ -269,6 +269,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--new", type=positive_int, default=256, help="--generate: new tokens per row (default 256)")
     ap.add_argument("--num-beams", type=positive_int, default=1,
                     help="--generate: plan beam search with this many beams per row (default 1: greedy)")
+    ap.add_argument("--weight-layouts", choices=["default", "auto"], default="default",
+                    help="--generate: the weights' physical layouts: row-major as placed (default), or the "
+                         "compiler's choice (auto: what weights laid out for the decode would save; names them)")
     args = ap.parse_args(argv)
     if args.generate:
         args.batch = args.batch or 8
@@ -334,10 +337,13 @@ def plan_generation(args, devices: list, hbm: float | None) -> list:
                 print(f"compiling the decode of {name}: mesh {dict(parallel.make_mesh(cfg.mesh, devices).shape)}, "
                       f"{cfg.data.batch_size} rows x {cfg.data.seq_buckets[-1]} + {args.new} positions, "
                       f"{cfg.compute_dtype} ...", flush=True)
-                plans.append(decode.plan_decode(cfg, devices, args.new, name, num_beams=args.num_beams))
+                plans.append(decode.plan_decode(cfg, devices, args.new, name, num_beams=args.num_beams,
+                                                auto_layouts=args.weight_layouts == "auto"))
             except ValueError as e:
                 raise SystemExit(f"plan: {name}: {e}") from None
     print(decode.format_table(plans, hbm))
+    for p in plans if args.weight_layouts == "auto" else ():
+        print(f"{p.name} (prompt {p.prompt}): weights laid out other than row-major: {', '.join(p.relaid) or 'none'}")
     print("GiB = 2^30 bytes. params/dev: the decoder's weights one device holds (rule shardings); args/temp/peak: "
           "the compiled decode's memory_analysis() (peak = args + out - alias + temp + code), the KV cache among "
           "its temporaries; gathers: the results of the compiled program's all-gathers, each op once however often a "

@@ -230,3 +230,21 @@ def test_tpu_decode_moves_activations_not_weights_or_caches(capsys):
                           "--seq", "256", "--new", "32", "--num-beams", "4"])
     gathered = beams.program.collectives.get("all-gather", [])
     assert beams.program.memory and max(gathered, default=0) < 32 * 2 ** 20, gathered
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install -e .[tpu-plan])")
+def test_tpu_decode_with_the_compilers_weight_layouts(capsys):
+    """`--weight-layouts auto`: the 10B decoder (4 layers, tensor over one v5e host) compiled with the
+    weights' layouts left to the TPU compiler. It lays out the q, k, v, gate and up kernels and the LM head
+    with their 4096-wide input dim minor (PyTorch's `[out, in]`), down_proj as it is, and with a 1024-token
+    prompt the program needs fewer temporaries than with the row-major weights, whose relaid copies it
+    holds (docs/plan.md; with a 3840-token prompt at full size it needs more)."""
+    args = ["--topology", "v5e:2x2", "--generate", "--mesh", "1,1,4", "-o", "model.lm.num_layers=4", "--seq", "1024"]
+    (auto,) = plan.main(args + ["--weight-layouts", "auto"])
+    (rows,) = plan.main(args)
+    assert auto.program.memory["temp"] < rows.program.memory["temp"] and not rows.relaid
+    kernels = {f"['model']['layers']['{m}']['{p}_proj']['kernel'].value" for m, ps in
+               (("self_attn", "qkv"), ("mlp", ("gate", "up"))) for p in ps}
+    assert kernels <= set(auto.relaid) and "['lm_head']['kernel'].value" in auto.relaid, auto.relaid
+    assert "['model']['layers']['mlp']['down_proj']['kernel'].value" not in auto.relaid
+    assert "weights laid out other than row-major: ['lm_head']" in capsys.readouterr().out
