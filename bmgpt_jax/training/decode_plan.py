@@ -70,10 +70,10 @@ def plan_decode(cfg, devices: list, new: int, name: str = "", num_beams: int = 1
     traced = dict(cfg=options, mesh=parallel.mesh_of(params))   # as `generate` calls it
     decode, rest = (_beam_decode, ()) if num_beams > 1 else (_decode, (jax.eval_shape(lambda: jax.random.key(0)),))
     if auto_layouts:
-        def program(state, embeds, mask, *rest):
+        def decode_state(state, embeds, mask, *rest):
             return decode.__wrapped__(graphdef, state, None, embeds, mask, *rest, **traced)
         formats = jax.tree.map(lambda x: Format(Layout.AUTO, x.sharding), params)
-        jitted = jax.jit(program, in_shardings=(formats, embeds.sharding, mask.sharding) + (None,) * len(rest))
+        jitted = jax.jit(decode_state, in_shardings=(formats, embeds.sharding, mask.sharding) + (None,) * len(rest))
         program = Phase.compile(jitted, params, embeds, mask, *rest)
     else:
         program = Phase.compile(decode, graphdef, params, None, embeds, mask, *rest, **traced)

@@ -266,14 +266,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--generate", action="store_true",
                     help="plan greedy decoding (chat --mesh, evaluate) instead of training: --batch rows (default 8) "
                          "of --seq prompt positions, --new tokens, the config's decoder in the compute dtype")
-    ap.add_argument("--new", type=positive_int, default=256, help="--generate: new tokens per row (default 256)")
+    ap.add_argument("--new", type=positive_int, help="--generate: new tokens per row (default 256)")
     ap.add_argument("--num-beams", type=positive_int, default=1,
                     help="--generate: plan beam search with this many beams per row (default 1: greedy)")
     ap.add_argument("--weight-layouts", choices=["default", "auto"], default="default",
                     help="--generate: the weights' physical layouts: row-major as placed (default), or the "
                          "compiler's choice (auto: what weights laid out for the decode would save; names them)")
     args = ap.parse_args(argv)
+    unset = {"new": None, "num_beams": 1, "weight_layouts": "default"}   # the options of --generate alone
+    decode_only = [f"--{key.replace('_', '-')}" for key, value in unset.items() if getattr(args, key) != value]
+    if decode_only and not args.generate:
+        ap.error(f"{', '.join(decode_only)}: only with --generate")
     if args.generate:
+        args.new = args.new or 256
         args.batch = args.batch or 8
         args.config = args.config or [f"biomedgpt_10b_{args.stage or 'finetune'}"]
     if args.topology is None and args.devices is None:

@@ -165,7 +165,9 @@ def test_command_line_bad_input_is_one_line_with_status_2():
     import sys
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     cases = ((["--devices", "8", "--config", "tiny_algn"], "plan: tiny_algn: config file 'tiny_algn' not found"),
-             (["--devices", "0"], "argument --devices: 0 is not a positive integer"))
+             (["--devices", "0"], "argument --devices: 0 is not a positive integer"),
+             (["--devices", "8", "--num-beams", "4", "--weight-layouts", "auto"],
+              "--num-beams, --weight-layouts: only with --generate"))
     for args, message in cases:
         run = subprocess.run([sys.executable, "-m", "bmgpt_jax.plan", *args], capture_output=True, text=True, env=env,
                              timeout=300)
