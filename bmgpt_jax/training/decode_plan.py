@@ -77,9 +77,9 @@ def plan_decode(cfg, devices: list, new: int, name: str = "", num_beams: int = 1
         program = Phase.compile(jitted, params, embeds, mask, *rest)
     else:
         program = Phase.compile(decode, graphdef, params, None, embeds, mask, *rest, **traced)
-    names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
-    relaid = tuple(n for n, x, order in zip(names, jax.tree.leaves(params), program.input_layouts)
-                   if auto_layouts and order is not None and tuple(order) != tuple(range(x.ndim)))
+    leaves = jax.tree_util.tree_leaves_with_path(params) if auto_layouts else []
+    relaid = tuple(jax.tree_util.keystr(path) for (path, x), order in zip(leaves, program.input_layouts)
+                   if order is not None and tuple(order) != tuple(range(x.ndim)))
     cache = 2 * lm.num_layers * B * num_beams * lm.num_kv_heads * (T + new) * lm.dim_per_head * dtype.itemsize
     return DecodePlan(name, dict(mesh.shape), B, T, new, num_beams, cfg.compute_dtype,
                       sum(math.prod(x.shape) for x in jax.tree.leaves(state)), parallel.bytes_per_device(params), cache,
