@@ -9,9 +9,9 @@ these, block by block, so memory stays linear in the sequence length:
   rows    for the CPU: per (batch row, kv head), a block of queries against all keys; each step's scores
           (at most ROWS_SCORES of them) stay in cache, and each step is rematerialised in the backward.
           O(t + s) memory; causal blocks are masked, not skipped.
-  flash   blockwise online softmax in XLA with a flash-style custom VJP (FlashAttention-2): the forward
-          saves q, k, v, the output and the log-sum-exp; the backward recomputes each block. Causal
-          blocks above the diagonal are skipped. Runs on any backend; O(T) memory.
+  flash   blockwise online softmax in XLA with a flash-style custom VJP (FlashAttention-2; its own
+          module, `bmgpt_jax.models.flash`). Causal blocks above the diagonal are skipped. Runs on any
+          backend; O(T) memory.
   splash  JAX's Pallas TPU kernel (`splash_attention`), causal or full `MultiHeadMask` and `SegmentIds`,
           under `shard_map` with the kernel's own sharding spec. TPU only (or `interpret=True`).
   cudnn   cuDNN flash attention through `jax.nn.dot_product_attention(implementation="cudnn")`. GPU only,
@@ -32,41 +32,22 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from bmgpt_jax import parallel
+from bmgpt_jax.models.flash import flash_attention
+from bmgpt_jax.models.segments import MASKED, Segments, allowed, blocks, offset, pad_to
 
 IMPLEMENTATIONS = ("auto", "xla", "rows", "flash", "splash", "cudnn")
 PLAIN_MAX_KEYS = 256     # auto: up to this many keys, the plain path
 PLAIN_MAX_QUERIES = 16   # auto: decode steps (this many queries or fewer) too
-FLASH_BLOCK = 256        # largest query/key block of the flash path
 ROWS_SCORES = 1 << 20    # rows: most float32 scores per step (4 MiB: one core's share of cache)
 ROWS_FOLD_IDS = 4        # rows: fold a bidirectional mask of at most this many segment ids into the scores
 ROWS_CAUSAL_MAX = 4096   # auto on CPU: causal sequences up to this long take `rows` (measured on par with
                          # `flash` at 4096, ahead below), longer ones `flash`
 SPLASH_BLOCKS = (512, 256, 128)  # MaxText's 512 where the padded length allows it
-MASKED = -1e30           # finite: a row without any allowed key averages instead of producing NaN
-
-
-class Segments(NamedTuple):
-    """Per-token mask inputs. `q [b, t]`, `kv [b, s]` int32 segment ids; `q_offset`: scalar slot of the
-    first query among the keys (a KV cache), or None when queries and keys are the same tokens (t == s).
-    `num_ids`: a static promise that every id lies in `[0, num_ids)` (ESM's padding ids: 2), which lets
-    `rows` fold a bidirectional mask into the score product; None (the default) promises nothing."""
-
-    q: jax.Array
-    kv: jax.Array
-    q_offset: jax.Array | None = None
-    num_ids: int | None = None
-
-    @classmethod
-    def self_attention(cls, segment_ids: jax.Array, num_ids: int | None = None) -> "Segments":
-        """Queries and keys are the same tokens with ids `[b, t]` (all in `[0, num_ids)` when given)."""
-        ids = segment_ids.astype(jnp.int32)
-        return cls(ids, ids, num_ids=num_ids)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: Segments, *, causal: bool,
@@ -112,11 +93,11 @@ def per_shard(fn, q, k, v, segments: Segments) -> jax.Array:
     batch, heads = shard_axes(mesh, q.shape[0], q.shape[2], k.shape[2])
     x, ids = jax.sharding.PartitionSpec(batch, None, heads, None), jax.sharding.PartitionSpec(batch, None)
 
-    def local(q, k, v, q_ids, kv_ids, offset):
-        return fn(q, k, v, segments._replace(q=q_ids, kv=kv_ids, q_offset=None if segments.q_offset is None else offset))
+    def local(q, k, v, q_ids, kv_ids, off):
+        return fn(q, k, v, segments._replace(q=q_ids, kv=kv_ids, q_offset=None if segments.q_offset is None else off))
     # check_vma=False: the implementations' loops start from constants (not "varying" over the mesh)
     return jax.shard_map(local, mesh=mesh, in_specs=(x, x, x, ids, ids, jax.sharding.PartitionSpec()),
-                         out_specs=x, check_vma=False)(q, k, v, segments.q, segments.kv, _offset(segments))
+                         out_specs=x, check_vma=False)(q, k, v, segments.q, segments.kv, offset(segments))
 
 
 def platform() -> str:
@@ -167,25 +148,13 @@ def resolve(implementation: str, q_len: int, kv_len: int, dtype, cached: bool, *
     return implementation
 
 
-def _allowed(q_ids, kv_ids, q_slots, kv_slots, causal: bool) -> jax.Array:
-    """`[b, tq, tk]` bool from ids `[b, tq]`/`[b, tk]` and slots `[tq]`/`[tk]`."""
-    ok = q_ids[:, :, None] == kv_ids[:, None, :]
-    if causal:
-        ok = ok & (kv_slots[None, None, :] <= q_slots[None, :, None])
-    return ok
-
-
-def _offset(segments: Segments) -> jax.Array:
-    return jnp.zeros((), jnp.int32) if segments.q_offset is None else jnp.asarray(segments.q_offset, jnp.int32)
-
-
 def plain_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) -> jax.Array:
     """All `[b, kv_heads, group, t, s]` scores at once; the mask is built from `segments` in place."""
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
     qg = q.reshape(b, t, kvh, h // kvh, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    ok = _allowed(segments.q, segments.kv, _offset(segments) + jnp.arange(t), jnp.arange(s), causal)
+    ok = allowed(segments.q, segments.kv, offset(segments) + jnp.arange(t), jnp.arange(s), causal)
     probs = jax.nn.softmax(jnp.where(ok[:, None, None], scores, MASKED), axis=-1).astype(v.dtype)
     # v as the first operand: for one query XLA:CPU then reads the values where they lie (with probs first
     # it transposed every layer's cached values per decode step at batch 1)
@@ -213,9 +182,9 @@ def rows_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) -
     s, kvh = k.shape[1], k.shape[2]
     g, n = h // kvh, b * kvh
     per_query = g * s
-    bq, nq = (t, 1) if t * per_query <= ROWS_SCORES else _blocks(t, max(8, ROWS_SCORES // per_query))
+    bq, nq = (t, 1) if t * per_query <= ROWS_SCORES else blocks(t, max(8, ROWS_SCORES // per_query))
     rows = max(c for c in range(1, n + 1) if n % c == 0 and c * bq * per_query <= max(ROWS_SCORES, bq * per_query))
-    off = _offset(segments)
+    off = offset(segments)
     fold = not causal and segments.num_ids is not None and segments.num_ids <= ROWS_FOLD_IDS
     if fold:  # extra score dimensions: query one-hot of its id . key 0 at its own id, MASKED at the others
         ids = segments.num_ids
@@ -226,12 +195,12 @@ def rows_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) -
         k = jnp.concatenate([k, jnp.broadcast_to(bias[:, :, None], (b, s, kvh, ids))], axis=-1)
     dq = q.shape[-1]
     # [b, t, kvh, g, dq] -> [n/rows, nq, rows, bq * g, dq]: one leading step index per (row chunk, query block)
-    qr = _pad_to(q, bq * nq).reshape(b, nq, bq, kvh, g, dq).transpose(0, 3, 1, 2, 4, 5)
+    qr = pad_to(q, bq * nq).reshape(b, nq, bq, kvh, g, dq).transpose(0, 3, 1, 2, 4, 5)
     qr = qr.reshape(n // rows, rows, nq, bq * g, dq).swapaxes(1, 2)
     kr = k.transpose(0, 2, 1, 3).reshape(n // rows, rows, s, dq)
     vr = v.transpose(0, 2, 1, 3).reshape(n // rows, rows, s, d)
     per_row = lambda ids: jnp.repeat(ids, kvh, axis=0).reshape(n // rows, rows, ids.shape[1])
-    q_ids = per_row(_pad_to(segments.q, bq * nq)).reshape(n // rows, rows, nq, bq).swapaxes(1, 2)
+    q_ids = per_row(pad_to(segments.q, bq * nq)).reshape(n // rows, rows, nq, bq).swapaxes(1, 2)
     kv_ids = per_row(segments.kv)
 
     def chunk(args):
@@ -242,7 +211,7 @@ def rows_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) -
             qi, qid, i = args                  # [rows, bq*g, dq], [rows, bq], block index
             sc = jnp.einsum("rqd,rsd->rqs", qi, k_c, preferred_element_type=jnp.float32) * scale
             if not fold:
-                ok = _allowed(qid, kvid_c, off + i * bq + jnp.arange(bq), jnp.arange(s), causal)  # [rows, bq, s]
+                ok = allowed(qid, kvid_c, off + i * bq + jnp.arange(bq), jnp.arange(s), causal)  # [rows, bq, s]
                 sc = jnp.where(jnp.repeat(ok, g, axis=1) if g > 1 else ok, sc, MASKED)
             p = jnp.exp(sc - sc.max(-1, keepdims=True))
             out = jnp.einsum("rqs,rsd->rqd", p.astype(v_c.dtype), v_c, preferred_element_type=jnp.float32)
@@ -253,129 +222,6 @@ def rows_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) -
     out = jax.lax.map(chunk, (qr, q_ids, kr, vr, kv_ids))            # [n/rows, nq, rows, bq*g, d]
     out = out.swapaxes(1, 2).reshape(b, kvh, nq * bq, g, d).transpose(0, 2, 1, 3, 4)
     return out[:, :t].reshape(b, t, h, d)
-
-
-def _pad_to(x: jax.Array, n: int, fill=0) -> jax.Array:
-    """`x [b, t, ...]` padded with `fill` along the sequence axis to length n."""
-    return jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-
-
-def _blocks(n: int, largest: int = FLASH_BLOCK) -> tuple[int, int]:
-    """(block, count) covering n with the fewest blocks of at most `largest` and little padding."""
-    count = -(-n // largest)
-    block = -(-n // count)
-    block = -(-block // 8) * 8 if block > 8 else block
-    return block, -(-n // block)
-
-
-def flash_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) -> jax.Array:
-    """The blockwise path: `[b, t, heads, d]`, O(t + s) memory in the forward and the backward pass."""
-    b, t, h, d = q.shape
-    s, kvh = k.shape[1], k.shape[2]
-    bq, nq = _blocks(t)
-    bk, nk = _blocks(s)
-    qg = _pad_to(q, bq * nq).reshape(b, bq * nq, kvh, h // kvh, d)
-    out = _flash(qg, _pad_to(k, bk * nk), _pad_to(v, bk * nk), _pad_to(segments.q, bq * nq),
-                 _pad_to(segments.kv, bk * nk), _offset(segments), causal, scale, bq, bk, s)
-    return out[:, :t].reshape(b, t, h, d)
-
-
-def _kv_blocks_seen(i, off, bq: int, bk: int, nk: int, causal: bool):
-    """Number of key blocks query block i can see (causal: up to its last slot)."""
-    return jnp.clip((off + (i + 1) * bq - 1) // bk + 1, 0, nk) if causal else nk
-
-
-def _scores(qi, kj, q_ids, kv_ids, q_slots, kv_slots, causal, scale, kv_len):
-    """Masked float32 scores `[b, kv_heads, group, bq, bk]` of one block pair."""
-    sc = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
-    ok = _allowed(q_ids, kv_ids, q_slots, kv_slots, causal) & (kv_slots < kv_len)[None, None]
-    return jnp.where(ok[:, None, None], sc, MASKED)
-
-
-def _slice(x, start, size, axis=1):
-    return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _flash(qg, k, v, q_ids, kv_ids, off, causal, scale, bq, bk, kv_len):
-    return _flash_forward(qg, k, v, q_ids, kv_ids, off, causal, scale, bq, bk, kv_len)[0]
-
-
-def _flash_forward(qg, k, v, q_ids, kv_ids, off, causal, scale, bq, bk, kv_len):
-    """qg `[b, T, kv_heads, group, d]` (T = nq * bq), k/v `[b, S, kv_heads, d]` -> (out like qg, lse
-    `[b, kv_heads, group, T]` float32). Query blocks in a scan, key blocks in a loop that stops at the
-    causal diagonal, with the online softmax (running max, normaliser, unnormalised output)."""
-    b, tq, kvh, g, d = qg.shape
-    nq, nk = tq // bq, k.shape[1] // bk
-
-    def q_block(_, i):
-        qi, ids = _slice(qg, i * bq, bq), _slice(q_ids, i * bq, bq)
-        q_slots = off + i * bq + jnp.arange(bq)
-
-        def kv_block(j, carry):
-            acc, norm, run_max = carry
-            sc = _scores(qi, _slice(k, j * bk, bk), ids, _slice(kv_ids, j * bk, bk), q_slots,
-                         j * bk + jnp.arange(bk), causal, scale, kv_len)
-            new_max = jnp.maximum(run_max, sc.max(-1))
-            p = jnp.exp(sc - new_max[..., None])
-            rescale = jnp.exp(run_max - new_max)
-            acc = acc * rescale[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), _slice(v, j * bk, bk),
-                                                        preferred_element_type=jnp.float32)
-            return acc, norm * rescale + p.sum(-1), new_max
-
-        init = (jnp.zeros((b, kvh, g, bq, d), jnp.float32), jnp.zeros((b, kvh, g, bq), jnp.float32),
-                jnp.full((b, kvh, g, bq), MASKED, jnp.float32))
-        acc, norm, run_max = jax.lax.fori_loop(0, _kv_blocks_seen(i, off, bq, bk, nk, causal), kv_block, init)
-        return None, ((acc / norm[..., None]).astype(qg.dtype), run_max + jnp.log(norm))
-
-    _, (out, lse) = jax.lax.scan(q_block, None, jnp.arange(nq))
-    out = jnp.moveaxis(out, 0, 3).reshape(b, kvh, g, tq, d).transpose(0, 3, 1, 2, 4)
-    lse = jnp.moveaxis(lse, 0, 3).reshape(b, kvh, g, tq)
-    return out, lse
-
-
-def _flash_fwd(qg, k, v, q_ids, kv_ids, off, causal, scale, bq, bk, kv_len):
-    out, lse = _flash_forward(qg, k, v, q_ids, kv_ids, off, causal, scale, bq, bk, kv_len)
-    return out, (qg, k, v, q_ids, kv_ids, off, out, lse)
-
-
-def _flash_bwd(causal, scale, bq, bk, kv_len, res, dout):
-    """Key blocks in a scan (emitting dk, dv per block), query blocks in a loop starting at the causal
-    diagonal; dq is accumulated in place. p = exp(s - lse), ds = p * (dp - rowsum(dout * out))."""
-    qg, k, v, q_ids, kv_ids, off, out, lse = res
-    b, tq, kvh, g, d = qg.shape
-    nq, nk = tq // bq, k.shape[1] // bk
-    delta = jnp.einsum("bqkgd,bqkgd->bkgq", dout.astype(jnp.float32), out.astype(jnp.float32))
-
-    def kv_block(dq, j):
-        kj, vj, kv_i = _slice(k, j * bk, bk), _slice(v, j * bk, bk), _slice(kv_ids, j * bk, bk)
-        kv_slots = j * bk + jnp.arange(bk)
-
-        def q_block(i, carry):
-            dq, dk, dv = carry
-            qi, doi = _slice(qg, i * bq, bq), _slice(dout, i * bq, bq)
-            sc = _scores(qi, kj, _slice(q_ids, i * bq, bq), kv_i, off + i * bq + jnp.arange(bq), kv_slots,
-                         causal, scale, kv_len)
-            p = jnp.exp(sc - _slice(lse, i * bq, bq, axis=3)[..., None])
-            dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bqkgd,bskd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
-            ds = (p * (dp - _slice(delta, i * bq, bq, axis=3)[..., None])).astype(qi.dtype)
-            dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, qi, preferred_element_type=jnp.float32) * scale
-            dqi = jnp.einsum("bkgqs,bskd->bqkgd", ds, kj, preferred_element_type=jnp.float32) * scale
-            dq = jax.lax.dynamic_update_slice_in_dim(dq, _slice(dq, i * bq, bq) + dqi, i * bq, 1)
-            return dq, dk, dv
-
-        first = jnp.clip((j * bk - off) // bq, 0, nq) if causal else 0
-        zeros = jnp.zeros((b, bk, kvh, d), jnp.float32)
-        dq, dk, dv = jax.lax.fori_loop(first, nq, q_block, (dq, zeros, zeros))
-        return dq, (dk, dv)
-
-    dq, (dk, dv) = jax.lax.scan(kv_block, jnp.zeros(qg.shape, jnp.float32), jnp.arange(nk))
-    dk, dv = (jnp.moveaxis(x, 0, 1).reshape(k.shape).astype(k.dtype) for x in (dk, dv))
-    return dq.astype(qg.dtype), dk, dv, None, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def splash_attention(q, k, v, segments: Segments, *, causal: bool, scale: float, interpret: bool = False):
@@ -393,8 +239,8 @@ def splash_attention(q, k, v, segments: Segments, *, causal: bool, scale: float,
     n = -(-t // 128) * 128
     block = next(bs for bs in SPLASH_BLOCKS if n % bs == 0)
     pad_id = jnp.iinfo(jnp.int32).min
-    qh, kh, vh = (jnp.swapaxes(_pad_to(x, n), 1, 2) for x in ((q * scale).astype(q.dtype), k, v))  # [b, h, n, d]
-    q_ids, kv_ids = _pad_to(segments.q, n, pad_id), _pad_to(segments.kv, n, pad_id)
+    qh, kh, vh = (jnp.swapaxes(pad_to(x, n), 1, 2) for x in ((q * scale).astype(q.dtype), k, v))  # [b, h, n, d]
+    q_ids, kv_ids = pad_to(segments.q, n, pad_id), pad_to(segments.kv, n, pad_id)
     one = (sm.CausalMask if causal else sm.FullMask)((n, n))
     mesh = jax.sharding.get_abstract_mesh()
     sharded = mesh is not None and not mesh.empty
