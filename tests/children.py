@@ -9,6 +9,19 @@ import subprocess
 import threading
 import time
 
+# XLA:CPU's LLVM optimisation level in the tests and the JAX children they start. The suite compiles
+# hundreds of small programs and runs most of them once or twice: at level 0 the compile-bound tests
+# take ~25% less time (docs/benchmarks.md). The level changes LLVM's code generation only: no HLO pass,
+# no buffer assignment (the compiled memory figures the tests assert), no library call (the matrix
+# products are Eigen/YNNPACK kernels either way). Benches, real runs and the children that run a real-width
+# program (whose elementwise code level 0 slows more than it saves) keep XLA's default.
+TEST_XLA_OPT = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int, fast_compile: bool = True) -> str:
+    """`XLA_FLAGS` for a test process with `devices` virtual CPU devices (`fast_compile`: TEST_XLA_OPT)."""
+    return f"--xla_force_host_platform_device_count={devices}" + (f" {TEST_XLA_OPT}" if fast_compile else "")
+
 
 def communicate(procs: list[subprocess.Popen], timeout: float) -> list[str]:
     """Each child's whole stdout (started with `stdout=PIPE, text=True`), once all have exited.

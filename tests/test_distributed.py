@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from bmgpt_jax import distributed
+from tests.children import TEST_XLA_OPT
 
 REPO = Path(__file__).resolve().parent.parent
 B, T, STEPS = 8, 16, 3
@@ -150,7 +151,7 @@ def _run_workers(script: str, timeout: int = 240) -> list[dict]:
     import tempfile
     coordinator = f"127.0.0.1:{_free_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS", "SLURM_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=TEST_XLA_OPT)
     with tempfile.TemporaryDirectory() as tmp:
         logs = [open(Path(tmp) / f"worker{i}.log", "w+") for i in range(2)]
         procs = [subprocess.Popen([sys.executable, "-c", script, coordinator, str(i)], cwd=REPO, env=env,

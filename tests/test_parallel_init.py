@@ -17,6 +17,7 @@ from bmgpt_jax import config, parallel
 from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
 from bmgpt_jax.training import optim, stages
 from bmgpt_jax.training.step import init_opt_state
+from tests.children import xla_flags
 
 REPO = Path(__file__).resolve().parent.parent
 # widths where fsdp=8 divides every sharded dimension and no shard shape equals a whole parameter's shape
@@ -148,7 +149,7 @@ def test_real_width_build_keeps_host_memory_at_one_model():
     planned them, and nothing else -- no whole copy of the model on a device, no host copy. (XLA:CPU lowers
     the threefry hash as rolled loops whose shard-sized bit buffers all stay alive until the loops end:
     ~1x the state in temporaries; the TPU compiler fuses it into the outputs, docs/plan.md.)"""
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+    env = {"XLA_FLAGS": xla_flags(8, fast_compile=False), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", CHILD, "align"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -17,7 +17,7 @@ import convert_weights
 from bmgpt_jax.convert import folder, run_export
 from bmgpt_jax.convert.sources import read_state_dict
 from bmgpt_jax.training import loop as train
-from tests.children import communicate
+from tests.children import communicate, xla_flags
 from tests.convert.synthetic import REPO
 from tests.training.runs import SMALL
 
@@ -68,9 +68,9 @@ def _run(code: str, args: list[str], env: dict, n: int = 1, port: int = 0) -> No
     """`python -c code args` as `n` processes (n > 1: one JAX job over 127.0.0.1:port, one CPU device each)."""
     def env_of(p):
         if n == 1:
-            return {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+            return {**env, "XLA_FLAGS": xla_flags(2)}
         return {**env, "JAX_NUM_PROCESSES": str(n), "JAX_PROCESS_ID": str(p), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-                "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+                "XLA_FLAGS": xla_flags(1)}
     full = f"SETTINGS = {SETTINGS!r}\n" + code
     procs = [subprocess.Popen([sys.executable, "-c", full, *args], cwd=REPO, env=env_of(p), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for p in range(n)]

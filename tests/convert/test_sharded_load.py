@@ -13,6 +13,7 @@ from bmgpt_jax import config as config_lib
 from bmgpt_jax import parallel
 from bmgpt_jax.convert import folder, graphmvp_gin, hf_esm, hf_llama, openbiomed
 from bmgpt_jax.convert.sources import open_source
+from tests.children import xla_flags
 from bmgpt_jax.convert.tensor_source import TensorSource
 from bmgpt_jax.models.esm import EsmConfig
 from bmgpt_jax.models.gin import GinConfig
@@ -167,7 +168,7 @@ def test_real_width_load_holds_a_few_tensors_not_the_model(tmp_path):
     largest = max(int(np.prod(e.shape)) * 2 for e in lay.entries)
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     out, peak = synthetic.run_child(["-c", LOAD_CHILD, str(tmp_path), json.dumps(fields)],
-                                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                                    env={"XLA_FLAGS": xla_flags(8)})
     got = synthetic.last_json(out)
     assert got["params"] == sum(int(np.prod(e.shape)) * 2 for e in lay.entries)
     overhead = peak - got["peak_before"] - got["params"]

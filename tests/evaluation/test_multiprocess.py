@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bmgpt_jax import evaluate as ev
-from tests.children import communicate
+from tests.children import communicate, xla_flags
 from tests.test_evaluate import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +45,7 @@ def test_two_processes_match_one(shared_data, tmp_path):
     (tmp_path / "run0").mkdir()
     (tmp_path / "run0" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS", "SLURM_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=xla_flags(2),
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2",
                BMGPT_SHARED_DATA=str(shared_data))
     procs = [subprocess.Popen([sys.executable, "-m", "bmgpt_jax.evaluate", "--checkpoint", str(checkpoint), *ARGS,

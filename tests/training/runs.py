@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from bmgpt_jax.training import loop as train
+from tests.children import xla_flags
 
 # one bucket, demo data only, small budgets: one compile per mesh
 SMALL = ["data.sources=[demo]", "data.seq_buckets=[160]", "data.demo_molecules=200", "progress=false",
@@ -41,7 +42,7 @@ def _losses(out_dir):
 
 
 def _spawn(args, env_extra=None):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu",
            **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-m", "bmgpt_jax.train", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -10,7 +10,7 @@ from flax import nnx
 
 from bmgpt_jax.data.pipeline import BatchIterator, offset_for_process, repad
 from bmgpt_jax.training import loop as train
-from tests.children import communicate
+from tests.children import communicate, xla_flags
 from tests.training.runs import SMALL, _losses, _spawn, _wait_for_checkpoint, cfg_for, params
 
 
@@ -93,7 +93,7 @@ def test_two_processes_match_one(tmp_path, mesh):
         port = s.getsockname()[1]
     args = ["--config", "tiny_align"] + SMALL + ["steps=4", f"mesh={mesh}"]
     procs = [_spawn(args + [f"out_dir={tmp_path / 'mp'}"],
-                    {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_NUM_PROCESSES": "2",
+                    {"XLA_FLAGS": xla_flags(1), "JAX_NUM_PROCESSES": "2",
                      "JAX_PROCESS_ID": str(p), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"})
              for p in range(2)]
     outputs = communicate(procs, timeout=400)
