@@ -13,11 +13,11 @@ from bmgpt_jax import config as config_lib
 from bmgpt_jax import parallel
 from bmgpt_jax.convert import folder, graphmvp_gin, hf_esm, hf_llama, openbiomed
 from bmgpt_jax.convert.sources import open_source
-from tests.children import xla_flags
 from bmgpt_jax.convert.tensor_source import TensorSource
 from bmgpt_jax.models.esm import EsmConfig
 from bmgpt_jax.models.gin import GinConfig
 from bmgpt_jax.models.llama import LlamaConfig
+from tests.children import xla_flags
 from tests.convert import synthetic
 
 LLAMA = LlamaConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
