@@ -13,7 +13,8 @@ positions p, p+P, p+2P ... of a window (only its records are read), sorts them b
 into exactly `k` batches (k is computed from counts alone, so every process emits the same number),
 each padded to the smallest bucket that holds its longest example; the batches of a window come out in
 a seeded random order. The state is `(epoch, window, batch)` -- global, not per host -- and a restore
-re-encodes one window. Encoding runs in `workers` spawned processes, one window ahead of the consumer.
+re-encodes one window (on another process count, mid-window, it moves to the next window: `restore`).
+Encoding runs in `workers` spawned processes, one window ahead of the consumer.
 
 Nothing is dropped silently: `counts()` gives the examples read and those left out per reason
 (`examples.DROP_REASONS`: bad records, too long, over the atom cap, over a graph/protein budget); the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import logging
 import math
 import multiprocessing
 from collections import Counter
@@ -39,6 +41,7 @@ from .records import Record
 from .text import DEFAULT_SYSTEM, Tokenizer, load_tokenizer
 
 AUTO_SAMPLES = ("chebi20:validation", "chembl_qa", "swissprot")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,17 +174,39 @@ class BatchIterator:
 
     # -- state ------------------------------------------------------------------------------------
     def state(self) -> dict:
-        """`{"epoch", "window", "batch", "seed", "num_records"}`: where the next batch comes from."""
+        """Where the next batch comes from (`epoch`, `window`, `batch`) and what defines that position: the
+        seed, the record count, the global batch size, the window length, shuffling and the process count."""
         e, w, b = self._pos
-        return {"epoch": e, "window": w, "batch": b, "seed": self.cfg.seed, "num_records": len(self.records)}
+        return {"epoch": e, "window": w, "batch": b, "seed": self.cfg.seed, "num_records": len(self.records),
+                "batch_size": self.cfg.batch_size, "window_batches": self.cfg.window_batches,
+                "shuffle": self.cfg.shuffle, "processes": self.P}
 
     def restore(self, state: dict) -> None:
-        """Continue from `state()`; the data (record count) and seed must be those it was saved with."""
+        """Continue from `state()`. The seed, record count, batch size, window length and shuffling must be
+        those it was saved with (they fix which records a position means); a state of an older version
+        lacks the last three and is taken as is.
+
+        A window holds the same records whatever the process count, but the batches inside it do not
+        (each process sorts its own share by length). So a state saved by another number of processes
+        continues exactly at a window boundary; in the middle of a window it continues at the next one,
+        and the rest of that window is skipped this epoch, with a warning giving its size."""
         mine = self.state()
-        for key in ("seed", "num_records"):
-            if state[key] != mine[key]:
-                raise ValueError(f"data state was saved with {key}={state[key]}, this pipeline has {mine[key]}")
-        self._pos = (int(state["epoch"]), int(state["window"]), int(state["batch"]))
+        for key in ("seed", "num_records", "batch_size", "window_batches", "shuffle"):
+            if key in state and state[key] != mine[key]:
+                fix = "did data.sources change?" if key == "num_records" else f"resume with data.{key}={state[key]}"
+                raise ValueError(f"data state was saved with {key}={state[key]}, this pipeline has {mine[key]}: {fix}")
+        e, w, b = int(state["epoch"]), int(state["window"]), int(state["batch"])
+        saved = int(state.get("processes", self.P))
+        if b and saved != self.P:
+            span = self.P * self.window_size
+            n = min(span, len(self.records) - w * span)
+            total = math.ceil(math.ceil(n / saved) / (self.cfg.batch_size // saved))
+            log.warning("data: the state was saved by %d process(es) at batch %d of %d of window %d (epoch %d), "
+                        "and this run has %d: its batches are not those, so the run continues at the next window "
+                        "and skips the other %d batches of that window (about %d of its %d examples) this epoch",
+                        saved, b, total, w, e, self.P, total - b, max(n - b * self.cfg.batch_size, 0), n)
+            e, w, b = (e, w + 1, 0) if w + 1 < self.windows_per_epoch else (e + 1, 0, 0)
+        self._pos = (e, w, b)
         self._jobs.clear()
         self._batches = None
 

@@ -115,13 +115,47 @@ def test_resume_gives_identical_batches(cfg):
     it = BatchIterator(cfg)
     _take(it, 7)                                                            # mid-window (3 batches a window)
     state = json.loads(json.dumps(it.state()))
-    assert state == {"epoch": 0, "window": 2, "batch": 1, "seed": 3, "num_records": 400}
+    assert state == {"epoch": 0, "window": 2, "batch": 1, "seed": 3, "num_records": 400, "batch_size": 8,
+                     "window_batches": 3, "shuffle": True, "processes": 1}
     expected = _take(it, 8)
     again = BatchIterator(cfg)
     again.restore(state)
     assert _equal(_take(again, 8), expected)
-    with pytest.raises(ValueError, match="seed"):
-        BatchIterator(dataclasses.replace(cfg, seed=4)).restore(state)
+    for change in ({"seed": 4}, {"batch_size": 4}, {"window_batches": 2}, {"shuffle": False}):
+        (key, value), = change.items()
+        with pytest.raises(ValueError, match=f"saved with {key}=.*resume with data.{key}="):
+            BatchIterator(dataclasses.replace(cfg, **change)).restore(state)
+
+
+def _answers(batches, tok, recs):
+    return [r.answer for bt in batches for _, r in _rows(bt, tok, recs)]
+
+
+@pytest.mark.parametrize("saved_by, resumed_on", [(1, 2), (2, 1)])
+def test_resume_on_another_process_count_repeats_nothing(cfg, tok, caplog, saved_by, resumed_on):
+    """Window boundaries do not depend on the process count, the batches inside a window do: at a
+    boundary the resumed run sees exactly the records of an uninterrupted one; mid-window it skips the
+    rest of that window (warned, with its size) and repeats nothing."""
+    recs = [Record((), f"Question {i}?", f"Answer {i}." + " more" * (i % 7)) for i in range(96)]
+    c = dataclasses.replace(cfg, batch_size=8, window_batches=4, num_epochs=1)   # 3 windows of 32 records
+    hosts = lambda n: [BatchIterator(c, process_index=p, process_count=n, records=recs) for p in range(n)]
+
+    def run(stop):
+        before = hosts(saved_by)
+        seen = _answers([b for h in before for b in _take(h, stop)], tok, recs)
+        after = hosts(resumed_on)
+        for h in after:
+            h.restore(json.loads(json.dumps(before[0].state())))
+        return seen, _answers([b for h in after for b in h], tok, recs)
+
+    seen, rest = run(4)                                        # window 0 whole (4 batches a process): a boundary
+    assert sorted(seen + rest) == sorted(r.answer for r in recs)
+    with caplog.at_level("WARNING", logger="bmgpt_jax.data.pipeline"):
+        seen, rest = run(1)                                        # mid-window
+    assert not set(seen) & set(rest)
+    window0 = {recs[int(i)].answer for i in BatchIterator(c, records=recs).window_indices(0, 0)}
+    assert set(rest) == {r.answer for r in recs} - window0         # windows 1 and 2, whole
+    assert f"saved by {saved_by} process(es) at batch 1 of 4 of window 0" in caplog.text
 
 
 def test_workers_give_the_same_batches(cfg):
