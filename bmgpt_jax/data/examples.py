@@ -46,11 +46,12 @@ class EncodeOptions:
 class Encoded:
     """One example: `input_ids`/`loss_mask` [t]; per molecule `(atoms, edge_index, bonds, node_pos)` with
     node_pos [n_atoms] the sequence position of each node's slot (-1: subsampled away); per protein
-    `(esm_ids [l], start)`."""
+    `(esm_ids [l], start)`; `cut`: plain-text tokens cut away at the longest bucket."""
     input_ids: np.ndarray
     loss_mask: np.ndarray
     mols: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
     prots: list[tuple[np.ndarray, int]]
+    cut: int = 0
 
     @property
     def length(self) -> int:
@@ -96,7 +97,7 @@ def encode_example(tok: Tokenizer, record: Record, opt: EncodeOptions) -> Encode
             mols.append((atoms, edge_index, bonds, node_pos))
         else:
             prots.append((next(pi), start))
-    return Encoded(enc.input_ids, enc.loss_mask, mols, prots)
+    return Encoded(enc.input_ids, enc.loss_mask, mols, prots, enc.cut)
 
 
 @dataclasses.dataclass(frozen=True)

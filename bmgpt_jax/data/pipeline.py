@@ -166,7 +166,8 @@ class BatchIterator:
         self.windows_per_epoch = math.ceil(len(self.records) / (self.P * self.window_size))
         self.dropped: Counter[str] = Counter()                           # reason -> examples (this process)
         self.read = 0                                                    # examples encoded (this process)
-        self._before: tuple[tuple[int, int], int, Counter] | None = None  # counts before the current window
+        self.cut: Counter[str] = Counter()                  # plain text cut to the last bucket: examples, tokens
+        self._before: tuple[tuple[int, int], int, Counter, Counter] | None = None  # counts before this window
         self._pos = (0, 0, 0)
         self._jobs: dict[tuple[int, int], object] = {}                 # (epoch, window) -> encoding
         self._batches: tuple[tuple[int, int], list[dict]] | None = None  # the current window's batches
@@ -211,13 +212,14 @@ class BatchIterator:
         self._batches = None
 
     def counts(self, state: dict | None = None) -> dict[str, int]:
-        """`{"examples": read, reason: dropped, ...}` for this process: the windows packed so far, or (with
-        an earlier `state()`) only those before the window that state points into -- the part a run restored
-        from that state does not encode again."""
-        read, dropped = self.read, self.dropped
+        """`{"examples": read, reason: dropped, ..., "truncated": plain-text examples cut to the last
+        bucket, "truncated_tokens": the tokens cut away}` (zero counts left out) for this process: the
+        windows packed so far, or (with an earlier `state()`) only those before the window that state points
+        into -- the part a run restored from that state does not encode again."""
+        read, dropped, cut = self.read, self.dropped, self.cut
         if state is not None and self._before and self._before[0] == (state["epoch"], state["window"]):
-            read, dropped = self._before[1], self._before[2]
-        return {"examples": read, **{k: n for k, n in sorted(dropped.items()) if n}}
+            read, dropped, cut = self._before[1:]
+        return {"examples": read, **{k: n for k, n in sorted((dropped + cut).items()) if n}}
 
     # -- order ------------------------------------------------------------------------------------
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -277,6 +279,8 @@ class BatchIterator:
                 self.dropped[e if isinstance(e, str) else f"over_{broken}_budget"] += 1
             else:
                 good.append(e)
+                if e.cut:
+                    self.cut.update(truncated=1, truncated_tokens=e.cut)
         good.sort(key=lambda e: e.length)
         batches: list[list[Encoded]] = [[]]
         used = (0, 0, 0, 0)
@@ -301,7 +305,7 @@ class BatchIterator:
         nxt = (window + 1, epoch) if window + 1 < self.windows_per_epoch else (0, epoch + 1)
         self._submit(nxt[1], nxt[0])                                       # prefetch the next window
         encoded = self._encoded(key)
-        self._before = (key, self.read, Counter(self.dropped))
+        self._before = (key, self.read, Counter(self.dropped), Counter(self.cut))
         rng = np.random.default_rng([self.cfg.seed, epoch, window, 1])
         packed = self._pack(encoded, self._num_batches(window), rng)
         return [self._collate(exs) for exs in packed]

@@ -140,10 +140,12 @@ def tokenizer_of(model) -> Tokenizer:
 
 @dataclasses.dataclass
 class EncodedPrompt:
-    """One example's text side, `t` positions: ids [t] (0 at entity slots), loss_mask [t], slot starts."""
+    """One example's text side, `t` positions: ids [t] (0 at entity slots), loss_mask [t], slot starts;
+    `cut`: the tokens of a plain-text record cut away at `max_len` (counted by the pipeline)."""
     input_ids: np.ndarray
     loss_mask: np.ndarray
     slot_starts: list[int]
+    cut: int = 0
 
 
 def prompt_segments(record: Record, system: str = DEFAULT_SYSTEM) -> list[str | int]:
@@ -178,9 +180,10 @@ def encode_record(tok: Tokenizer, record: Record, slot_lengths: list[int], syste
     loss_mask 1 (the targets), the prompt and the slots 0.
     """
     if record.is_plain_text:
-        ids = tok.encode(record.answer, bos=True, eos=True)[:max_len]
+        whole = tok.encode(record.answer, bos=True, eos=True)
+        ids = whole[:max_len]
         mask = [0] + [1] * (len(ids) - 1)
-        return EncodedPrompt(np.asarray(ids, np.int32), np.asarray(mask, np.int32), [])
+        return EncodedPrompt(np.asarray(ids, np.int32), np.asarray(mask, np.int32), [], len(whole) - len(ids))
     return encode_segments(tok, prompt_segments(record, system), slot_lengths)
 
 

@@ -8,6 +8,9 @@ The counts as of a checkpoint's data position go into its metadata, so a resumed
 where the interrupted one stood (the window the position points into is re-encoded, and recounted, by
 the restored pipeline, so it is left out of the saved counts).
 
+Plain-text examples longer than the last bucket are kept, cut to it; they and the tokens cut away are
+counted too (`truncated`, `truncated_tokens`) and reported, but are not dropped.
+
 Past `data.max_dropped` (a share of the examples read, judged once `CHECK_AFTER` examples are read and
 at the end of the run) the run stops with `TooManyDropped`, naming the setting that would keep the
 most frequent kind of dropped example.
@@ -23,7 +26,8 @@ import numpy as np
 from bmgpt_jax.data.examples import DROP_REASONS
 
 CHECK_AFTER = 1000      # examples read before the share is judged mid-run (one window can be unlucky)
-KEYS = ("examples", *DROP_REASONS)
+CUT = ("truncated", "truncated_tokens")   # plain text cut to the last bucket: kept, counted, not dropped
+KEYS = ("examples", *CUT, *DROP_REASONS)
 
 
 class TooManyDropped(ValueError):
@@ -31,7 +35,8 @@ class TooManyDropped(ValueError):
 
 
 class DropTally:
-    """Global counts `{"examples": read, reason: dropped}` of a run; `restored` continues a checkpoint's."""
+    """Global counts `{"examples": read, reason: dropped, "truncated": n, "truncated_tokens": n}` of a run;
+    `restored` continues a checkpoint's."""
 
     def __init__(self, pipeline, max_dropped: float, restored: Mapping[str, int] | None = None):
         self.pipeline = pipeline if hasattr(pipeline, "counts") else None  # a test's stream may not count
@@ -55,26 +60,32 @@ class DropTally:
 
     @property
     def dropped(self) -> int:
-        return sum(n for k, n in self.totals.items() if k != "examples")
+        return sum(self.totals[k] for k in DROP_REASONS)
 
     def metrics(self) -> dict[str, int]:
-        """`{"examples", "dropped", "dropped_<reason>"...}` for the metrics record (reasons seen so far)."""
+        """`{"examples", "dropped", "dropped_<reason>"..., "truncated", "truncated_tokens"}` for the metrics
+        record (reasons and truncations seen so far)."""
         if self.pipeline is None and not self.offset:
             return {}
         return {"examples": self.totals["examples"], "dropped": self.dropped,
-                **{f"dropped_{k}": self.totals[k] for k in DROP_REASONS if self.totals[k]}}
+                **{f"dropped_{k}": self.totals[k] for k in DROP_REASONS if self.totals[k]},
+                **{k: self.totals[k] for k in CUT if self.totals[k]}}
 
     def checkpoint_counts(self) -> dict[str, int]:
         """The counts to store with a checkpoint of the current data position."""
         return {k: int(v) for k, v in self.at_position.items() if v}
 
     def summary(self) -> str:
-        """One line: examples read, dropped in all and per reason with the setting behind each."""
-        n = self.totals["examples"]
+        """One line: examples read, dropped in all and per reason with the setting behind each, and the
+        plain-text examples cut to the last bucket."""
+        n, (cut, tokens) = self.totals["examples"], (self.totals[k] for k in CUT)
+        truncated = (f"; {cut:,} plain-text examples cut to the last bucket ({tokens:,} tokens left out -> "
+                     "data.seq_buckets: a larger last bucket)") if cut else ""
         if not self.dropped:
-            return f"data: {n:,} examples read, none dropped"
+            return f"data: {n:,} examples read, none dropped{truncated}"
         reasons = "; ".join(f"{k} {self.totals[k]:,} -> {DROP_REASONS[k]}" for k in DROP_REASONS if self.totals[k])
-        return f"data: {n:,} examples read, {self.dropped:,} dropped ({self.dropped / max(n, 1):.1%}): {reasons}"
+        return (f"data: {n:,} examples read, {self.dropped:,} dropped ({self.dropped / max(n, 1):.1%}): "
+                f"{reasons}{truncated}")
 
     def check(self, final: bool = False) -> None:
         """Raise TooManyDropped when the dropped share exceeds `max_dropped` (mid-run only once

@@ -212,6 +212,27 @@ def test_bad_examples_are_counted_and_skipped(cfg, tok):
     assert small.counts() == {"examples": 2, "over_node_budget": 2}    # CCO needs 3 nodes + 1 padding
 
 
+def test_plain_text_cut_to_the_last_bucket_is_counted(cfg, tok):
+    """A plain-text record longer than the last bucket trains on its first tokens: kept, and counted
+    (examples and tokens cut away) in the pipeline's counts and the run's summary, not as dropped."""
+    from bmgpt_jax.training.dropped import DropTally
+    long_text = " ".join(f"word{i}" for i in range(400))
+    recs = [Record((), "", "A short text."), Record((), "", long_text)]
+    it = BatchIterator(dataclasses.replace(cfg, batch_size=2, window_batches=1, num_epochs=1), records=recs)
+    (batch,) = list(it)
+    whole = len(tok.encode(long_text, bos=True, eos=True))
+    assert whole > 256 and batch["input_ids"].shape[1] == 256
+    assert sorted(batch["attention_mask"].sum(1).tolist()) == [len(tok.encode("A short text.", True, True)), 256]
+    assert it.counts() == {"examples": 2, "truncated": 1, "truncated_tokens": whole - 256}
+    tally = DropTally(it, 0.0)
+    tally.update(it.state())
+    assert tally.dropped == 0 and tally.metrics() == {"examples": 2, "dropped": 0, "truncated": 1,
+                                                      "truncated_tokens": whole - 256}
+    assert tally.summary() == (f"data: 2 examples read, none dropped; 1 plain-text examples cut to the last bucket "
+                               f"({whole - 256:,} tokens left out -> data.seq_buckets: a larger last bucket)")
+    tally.check(final=True)                                       # max_dropped=0: truncation is not a drop
+
+
 def test_batch_overflow_is_blamed_on_the_budget_that_closed_batches(cfg):
     """4 pentanes (5 atoms, 8 directed edges each), 2 rows a batch -> 2 batches; the 12-node budget holds
     two of them (10 + 1 padding node), the 8-edge budget only one: it closes batches early, and the two

@@ -2,7 +2,8 @@
 and `*.jsonl` (one `{"text": ...}` a line) files in a folder, as records with no question (`is_plain_text`).
 
 A document longer than `MAX_CHARS` is cut into pieces at whitespace (about 1,000 Llama tokens of English
-each), so the pipeline's largest bucket does not truncate away most of a long document.
+each), so the pipeline's largest bucket does not truncate away most of a long document (text with fewer
+characters a token, SMILES or non-Latin scripts, can still exceed it: the pipeline counts what it cuts).
 """
 from __future__ import annotations
 
