@@ -107,9 +107,11 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, *, data_state: dict | None = None, metadata: dict | None = None,
              force: bool = False) -> bool:
-        """Start an async save of `state` at `step` if `step % every == 0`, if `force`, or if a stop was
-        requested; returns whether a save started. A step already on disk is not rewritten."""
-        if not (force or step % self.cfg.every == 0 or self.stop_requested()):
+        """Start an async save of `state` at `step` if `step % every == 0` or if `force` (the last step, or
+        a stop the caller read from `stop_requested()` once, so that a signal arriving between two reads
+        cannot end a run without its save); returns whether a save started. A step already on disk is not
+        rewritten."""
+        if not (force or step % self.cfg.every == 0):
             return False
         if step in self.manager.all_steps():
             return False

@@ -42,7 +42,7 @@ from bmgpt_jax.training.monitor import (Monitor, NonFiniteLossError, check_loss,
                                        train_flops_per_token)
 from bmgpt_jax.training.optim import (OptimConfig, count_params, make_optimizer, make_schedule, split_trainable,
                                       trainable_filter)
-from bmgpt_jax.training.stages import InitConfig, Stage, build_model, trainable_patterns
+from bmgpt_jax.training.stages import InitConfig, Stage, build_model, check_init, trainable_patterns
 from bmgpt_jax.training.step import init_opt_state, jit_train_step, make_train_step
 
 log = logging.getLogger("bmgpt_jax.train")
@@ -74,6 +74,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps < 1:
             raise config_lib.ConfigError(f"steps={self.steps}: a run takes at least 1 step")
+        check_init(self.stage, self.init)
 
 
 def load_config(path: str | None = "tiny", overrides=()) -> TrainConfig:
@@ -106,7 +107,8 @@ def check_layout(cfg: TrainConfig, mesh) -> None:
         raise ValueError(f"data.batch_size {cfg.data.batch_size} does not divide over the mesh's data axes "
                          f"(data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} = {shards}) and "
                          f"{jax.process_count()} process(es)")
-    for name in ("node_budget", "edge_budget", "protein_budget"):
+    entities = () if cfg.stage == "lm" else ("node_budget", "edge_budget", "graph_budget", "protein_budget")
+    for name in entities:                        # the lm stage's batches carry no graphs or proteins
         budget = getattr(cfg.data, name)
         if budget and (budget * jax.process_count()) % shards:
             raise ValueError(f"data.{name} {budget} per process does not divide over {shards} data shards")
@@ -252,9 +254,11 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
             tally.update(data_state)
             monitor.log(i, metrics, tokens=tokens, data=tally.metrics())
             tally.check()
-            ckpt.save(i, {"trainable": trainable, "opt_state": opt_state}, data_state=data_state, force=i == cfg.steps,
+            stop = ckpt.stop_requested()        # read once: a signal after it waits for the next step
+            ckpt.save(i, {"trainable": trainable, "opt_state": opt_state}, data_state=data_state,
+                      force=i == cfg.steps or stop,
                       metadata={"config": config_lib.to_dict(cfg), "data_counts": tally.checkpoint_counts()})
-            if ckpt.stop_requested():
+            if stop:
                 stopped = ckpt.stop_signal or "a signal to another process"
                 monitor.write(f"{stopped}: checkpoint saved at step {i}; exiting")
                 break

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from bmgpt_jax import parallel
+from bmgpt_jax.config import ConfigError
 from bmgpt_jax.models.biomedgpt import BioMedGPT, BioMedGPTConfig, lm_loss
 from bmgpt_jax.models.esm import Esm
 from bmgpt_jax.models.gin import GIN
@@ -123,6 +124,22 @@ PARTS = {"llm": ("hf_llama", load_hf_llama), "prot_structure_encoder": ("hf_esm"
          "mol_structure_encoder": ("gin", load_gin)}  # BioMedGPT attribute -> (init field, loader)
 
 
+def check_init(stage: Stage, init: InitConfig) -> None:
+    """ConfigError (a ValueError) naming any `init` path `stage` would not read: the `lm` stage builds the bare decoder
+    (only `hf_llama`); `openbiomed` loads the whole BioMedGPT, so it excludes the per-part paths; the
+    config.json paths go with `openbiomed` only."""
+    given = [f for f in ("openbiomed", "lm_config", "esm_config", "hf_llama", "hf_esm", "gin") if getattr(init, f)]
+    if stage == "lm":
+        unused, why = [f for f in given if f != "hf_llama"], "stage 'lm' trains the bare decoder: init.hf_llama"
+    elif init.openbiomed:
+        unused = [f for f in given if f in ("hf_llama", "hf_esm", "gin")]
+        why = "init.openbiomed loads the whole model: give it or the per-part paths, not both"
+    else:
+        unused, why = [f for f in given if f in ("lm_config", "esm_config")], "they describe init.openbiomed's parts"
+    if unused:
+        raise ConfigError(f"{', '.join(f'init.{f}' for f in unused)} would not be read ({why})")
+
+
 def model_factory(stage: Stage, model_cfg: BioMedGPTConfig, seed: int = 0) -> tuple[Callable[[], nnx.Module], Callable]:
     """(make, loss_fn): `make()` builds `stage`'s randomly initialised model (the bare decoder for `lm`,
     else BioMedGPT) from `seed`; `loss_fn(model, batch) -> (loss_sum, n_tokens)`. Used under
@@ -142,6 +159,7 @@ def build_model(stage: Stage, model_cfg: BioMedGPTConfig, init: InitConfig,
     created at all (they stay abstract until their loader fills them), so a pretrained 7B decoder is never
     doubled by a random one.
     """
+    check_init(stage, init)
     mesh = mesh if mesh is not None else parallel.make_mesh((1, 1, 1))
     make, loss_fn = model_factory(stage, model_cfg, init.seed)
     if stage == "lm":

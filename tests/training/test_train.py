@@ -72,6 +72,8 @@ def test_errors_come_before_any_compute(tmp_path, capsys):
         train.run(cfg_for(tmp_path, "mesh=[3,1,1]"))
     with pytest.raises(ValueError, match=r"data.batch_size 6 does not divide over the mesh's data axes \(data 4"):
         train.run(cfg_for(tmp_path, "mesh=[4,2,1]", "data.batch_size=6"))
+    with pytest.raises(ValueError, match="data.graph_budget 12 per process does not divide over 8 data shards"):
+        train.run(cfg_for(tmp_path, "mesh=[8,1,1]", "data.graph_budget=12"))
     train.run(cfg_for(tmp_path, "steps=2", "stage=align", name="shape"))
     with pytest.raises(ValueError, match=r"proj_mol.*checkpoint \(16, 64\) vs model \(16, 96\)"):
         train.run(cfg_for(tmp_path, "steps=4", "stage=align", "model.lm.hidden_size=96", name="shape"), resume=True)
@@ -265,6 +267,36 @@ def test_too_many_dropped_examples_stop_the_run_naming_the_setting(tmp_path, cap
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("train: TooManyDropped: the data pipeline dropped") and \
         "more than data.max_dropped=0.05; most are too_many_atoms" in line and "change model.gin.max_atoms" in line
+
+
+def test_a_stop_signal_just_after_a_step_s_save_is_saved_at_the_next(tmp_path, monkeypatch):
+    """The loop reads the (collective) stop flag once a step and saves with it: a SIGTERM landing right
+    after a step's save check is honoured at the next step, which is saved before the run exits."""
+    from bmgpt_jax.training import checkpoint
+    save = checkpoint.Checkpointer.save
+
+    def save_then_signal(self, step, *args, **kwargs):
+        started = save(self, step, *args, **kwargs)
+        if step == 3:
+            self.stop_signal = "SIGTERM"
+        return started
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_signal)
+    cfg = cfg_for(tmp_path, "steps=10", "checkpoint.every=100")
+    out = train.run(cfg)
+    assert out["stopped"] == "SIGTERM" and out["last_step"] == 4
+    assert checkpoint.saved_steps(cfg.checkpoint.dir) == [4]
+
+
+def test_init_paths_a_stage_would_not_read_are_refused():
+    with pytest.raises(ConfigError, match=r"init.openbiomed, init.lm_config would not be read \(stage 'lm' trains "
+                                          r"the bare decoder: init.hf_llama\)"):
+        train.load_config("tiny_lm", ["init.openbiomed=x.pth", "init.lm_config=c.json"])
+    with pytest.raises(ConfigError, match=r"init.hf_esm would not be read \(init.openbiomed loads the whole model"):
+        train.load_config("tiny_finetune", ["init.openbiomed=x.pth", "init.hf_esm=esm"])
+    with pytest.raises(ConfigError, match=r"init.esm_config would not be read"):
+        train.load_config("tiny_align", ["init.esm_config=c.json"])
+    for name in ("biomedgpt_10b_lm", "biomedgpt_10b_align", "biomedgpt_10b_finetune"):
+        train.load_config(name)                                   # the shipped configs are consistent
 
 
 def test_a_second_ctrl_c_aborts_in_one_line(monkeypatch, capsys):
