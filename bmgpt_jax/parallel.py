@@ -180,8 +180,9 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
     shape = list(shape)
     if len(shape) != len(MESH_AXES):
         raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
-    if shape.count(-1) > 1:
-        raise ValueError(f"mesh shape {shape}: at most one entry may be -1")
+    if shape.count(-1) > 1 or any(s < 1 and s != -1 for s in shape):
+        raise ValueError(f"mesh shape {shape}: every entry must be >= 1, except at most one -1 (the rest of "
+                         "the devices)")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if len(devices) % known:

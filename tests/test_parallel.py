@@ -27,6 +27,9 @@ def test_a_mesh_that_does_not_fit_the_devices_says_how_to_simulate_them():
         parallel.make_mesh((4, 4, 1))
     with pytest.raises(ValueError, match="needs 3 devices"):
         parallel.make_mesh((3, 1, 1))
+    for bad in [(0, 1, 1), (-1, 0, 1), (-2, 1, 1), (-1, -1, 1)]:
+        with pytest.raises(ValueError, match=r"every entry must be >= 1, except at most one -1"):
+            parallel.make_mesh(bad)
 
 
 def test_an_axis_a_weight_dimension_does_not_divide_moves_to_another_dimension():

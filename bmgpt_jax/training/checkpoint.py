@@ -54,9 +54,10 @@ class Checkpointer:
             state, data_state, meta, unreadable = ckpt.restore_intact(parallel.abstract_state(state, mesh))
         for step in range(start + 1, total + 1):
             ... one train step ...
+            stop = ckpt.stop_requested()   # SIGTERM / Ctrl-C (a collective): read once, save, leave cleanly
             ckpt.save(step, state, data_state=it.state(), metadata={"config": cfg_dict},
-                      force=step == total)
-            if ckpt.stop_requested():  # SIGTERM / Ctrl-C: the save above was forced; leave cleanly
+                      force=step == total or stop)
+            if stop:
                 break
         ckpt.close()
     """

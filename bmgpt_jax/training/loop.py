@@ -40,9 +40,10 @@ from bmgpt_jax.training.checkpoint import CheckpointConfig, Checkpointer, saved_
 from bmgpt_jax.training.dropped import DropTally
 from bmgpt_jax.training.monitor import (Monitor, NonFiniteLossError, check_loss, measure_matmul_flops,
                                        train_flops_per_token)
-from bmgpt_jax.training.optim import (OptimConfig, count_params, make_optimizer, make_schedule, split_trainable,
-                                      trainable_filter)
-from bmgpt_jax.training.stages import InitConfig, Stage, build_model, check_init, trainable_patterns
+from bmgpt_jax.training.optim import (OptimConfig, check_patterns_match, count_params, make_optimizer, make_schedule,
+                                      split_trainable, trainable_filter)
+from bmgpt_jax.training.stages import (InitConfig, Stage, build_model, check_init, model_factory,
+                                       trainable_patterns)
 from bmgpt_jax.training.step import init_opt_state, jit_train_step, make_train_step
 
 log = logging.getLogger("bmgpt_jax.train")
@@ -180,12 +181,14 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
     `BatchIterator(cfg.data)` with the GIN's atom cap), for tests that feed a known stream.
     Refused before any compute: a fresh run into a checkpoint folder that holds an earlier run's steps
     (`resume` continues it), missing input paths, a URL as a run folder and, with several processes, a
-    checkpoint folder that not every process sees.
+    checkpoint folder that not every process sees, and a `trainable` pattern that selects no parameter.
     """
     mesh = parallel.make_mesh(cfg.mesh)
     check_layout(cfg, mesh)
     check_inputs(cfg)
     check_run_folders(cfg)
+    if cfg.trainable:   # on the abstract model: the stage defaults may name parts a config leaves out (LoRA)
+        check_patterns_match(nnx.eval_shape(model_factory(cfg.stage, cfg.model)[0]), cfg.trainable)
     earlier = saved_steps(cfg.checkpoint.dir)
     if earlier and not resume:
         raise ValueError(f"{cfg.checkpoint.dir} holds checkpoints of an earlier run (steps {earlier}): pass --resume "

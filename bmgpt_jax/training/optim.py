@@ -106,9 +106,27 @@ def trainable_filter(patterns: Sequence[str] | Callable[[str], bool] | None = No
     if callable(patterns):
         pred = patterns
     else:
-        regexes = [re.compile(p) for p in patterns]
+        regexes = [_compile(p) for p in patterns]
         pred = lambda name: any(r.search(name) for r in regexes)  # noqa: E731
     return nnx.All(nnx.Param, lambda path, _: bool(pred(path_str(path))))
+
+
+def _compile(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"trainable pattern {pattern!r} is not a regular expression ({e})") from None
+
+
+def check_patterns_match(model: nnx.Module, patterns: Sequence[str]) -> None:
+    """ValueError naming each pattern that selects no `Param` of `model` (e.g. a layer index when the
+    layers are scanned into one stacked parameter): a pattern that silently selects nothing leaves
+    weights frozen that the config meant to train."""
+    names = [path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    unmatched = [p for p in patterns if not any(_compile(p).search(n) for n in names)]
+    if unmatched:
+        raise ValueError(f"trainable pattern(s) {unmatched} select no parameter (the paths look like "
+                         f"{names[:3]}; with scanned layers there is no layer index)")
 
 
 def split_trainable(model: nnx.Module, trainable: nnx.filterlib.Filter = nnx.Param

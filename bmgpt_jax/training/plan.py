@@ -253,7 +253,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--config", action="append", help=f"training config, repeatable (default: {', '.join(CONFIGS)})")
     ap.add_argument("--stage", choices=["lm", "align", "finetune"], help="shorthand for --config biomedgpt_10b_STAGE")
     ap.add_argument("--processes", type=positive_int, help="hosts feeding the batch (default: the target's hosts; CPU: 1)")
-    ap.add_argument("--mesh", help="data,fsdp,tensor sizes, one may be -1 (default: the config's)")
+    ap.add_argument("--mesh", help="data,fsdp,tensor sizes, one may be -1, written with '=' "
+                    "then: --mesh=-1,2,1 (default: the config's)")
     ap.add_argument("--batch", type=positive_int, help="data.batch_size: global rows per micro-batch (default: the config's)")
     ap.add_argument("--grad-accum", dest="grad_accum", type=positive_int, help="optim.grad_accum micro-batches per step")
     ap.add_argument("--seq", type=positive_int, nargs="+", help="sequence length(s) T, one job each (default: the config's longest bucket)")

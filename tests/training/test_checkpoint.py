@@ -82,7 +82,7 @@ def test_sigterm_requests_a_save(tmp_path):
     assert not ckpt.stop_requested()
     os.kill(os.getpid(), signal.SIGTERM)
     assert ckpt.stop_requested() and ckpt.stop_signal == "SIGTERM"
-    assert ckpt.save(3, {"w": np.ones(2, np.float32)})
+    assert ckpt.save(3, {"w": np.ones(2, np.float32)}, force=ckpt.stop_requested())
     ckpt.close()
     assert signal.getsignal(signal.SIGTERM) is before
     assert Checkpointer(CheckpointConfig(dir=str(tmp_path))).latest_step() == 3

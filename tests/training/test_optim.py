@@ -10,8 +10,8 @@ from jax.sharding import PartitionSpec as P
 from bmgpt_jax import parallel
 from bmgpt_jax.config import from_dict
 from bmgpt_jax.models.layers import Linear
-from bmgpt_jax.training.optim import (OptimConfig, count_params, make_optimizer, make_schedule, split_trainable,
-                             trainable_filter)
+from bmgpt_jax.training.optim import (OptimConfig, check_patterns_match, count_params, make_optimizer, make_schedule,
+                                      split_trainable, trainable_filter)
 from bmgpt_jax.parallel import batch_shardings, shard, tree_shardings
 from bmgpt_jax.training.step import init_opt_state, jit_train_step, make_train_step
 
@@ -144,6 +144,32 @@ def test_bfloat16_compute_keeps_float32_master():
     t16, _, m16 = bf16(graphdef, trainable, frozen, tx.init(trainable), toy_batch())
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(t16))
     np.testing.assert_allclose(m16["loss"], m32["loss"], rtol=2e-2)
+
+
+def test_bfloat16_compute_keeps_batchnorm_statistics_float32():
+    """Only parameters are cast to the compute dtype: a frozen BatchNorm statistic reads as at inference."""
+    class Normed(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.ones((), jnp.float32))
+            self.mean = nnx.BatchStat(jnp.full((), 100.3, jnp.float32))
+
+    def loss(model, batch):
+        return model.w[...].astype(jnp.float32) * 0 + model.mean[...].astype(jnp.float32), 1.0
+    graphdef, trainable, frozen = split_trainable(Normed())
+    tx = optax.sgd(0.0)
+    step = jax.jit(make_train_step(loss, tx, compute_dtype=jnp.bfloat16))
+    _, _, metrics = step(graphdef, trainable, frozen, tx.init(trainable), {})
+    assert float(metrics["loss"]) == np.float32(100.3)                  # bfloat16 would read 100.5
+
+
+def test_trainable_patterns_each_select_a_parameter():
+    model = Toy(nnx.Rngs(0))
+    check_patterns_match(model, ["^up[.]", "kernel"])
+    with pytest.raises(ValueError, match=r"trainable pattern\(s\) \['\^layers.1.'\] select no parameter \(the "
+                                         r"paths look like \['down.kernel', "):
+        check_patterns_match(model, ["^up[.]", "^layers.1."])
+    with pytest.raises(ValueError, match=r"trainable pattern '\(' is not a regular expression"):
+        trainable_filter(["("])
 
 
 def test_sharded_step_matches_single_device_and_rules():
