@@ -128,6 +128,15 @@ def to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every dotted key whose value differs between two `to_dict` forms (a key on
+    one side only counts as a difference)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
 def apply_overrides(data: dict, overrides: Sequence[str], cls: type | None = None) -> dict:
     """Apply `a.b.c=value` strings (value parsed as YAML) to a nested mapping, checking keys against `cls`."""
     data = dict(data or {})

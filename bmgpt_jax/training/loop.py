@@ -50,6 +50,9 @@ log = logging.getLogger("bmgpt_jax.train")
 TEXT_KEYS = ("input_ids", "attention_mask", "loss_mask")
 
 
+RESUME_FREE = ("steps", "progress", "export")   # settings a resumed run may change without a word
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A training run. `trainable`: regexes over dotted parameter paths (empty = the stage's default);
@@ -220,6 +223,11 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
             it.restore(data_state)
             start = int(meta["step"])
             log.info("resumed from step %d (%s)", start, ckpt.directory)
+            changed = [d for d in config_lib.differences(meta.get("config", {}), config_lib.to_dict(cfg))
+                       if d.split(":")[0] not in RESUME_FREE]
+            if changed:   # e.g. a raised `steps` with optim.total_steps 0 stretches the learning-rate schedule
+                log.warning("--resume: the run goes on with settings that differ from the checkpoint's: %s",
+                            "; ".join(changed))
         ckpt.install_signal_handlers()
         tally = DropTally(it, cfg.data.max_dropped, meta.get("data_counts"))
         stream = _batches(it, cfg)

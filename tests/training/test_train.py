@@ -1,5 +1,6 @@
 """The training job: stages, meshes, resume past a torn checkpoint, dropped-example accounting, exports
 other tools load, one-line errors, the embedded default (recovery from signals: test_recovery.py)."""
+import re
 from pathlib import Path
 
 import jax
@@ -223,15 +224,20 @@ def test_resume_skips_a_torn_checkpoint_and_counts_dropped_examples_on(tmp_path,
     with caplog.at_level("INFO"):
         resumed = train.run(cfg_for(tmp_path, *extra, name="part"), resume=True)
     assert "checkpoint step 6 is unreadable (JSONDecodeError" in caplog.text and "resumed from step 4" in caplog.text
+    assert "differ from the checkpoint's" not in caplog.text                # only `steps` changed
     assert (ckpts / "6.unreadable").is_dir() and (ckpts / "8").is_dir()
     assert sorted(resumed["losses"]) == [5, 6, 7, 8]
     assert all(resumed["losses"][s] == full["losses"][s] for s in (5, 6, 7, 8))
     assert resumed["data"] == full["data"]
     assert _losses(tmp_path / "part") == full["losses"]
     capsys.readouterr()
-    again = train.run(cfg_for(tmp_path, *extra, name="part"), resume=True)             # already at the last step
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        again = train.run(cfg_for(tmp_path, *extra, "optim.lr=0.5", name="part"), resume=True)   # at the last step
     assert again["losses"] == {} and again["last_step"] == 8
     assert "the checkpoint is at step 8, steps=8: nothing to train" in capsys.readouterr().out
+    assert re.search(r"--resume: the run goes on with settings that differ from the checkpoint's: optim.lr: "
+                     r"[0-9.e-]+ -> 0.5$", caplog.text, re.M)
 
 
 def test_one_line_errors_before_any_compute(tmp_path, capsys):
