@@ -213,7 +213,7 @@ def test_a_failure_midway_keeps_the_old_output_and_leaves_no_partial(tmp_path, m
     from bmgpt_jax.convert.safetensors_io import SafetensorsFile
     src = llama_dir(tmp_path / "src")
     (tmp_path / "dst").mkdir()
-    (tmp_path / "dst" / "marker").write_text("previous output")
+    (tmp_path / "dst" / "config.json").write_text("previous output")       # an earlier output of ours
     real, calls = SafetensorsFile.read, []
 
     def flaky(self, key, index=None):
@@ -225,7 +225,8 @@ def test_a_failure_midway_keeps_the_old_output_and_leaves_no_partial(tmp_path, m
     assert convert_weights.main(["hf_llama", str(src), str(tmp_path / "dst")]) == 2
     assert "OSError: disk went away" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
-    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["marker"]
+    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["config.json"]
+    assert (tmp_path / "dst" / "config.json").read_text() == "previous output"
 
 
 CONVERT_BASELINE = r"""

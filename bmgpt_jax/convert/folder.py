@@ -31,6 +31,7 @@ from bmgpt_jax.models.llama import LlamaConfig
 
 FILES = {"weights": "model.safetensors", "pth": "biomedgpt_10b.pth", "lm": "llm_config.json",
          "esm": "esm_config.json", "gin": "gin_config.json", "tokenizer": "tokenizer.model"}
+WRITES = tuple(FILES.values())   # what `write` puts in a folder (besides shards): replaceable (`stream.ours`)
 
 
 def torch_available() -> bool:
@@ -126,7 +127,8 @@ def from_openbiomed(pth_path, dst, lm_config, esm_config, tokenizer, dtype=None,
         out = dataclasses.replace(cfg, lm=dataclasses.replace(lm, param_dtype=str(first)),
                                   esm=dataclasses.replace(esm, param_dtype=str(first)))
         return stream.convert(src, lay, dst, "safetensors", dtype=dtype, check=check,
-                              extra_files=lambda tmp: _write_configs(tmp, out, tok), max_shard_bytes=max_shard_bytes)
+                              extra_files=lambda tmp: _write_configs(tmp, out, tok), max_shard_bytes=max_shard_bytes,
+                              keep=pth_path)
 
 
 def to_openbiomed(ckpt_dir, dst, dtype=None, check: bool = False) -> int:
@@ -136,4 +138,4 @@ def to_openbiomed(ckpt_dir, dst, dtype=None, check: bool = False) -> int:
     with open_source(ckpt_dir) as raw:
         src = openbiomed.view(raw)
         lay = openbiomed.layout(lm, esm, openbiomed.gin_config(src, gin))
-        return stream.convert(src, lay, dst, "pth", dtype=dtype, check=check)
+        return stream.convert(src, lay, dst, "pth", dtype=dtype, check=check, keep=ckpt_dir)

@@ -29,6 +29,7 @@ FAMILY = "Hugging Face Llama"
 IGNORED = ("rotary_emb.inv_freq",)
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json")  # what an HF Llama folder carries besides weights
+WRITES = ("config.json", *TOKENIZER_FILES)   # what `write`/`convert` put beside the weights (`stream.ours`)
 
 
 def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> LlamaConfig:
@@ -171,7 +172,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, check: b
                 if f.is_file():                  # (a single-file source has none beside it)
                     shutil.copyfile(f, tmp / f.name)
         return stream.convert(source, lay, dst, "safetensors", dtype=dtype, check=check, extra_files=extra,
-                              max_shard_bytes=max_shard_bytes)
+                              max_shard_bytes=max_shard_bytes, keep=src)
 
 
 def init(cfg: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
