@@ -116,6 +116,11 @@ def test_openbiomed_to_checkpoint_dir_and_back(tmp_path, torch, shared_data):
     again = json.loads((tmp_path / "again" / "gin_config.json").read_text())
     assert again == {**gin, "max_atoms": 64, "over_cap": "error"}
     assert gin["max_atoms"] != 64 and gin["over_cap"] != "error"
+    # as a DistributedDataParallel training loop saves it: wrapped, every key under `module.`
+    torch.save({"model": {f"module.{k}": v for k, v in src.items()}, "epoch": 1}, tmp_path / "ddp.pth")
+    assert convert_weights.main(["openbiomed", str(tmp_path / "ddp.pth"), str(tmp_path / "ddp"), *args]) == 0
+    a, b = read_state_dict(tmp_path / "ckpt"), read_state_dict(tmp_path / "ddp")
+    assert a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a)
 
 
 def test_bad_inputs_are_one_line_naming_the_file(tmp_path, torch, capsys):
