@@ -96,9 +96,12 @@ def abstract_model(cfg: LlamaConfig) -> LlamaForCausalLM:
 
 
 def layout(cfg: LlamaConfig, prefix: str = "") -> tensor_map.Layout:
-    """The HF tensors of a model with `cfg` (keys prefixed with `prefix`, e.g. `llm.`)."""
+    """The HF tensors of a model with `cfg` (keys prefixed with `prefix`, e.g. `llm.`). With tied embeddings,
+    an `lm_head.weight` in the checkpoint (older transformers save it, a copy of the embedding) is
+    skipped and logged like `IGNORED`, as transformers does: the output layer is the embedding."""
+    tied_head = prefix + "lm_head.weight" if cfg.tie_word_embeddings else None
     return tensor_map.param_layout(abstract_model(cfg), FAMILY, "layers" if cfg.scan_layers else None, prefix,
-                                   ignored=lambda k: any(s in k for s in IGNORED))
+                                   ignored=lambda k: k == tied_head or any(s in k for s in IGNORED))
 
 
 def load_source(source: TensorSource, cfg: LlamaConfig, mesh=None) -> LlamaForCausalLM:
