@@ -106,6 +106,17 @@ def test_openbiomed_to_checkpoint_dir_and_back(tmp_path, torch, shared_data):
     src = ref.state_dict()
     assert all(torch.equal(back[k], src[k]) for k in back)
     assert set(src) - set(back) == {k for k in src if "pooler." in k or "contact_head." in k or "inv_freq" in k}
+    # what OpenBioMed does with it: a strict load fails on exactly those, a non-strict one gives the same model
+    fresh = TorchBioMedGPT(esm_cfg, vocab_size=32001, seed=1)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fresh.load_state_dict(back)
+    result = fresh.load_state_dict(back, strict=False)
+    assert sorted(result.missing_keys) == sorted(set(src) - set(back)) and not result.unexpected_keys
+    ids = torch.tensor([[0, 5, 6, 7, 2]])
+    with torch.no_grad():
+        for part, run in [("esm", lambda m: m.prot_structure_encoder(ids).last_hidden_state),
+                          ("llm", lambda m: m.llm(ids).logits)]:
+            assert torch.equal(run(fresh), run(ref)), part
     # the .pth holds no atom cap: a folder's gin_config.json given back keeps it (depth and width still
     # from the weights), without it the default cap applies
     gin = json.loads((tmp_path / "ckpt" / "gin_config.json").read_text())

@@ -4,7 +4,8 @@
                         the weights under OpenBioMed's flat names (`llm.*`, `mol_structure_encoder.*`, ...)
     llm_config.json     HF Llama config        esm_config.json   HF ESM config
     gin_config.json     our GinConfig          tokenizer.model   SentencePiece (or a `tokenizer/` folder)
-    biomedgpt_10b.pth   OpenBioMed's file, written as well where torch is importable (optional)
+    biomedgpt_10b.pth   OpenBioMed's file, written as well where torch is importable (optional;
+                        OpenBioMed loads it with `strict=False`: see `convert.openbiomed`)
 
 The default folder needs no torch to write or read. Training writes one at the end of a run (streamed
 from the final checkpoint, `convert.run_export`); chat and evaluate read it (`from_pretrained`, sharded
@@ -133,7 +134,8 @@ def from_openbiomed(pth_path, dst, lm_config, esm_config, tokenizer, dtype=None,
 
 def to_openbiomed(ckpt_dir, dst, dtype=None, check: bool = False) -> int:
     """A model folder -> OpenBioMed's flat `.pth`, streaming (dtype kept unless `dtype`; `check`:
-    re-read bit for bit). Returns the number of tensors."""
+    re-read bit for bit). Returns the number of tensors. OpenBioMed loads it with `strict=False`: it
+    lacks the ESM's pooler and contact head and the deterministic buffers (`convert.openbiomed`)."""
     lm, esm, gin = configs(ckpt_dir)
     with open_source(ckpt_dir) as raw:
         src = openbiomed.view(raw)
