@@ -5,8 +5,9 @@ Accepted: a `.safetensors` file; a folder with `model.safetensors`, or with shar
 for), or with other `*.safetensors` files; a torch `.pth`/`.bin`/`.pt` file; a folder with shards named
 by `pytorch_model.bin.index.json`, or with `pytorch_model.bin` (taken by name: a Hugging Face Trainer's
 `checkpoint-N` holds `training_args.bin`, `optimizer.pt`, `rng_state.pth` beside it), or with one torch
-file; our model folder (its safetensors, else its `biomedgpt_10b.pth`). Torch is imported only for torch files. A training run's
-orbax checkpoint holds our own layout, not a state dict: it is read by `convert.run_export`.
+file; our model folder (its safetensors, else its `biomedgpt_10b.pth`). Torch is imported only for torch
+files. A training run's orbax checkpoint holds our own layout, not a state dict: it is read by
+`convert.run_export`.
 """
 from __future__ import annotations
 
