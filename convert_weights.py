@@ -19,7 +19,10 @@ a time, and compared with the source bit for bit.
 
 A missing, empty, truncated or corrupt input (a `.pth` cut short, a broken `config.json` or tokenizer),
 a source of another family, or a key or shape the model does not have is one line on stderr naming the
-file (and the key and both shapes) with exit status 2; nothing is left at the destination.
+file (and the key and both shapes) with exit status 2; nothing is left at the destination. So is a
+destination whose replacement would delete what is not ours: the source itself or a folder holding it, a
+folder holding anything but an earlier output of these converters (a subfolder, any other file), or, for
+a `.pth`, an existing folder; it is refused before anything is read.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import time
 from pathlib import Path
 
 KINDS = ["hf_llama", "hf_esm", "graphmvp_gin", "openbiomed", "to_openbiomed", "orbax"]
+FILE_KINDS = ("graphmvp_gin", "to_openbiomed")   # these write one .pth file; the others a folder
 
 
 def check_sources(args) -> None:
@@ -79,6 +83,8 @@ def main(argv=None) -> int:
     from bmgpt_jax.inputs import one_line
     start = time.perf_counter()
     try:
+        from bmgpt_jax.convert import stream
+        stream.check_destination(args.dst, "file" if args.kind in FILE_KINDS else "dir", keep=args.src)
         check_sources(args)
         n = convert(args)
     except Exception as e:  # noqa: BLE001 -- a command line reports what failed in one line

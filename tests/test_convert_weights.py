@@ -106,6 +106,17 @@ def test_openbiomed_to_checkpoint_dir_and_back(tmp_path, torch, shared_data):
     src = ref.state_dict()
     assert all(torch.equal(back[k], src[k]) for k in back)
     assert set(src) - set(back) == {k for k in src if "pooler." in k or "contact_head." in k or "inv_freq" in k}
+    # what OpenBioMed does with it: a strict load fails on exactly those, a non-strict one gives the same model
+    fresh = TorchBioMedGPT(esm_cfg, vocab_size=32001, seed=1)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fresh.load_state_dict(back)
+    result = fresh.load_state_dict(back, strict=False)
+    assert sorted(result.missing_keys) == sorted(set(src) - set(back)) and not result.unexpected_keys
+    ids = torch.tensor([[0, 5, 6, 7, 2]])
+    with torch.no_grad():
+        for part, run in [("esm", lambda m: m.prot_structure_encoder(ids).last_hidden_state),
+                          ("llm", lambda m: m.llm(ids).logits)]:
+            assert torch.equal(run(fresh), run(ref)), part
     # the .pth holds no atom cap: a folder's gin_config.json given back keeps it (depth and width still
     # from the weights), without it the default cap applies
     gin = json.loads((tmp_path / "ckpt" / "gin_config.json").read_text())
@@ -116,6 +127,11 @@ def test_openbiomed_to_checkpoint_dir_and_back(tmp_path, torch, shared_data):
     again = json.loads((tmp_path / "again" / "gin_config.json").read_text())
     assert again == {**gin, "max_atoms": 64, "over_cap": "error"}
     assert gin["max_atoms"] != 64 and gin["over_cap"] != "error"
+    # as a DistributedDataParallel training loop saves it: wrapped, every key under `module.`
+    torch.save({"model": {f"module.{k}": v for k, v in src.items()}, "epoch": 1}, tmp_path / "ddp.pth")
+    assert convert_weights.main(["openbiomed", str(tmp_path / "ddp.pth"), str(tmp_path / "ddp"), *args]) == 0
+    a, b = read_state_dict(tmp_path / "ckpt"), read_state_dict(tmp_path / "ddp")
+    assert a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a)
 
 
 def test_bad_inputs_are_one_line_naming_the_file(tmp_path, torch, capsys):
@@ -213,7 +229,7 @@ def test_a_failure_midway_keeps_the_old_output_and_leaves_no_partial(tmp_path, m
     from bmgpt_jax.convert.safetensors_io import SafetensorsFile
     src = llama_dir(tmp_path / "src")
     (tmp_path / "dst").mkdir()
-    (tmp_path / "dst" / "marker").write_text("previous output")
+    (tmp_path / "dst" / "config.json").write_text("previous output")       # an earlier output of ours
     real, calls = SafetensorsFile.read, []
 
     def flaky(self, key, index=None):
@@ -225,7 +241,8 @@ def test_a_failure_midway_keeps_the_old_output_and_leaves_no_partial(tmp_path, m
     assert convert_weights.main(["hf_llama", str(src), str(tmp_path / "dst")]) == 2
     assert "OSError: disk went away" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
-    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["marker"]
+    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["config.json"]
+    assert (tmp_path / "dst" / "config.json").read_text() == "previous output"
 
 
 CONVERT_BASELINE = r"""

@@ -4,7 +4,8 @@
                         the weights under OpenBioMed's flat names (`llm.*`, `mol_structure_encoder.*`, ...)
     llm_config.json     HF Llama config        esm_config.json   HF ESM config
     gin_config.json     our GinConfig          tokenizer.model   SentencePiece (or a `tokenizer/` folder)
-    biomedgpt_10b.pth   OpenBioMed's file, written as well where torch is importable (optional)
+    biomedgpt_10b.pth   OpenBioMed's file, written as well where torch is importable (optional;
+                        OpenBioMed loads it with `strict=False`: see `convert.openbiomed`)
 
 The default folder needs no torch to write or read. Training writes one at the end of a run (streamed
 from the final checkpoint, `convert.run_export`); chat and evaluate read it (`from_pretrained`, sharded
@@ -31,6 +32,7 @@ from bmgpt_jax.models.llama import LlamaConfig
 
 FILES = {"weights": "model.safetensors", "pth": "biomedgpt_10b.pth", "lm": "llm_config.json",
          "esm": "esm_config.json", "gin": "gin_config.json", "tokenizer": "tokenizer.model"}
+WRITES = tuple(FILES.values())   # what `write` puts in a folder (besides shards): replaceable (`stream.ours`)
 
 
 def torch_available() -> bool:
@@ -126,14 +128,16 @@ def from_openbiomed(pth_path, dst, lm_config, esm_config, tokenizer, dtype=None,
         out = dataclasses.replace(cfg, lm=dataclasses.replace(lm, param_dtype=str(first)),
                                   esm=dataclasses.replace(esm, param_dtype=str(first)))
         return stream.convert(src, lay, dst, "safetensors", dtype=dtype, check=check,
-                              extra_files=lambda tmp: _write_configs(tmp, out, tok), max_shard_bytes=max_shard_bytes)
+                              extra_files=lambda tmp: _write_configs(tmp, out, tok), max_shard_bytes=max_shard_bytes,
+                              keep=pth_path)
 
 
 def to_openbiomed(ckpt_dir, dst, dtype=None, check: bool = False) -> int:
     """A model folder -> OpenBioMed's flat `.pth`, streaming (dtype kept unless `dtype`; `check`:
-    re-read bit for bit). Returns the number of tensors."""
+    re-read bit for bit). Returns the number of tensors. OpenBioMed loads it with `strict=False`: it
+    lacks the ESM's pooler and contact head and the deterministic buffers (`convert.openbiomed`)."""
     lm, esm, gin = configs(ckpt_dir)
     with open_source(ckpt_dir) as raw:
         src = openbiomed.view(raw)
         lay = openbiomed.layout(lm, esm, openbiomed.gin_config(src, gin))
-        return stream.convert(src, lay, dst, "pth", dtype=dtype, check=check)
+        return stream.convert(src, lay, dst, "pth", dtype=dtype, check=check, keep=ckpt_dir)

@@ -127,4 +127,4 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, prefix: str = "", dt
     with open_source(src) as raw:
         sub = view(raw, prefix)
         return stream.convert(sub, layout(infer_config(sub)), dst, "pth", dtype=dtype, check=check,
-                              rename=lambda k: prefix + k)
+                              rename=lambda k: prefix + k, keep=src)

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 FAMILY = "Hugging Face ESM-2 encoder"
 IGNORED = re.compile(r"(^|\.)(inv_freq|position_ids)$|^(contact_head|pooler|lm_head)\.")
 _AUTO_PREFIXES = ("esm.", "")
+WRITES = ("config.json", "vocab.txt", "tokenizer_config.json")   # beside the weights (`stream.ours`)
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -187,4 +188,4 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, check: b
                                       if first in source else cfg.param_dtype)
         return stream.convert(source, lay, dst, "safetensors", dtype=dtype, check=check,
                               extra_files=lambda tmp: _write_config_and_vocab(tmp, out_cfg),
-                              max_shard_bytes=max_shard_bytes)
+                              max_shard_bytes=max_shard_bytes, keep=src)

@@ -29,6 +29,7 @@ FAMILY = "Hugging Face Llama"
 IGNORED = ("rotary_emb.inv_freq",)
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json")  # what an HF Llama folder carries besides weights
+WRITES = ("config.json", *TOKENIZER_FILES)   # what `write`/`convert` put beside the weights (`stream.ours`)
 
 
 def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> LlamaConfig:
@@ -95,9 +96,12 @@ def abstract_model(cfg: LlamaConfig) -> LlamaForCausalLM:
 
 
 def layout(cfg: LlamaConfig, prefix: str = "") -> tensor_map.Layout:
-    """The HF tensors of a model with `cfg` (keys prefixed with `prefix`, e.g. `llm.`)."""
+    """The HF tensors of a model with `cfg` (keys prefixed with `prefix`, e.g. `llm.`). With tied embeddings,
+    an `lm_head.weight` in the checkpoint (older transformers save it, a copy of the embedding) is
+    skipped and logged like `IGNORED`, as transformers does: the output layer is the embedding."""
+    tied_head = prefix + "lm_head.weight" if cfg.tie_word_embeddings else None
     return tensor_map.param_layout(abstract_model(cfg), FAMILY, "layers" if cfg.scan_layers else None, prefix,
-                                   ignored=lambda k: any(s in k for s in IGNORED))
+                                   ignored=lambda k: k == tied_head or any(s in k for s in IGNORED))
 
 
 def load_source(source: TensorSource, cfg: LlamaConfig, mesh=None) -> LlamaForCausalLM:
@@ -171,7 +175,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, check: b
                 if f.is_file():                  # (a single-file source has none beside it)
                     shutil.copyfile(f, tmp / f.name)
         return stream.convert(source, lay, dst, "safetensors", dtype=dtype, check=check, extra_files=extra,
-                              max_shard_bytes=max_shard_bytes)
+                              max_shard_bytes=max_shard_bytes, keep=src)
 
 
 def init(cfg: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:

@@ -1,12 +1,21 @@
 """OpenBioMed `biomedgpt_10b.pth` (one flat state dict) <-> our `BioMedGPT`.
 
 Layout: `llm.*` (HF Llama names, vocab 32001), `mol_structure_encoder.*` (GraphMVP GIN),
-`prot_structure_encoder.*` (HF ESM names; `pooler.*`, `position_ids`, `inv_freq` ignored),
-`proj_mol.{weight,bias}`, `proj_prot.{weight,bias}`. The table is the three families' tables nested
-under their prefixes plus the two adaptors; a key under no known prefix is an error, as is a missing
-key or a shape mismatch. The same flat names are used in our model folder's safetensors
+`prot_structure_encoder.*` (HF ESM names; `pooler.*`, `contact_head.*`, `position_ids`, `inv_freq`
+ignored), `proj_mol.{weight,bias}`, `proj_prot.{weight,bias}`. The table is the three families' tables
+nested under their prefixes plus the two adaptors; a key under no known prefix is an error, as is a
+missing key or a shape mismatch. The same flat names are used in our model folder's safetensors
 (`convert.folder`). Reading is lazy (`torch.load(mmap=True)` for the `.pth`), whole or per device
 slice (`load_sharded`); writing streams one tensor at a time.
+
+The `.pth` we write holds every tensor of our model, not what we skip on the way in (`layout(...).ignored`):
+the ESM's `prot_structure_encoder.pooler.dense.{weight,bias}` and `.contact_head.regression.{weight,bias}`
+(parameters we do not have, and do not invent), and the deterministic buffers transformers recomputes
+when it builds the model: the ESM's `rotary_embeddings.inv_freq` (one per layer in older transformers,
+which also save `embeddings.position_ids`) and the Llama's `rotary_emb.inv_freq` (saved, one per layer,
+by older transformers only). BioMedGPT's forward uses none of them (the pooler and contact head are
+never called), so OpenBioMed's `BioMedGPTV` loads the file with `model.load_state_dict(state_dict,
+strict=False)`, which reports just those as missing; a strict load fails on them.
 """
 from __future__ import annotations
 
@@ -123,5 +132,6 @@ def write(reader: TensorSource, cfg: BioMedGPTConfig, dst: str | os.PathLike) ->
 
 
 def save(model: BioMedGPT, pth_path: str | os.PathLike) -> None:
-    """Write the flat state dict as a torch `.pth`, loadable by OpenBioMed's `BioMedGPTV` (streamed)."""
+    """Write the flat state dict as a torch `.pth` (streamed), which OpenBioMed's `BioMedGPTV` loads with
+    `strict=False`: the pooler, contact head and deterministic buffers are absent (module docstring)."""
     write(ModelSource(model), model.config, pth_path)

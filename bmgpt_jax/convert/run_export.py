@@ -80,6 +80,7 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | 
     parameters' dtype on disk (default: the run's `param_dtype`). `check`: re-read the weights and
     compare with the checkpoint bit for bit. Returns the number of tensors written."""
     from bmgpt_jax.data.text import load_tokenizer
+    stream.check_destination(out_dir, "dir", keep=ckpt_dir)     # before anything is read
     all_steps = steps(ckpt_dir)
     if not all_steps:
         raise FileNotFoundError(f"{ckpt_dir}: no finished checkpoint step")

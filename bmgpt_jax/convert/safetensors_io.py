@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -23,6 +24,8 @@ from bmgpt_jax.convert.tensor_source import Index, TensorSource, normalize_index
 
 SAFE_NAME = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
+SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"      # (shard i of n, from 1)
+SHARD_RE = re.compile(r"model-\d{5,}-of-\d{5,}\.safetensors")
 MAX_HEADER = 100 * 2**20
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -167,7 +170,7 @@ class SafetensorsWriter:
             shards[-1].append((key, tuple(int(d) for d in shape), dtype, nbytes))
             size += nbytes
         n = len(shards)
-        self.files = [SAFE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.files = [SAFE_NAME] if n == 1 else [SHARD_NAME.format(i + 1, n) for i in range(n)]
         self._plan: dict[str, tuple[int, int, tuple, np.dtype]] = {}   # key -> (fd, offset, shape, dtype)
         self._fds: list[int] = []
         self.total_size = 0

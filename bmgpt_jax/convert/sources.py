@@ -2,10 +2,12 @@
 
 Accepted: a `.safetensors` file; a folder with `model.safetensors`, or with shards named by
 `model.safetensors.index.json` (every shard the index names must exist, and hold the keys it is named
-for), or with other `*.safetensors` files; a torch `.pth`/`.bin`/`.pt` file; a folder with
-`pytorch_model.bin` or shards named by `pytorch_model.bin.index.json`; our model folder (its
-safetensors, else its `biomedgpt_10b.pth`). Torch is imported only for torch files. A training run's
-orbax checkpoint holds our own layout, not a state dict: it is read by `convert.run_export`.
+for), or with other `*.safetensors` files; a torch `.pth`/`.bin`/`.pt` file; a folder with shards named
+by `pytorch_model.bin.index.json`, or with `pytorch_model.bin` (taken by name: a Hugging Face Trainer's
+`checkpoint-N` holds `training_args.bin`, `optimizer.pt`, `rng_state.pth` beside it), or with one torch
+file; our model folder (its safetensors, else its `biomedgpt_10b.pth`). Torch is imported only for torch
+files. A training run's orbax checkpoint holds our own layout, not a state dict: it is read by
+`convert.run_export`.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from bmgpt_jax.convert.safetensors_io import SAFE_INDEX, SAFE_NAME, SafetensorsF
 from bmgpt_jax.convert.tensor_source import TensorSource, Union
 
 BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_NAME = "pytorch_model.bin"
 TORCH_SUFFIXES = (".pth", ".bin", ".pt")
 
 
@@ -79,15 +82,20 @@ def open_source(path: str | os.PathLike) -> TensorSource:
         return SafetensorsFile(files[0]) if len(files) == 1 else Union([SafetensorsFile(f) for f in files], str(p))
     if (p / BIN_INDEX).exists():
         return _open_index(p / BIN_INDEX)
-    torch_files = sorted(f for f in p.iterdir() if f.suffix in TORCH_SUFFIXES)
+    if (p / BIN_NAME).is_file():
+        return _torch_file(p / BIN_NAME)
+    torch_files = sorted(f.name for f in p.iterdir() if f.suffix in TORCH_SUFFIXES and f.is_file())
     if len(torch_files) == 1:
-        return _torch_file(torch_files[0])
+        return _torch_file(p / torch_files[0])
     if (p / "_CHECKPOINT_METADATA").exists() or (p / "_METADATA").exists():
         raise ValueError(f"{p} is an orbax training checkpoint (our own layout): convert it with "
                          "`convert_weights.py orbax` or read it with bmgpt_jax.convert.run_export")
+    if torch_files:
+        raise ValueError(f"{p}: {len(torch_files)} torch files and none is {BIN_NAME}: {torch_files[:10]}; "
+                         "name that file, or rename it to pytorch_model.bin")
     found = sorted(f.name for f in p.iterdir())[:10]
     raise FileNotFoundError(f"{p}: no model.safetensors (single or sharded with {SAFE_INDEX}), other *.safetensors, "
-                            f"pytorch_model.bin (or {BIN_INDEX}) or single .pth found; it holds {found}")
+                            f"{BIN_NAME} (or {BIN_INDEX}) or single .pth/.bin/.pt found; it holds {found}")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

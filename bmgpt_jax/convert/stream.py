@@ -4,7 +4,9 @@ into a temporary folder or file renamed at the end, and the bit-exact streaming 
 Formats: `"safetensors"` (a folder: HF sharded safetensors with an index past `max_shard_bytes`) and
 `"pth"` (one torch file, torch needed). A failed or interrupted run leaves only a hidden
 `.NAME.tmp-PID` beside the target (removed on a Python error), never something at the target path
-that looks like a valid checkpoint; an existing target is replaced only once the new one is complete.
+that looks like a valid checkpoint; an existing target is replaced only once the new one is complete,
+and only if replacing it deletes nothing but an earlier output of ours (`check_destination`, before any
+tensor is read): never the source or a folder holding it, never a folder holding anything else.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Literal
 import jax.numpy as jnp
 import numpy as np
 
-from bmgpt_jax.convert.safetensors_io import SafetensorsWriter
+from bmgpt_jax.convert.safetensors_io import SAFE_INDEX, SAFE_NAME, SHARD_RE, SafetensorsWriter
 from bmgpt_jax.convert.sources import open_source
 from bmgpt_jax.convert.tensor_map import Layout, check as check_layout, iter_tensors
 from bmgpt_jax.convert.tensor_source import TensorSource
@@ -25,44 +27,98 @@ from bmgpt_jax.convert.tensor_source import TensorSource
 Format = Literal["safetensors", "pth"]
 Specs = list[tuple[str, tuple, np.dtype]]
 SHARD_BYTES = 5 * 2**30
+Keep = str | os.PathLike | Iterable[str | os.PathLike]    # the paths a write must not replace (its source)
 
 
 def _tmp_name(final: Path) -> Path:
     return final.parent / f".{final.name}.tmp-{os.getpid()}"
 
 
-@contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `final`; on success it replaces `final`, on error it is removed."""
+def ours(name: str) -> bool:
+    """Whether a file named `name` is one our folder writers produce: the safetensors (single, shards,
+    index) and each writer's `WRITES` (imported here: those modules import this one)."""
+    from bmgpt_jax.convert import folder, hf_esm, hf_llama
+    return (name in (SAFE_NAME, SAFE_INDEX, *folder.WRITES, *hf_llama.WRITES, *hf_esm.WRITES)
+            or SHARD_RE.fullmatch(name) is not None)
+
+
+def _paths(keep: Keep) -> list[Path]:
+    return [Path(keep)] if isinstance(keep, (str, os.PathLike)) else [Path(p) for p in keep]
+
+
+def check_destination(final: str | os.PathLike, kind: Literal["dir", "file"], keep: Keep = ()) -> None:
+    """Refuse (ValueError naming `final` and what would go) a destination whose replacement would delete
+    what is not ours to delete: a path in `keep` (the source a conversion reads) or a folder holding it;
+    for a folder, an existing one holding a subfolder or a file no writer of ours produces (`ours`), or
+    a file; for a file, an existing folder. Called before any tensor is read, and again before the rename."""
     final = Path(final)
+    target = final.resolve()
+    for k in _paths(keep):
+        src = k.resolve()
+        if src == target or (kind == "dir" and target in src.parents):
+            raise ValueError(f"refusing to write {final}: it {'is' if src == target else 'holds'} the source {k}, "
+                             "which replacing it would delete; write somewhere else")
+    if kind == "file":
+        if final.is_dir():
+            raise ValueError(f"refusing to write the file {final}: it is an existing folder; name a file in it "
+                             "or elsewhere")
+        return
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise ValueError(f"refusing to replace {final} with a folder: it is a "
+                         f"{'symbolic link' if final.is_symlink() else 'file'}; name a new or empty folder")
+    if final.is_dir():
+        foreign = sorted(p.name + "/" if p.is_dir() else p.name for p in final.iterdir()
+                         if p.is_dir() or not ours(p.name))
+        if foreign:
+            raise ValueError(f"refusing to replace {final}: it holds {len(foreign)} entr"
+                             f"{'y' if len(foreign) == 1 else 'ies'} that no bmgpt_jax writer produces "
+                             f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}), which replacing "
+                             "the folder would delete; name a new or empty folder, or move them out")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, keep: Keep = ()) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `final`; on success it replaces `final`, on error it is
+    removed. `final` is checked first (`check_destination`: not the source in `keep`, nothing but an
+    earlier output of ours to replace), so a refused run writes nothing."""
+    final = Path(final)
+    check_destination(final, "dir", keep)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
     try:
         yield tmp
+        check_destination(final, "dir", keep)      # (nothing of someone else's was put there meanwhile)
+        if final.exists():
+            final.rename(old)
+        try:
+            tmp.rename(final)
+        except BaseException:
+            if old.exists():
+                old.rename(final)
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; on success it replaces `final`, on error it is removed."""
+def atomic_file(final: str | os.PathLike, keep: Keep = ()) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; on success it replaces `final`, on error (the rename's
+    included) it is removed. `final` is checked first: not an existing folder, not the source in `keep`."""
     final = Path(final)
+    check_destination(final, "file", keep)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(final)
     try:
         yield tmp
+        os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, final)
 
 
 def cast(a: np.ndarray, dtype) -> np.ndarray:
@@ -91,33 +147,44 @@ def write_into(target: Path, fmt: Format, specs: Specs, tensors: Iterable[tuple[
 
 
 def write(dst: str | os.PathLike, fmt: Format, specs: Specs, tensors: Iterable[tuple[str, np.ndarray]],
-          extra_files: Callable[[Path], None] | None = None, max_shard_bytes: int = SHARD_BYTES) -> Path:
+          extra_files: Callable[[Path], None] | None = None, max_shard_bytes: int = SHARD_BYTES,
+          keep: Keep = ()) -> Path:
     """`write_into` a temporary folder/file renamed to `dst` at the end; `extra_files(folder)` adds
-    configs etc. to a safetensors folder once the weights are complete."""
+    configs etc. to a safetensors folder once the weights are complete. `keep`: the source's path(s),
+    which `dst` must neither be nor hold (`check_destination`)."""
     if fmt == "safetensors":
-        with atomic_dir(dst) as tmp:
+        with atomic_dir(dst, keep) as tmp:
             write_into(tmp, fmt, specs, tensors, max_shard_bytes)
             if extra_files is not None:
                 extra_files(tmp)
     else:
-        with atomic_file(dst) as tmp:
+        with atomic_file(dst, keep) as tmp:
             write_into(tmp, fmt, specs, tensors)
     return Path(dst)
 
 
+def source_files(source: TensorSource) -> set[str]:
+    """The files `source` reads its tensors from (those that exist: a `DictSource`'s name is no file)."""
+    return {f for f in {source.file_of(k) for k in source.keys()} if Path(f).exists()}
+
+
 def convert(source: TensorSource, layout: Layout, dst: str | os.PathLike, fmt: Format, *, dtype=None,
             check: bool = False, rename: Callable[[str], str] = lambda k: k,
-            extra_files: Callable[[Path], None] | None = None, max_shard_bytes: int = SHARD_BYTES) -> int:
+            extra_files: Callable[[Path], None] | None = None, max_shard_bytes: int = SHARD_BYTES,
+            keep: Keep = ()) -> int:
     """Copy `layout`'s tensors from `source` (checked first: keys, shapes, dtype kinds) to `dst` under
-    `rename(key)`, one at a time, dtype kept unless `dtype` (floating tensors only). `check`: re-read
-    `dst` and compare with the source bit for bit, streaming. Returns the number of tensors."""
+    `rename(key)`, one at a time, dtype kept unless `dtype` (floating tensors only). `dst` may neither be
+    nor hold the source's files nor `keep` (the source path as given). `check`: re-read `dst` and compare
+    with the source bit for bit, streaming. Returns the number of tensors."""
+    keep = _paths(keep) + sorted(Path(f) for f in source_files(source))
+    check_destination(dst, "dir" if fmt == "safetensors" else "file", keep)
     check_layout(source, layout)
     specs = [(rename(e.key), e.shape, out_dtype(source.dtype(e.key), dtype)) for e in layout.entries]
 
     def tensors():
         for e in layout.entries:
             yield rename(e.key), cast(source.read(e.key), dtype)
-    write(dst, fmt, specs, tensors(), extra_files, max_shard_bytes)
+    write(dst, fmt, specs, tensors(), extra_files, max_shard_bytes, keep)
     if check:
         with open_source(dst) as out:
             verify(out, tensors())

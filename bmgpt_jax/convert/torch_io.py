@@ -4,12 +4,16 @@
 is asked for, and `read` copies just the requested slice out of the memory map, then tells the kernel
 to drop the pages it touched (`madvise(MADV_DONTNEED)`), so the process's resident memory stays at about
 one tensor however large the file (a checkpoint in the legacy non-zip format cannot be mapped and is
-read whole, with a warning). A nested `{"state_dict": {...}}` is unwrapped.
+read whole, with a warning). A training checkpoint's dict is unwrapped: the state dict under
+`state_dict`, `model_state_dict`, `model` or `module` (whichever one holds only tensors; its other
+entries, e.g. the optimizer's, are named in the log), and a `module.` prefix on every key (a
+`DistributedDataParallel` model's) is removed, with a log line each.
 
 `TorchWriter` writes the zip format `torch.save` writes, streaming: the pickle of the whole dict
 (tensors as references to storages, built from shapes and dtypes alone) goes first, then each tensor's
 bytes as its own record as it arrives, through torch's own zip writer. The result loads with
-`torch.load(..., weights_only=True)` and OpenBioMed's `load_state_dict`.
+`torch.load(..., weights_only=True)`; OpenBioMed's `load_state_dict` takes our BioMedGPT `.pth` with
+`strict=False` (what it lacks: `convert.openbiomed`'s docstring).
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ __all__ = ["TorchFile", "TorchWriter", "to_numpy", "to_torch"]
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MADV_DONTNEED = 4
 _CHUNK = 64 * 2**20
+WRAPPERS = ("state_dict", "model_state_dict", "model", "module")   # where trainers put the state dict
+DDP_PREFIX = "module."
 
 
 def to_torch(a: np.ndarray):
@@ -61,6 +67,30 @@ def _release(tensor) -> None:
         pass
 
 
+def _tensors_only(d) -> bool:
+    import torch
+    return isinstance(d, Mapping) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def _unwrap(sd: Mapping, path: Path) -> Mapping:
+    """The state dict in a loaded torch file: `sd` itself when it holds only tensors, else the one
+    `WRAPPERS` entry that does (several: an error naming them); then without a `module.` prefix every
+    key has. What is unwrapped or stripped is logged, with the entries left aside."""
+    if not _tensors_only(sd):
+        inner = [k for k in WRAPPERS if _tensors_only(sd.get(k))]
+        if len(inner) > 1:
+            raise ValueError(f"{path}: several state dicts ({inner}): cannot tell which holds the weights")
+        if inner:
+            rest = [str(k) for k in sd if k != inner[0]]
+            log.info("%s: read the state dict under %r%s", path, inner[0],
+                     f"; left aside {len(rest)} other entries: {', '.join(rest[:10])}" if rest else "")
+            sd = sd[inner[0]]
+    if sd and all(isinstance(k, str) and k.startswith(DDP_PREFIX) for k in sd):
+        log.info("%s: removed the %r prefix every key has (a DistributedDataParallel model's)", path, DDP_PREFIX)
+        sd = {k[len(DDP_PREFIX):]: v for k, v in sd.items()}
+    return sd
+
+
 class TorchFile(TensorSource):
     """A torch `.pth`/`.bin`/`.pt` state dict as a lazy `TensorSource`."""
 
@@ -85,10 +115,9 @@ class TorchFile(TensorSource):
         except (pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
             raise ValueError(f"{self.path}: cannot read as a PyTorch checkpoint (truncated or corrupt?): "
                              f"{str(e).splitlines()[0]}") from None
-        if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
-            sd = sd["state_dict"]
         if not isinstance(sd, Mapping):
             raise ValueError(f"{self.path}: holds a {type(sd).__name__}, not a state dict of tensors")
+        sd = _unwrap(sd, self.path)
         bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise ValueError(f"{self.path}: entries that are not tensors: {bad[:5]}")

@@ -130,6 +130,8 @@ def test_orbax_checkpoint_converts_like_the_export(single, tmp_path, capsys):
     assert "checked bit for bit" in capsys.readouterr().out
     assert (tmp_path / "again" / folder.FILES["pth"]).exists()               # torch is here
     same_folders(tmp_path / "again", single["align"] / "final")
+    assert convert_weights.main(["orbax", ckpt, str(tmp_path / "again"), "--step", "1"]) == 0   # (as a resumed
+    assert not (tmp_path / "again" / folder.FILES["pth"]).exists()    # run's export does): replaced, .pth and all
     convert_weights.main(["orbax", ckpt, str(tmp_path / "half"), "--dtype", "bfloat16", "--no-pth", "--step", "1"])
     half = read_state_dict(tmp_path / "half")
     assert str(half["llm.lm_head.weight"].dtype) == "bfloat16"

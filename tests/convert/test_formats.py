@@ -125,6 +125,31 @@ def test_torch_file_reads_lazily_and_slices(torch, tmp_path, monkeypatch, chunk)
         assert same(f.read("bf", (slice(1, 2),)), to_numpy(sd["bf"])[1:2])
 
 
+def test_torch_training_checkpoints_are_unwrapped(torch, tmp_path, caplog):
+    """A trainer's dict around the state dict, and DDP's `module.` on every key, used to be refused as
+    'entries that are not tensors' or as a checkpoint of another model; each unwrapping is logged."""
+    from bmgpt_jax.convert.torch_io import TorchFile
+    sd = {"a.w": torch.randn(2, 3), "n": torch.tensor(4)}
+    ddp = {f"module.{k}": v for k, v in sd.items()}
+    cases = {"model": ({"model": sd, "optimizer": {"state": {}}, "epoch": 3},
+                       "under 'model'; left aside 2 other entries: optimizer, epoch"),
+             "model_state_dict": ({"model_state_dict": sd}, "under 'model_state_dict'"),
+             "module": ({"module": sd, "args": "lr=1"}, "under 'module'; left aside 1 other entries: args"),
+             "ddp": (ddp, "removed the 'module.' prefix every key has"),
+             "wrapped_ddp": ({"state_dict": ddp, "step": 9}, "removed the 'module.' prefix")}
+    for name, (obj, says) in cases.items():
+        torch.save(obj, tmp_path / f"{name}.pth")
+        caplog.clear()
+        with caplog.at_level("INFO", logger="bmgpt_jax.convert.torch_io"), TorchFile(tmp_path / f"{name}.pth") as f:
+            assert sorted(f.keys()) == sorted(sd) and same(f.read("a.w"), sd["a.w"].numpy()), name
+        assert says in caplog.text, (name, caplog.text)
+    torch.save({"model": sd, "module": sd}, tmp_path / "two.pth")
+    with pytest.raises(ValueError, match=r"two\.pth: several state dicts \(\['model', 'module'\]\)"):
+        TorchFile(tmp_path / "two.pth")
+    torch.save({**sd, "module.x": torch.zeros(1)}, tmp_path / "some.pth")       # not every key: kept as is
+    assert sorted(TorchFile(tmp_path / "some.pth").keys()) == ["a.w", "module.x", "n"]
+
+
 def test_torch_writer_output_loads_in_torch(torch, tmp_path, capfd):
     from bmgpt_jax.convert.tensor_source import to_numpy
     from bmgpt_jax.convert.torch_io import TorchWriter

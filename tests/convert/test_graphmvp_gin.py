@@ -45,6 +45,14 @@ def test_pth_file_under_prefix_and_back_into_torch(torch, ref, tmp_path):
         assert torch.equal(back.state_dict()[key], value), key
 
 
+def test_a_ddp_training_checkpoint_loads(torch, ref, tmp_path):
+    """`{"model": {"module.<key>": ...}, "epoch": ...}`, as a DistributedDataParallel training loop saves it."""
+    sd = ref.state_dict()
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 7}, tmp_path / "ddp.pth")
+    out = graphmvp_gin.to_state_dict(graphmvp_gin.load(tmp_path / "ddp.pth"))
+    assert list(out) == list(sd) and all(np.array_equal(out[k], v.numpy()) for k, v in sd.items())
+
+
 def test_unrelated_keys_without_prefix_are_errors(torch, ref):
     sd = dict(ref.state_dict(), **{"projector.weight": torch.zeros(2, 2)})
     with pytest.raises(KeyError, match=r"unexpected tensors not used by the GraphMVP GIN: \['projector.weight \(2, 2\)'\]"):

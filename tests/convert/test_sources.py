@@ -62,6 +62,19 @@ def test_torch_files_and_folders(torch, tmp_path):
     assert read_state_dict(shards).keys() == TENSORS.keys()
 
 
+def test_a_trainer_checkpoint_folder_is_read_from_pytorch_model_bin(torch, tmp_path):
+    """A Hugging Face Trainer's `checkpoint-N` holds the weights' `pytorch_model.bin` beside other torch
+    files (it used to be refused as lacking pytorch_model.bin); without it, the error lists them."""
+    torch.save({k: torch.from_numpy(v) for k, v in TENSORS.items()}, tmp_path / "pytorch_model.bin")
+    for name in ("training_args.bin", "optimizer.pt", "rng_state.pth"):
+        (tmp_path / name).write_bytes(b"not read")
+    assert read_state_dict(tmp_path).keys() == TENSORS.keys()
+    (tmp_path / "pytorch_model.bin").unlink()
+    with pytest.raises(ValueError, match=r"3 torch files and none is pytorch_model\.bin: \['optimizer\.pt', "
+                                         r"'rng_state\.pth', 'training_args\.bin'\]; name that file"):
+        open_source(tmp_path)
+
+
 def test_unknown_folders_say_what_they_lack(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(FileNotFoundError, match=r"no model\.safetensors .* it holds \['notes\.txt'\]"):
