@@ -266,6 +266,9 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys):
                                                "every host and give the mount's path")
     assert ev.main(base + ["--source", "demo:test", "--max-new-tokens", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "error: generation option max_new_tokens=-1 must be >= 1"
+    assert ev.main(base + ["--source", "demo:test", "--num-beams", "3", "--do-sample"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: generation options num_beams=3 and do_sample=True cannot be "
+                                               "combined (beam sampling is not supported): use one or the other")
     assert ev.main(base + ["--source", "demo:test", "--limit", "1", "--mesh", "1,1,16"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: --mesh 1,1,16: mesh shape (1, 1, 16) needs 16 devices, which does not divide the 8 devices found; on "

@@ -30,8 +30,9 @@ class GenerationConfig:
     seed: int = 0
 
     def __post_init__(self):
-        """ValueError naming the first option out of its range (HF's ranges) or an empty stop sequence (it
-        would end every row at its first token), before anything compiles."""
+        """ValueError naming the first option out of its range (HF's ranges), an empty stop sequence (it
+        would end every row at its first token), or beam search with sampling (beam sampling is not
+        implemented): before any model loads or anything compiles."""
         bad = [(name, rule) for name, ok, rule in (
             ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"), ("num_beams", self.num_beams >= 1, ">= 1"),
             ("temperature", self.temperature > 0, "> 0 (greedy decoding is do_sample=False)"),
@@ -41,6 +42,9 @@ class GenerationConfig:
         if bad:
             name, rule = bad[0]
             raise ValueError(f"generation option {name}={getattr(self, name)!r} must be {rule}")
+        if self.do_sample and self.num_beams > 1:
+            raise ValueError(f"generation options num_beams={self.num_beams} and do_sample=True cannot be combined "
+                             "(beam sampling is not supported): use one or the other")
 
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
