@@ -298,7 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--mesh", type=chat.mesh_shape, default=(-1, 1, 1), help="data,fsdp,tensor (default -1,1,1)")
     ap.add_argument("--out-dir", default="runs/eval", help="run folder for predictions, metrics and the chart")
     ap.add_argument("--resume", action="store_true",
-                    help="keep the finished rows in --out-dir (same checkpoint, mode, limit, options) and ask the rest")
+                    help="keep the finished rows in --out-dir (same checkpoint, mode, limit, options, system, "
+                    "dtype) and ask the rest")
     ap.add_argument("--system", help="system prompt (default: the reference's)")
     ap.add_argument("--scibert-vocab", help="SciBERT vocab.txt, folder or hub name (default: the sample folder's)")
     ap.add_argument("--nltk-data", help="folder holding corpora/wordnet (default: the sample folder's nltk_data)")
@@ -334,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if writer:
         out.mkdir(parents=True, exist_ok=True)
     run = {"checkpoint": str(args.checkpoint), "mesh": dict(mm.mesh.shape), "processes": jax.process_count(),
-           "batch_size": args.batch_size, "limit": args.limit, "mode": args.mode, "generation": options}
+           "batch_size": args.batch_size, "limit": args.limit, "mode": args.mode, "generation": options,
+           "system": args.system, "dtype": mm.config.lm.dtype}
     try:
         done = finished_rows(out, run, sources) if args.resume else {}
     except ValueError as e:
