@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--source", action="append", required=True, help="name:split, e.g. demo:test (repeatable)")
     ap.add_argument("--raw-dir", help="raw files of the source(s) (sample sets default to ../shared/data)")
     ap.add_argument("--data-dir", help="tfds folder for built datasets (default: the user cache)")
-    ap.add_argument("--limit", type=int, help="evaluate the first N records of each source")
+    ap.add_argument("--limit", type=positive_int, help="evaluate the first N records of each source")
     ap.add_argument("--batch-size", type=positive_int, default=8, help="global rows per batch (default 8)")
     ap.add_argument("--mode", choices=MODES, default="both", help="generation, log-likelihood or both (default)")
     ap.add_argument("--mesh", type=chat.mesh_shape, default=(-1, 1, 1), help="data,fsdp,tensor (default -1,1,1)")

@@ -293,6 +293,10 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys):
                                                "every host and give the mount's path")
     assert ev.main(base + ["--source", "demo:test", "--max-new-tokens", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "error: generation option max_new_tokens=-1 must be >= 1"
+    for limit in ("0", "-1"):                        # evaluated nothing and reported success
+        with pytest.raises(SystemExit) as exit_:
+            ev.main(base + ["--source", "demo:test", "--limit", limit])
+        assert exit_.value.code == 2 and f"argument --limit: {limit} is not a positive integer" in capsys.readouterr().err
     assert ev.main(base + ["--source", "demo:test", "--num-beams", "3", "--do-sample"]) == 2
     assert capsys.readouterr().err.strip() == ("error: generation options num_beams=3 and do_sample=True cannot be "
                                                "combined (beam sampling is not supported): use one or the other")
