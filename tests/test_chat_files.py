@@ -1,5 +1,6 @@
 """`chat --jsonl` / `--output` paths and JSONL lines that cannot be used: one line on stderr and status 2
-for a path (before the model loads where it can be checked), that line's error row for a line."""
+for a path (before the model loads where it can be checked), that line's error row, naming the field
+at fault, for a line."""
 import json
 
 import pytest
@@ -53,3 +54,19 @@ def test_a_line_that_is_not_utf8_is_that_lines_error(ckpt, tmp_path, capsys):
     assert rows[1] == {"line": 2, "error": "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9 in position "
                                            "17: invalid continuation byte"}
     assert f"line 2: {rows[1]['error']}" in capsys.readouterr().err
+
+
+def test_a_field_of_the_wrong_type_is_named(ckpt):
+    """`{"protein": [5]}` was "TypeError: 'int' object is not subscriptable" with only the line number."""
+    rows = [{"question": "Q?", "protein": [5]}, {"question": "Q?", "smiles": {"s": "CCO"}}, {"question": 5},
+            {"question": "Q?", "system": 7}, {"question": "Q?", "smiles": ["CCO", None]}]
+    model = chat.from_pretrained(ckpt)
+    got = chat.answer_rows(model, [json.dumps(r) for r in rows], max_new_tokens=2)
+    assert [r["error"] for r in got] == [
+        "TypeError: protein must be a string or a list of strings, not [5]",
+        "TypeError: smiles must be a string or a list of strings, not {'s': 'CCO'}",
+        "ValueError: the question must be a string, not 5",
+        "TypeError: system must be a string (or None: the default), not 7",
+        "TypeError: smiles must be a string or a list of strings, not ['CCO', None]"]
+    with pytest.raises(TypeError, match=r"^smiles must be a string or a list of strings, not 5$"):
+        chat.ask(model, "Q?", smiles=5)              # the Python API says the same
