@@ -14,8 +14,8 @@ DIR is a model folder (`convert.folder`: weights, configs, tokenizer), e.g. a tr
 reads only its slices; the rule table of `parallel`), for a model larger than one device's memory
 (BioMedGPT-10B's 9.58B parameters in bfloat16 are 19.2 GB: `1,1,8` on a TPU v5e-8 host, 16 GB a chip);
 without it, all on one device.
-What cannot be answered (a missing or corrupt folder, an empty question, an invalid SMILES) is one line
-on stderr and exit status 2.
+What cannot be answered (a missing or corrupt folder, an empty question, an invalid SMILES, a `--jsonl`
+that cannot be read or an `--output` that cannot be written) is one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from bmgpt_jax.data import prompts as prompt_lib
 from bmgpt_jax.data.prompts import Prompt, as_entities, collate_prompts, human_message, make_prompt
 from bmgpt_jax.data.text import Tokenizer, tokenizer_of
 from bmgpt_jax.generation import GenerationConfig, generate
-from bmgpt_jax.inputs import check_model_folder, one_line, positive_int
+from bmgpt_jax.inputs import check_model_folder, check_output_file, one_line, positive_int
 
 OPTIONS = ("max_new_tokens", "do_sample", "num_beams", "temperature", "top_k", "top_p", "repetition_penalty",
            "length_penalty", "seed")
@@ -146,14 +146,15 @@ def answer_rows(model, lines: Iterable[str], batch_size: int = 8, system: str | 
     return list(iter_answers(model, lines, batch_size, system, **options))
 
 
-def iter_answers(model, lines: Iterable[str], batch_size: int = 8, system: str | None = None,
+def iter_answers(model, lines: Iterable[str | bytes], batch_size: int = 8, system: str | None = None,
                  skip: Container[int] = (), **options) -> Iterator[dict]:
     """Batch answering of JSONL lines `{"question", "smiles"?, "protein"?, "system"?, "id"?}` (`system`: the
     default system prompt), `batch_size` prompts per generate call. Yields one row per non-blank line, in
     line order, with `line` and `answer`, or with `error` (bad JSON or key, invalid SMILES/residue,
     placeholder mismatch, too long) while the others are answered. Lazy: lines are read and rows yielded
     batch by batch, so a caller writing each row as it comes keeps every finished batch if the job dies.
-    `skip`: line numbers not to answer (those a previous run already wrote, `--resume`)."""
+    `skip`: line numbers not to answer (those a previous run already wrote, `--resume`). A line given as
+    bytes is decoded alone, so one that is not UTF-8 is that line's error, not the end of the job."""
     tok = tokenizer_of(model)
     cfg = generation_config(tok, options)
     pending: list[dict] = []                          # rows since the last decoded batch
@@ -174,7 +175,8 @@ def iter_answers(model, lines: Iterable[str], batch_size: int = 8, system: str |
             continue
         row: dict = {"line": n}
         try:
-            data = json.loads(line)
+            # a line that is not UTF-8: UnicodeDecodeError, a ValueError, so that line's error
+            data = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
             if isinstance(data, dict):   # the input's fields, refused or not, so rows join back to inputs
                 row.update({k: v for k, v in data.items() if k not in ("line", "answer", "error")})
             if not isinstance(data, dict) or "question" not in data or set(data) - set(ROW_KEYS):
@@ -288,12 +290,17 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
     args = ap.parse_args(argv)
     if args.resume and not (args.jsonl and args.output):
         ap.error("--resume needs --jsonl and --output")
-    try:
+    lines = None
+    try:   # the input and where the rows go are checked before the model loads
+        if args.output:
+            check_output_file(args.output, "--output")
         if args.resume and Path(args.output).exists():
-            written_rows(Path(args.output))   # a file that is not ours stops here, before the model loads
+            written_rows(Path(args.output))   # a file that is not ours stops here
+        lines = open(args.jsonl, "rb") if args.jsonl else None   # bytes: iter_answers decodes each line alone
         model, options, _ = model_and_options(args)
-        lines = open(args.jsonl) if args.jsonl else None
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
+        if lines:
+            lines.close()
         print(f"chat: {one_line(e)}", file=sys.stderr)
         return 2
     if args.interactive:
@@ -307,7 +314,13 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
             return 2
         return 0
     try:
-        with lines, _output(args) as (out, skip):
+        output, skip = _open_output(args)
+    except OSError as e:
+        lines.close()
+        print(f"chat: cannot write --output {args.output}: {one_line(e)}", file=sys.stderr)
+        return 2
+    try:
+        with lines, output as out:
             for row in iter_answers(model, lines, args.batch_size, args.system, skip=skip, **options):
                 out.write(json.dumps(row) + "\n")
                 out.flush()
@@ -318,13 +331,12 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
     return 0
 
 
-@contextlib.contextmanager
-def _output(args):
-    """(the file `--jsonl` rows go to, the line numbers it already answers): stdout, `--output` new, or with
-    `--resume` the existing `--output` rewritten with its complete rows and appended to."""
+def _open_output(args):
+    """(the file `--jsonl` rows go to, as a context manager; the line numbers it already answers): stdout,
+    `--output` new, or with `--resume` the existing `--output` rewritten with its complete rows and
+    appended to. OSError when it cannot be written."""
     if not args.output:
-        yield sys.stdout, frozenset()
-        return
+        return contextlib.nullcontext(sys.stdout), frozenset()
     path = Path(args.output)
     rows = written_rows(path) if args.resume and path.exists() else []
     tmp = path.with_name(path.name + ".tmp")
@@ -332,8 +344,7 @@ def _output(args):
     tmp.replace(path)
     if rows:
         print(f"chat: {path} already answers {len(rows)} line(s); answering the others", file=sys.stderr)
-    with open(path, "a") as f:
-        yield f, frozenset(r["line"] for r in rows)
+    return open(path, "a"), frozenset(r["line"] for r in rows)
 
 
 if __name__ == "__main__":

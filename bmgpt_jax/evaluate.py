@@ -292,13 +292,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--source", action="append", required=True, help="name:split, e.g. demo:test (repeatable)")
     ap.add_argument("--raw-dir", help="raw files of the source(s) (sample sets default to ../shared/data)")
     ap.add_argument("--data-dir", help="tfds folder for built datasets (default: the user cache)")
-    ap.add_argument("--limit", type=int, help="evaluate the first N records of each source")
+    ap.add_argument("--limit", type=positive_int, help="evaluate the first N records of each source")
     ap.add_argument("--batch-size", type=positive_int, default=8, help="global rows per batch (default 8)")
     ap.add_argument("--mode", choices=MODES, default="both", help="generation, log-likelihood or both (default)")
     ap.add_argument("--mesh", type=chat.mesh_shape, default=(-1, 1, 1), help="data,fsdp,tensor (default -1,1,1)")
     ap.add_argument("--out-dir", default="runs/eval", help="run folder for predictions, metrics and the chart")
     ap.add_argument("--resume", action="store_true",
-                    help="keep the finished rows in --out-dir (same checkpoint, mode, limit, options) and ask the rest")
+                    help="keep the finished rows in --out-dir (same checkpoint, mode, limit, options, system, "
+                    "dtype) and ask the rest")
     ap.add_argument("--system", help="system prompt (default: the reference's)")
     ap.add_argument("--scibert-vocab", help="SciBERT vocab.txt, folder or hub name (default: the sample folder's)")
     ap.add_argument("--nltk-data", help="folder holding corpora/wordnet (default: the sample folder's nltk_data)")
@@ -334,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if writer:
         out.mkdir(parents=True, exist_ok=True)
     run = {"checkpoint": str(args.checkpoint), "mesh": dict(mm.mesh.shape), "processes": jax.process_count(),
-           "batch_size": args.batch_size, "limit": args.limit, "mode": args.mode, "generation": options}
+           "batch_size": args.batch_size, "limit": args.limit, "mode": args.mode, "generation": options,
+           "system": args.system, "dtype": mm.config.lm.dtype}
     try:
         done = finished_rows(out, run, sources) if args.resume else {}
     except ValueError as e:

@@ -4,7 +4,8 @@ The command lines (`chat`, `evaluate`, `convert_weights.py`) call these on what 
 load. The checks are cheap at any model size: a JSON file is parsed, a tokenizer is opened, a weights
 file is checked for its container's own integrity marks (a torch zip archive's central directory, which
 a truncated copy lacks; a safetensors header and the byte length it declares), never read whole.
-`written_rows` reads back the JSONL output of an interrupted job that `--resume` continues.
+`check_output_file` checks where an output file will go. `written_rows` reads back the JSONL output of an
+interrupted job that `--resume` continues.
 `one_line` turns any remaining exception into the message a command line prints; `positive_int` is the
 argparse type of counts (a batch size, a number of devices).
 """
@@ -113,6 +114,17 @@ def written_rows(path: str | Path, is_row: Callable[[dict], bool], what: str) ->
             raise ValueError(f"{path} line {i} is not {what}; --resume appends only to such a file") from None
         rows.append(row)
     return rows
+
+
+def check_output_file(path: str | Path, flag: str) -> None:
+    """ValueError naming `path` (the command line's `flag`) when no file can be created there: it is a
+    folder, or its folder does not exist. Checked before a model loads, so the run does not fail after
+    minutes of loading."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {p} is a folder, not a file")
+    if not p.parent.is_dir():
+        raise ValueError(f"{flag} {p}: the folder {p.parent} does not exist")
 
 
 def check_not_url(path: str | Path, what: str) -> None:

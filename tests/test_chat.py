@@ -359,6 +359,12 @@ def test_command_line_errors_are_one_line_naming_the_culprit(demo_model, tmp_pat
     assert error(ckpt, ask + ["--num-beams", "0"]) == "chat: generation option num_beams=0 must be >= 1"
     assert error(ckpt, ask + ["--repetition-penalty", "0"]) == \
         "chat: generation option repetition_penalty=0.0 must be > 0 (1: none)"
+    beam_sampling = ("chat: generation options num_beams=2 and do_sample=True cannot be combined (beam sampling "
+                     "is not supported): use one or the other")      # a traceback after the model loaded
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text('{"question": "Q?"}\n')
+    for args in (ask, ["--jsonl", str(jsonl)]):      # refused before the folder is even looked at
+        assert error(tmp_path / "nope", args + ["--num-beams", "2", "--do-sample"]) == beam_sampling
     with pytest.raises(SystemExit):
         chat.main(["--checkpoint", str(ckpt), "--jsonl", "q.jsonl", "--batch-size", "0"])
     assert "argument --batch-size: 0 is not a positive integer" in capsys.readouterr().err

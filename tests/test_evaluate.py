@@ -245,6 +245,33 @@ def test_a_crash_keeps_the_predictions_made_and_resume_asks_only_the_rest(checkp
         assert message in capsys.readouterr().err
 
 
+def test_resume_refuses_another_system_or_dtype(checkpoint, tmp_path, capsys):
+    """`--system` and `--dtype` change every answer, yet `--resume` continued a run started with other ones
+    (one predictions file, two settings). A metrics.json that does not record them (an older version's)
+    cannot be checked: its rows are kept and stderr says what was assumed."""
+    out = tmp_path / "run"
+    argv = ["--checkpoint", str(checkpoint), "--source", "demo:test", "--limit", "2", "--batch-size", "2",
+            "--mesh", "1,1,1", "--max-new-tokens", "2", "--no-progress", "--out-dir", str(out)]
+    assert ev.main(argv) == 0
+    run = json.loads((out / "metrics.json").read_text())["run"]
+    assert (run["system"], run["dtype"]) == (None, "float32")
+    assert ev.main(argv + ["--resume", "--dtype", "float32"]) == 0      # the folder's dtype, named: the same
+    for other, message in ((["--system", "Be brief."], "was evaluated with system=None, this run has 'Be brief.'"),
+                           (["--dtype", "bfloat16"], "was evaluated with dtype='float32', this run has 'bfloat16'")):
+        capsys.readouterr()
+        assert ev.main(argv + ["--resume"] + other) == 2
+        assert message in capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("system", "dtype"):
+        del metrics["run"][key]
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    capsys.readouterr()
+    assert ev.main(argv + ["--resume", "--system", "Be brief."]) == 0
+    assert (f"evaluate: --resume: {out / 'metrics.json'} does not record system, dtype (an older run); its rows "
+            "are kept as if evaluated with this run's system='Be brief.', dtype='float32'") in capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["run"]["system"] == "Be brief."   # recorded from now on
+
+
 def test_cli_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys):
     base = ["--checkpoint", str(checkpoint), "--out-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path)]
     assert ev.main(base + ["--source", "demo:bogus"]) == 2
@@ -266,6 +293,13 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys):
                                                "every host and give the mount's path")
     assert ev.main(base + ["--source", "demo:test", "--max-new-tokens", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "error: generation option max_new_tokens=-1 must be >= 1"
+    for limit in ("0", "-1"):                        # evaluated nothing and reported success
+        with pytest.raises(SystemExit) as exit_:
+            ev.main(base + ["--source", "demo:test", "--limit", limit])
+        assert exit_.value.code == 2 and f"argument --limit: {limit} is not a positive integer" in capsys.readouterr().err
+    assert ev.main(base + ["--source", "demo:test", "--num-beams", "3", "--do-sample"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: generation options num_beams=3 and do_sample=True cannot be "
+                                               "combined (beam sampling is not supported): use one or the other")
     assert ev.main(base + ["--source", "demo:test", "--limit", "1", "--mesh", "1,1,16"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: --mesh 1,1,16: mesh shape (1, 1, 16) needs 16 devices, which does not divide the 8 devices found; on "

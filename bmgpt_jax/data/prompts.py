@@ -32,9 +32,19 @@ class Prompt:
 
 
 def as_entities(smiles=None, protein=None) -> list[tuple[str, str]]:
-    """`smiles` / `protein` (a string, a list of them, or None) as (kind, value) pairs, molecules first."""
-    listed = lambda v: [] if v is None else [v] if isinstance(v, str) else list(v)  # noqa: E731
-    return [("molecule", s) for s in listed(smiles)] + [("protein", p) for p in listed(protein)]
+    """`smiles` / `protein` (a string, a list or tuple of them, or None) as (kind, value) pairs, molecules
+    first. Anything else is a TypeError naming the argument (a JSONL row's field), not a failure deep in
+    the encoding (`{"protein": [5]}` was "'int' object is not subscriptable")."""
+    mols, prots = _strings("smiles", smiles), _strings("protein", protein)
+    return [("molecule", s) for s in mols] + [("protein", p) for p in prots]
+
+
+def _strings(name: str, value) -> list[str]:
+    """`value` (None, a string, a list or tuple of strings) as a list; TypeError naming `name` otherwise."""
+    values = [] if value is None else [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise TypeError(f"{name} must be a string or a list of strings, not {value!r:.60}")
+    return list(values)
 
 
 def human_message(question: str, entities: Sequence[tuple[str, str]]) -> tuple[str, tuple]:
@@ -65,9 +75,14 @@ def make_prompt(question: str, entities: Sequence[tuple[str, str]] = (), system:
                 history: Sequence[tuple[str, str]] = (), history_entities: tuple = ()) -> Prompt:
     """The prompt asking `question` about `entities` after the answered turns `history` ((human message,
     answer) pairs whose placeholders `history_entities` fill). `system=None`: the reference's default.
-    An empty question is a ValueError."""
-    if not isinstance(question, str) or not question.strip():
+    An empty question (or one that is not a string) is a ValueError; a `system` that is not a string, a
+    TypeError naming it."""
+    if question is not None and not isinstance(question, str):
+        raise ValueError(f"the question must be a string, not {question!r:.60}")
+    if not question or not question.strip():
         raise ValueError(f"the question is empty ({question!r}): there is nothing to answer")
+    if system is not None and not isinstance(system, str):
+        raise TypeError(f"system must be a string (or None: the default), not {system!r:.60}")
     human, ents = human_message(question, entities)
     text = DEFAULT_SYSTEM if system is None else system
     for msg, answer in [*history, (human, None)]:

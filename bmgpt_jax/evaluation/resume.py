@@ -10,6 +10,7 @@ records and the batches stay the same on all of them.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -19,14 +20,17 @@ from bmgpt_jax.data.records import Record
 from bmgpt_jax.distributed import broadcast_json
 from bmgpt_jax.inputs import one_line, written_rows
 
-RESUME_KEYS = ("checkpoint", "mode", "limit", "generation")   # what must match for --resume to continue a run
+# what must match for --resume to continue a run (`system`: None for the default; `dtype`: the LM's compute dtype)
+RESUME_KEYS = ("checkpoint", "mode", "limit", "generation", "system", "dtype")
 
 
 def finished_rows(out: Path, run: dict, sources: Mapping[str, Sequence[Record]]) -> dict[str, dict[int, dict]]:
     """`--resume`: the finished rows of `out/predictions.jsonl` (a torn last line dropped), by source and
     record index. Process 0 reads the folder and every process gets the same rows, so all skip the same
     records. ValueError when the earlier run (its metrics.json) differs in a `RESUME_KEYS` setting, or a
-    row's source or index is not one of this run's."""
+    row's source or index is not one of this run's. A setting the earlier run did not record (a
+    metrics.json of an older version, before `system` and `dtype` were recorded, or none at all) cannot be
+    compared: its rows are kept as this run's, and stderr says which settings were assumed."""
     path = out / "predictions.jsonl"
     found: dict = {"rows": [], "run": None, "error": None}
     if jax.process_index() == 0:
@@ -42,6 +46,13 @@ def finished_rows(out: Path, run: dict, sources: Mapping[str, Sequence[Record]])
     if found["error"]:
         raise ValueError(found["error"])
     before = found["run"] or {}
+    unrecorded = [key for key in RESUME_KEYS if key not in before]
+    if unrecorded and found["rows"] and jax.process_index() == 0:
+        assumed = ", ".join(f"{key}={run[key]!r}" for key in unrecorded)
+        where = (f"{out / 'metrics.json'} does not record {', '.join(unrecorded)} (an older run)"
+                 if found["run"] is not None else f"{out} has no metrics.json")
+        print(f"evaluate: --resume: {where}; its rows are kept as if evaluated with this run's {assumed}",
+              file=sys.stderr)
     for key in RESUME_KEYS:
         same = (Path(before[key]).resolve() == Path(run[key]).resolve() if key == "checkpoint"
                 else before[key] == run[key]) if key in before else True

@@ -30,15 +30,21 @@ class GenerationConfig:
     seed: int = 0
 
     def __post_init__(self):
-        """ValueError naming the first option out of its range (HF's ranges), before anything compiles."""
+        """ValueError naming the first option out of its range (HF's ranges), an empty stop sequence (it
+        would end every row at its first token), or beam search with sampling (beam sampling is not
+        implemented): before any model loads or anything compiles."""
         bad = [(name, rule) for name, ok, rule in (
             ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"), ("num_beams", self.num_beams >= 1, ">= 1"),
             ("temperature", self.temperature > 0, "> 0 (greedy decoding is do_sample=False)"),
             ("top_k", self.top_k >= 0, ">= 0 (0: no top-k cut)"), ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1: none)")) if not ok]
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1: none)"),
+            ("stop_sequences", all(len(s) for s in self.stop_sequences), "non-empty token sequences")) if not ok]
         if bad:
             name, rule = bad[0]
             raise ValueError(f"generation option {name}={getattr(self, name)!r} must be {rule}")
+        if self.do_sample and self.num_beams > 1:
+            raise ValueError(f"generation options num_beams={self.num_beams} and do_sample=True cannot be combined "
+                             "(beam sampling is not supported): use one or the other")
 
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
@@ -70,10 +76,13 @@ def sample_logits(logits: jax.Array, key: jax.Array, cfg: GenerationConfig) -> j
 
 
 def ends_with_stop(tokens: jax.Array, step: jax.Array, stops: tuple[tuple[int, ...], ...]) -> jax.Array:
-    """[b] bool: the tokens up to and including `step` end with one of `stops`."""
+    """[b] bool: the tokens up to and including `step` end with one of `stops`. A stop sequence longer than
+    the buffer (`max_new_tokens=1` and Llama's two-token `###`) can never be generated whole: skipped."""
     hit = jnp.zeros(tokens.shape[0], bool)
     for seq in stops:
         n = len(seq)
+        if n > tokens.shape[1]:
+            continue
         start = jnp.maximum(step - n + 1, 0)
         tail = jax.lax.dynamic_slice_in_dim(tokens, start, n, axis=1)
         hit = hit | (jnp.all(tail == jnp.asarray(seq, jnp.int32), axis=1) & (step >= n - 1))

@@ -85,6 +85,29 @@ def test_stop_sequence_ends_a_row(models):
     assert (out[1, first + 1:] == 0).all()
 
 
+@pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beam"])
+def test_a_stop_sequence_longer_than_the_new_tokens_never_matches(models, num_beams):
+    """`max_new_tokens=1` with a two-token stop (chat's Llama `###` is `[2277, 29937]`) crashed the trace
+    (a slice wider than the token buffer); such a stop cannot occur whole, so the tokens are those
+    without it. A stop whose first tokens are generated but not its last does not end the row either."""
+    _, ours = models
+    ids, mask = prompts(pad_left=False)
+    kw = dict(eos_token_id=-1, num_beams=num_beams)
+    for n in (1, 2):
+        free = generate(ours, ids, mask, max_new_tokens=n, **kw)
+        prefix = tuple(int(t) for t in free[0])
+        for stop in ((5, 6), prefix + (7,)):
+            out = generate(ours, ids, mask, max_new_tokens=n, stop_sequences=(stop,), **kw)
+            np.testing.assert_array_equal(out, free, err_msg=f"max_new_tokens={n}, stop {stop}")
+
+
+def test_an_empty_stop_sequence_is_refused():
+    """An empty stop sequence would match at every step (each row cut after one token): refused by name."""
+    from bmgpt_jax.generation import GenerationConfig
+    with pytest.raises(ValueError, match=r"^generation option stop_sequences=\(\(835,\), \(\)\) must be non-empty"):
+        GenerationConfig(stop_sequences=((835,), ()))
+
+
 def test_sampling_is_seeded_and_filters(models):
     _, ours = models
     ids, mask = prompts(pad_left=False)

@@ -1,0 +1,72 @@
+"""`chat --jsonl` / `--output` paths and JSONL lines that cannot be used: one line on stderr and status 2
+for a path (before the model loads where it can be checked), that line's error row, naming the field
+at fault, for a line."""
+import json
+
+import pytest
+
+from bmgpt_jax import chat
+from tests.test_evaluate import tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def one_error(argv, capsys) -> str:
+    assert chat.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_unusable_jsonl_and_output_paths_are_one_line(ckpt, tmp_path, capsys):
+    """A folder given as `--jsonl` or `--output`, or an `--output` in a missing folder, were tracebacks
+    (IsADirectoryError; FileNotFoundError after the model had loaded)."""
+    src = tmp_path / "q.jsonl"
+    src.write_text('{"question": "Q?"}\n')
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    nope = ["--checkpoint", str(tmp_path / "nope"), "--max-new-tokens", "2"]   # the paths are checked first
+    assert one_error(nope + ["--jsonl", str(folder)], capsys) == f"chat: [Errno 21] Is a directory: '{folder}'"
+    assert one_error(nope + ["--jsonl", str(src), "--output", str(folder)], capsys) == \
+        f"chat: --output {folder} is a folder, not a file"
+    missing = tmp_path / "missing" / "a.jsonl"
+    assert one_error(nope + ["--jsonl", str(src), "--output", str(missing)], capsys) == \
+        f"chat: --output {missing}: the folder {missing.parent} does not exist"
+    out = tmp_path / "a.jsonl"
+    (tmp_path / "a.jsonl.tmp").mkdir()           # the output cannot be written: told after the model loads
+    argv = ["--checkpoint", str(ckpt), "--max-new-tokens", "2", "--jsonl", str(src), "--output", str(out)]
+    assert one_error(argv, capsys) == \
+        f"chat: cannot write --output {out}: [Errno 21] Is a directory: '{out}.tmp'"
+    assert not out.exists()
+
+
+def test_a_line_that_is_not_utf8_is_that_lines_error(ckpt, tmp_path, capsys):
+    """A Latin-1 line aborted the whole job with UnicodeDecodeError; now each line is decoded alone."""
+    src, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    src.write_bytes(b'{"question": "Q?", "id": 1}\n{"question": "Caf\xe9?"}\n{"question": "R?", "id": 3}\n')
+    argv = ["--checkpoint", str(ckpt), "--max-new-tokens", "2", "--jsonl", str(src), "--output", str(out)]
+    assert chat.main(argv) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["line"] for r in rows] == [1, 2, 3] and "answer" in rows[0] and "answer" in rows[2]
+    assert rows[1] == {"line": 2, "error": "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9 in position "
+                                           "17: invalid continuation byte"}
+    assert f"line 2: {rows[1]['error']}" in capsys.readouterr().err
+
+
+def test_a_field_of_the_wrong_type_is_named(ckpt):
+    """`{"protein": [5]}` was "TypeError: 'int' object is not subscriptable" with only the line number."""
+    rows = [{"question": "Q?", "protein": [5]}, {"question": "Q?", "smiles": {"s": "CCO"}}, {"question": 5},
+            {"question": "Q?", "system": 7}, {"question": "Q?", "smiles": ["CCO", None]}]
+    model = chat.from_pretrained(ckpt)
+    got = chat.answer_rows(model, [json.dumps(r) for r in rows], max_new_tokens=2)
+    assert [r["error"] for r in got] == [
+        "TypeError: protein must be a string or a list of strings, not [5]",
+        "TypeError: smiles must be a string or a list of strings, not {'s': 'CCO'}",
+        "ValueError: the question must be a string, not 5",
+        "TypeError: system must be a string (or None: the default), not 7",
+        "TypeError: smiles must be a string or a list of strings, not ['CCO', None]"]
+    with pytest.raises(TypeError, match=r"^smiles must be a string or a list of strings, not 5$"):
+        chat.ask(model, "Q?", smiles=5)              # the Python API says the same
