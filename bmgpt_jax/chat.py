@@ -285,7 +285,7 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
                     help="with --output: keep the rows it holds and answer only the other lines")
     ap.add_argument("--batch-size", type=positive_int, default=8)
     ap.add_argument("--mesh", type=mesh_shape, help="data,fsdp,tensor: load the weights sharded over this device "
-                    "mesh, e.g. 1,1,8 (default: one device)")
+                    "mesh, e.g. 1,1,8 (default: one device; a leading -1 takes '=': --mesh=-1,1,1)")
     add_generation_args(ap)
     args = ap.parse_args(argv)
     if args.resume and not (args.jsonl and args.output):

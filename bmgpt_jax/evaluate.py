@@ -295,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--limit", type=positive_int, help="evaluate the first N records of each source")
     ap.add_argument("--batch-size", type=positive_int, default=8, help="global rows per batch (default 8)")
     ap.add_argument("--mode", choices=MODES, default="both", help="generation, log-likelihood or both (default)")
-    ap.add_argument("--mesh", type=chat.mesh_shape, default=(-1, 1, 1), help="data,fsdp,tensor (default -1,1,1)")
+    ap.add_argument("--mesh", type=chat.mesh_shape, default=(-1, 1, 1), help="data,fsdp,tensor (default -1,1,1; "
+                    "a leading -1 takes '=': --mesh=-1,2,1)")
     ap.add_argument("--out-dir", default="runs/eval", help="run folder for predictions, metrics and the chart")
     ap.add_argument("--resume", action="store_true",
                     help="keep the finished rows in --out-dir (same checkpoint, mode, limit, options, system, "

@@ -30,6 +30,7 @@ from flax import nnx
 
 from bmgpt_jax import config as config_lib
 from bmgpt_jax import parallel
+from bmgpt_jax.convert import stream
 from bmgpt_jax.data.examples import check_ids
 from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, global_batch, stack_batches
 from bmgpt_jax.distributed import check_shared_folder
@@ -163,11 +164,14 @@ def _batches(it, cfg: TrainConfig) -> Iterator[tuple[str, dict[str, np.ndarray]]
 
 def check_run_folders(cfg: TrainConfig) -> None:
     """`out_dir` and `checkpoint.dir` are paths the run writes with file operations (a URL such as gs://...
-    is refused: mount the bucket instead), and with several processes the checkpoint folder is one that
-    every process sees (`distributed.check_shared_folder`)."""
+    is refused: mount the bucket instead), with several processes the checkpoint folder is one that
+    every process sees (`distributed.check_shared_folder`), and the export's `{out_dir}/final` holds
+    nothing the export would delete that is not an earlier export (`convert.stream.check_destination`)."""
     check_not_url(cfg.out_dir, "out_dir")
     check_not_url(cfg.checkpoint.dir, "checkpoint.dir")
     check_shared_folder(cfg.checkpoint.dir, "checkpoint.dir")
+    if cfg.export:   # the end-of-run export replaces {out_dir}/final: refuse now what it would refuse then
+        stream.check_destination(Path(cfg.out_dir) / "final", "dir", keep=cfg.checkpoint.dir)
 
 
 def _matmul_params(model: nnx.Module) -> int:

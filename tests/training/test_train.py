@@ -258,6 +258,9 @@ def test_one_line_errors_before_any_compute(tmp_path, capsys):
     (tmp_path / "old" / "checkpoints" / "40").mkdir(parents=True)
     line = error(SMALL + [f"out_dir={tmp_path / 'old'}"])
     assert "holds checkpoints of an earlier run (steps [40]): pass --resume" in line
+    (tmp_path / "exported" / "final" / "notes").mkdir(parents=True)     # the export would delete it at the end
+    line = error(SMALL + ["export=true", f"out_dir={tmp_path / 'exported'}"])
+    assert line.startswith(f"train: ValueError: refusing to replace {tmp_path / 'exported' / 'final'}: it holds 1 entry")
     line = error(SMALL + ["out_dir=gs://bucket/run"])     # pathlib would make it a local folder "gs:"
     assert line == ("train: ValueError: out_dir=gs://bucket/run is a URL: the run writes its folders with file "
                     "operations; mount the bucket (e.g. gcsfuse) on every host and give the mount's path")
