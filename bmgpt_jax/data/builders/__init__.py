@@ -63,8 +63,10 @@ class RecordSource(Sequence[Record]):
 
 
 def read_split(builder: RecordBuilder, split: str) -> RecordSource:
-    """The records of `split`, building the dataset first if `data_dir` does not hold it yet (`prepare`)."""
+    """The records of `split`, building the dataset first if `data_dir` does not hold it yet (`prepare`).
+    A split the build holds no record of is a ValueError saying why (`RecordBuilder.check_split`)."""
     prepare(builder)
+    builder.check_split(split)
     return RecordSource(builder, split)
 
 

@@ -93,9 +93,23 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                              f"{self.raw_dir} holds now ({len(differ)} differ: {', '.join(differ[:3])}); delete "
                              f"{self.data_dir} to rebuild it from them")
 
+    def check_split(self, split: str) -> None:
+        """ValueError when `split` is one of `FILES` but the build holds no record of it: tfds cannot write
+        an empty split, so `_split_generators` left it out, and tfds would only call it unknown. The error
+        names the split, its files and the bad records the build counted (saved in `metadata.json`)."""
+        if split not in self.FILES or split in self.info.splits:
+            return
+        files = ", ".join(self.FILES[split]) + (f" (in {self.raw_dir})" if self.raw_dir is not None else "")
+        bad = self.info.metadata.get("bad_records", {}).get(split) or {}
+        counts = {reason: info["count"] for reason, info in bad.items()}
+        what = (f"all {sum(counts.values())} of {files} were bad "
+                f"({', '.join(f'{r}: {n}' for r, n in counts.items())})" if counts else f"{files} hold none")
+        raise ValueError(f"{self.name}: split {split!r} has no record: {what}; see bad_records in "
+                         f"{Path(self.data_dir) / 'metadata.json'}")
+
     def _split_generators(self, dl_manager):
         """One generator per split; a split without a single good record is left out (tfds cannot write
-        an empty split), after its report."""
+        an empty split), after its report (reading it is then `check_split`'s error)."""
         self._check_inputs()
         self.info.metadata["raw_files"] = self.raw_fingerprint()
         gens = {}
