@@ -27,6 +27,7 @@ from ..records import BadRecords, Record, features
 
 KEEP_MULTI, SINGLE_ONLY = "keep", "single"
 CHUNK = 1 << 16    # bytes of each end of a raw file its fingerprint reads
+BOM = b"\xef\xbb\xbf"   # the UTF-8 byte-order mark some editors write first
 
 
 class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -103,7 +104,7 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         bad = self.info.metadata.get("bad_records", {}).get(split) or {}
         counts = {reason: info["count"] for reason, info in bad.items()}
         what = (f"all {sum(counts.values())} of {files} were bad "
-                f"({', '.join(f'{r}: {n}' for r, n in counts.items())})" if counts else f"{files} hold none")
+                f"({', '.join(f'{r}: {n}' for r, n in counts.items())})" if counts else f"{files} held none")
         raise ValueError(f"{self.name}: split {split!r} has no record: {what}; see bad_records in "
                          f"{Path(self.data_dir) / 'metadata.json'}")
 
@@ -163,26 +164,61 @@ def _entity_ok(kind: str, value: str) -> bool:
     return True
 
 
-def read_json(path: Path):
-    """A whole-file JSON document; a file that does not parse is an error naming it."""
+def decode(data: bytes, where: str, offset: int = 0) -> str:
+    """`data` as UTF-8 text; bytes that are not are a ValueError naming `where` (the file, and the line when
+    known) and the file's byte (`offset`: where `data` starts in it), which Python's own error names neither."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 (byte {offset + e.start})") from None
+
+
+def read_text(path: Path) -> str:
+    """The whole file as text, as `open(path, encoding="utf-8-sig").read()` gives it (a leading byte-order
+    mark dropped, \\r\\n and \\r read as \\n), with `decode`'s error where it is not UTF-8."""
+    data = path.read_bytes()
+    body = data.removeprefix(BOM)
+    return decode(body, str(path), len(data) - len(body)).replace("\r\n", "\n").replace("\r", "\n")
+
+
+def raw_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
+    """`(line number, byte offset, bytes)` per line, split where text mode splits (\\n, \\r\\n, a lone \\r;
+    endings kept) and the byte-order mark dropped, left for the caller to `decode`: a line that is not UTF-8
+    is then one bad record (JSONL) or the file's error at that line (TSV), not a traceback naming no file."""
+    lineno = offset = 0
+    with open(path, "rb") as f:
+        for chunk in f:                                   # each chunk ends at a \n (or the file's end)
+            for line in chunk.splitlines(keepends=True):
+                lineno, start, offset = lineno + 1, offset, offset + len(line)
+                if lineno == 1 and line.startswith(BOM):
+                    line, start = line[len(BOM):], start + len(BOM)
+                yield lineno, start, line
+
+
+def read_json(path: Path):
+    """A whole-file JSON document; a file that does not parse (or is not UTF-8) is an error naming it."""
+    try:
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def read_jsonl(path: Path, bad: BadRecords) -> Iterator[tuple[int, dict]]:
-    """`(line number, object)` per JSON line; malformed lines are counted in `bad` and skipped."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                bad.add("malformed JSON line", f"{path.name}:{lineno}: {line.strip()}")
-                continue
-            if not isinstance(obj, dict):
-                bad.add("malformed JSON line", f"{path.name}:{lineno}: {line.strip()}")
-                continue
-            yield lineno, obj
+    """`(line number, object)` per JSON line; malformed lines (not UTF-8, not JSON, not an object) are counted
+    in `bad` as "malformed JSON line" and skipped."""
+    for lineno, start, raw in raw_lines(path):
+        try:
+            line = decode(raw, f"{path.name}:{lineno}", start)
+        except ValueError as e:
+            bad.add("malformed JSON line", str(e))
+            continue
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict):
+            bad.add("malformed JSON line", f"{path.name}:{lineno}: {line.strip()}")
+            continue
+        yield lineno, obj

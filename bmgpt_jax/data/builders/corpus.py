@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from ..records import Record
-from .base import RecordBuilder, read_jsonl
+from .base import RecordBuilder, read_jsonl, read_text
 
 MAX_CHARS = 4000
 
@@ -46,7 +46,7 @@ class TextCorpus(RecordBuilder, skip_registration=True):
                     else:
                         bad.add("malformed record", f"{path.name}:{lineno}: no text")
             else:
-                for i, doc in enumerate(path.read_text(encoding="utf-8").split("\n\n")):
+                for i, doc in enumerate(read_text(path).split("\n\n")):
                     yield f"{path.name}:{i}", doc
 
     def _records(self, split, bad):

@@ -13,7 +13,7 @@ import json
 from typing import Iterator
 
 from ..records import BadRecords, Record
-from .base import RecordBuilder, read_json, read_jsonl
+from .base import RecordBuilder, decode, raw_lines, read_json, read_jsonl
 
 DESCRIBE_MOLECULE = "Please describe this molecule."
 PROTEIN_FUNCTION = "What is the function of this protein?"
@@ -21,15 +21,16 @@ LETTERS = "ABCD"
 
 
 def _tsv_rows(path, columns: int, bad: BadRecords) -> Iterator[tuple[int, list[str]]]:
-    """`(line number, fields)` of a tab-separated file with a header; rows with the wrong width go to `bad`."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        next(reader, None)
-        for lineno, row in enumerate(reader, 2):
-            if len(row) != columns:
-                bad.add("malformed row", f"{path.name}:{lineno}: {chr(9).join(row)}")
-                continue
-            yield lineno, row
+    """`(line number, fields)` of a tab-separated file with a header; rows with the wrong width go to `bad`,
+    a line that is not UTF-8 is the file's ValueError naming the line and byte."""
+    lines = (decode(raw, f"{path}, line {n}", start) for n, start, raw in raw_lines(path))
+    reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
+    next(reader, None)
+    for lineno, row in enumerate(reader, 2):
+        if len(row) != columns:
+            bad.add("malformed row", f"{path.name}:{lineno}: {chr(9).join(row)}")
+            continue
+        yield lineno, row
 
 
 def _choice_question(question: str, options: list[str]) -> str:
