@@ -24,9 +24,11 @@ def _write(path, content):
     return path
 
 
-def _generate(name, raw, split, **kwargs):
-    """`(records, bad-record counts)` of `split` as a build generates them (nothing written)."""
+def _generate(name, raw, split=None, **kwargs):
+    """`(records, bad-record counts)` of `split` (default: the first) as a build generates them (nothing
+    written)."""
     b = make_builder(name, raw, raw.parent / "out", **kwargs)
+    split = split or next(iter(b.FILES))
     records = [Record.from_example(ex) for _, ex in b._generate_examples(split)]
     return records, dict(b.bad_records[split].counts)
 
@@ -55,7 +57,7 @@ def test_a_file_that_is_not_utf8_is_an_error_naming_it_and_the_byte(tmp_path):
     naming the file and byte (and the TSV line); a JSON line that is not UTF-8 is a counted bad line."""
     path = _write(tmp_path / "a.json", b'["caf\xe9"]')
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not UTF-8 \(byte 5\)$"):
-        read_json(path)
+        read_json(path, list, "a list")
     _write(tmp_path / "text" / "a.txt", b"doc one\n\ndoc \xe9two\n")
     with pytest.raises(ValueError, match=r"^/.*/text/a\.txt: not UTF-8 \(byte 13\)$"):
         _generate("text", tmp_path / "text", "train")
@@ -74,8 +76,47 @@ def test_a_byte_order_mark_is_dropped(tmp_path):
     """A UTF-8 byte-order mark cost the first JSON line (counted malformed), stayed in the first document
     of a .txt file and made a whole JSON file invalid."""
     bom = b"\xef\xbb\xbf"
-    assert read_json(_write(tmp_path / "a.json", bom + b'{"P1": "MKV"}')) == {"P1": "MKV"}
+    assert read_json(_write(tmp_path / "a.json", bom + b'{"P1": "MKV"}'), dict, "") == {"P1": "MKV"}
     _write(tmp_path / "text" / "a.txt", bom + b"doc one\r\n\r\ndoc two\r\n")      # CRLF as text mode reads it
     _write(tmp_path / "text" / "b.jsonl", bom + b'{"text": "three"}\n')
     records, bad = _generate("text", tmp_path / "text", "train")
     assert [r.answer for r in records] == ["doc one", "doc two", "three"] and bad == {}
+
+
+def test_openbiomed_entities_of_another_type_are_malformed_records(tmp_path):
+    """A null among the SMILES was skipped uncounted; a nested list was a TypeError (unhashable, in the
+    entity check's cache); a sequence that is no string a TypeError deep in the protein encoder."""
+    rows = [["CCO"], [None], ["CCO", None], [["CCO"]], {"a": "CCO"}, [5]]
+    _write(tmp_path / "pc" / "train.json", [{"smiles": r, "question": "Q", "answer": "A"} for r in rows])
+    records, bad = _generate("pubchemqa", tmp_path / "pc")
+    assert [r.id for r in records] == ["CCO"] and bad == {"malformed record": 5}
+    _write(tmp_path / "up" / "sequences.json", {"P1": "MKV", "P2": 5, "P3": None})
+    accessions = [["P1"], [["P1"]], ["P2"], ["P3"], ["P9"]]
+    _write(tmp_path / "up" / "train.json", [{"protein_accession": a, "question": "Q", "answer": "A"}
+                                            for a in accessions])
+    records, bad = _generate("uniprotqa", tmp_path / "up")
+    assert [r.id for r in records] == ["P1"]
+    assert bad == {"malformed record": 1, "malformed sequence": 2, "unknown accession": 1}
+
+
+ROW = {"protein_accession": ["P1"], "question": "Q", "answer": "A"}
+
+
+@pytest.mark.parametrize("name, files, want", [
+    ("uniprotqa", {"sequences.json": [["P1", "MKV"]], "train.json": [ROW]},
+     r"sequences\.json: expected a JSON object \{accession: sequence\}, got a JSON list"),
+    ("pubchemqa", {"train.json": {"0": ROW}}, r"train\.json: expected a JSON list of records, got a JSON object"),
+    ("chembl_qa", {"molecules/chembl_drug_qa.json": [["CCO", [["Q", "A"]]]]},
+     r"chembl_drug_qa\.json: expected a JSON object \{SMILES: \[\[question, answer\], \.\.\.\]\}, got a JSON list"),
+    ("pubmedqa", {"qa/pubmedqa_pqal.json": [], "qa/pubmedqa_test_ground_truth.json": {}},
+     r"pubmedqa_pqal\.json: expected a JSON object \{PMID: record\}, got a JSON list"),
+    ("pubmedqa", {"qa/pubmedqa_pqal.json": {}, "qa/pubmedqa_test_ground_truth.json": ["1"]},
+     r"pubmedqa_test_ground_truth\.json: expected a JSON object \{PMID: label\}, got a JSON list"),
+    ("biotext", {"biotext/x.json": None}, r"x\.json: expected a JSON list of records, got a JSON null"),
+], ids=["sequences", "pubchemqa", "chembl", "pubmedqa", "pubmedqa-truth", "biotext"])
+def test_a_json_file_of_another_top_level_type_is_one_error_naming_it(tmp_path, name, files, want):
+    """Where an AttributeError (`.items()`, `.get` of a list) or a misread stood."""
+    for rel, doc in files.items():
+        _write(tmp_path / "raw" / rel, json.dumps(doc))
+    with pytest.raises(ValueError, match=f"^/.*/{want}$"):
+        _generate(name, tmp_path / "raw")

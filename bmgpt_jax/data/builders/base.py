@@ -195,12 +195,26 @@ def raw_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
                 yield lineno, start, line
 
 
-def read_json(path: Path):
-    """A whole-file JSON document; a file that does not parse (or is not UTF-8) is an error naming it."""
+JSON_TYPES = {dict: "object", list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+              type(None): "null"}
+
+
+def read_json(path: Path, kind: type, what: str):
+    """A whole-file JSON document whose top level is a `kind` (dict or list; `what` describes it for the
+    error); a file that is not UTF-8, does not parse or holds another type is one ValueError naming it."""
     try:
-        return json.loads(read_text(path))
+        doc = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, kind):
+        raise ValueError(f"{path}: expected {what}, got a JSON {JSON_TYPES.get(type(doc), type(doc).__name__)}")
+    return doc
+
+
+def all_str(*values) -> bool:
+    """Whether every value is a string: JSON may hold any type (null, a number, a list) where a record's
+    text or entity is due, which is a malformed record, not a TypeError further on."""
+    return all(isinstance(v, str) for v in values)
 
 
 def read_jsonl(path: Path, bad: BadRecords) -> Iterator[tuple[int, dict]]:

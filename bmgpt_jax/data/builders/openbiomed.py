@@ -15,7 +15,7 @@ from typing import Iterator
 import tensorflow_datasets as tfds
 
 from ..records import BadRecords, Record
-from .base import KEEP_MULTI, SINGLE_ONLY, RecordBuilder, read_json
+from .base import KEEP_MULTI, SINGLE_ONLY, RecordBuilder, all_str, read_json
 
 SPLIT_FILES = {"train": ("train.json",), "val": ("val.json",), "test": ("test.json",)}
 
@@ -31,23 +31,20 @@ class _OpenBioMedQA(RecordBuilder, skip_registration=True):
     ]
 
     def _entity_value(self, ref: str, bad: BadRecords, key: str) -> str | None:
-        """The entity string for reference `ref` (None after counting it in `bad`)."""
+        """The entity string for reference `ref` (a string; None after counting it in `bad`)."""
         return ref
 
     def _records(self, split: str, bad: BadRecords) -> Iterator[tuple[str, Record]]:
         for path in self.files(split):
-            rows = read_json(path)
-            if not isinstance(rows, list):
-                raise ValueError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
-            for i, row in enumerate(rows):
+            for i, row in enumerate(read_json(path, list, "a JSON list of records")):
                 key = f"{path.stem}:{i}"
                 refs = row.get(self.ENTITY_KEY) if isinstance(row, dict) else None
                 refs = [refs] if isinstance(refs, str) else refs
-                if not refs or not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
-                    bad.add("malformed record", f"{key}: {str(row)[:200]}")
+                if not (isinstance(refs, list) and refs and all_str(*refs, row.get("question"), row.get("answer"))):
+                    bad.add("malformed record", f"{key}: {str(row)[:200]}")     # e.g. a null among the SMILES
                     continue
                 values = [self._entity_value(r, bad, key) for r in refs]
-                if None in values:
+                if None in values:                                              # counted by _entity_value
                     continue
                 yield key, Record(tuple((self.KIND, v) for v in values), row["question"], row["answer"],
                                   id=",".join(map(str, refs)))
@@ -76,10 +73,13 @@ class UniProtQA(_OpenBioMedQA, skip_registration=True):
     @functools.cached_property
     def sequences(self) -> dict[str, str]:
         """The accession -> sequence map (`sequences.json`), read once per build."""
-        return read_json(self.raw_dir / "sequences.json")
+        return read_json(self.raw_dir / "sequences.json", dict, "a JSON object {accession: sequence}")
 
     def _entity_value(self, ref: str, bad: BadRecords, key: str) -> str | None:
         seq = self.sequences.get(ref)
-        if seq is None:
+        if ref not in self.sequences:
             bad.add("unknown accession", f"{key}: {ref}")
+        elif not isinstance(seq, str):
+            bad.add("malformed sequence", f"{key}: {ref}: {str(seq)[:100]}")
+            return None
         return seq

@@ -60,7 +60,8 @@ class ChemblDrugQA(RecordBuilder, skip_registration=True):
 
     def _records(self, split, bad):
         for path in self.files(split):
-            for i, (smiles, pairs) in enumerate(read_json(path).items()):
+            qa = read_json(path, dict, "a JSON object {SMILES: [[question, answer], ...]}")
+            for i, (smiles, pairs) in enumerate(qa.items()):
                 for j, pair in enumerate(pairs):
                     key = f"{i}:{j}"
                     if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
@@ -93,9 +94,9 @@ class PubMedQA(RecordBuilder, skip_registration=True):
     EXTRA_FILES = ("qa/pubmedqa_test_ground_truth.json",)
 
     def _records(self, split, bad):
-        test_ids = set(read_json(self.raw_dir / self.EXTRA_FILES[0]))
+        test_ids = set(read_json(self.raw_dir / self.EXTRA_FILES[0], dict, "a JSON object {PMID: label}"))
         for path in self.files(split):
-            for pmid, item in read_json(path).items():
+            for pmid, item in read_json(path, dict, "a JSON object {PMID: record}").items():
                 if (pmid in test_ids) != (split == "test"):
                     continue
                 try:
@@ -157,7 +158,7 @@ class MolInstructionsBiotext(RecordBuilder, skip_registration=True):
 
     def _records(self, split, bad):
         for path in self.files(split):
-            for i, item in enumerate(read_json(path)):
+            for i, item in enumerate(read_json(path, list, "a JSON list of records")):
                 key = f"{path.stem}:{i}"
                 try:
                     question = item["instruction"] + (f"\n{item['input']}" if item.get("input") else "")
