@@ -120,3 +120,32 @@ def test_a_json_file_of_another_top_level_type_is_one_error_naming_it(tmp_path, 
         _write(tmp_path / "raw" / rel, json.dumps(doc))
     with pytest.raises(ValueError, match=f"^/.*/{want}$"):
         _generate(name, tmp_path / "raw")
+
+
+OK_QA = {"question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 1}
+OK_USMLE = {"question": "Q?", "options": {c: c.lower() for c in "ABCD"}, "answer_idx": "B"}
+OK_PQAL = {"CONTEXTS": ["c"], "QUESTION": "Q?", "final_decision": "yes", "LONG_ANSWER": "L."}
+OK_BIO = {"instruction": "i", "input": "", "output": "o"}
+WRONG_TYPES = {      # name: (files, malformed records among them; each holds one good record)
+    "biotext": ({"biotext/x.json": [OK_BIO, {**OK_BIO, "output": None}, {**OK_BIO, "output": 5},
+                                    {**OK_BIO, "input": 5}, ["i", "o"]]}, 4),
+    "chembl_qa": ({"molecules/chembl_drug_qa.json": {"CCO": [["Q?", 1.5]], "CCN": None, "CCC": {"Q?": "A"}}}, 2),
+    "medmcqa": ({"qa/medmcqa_dev.jsonl": "\n".join(json.dumps(r) for r in (
+        OK_QA, {**OK_QA, "opa": None}, {**OK_QA, "opb": 5}, {**OK_QA, "cop": 1.0}, {**OK_QA, "question": 7}))}, 4),
+    "medqa": ({"qa/medqa_usmle_4opt_test.jsonl": "\n".join(json.dumps(r) for r in (
+        OK_USMLE, {**OK_USMLE, "answer_idx": ["B"]}, {**OK_USMLE, "options": {**OK_USMLE["options"], "C": 3}}))}, 2),
+    "pubmedqa": ({"qa/pubmedqa_test_ground_truth.json": {}, "qa/pubmedqa_pqal.json": {
+        "1": OK_PQAL, "2": {**OK_PQAL, "CONTEXTS": None}, "3": {**OK_PQAL, "CONTEXTS": [["c"]]},
+        "4": {**OK_PQAL, "QUESTION": None}, "5": {**OK_PQAL, "LONG_ANSWER": 7}, "6": ["c", "Q?"]}}, 5),
+}
+
+
+@pytest.mark.parametrize("name", WRONG_TYPES)
+def test_record_fields_of_another_json_type_are_malformed_records(tmp_path, name):
+    """Where `.strip()` of a null answer, iterating a null, a list as a dict key or a float as an index was
+    a traceback, or a null read as the text "None"."""
+    files, malformed = WRONG_TYPES[name]
+    for rel, doc in files.items():
+        _write(tmp_path / "raw" / rel, doc)
+    records, bad = _generate(name, tmp_path / "raw")
+    assert len(records) == 1 and bad == {"malformed record": malformed}

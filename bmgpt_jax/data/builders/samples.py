@@ -13,7 +13,7 @@ import json
 from typing import Iterator
 
 from ..records import BadRecords, Record
-from .base import RecordBuilder, decode, raw_lines, read_json, read_jsonl
+from .base import RecordBuilder, all_str, decode, raw_lines, read_json, read_jsonl
 
 DESCRIBE_MOLECULE = "Please describe this molecule."
 PROTEIN_FUNCTION = "What is the function of this protein?"
@@ -62,7 +62,7 @@ class ChemblDrugQA(RecordBuilder, skip_registration=True):
         for path in self.files(split):
             qa = read_json(path, dict, "a JSON object {SMILES: [[question, answer], ...]}")
             for i, (smiles, pairs) in enumerate(qa.items()):
-                for j, pair in enumerate(pairs):
+                for j, pair in enumerate(pairs if isinstance(pairs, list) else [pairs]):   # null: one bad
                     key = f"{i}:{j}"
                     if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
                         bad.add("malformed record", f"{key}: {str(pair)[:200]}")
@@ -99,15 +99,14 @@ class PubMedQA(RecordBuilder, skip_registration=True):
             for pmid, item in read_json(path, dict, "a JSON object {PMID: record}").items():
                 if (pmid in test_ids) != (split == "test"):
                     continue
-                try:
-                    context = " ".join(item["CONTEXTS"])
-                    question = f"Context: {context}\nQuestion: {item['QUESTION']}\nAnswer yes, no or maybe."
-                    label = item["final_decision"]
-                    answer = f"{label.capitalize()}. {item['LONG_ANSWER']}"
-                except (KeyError, TypeError, AttributeError):
+                contexts = item.get("CONTEXTS") if isinstance(item, dict) else None
+                if not (isinstance(contexts, list) and all_str(*contexts, item.get("QUESTION"),
+                                                               item.get("final_decision"), item.get("LONG_ANSWER"))):
                     bad.add("malformed record", f"{pmid}: {str(item)[:200]}")
                     continue
-                yield pmid, Record((), question, answer, label=label, id=pmid)
+                label = item["final_decision"]
+                question = f"Context: {' '.join(contexts)}\nQuestion: {item['QUESTION']}\nAnswer yes, no or maybe."
+                yield pmid, Record((), question, f"{label.capitalize()}. {item['LONG_ANSWER']}", label=label, id=pmid)
 
 
 class MedMCQA(RecordBuilder, skip_registration=True):
@@ -122,7 +121,7 @@ class MedMCQA(RecordBuilder, skip_registration=True):
             for lineno, obj in read_jsonl(path, bad):
                 options = [obj.get(k) for k in ("opa", "opb", "opc", "opd")]
                 cop = obj.get("cop")
-                if not isinstance(obj.get("question"), str) or cop not in (1, 2, 3, 4) or None in options:
+                if not (all_str(obj.get("question"), *options) and type(cop) is int and 1 <= cop <= 4):
                     bad.add("malformed record", f"{path.name}:{lineno}")
                     continue
                 letter = LETTERS[cop - 1]
@@ -141,8 +140,8 @@ class MedQAUSMLE(RecordBuilder, skip_registration=True):
         for path in self.files(split):
             for lineno, obj in read_jsonl(path, bad):
                 options, letter = obj.get("options"), obj.get("answer_idx")
-                if (not isinstance(obj.get("question"), str) or not isinstance(options, dict)
-                        or sorted(options) != list(LETTERS) or letter not in options):
+                if (not all_str(obj.get("question"), letter) or not isinstance(options, dict)
+                        or sorted(options) != list(LETTERS) or letter not in options or not all_str(*options.values())):
                     bad.add("malformed record", f"{path.name}:{lineno}")
                     continue
                 yield str(lineno), Record((), _choice_question(obj["question"], [options[c] for c in LETTERS]),
@@ -160,10 +159,8 @@ class MolInstructionsBiotext(RecordBuilder, skip_registration=True):
         for path in self.files(split):
             for i, item in enumerate(read_json(path, list, "a JSON list of records")):
                 key = f"{path.stem}:{i}"
-                try:
-                    question = item["instruction"] + (f"\n{item['input']}" if item.get("input") else "")
-                    answer = item["output"]
-                except (KeyError, TypeError):
+                extra = item.get("input") if isinstance(item, dict) else None         # optional
+                if not (isinstance(item, dict) and all_str(item.get("instruction"), item.get("output"), extra or "")):
                     bad.add("malformed record", f"{key}: {str(item)[:200]}")
                     continue
-                yield key, Record((), question, answer, id=key)
+                yield key, Record((), item["instruction"] + (f"\n{extra}" if extra else ""), item["output"], id=key)
