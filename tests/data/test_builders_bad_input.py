@@ -149,3 +149,19 @@ def test_record_fields_of_another_json_type_are_malformed_records(tmp_path, name
         _write(tmp_path / "raw" / rel, doc)
     records, bad = _generate(name, tmp_path / "raw")
     assert len(records) == 1 and bad == {"malformed record": malformed}
+
+
+def test_pubmedqa_refuses_test_ids_the_expert_set_lacks_and_counts_bad_labels(tmp_path):
+    """Ground truth from another release silently shortened the test split and left test records in train;
+    a final_decision outside yes/no/maybe was kept (its answer "Perhaps. ...")."""
+    qa = tmp_path / "raw" / "qa"
+    _write(qa / "pubmedqa_pqal.json", {"1": OK_PQAL, "2": OK_PQAL, "3": {**OK_PQAL, "final_decision": "perhaps"}})
+    _write(qa / "pubmedqa_test_ground_truth.json", {"2": "yes"})
+    records, bad = _generate("pubmedqa", tmp_path / "raw", "train")
+    assert [r.id for r in records] == ["1"] and bad == {"bad label": 1}
+    _write(qa / "pubmedqa_test_ground_truth.json", {"2": "yes", "9": "no", "8": "maybe"})
+    for split in ("train", "test"):
+        with pytest.raises(ValueError, match=r"^/.*/pubmedqa_test_ground_truth\.json: 2 of its 3 test PMIDs are not "
+                                             r"in /.*/pubmedqa_pqal\.json \(e\.g\. 8, 9\); the two must come from one "
+                                             r"PubMedQA release$"):
+            _generate("pubmedqa", tmp_path / "raw", split)

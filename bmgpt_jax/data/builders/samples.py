@@ -86,7 +86,12 @@ class SwissProtFunction(RecordBuilder, skip_registration=True):
 
 
 class PubMedQA(RecordBuilder, skip_registration=True):
-    """PubMedQA expert set: context + question -> "Yes/No/Maybe. long answer"; `test` = the standard 500."""
+    """PubMedQA expert set: context + question -> "Yes/No/Maybe. long answer"; `test` = the standard 500.
+
+    The test split is the ground-truth file's PMIDs, the train split the rest of the expert set: a test PMID
+    the expert set lacks (files of two releases) is a ValueError, never a short test split beside a train
+    split that holds test records; a `final_decision` other than yes/no/maybe is counted as "bad label".
+    """
 
     name = "pubmedqa"
 
@@ -94,9 +99,15 @@ class PubMedQA(RecordBuilder, skip_registration=True):
     EXTRA_FILES = ("qa/pubmedqa_test_ground_truth.json",)
 
     def _records(self, split, bad):
-        test_ids = set(read_json(self.raw_dir / self.EXTRA_FILES[0], dict, "a JSON object {PMID: label}"))
+        truth = self.raw_dir / self.EXTRA_FILES[0]
+        test_ids = set(read_json(truth, dict, "a JSON object {PMID: label}"))
         for path in self.files(split):
-            for pmid, item in read_json(path, dict, "a JSON object {PMID: record}").items():
+            items = read_json(path, dict, "a JSON object {PMID: record}")
+            missing = sorted(test_ids - set(items))
+            if missing:    # files of two releases: the test split would be short and train hold test records
+                raise ValueError(f"{truth}: {len(missing)} of its {len(test_ids)} test PMIDs are not in {path} "
+                                 f"(e.g. {', '.join(missing[:5])}); the two must come from one PubMedQA release")
+            for pmid, item in items.items():
                 if (pmid in test_ids) != (split == "test"):
                     continue
                 contexts = item.get("CONTEXTS") if isinstance(item, dict) else None
@@ -105,6 +116,9 @@ class PubMedQA(RecordBuilder, skip_registration=True):
                     bad.add("malformed record", f"{pmid}: {str(item)[:200]}")
                     continue
                 label = item["final_decision"]
+                if label not in ("yes", "no", "maybe"):
+                    bad.add("bad label", f"{pmid}: final_decision {label!r}")
+                    continue
                 question = f"Context: {' '.join(contexts)}\nQuestion: {item['QUESTION']}\nAnswer yes, no or maybe."
                 yield pmid, Record((), question, f"{label.capitalize()}. {item['LONG_ANSWER']}", label=label, id=pmid)
 
