@@ -79,7 +79,6 @@ class UniProtQA(_OpenBioMedQA, skip_registration=True):
         seq = self.sequences.get(ref)
         if ref not in self.sequences:
             bad.add("unknown accession", f"{key}: {ref}")
-        elif not isinstance(seq, str):
+        elif not isinstance(seq, str):                                  # a null or a number in sequences.json
             bad.add("malformed sequence", f"{key}: {ref}: {str(seq)[:100]}")
-            return None
-        return seq
+        return seq if isinstance(seq, str) else None
