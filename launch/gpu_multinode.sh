@@ -14,19 +14,21 @@
 set -euo pipefail
 
 usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+die() { echo "gpu_multinode.sh: $*" >&2; exit 2; }
+need_value() { [[ -n "${2-}" && "$2" != --* ]] || die "$1 needs a value${2:+, not $2}"; }
 
 HOSTS="" SLURM=0 NODES="${SLURM_JOB_NUM_NODES:-}" GPUS=8 PER_GPU=0 PORT=12355 DRY=0 PYTHON="python"
 DIR="$(cd "$(dirname "$0")/.." && pwd)"
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --hosts) HOSTS="$2"; shift 2 ;;
+    --hosts) need_value "$@"; HOSTS="$2"; shift 2 ;;
     --slurm) SLURM=1; shift ;;
-    --nodes) NODES="$2"; shift 2 ;;
-    --gpus-per-node) GPUS="$2"; shift 2 ;;
+    --nodes) need_value "$@"; NODES="$2"; shift 2 ;;
+    --gpus-per-node) need_value "$@"; GPUS="$2"; shift 2 ;;
     --per-gpu) PER_GPU=1; shift ;;
-    --port) PORT="$2"; shift 2 ;;
-    --dir) DIR="$2"; shift 2 ;;
-    --python) PYTHON="$2"; shift 2 ;;
+    --port) need_value "$@"; PORT="$2"; shift 2 ;;
+    --dir) need_value "$@"; DIR="$2"; shift 2 ;;
+    --python) need_value "$@"; PYTHON="$2"; shift 2 ;;
     --dry-run) DRY=1; shift ;;
     -h|--help) usage 0 ;;
     --) shift; break ;;

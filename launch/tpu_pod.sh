@@ -16,15 +16,17 @@
 set -euo pipefail
 
 usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
+need_value() { [[ -n "${2-}" && "$2" != --* ]] || die "$1 needs a value${2:+, not $2}"; }
 
 TPU="" ZONE="" PROJECT="" DIR="~/bmgpt_jax" SYNC=0 SETUP=0 DRY=0 PYTHON="python"
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --tpu) TPU="$2"; shift 2 ;;
-    --zone) ZONE="$2"; shift 2 ;;
-    --project) PROJECT="$2"; shift 2 ;;
-    --dir) DIR="$2"; shift 2 ;;
-    --python) PYTHON="$2"; shift 2 ;;
+    --tpu) need_value "$@"; TPU="$2"; shift 2 ;;
+    --zone) need_value "$@"; ZONE="$2"; shift 2 ;;
+    --project) need_value "$@"; PROJECT="$2"; shift 2 ;;
+    --dir) need_value "$@"; DIR="$2"; shift 2 ;;
+    --python) need_value "$@"; PYTHON="$2"; shift 2 ;;
     --sync) SYNC=1; shift ;;
     --setup) SETUP=1; shift ;;
     --dry-run) DRY=1; shift ;;

@@ -231,6 +231,16 @@ def _dry(script: str, *args: str, env: dict | None = None) -> list[str]:
     return out.stdout.strip().splitlines()
 
 
+def _refused(script: str, *args: str, env: dict | None = None) -> str:
+    """A launcher refusing its arguments: exit 2, nothing printed to run, one line on stderr (returned)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    full_env.update(env or {})
+    out = subprocess.run(["bash", str(REPO / "launch" / script), "--dry-run", *args], env=full_env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and out.stdout == "" and len(out.stderr.splitlines()) == 1, (out.stdout, out.stderr)
+    return out.stderr.strip()
+
+
 SHARED_WORKER = r"""
 import json, sys
 import jax
@@ -325,6 +335,17 @@ def test_gpu_multinode_dry_run():
     lines = _dry("gpu_multinode.sh", "--slurm", "--nodes", "4", "--", "--config", "c.yaml")
     assert lines == ["srun --nodes=4 --ntasks-per-node=1 bash -c 'export JAX_COORDINATOR_ADDRESS=$(scontrol show "
                      "hostnames \"$SLURM_JOB_NODELIST\" | head -n1):12355; exec python -m bmgpt_jax.train --config c.yaml'"]
+
+
+def test_launchers_refuse_an_option_without_its_value():
+    """An option's value missing (at the end, or the next option taken for it) is named, not a bash error."""
+    for script, args, message in [
+            ("tpu_pod.sh", ["--tpu", "--sync", "--zone", "z"], "--tpu needs a value, not --sync"),
+            ("tpu_pod.sh", ["--tpu", "t", "--zone"], "--zone needs a value"),
+            ("tpu_pod.sh", ["--tpu", "t", "--zone", "z", "--dir", ""], "--dir needs a value"),
+            ("gpu_multinode.sh", ["--hosts"], "--hosts needs a value"),
+            ("gpu_multinode.sh", ["--hosts", "a", "--port", "--", "x"], "--port needs a value, not --")]:
+        assert _refused(script, *args) == f"{script}: {message}"
 
 
 @pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu_multinode.sh"])
