@@ -16,6 +16,7 @@ set -euo pipefail
 usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "gpu_multinode.sh: $*" >&2; exit 2; }
 need_value() { [[ -n "${2-}" && "$2" != --* ]] || die "$1 needs a value${2:+, not $2}"; }
+positive() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 takes a positive whole number, not $2"; }
 
 HOSTS="" SLURM=0 NODES="${SLURM_JOB_NUM_NODES:-}" GPUS=8 PER_GPU=0 PORT=12355 DRY=0 PYTHON="python"
 DIR="$(cd "$(dirname "$0")/.." && pwd)"
@@ -23,10 +24,10 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --hosts) need_value "$@"; HOSTS="$2"; shift 2 ;;
     --slurm) SLURM=1; shift ;;
-    --nodes) need_value "$@"; NODES="$2"; shift 2 ;;
-    --gpus-per-node) need_value "$@"; GPUS="$2"; shift 2 ;;
+    --nodes) need_value "$@"; positive "$@"; NODES="$2"; shift 2 ;;
+    --gpus-per-node) need_value "$@"; positive "$@"; GPUS="$2"; shift 2 ;;
     --per-gpu) PER_GPU=1; shift ;;
-    --port) need_value "$@"; PORT="$2"; shift 2 ;;
+    --port) need_value "$@"; positive "$@"; PORT="$2"; shift 2 ;;
     --dir) need_value "$@"; DIR="$2"; shift 2 ;;
     --python) need_value "$@"; PYTHON="$2"; shift 2 ;;
     --dry-run) DRY=1; shift ;;
@@ -35,6 +36,7 @@ while [[ $# -gt 0 ]]; do
     *) echo "gpu_multinode.sh: unknown option $1 (train arguments go after --)" >&2; usage 2 ;;
   esac
 done
+(( ${#PORT} <= 5 && PORT <= 65535 )) || die "--port $PORT is not a port (1-65535)"
 
 quote() {  # one word as the shell reads it back: bare when safe, else in single quotes
   if [[ "$1" =~ ^[A-Za-z0-9_./:=,@%+~-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
@@ -55,6 +57,8 @@ if [[ $SLURM -eq 1 ]]; then
 fi
 
 [[ -n "$HOSTS" ]] || { echo "gpu_multinode.sh: give --hosts h0,h1,... or --slurm" >&2; usage 2; }
+[[ ",$HOSTS," != *,,* ]] || die "--hosts $HOSTS has an empty entry"
+[[ "$HOSTS" != *[[:space:]]* ]] || die "--hosts '$HOSTS' has a space: give h0,h1,... as one word"
 IFS=, read -r -a HOST_LIST <<< "$HOSTS"
 WORLD=$(( ${#HOST_LIST[@]} * PROCS_PER_NODE ))
 PIDS=()

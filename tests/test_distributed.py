@@ -348,6 +348,21 @@ def test_launchers_refuse_an_option_without_its_value():
         assert _refused(script, *args) == f"{script}: {message}"
 
 
+def test_gpu_multinode_refuses_bad_numbers_and_empty_hosts():
+    """Counts and the port are positive whole numbers (0 GPUs launched nothing and exited 0, `abc` stopped
+    bash); a host list with an empty entry (it ran `ssh ''`) or a space is refused."""
+    for args, message in [
+            (["--hosts", "a", "--gpus-per-node", "0", "--per-gpu"], "--gpus-per-node takes a positive whole number, not 0"),
+            (["--hosts", "a", "--gpus-per-node", "abc"], "--gpus-per-node takes a positive whole number, not abc"),
+            (["--hosts", "a", "--port", "abc"], "--port takes a positive whole number, not abc"),
+            (["--hosts", "a", "--port", "70000"], "--port 70000 is not a port (1-65535)"),
+            (["--slurm", "--nodes", "-1"], "--nodes takes a positive whole number, not -1"),
+            (["--hosts", "node0,,node1"], "--hosts node0,,node1 has an empty entry"),
+            (["--hosts", "node0,"], "--hosts node0, has an empty entry"),
+            (["--hosts", "node0, node1"], "--hosts 'node0, node1' has a space: give h0,h1,... as one word")]:
+        assert _refused("gpu_multinode.sh", *args) == f"gpu_multinode.sh: {message}"
+
+
 @pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu_multinode.sh"])
 def test_launcher_help_is_the_header_and_names_every_flag(script):
     path = REPO / "launch" / script
