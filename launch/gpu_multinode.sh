@@ -18,7 +18,7 @@ die() { echo "gpu_multinode.sh: $*" >&2; exit 2; }
 need_value() { [[ -n "${2-}" && "$2" != --* ]] || die "$1 needs a value${2:+, not $2}"; }
 positive() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 takes a positive whole number, not $2"; }
 
-HOSTS="" SLURM=0 NODES="${SLURM_JOB_NUM_NODES:-}" GPUS=8 PER_GPU=0 PORT=12355 DRY=0 PYTHON="python"
+HOSTS="" SLURM=0 NODES="" GPUS=8 PER_GPU=0 PORT=12355 DRY=0 PYTHON="python"
 DIR="$(cd "$(dirname "$0")/.." && pwd)"
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -47,6 +47,8 @@ PROCS_PER_NODE=1
 [[ $PER_GPU -eq 1 ]] && PROCS_PER_NODE=$GPUS
 
 if [[ $SLURM -eq 1 ]]; then
+  [[ -z "$HOSTS" ]] || die "--hosts and --slurm exclude each other (under --slurm, srun runs on the job's nodes)"
+  NODES="${NODES:-${SLURM_JOB_NUM_NODES:-}}"
   [[ -n "$NODES" ]] || { echo "gpu_multinode.sh: --slurm needs --nodes N (or run inside a SLURM job)" >&2; exit 2; }
   SRUN=(srun --nodes="$NODES" --ntasks-per-node="$PROCS_PER_NODE")
   [[ $PER_GPU -eq 1 ]] && SRUN+=(--gpus-per-task=1)
@@ -57,6 +59,7 @@ if [[ $SLURM -eq 1 ]]; then
 fi
 
 [[ -n "$HOSTS" ]] || { echo "gpu_multinode.sh: give --hosts h0,h1,... or --slurm" >&2; usage 2; }
+[[ -z "$NODES" ]] || die "--nodes goes with --slurm (with --hosts, each host is a node)"
 [[ ",$HOSTS," != *,,* ]] || die "--hosts $HOSTS has an empty entry"
 [[ "$HOSTS" != *[[:space:]]* ]] || die "--hosts '$HOSTS' has a space: give h0,h1,... as one word"
 IFS=, read -r -a HOST_LIST <<< "$HOSTS"

@@ -363,6 +363,18 @@ def test_gpu_multinode_refuses_bad_numbers_and_empty_hosts():
         assert _refused("gpu_multinode.sh", *args) == f"gpu_multinode.sh: {message}"
 
 
+def test_gpu_multinode_hosts_and_slurm_exclude_each_other():
+    """--hosts under --slurm was silently ignored, and so was --nodes with --hosts: both are refused. Inside
+    a SLURM job the job's node count still serves --slurm and does not trouble --hosts."""
+    assert _refused("gpu_multinode.sh", "--slurm", "--nodes", "2", "--hosts", "a,b") == (
+        "gpu_multinode.sh: --hosts and --slurm exclude each other (under --slurm, srun runs on the job's nodes)")
+    assert _refused("gpu_multinode.sh", "--hosts", "a,b", "--nodes", "2") == (
+        "gpu_multinode.sh: --nodes goes with --slurm (with --hosts, each host is a node)")
+    job = {"SLURM_JOB_NUM_NODES": "3"}
+    assert _dry("gpu_multinode.sh", "--slurm", env=job)[0].startswith("srun --nodes=3 ")
+    assert len(_dry("gpu_multinode.sh", "--hosts", "a,b", env=job)) == 2
+
+
 @pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu_multinode.sh"])
 def test_launcher_help_is_the_header_and_names_every_flag(script):
     path = REPO / "launch" / script
