@@ -8,12 +8,13 @@
 #                           [--dry-run] -- [train arguments...]          (inside an salloc/sbatch job)
 #
 # ssh mode: each process gets JAX_COORDINATOR_ADDRESS=<first host>:PORT, JAX_NUM_PROCESSES, JAX_PROCESS_ID
-# (and CUDA_VISIBLE_DEVICES=<gpu> with --per-gpu); hosts named localhost/127.0.0.1 run without ssh.
+# (and CUDA_VISIBLE_DEVICES=<gpu> with --per-gpu); hosts named localhost/127.x run without ssh. Name the
+# first host as the others reach it (a user@ is dropped; a first localhost becomes `hostname -f`).
 # slurm mode: srun starts the tasks; bmgpt_jax.distributed reads SLURM_NTASKS/SLURM_PROCID and the
 # coordinator exported here (the job's first node). --dry-run prints the commands, runs nothing.
 set -euo pipefail
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "gpu_multinode.sh: $*" >&2; exit 2; }
 need_value() { [[ -n "${2-}" && "$2" != --* ]] || die "$1 needs a value${2:+, not $2}"; }
 positive() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 takes a positive whole number, not $2"; }
@@ -63,16 +64,31 @@ fi
 [[ ",$HOSTS," != *,,* ]] || die "--hosts $HOSTS has an empty entry"
 [[ "$HOSTS" != *[[:space:]]* ]] || die "--hosts '$HOSTS' has a space: give h0,h1,... as one word"
 IFS=, read -r -a HOST_LIST <<< "$HOSTS"
+loopback() { [[ "$1" == localhost || "$1" == localhost.* || "$1" == 127.* ]]; }  # run here, without ssh
+# The coordinator is the first host as every process reaches it: without ssh's user@, and under this
+# machine's name, not localhost, when another host is remote.
+COORD="${HOST_LIST[0]#*@}"
+if loopback "$COORD"; then
+  for host in "${HOST_LIST[@]}"; do
+    loopback "${host#*@}" && continue
+    COORD="$(hostname -f 2>/dev/null || true)"
+    if [[ -z "$COORD" ]] || loopback "$COORD"; then
+      die "the first host (${HOST_LIST[0]}) is the coordinator $host connects to, and hostname -f gives this" \
+          "machine no other name: put first a host named as the others reach it"
+    fi
+    break
+  done
+fi
 WORLD=$(( ${#HOST_LIST[@]} * PROCS_PER_NODE ))
 PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done' INT TERM
 rank=0
 for host in "${HOST_LIST[@]}"; do
   for (( gpu = 0; gpu < PROCS_PER_NODE; gpu++ )); do
-    ENVS="JAX_COORDINATOR_ADDRESS=${HOST_LIST[0]}:$PORT JAX_NUM_PROCESSES=$WORLD JAX_PROCESS_ID=$rank"
+    ENVS="JAX_COORDINATOR_ADDRESS=$COORD:$PORT JAX_NUM_PROCESSES=$WORLD JAX_PROCESS_ID=$rank"
     [[ $PER_GPU -eq 1 ]] && ENVS+=" CUDA_VISIBLE_DEVICES=$gpu"
     CMD="cd $(quote "$DIR") && $ENVS $TRAIN"
-    if [[ "$host" == localhost || "$host" == 127.0.0.1 ]]; then LAUNCH=(bash -c "$CMD"); else LAUNCH=(ssh "$host" "$CMD"); fi
+    if loopback "$host"; then LAUNCH=(bash -c "$CMD"); else LAUNCH=(ssh "$host" "$CMD"); fi
     echo "${LAUNCH[0]} ${LAUNCH[1]} $(quote "${LAUNCH[2]}")"
     if [[ $DRY -eq 0 ]]; then "${LAUNCH[@]}" & PIDS+=($!); fi
     rank=$(( rank + 1 ))

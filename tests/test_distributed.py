@@ -352,7 +352,8 @@ def test_gpu_multinode_refuses_bad_numbers_and_empty_hosts():
     """Counts and the port are positive whole numbers (0 GPUs launched nothing and exited 0, `abc` stopped
     bash); a host list with an empty entry (it ran `ssh ''`) or a space is refused."""
     for args, message in [
-            (["--hosts", "a", "--gpus-per-node", "0", "--per-gpu"], "--gpus-per-node takes a positive whole number, not 0"),
+            (["--hosts", "a", "--gpus-per-node", "0", "--per-gpu"],
+             "--gpus-per-node takes a positive whole number, not 0"),
             (["--hosts", "a", "--gpus-per-node", "abc"], "--gpus-per-node takes a positive whole number, not abc"),
             (["--hosts", "a", "--port", "abc"], "--port takes a positive whole number, not abc"),
             (["--hosts", "a", "--port", "70000"], "--port 70000 is not a port (1-65535)"),
@@ -373,6 +374,29 @@ def test_gpu_multinode_hosts_and_slurm_exclude_each_other():
     job = {"SLURM_JOB_NUM_NODES": "3"}
     assert _dry("gpu_multinode.sh", "--slurm", env=job)[0].startswith("srun --nodes=3 ")
     assert len(_dry("gpu_multinode.sh", "--hosts", "a,b", env=job)) == 2
+
+
+def test_gpu_multinode_coordinator_is_the_first_host_as_the_others_reach_it(tmp_path):
+    """ssh's user@ is no part of the coordinator's address; a first host that is this machine (localhost)
+    while another host is remote becomes `hostname -f` (a stand-in here), as localhost would have sent the
+    remote processes to themselves; no name for this machine but localhost is refused."""
+    def hostname(name: str) -> dict:  # an environment whose `hostname -f` says name
+        (tmp_path / "hostname").write_text(f"#!/bin/sh\necho {name}\n")
+        (tmp_path / "hostname").chmod(0o755)
+        return {"PATH": f"{tmp_path}:{os.environ['PATH']}"}
+
+    def coordinators(hosts: str) -> list[str]:
+        lines = _dry("gpu_multinode.sh", "--hosts", hosts, "--port", "4321", env=hostname("head.example"))
+        return [re.search(r"JAX_COORDINATOR_ADDRESS=(\S+)", line)[1] for line in lines]
+
+    assert coordinators("alice@node0,alice@node1") == ["node0:4321"] * 2
+    assert coordinators("localhost,node1") == ["head.example:4321"] * 2
+    assert coordinators("alice@localhost,node1") == ["head.example:4321"] * 2
+    assert coordinators("localhost,127.0.0.1") == ["localhost:4321"] * 2   # every process here
+    assert coordinators("node0,localhost") == ["node0:4321"] * 2
+    refused = _refused("gpu_multinode.sh", "--hosts", "localhost,node1", env=hostname("localhost.localdomain"))
+    assert refused == ("gpu_multinode.sh: the first host (localhost) is the coordinator node1 connects to, and "
+                       "hostname -f gives this machine no other name: put first a host named as the others reach it")
 
 
 @pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu_multinode.sh"])
