@@ -5,7 +5,7 @@
 #                     [--setup] [--dry-run] -- [train arguments...]
 #
 # --project  the Google Cloud project of the TPU (default: gcloud's configured one)
-# --dir      the checkout on every worker; --python  the interpreter there (e.g. a venv's)
+# --dir      the checkout on every worker; --python  the interpreter there (e.g. a venv's); one path each
 # --sync   copy this checkout (launch/pack.sh: what git carries, no .venv/runs/caches) into DIR on every
 #          worker first, over what is there
 # --setup  pip install -e '.[tpu]' in DIR on every worker first
@@ -42,6 +42,13 @@ GCLOUD_FLAGS=(--zone="$ZONE")
 quote() {  # one word as the shell reads it back: bare when safe, else in single quotes
   if [[ "$1" =~ ^[A-Za-z0-9_./:=,@%+~-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
 }
+remote_word() {  # quote(), but a leading ~/ stays outside the quotes for the worker's shell to expand
+  case "$1" in
+    "~/"?*) printf '~/%s' "$(quote "${1#"~/"}")" ;;
+    *) quote "$1" ;;
+  esac
+}
+RDIR="$(remote_word "$DIR")" RPYTHON="$(remote_word "$PYTHON")"
 TRAIN_ARGS=""
 for a in "$@"; do TRAIN_ARGS+=" $(quote "$a")"; done
 
@@ -58,11 +65,11 @@ if [[ $SYNC -eq 1 ]]; then  # one tarball, unpacked in place: a re-sync updates 
   run bash "$REPO/launch/pack.sh" "$PACK"
   run gcloud compute tpus tpu-vm scp "$PACK" "$TPU:/tmp/bmgpt_jax_sync.tar.gz" "${GCLOUD_FLAGS[@]}" --worker=all
   run gcloud compute tpus tpu-vm ssh "$TPU" "${GCLOUD_FLAGS[@]}" --worker=all \
-    --command="mkdir -p $DIR && tar -xzf /tmp/bmgpt_jax_sync.tar.gz -C $DIR && rm /tmp/bmgpt_jax_sync.tar.gz"
+    --command="mkdir -p $RDIR && tar -xzf /tmp/bmgpt_jax_sync.tar.gz -C $RDIR && rm /tmp/bmgpt_jax_sync.tar.gz"
 fi
 if [[ $SETUP -eq 1 ]]; then
   run gcloud compute tpus tpu-vm ssh "$TPU" "${GCLOUD_FLAGS[@]}" --worker=all \
-    --command="cd $DIR && $PYTHON -m pip install -e \".[tpu]\""
+    --command="cd $RDIR && $RPYTHON -m pip install -e \".[tpu]\""
 fi
 run gcloud compute tpus tpu-vm ssh "$TPU" "${GCLOUD_FLAGS[@]}" --worker=all \
-  --command="cd $DIR && BMGPT_DISTRIBUTED=auto $PYTHON -m bmgpt_jax.train$TRAIN_ARGS"
+  --command="cd $RDIR && BMGPT_DISTRIBUTED=auto $RPYTHON -m bmgpt_jax.train$TRAIN_ARGS"

@@ -10,6 +10,7 @@ molecules in one padded graph. Also: the env/no-op rules and the launchers' dry 
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -286,6 +287,27 @@ def test_tpu_pod_dry_run():
     assert "'--command=mkdir -p ~/bmgpt_jax && tar -xzf /tmp/bmgpt_jax_sync.tar.gz -C ~/bmgpt_jax" in lines[2]
     assert lines[-1].startswith("gcloud compute tpus tpu-vm ssh my-pod --zone=us-east5-b --project=proj --worker=all")
     assert "BMGPT_DISTRIBUTED=auto python -m bmgpt_jax.train --config configs/align_10b.yaml train.steps=10" in lines[-1]
+
+
+def test_tpu_pod_quotes_the_folder_and_python_on_the_workers(tmp_path):
+    """--dir and --python are one word each in the workers' commands (a space split them), a leading ~/
+    still the worker's home: each printed --command run here (HOME a stand-in) reaches the stand-in python."""
+    home = tmp_path / "home"
+    (home / "my dir").mkdir(parents=True)
+    python = tmp_path / "my env" / "python"
+    python.parent.mkdir()
+    python.write_text('#!/bin/sh\necho "$PWD"; printf "<%s>" "$@"\n')
+    python.chmod(0o755)
+    lines = _dry("tpu_pod.sh", "--tpu", "t", "--zone", "z", "--dir", "~/my dir", "--python", str(python), "--sync",
+                 "--setup", "--", "--config", "a b.yaml")
+    commands = [word.removeprefix("--command=") for line in lines for word in shlex.split(line)
+                if word.startswith("--command=")]
+    assert commands[0].startswith("mkdir -p ~/'my dir' && tar -xzf /tmp/bmgpt_jax_sync.tar.gz -C ~/'my dir' && ")
+    ran = [subprocess.run(["bash", "-c", command], env={"HOME": str(home), "PATH": os.environ["PATH"]},
+                          capture_output=True, text=True, timeout=30) for command in commands[1:]]
+    assert [(r.returncode, r.stdout) for r in ran] == [
+        (0, f"{home}/my dir\n<-m><pip><install><-e><.[tpu]>"),
+        (0, f"{home}/my dir\n<-m><bmgpt_jax.train><--config><a b.yaml>")], [r.stderr for r in ran]
 
 
 def test_pack_carries_what_git_carries(tmp_path):
