@@ -42,7 +42,13 @@ done
 quote() {  # one word as the shell reads it back: bare when safe, else in single quotes
   if [[ "$1" =~ ^[A-Za-z0-9_./:=,@%+~-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
 }
-TRAIN="$PYTHON -m bmgpt_jax.train"
+remote_word() {  # quote(), but a leading ~/ stays outside the quotes for the node's shell to expand
+  case "$1" in
+    "~/"?*) printf '~/%s' "$(quote "${1#"~/"}")" ;;
+    *) quote "$1" ;;
+  esac
+}
+TRAIN="$(remote_word "$PYTHON") -m bmgpt_jax.train"
 for a in "$@"; do TRAIN+=" $(quote "$a")"; done
 PROCS_PER_NODE=1
 [[ $PER_GPU -eq 1 ]] && PROCS_PER_NODE=$GPUS
@@ -87,7 +93,7 @@ for host in "${HOST_LIST[@]}"; do
   for (( gpu = 0; gpu < PROCS_PER_NODE; gpu++ )); do
     ENVS="JAX_COORDINATOR_ADDRESS=$COORD:$PORT JAX_NUM_PROCESSES=$WORLD JAX_PROCESS_ID=$rank"
     [[ $PER_GPU -eq 1 ]] && ENVS+=" CUDA_VISIBLE_DEVICES=$gpu"
-    CMD="cd $(quote "$DIR") && $ENVS $TRAIN"
+    CMD="cd $(remote_word "$DIR") && $ENVS $TRAIN"
     if loopback "$host"; then LAUNCH=(bash -c "$CMD"); else LAUNCH=(ssh "$host" "$CMD"); fi
     echo "${LAUNCH[0]} ${LAUNCH[1]} $(quote "${LAUNCH[2]}")"
     if [[ $DRY -eq 0 ]]; then "${LAUNCH[@]}" & PIDS+=($!); fi

@@ -421,6 +421,25 @@ def test_gpu_multinode_coordinator_is_the_first_host_as_the_others_reach_it(tmp_
                        "hostname -f gives this machine no other name: put first a host named as the others reach it")
 
 
+def test_gpu_multinode_quotes_the_folder_and_python_on_the_nodes(tmp_path):
+    """As tpu_pod.sh: --dir (quoted, but ~/my dir was taken literally) and --python (a space split it) are
+    one word each, a leading ~/ the node's home; the printed command run here reaches the stand-in python."""
+    home = tmp_path / "home"
+    (home / "my dir").mkdir(parents=True)
+    python = tmp_path / "my env" / "python"
+    python.parent.mkdir()
+    python.write_text('#!/bin/sh\necho "$PWD"; printf "<%s>" "$@"\n')
+    python.chmod(0o755)
+    [line] = _dry("gpu_multinode.sh", "--hosts", "localhost", "--dir", "~/my dir", "--python", str(python), "--",
+                  "--config", "a b.yaml")
+    assert shlex.split(line)[:2] == ["bash", "-c"]
+    ran = subprocess.run(["bash", "-c", shlex.split(line)[2]], env={"HOME": str(home), "PATH": os.environ["PATH"]},
+                         capture_output=True, text=True, timeout=30)
+    assert ran.stdout == f"{home}/my dir\n<-m><bmgpt_jax.train><--config><a b.yaml>", ran.stderr
+    [line] = _dry("gpu_multinode.sh", "--slurm", "--nodes", "1", "--python", str(python))
+    assert f"exec {shlex.quote(str(python))} -m bmgpt_jax.train" in shlex.split(line)[-1]
+
+
 @pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu_multinode.sh"])
 def test_launcher_help_is_the_header_and_names_every_flag(script):
     path = REPO / "launch" / script
