@@ -5,7 +5,7 @@
 #                     [--setup] [--dry-run] -- [train arguments...]
 #
 # --project  the Google Cloud project of the TPU (default: gcloud's configured one)
-# --dir      the checkout on every worker; --python  the interpreter there (e.g. a venv's)
+# --dir      the checkout on every worker; --python  the interpreter there (e.g. a venv's); one path each
 # --sync   copy this checkout (launch/pack.sh: what git carries, no .venv/runs/caches) into DIR on every
 #          worker first, over what is there
 # --setup  pip install -e '.[tpu]' in DIR on every worker first
@@ -16,15 +16,17 @@
 set -euo pipefail
 
 usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
+need_value() { [[ -n "${2-}" && "$2" != --* ]] || die "$1 needs a value${2:+, not $2}"; }
 
 TPU="" ZONE="" PROJECT="" DIR="~/bmgpt_jax" SYNC=0 SETUP=0 DRY=0 PYTHON="python"
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --tpu) TPU="$2"; shift 2 ;;
-    --zone) ZONE="$2"; shift 2 ;;
-    --project) PROJECT="$2"; shift 2 ;;
-    --dir) DIR="$2"; shift 2 ;;
-    --python) PYTHON="$2"; shift 2 ;;
+    --tpu) need_value "$@"; TPU="$2"; shift 2 ;;
+    --zone) need_value "$@"; ZONE="$2"; shift 2 ;;
+    --project) need_value "$@"; PROJECT="$2"; shift 2 ;;
+    --dir) need_value "$@"; DIR="$2"; shift 2 ;;
+    --python) need_value "$@"; PYTHON="$2"; shift 2 ;;
     --sync) SYNC=1; shift ;;
     --setup) SETUP=1; shift ;;
     --dry-run) DRY=1; shift ;;
@@ -40,6 +42,13 @@ GCLOUD_FLAGS=(--zone="$ZONE")
 quote() {  # one word as the shell reads it back: bare when safe, else in single quotes
   if [[ "$1" =~ ^[A-Za-z0-9_./:=,@%+~-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
 }
+remote_word() {  # quote(), but a leading ~/ stays outside the quotes for the worker's shell to expand
+  case "$1" in
+    "~/"?*) printf '~/%s' "$(quote "${1#"~/"}")" ;;
+    *) quote "$1" ;;
+  esac
+}
+RDIR="$(remote_word "$DIR")" RPYTHON="$(remote_word "$PYTHON")"
 TRAIN_ARGS=""
 for a in "$@"; do TRAIN_ARGS+=" $(quote "$a")"; done
 
@@ -56,11 +65,11 @@ if [[ $SYNC -eq 1 ]]; then  # one tarball, unpacked in place: a re-sync updates 
   run bash "$REPO/launch/pack.sh" "$PACK"
   run gcloud compute tpus tpu-vm scp "$PACK" "$TPU:/tmp/bmgpt_jax_sync.tar.gz" "${GCLOUD_FLAGS[@]}" --worker=all
   run gcloud compute tpus tpu-vm ssh "$TPU" "${GCLOUD_FLAGS[@]}" --worker=all \
-    --command="mkdir -p $DIR && tar -xzf /tmp/bmgpt_jax_sync.tar.gz -C $DIR && rm /tmp/bmgpt_jax_sync.tar.gz"
+    --command="mkdir -p $RDIR && tar -xzf /tmp/bmgpt_jax_sync.tar.gz -C $RDIR && rm /tmp/bmgpt_jax_sync.tar.gz"
 fi
 if [[ $SETUP -eq 1 ]]; then
   run gcloud compute tpus tpu-vm ssh "$TPU" "${GCLOUD_FLAGS[@]}" --worker=all \
-    --command="cd $DIR && $PYTHON -m pip install -e \".[tpu]\""
+    --command="cd $RDIR && $RPYTHON -m pip install -e \".[tpu]\""
 fi
 run gcloud compute tpus tpu-vm ssh "$TPU" "${GCLOUD_FLAGS[@]}" --worker=all \
-  --command="cd $DIR && BMGPT_DISTRIBUTED=auto $PYTHON -m bmgpt_jax.train$TRAIN_ARGS"
+  --command="cd $RDIR && BMGPT_DISTRIBUTED=auto $RPYTHON -m bmgpt_jax.train$TRAIN_ARGS"
