@@ -13,7 +13,9 @@ Where the settings come from, first found wins:
   3. SLURM's `SLURM_NTASKS`, `SLURM_PROCID` (launch/gpu_multinode.sh --slurm exports the coordinator, the
      job's first node; without it JAX finds that node itself but then shows each process one GPU only);
   4. `BMGPT_DISTRIBUTED=auto` (launch/tpu_pod.sh sets it): everything from the Cloud TPU metadata.
-On CPU, cross-process collectives use gloo.
+On CPU, cross-process collectives use gloo. Settings that cannot describe one job stop the start-up with
+the variable to fix (a coordinator or process id without a process count, a count below 1, an id
+outside the count, a coordinator not `host:port`): left alone, each host would run a job of its own.
 
 Once up: `broadcast_json` hands process 0's small host-side facts to every process (what it read from a
 folder only it reads), and `check_shared_folder` stops a job whose checkpoint folder is not one folder
@@ -58,15 +60,34 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if process_id is None:
         process_id = _env_int("JAX_PROCESS_ID", "SLURM_PROCID")
     auto = os.environ.get("BMGPT_DISTRIBUTED", "").lower() == "auto"
+    _check_settings(coordinator, num_processes, process_id, auto)
     if not auto and (num_processes or 1) == 1:
         return False
-    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
-        raise ValueError(f"process_id {process_id} is outside [0, num_processes={num_processes})")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     explicit = None not in (coordinator, num_processes, process_id)
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
                                cluster_detection_method="deactivate" if explicit else None)
     return True
+
+
+def _check_settings(coordinator: str | None, num_processes: int | None, process_id: int | None,
+                    auto: bool) -> None:
+    """ValueError for settings that cannot describe one job, before the single-process shortcut: a
+    partly set environment would otherwise leave every host training a whole job of its own."""
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"num_processes (JAX_NUM_PROCESSES / SLURM_NTASKS) is {num_processes}: it must be >= 1")
+    if num_processes is None and not auto and (coordinator or process_id is not None):
+        given = "coordinator (JAX_COORDINATOR_ADDRESS)" if coordinator else "process_id (JAX_PROCESS_ID)"
+        raise ValueError(f"a {given} is set but not the number of processes: set JAX_NUM_PROCESSES too (or "
+                         "BMGPT_DISTRIBUTED=auto on a TPU pod), or unset it for a single-process run")
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id {process_id} (JAX_PROCESS_ID / SLURM_PROCID) is outside "
+                         f"[0, num_processes={num_processes})")
+    if coordinator:
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit() or "@" in host:
+            raise ValueError(f"coordinator {coordinator!r} (JAX_COORDINATOR_ADDRESS) is not host:port, e.g. "
+                             "node0:12355")
 
 
 def broadcast_json(obj):

@@ -223,6 +223,27 @@ def test_single_process_is_a_noop(monkeypatch):
         distributed.initialize()
 
 
+@pytest.mark.parametrize("env, error", [
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:23456"}, "coordinator .* is set but not the number of processes"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:23456", "JAX_PROCESS_ID": "1"}, "is set but not the number"),
+    ({"JAX_PROCESS_ID": "1"}, r"a process_id \(JAX_PROCESS_ID\) is set but not the number of processes"),
+    ({"JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "1"}, r"process_id 1 .* is outside \[0, num_processes=1\)"),
+    ({"JAX_NUM_PROCESSES": "0", "JAX_PROCESS_ID": "0"}, "num_processes .* is 0: it must be >= 1"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0", "JAX_COORDINATOR_ADDRESS": "node0"}, "'node0' .* is not host:port"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0", "JAX_COORDINATOR_ADDRESS": "me@node0:1"}, "is not host:port"),
+])
+def test_a_partial_multi_process_environment_is_refused(monkeypatch, env, error):
+    """Settings that cannot describe one job stop the start-up: they used to leave each host in a
+    single-process run of its own (or fail inside JAX with an IndexError)."""
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+                 "SLURM_PROCID", "BMGPT_DISTRIBUTED"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=error):
+        distributed.initialize()
+
+
 def _dry(script: str, *args: str, env: dict | None = None) -> list[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     full_env.update(env or {})
