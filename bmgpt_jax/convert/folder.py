@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from bmgpt_jax.convert import graphmvp_gin, hf_esm, hf_llama, openbiomed, stream
+from bmgpt_jax.convert import graphmvp_gin, hf_esm, hf_llama, openbiomed, outputs, stream
 from bmgpt_jax.convert.safetensors_io import SAFE_INDEX
 from bmgpt_jax.convert.sources import open_source
 from bmgpt_jax.convert.tensor_map import ModelSource
@@ -30,9 +30,7 @@ from bmgpt_jax.models.esm import EsmConfig
 from bmgpt_jax.models.gin import GinConfig
 from bmgpt_jax.models.llama import LlamaConfig
 
-FILES = {"weights": "model.safetensors", "pth": "biomedgpt_10b.pth", "lm": "llm_config.json",
-         "esm": "esm_config.json", "gin": "gin_config.json", "tokenizer": "tokenizer.model"}
-WRITES = tuple(FILES.values())   # what `write` puts in a folder (besides shards): replaceable (`stream.ours`)
+FILES = outputs.FOLDER_FILES
 
 
 def torch_available() -> bool:

@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 FAMILY = "Hugging Face ESM-2 encoder"
 IGNORED = re.compile(r"(^|\.)(inv_freq|position_ids)$|^(contact_head|pooler|lm_head)\.")
 _AUTO_PREFIXES = ("esm.", "")
-WRITES = ("config.json", "vocab.txt", "tokenizer_config.json")   # beside the weights (`stream.ours`)
 
 
 # ----------------------------------------------------------------------------------------------- config

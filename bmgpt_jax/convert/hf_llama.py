@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from flax import nnx
 
-from bmgpt_jax.convert import stream, tensor_map
+from bmgpt_jax.convert import outputs, stream, tensor_map
 from bmgpt_jax.convert.sources import open_source
 from bmgpt_jax.convert.tensor_map import ModelSource
 from bmgpt_jax.convert.tensor_source import DictSource, TensorSource, View
@@ -27,9 +27,7 @@ from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM
 log = logging.getLogger(__name__)
 FAMILY = "Hugging Face Llama"
 IGNORED = ("rotary_emb.inv_freq",)
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "generation_config.json")  # what an HF Llama folder carries besides weights
-WRITES = ("config.json", *TOKENIZER_FILES)   # what `write`/`convert` put beside the weights (`stream.ours`)
+TOKENIZER_FILES = outputs.HF_LLAMA_TOKENIZER_FILES   # what an HF Llama folder carries besides weights
 
 
 def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> LlamaConfig:

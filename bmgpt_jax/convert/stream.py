@@ -19,7 +19,8 @@ from typing import Callable, Iterable, Iterator, Literal
 import jax.numpy as jnp
 import numpy as np
 
-from bmgpt_jax.convert.safetensors_io import SAFE_INDEX, SAFE_NAME, SHARD_RE, SafetensorsWriter
+from bmgpt_jax.convert.outputs import ours
+from bmgpt_jax.convert.safetensors_io import SafetensorsWriter
 from bmgpt_jax.convert.sources import open_source
 from bmgpt_jax.convert.tensor_map import Layout, check as check_layout, iter_tensors
 from bmgpt_jax.convert.tensor_source import TensorSource
@@ -32,14 +33,6 @@ Keep = str | os.PathLike | Iterable[str | os.PathLike]    # the paths a write mu
 
 def _tmp_name(final: Path) -> Path:
     return final.parent / f".{final.name}.tmp-{os.getpid()}"
-
-
-def ours(name: str) -> bool:
-    """Whether a file named `name` is one our folder writers produce: the safetensors (single, shards,
-    index) and each writer's `WRITES` (imported here: those modules import this one)."""
-    from bmgpt_jax.convert import folder, hf_esm, hf_llama
-    return (name in (SAFE_NAME, SAFE_INDEX, *folder.WRITES, *hf_llama.WRITES, *hf_esm.WRITES)
-            or SHARD_RE.fullmatch(name) is not None)
 
 
 def _paths(keep: Keep) -> list[Path]:
