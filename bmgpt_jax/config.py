@@ -144,7 +144,13 @@ def apply_overrides(data: dict, overrides: Sequence[str], cls: type | None = Non
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            where = f" ({e.problem})" if getattr(e, "problem", None) else ""
+            hint = ("; in a double-quoted string a backslash is doubled (trainable=[\"^llm\\\\.\"]), or "
+                    "single-quote it (trainable=['^llm\\.'])") if "\\" in raw else ""
+            raise ConfigError(f"override {item!r}: the value is not valid YAML{where}{hint}") from None
         parts = key.strip().split(".")
         node, node_cls = data, cls
         for depth, part in enumerate(parts):
@@ -178,7 +184,8 @@ def resolve_path(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.exists():
         return p
-    for cand in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+    inside = Path(*p.parts[1:]) if len(p.parts) > 1 and p.parts[0] == CONFIG_DIR.name else p   # configs/x.yaml
+    for cand in (CONFIG_DIR / inside, CONFIG_DIR / f"{inside}.yaml"):
         if cand.exists():
             return cand
     raise ConfigError(f"config file {str(path)!r} not found (looked in . and {CONFIG_DIR})")

@@ -49,6 +49,20 @@ def test_wrong_types_are_errors():
         cl.load(Outer, None, ["flag"])
     with pytest.raises(cl.ConfigError, match=r"remat: 'some' is not one of \['none', 'full', 'dots'\]"):
         cl.load(LlamaConfig, "llama_tiny", ["remat=some"])
+    with pytest.raises(cl.ConfigError, match=r"override 'inner.steps=\[': the value is not valid YAML \(expected "
+                                             r"the node content, but found '<stream end>'\)$"):
+        cl.load(Outer, None, ["inner.steps=["])
+    with pytest.raises(cl.ConfigError, match=r"unknown escape character '.'\); in a double-quoted string a "
+                                             r"backslash is doubled"):
+        cl.load(Outer, None, ['inner.steps=["\\."]'])
+
+
+def test_a_config_named_with_its_folder_is_found_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cl.resolve_path("configs/llama_tiny.yaml") == cl.CONFIG_DIR / "llama_tiny.yaml"
+    assert cl.resolve_path("configs/llama_tiny") == cl.CONFIG_DIR / "llama_tiny.yaml"
+    with pytest.raises(cl.ConfigError, match="config file 'configs/nope' not found"):
+        cl.resolve_path("configs/nope")
 
 
 def test_base_file_merges_and_round_trips(tmp_path):

@@ -61,7 +61,7 @@ def test_dtype_is_kept_unless_asked_and_output_is_sharded(tmp_path):
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
-def test_esm_masked_lm_bin_becomes_a_canonical_esm_folder(tmp_path, torch):
+def test_esm_masked_lm_bin_becomes_a_canonical_esm_folder(tmp_path, torch, capsys):
     cfg = EsmConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
     good = dict(synthetic.tensors(hf_esm.layout(cfg)))
     legacy = {"esm." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"):
@@ -71,7 +71,10 @@ def test_esm_masked_lm_bin_becomes_a_canonical_esm_folder(tmp_path, torch):
     (tmp_path / "src").mkdir()
     torch.save(legacy, tmp_path / "src" / "pytorch_model.bin")
     (tmp_path / "src" / "config.json").write_text(json.dumps(hf_esm.config_to_hf(cfg)))
+    capsys.readouterr()
     convert_weights.main(["hf_esm", str(tmp_path / "src"), str(tmp_path / "dst"), "--check"])
+    err = capsys.readouterr().err                          # the skipped keys are named on the command line
+    assert "ignored 1 key(s) outside the encoder's prefix 'esm.': lm_head.dense.weight" in err
     out = read_state_dict(tmp_path / "dst")
     assert out.keys() == good.keys() and all(same_bits(out[k], good[k]) for k in good)
     assert (tmp_path / "dst" / "vocab.txt").exists()

@@ -36,6 +36,9 @@ GET_SCIBERT = (f"python -c \"from transformers import BertTokenizerFast; "
 GET_WORDNET = "python -c \"import nltk; nltk.download('wordnet')\" (or pass the folder holding corpora/wordnet)"
 
 
+MIN_VOCAB = 1000   # fewer WordPiece entries than this is no real vocabulary (SciBERT's has 31,090)
+
+
 class MissingResource(FileNotFoundError):
     """A vocabulary or corpus the metrics need is not where it was looked for; the message says how to get it."""
 
@@ -62,11 +65,13 @@ def _vocab_lines(path: Path) -> int:
 def load_text_tokenizer(vocab: str | None = None):
     """The uncased SciBERT WordPiece tokenizer from `vocab`: a `vocab.txt` file, a folder holding one, or a
     hub name (None: `default_vocab()`). The loaded vocabulary must have as many entries as the file has
-    lines (transformers 5's `vocab_file=` silently builds a 5-token one, which would score every word
-    as `[UNK]`)."""
+    lines, and at least MIN_VOCAB: transformers 5 silently builds a 5-token one from `vocab_file=`, from a
+    folder without `vocab.txt` or from a hub name it cannot reach, which would score every word as `[UNK]`."""
     from transformers import BertTokenizerFast
     vocab = vocab or default_vocab()
     path = Path(vocab)
+    if path.is_dir() and not (path / "vocab.txt").is_file():
+        raise MissingResource(f"SciBERT vocabulary folder {vocab!r} holds no vocab.txt; get it with {GET_SCIBERT}")
     try:
         if path.is_file():
             tok, file = BertTokenizerFast(vocab=str(path), do_lower_case=True), path
@@ -78,6 +83,9 @@ def load_text_tokenizer(vocab: str | None = None):
     size = len(tok.get_vocab())
     if file.is_file() and size != _vocab_lines(file):
         raise ValueError(f"{file}: the tokenizer loaded {size} entries but the file has {_vocab_lines(file)}")
+    if size < MIN_VOCAB:
+        raise MissingResource(f"SciBERT vocabulary {vocab!r}: the tokenizer loaded only {size} entries (not found, "
+                              f"or unreachable offline?); get it with {GET_SCIBERT}")
     return tok
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shlex
 import math
 import sys
 from pathlib import Path
@@ -320,7 +321,7 @@ def where_things_went(cfg: TrainConfig, result: dict, argv: list[str]) -> list[s
     lines = []
     if result["stopped"]:
         lines.append(f"stopped by {result['stopped']} at step {result['last_step']} of {cfg.steps}; continue with: "
-                     f"python -m bmgpt_jax.train {' '.join(a for a in argv if a != '--resume')} --resume")
+                     f"python -m bmgpt_jax.train {shlex.join([a for a in argv if a != '--resume'] + ['--resume'])}")
     elif cfg.export and final.is_dir():
         use = (f"transformers.LlamaForCausalLM.from_pretrained('{final}')" if cfg.stage == "lm"
                else f"python -m bmgpt_jax.chat --checkpoint {final} --question ...")

@@ -125,6 +125,14 @@ def test_bad_input_and_missing_resources(tmp_path, resources, monkeypatch):
     with pytest.raises(ValueError, match="loaded 5 entries but the file has 31090"):
         tm.load_text_tokenizer.__wrapped__(tm.default_vocab())
     monkeypatch.undo()
+    (tmp_path / "novocab").mkdir()                    # from_pretrained would build 5 entries from it: refused
+    with pytest.raises(tm.MissingResource, match="novocab' holds no vocab.txt"):
+        tm.load_text_tokenizer.__wrapped__(str(tmp_path / "novocab"))
+    tiny = real(vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])})
+    monkeypatch.setattr(real, "from_pretrained", classmethod(lambda cls, *a, **kw: tiny))   # a hub name offline
+    with pytest.raises(tm.MissingResource, match="'allenai/x': the tokenizer loaded only 5 entries"):
+        tm.load_text_tokenizer.__wrapped__("allenai/x")
+    monkeypatch.undo()
     with pytest.raises(tm.MissingResource, match="nltk.download"):
         tm.load_wordnet(str(tmp_path / "absent"))
     import nltk

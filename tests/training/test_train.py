@@ -1,6 +1,7 @@
 """The training job: stages, meshes, resume past a torn checkpoint, dropped-example accounting, exports
 other tools load, one-line errors, the embedded default (recovery from signals: test_recovery.py)."""
 import re
+import shlex
 from pathlib import Path
 
 import jax
@@ -306,6 +307,14 @@ def test_init_paths_a_stage_would_not_read_are_refused():
         train.load_config("tiny_align", ["init.esm_config=c.json"])
     for name in ("biomedgpt_10b_lm", "biomedgpt_10b_align", "biomedgpt_10b_finetune"):
         train.load_config(name)                                   # the shipped configs are consistent
+
+
+def test_the_command_that_continues_a_stopped_run_is_shell_quoted(tmp_path):
+    argv = [f"out_dir={tmp_path}", "data.system_prompt=You are a chemist. ", "--resume"]
+    line = train.where_things_went(train.load_config("tiny", argv[:2]), {"stopped": "SIGTERM", "last_step": 3},
+                                   argv)[0]
+    command = line.split("continue with: ", 1)[1]
+    assert shlex.split(command) == ["python", "-m", "bmgpt_jax.train", *argv]
 
 
 def test_a_second_ctrl_c_aborts_in_one_line(monkeypatch, capsys):
