@@ -92,5 +92,5 @@ def test_every_shipped_config_loads():
         if name == "biomedgpt_10b":
             cls = BioMedGPTConfig
         cfg = cl.load(cls, path) if cls else train.load_config(path)
-        assert cfg is not None, name
+        assert cl.from_dict(type(cfg), cl.to_dict(cfg)) == cfg, name              # a plain form that reloads
     assert train.load_config("biomedgpt_10b_finetune").model.esm.hidden_size == 2560

@@ -69,6 +69,32 @@ def test_each_process_must_hold_one_contiguous_block_of_batch_rows():
         parallel.process_blocks(parallel.make_mesh((1, 1, 8)), first_half)                # tensor spans both
 
 
+class _OnProcess:
+    """A CPU device that says it belongs to process `id % 2` (two simulated hosts whose devices
+    alternate in device order, as a TPU ring's do)."""
+
+    def __init__(self, device):
+        self.device, self.id, self.platform, self.device_kind = device, device.id, device.platform, device.device_kind
+        self.process_index = device.id % 2
+
+
+def test_interleaved_hosts_are_laid_out_process_major_on_cpu():
+    """`make_mesh`'s fallback when the device order interleaves processes: the grid is cut into one
+    contiguous block per process along the batch axes, which `process_blocks` then accepts (the TPU
+    topology version below needs libtpu)."""
+    from jax.sharding import Mesh
+    devices = [_OnProcess(d) for d in jax.devices()]
+    for shape in [(1, 8, 1), (2, 4, 1), (2, 2, 2)]:
+        grid = parallel._process_major(shape, devices)
+        assert [d.process_index for d in grid.flat] == [0] * 4 + [1] * 4, shape
+        mesh = Mesh(np.vectorize(lambda d: d.device)(grid), parallel.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        assert parallel.process_blocks(mesh, lambda d: d.id % 2) == {0: 0, 1: 1}, shape
+        plain = jax.make_mesh(shape, parallel.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        with pytest.raises(ValueError, match="does not give each of the 2 processes its own contiguous block"):
+            parallel.process_blocks(plain, lambda d: d.id % 2)           # what the fallback is for
+    assert parallel._process_major((1, 1, 8), devices) is None           # a tensor axis across hosts: no cut
+
+
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 def test_a_topology_order_that_interleaves_hosts_is_laid_out_process_major():
     """v5e 4x4 (4 hosts): jax.make_mesh's 16-chip ring visits hosts 0,0,1,1,1,1,0,2,... -- the pipeline's

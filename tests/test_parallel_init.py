@@ -82,7 +82,7 @@ def test_build_model_places_every_array_in_shards_only():
     assert mu and all(not x.sharding.is_fully_replicated for x in mu)
     # the values do not depend on the mesh: the same seed on one device gives the same model
     one, _ = stages.build_model("finetune", cfg, stages.InitConfig(seed=3))
-    for a, b in zip(arrays(model), arrays(one)):
+    for a, b in zip(arrays(model), arrays(one), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -97,12 +97,12 @@ def test_pretrained_part_is_loaded_not_created(tmp_path):
     hf_llama.save(lm, tmp_path / "llama")
     model, _ = stages.build_model("align", cfg, stages.InitConfig(hf_llama=str(tmp_path / "llama")), mesh)
     random, _ = stages.build_model("align", cfg, stages.InitConfig(), mesh)
-    for a, b in zip(arrays(model.llm), arrays(lm)):
+    for a, b in zip(arrays(model.llm), arrays(lm), strict=True):
         np.testing.assert_array_equal(a, b)
     for x in jax.tree.leaves(nnx.state(model)):
         assert isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh.shape == mesh.shape
     for name in ("proj_mol", "proj_prot", "mol_structure_encoder", "prot_structure_encoder"):
-        for a, b in zip(arrays(getattr(model, name)), arrays(getattr(random, name))):
+        for a, b in zip(arrays(getattr(model, name)), arrays(getattr(random, name)), strict=True):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="init.hf_llama: .*hidden_size: config 256 vs checkpoint 512"):
         stages.build_model("align", config.load(BioMedGPTConfig, "biomedgpt_10b", NARROW + ["lm.hidden_size=256"]),

@@ -235,11 +235,11 @@ def test_splash_interpret_equals_flash_padded_gqa(causal):
     segs = A.Segments.self_attention(jnp.asarray(ids))
     want = ours("flash", q, k, v, segs, causal, cot)
     got = ours("splash", q, k, v, segs, causal, cot, interpret=True)
-    real = ids.astype(bool)   # padding queries: own segment on both paths, compared too
+    # padding queries (their own segment on both paths) are compared too: whole arrays
     for name, a, r in zip(("out", "dq", "dk", "dv"), got, want):
         tol = 2e-5 if name == "out" else 2e-4 * max(1.0, np.abs(r).max())
         assert np.abs(a - r).max() < tol, (name, np.abs(a - r).max())
-    assert real.any() and np.isfinite(got[0]).all()
+    assert np.isfinite(got[0]).all()
 
 
 def test_auto_routing_and_impossible_choices():

@@ -303,8 +303,8 @@ def test_lora_starts_at_base_model_and_merges_on_export(hf_model, tmp_path, torc
     ids, mask = padded_batch()
     np.testing.assert_allclose(np.asarray(lora(jnp.asarray(ids), jnp.asarray(mask))),
                                np.asarray(base(jnp.asarray(ids), jnp.asarray(mask))), atol=1e-6)
-    b = lora.model.layers.self_attn.v_proj.lora_b
-    b[...] = jax.random.normal(jax.random.key(1), b.shape) * 0.1
+    for seed, proj in enumerate((lora.model.layers.self_attn.q_proj, lora.model.layers.self_attn.v_proj)):
+        proj.lora_b[...] = jax.random.normal(jax.random.key(seed + 1), proj.lora_b.shape) * 0.1  # both merged
     assert lora.model.layers.self_attn.k_proj.lora_a is None  # only q_proj and v_proj by default
     ours = np.asarray(lora(jnp.asarray(ids), jnp.asarray(mask)))
     hf_llama.save(lora, tmp_path / "merged")
