@@ -21,7 +21,7 @@ from bmgpt_jax.models.biomedgpt import BioMedGPT, BioMedGPTConfig
 from bmgpt_jax.models.esm import EsmConfig
 from bmgpt_jax.models.gin import GinConfig
 from bmgpt_jax.models.llama import LlamaConfig
-from tests.test_chat import assert_read_as_shards, slice_reads
+from tests.test_chat_mesh import assert_read_as_shards, slice_reads
 
 MC_Q = "Which drug?\nA. Aspirin\nB. Caffeine\nC. Ethanol\nD. Water"
 
