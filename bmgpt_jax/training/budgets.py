@@ -29,7 +29,7 @@ from bmgpt_jax.data.builders import make_builder, read_split
 from bmgpt_jax.data.examples import Budget, EncodeOptions, encode_example
 from bmgpt_jax.data.records import Record
 from bmgpt_jax.data.text import Tokenizer, load_tokenizer
-from bmgpt_jax.inputs import one_line
+from bmgpt_jax.inputs import one_line, positive_int
 
 COSTS = ("length", "nodes", "edges", "graphs", "proteins")  # columns of a cost array
 ROUND = 64  # budgets are rounded up to a multiple of this, so they divide over up to 64 data shards
@@ -107,7 +107,7 @@ def main(argv=None) -> dict[str, float]:
     ap = argparse.ArgumentParser(prog="python -m bmgpt_jax.training.budgets", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="biomedgpt_10b_align", help="training config (YAML or a name in configs/)")
     ap.add_argument("--tokenizer", help="SentencePiece model to encode with (default: the config's data.tokenizer)")
-    ap.add_argument("--processes", type=int, default=1, help="processes sharing data.batch_size (default 1)")
+    ap.add_argument("--processes", type=positive_int, default=1, help="processes sharing data.batch_size (default 1)")
     ap.add_argument("--windows", type=int, default=200, help="random windows per mix (default 200)")
     ap.add_argument("--molecules", type=int, default=0, help="ChEBI-20 molecules to sample (0 = all 6,601)")
     ap.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. data.batch_size=16")

@@ -129,7 +129,8 @@ OK_BIO = {"instruction": "i", "input": "", "output": "o"}
 WRONG_TYPES = {      # name: (files, malformed records among them; each holds one good record)
     "biotext": ({"biotext/x.json": [OK_BIO, {**OK_BIO, "output": None}, {**OK_BIO, "output": 5},
                                     {**OK_BIO, "input": 5}, ["i", "o"]]}, 4),
-    "chembl_qa": ({"molecules/chembl_drug_qa.json": {"CCO": [["Q?", 1.5]], "CCN": None, "CCC": {"Q?": "A"}}}, 2),
+    "chembl_qa": ({"molecules/chembl_drug_qa.json": {"CCO": [["Q?", 1.5], ["Q?", None]], "CCN": None,
+                                                     "CCC": {"Q?": "A"}}}, 3),
     "medmcqa": ({"qa/medmcqa_dev.jsonl": "\n".join(json.dumps(r) for r in (
         OK_QA, {**OK_QA, "opa": None}, {**OK_QA, "opb": 5}, {**OK_QA, "cop": 1.0}, {**OK_QA, "question": 7}))}, 4),
     "medqa": ({"qa/medqa_usmle_4opt_test.jsonl": "\n".join(json.dumps(r) for r in (

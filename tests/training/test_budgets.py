@@ -95,6 +95,9 @@ def test_cli_prints_the_derivation(shared_data, capsys):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        budgets.cli(["--processes", "0"])
+    assert stop.value.code == 2 and "argument --processes: 0 is not a positive integer" in capsys.readouterr().err
     assert budgets.cli(["--config", "tiny_algn"]) == 2
     assert capsys.readouterr().err.strip().startswith("budgets: ConfigError: config file 'tiny_algn' not found")
     assert budgets.cli(["--config", "tiny", "--tokenizer", str(tmp_path / "llama2_tokenizer.model")]) == 2

@@ -52,7 +52,8 @@ class ChEBI20(RecordBuilder, skip_registration=True):
 
 
 class ChemblDrugQA(RecordBuilder, skip_registration=True):
-    """ChEMBL drug QA (drugchat): `{SMILES: [[question, answer], ...]}`; numeric answers as JSON writes them."""
+    """ChEMBL drug QA (drugchat): `{SMILES: [[question, answer], ...]}`; numeric answers as JSON writes them,
+    a null answer a malformed record."""
 
     name = "chembl_qa"
 
@@ -64,7 +65,8 @@ class ChemblDrugQA(RecordBuilder, skip_registration=True):
             for i, (smiles, pairs) in enumerate(qa.items()):
                 for j, pair in enumerate(pairs if isinstance(pairs, list) else [pairs]):   # null: one bad
                     key = f"{i}:{j}"
-                    if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
+                    if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+                            and pair[1] is not None):                  # (a null answer is no answer)
                         bad.add("malformed record", f"{key}: {str(pair)[:200]}")
                         continue
                     q, a = pair
