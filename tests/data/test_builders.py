@@ -155,13 +155,15 @@ def test_malformed_json_lines_are_counted_not_fatal(tmp_path):
     assert dict(b.bad_records["validation"].counts) == {"malformed JSON line": 1, "malformed record": 1}
 
 
-def test_text_corpus(tmp_path):
+def test_text_corpus(tmp_path, capfd):
     _write(tmp_path / "raw", "a.txt", "First document,\nstill first.\n\n\nSecond document.\n")
     _write(tmp_path / "raw", "b.jsonl", json.dumps({"text": "Third."}) + "\n[1]\n")
     long_doc = " ".join(f"w{i:04d}" for i in range(1000))                       # 5,999 characters
     _write(tmp_path / "raw", "c.txt", long_doc)
     b = make_builder("text", tmp_path / "raw", tmp_path / "out")
+    capfd.readouterr()
     got = list(read_split(b, "train"))
+    assert capfd.readouterr().out == ""      # tfds's "Downloading and preparing" kept off stdout (results go there)
     answers = [r.answer for r in got]                                         # *.txt files, then *.jsonl
     assert answers[:2] + answers[4:] == ["First document,\nstill first.", "Second document.", "Third."]
     assert [len(a) for a in answers[2:4]] == [3995, 2003] and " ".join(answers[2:4]) == long_doc

@@ -6,7 +6,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -81,10 +83,12 @@ def prepare(builder: RecordBuilder) -> None:
     on one cache folder: the loser's FileExistsError means the winner finished, so it reads that build.
     """
     def build() -> None:
-        try:
-            builder.download_and_prepare()
-        except FileExistsError:   # another job renamed the same build into place first
-            builder.download_and_prepare()
+        # tfds prints "Downloading and preparing ..." on stdout, where chat and evaluate print their results
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                builder.download_and_prepare()
+            except FileExistsError:   # another job renamed the same build into place first
+                builder.download_and_prepare()
         # a builder made before another process built the folder holds no splits, and tfds's "reusing
         # the dataset" does not read them back: refresh them from the folder
         builder.info.read_from_directory(builder.data_dir)
