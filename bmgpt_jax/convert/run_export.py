@@ -83,7 +83,9 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | 
     stream.check_destination(out_dir, "dir", keep=ckpt_dir)     # before anything is read
     all_steps = steps(ckpt_dir)
     if not all_steps:
-        raise FileNotFoundError(f"{ckpt_dir}: no finished checkpoint step")
+        inner = Path(ckpt_dir) / "checkpoints"
+        hint = f" (a run folder? its checkpoints are in {inner})" if inner.is_dir() and steps(inner) else ""
+        raise FileNotFoundError(f"{ckpt_dir}: no finished checkpoint step{hint}")
     step = all_steps[-1] if step is None else step
     if step not in all_steps:
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoint for step {step} (have {all_steps})")

@@ -145,6 +145,8 @@ def test_orbax_checkpoint_converts_like_the_export(single, tmp_path, capsys):
         return err[0]
     assert re.search(r"FileNotFoundError: .*no checkpoint for step 7 \(have \[1, 2\]\)",
                      error(ckpt, tmp_path / "x", "--step", "7"))
+    assert error(single["align"], tmp_path / "x").endswith(f"{single['align']}: no finished checkpoint step (a run "
+                                                           f"folder? its checkpoints are in {ckpt})")
     copy = tmp_path / "ckpt"
     shutil.copytree(ckpt, copy)
     shutil.rmtree(copy / run_export.FROZEN)
