@@ -7,8 +7,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +19,8 @@ from .corpus import TextCorpus
 from .openbiomed import PubChemQA, UniProtQA
 from .samples import (ChEBI20, ChemblDrugQA, MedMCQA, MedQAUSMLE, MolInstructionsBiotext, PubMedQA,
                       SwissProtFunction)
+
+log = logging.getLogger(__name__)
 
 BUILDERS: dict[str, type[RecordBuilder]] = {cls.name: cls for cls in (
     PubChemQA, UniProtQA, TextCorpus, ChEBI20, ChemblDrugQA, SwissProtFunction, PubMedQA, MedMCQA, MedQAUSMLE,
@@ -83,12 +86,17 @@ def prepare(builder: RecordBuilder) -> None:
     on one cache folder: the loser's FileExistsError means the winner finished, so it reads that build.
     """
     def build() -> None:
-        # tfds prints "Downloading and preparing ..." on stdout, where chat and evaluate print their results
-        with contextlib.redirect_stdout(sys.stderr):
-            try:
-                builder.download_and_prepare()
-            except FileExistsError:   # another job renamed the same build into place first
-                builder.download_and_prepare()
+        # tfds prints "Downloading and preparing ..." (nothing is downloaded) on stdout, where chat and
+        # evaluate print their results, and before any one-line error: kept as a debug log line instead
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                try:
+                    builder.download_and_prepare()
+                except FileExistsError:   # another job renamed the same build into place first
+                    builder.download_and_prepare()
+        finally:
+            log.debug("%s: %s", builder.name, printed.getvalue().strip())
         # a builder made before another process built the folder holds no splits, and tfds's "reusing
         # the dataset" does not read them back: refresh them from the folder
         builder.info.read_from_directory(builder.data_dir)
