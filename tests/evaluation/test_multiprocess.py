@@ -58,7 +58,7 @@ def test_two_processes_match_one(shared_data, tmp_path):
         assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
     # both read one fresh tfds folder: process 0 builds medqa (demo is not a tfds set), process 1 waits
     # and reads that build
-    built = [out.count("Dataset medqa downloaded and prepared to") for out in outs]
+    built = [out.count("medqa: built into") for out in outs]
     assert built == [1, 0], built
     assert not (tmp_path / "run1").exists()                         # only process 0 writes
     assert json.loads((tmp_path / "run0" / "metrics.json").read_text())["run"]["processes"] == 2

@@ -10,6 +10,7 @@ import contextlib
 import io
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -87,7 +88,8 @@ def prepare(builder: RecordBuilder) -> None:
     """
     def build() -> None:
         # tfds prints "Downloading and preparing ..." (nothing is downloaded) on stdout, where chat and
-        # evaluate print their results, and before any one-line error: kept as a debug log line instead
+        # evaluate print their results, and before any one-line error: a debug log line instead, and one
+        # line of ours on stderr once a build has succeeded
         printed = io.StringIO()
         try:
             with contextlib.redirect_stdout(printed):
@@ -97,6 +99,8 @@ def prepare(builder: RecordBuilder) -> None:
                     builder.download_and_prepare()
         finally:
             log.debug("%s: %s", builder.name, printed.getvalue().strip())
+        if "downloaded and prepared" in printed.getvalue():
+            print(f"{builder.name}: built into {builder.data_dir}", file=sys.stderr)
         # a builder made before another process built the folder holds no splits, and tfds's "reusing
         # the dataset" does not read them back: refresh them from the folder
         builder.info.read_from_directory(builder.data_dir)
