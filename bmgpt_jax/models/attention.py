@@ -47,6 +47,8 @@ ROWS_SCORES = 1 << 20    # rows: most float32 scores per step (4 MiB: one core's
 ROWS_FOLD_IDS = 4        # rows: fold a bidirectional mask of at most this many segment ids into the scores
 ROWS_CAUSAL_MAX = 4096   # auto on CPU: causal sequences up to this long take `rows` (measured on par with
                          # `flash` at 4096, ahead below), longer ones `flash`
+ROWS_SKIP_MIN = 512      # rows: from this many keys, read only the keys a step's queries can attend
+ROWS_WINDOWS = 8         # rows: key windows come in at most this many widths (compiled branches), multiples of 64
 SPLASH_BLOCKS = (512, 256, 128)  # MaxText's 512 where the padded length allows it
 
 
@@ -169,15 +171,18 @@ def rows_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) -
     `plain_attention` holds all `[b, heads, t, s]` scores and `flash` vectorises each block over every
     batch row and head (`[b, heads, 256, 256]`: 42 MB at ESM-2 8M's 8 x 20 heads), so those passes run
     at DRAM speed. Here a step is `rows` (batch row, kv head) pairs x `bq` query positions (x the query
-    heads sharing that kv head) against all `s` keys, at most ROWS_SCORES scores, which stay in cache;
+    heads sharing that kv head) against the keys, at most ROWS_SCORES scores, which stay in cache;
     the output `[.., d]` is normalised instead of the scores. A bidirectional mask with
     `segments.num_ids` <= ROWS_FOLD_IDS ids rides in the score product as extra dimensions (query: the
     one-hot of its id; key: 0 at its own id, MASKED at the others; exactly one term can be nonzero, so
     nothing cancels), which saves a select pass over the scores. `lax.map` over row chunks, and inside
     over query blocks, each step under `jax.checkpoint`: the backward recomputes a step's scores rather
-    than storing `[b, heads, t, s]` probabilities, so memory is O(t + s), as with `flash`. A causal mask
-    is applied to whole rows of keys (work t * s, where `flash` skips the blocks above the diagonal).
-    """
+    than storing `[b, heads, t, s]` probabilities, so memory is O(t + s), as with `flash`.
+
+    From ROWS_SKIP_MIN keys on, a step reads only the window of keys its queries can attend (`key_window`:
+    the span of keys whose ids its rows' queries hold, cut at the causal diagonal), rounded up to one of
+    ROWS_WINDOWS widths (`lax.switch` over static shapes): padding keys at either end and, causal, the
+    keys above the diagonal are skipped; the keys left out could only add exact zeros."""
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
     g, n = h // kvh, b * kvh
@@ -185,6 +190,10 @@ def rows_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) -
     bq, nq = (t, 1) if t * per_query <= ROWS_SCORES else blocks(t, max(8, ROWS_SCORES // per_query))
     rows = max(c for c in range(1, n + 1) if n % c == 0 and c * bq * per_query <= max(ROWS_SCORES, bq * per_query))
     off = offset(segments)
+    widths = window_widths(s) if s >= ROWS_SKIP_MIN else (s,)
+    per_chunk = lambda x, reduce: reduce(jnp.repeat(x, kvh).reshape(n // rows, rows), axis=1)   # [b] -> [n/rows]
+    lo, hi = key_window(segments, s) if len(widths) > 1 else (jnp.zeros((b,), jnp.int32),) * 2   # unread: one width
+    lo, hi = per_chunk(lo, jnp.min), per_chunk(hi, jnp.max)
     fold = not causal and segments.num_ids is not None and segments.num_ids <= ROWS_FOLD_IDS
     if fold:  # extra score dimensions: query one-hot of its id . key 0 at its own id, MASKED at the others
         ids = segments.num_ids
@@ -204,24 +213,57 @@ def rows_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) -
     kv_ids = per_row(segments.kv)
 
     def chunk(args):
-        q_c, qid_c, k_c, v_c, kvid_c = args   # [nq, rows, bq*g, dq], [nq, rows, bq], [rows, s, dq|d], [rows, s]
+        # [nq, rows, bq*g, dq], [nq, rows, bq], [rows, s, dq|d] twice, [rows, s], the chunk's key window [lo, hi)
+        q_c, qid_c, k_c, v_c, kvid_c, lo_c, hi_c = args
+
+        def window(width):
+            def attend(qi, qid, i):
+                start = jnp.minimum(lo_c, s - width)            # the window [lo, hi) lies inside [start, start + width)
+                kw, vw, kid = (jax.lax.dynamic_slice_in_dim(x, start, width, axis=1) for x in (k_c, v_c, kvid_c))
+                sc = jnp.einsum("rqd,rsd->rqs", qi, kw, preferred_element_type=jnp.float32) * scale
+                if not fold:
+                    ok = allowed(qid, kid, off + i * bq + jnp.arange(bq), start + jnp.arange(width), causal)
+                    sc = jnp.where(jnp.repeat(ok, g, axis=1) if g > 1 else ok, sc, MASKED)
+                p = jnp.exp(sc - sc.max(-1, keepdims=True))
+                out = jnp.einsum("rqs,rsd->rqd", p.astype(vw.dtype), vw, preferred_element_type=jnp.float32)
+                return (out / p.sum(-1)[..., None]).astype(q.dtype)
+            return attend
 
         @jax.checkpoint
         def step(args):
             qi, qid, i = args                  # [rows, bq*g, dq], [rows, bq], block index
-            sc = jnp.einsum("rqd,rsd->rqs", qi, k_c, preferred_element_type=jnp.float32) * scale
-            if not fold:
-                ok = allowed(qid, kvid_c, off + i * bq + jnp.arange(bq), jnp.arange(s), causal)  # [rows, bq, s]
-                sc = jnp.where(jnp.repeat(ok, g, axis=1) if g > 1 else ok, sc, MASKED)
-            p = jnp.exp(sc - sc.max(-1, keepdims=True))
-            out = jnp.einsum("rqs,rsd->rqd", p.astype(v_c.dtype), v_c, preferred_element_type=jnp.float32)
-            return (out / p.sum(-1)[..., None]).astype(q.dtype)
+            if len(widths) == 1:
+                return window(s)(qi, qid, i)
+            end = jnp.minimum(hi_c, off + (i + 1) * bq) if causal else hi_c
+            branch = jnp.searchsorted(jnp.asarray(widths), end - lo_c)
+            return jax.lax.switch(branch, [window(w) for w in widths], qi, qid, i)
 
         return jax.lax.map(step, (q_c, qid_c, jnp.arange(nq)))
 
-    out = jax.lax.map(chunk, (qr, q_ids, kr, vr, kv_ids))            # [n/rows, nq, rows, bq*g, d]
+    out = jax.lax.map(chunk, (qr, q_ids, kr, vr, kv_ids, lo, hi))            # [n/rows, nq, rows, bq*g, d]
     out = out.swapaxes(1, 2).reshape(b, kvh, nq * bq, g, d).transpose(0, 2, 1, 3, 4)
     return out[:, :t].reshape(b, t, h, d)
+
+
+def window_widths(s: int) -> tuple[int, ...]:
+    """The key-window widths `rows` compiles for `s` keys: at most ROWS_WINDOWS, multiples of 64, up to s."""
+    step = 64 * -(-s // (64 * ROWS_WINDOWS))
+    return tuple(sorted({min(s, j * step) for j in range(1, -(-s // step) + 1)}))
+
+
+def key_window(segments: Segments, s: int) -> tuple[jax.Array, jax.Array]:
+    """Per batch row `[b]`, the span `[lo, hi)` of the keys whose ids some query of the row holds: every
+    key a query may attend lies inside. With `num_ids` unknown (or a row whose queries attend nothing),
+    all `s` keys."""
+    b = segments.kv.shape[0]
+    if segments.num_ids is None:
+        return jnp.zeros((b,), jnp.int32), jnp.full((b,), s, jnp.int32)
+    held = (segments.q[:, :, None] == jnp.arange(segments.num_ids)).any(1)      # [b, num_ids]
+    needed = jnp.take_along_axis(held, segments.kv, axis=1)                     # [b, s]
+    pos, some = jnp.arange(s, dtype=jnp.int32), needed.any(1)
+    lo = jnp.where(some, jnp.min(jnp.where(needed, pos, s), axis=1), 0)
+    hi = jnp.where(some, jnp.max(jnp.where(needed, pos + 1, 0), axis=1), s)
+    return lo.astype(jnp.int32), hi.astype(jnp.int32)
 
 
 def splash_attention(q, k, v, segments: Segments, *, causal: bool, scale: float, interpret: bool = False):

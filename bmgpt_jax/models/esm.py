@@ -212,7 +212,7 @@ def padding_segments(mask: jax.Array) -> Segments:
     """HF's key-padding mask as segment ids: keys `mask [b, s]` (1 real, 0 padding); every query of a row
     with a real token sees that row's real keys (padding queries too, as in HF), and a row that is all
     padding attends to itself (finite, meaningless), so no query is left without a key. The ids are 0/1
-    (`num_ids=2`): the CPU `rows` path folds this mask into its score product."""
+    (`num_ids=2`): the CPU `rows` path folds this mask into its score product and reads only the real keys."""
     kv = (mask != 0).astype(jnp.int32)
     q = jnp.broadcast_to(jnp.max(kv, axis=1, keepdims=True), kv.shape)
     return Segments(q, kv, num_ids=2)

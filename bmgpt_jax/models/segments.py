@@ -18,7 +18,8 @@ class Segments(NamedTuple):
     """Per-token mask inputs. `q [b, t]`, `kv [b, s]` int32 segment ids; `q_offset`: scalar slot of the
     first query among the keys (a KV cache), or None when queries and keys are the same tokens (t == s).
     `num_ids`: a static promise that every id lies in `[0, num_ids)` (ESM's padding ids: 2), which lets
-    `rows` fold a bidirectional mask into the score product; None (the default) promises nothing."""
+    `rows` fold a bidirectional mask into the score product and skip keys no query can attend; None (the
+    default) promises nothing."""
 
     q: jax.Array
     kv: jax.Array

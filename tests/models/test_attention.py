@@ -141,6 +141,39 @@ def test_rows_query_blocks_and_row_chunks_equal_float64_reference(torch, monkeyp
             assert np.abs(a - r).max() < 1e-5, (name, causal, np.abs(a - r).max())
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("layout", ["left", "right", "packed"])
+def test_rows_key_windows_and_skipped_query_blocks_equal_float64_reference(torch, monkeypatch, layout, causal):
+    """From ROWS_SKIP_MIN keys `rows` reads only the keys a step's queries can attend (padding at either
+    end, and causal, the keys above the diagonal of a query block): 200 tokens as 4 query blocks of 56,
+    ids promised below 5 (`num_ids`), padding queries holding a real id (as ESM's do). Values and
+    gradients at the real queries equal the float64 reference (the cotangent is zero at padding queries:
+    the reference's causal left-padding rows see no key); the windows are those the ids imply."""
+    monkeypatch.setattr(A, "ROWS_SKIP_MIN", 64)
+    monkeypatch.setattr(A, "ROWS_SCORES", 56 * 2 * 200)
+    b, t, h, kvh, d = 3, 200, 4, 2, 8
+    q, k, v, cot = inputs(b, t, t, h, kvh, d, seed=4)
+    ids = segment_ids(layout, b, t)
+    first = np.array([r[np.flatnonzero(r).min()] for r in ids])
+    q_ids = np.where(ids > 0, ids, first[:, None])           # padding queries see real keys (ESM's padding) ...
+    if causal and layout == "left":
+        q_ids = ids                                          # ... unless no real key precedes them
+    cot = cot * (ids > 0)[:, :, None, None]       # padding queries' outputs are unread (left ones see no key)
+    segs = A.Segments(jnp.asarray(q_ids), jnp.asarray(ids), num_ids=5)
+    got = ours("rows", q, k, v, segs, causal, cot)
+    want = reference(torch, q, k, v, q_ids, ids, 0, causal, d ** -0.5, cot)
+    real = ids > 0
+    for name, a, r in zip(("out", "dq", "dk", "dv"), got, want):
+        a, r = (a[real] if name in ("out", "dq") else a), (r[real] if name in ("out", "dq") else r)
+        assert np.abs(a - r).max() < 1e-5, (name, np.abs(a - r).max())
+    assert np.isfinite(got[0]).all()
+    lo, hi = (np.asarray(x) for x in A.key_window(segs, t))
+    needed = [np.flatnonzero(np.isin(kv, qi)) for qi, kv in zip(q_ids, ids)]
+    assert lo.tolist() == [n.min() for n in needed] and hi.tolist() == [n.max() + 1 for n in needed]
+    assert A.window_widths(1024) == (128, 256, 384, 512, 640, 768, 896, 1024)
+    assert A.window_widths(600) == (128, 256, 384, 512, 600)
+
+
 @pytest.mark.parametrize("kvh", [4, 2], ids=["mha", "gqa"])
 def test_rows_folds_a_bidirectional_mask_of_few_ids_into_the_scores(torch, kvh):
     """`Segments(num_ids=3)`: the mask rides in the score product (no select over the scores); values
