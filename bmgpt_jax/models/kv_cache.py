@@ -42,6 +42,18 @@ class KVCache(NamedTuple):
                              valid=jnp.repeat(self.valid, n, axis=0), next_pos=jnp.repeat(self.next_pos, n, axis=0))
 
 
+def check_room(cache: KVCache, t: int) -> None:
+    """ValueError if `t` new tokens do not fit the cache's slots: always when `t` alone exceeds them, and
+    past the next free slot when `cache.index` is concrete (an eager call). Under jit the index is traced
+    and an overflow cannot be raised; `generation.generate` sizes its caches to the prompt plus
+    `max_new_tokens`, so only a caller's own too-small cache can overflow (its logits then turn NaN)."""
+    slots = cache.valid.shape[1]
+    index = None if isinstance(cache.index, jax.core.Tracer) else int(cache.index)
+    if t > slots or (index is not None and index + t > slots):
+        raise ValueError(f"{t} new token(s) at slot {'?' if index is None else index} overflow the KV cache's "
+                         f"{slots} slots (init_cache(batch, max_len) with a larger max_len)")
+
+
 def stored(x: jax.Array) -> jax.Array:
     """Cache buffer(s) `[(layers,) b, kv_heads, s, d]` in their stored form (see `KVCache`): b == 1 dropped."""
     return jnp.squeeze(x, x.ndim - 4) if x.shape[-4] == 1 else x

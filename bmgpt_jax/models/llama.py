@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from bmgpt_jax.models.attention import IMPLEMENTATIONS, Segments, attention
-from bmgpt_jax.models.kv_cache import KVCache, follow_beams, layer_slots, reorder_layer, write_slots
+from bmgpt_jax.models.kv_cache import KVCache, check_room, follow_beams, layer_slots, reorder_layer, write_slots
 from bmgpt_jax.models.layers import Embedding, Linear, RMSNorm, apply_rotary, dense, dtype_of, rotary_cos_sin
 from bmgpt_jax.parallel import constrain, constrain_to_weight
 
@@ -229,6 +229,7 @@ class LlamaModel(nnx.Module):
                 cache = cache._replace(valid=follow_beams(cache.valid, cache_beams),
                                        next_pos=follow_beams(cache.next_pos, cache_beams))
             index = cache.index
+            check_room(cache, t)
             if positions is None:
                 positions = cache.next_pos[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
             kv_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))

@@ -133,6 +133,10 @@ def test_kv_cache_decoding_matches_full_forward(hf_model, scan):
         steps.append(np.asarray(logits))
     inc = np.concatenate(steps, axis=1)
     assert np.abs(inc - full)[mask.astype(bool)].max() < 1e-4
+    with pytest.raises(ValueError, match=r"7 new token\(s\) at slot 10 overflow the KV cache's 16 slots"):
+        model(jnp.asarray(ids[:, :7]), cache=cache)                  # eager: the index is known
+    with pytest.raises(ValueError, match=r"17 new token\(s\) at slot \? overflow the KV cache's 16 slots"):
+        jax.jit(lambda c: model(jnp.ones((3, 17), jnp.int32), cache=c))(model.init_cache(3, 16))
 
 
 @pytest.mark.parametrize("batch", [2, 1])
