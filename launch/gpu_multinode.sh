@@ -11,7 +11,7 @@
 # (and CUDA_VISIBLE_DEVICES=<gpu> with --per-gpu); hosts named localhost/127.x run without ssh. Name the
 # first host as the others reach it (a user@ is dropped; a first localhost becomes `hostname -f`).
 # slurm mode: srun starts the tasks; bmgpt_jax.distributed reads SLURM_NTASKS/SLURM_PROCID and the
-# coordinator exported here (the job's first node). --dry-run prints the commands, runs nothing.
+# coordinator exported here (the step's first node, where task 0 runs). --dry-run prints the commands, runs nothing.
 set -euo pipefail
 
 usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
@@ -59,7 +59,8 @@ if [[ $SLURM -eq 1 ]]; then
   [[ -n "$NODES" ]] || { echo "gpu_multinode.sh: --slurm needs --nodes N (or run inside a SLURM job)" >&2; exit 2; }
   SRUN=(srun --nodes="$NODES" --ntasks-per-node="$PROCS_PER_NODE")
   [[ $PER_GPU -eq 1 ]] && SRUN+=(--gpus-per-task=1)
-  INNER="export JAX_COORDINATOR_ADDRESS=\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | head -n1):$PORT; exec $TRAIN"
+  # the step's first node runs task 0 (a step may hold only some of the job's nodes)
+  INNER="export JAX_COORDINATOR_ADDRESS=\$(scontrol show hostnames \"\${SLURM_STEP_NODELIST:-\$SLURM_JOB_NODELIST}\" | head -n1):$PORT; exec $TRAIN"
   echo "${SRUN[*]} bash -c $(quote "$INNER")"
   [[ $DRY -eq 1 ]] || exec "${SRUN[@]}" bash -c "$INNER"
   exit 0

@@ -118,7 +118,8 @@ def test_gpu_multinode_dry_run():
             assert part in line, (part, line)
     lines = _dry("gpu_multinode.sh", "--slurm", "--nodes", "4", "--", "--config", "c.yaml")
     assert lines == ["srun --nodes=4 --ntasks-per-node=1 bash -c 'export JAX_COORDINATOR_ADDRESS=$(scontrol show "
-                     "hostnames \"$SLURM_JOB_NODELIST\" | head -n1):12355; exec python -m bmgpt_jax.train --config c.yaml'"]
+                     "hostnames \"${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}\" | head -n1):12355; exec python -m bmgpt_jax.train "
+                     "--config c.yaml'"]
 
 
 def test_launchers_refuse_an_option_without_its_value():
@@ -195,6 +196,36 @@ def test_gpu_multinode_quotes_the_folder_and_python_on_the_nodes(tmp_path):
     assert ran.stdout == f"{home}/my dir\n<-m><bmgpt_jax.train><--config><a b.yaml>", ran.stderr
     [line] = _dry("gpu_multinode.sh", "--slurm", "--nodes", "1", "--python", str(python))
     assert f"exec {shlex.quote(str(python))} -m bmgpt_jax.train" in shlex.split(line)[-1]
+
+
+def test_gpu_multinode_slurm_coordinator_is_the_first_node_of_the_step(tmp_path):
+    """Run for real under stand-ins for `srun` (each task with SLURM_PROCID, SLURM_NTASKS and the step's
+    node list) and `scontrol show hostnames`: every task exports the step's first node as coordinator.
+    A step on part of the job's nodes (a second `srun` in an allocation of 8) must not name the job's
+    first node, where no task of this step runs."""
+    home, python = _stand_in_python(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(
+        '#!/usr/bin/env bash\n[[ "$1 $2" == "show hostnames" ]] || exit 1\n'
+        'prefix="${3%%[*}"; range="${3#*[}"; range="${range%]}"\n'
+        'for i in $(seq -w "${range%-*}" "${range#*-}"); do echo "$prefix$i"; done\n')
+    (bin_dir / "srun").write_text(
+        '#!/usr/bin/env bash\nnodes=1; per=1\n'
+        'while [[ "$1" == --* ]]; do case "$1" in --nodes=*) nodes="${1#*=}";; --ntasks-per-node=*) per="${1#*=}";; esac; shift; done\n'
+        'n=$((nodes * per)); for ((i = 0; i < n; i++)); do SLURM_PROCID=$i SLURM_NTASKS=$n "$@"; echo; done\n')
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    (python.parent / "show_env").write_text('#!/usr/bin/env bash\necho "$SLURM_PROCID $JAX_COORDINATOR_ADDRESS"\n')
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "HOME": str(home),
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu[01-08]",
+           "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_NUM_NODES": "8"}
+    show = python.parent / "show_env"
+    show.chmod(0o755)
+    run = subprocess.run(["bash", str(REPO / "launch" / "gpu_multinode.sh"), "--slurm", "--nodes", "2",
+                          "--python", str(show)], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert [line for line in run.stdout.splitlines()[1:] if line.strip()] == ["0 gpu07:12355", "1 gpu07:12355"]
 
 
 @pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu_multinode.sh"])
