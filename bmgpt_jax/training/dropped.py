@@ -6,7 +6,8 @@ budget). `DropTally.update` sums them over the processes once a step (one small 
 loop shows the sums in the progress bar, `metrics.jsonl` and TensorBoard and in the end-of-run summary.
 The counts as of a checkpoint's data position go into its metadata, so a resumed run goes on counting
 where the interrupted one stood (the window the position points into is re-encoded, and recounted, by
-the restored pipeline, so it is left out of the saved counts).
+the restored pipeline, so it is left out of the saved counts); so do the run's totals at that step, which
+a run resumed at its last step (nothing left to train) reports as they were.
 
 Plain-text examples longer than the last bucket are kept, cut to it; they and the tokens cut away are
 counted too (`truncated`, `truncated_tokens`) and reported, but are not dropped.
@@ -30,19 +31,25 @@ CUT = ("truncated", "truncated_tokens")   # plain text cut to the last bucket: k
 KEYS = ("examples", *CUT, *DROP_REASONS)
 
 
+def _counter(counts: Mapping[str, int] | None) -> Counter:
+    return Counter({k: int(v) for k, v in (counts or {}).items() if k in KEYS})
+
+
 class TooManyDropped(ValueError):
     """The pipeline dropped more than `data.max_dropped` of the examples it read."""
 
 
 class DropTally:
     """Global counts `{"examples": read, reason: dropped, "truncated": n, "truncated_tokens": n}` of a run;
-    `restored` continues a checkpoint's."""
+    `restored` continues a checkpoint's counts as of its data position, `restored_totals` are the run's
+    totals when it was saved (what `totals` holds until the first `update`)."""
 
-    def __init__(self, pipeline, max_dropped: float, restored: Mapping[str, int] | None = None):
+    def __init__(self, pipeline, max_dropped: float, restored: Mapping[str, int] | None = None,
+                 restored_totals: Mapping[str, int] | None = None):
         self.pipeline = pipeline if hasattr(pipeline, "counts") else None  # a test's stream may not count
         self.max_dropped = max_dropped
-        self.offset = Counter({k: int(v) for k, v in (restored or {}).items() if k in KEYS})
-        self.totals = Counter(self.offset)
+        self.offset = _counter(restored)
+        self.totals = _counter(restored_totals) if restored_totals else Counter(self.offset)
         self.at_position = Counter(self.offset)
 
     def update(self, position: dict) -> None:
@@ -71,9 +78,11 @@ class DropTally:
                 **{f"dropped_{k}": self.totals[k] for k in DROP_REASONS if self.totals[k]},
                 **{k: self.totals[k] for k in CUT if self.totals[k]}}
 
-    def checkpoint_counts(self) -> dict[str, int]:
-        """The counts to store with a checkpoint of the current data position."""
-        return {k: int(v) for k, v in self.at_position.items() if v}
+    def checkpoint_counts(self) -> dict[str, dict[str, int]]:
+        """The metadata to store with a checkpoint of the current data position: `data_counts` (as of the
+        position, the `restored` of a resumed run) and `data_totals` (the run's, its `restored_totals`)."""
+        return {"data_counts": {k: int(v) for k, v in self.at_position.items() if v},
+                "data_totals": {k: int(v) for k, v in self.totals.items() if v}}
 
     def summary(self) -> str:
         """One line: examples read, dropped in all and per reason with the setting behind each, and the

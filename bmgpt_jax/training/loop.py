@@ -234,7 +234,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
                 log.warning("--resume: the run goes on with settings that differ from the checkpoint's: %s",
                             "; ".join(changed))
         ckpt.install_signal_handlers()
-        tally = DropTally(it, cfg.data.max_dropped, meta.get("data_counts"))
+        tally = DropTally(it, cfg.data.max_dropped, meta.get("data_counts"), meta.get("data_totals"))
         stream = _batches(it, cfg)
         where, host = next(stream)
         step_fn = make_train_step(loss_fn, tx, grad_accum=cfg.optim.grad_accum,
@@ -273,7 +273,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
             stop = ckpt.stop_requested()        # read once: a signal after it waits for the next step
             ckpt.save(i, {"trainable": trainable, "opt_state": opt_state}, data_state=data_state,
                       force=i == cfg.steps or stop,
-                      metadata={"config": config_lib.to_dict(cfg), "data_counts": tally.checkpoint_counts()})
+                      metadata={"config": config_lib.to_dict(cfg), **tally.checkpoint_counts()})
             if stop:
                 stopped = ckpt.stop_signal or "a signal to another process"
                 monitor.write(f"{stopped}: checkpoint saved at step {i}; exiting")

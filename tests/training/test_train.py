@@ -213,7 +213,7 @@ def test_resume_skips_a_torn_checkpoint_and_counts_dropped_examples_on(tmp_path,
     counts and a metrics.jsonl holding each step once; resumed again at the last step, it trains nothing and
     says so."""
     extra = ["stage=align", "steps=8", "checkpoint.every=2", "checkpoint.keep=4", "data.node_budget=128",
-             "data.max_dropped=1"]
+             "data.max_dropped=1", "data.window_batches=3"]   # steps 4 and 8 mid-window
     full = train.run(cfg_for(tmp_path, *extra, name="full"))
     assert full["data"]["over_node_budget"] > 0 and full["data"]["examples"] >= 64
     rows = _rows(tmp_path / "full")
@@ -235,8 +235,10 @@ def test_resume_skips_a_torn_checkpoint_and_counts_dropped_examples_on(tmp_path,
     caplog.clear()
     with caplog.at_level("WARNING"):
         again = train.run(cfg_for(tmp_path, *extra, "optim.lr=0.5", name="part"), resume=True)   # at the last step
-    assert again["losses"] == {} and again["last_step"] == 8
-    assert "the checkpoint is at step 8, steps=8: nothing to train" in capsys.readouterr().out
+    assert again["losses"] == {} and again["last_step"] == 8 and again["data"] == full["data"]   # the run's totals
+    out = capsys.readouterr().out
+    assert "the checkpoint is at step 8, steps=8: nothing to train" in out
+    assert f"data: {full['data']['examples']:,} examples read" in out
     assert re.search(r"--resume: the run goes on with settings that differ from the checkpoint's: optim.lr: "
                      r"[0-9.e-]+ -> 0.5$", caplog.text, re.M)
 
