@@ -83,7 +83,7 @@ def main() -> None:
     model = graphmvp_gin.load(ref.state_dict(), config=load(G.GinConfig, "gin_graphmvp"))
     mols = [s for s in (chebi_smiles(args.shared) or smiles) if Chem.MolFromSmiles(s)][: args.encode]
     ok, _ = M.featurize_valid(mols)
-    ok = [(i, f) for i, f in ok if len(f[0]) <= model.config.max_atoms]
+    ok = [(i, f) for i, f in ok if len(f[0]) <= 256]   # the set the figures used (once the default atom cap)
     mols, feats = [mols[i] for i, _ in ok], [f for _, f in ok]
     chunks = [feats[i:i + args.batch] for i in range(0, len(feats), args.batch)]
     graphs = [M.batch_graphs(c) for c in chunks]

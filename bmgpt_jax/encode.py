@@ -25,8 +25,9 @@ def _forward(state: nnx.State, graphdef: nnx.GraphDef, graph: jraph.GraphsTuple)
 def encode_smiles(model: GIN, smiles: Sequence[str], max_nodes_per_batch: int = 4096) -> list[np.ndarray]:
     """SMILES -> one `[n_kept, emb_dim]` float array per molecule (eval mode, jitted once per bucket).
 
-    `n_kept` is the atom count, or `model.config.max_atoms` for a larger molecule when `over_cap` is
-    "subsample" (`molecules.kept_atoms`); a bad SMILES or an over-cap molecule with "error" raises
+    `n_kept` is the atom count (`max_atoms` None, the default), or with a cap `model.config.max_atoms` for
+    a larger molecule when `over_cap` is "subsample" (`molecules.kept_atoms`); a bad SMILES or an over-cap
+    molecule with "error" raises
     `ValueError` naming it and its index. Molecules are batched in order up to `max_nodes_per_batch`.
     """
     feats = molecules.featurize_many(smiles)

@@ -51,7 +51,7 @@ def nci_smiles_path() -> str:
     return os.path.join(RDConfig.RDDataDir, "NCI", "first_5K.smi")
 
 
-def demo_records(max_molecules: int | None = None, split: str = "train") -> tuple[Record, ...]:
+def demo_records(max_molecules: int | None = None, split: str = "train") -> DemoRecords:
     """`len(QUESTIONS)` records per parseable NCI molecule of `split` (its first `max_molecules` lines, or all).
 
     Unparseable SMILES (and, in `test`, molecules also in `train`) are skipped and reported (`BadRecords`);
@@ -84,8 +84,15 @@ def _train_molecules() -> frozenset[str]:
     return frozenset(Chem.MolToSmiles(m) for m in mols if m is not None)
 
 
+class DemoRecords(tuple):
+    """The records of a demo split and `bad_records` (`{reason: {"count", "examples"}}`, as a build's
+    `metadata.json` holds them): the records an unparseable molecule would have given, `len(QUESTIONS)`
+    each, so evaluation counts them as skipped. A test molecule also in `train` is not of the split."""
+    bad_records: dict = {}
+
+
 @functools.lru_cache(maxsize=4)
-def _demo_records(max_molecules: int | None, split: str) -> tuple[Record, ...]:
+def _demo_records(max_molecules: int | None, split: str) -> DemoRecords:
     from rdkit import Chem, RDLogger
     RDLogger.DisableLog("rdApp.*")
     props = _props()
@@ -106,7 +113,10 @@ def _demo_records(max_molecules: int | None, split: str) -> tuple[Record, ...]:
         for question, template, fn in props:
             out.append(Record((("molecule", smiles),), question, template.format(fn(mol)), id=f"NCI{nci_id}"))
     bad.report(f"demo set {split} (rdkit NCI first_5K.smi)")
-    return tuple(out)
+    records = DemoRecords(out)
+    records.bad_records = {reason: {"count": info["count"] * len(props), "examples": info["examples"]}
+                           for reason, info in bad.as_dict().items() if reason != "also in the train split"}
+    return records
 
 
 def demo_texts(max_molecules: int | None = None) -> list[str]:

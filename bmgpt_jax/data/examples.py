@@ -23,7 +23,7 @@ from .text import Tokenizer, encode_record
 DROP_REASONS = {
     "invalid_smiles": "the data: SMILES that rdkit or the GIN featurization cannot read",
     "bad_residues": "the data: residues outside the ESM alphabet",
-    "too_many_atoms": "model.gin.max_atoms, or model.gin.over_cap: subsample",
+    "too_many_atoms": "model.gin.max_atoms (null: no cap), or model.gin.over_cap: subsample",
     "too_long": "data.seq_buckets: a larger last bucket",
     "over_node_budget": "data.node_budget",
     "over_edge_budget": "data.edge_budget",
@@ -37,7 +37,7 @@ class EncodeOptions:
     """What `encode_example` needs besides the tokenizer (a picklable slice of DataConfig)."""
     system_prompt: str
     max_len: int                 # longest bucket: QA beyond it is rejected, plain text is cut to it
-    max_atoms: int               # the GIN's atom cap (GinConfig.max_atoms / over_cap)
+    max_atoms: int | None        # the GIN's atom cap (GinConfig.max_atoms / over_cap; None: every atom)
     over_cap: str                # "subsample" | "error" (the example is dropped)
     max_protein_len: int
 
@@ -71,7 +71,7 @@ def encode_example(tok: Tokenizer, record: Record, opt: EncodeOptions) -> Encode
         try:
             if kind == "molecule":
                 f = molecules.featurize(value)
-                if len(f[0]) > opt.max_atoms and opt.over_cap == "error":
+                if opt.max_atoms is not None and len(f[0]) > opt.max_atoms and opt.over_cap == "error":
                     return "too_many_atoms"
                 feats.append(f)
                 kept.append(molecules.kept_atoms(len(f[0]), opt.max_atoms, "subsample", value))

@@ -211,16 +211,16 @@ def featurize_valid(smiles: Sequence[str], processes: int = 1,
     return ok, bad
 
 
-def kept_atoms(n_atoms: int, max_atoms: int, over_cap: Literal["error", "subsample"],
+def kept_atoms(n_atoms: int, max_atoms: int | None, over_cap: Literal["error", "subsample"],
                smiles: str = "") -> np.ndarray:
     """Indices of the atoms whose features become tokens, sorted, at most `max_atoms` of them.
 
-    The reference (OpenBioMed `convert_pyg_batch`, 256) silently keeps the first atoms; here a larger
-    molecule is either an error (`ValueError` naming the SMILES) or deterministically subsampled to
-    `max_atoms` atoms evenly spaced over the whole molecule. The GIN still encodes the full graph, so
-    each kept atom's features are those the reference computes for it.
+    `max_atoms=None`: every atom, as the reference gives the LLM (its `convert_pyg_batch(max_n_nodes=256)`
+    call is commented out). With a cap, a larger molecule is either an error (`ValueError` naming the
+    SMILES) or deterministically subsampled to `max_atoms` atoms evenly spaced over the whole molecule.
+    The GIN still encodes the full graph, so each kept atom's features are those the reference computes.
     """
-    if n_atoms <= max_atoms:
+    if max_atoms is None or n_atoms <= max_atoms:
         return np.arange(n_atoms)
     if over_cap == "error":
         raise ValueError(f"SMILES {smiles!r}: {n_atoms} atoms exceed the cap of {max_atoms} "

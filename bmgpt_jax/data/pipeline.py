@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from ..parallel import batch_shardings, process_blocks
-from .builders import BUILDERS, make_builder, read_split, shared_data_dir
+from .builders import BUILDERS, default_split, make_builder, read_split, shared_data_dir
 from .demo import demo_records
 from .examples import Budget, EncodeOptions, Encoded, collate, encode_example, repad
 from .records import Record
@@ -107,7 +107,7 @@ def _source_records(spec: str, cfg: DataConfig) -> list[Sequence[Record]]:
     builder = make_builder(name, cfg.raw_dirs.get(name), cfg.data_dir or None, cfg.multi_entity)
     if split and split not in builder.FILES:
         raise KeyError(f"data.sources: {name} has no split {split!r}; splits: {', '.join(builder.FILES)}")
-    return [read_split(builder, split or next(iter(builder.FILES)))]
+    return [read_split(builder, split or default_split(name))]
 
 
 class Records(Sequence[Record]):
@@ -143,12 +143,12 @@ def _encode_all(records: list[Record]) -> list[Encoded | str]:
 class BatchIterator:
     """Infinite (or `num_epochs`) iterator of this process's batches; see the module docstring.
 
-    `max_atoms` / `over_cap`: the GIN's atom cap (`GinConfig`), so training encodes molecules exactly as
-    evaluation and chat do.
+    `max_atoms` / `over_cap`: the GIN's atom cap (`GinConfig`; None, the default: every atom a token), so
+    training encodes molecules exactly as evaluation and chat do.
     """
 
     def __init__(self, cfg: DataConfig, process_index: int | None = None, process_count: int | None = None,
-                 records: Sequence[Record] | None = None, *, max_atoms: int = 256,
+                 records: Sequence[Record] | None = None, *, max_atoms: int | None = None,
                  over_cap: Literal["subsample", "error"] = "subsample"):
         self._pool = None                    # first: close() must work even when the sources fail to load
         self.cfg = cfg

@@ -1,9 +1,12 @@
 """Chat prompts: the reference's template with one placeholder per entity, encoded for generation.
 
 A `Prompt` is the prompt text, one placeholder (`<moleculeHere>`, `<proteinHere>`) per entity, plus the
-entities in placeholder order. One human turn is `### Human: {entity tags} {question}` (or the question's
-own placeholders, filled in order), each answer is `### Assistant: {answer} `, so a one-turn prompt is
-exactly `format_prompt` of the record without its answer: the training layout up to `### Assistant: `.
+entities in placeholder order. One human message is `### Human: {entity tag} {question}`, or with several
+entities `### Human: {tag 1} ### Human: {tag 2} {question}` (each entity its own human turn, the question
+after the last tag, as the reference's `append_molecule` / `append_protein` / `ask` build it), or the
+question's own placeholders filled in order; each answer is `### Assistant: {answer} `, so a one-turn
+prompt is exactly `format_prompt` of the record without its answer: the training layout up to
+`### Assistant: `.
 Encoding splits the text at the placeholders and tokenizes the pieces separately (BOS on the first) with
 one slot per atom / ESM position, as the reference does; a batch is `collate_prompts`d (right-padded,
 shapes bucketed so repeated questions reuse compiled code).
@@ -18,7 +21,7 @@ import numpy as np
 
 from . import examples, molecules, proteins
 from .records import ENTITY_KINDS
-from .text import DEFAULT_SYSTEM, ENTITY_TAGS, PLACEHOLDERS, Tokenizer, encode_segments
+from .text import DEFAULT_SYSTEM, ENTITY_TAGS, PLACEHOLDERS, TURN, Tokenizer, encode_segments
 
 PATTERN = re.compile("|".join(PLACEHOLDERS.values()))
 KIND_OF = {v: k for k, v in PLACEHOLDERS.items()}
@@ -48,9 +51,10 @@ def _strings(name: str, value) -> list[str]:
 
 
 def human_message(question: str, entities: Sequence[tuple[str, str]]) -> tuple[str, tuple]:
-    """One human turn and its entities in placeholder order. Without placeholders in `question` the entity
-    tags come first (the reference's template); otherwise each placeholder takes the next entity of its
-    kind, and the counts must match."""
+    """One human message and its entities in placeholder order. Without placeholders in `question` each
+    entity's tag is a human turn of its own and the question follows the last one (the reference's
+    `Conversation`: `<molecule>..</molecule> ### Human: <protein>..</protein> {question}`); otherwise each
+    placeholder takes the next entity of its kind, and the counts must match."""
     text = question
     for kind, hole in PLACEHOLDERS.items():
         open_tag, close_tag = ENTITY_TAGS[kind]
@@ -58,7 +62,7 @@ def human_message(question: str, entities: Sequence[tuple[str, str]]) -> tuple[s
     found = [KIND_OF[h] for h in PATTERN.findall(text)]
     if not found:
         tags = [f"{ENTITY_TAGS[k][0]}{PLACEHOLDERS[k]}{ENTITY_TAGS[k][1]}" for k, _ in entities]
-        return " ".join(tags + [question]) if tags else question, tuple(entities)
+        return TURN.join(tags[:-1] + [f"{tags[-1]} {question}"]) if tags else question, tuple(entities)
     queues = {k: [v for kind, v in entities if kind == k] for k in ENTITY_KINDS}
     for kind in ENTITY_KINDS:
         holes, given = found.count(kind), len(queues[kind])
@@ -76,26 +80,29 @@ def make_prompt(question: str, entities: Sequence[tuple[str, str]] = (), system:
     """The prompt asking `question` about `entities` after the answered turns `history` ((human message,
     answer) pairs whose placeholders `history_entities` fill). `system=None`: the reference's default.
     An empty question (or one that is not a string) is a ValueError; a `system` that is not a string, a
-    TypeError naming it."""
+    TypeError naming it, and one holding a placeholder, a ValueError. A placeholder in an answer (text the
+    model generated, with no entity behind it) is removed, so it cannot take a later turn's entity."""
     if question is not None and not isinstance(question, str):
         raise ValueError(f"the question must be a string, not {question!r:.60}")
     if not question or not question.strip():
         raise ValueError(f"the question is empty ({question!r}): there is nothing to answer")
     if system is not None and not isinstance(system, str):
         raise TypeError(f"system must be a string (or None: the default), not {system!r:.60}")
+    if system is not None and PATTERN.search(system):
+        raise ValueError(f"the system prompt {system!r:.60} holds an entity placeholder; entities go in questions")
     human, ents = human_message(question, entities)
     text = DEFAULT_SYSTEM if system is None else system
     for msg, answer in [*history, (human, None)]:
-        text += f"### Human: {msg} ### Assistant: " + ("" if answer is None else f"{answer} ")
+        text += f"### Human: {msg} ### Assistant: " + ("" if answer is None else f"{PATTERN.sub('', answer)} ")
     return Prompt(text, tuple(history_entities) + ents)
 
 
-def encode_prompt(tok: Tokenizer, prompt: Prompt, *, max_new_tokens: int, context: int, max_atoms: int,
+def encode_prompt(tok: Tokenizer, prompt: Prompt, *, max_new_tokens: int, context: int, max_atoms: int | None,
                   over_cap: str, max_protein_len: int = 1024) -> examples.Encoded:
     """`prompt` encoded for generation (no answer, no EOS): entities featurized (an invalid SMILES or residue
-    raises `ValueError` naming it; molecules over `max_atoms` follow `over_cap` as the GIN's config says,
-    proteins are cut to `max_protein_len` ESM tokens as in training), and the prompt plus `max_new_tokens`
-    checked to fit the LM's `context`."""
+    raises `ValueError` naming it; one token per atom, or with a `max_atoms` cap molecules over it follow
+    `over_cap`, as the GIN's config says; proteins are cut to `max_protein_len` ESM tokens as in training),
+    and the prompt plus `max_new_tokens` checked to fit the LM's `context`."""
     holes = [KIND_OF[h] for h in PATTERN.findall(prompt.text)]
     if holes != [k for k, _ in prompt.entities]:
         raise ValueError(f"the prompt's placeholders {holes} do not match its entities {list(prompt.entities)}")

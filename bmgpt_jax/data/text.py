@@ -4,7 +4,9 @@ The reference (OpenBioMed's BioMedGPT) writes one example as
 
     {system}### Human: <molecule><moleculeHere></molecule> {question} ### Assistant: {answer}
 
-(`<protein><proteinHere></protein>` for a protein) and tokenizes the text between placeholders as
+(`<protein><proteinHere></protein>` for a protein; with several entities each tag is a human turn of its
+own, `### Human: <molecule>..</molecule> ### Human: <protein>..</protein> {question}`, as the reference's
+`Conversation` builds it from one `append_*` per entity) and tokenizes the text between placeholders as
 separate segments, with BOS only on the first. The placeholders become *entity slots*: positions whose
 embeddings the model overwrites with projected atom / ESM-token features (docs/batch_format.md).
 `encode_record` returns ids, loss mask and the start of each entity's slots.
@@ -30,6 +32,7 @@ DEFAULT_SYSTEM = ("You are working as an excellent assistant in chemistry and mo
                   "expert gives the representation of a molecule or a protein. Answer questions about it. ")
 ENTITY_TAGS = {"molecule": ("<molecule>", "</molecule>"), "protein": ("<protein>", "</protein>")}
 PLACEHOLDERS = {"molecule": "<moleculeHere>", "protein": "<proteinHere>"}
+TURN = " ### Human: "    # between the human turns of several entities (the reference's one message each)
 DEMO_VOCAB_SIZE = 1000
 
 
@@ -151,14 +154,15 @@ class EncodedPrompt:
 def prompt_segments(record: Record, system: str = DEFAULT_SYSTEM) -> list[str | int]:
     """The prompt as text segments and entity indices, the answer last (text-only QA has no entity part).
 
-    `["{system}### Human: <molecule>", 0, "</molecule> {question} ### Assistant: ", "{answer}"]`
+    `["{system}### Human: <molecule>", 0, "</molecule> {question} ### Assistant: ", "{answer}"]`; each
+    further entity starts a human turn of its own (`"</molecule> ### Human: <protein>", 1, ...`).
     """
     parts: list[str | int] = []
     text = f"{system}### Human: "
     closing = ""
     for i, (kind, _) in enumerate(record.entities):
         open_tag, close_tag = ENTITY_TAGS[kind]
-        parts += [text + closing + (" " if closing else "") + open_tag, i]
+        parts += [text + closing + (TURN if closing else "") + open_tag, i]
         text, closing = "", close_tag
     question = f" {record.question}" if closing else record.question
     parts += [f"{text}{closing}{question} ### Assistant: ", record.answer]

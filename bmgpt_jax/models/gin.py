@@ -29,16 +29,17 @@ from bmgpt_jax.models.layers import Embedding, Linear, dtype_of, param
 @dataclasses.dataclass(frozen=True)
 class GinConfig:
     """GIN hyper-parameters (GraphMVP / BioMedGPT: 5 layers, 300 wide, JK last, no dropout) and the
-    atom cap, the one setting training, evaluation and chat all follow: a molecule over `max_atoms` atoms
-    is evenly subsampled to `max_atoms` atom tokens ("subsample"), or refused ("error": chat and
-    evaluation report it, training drops and counts the example), see `molecules.kept_atoms`."""
+    atom cap, the one setting training, evaluation and chat all follow. `max_atoms=None` (default): every
+    atom is a token, as in the reference; an int caps the atom tokens per molecule (to bound memory): a
+    molecule over it is evenly subsampled to `max_atoms` atom tokens ("subsample"), or refused ("error":
+    chat and evaluation report it, training drops and counts the example), see `molecules.kept_atoms`."""
     num_layers: int = 5
     emb_dim: int = 300
     jk: Literal["last"] = "last"
     drop_ratio: float = 0.0
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1          # PyTorch convention: running = (1 - m) * running + m * batch
-    max_atoms: int = 256
+    max_atoms: int | None = None      # None: every atom a token (the reference); an int: a cap
     over_cap: Literal["subsample", "error"] = "subsample"
     dtype: str = "float32"            # compute dtype; BatchNorm statistics are always float32
     param_dtype: str = "float32"

@@ -92,7 +92,7 @@ def openbiomed(tmp_path):
         {"smiles": ["CCO", "c1ccccc1"], "question": "Q4", "answer": "A4"},       # two molecules
         {"question": "Q5", "answer": "A5"},                                       # no entity
         {"smiles": "CCN", "question": "Q6", "answer": "A6"}])
-    _write(pc, "val.json", [{"smiles": ["O=C=O"], "question": "Qv", "answer": "Av"}])
+    _write(pc, "valid.json", [{"smiles": ["O=C=O"], "question": "Qv", "answer": "Av"}])
     _write(pc, "test.json", [])
     up = tmp_path / "uniprotqa"
     _write(up, "sequences.json", {"P1": "MKTAYIAK", "P2": "MKJAY"})
@@ -101,7 +101,7 @@ def openbiomed(tmp_path):
         {"protein_accession": ["P9"], "question": "F?", "answer": "x"},           # unknown accession
         {"protein_accession": ["P2"], "question": "F?", "answer": "x"},           # J is no residue
         {"protein_accession": ["P1", "P1"], "question": "Same?", "answer": "Yes."}])
-    for split in ("val", "test"):
+    for split in ("valid", "test"):
         _write(up, f"{split}.json", [])
     return tmp_path
 
@@ -112,8 +112,8 @@ def test_pubchemqa_layout_keep_and_single(openbiomed, tmp_path):
     assert got == [Record((("molecule", "CCO"),), "Q1", "A1", id="CCO"),
                    Record((("molecule", "CCO"), ("molecule", "c1ccccc1")), "Q4", "A4", id="CCO,c1ccccc1"),
                    Record((("molecule", "CCN"),), "Q6", "A6", id="CCN")]
-    assert [r.question for r in RecordSource(keep, "val")] == ["Qv"]
-    assert sorted(keep.info.splits) == ["train", "val"]                 # test.json is empty: no split
+    assert [r.question for r in RecordSource(keep, "valid")] == ["Qv"]
+    assert sorted(keep.info.splits) == ["train", "valid"]                 # test.json is empty: no split
     bad = keep.info.metadata["bad_records"]["train"]
     assert {k: v["count"] for k, v in bad.items()} == {"invalid SMILES": 1, "empty answer": 1, "malformed record": 1}
     assert "C1CC" in bad["invalid SMILES"]["examples"][0]
@@ -136,7 +136,7 @@ def test_uniprotqa_layout(openbiomed, tmp_path):
 
 
 def test_missing_inputs_name_the_expected_files(openbiomed, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"train\.json.*val\.json"):
+    with pytest.raises(FileNotFoundError, match=r"train\.json.*valid\.json"):
         make_builder("pubchemqa", tmp_path / "nowhere", tmp_path / "out").download_and_prepare()
     (openbiomed / "uniprotqa" / "sequences.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"lacks sequences\.json"):

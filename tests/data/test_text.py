@@ -53,7 +53,7 @@ def test_prompt_template_matches_reference():
     assert format_prompt(PROT, system="S ") == ("S ### Human: <protein><proteinHere></protein> What is the "
                                                 "function of this protein? ### Assistant: A kinase.")
     two = Record((("molecule", "C"), ("protein", "MK")), "Bind?", "Yes.")
-    assert prompt_segments(two, "") == ["### Human: <molecule>", 0, "</molecule> <protein>", 1,
+    assert prompt_segments(two, "") == ["### Human: <molecule>", 0, "</molecule> ### Human: <protein>", 1,
                                         "</protein> Bind? ### Assistant: ", "Yes."]
     assert prompt_segments(Record((), "Q?", "A."), "") == ["### Human: Q? ### Assistant: ", "A."]
 
@@ -68,11 +68,11 @@ def test_encode_layout_exact(llama):
     assert enc.slot_starts == [len(head)]
     assert enc.input_ids.tolist().count(llama.bos_id) == 1 and enc.input_ids[-1] == llama.eos_id
     assert enc.input_ids.dtype == np.int32 and enc.loss_mask.dtype == np.int32
-    # two entities: slots in record order, separated by the closing/opening tags
+    # two entities: slots in record order, each entity its own human turn
     two = encode_record(llama, Record((("molecule", "C"), ("protein", "MK")), "Bind?", "Yes."), [1, 4], system="")
     s0, s1 = two.slot_starts
     assert two.input_ids[s0] == 0 and two.input_ids[s1:s1 + 4].tolist() == [0] * 4
-    assert two.input_ids[s0 + 1:s1].tolist() == llama.encode("</molecule> <protein>")
+    assert two.input_ids[s0 + 1:s1].tolist() == llama.encode("</molecule> ### Human: <protein>")
 
 
 def test_plain_text_is_all_target(llama):

@@ -30,6 +30,11 @@ BUILDERS: dict[str, type[RecordBuilder]] = {cls.name: cls for cls in (
 SAMPLE_SETS = ("chebi20", "chembl_qa", "swissprot", "pubmedqa", "medmcqa", "medqa", "biotext")
 
 
+def default_split(name: str) -> str:
+    """The split a source named without one reads (`medmcqa` is `medmcqa:validation`): its builder's first."""
+    return next(iter(BUILDERS[name].FILES))
+
+
 def shared_data_dir() -> Path | None:
     """`$BMGPT_SHARED_DATA`, or ../shared/data beside the repository; None when neither exists."""
     env = os.environ.get("BMGPT_SHARED_DATA")
@@ -53,10 +58,14 @@ def make_builder(name: str, raw_dir: str | Path | None = None, data_dir: str | P
 
 
 class RecordSource(Sequence[Record]):
-    """Random access to one built split as `Record`s (a thin view over `builder.as_data_source`)."""
+    """Random access to one built split as `Record`s (a thin view over `builder.as_data_source`).
+
+    `bad_records`: what the build left out of the split, `{reason: {"count": n, "examples": [...]}}` (its
+    `metadata.json`, so a cached build has it too), for a reader that counts them (evaluation's `skipped`)."""
 
     def __init__(self, builder: RecordBuilder, split: str):
         self.source = builder.as_data_source(split=split)
+        self.bad_records: dict[str, dict] = dict(builder.info.metadata.get("bad_records", {}).get(split) or {})
 
     def __len__(self) -> int:
         return len(self.source)
@@ -124,5 +133,5 @@ def prepare(builder: RecordBuilder) -> None:
         build()
 
 
-__all__ = ["BUILDERS", "SAMPLE_SETS", "RecordBuilder", "RecordSource", "check_record", "make_builder", "prepare",
-           "read_split", "shared_data_dir"]
+__all__ = ["BUILDERS", "SAMPLE_SETS", "RecordBuilder", "RecordSource", "check_record", "default_split",
+           "make_builder", "prepare", "read_split", "shared_data_dir"]

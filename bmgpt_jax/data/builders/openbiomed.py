@@ -1,7 +1,7 @@
 """PubChemQA and UniProtQA in OpenBioMed's released layout, read from a folder the user downloaded.
 
-    pubchemqa/  train.json val.json test.json        [{"smiles": [...], "question": ..., "answer": ...}, ...]
-    uniprotqa/  train.json val.json test.json        [{"protein_accession": [...], "question", "answer"}, ...]
+    pubchemqa/  train.json valid.json test.json      [{"smiles": [...], "question": ..., "answer": ...}, ...]
+    uniprotqa/  train.json valid.json test.json      [{"protein_accession": [...], "question", "answer"}, ...]
                 sequences.json                       {accession: amino-acid sequence}
 
 Builder configs decide what happens to records with more than one entity: `keep` (default; multi-entity
@@ -17,7 +17,8 @@ import tensorflow_datasets as tfds
 from ..records import BadRecords, Record
 from .base import KEEP_MULTI, SINGLE_ONLY, RecordBuilder, all_str, read_json
 
-SPLIT_FILES = {"train": ("train.json",), "val": ("val.json",), "test": ("test.json",)}
+# the splits and file names OpenBioMed's MQA / PQA datasets read (`{split}.json` for train, valid, test)
+SPLIT_FILES = {"train": ("train.json",), "valid": ("valid.json",), "test": ("test.json",)}
 
 
 class _OpenBioMedQA(RecordBuilder, skip_registration=True):
