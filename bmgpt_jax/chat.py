@@ -2,7 +2,8 @@
 
 Questions become prompts in the reference's template (`data.prompts`: placeholders, entity slots, one
 BOS); a batch of them is collated, embedded by a jitted `embed_inputs` (molecule and protein tokens
-spliced in) and decoded by `generation.generate` from the spliced embeddings, stopping at EOS or `###`.
+spliced in) and decoded by `generation.generate` from the spliced embeddings, stopping at EOS as the
+reference does (`--stop-at-separator`: at the turn separator `###` too).
 
     python -m bmgpt_jax.chat --checkpoint DIR --smiles 'CC(=O)Oc1ccccc1C(=O)O' --question 'What is it?'
     python -m bmgpt_jax.chat --checkpoint DIR --interactive
@@ -40,27 +41,36 @@ from bmgpt_jax.data.text import Tokenizer, tokenizer_of
 from bmgpt_jax.generation import GenerationConfig, generate
 from bmgpt_jax.inputs import check_model_folder, check_output_file, one_line, positive_int
 
-OPTIONS = ("max_new_tokens", "do_sample", "num_beams", "temperature", "top_k", "top_p", "repetition_penalty",
-           "length_penalty", "seed")
+HF_OPTIONS = ("max_new_tokens", "do_sample", "num_beams", "temperature", "top_k", "top_p", "repetition_penalty",
+              "length_penalty", "seed")
+OPTIONS = HF_OPTIONS + ("stop_at_separator",)   # ours: also stop at `###`, and cut the answer there
 ROW_KEYS = ("question", "smiles", "protein", "system", "id")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def stop_sequences(tok: Tokenizer) -> tuple[tuple[int, ...], ...]:
-    """The token sequences of the reference's stop word `###`: as a word (Llama: `[835]`) and glued to the
-    text before it (Llama: `[2277, 29937]`), derived from `tok` so any SentencePiece model works."""
+    """The token sequences of the turn separator `###` (`stop_at_separator`): as a word (Llama: `[835]`) and
+    glued to the text before it (Llama: `[2277, 29937]`), derived from `tok` so any SentencePiece model works.
+    (MiniGPT-4 hard-codes these Llama ids as stop words; the reference stops at EOS only.)"""
     word, head, glued = tok.encode("###"), tok.encode("a"), tok.encode("a###")
     seqs = {tuple(word)} | ({tuple(glued[len(head):])} if glued[:len(head)] == head else set())
     return tuple(sorted(seqs, key=lambda s: (len(s), s)))
 
 
 def generation_config(tok: Tokenizer, options: dict) -> GenerationConfig:
-    """Chat defaults (greedy, 256 new tokens, stop at EOS or `###`) with HF-named `options` applied."""
+    """Chat defaults (greedy, 256 new tokens, stop at EOS: the reference's) with `options` applied: the
+    HF-named ones, and `stop_at_separator=True` to stop at `###` too (`stop_sequences`)."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown generation option(s) {unknown}; valid: {list(OPTIONS)}")
-    return GenerationConfig(eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, stop_sequences=stop_sequences(tok),
-                            **options)
+    stops = stop_sequences(tok) if options.get("stop_at_separator") else ()
+    return GenerationConfig(eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, stop_sequences=stops,
+                            **hf_options(options))
+
+
+def hf_options(options: dict) -> dict:
+    """`options` less ours (`stop_at_separator`): the `GenerationConfig` fields."""
+    return {k: v for k, v in options.items() if k in HF_OPTIONS}
 
 
 def encode_prompt(model, prompt: Prompt, max_new_tokens: int, max_protein_len: int = 1024) -> examples.Encoded:
@@ -90,9 +100,11 @@ def generate_tokens(model, encoded: Sequence[examples.Encoded], config: Generati
     return out[:len(encoded)]
 
 
-def answer_text(tok: Tokenizer, tokens) -> str:
-    """The reference's post-processing: decode, cut at `###`, keep what follows a stray `Assistant:`."""
-    return tok.decode(tokens).split("###")[0].split("Assistant:")[-1].strip()
+def answer_text(tok: Tokenizer, tokens, stop_at_separator: bool = False) -> str:
+    """The reference's post-processing: decode (up to EOS), keep what follows the last `Assistant:`, strip.
+    `stop_at_separator`: cut at the first `###` before that (the text of a decode that stopped there)."""
+    text = tok.decode(tokens)
+    return (text.split("###")[0] if stop_at_separator else text).split("Assistant:")[-1].strip()
 
 
 def answer_prompts(model, prompts: Sequence[Prompt], **options) -> list[str]:
@@ -100,7 +112,8 @@ def answer_prompts(model, prompts: Sequence[Prompt], **options) -> list[str]:
     tok = tokenizer_of(model)
     cfg = generation_config(tok, options)
     encoded = [encode_prompt(model, p, cfg.max_new_tokens) for p in prompts]
-    return [answer_text(tok, row) for row in generate_tokens(model, encoded, cfg)]
+    cut = bool(options.get("stop_at_separator"))
+    return [answer_text(tok, row, cut) for row in generate_tokens(model, encoded, cfg)]
 
 
 class Conversation:
@@ -126,12 +139,19 @@ class Conversation:
         self.pending.append(("protein", sequence))
 
     def ask(self, question: str, smiles=None, protein=None, **options) -> str:
-        """The answer to `question` about the pending entities plus `smiles` / `protein`."""
-        entities = self.pending + as_entities(smiles, protein)
-        prompt = make_prompt(question, entities, self.system, self.history, self.entities)
-        answer = answer_prompts(self.model, [prompt], **{**self.options, **options})[0]
+        """The answer to `question` about the pending entities plus `smiles` / `protein`. The pending
+        entities belong to this question whether it is answered or fails (a protein too long for the
+        context would otherwise fail every later question the same way): a failure leaves the history as
+        it was and raises ValueError naming what was dropped."""
+        entities, self.pending = self.pending + as_entities(smiles, protein), []
+        try:
+            prompt = make_prompt(question, entities, self.system, self.history, self.entities)
+            answer = answer_prompts(self.model, [prompt], **{**self.options, **options})[0]
+        except ValueError as e:
+            dropped = ", ".join(f"{kind} {value[:40]!r}" for kind, value in entities)
+            raise ValueError(f"{e} (dropped with the question: {dropped})" if dropped else str(e)) from None
         self.history.append((human_message(question, entities)[0], answer))
-        self.entities, self.pending = prompt.entities, []
+        self.entities = prompt.entities
         return answer
 
 
@@ -156,7 +176,7 @@ def iter_answers(model, lines: Iterable[str | bytes], batch_size: int = 8, syste
     `skip`: line numbers not to answer (those a previous run already wrote, `--resume`). A line given as
     bytes is decoded alone, so one that is not UTF-8 is that line's error, not the end of the job."""
     tok = tokenizer_of(model)
-    cfg = generation_config(tok, options)
+    cfg, cut = generation_config(tok, options), bool(options.get("stop_at_separator"))
     pending: list[dict] = []                          # rows since the last decoded batch
     ready: list[tuple[int, examples.Encoded]] = []    # (index in pending, encoded prompt)
 
@@ -164,7 +184,7 @@ def iter_answers(model, lines: Iterable[str | bytes], batch_size: int = 8, syste
         if ready:
             tokens = generate_tokens(model, [enc for _, enc in ready], cfg, rows=batch_size)
             for (j, _), row in zip(ready, tokens):
-                pending[j]["answer"] = answer_text(tok, row)
+                pending[j]["answer"] = answer_text(tok, row, cut)
         done = pending.copy()
         pending.clear()
         ready.clear()
@@ -222,12 +242,15 @@ def interactive(conv: Conversation, lines: Iterable[str], out=None) -> None:
 
 
 def add_generation_args(ap) -> None:
-    """`--dtype` and the generation options (HF names as flags) on a command line."""
+    """`--dtype` and the generation options (HF names as flags, and `--stop-at-separator`) on a command line."""
     ap.add_argument("--dtype", choices=DTYPES, help="LM compute dtype (default: the folder's, float32)")
     for name, kind in (("max_new_tokens", int), ("num_beams", int), ("temperature", float), ("top_k", int),
                        ("top_p", float), ("repetition_penalty", float), ("length_penalty", float), ("seed", int)):
         ap.add_argument("--" + name.replace("_", "-"), type=kind)
     ap.add_argument("--do-sample", action="store_true", default=None)
+    ap.add_argument("--stop-at-separator", action="store_true", default=None,
+                    help="stop decoding at the turn separator '###' too and cut the answer there (default: stop at "
+                    "EOS only and keep the text after the last 'Assistant:', as the reference does)")
 
 
 def mesh_shape(text: str) -> tuple[int, ...]:
@@ -242,9 +265,10 @@ def mesh_shape(text: str) -> tuple[int, ...]:
 
 
 def options_of(args) -> dict:
-    """The generation options given on the line (HF names); ValueError naming the first out of its range."""
+    """The generation options given on the line (HF names, `stop_at_separator`); ValueError naming the first
+    out of its range."""
     options = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None}
-    GenerationConfig(**options)
+    GenerationConfig(**hf_options(options))
     return options
 
 

@@ -1,6 +1,7 @@
 """Generation for BioMedGPT and chat: prompt-only encoding, greedy and beam parity with transformers'
 `generate` on the reference composition's spliced embeddings, tokenizer attachment under jit, the Python
 API, CLI (one answer, interactive, JSONL), checkpoint folders and bad input (--mesh: test_chat_mesh.py)."""
+import argparse
 import dataclasses
 import json
 
@@ -92,7 +93,7 @@ def hf_generate(ref, tok, torch, stops=(), alone=False, **kw):
     prompt at a time; new tokens cut after EOS and padded to N like ours."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    class StopOn(StoppingCriteria):  # the reference's stop-word criterion, per row
+    class StopOn(StoppingCriteria):  # a stop-word criterion (`stop_at_separator`'s), per row
         def __call__(self, ids, scores, **_):
             done = torch.zeros(ids.shape[0], dtype=torch.bool)
             for s in stops:
@@ -129,7 +130,7 @@ def test_greedy_equals_transformers_on_the_reference_embeddings(pair, tok, torch
 def test_beam_equals_transformers_on_the_reference_embeddings(pair, tok, torch):
     ref, ours = pair
     beam = {"num_beams": 5, "repetition_penalty": 1.5, "max_new_tokens": N}
-    cfg = dataclasses.replace(chat.generation_config(tok, beam), stop_sequences=())  # HF beams: EOS only
+    cfg = chat.generation_config(tok, beam)   # EOS only, as the reference
     encoded = [chat.encode_prompt(ours, p, N) for p in prompts_of(RECORDS)]
     # HF is run per prompt: on a left-padded embeddings batch its repetition penalty skips each row's first
     # `padding length` new tokens (prompt_ignore_length is meant for padded ids), so rows would not match
@@ -138,11 +139,21 @@ def test_beam_equals_transformers_on_the_reference_embeddings(pair, tok, torch):
                                   hf_generate(ref, tok, torch, alone=True, num_beams=5, repetition_penalty=1.5))
 
 
-def test_stop_words_come_from_the_tokenizer(tok):
-    assert chat.stop_sequences(tok) == ((835,), (2277, 29937))  # the reference's hard-coded ids
+def test_answers_end_at_eos_as_the_reference_and_at_the_separator_when_asked(tok):
+    """The reference's `Conversation.answer` decodes until EOS and keeps what follows the last `Assistant:`,
+    stripped; stopping (and cutting) at `###` is `stop_at_separator`, with ids derived from the tokenizer."""
+    said = tok.encode("It is a flavonoid. ### Human: And its role? ### Assistant: A plant metabolite.")
+    assert chat.generation_config(tok, {}).stop_sequences == ()
+    assert chat.answer_text(tok, said + [tok.eos_id, tok.pad_id]) == "A plant metabolite."
+    assert chat.generation_config(tok, {"stop_at_separator": True}).stop_sequences == ((835,), (2277, 29937))
+    assert chat.answer_text(tok, said + [tok.eos_id], stop_at_separator=True) == "It is a flavonoid."
+    assert chat.answer_text(tok, tok.encode("It is aspirin.###Human: next"), True) == "It is aspirin."
     demo = load_tokenizer(None)
     assert all(demo.decode(s).strip() == "###" for s in chat.stop_sequences(demo))
-    assert chat.answer_text(tok, tok.encode("It is aspirin.###Human: next") + [tok.pad_id]) == "It is aspirin."
+    ap = argparse.ArgumentParser()
+    chat.add_generation_args(ap)     # chat's and evaluate's command lines
+    assert chat.options_of(ap.parse_args([])) == {}
+    assert chat.options_of(ap.parse_args(["--stop-at-separator"])) == {"stop_at_separator": True}
 
 
 def test_attached_tokenizer_keeps_split_and_jit_working(pair, tok):
@@ -178,6 +189,16 @@ def test_chat_api_conversation_and_bad_input(demo_model):
     assert p.text.endswith(f"### Assistant: {a2} ### Human: Bind <protein><proteinHere></protein>? ### Assistant: ")
     conv.reset()
     assert conv.history == [] and conv.entities == ()
+    conv.append_protein("M" * 1000)   # too long for the context: the question fails and takes it along
+    with pytest.raises(ValueError, match=r"exceeds the context of 1024 \(dropped with the question: protein 'MMM"):
+        conv.ask("What is it?")
+    assert conv.pending == [] and conv.history == [] and conv.ask("What is this molecule?", "CCO") == a1
+    conv.history[-1] = (conv.history[-1][0], "Like <moleculeHere> or <proteinHere>.")  # a generated placeholder
+    p = chat.make_prompt("And <proteinHere>?", [("protein", "MK")], None, conv.history, conv.entities)
+    assert "Like  or ." in p.text and p.entities == (("molecule", "CCO"), ("protein", "MK"))
+    assert isinstance(conv.ask("And <proteinHere>?", protein="MK"), str)
+    with pytest.raises(ValueError, match="system prompt 'S <moleculeHere>' holds an entity placeholder"):
+        chat.make_prompt("Q?", [], "S <moleculeHere>")
     inline = chat.make_prompt("Does <proteinHere> bind <molecule><moleculeHere></molecule>?",
                               chat.as_entities("CCO", "MK"), "")
     assert inline == chat.Prompt("### Human: Does <protein><proteinHere></protein> bind "
