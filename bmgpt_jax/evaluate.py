@@ -22,7 +22,8 @@ processes each feeds its block of every batch and process 0 writes. The run fold
 `--resume` asks only the records without a row),
 `metrics.json` (after every source), `report.png` (ours beside the paper's figures) and the table on
 stdout. Records that cannot be asked (no answer, invalid SMILES, bad residues, too long) are reported on
-stderr, written with an `error`, and left out of the metrics.
+stderr, written with an `error`, and left out of the metrics; those the dataset's build left out
+(`evaluation/sources.py`) are reported and counted as skipped too.
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ import contextlib
 import json
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
@@ -44,11 +44,12 @@ from bmgpt_jax.data.examples import Encoded
 from bmgpt_jax.data.pipeline import global_batch
 from bmgpt_jax.data.records import BadRecords, Record
 from bmgpt_jax.evaluation import batches
-from bmgpt_jax.evaluation.choices import (answer_options, choice_options, extract_choice, gold_key, has_long_answer,
-                                          is_yes_no, normalize)
-from bmgpt_jax.evaluation.report import PAPER, bar_chart, format_table, paper_row
+from bmgpt_jax.evaluation.choices import answer_options, choice_options, extract_choice, gold_key, is_yes_no
+from bmgpt_jax.evaluation.metrics import score
+from bmgpt_jax.evaluation.report import bar_chart, format_table, paper_row
 from bmgpt_jax.evaluation.resume import finished_rows
 from bmgpt_jax.evaluation.scoring import MeshModel
+from bmgpt_jax.evaluation.sources import SourceRecords, load_records
 from bmgpt_jax.evaluation.text_metrics import MissingResource, load_text_tokenizer, load_wordnet, text_metrics
 from bmgpt_jax.inputs import check_not_url, one_line, positive_int
 
@@ -56,6 +57,9 @@ MODES = ("both", "generate", "loglik")
 REASONS = (("not a string", "answer not a string"), ("no answer", "no answer"), ("SMILES", "invalid SMILES"),
            ("residue", "bad residues"), ("context", "too long"))
 Sink = Callable[[dict], None]
+# the Python API (docs/evaluate.md): this module's own, and the building blocks its examples call through it
+__all__ = ["MODES", "Option", "ProcessesDisagree", "SourceRecords", "encode_records", "evaluate", "extract_choice",
+           "generate_pass", "load_records", "loglik_pass", "main", "options_of", "read_choice", "score", "text_metrics"]
 
 
 class Option(NamedTuple):
@@ -67,26 +71,22 @@ class Option(NamedTuple):
     encoded: Encoded
 
 
-def load_records(spec: str, raw_dir: str | None = None, data_dir: str | None = None,
-                 limit: int | None = None) -> list[Record]:
-    """The first `limit` records of source `spec` (`name:split`, `demo:test`, ...), built under `data_dir` if needed."""
-    from bmgpt_jax.data.pipeline import DataConfig, Records
-    name = spec.partition(":")[0]
-    cfg = DataConfig(sources=(spec,), raw_dirs={name: raw_dir} if raw_dir else {}, data_dir=data_dir or "")
-    records = Records(cfg)
-    return [records[i] for i in range(len(records) if limit is None else min(limit, len(records)))]
-
-
 def _reason(message: str) -> str:
     return next((reason for key, reason in REASONS if key in message), "other")
 
 
 def encode_records(mm: MeshModel, records: Sequence[Record], system: str | None, max_new_tokens: int,
-                   log=None, done: Mapping[int, dict] | None = None) -> tuple[list[dict], dict[int, Encoded]]:
+                   log=None, done: Mapping[int, dict] | None = None,
+                   loglik: bool = False) -> tuple[list[dict], dict[int, Encoded]]:
     """A row per record (`index`, `id`, `reference`, `label`; `error` and `reason` when it cannot be asked)
     and the encoded prompts of the others; what was skipped is summarised on `log` (stderr). `done`: the
-    finished rows of an earlier run by record index, taken as they are (not encoded, not asked again)."""
-    rows, encoded, bad = [], {}, BadRecords()
+    finished rows of an earlier run by record index, taken as they are (not encoded, not asked again).
+    `max_new_tokens`: the room a generated answer needs after the prompt (0: nothing is generated).
+    `loglik`: labelled records are scored by log-likelihood too, which needs only the prompt and an option
+    to fit (`options_of`), so whether one is scored does not depend on `max_new_tokens`: a labelled prompt
+    that fits alone but leaves no room for the new tokens gets `gen_error` (not generated) instead of `error`."""
+    rows, encoded, bad, ungenerated = [], {}, BadRecords(), BadRecords()
+    context = mm.config.lm.max_position_embeddings
     for i, r in enumerate(records):
         if done and i in done:
             rows.append(dict(done[i]))
@@ -98,17 +98,31 @@ def encode_records(mm: MeshModel, records: Sequence[Record], system: str | None,
             if not r.answer.strip():
                 raise ValueError("the record has no answer")
             prompt = chat.make_prompt(r.question, r.entities, system)
-            encoded[i] = chat.encode_prompt(mm.module, prompt, max_new_tokens)
+            alone = loglik and bool(r.label)
+            encoded[i] = chat.encode_prompt(mm.module, prompt, 0 if alone else max_new_tokens)
+            if alone and encoded[i].length + max_new_tokens > context:
+                row["gen_error"] = (f"prompt of {encoded[i].length} positions plus max_new_tokens={max_new_tokens} "
+                                    f"exceeds the context of {context}: scored by log-likelihood only")
+                ungenerated.add("too long to generate", f"record {i} (id {r.id!r}): {encoded[i].length} positions")
         except ValueError as e:
             row.update(error=str(e), reason=_reason(str(e)))
             bad.add(row["reason"], f"record {i} (id {r.id!r}): {e}")
         rows.append(row)
-    if bad.total and jax.process_index() == 0:
-        log = log or sys.stderr
-        print(f"evaluate: skipped {bad.total} of {len(records)} record(s)", file=log)
-        for reason, info in bad.as_dict().items():
-            print(f"  {reason}: {info['count']} (e.g. {'; '.join(info['examples'])})", file=log)
+    if bad.total:
+        _tell(log, f"skipped {bad.total} of {len(records)} record(s)", bad.as_dict())
+    if ungenerated.total:
+        _tell(log, f"{ungenerated.total} labelled record(s) not generated (gen_skipped), scored by log-likelihood "
+              "only", ungenerated.as_dict())
     return rows, encoded
+
+
+def _tell(log, what: str, reasons: Mapping[str, dict]) -> None:
+    """`evaluate: what` and a line per reason (its count and first examples) on `log` (stderr), by process 0."""
+    if jax.process_index() == 0:
+        log = log or sys.stderr
+        print(f"evaluate: {what}", file=log)
+        for reason, info in reasons.items():
+            print(f"  {reason}: {info['count']} (e.g. {'; '.join(info['examples'])})", file=log)
 
 
 def options_of(mm: MeshModel, records: Sequence[Record], rows: list[dict], encoded: dict[int, Encoded]) -> list[Option]:
@@ -167,8 +181,9 @@ def read_choice(record: Record, row: dict) -> None:
 
 
 def generate_pass(mm: MeshModel, records: Sequence[Record], rows: list[dict], encoded: dict[int, Encoded], config,
-                  rows_per: int, sink: Sink, bar) -> None:
-    """Answer every encoded record (one generate call per global batch), writing each row as it is done."""
+                  rows_per: int, sink: Sink, bar, cut: bool = False) -> None:
+    """Answer every encoded record (one generate call per global batch), writing each row as it is done;
+    `cut`: the answers are cut at `###` (`stop_at_separator`)."""
     order = sorted(encoded)
     max_len = mm.config.lm.max_position_embeddings - config.max_new_tokens
     for plan in batches.plan_batches([encoded[i].length for i in order], rows_per):
@@ -178,40 +193,11 @@ def generate_pass(mm: MeshModel, records: Sequence[Record], rows: list[dict], en
         tokens = mm.generate(global_batch(local, mm.mesh), config)
         for q in range(jax.process_count()):
             for j, i in enumerate(plan[q * rows_per:(q + 1) * rows_per], q * rows_per):
-                rows[i]["prediction"] = chat.answer_text(mm.tokenizer, tokens[j])
+                rows[i]["prediction"] = chat.answer_text(mm.tokenizer, tokens[j], cut)
                 if records[i].label:
                     read_choice(records[i], rows[i])
                 sink(rows[i])
         bar.update(len(plan))
-
-
-def score(records: Sequence[Record], rows: Sequence[dict], vocab: str | None = None,
-          nltk_data: str | None = None) -> dict:
-    """Metrics of one source from its records and finished rows (rows with an `error` are skipped).
-    `accuracy` / `extraction_failures` when labelled records were generated, `ll_accuracy(_norm)` when they
-    were scored by log-likelihood, the text metrics (`text_metrics`) and `exact_match` over the generated
-    free-text answers and PubMedQA-style long answers."""
-    done = [(r, row) for r, row in zip(records, rows, strict=True) if "error" not in row]
-    out: dict = {"n": len(done), "skipped": len(rows) - len(done)}
-    if out["skipped"]:
-        out["skipped_reasons"] = dict(Counter(row["reason"] for row in rows if "error" in row))
-    generated = [row for r, row in done if r.label and "prediction" in row]
-    if generated:
-        out["accuracy"] = sum(row["correct"] for row in generated) / len(generated)
-        out["extraction_failures"] = sum(row["choice"] is None for row in generated)
-    scored = [row for r, row in done if r.label and "ll_logprobs" in row]
-    if scored:
-        out["ll_accuracy"] = sum(row["ll_correct"] for row in scored) / len(scored)
-        out["ll_accuracy_norm"] = sum(row["ll_correct_norm"] for row in scored) / len(scored)
-    if any("ll_error" in row for _, row in done):
-        out["ll_skipped"] = sum("ll_error" in row for _, row in done)
-    texts = [(r.answer, row["prediction"]) for r, row in done
-             if "prediction" in row and (not r.label or has_long_answer(r))]
-    if texts:
-        refs, preds = zip(*texts)
-        out.update(text_metrics(refs, preds, vocab, nltk_data))
-        out["exact_match"] = sum(normalize(r) == normalize(p) for r, p in texts) / len(texts)
-    return out
 
 
 class ProcessesDisagree(ValueError):
@@ -237,10 +223,12 @@ def evaluate(model, records: Sequence[Record], *, batch_size: int = 8, system: s
     """Rows (one per record, see docs/evaluate.md) and metrics of `records`.
 
     model: a BioMedGPT with its tokenizer (placed on `mesh`, default all devices on `data`) or a `MeshModel`.
-    mode: `both`, `generate` or `loglik`. sink: called with each row once it is final (to write it).
+    records: a sequence of records, or `load_records`' `SourceRecords`, whose `dropped` (left out by the build)
+    count as skipped. mode: `both`, `generate` or `loglik`. sink: called with each row once it is final.
     done: finished rows of an earlier run of the same evaluation, by record index (`--resume`): kept as
     they are, not asked again, not sunk again, scored with the others.
-    options: HF-named generation options (`max_new_tokens`, `num_beams`, ...). `batch_size` is rounded up so
+    options: chat's generation options (HF-named `max_new_tokens`, `num_beams`, ..., and `stop_at_separator`:
+    stop at `###` too and cut the answer there). `batch_size` is rounded up so
     that every process's block divides over the batch axes. Metrics gain `speed` (examples/s).
     """
     if mode not in MODES:
@@ -249,28 +237,34 @@ def evaluate(model, records: Sequence[Record], *, batch_size: int = 8, system: s
     sink = sink or (lambda row: None)
     config = chat.generation_config(mm.tokenizer, options)
     rows_per = batches.rows_per_process(batch_size, mm.mesh)
-    rows, encoded = encode_records(mm, records, system, 0 if mode == "loglik" else config.max_new_tokens, log, done)
+    dropped = records.dropped if isinstance(records, SourceRecords) else {}
+    if dropped:
+        _tell(log, f"the build of the dataset left out {sum(d['count'] for d in dropped.values())} record(s) of the "
+              "split (the build's bad records): no row, counted in skipped", dropped)
+    rows, encoded = encode_records(mm, records, system, 0 if mode == "loglik" else config.max_new_tokens, log, done,
+                                   loglik=mode != "generate")
     for i, row in enumerate(rows):
         if "error" in row and not (done and i in done):
             sink(row)
     to_score = options_of(mm, records, rows, encoded) if mode != "generate" else []
+    to_generate = {i: e for i, e in encoded.items() if "gen_error" not in rows[i]} if mode != "loglik" else {}
     _check_processes_agree(len(records), len(encoded), len(to_score))
-    total = len(to_score) + (len(encoded) if mode != "loglik" else 0)
     speed = {}
-    with tqdm(total=total, desc=desc or "evaluate", unit="ex", file=log or sys.stderr,
+    with tqdm(total=len(to_score) + len(to_generate), desc=desc or "evaluate", unit="ex", file=log or sys.stderr,
               disable=not progress or jax.process_index() != 0) as bar:
         if to_score:
             start = time.perf_counter()
             loglik_pass(mm, records, rows, to_score, rows_per, bar)
             speed["loglik_options_per_s"] = len(to_score) / (time.perf_counter() - start)
-        if mode == "loglik":
-            for i in encoded:
+        for i in encoded:
+            if i not in to_generate:
                 sink(rows[i])
-        elif encoded:
+        if to_generate:
             start = time.perf_counter()
-            generate_pass(mm, records, rows, encoded, config, rows_per, sink, bar)
-            speed["generate_examples_per_s"] = len(encoded) / (time.perf_counter() - start)
-    metrics = score(records, rows, vocab, nltk_data)
+            generate_pass(mm, records, rows, to_generate, config, rows_per, sink, bar,
+                          cut=bool(options.get("stop_at_separator")))
+            speed["generate_examples_per_s"] = len(to_generate) / (time.perf_counter() - start)
+    metrics = score(records, rows, vocab, nltk_data, {reason: info["count"] for reason, info in dropped.items()})
     metrics["speed"] = speed
     return rows, metrics
 
@@ -336,7 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if writer:
         out.mkdir(parents=True, exist_ok=True)
     run = {"checkpoint": str(args.checkpoint), "mesh": dict(mm.mesh.shape), "processes": jax.process_count(),
-           "batch_size": args.batch_size, "limit": args.limit, "mode": args.mode, "generation": options,
+           "batch_size": args.batch_size, "limit": args.limit, "mode": args.mode,
+           "generation": chat.hf_options(options), "stop": "separator" if options.get("stop_at_separator") else "eos",
            "system": args.system, "dtype": mm.config.lm.dtype}
     try:
         done = finished_rows(out, run, sources) if args.resume else {}
@@ -381,7 +376,7 @@ def _evaluate_sources(mm: MeshModel, sources: Mapping[str, Sequence[Record]], do
                                         sink=sink, progress=not args.no_progress, desc=spec, done=done.get(spec),
                                         vocab=args.scibert_vocab, nltk_data=args.nltk_data, **options)
             if writer:
-                paper = {s: PAPER[s.partition(":")[0]] for s in metrics if paper_row(s)}
+                paper = {s: paper_row(s) for s in metrics if paper_row(s)}
                 (out / "metrics.json").write_text(json.dumps({"sources": metrics, "paper": paper, "run": run},
                                                              indent=1))
                 speed = ', '.join(f'{k} {v:.2f}' for k, v in metrics[spec]['speed'].items())

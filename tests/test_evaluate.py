@@ -1,5 +1,5 @@
-"""Evaluation: option extraction and options, scoring of labelled and free-text rows, bad records counted and
-written, the same answers on one device and on a sharded mesh, the CLI end to end (run folder, paper
+"""Evaluation (reading choices: evaluation/test_choices.py): scoring of labelled and free-text rows, bad records
+counted and written, the same answers on one device and on a sharded mesh, the CLI end to end (run folder, paper
 rows, chart), predictions kept across a crash, and one-line errors for bad sources and missing resources."""
 import dataclasses
 import json
@@ -15,7 +15,8 @@ from bmgpt_jax import parallel
 from bmgpt_jax.data.records import Record
 from bmgpt_jax.convert.folder import save_pretrained
 from bmgpt_jax.data.text import attach_tokenizer, load_tokenizer
-from bmgpt_jax.evaluation import choices, report
+from bmgpt_jax.evaluation import report
+from bmgpt_jax.evaluation.choices import has_long_answer
 from bmgpt_jax.evaluation.scoring import MeshModel
 from bmgpt_jax.models.biomedgpt import BioMedGPT, BioMedGPTConfig
 from bmgpt_jax.models.esm import EsmConfig
@@ -26,44 +27,13 @@ from tests.test_chat_mesh import assert_read_as_shards, slice_reads
 MC_Q = "Which drug?\nA. Aspirin\nB. Caffeine\nC. Ethanol\nD. Water"
 
 
-@pytest.mark.parametrize("text, options, expected", [
-    ("B. Aspirin", None, "B"), ("(C)", None, "C"), ("D", None, "D"), ("E: last", None, "E"),
-    ("The answer is A.", None, "A"), ("Answer: (B) because", None, "B"), ("I choose option C", None, "C"),
-    ("A patient with fever", None, None), ("I do not know", None, None),
-    ("aspirin and ibuprofen daily", {"A": "Aspirin", "B": "Aspirin and ibuprofen"}, "B"),
-    ("Aspirin.", {"A": "Aspirin", "B": "Aspirin and ibuprofen"}, "A"),
-    ("Aspirinate", {"A": "Aspirin", "B": "Aspirin and ibuprofen"}, None),
-])
-def test_letter_extraction(text, options, expected):
-    assert ev.extract_choice(text, options=options) == expected
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("Yes. The study shows ...", "yes"), ("no", "no"), ("MAYBE, the data are unclear", "maybe"),
-    ("The answer is no.", "no"), ("Answer: yes", "yes"), ("Not clear", None), ("Nothing was found", None),
-])
-def test_yes_no_extraction(text, expected):
-    assert ev.extract_choice(text, yes_no=True) == expected
-
-
-def test_answer_options():
-    assert choices.answer_options(Record((), MC_Q, "B. Caffeine", label="B")) == {
-        "A": "A. Aspirin", "B": "B. Caffeine", "C": "C. Ethanol", "D": "D. Water"}
-    assert choices.answer_options(Record((), "Q?", "No. Because.", label="no")) == {
-        "yes": "Yes.", "no": "No.", "maybe": "Maybe."}
-    with pytest.raises(ValueError, match=r"record 'q7': label 'E' is not one of the question's options"):
-        choices.answer_options(Record((), MC_Q, "E. Milk", label="E", id="q7"))
-    with pytest.raises(ValueError, match="no A./B./... lines"):
-        choices.answer_options(Record((), "Which drug?", "B. Caffeine", label="B"))
-
-
 def test_score_rows(shared_data):
     records = [Record((), MC_Q, "B. Caffeine", label="B"), Record((), MC_Q, "A. Aspirin", label="A"),
                Record((), MC_Q, "C. Ethanol", label="C"), Record((), "Q?", "Yes. It works.", label="yes"),
                Record((), "Describe.", "It is a molecule."), Record((), "Describe.", "Unused.")]
-    assert [ev.has_long_answer(r) for r in records[:4]] == [False, False, False, True]
+    assert [has_long_answer(r) for r in records[:4]] == [False, False, False, True]
     stray = Record((), "Q?\nA. Sepsis\nB. Benzodiazepine intoxication", 'B. Benzodiazepine intoxication\n"', label="B")
-    assert not ev.has_long_answer(stray)                       # as in a MedQA test record: stray quote
+    assert not has_long_answer(stray)                          # as in a MedQA test record: stray quote
     rows = [{"prediction": "B. Caffeine"}, {"prediction": "Caffeine"}, {"prediction": "dunno"},
             {"prediction": "Yes. It works."}, {"prediction": "It is a molecule."},
             {"error": "SMILES 'C1CC' ...", "reason": "invalid SMILES"}]
@@ -89,6 +59,12 @@ def test_report_table_and_chart(tmp_path):
     assert lines[1].split()[:5] == ["pubmedqa:test", "4", "1", "0.5000", "0.7500"]
     assert lines[2].split()[:6] == ["paper:", "BioMedGPT-10B", "(fine-tuned)", "-", "-", "0.7610"]
     assert lines[3].startswith("chebi20:test") and len(lines) == 4
+    other_splits = {"pubmedqa:train": {"n": 2, "skipped": 0, "accuracy": 0.5},
+                    "pubchemqa:valid": {"n": 2, "skipped": 0, "bleu2": 0.1}}
+    assert [line.split()[0] for line in report.format_table(other_splits).splitlines()] == [
+        "source", "pubmedqa:train", "pubchemqa:valid"]                  # the paper reported on test splits only
+    assert report.paper_row("pubmedqa") is None                        # its first split: train
+    assert report.paper_row("medmcqa")["metrics"] == {"accuracy": 0.514}   # its only split: validation
     assert report.paper_row("pubchemqa:test")["metrics"] == {"bleu2": 0.234, "bleu4": 0.141, "rougeL": 0.332,
                                                                "meteor": 0.308}
     assert all(row["fine_tuned"] for row in report.PAPER.values())
@@ -147,6 +123,59 @@ def test_bad_records_are_counted_and_written(checkpoint, shared_data, capsys):
     assert "skipped 4 of 6 record(s)" in err and "invalid SMILES: 1" in err and "too long: 1" in err
 
 
+def test_loglik_scoring_does_not_depend_on_max_new_tokens(checkpoint, capsys):
+    """Log-likelihood needs the prompt and an option to fit, generation the prompt and max_new_tokens: a
+    labelled prompt of 984 positions (room for its options, not for 64 new tokens) is scored in `both` as in
+    `loglik`, only its generation skipped (`gen_error`, `gen_skipped`); free text that long is skipped."""
+    model = chat.from_pretrained(checkpoint)
+    protein = (("protein", "MKT" * 300),)
+    records = [Record(protein, MC_Q, "B. Caffeine", label="B", id="long"), Record((), MC_Q, "C. Ethanol", label="C"),
+               Record((("protein", "MKT" * 310),), "What is it?", "A protein.", id="long text")]
+    mesh = parallel.make_mesh((1, 1, 1))
+    loglik, m_loglik = ev.evaluate(model, records, batch_size=2, mesh=mesh, mode="loglik", max_new_tokens=64)
+    written = []
+    both, m = ev.evaluate(model, records, batch_size=2, mesh=mesh, max_new_tokens=64, sink=written.append)
+    assert [r.get("gen_error", "")[:27] for r in both] == ["prompt of 984 positions plu", "", ""]
+    assert both[0]["ll_logprobs"] == pytest.approx(loglik[0]["ll_logprobs"]) and "prediction" not in both[0]
+    keys = ("ll_accuracy", "ll_accuracy_norm")
+    assert [m[k] for k in keys] == [m_loglik[k] for k in keys]
+    assert m["gen_skipped"] == 1 and m["n"] == 2 and m["skipped_reasons"] == {"too long": 1}
+    assert isinstance(both[1]["prediction"], str) and "exceeds the context" in both[2]["error"]
+    assert sorted(r["index"] for r in written) == [0, 1, 2]                 # every row reaches the sink once
+    assert "1 labelled record(s) not generated (gen_skipped), scored by log-likelihood only" in capsys.readouterr().err
+    shorter, _ = ev.evaluate(model, records[:1], batch_size=2, mesh=mesh, max_new_tokens=32)
+    assert "gen_error" not in shorter[0] and shorter[0]["ll_logprobs"] == pytest.approx(both[0]["ll_logprobs"])
+
+
+def test_records_the_build_left_out_are_counted(checkpoint, tmp_path, capsys):
+    """A ChEBI-20 test file with 3 good rows, 2 invalid SMILES and 1 empty answer: the build keeps 3, and the
+    3 it left out are skipped with their reasons and listed on stderr, on the run that builds the dataset
+    and on the run that finds it built; a --limit that cuts the split says why they are not counted."""
+    rows = ["1\tCCO\tEthanol.", "2\tC1CC(\tBroken.", "3\tCCN\t ", "4\tCC[Xx]\tWeird.", "5\tCCC\tPropane.",
+            "6\tCCCC\tButane."]
+    raw = tmp_path / "raw" / "molecules"
+    raw.mkdir(parents=True)
+    for split in ("validation", "test"):
+        (raw / f"chebi20_{split}.txt").write_text("CID\tSMILES\tdescription\n" + "\n".join(rows) + "\n")
+    argv = ["--checkpoint", str(checkpoint), "--source", "chebi20:test", "--raw-dir", str(raw.parent), "--data-dir",
+            str(tmp_path / "tfds"), "--out-dir", str(tmp_path / "run"), "--mode", "loglik", "--no-progress"]
+    for run in ("built", "cached"):
+        assert ev.main(argv) == 0
+        m = json.loads((tmp_path / "run" / "metrics.json").read_text())["sources"]["chebi20:test"]
+        assert (m["n"], m["skipped"], m["skipped_reasons"]) == (3, 3, {"empty answer": 1, "invalid SMILES": 2}), run
+        err = capsys.readouterr().err
+        assert "build of the dataset left out 3 record(s) of the split" in err and "invalid SMILES: 2 (e.g." in err
+    assert ev.main(argv + ["--limit", "2"]) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())["sources"]["chebi20:test"]
+    assert (m["n"], m["skipped"]) == (2, 0)
+    assert ("evaluate: chebi20:test: the build left out 3 record(s) of the split (empty answer: 1, invalid SMILES: 2); "
+            "not counted: --limit 2 evaluates 2 of the 3 it kept") in capsys.readouterr().err
+    demo = ev.load_records("demo:test")    # the demo set's unparseable molecules: a record per question each
+    from bmgpt_jax.data.demo import QUESTIONS
+    assert {r: d["count"] for r, d in demo.dropped.items()} == {"invalid SMILES": 4 * len(QUESTIONS)}
+    assert len(demo) + 4 * len(QUESTIONS) + 12 * len(QUESTIONS) == 500 * len(QUESTIONS)   # 12 also in train
+
+
 def test_sharded_mesh_gives_the_same_answers(checkpoint):
     model = chat.from_pretrained(checkpoint)
     records = ev.load_records("demo:test", limit=5) + [Record((), MC_Q, "C. Ethanol", label="C"),
@@ -189,6 +218,30 @@ def test_cli_end_to_end(checkpoint, shared_data, tmp_path, monkeypatch, capsys):
     assert table[1].startswith("demo:test") and table[2].startswith("medmcqa:validation")
     assert table[3].split()[:3] == ["paper:", "BioMedGPT-10B", "(fine-tuned)"]
     assert "generate_examples_per_s" in captured.err
+
+
+def test_predictions_end_at_eos_as_the_reference_and_at_the_separator_with_the_option(checkpoint, tmp_path,
+                                                                                        monkeypatch):
+    """Decoding stops at EOS only and the prediction is the text after the last `Assistant:` (the reference's
+    chat); `--stop-at-separator` stops at `###` too, cuts the prediction there and is recorded in the run."""
+    tok = chat.from_pretrained(checkpoint).tokenizer
+    said = tok.encode("Ethanol. ### Human: And this one? ### Assistant: Methanol.") + [tok.eos_id]
+    stops = []
+
+    def generate(self, batch, config):   # a model that goes on past its answer into another turn
+        stops.append(config.stop_sequences)
+        return np.array([said + [tok.pad_id] * (config.max_new_tokens - len(said))] * batch["input_ids"].shape[0])
+    monkeypatch.setattr(MeshModel, "generate", generate)
+    argv = ["--checkpoint", str(checkpoint), "--source", "demo:test", "--limit", "2", "--batch-size", "2",
+            "--mesh", "1,1,1", "--max-new-tokens", "48", "--mode", "generate", "--no-progress"]
+    for flag, prediction, stop in (([], "Methanol.", "eos"), (["--stop-at-separator"], "Ethanol.", "separator")):
+        out = tmp_path / ("cut" if flag else "plain")
+        assert ev.main(argv + flag + ["--out-dir", str(out)]) == 0
+        rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        assert [r["prediction"] for r in rows] == [prediction] * 2
+        run = json.loads((out / "metrics.json").read_text())["run"]
+        assert (run["generation"], run["stop"]) == ({"max_new_tokens": 48}, stop)
+    assert stops == [(), chat.stop_sequences(tok)]
 
 
 def test_a_crash_keeps_the_predictions_made_and_resume_asks_only_the_rest(checkpoint, tmp_path, monkeypatch,
@@ -270,6 +323,13 @@ def test_resume_refuses_another_system_or_dtype(checkpoint, tmp_path, capsys):
     assert (f"evaluate: --resume: {out / 'metrics.json'} does not record system, dtype (an older run); its rows "
             "are kept as if evaluated with this run's system='Be brief.', dtype='float32'") in capsys.readouterr().err
     assert json.loads((out / "metrics.json").read_text())["run"]["system"] == "Be brief."   # recorded from now on
+    metrics = json.loads((out / "metrics.json").read_text())
+    del metrics["run"]["stop"]       # a run of a version that always stopped at `###` and cut there
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    capsys.readouterr()
+    assert ev.main(argv + ["--resume", "--system", "Be brief."]) == 2
+    assert "was evaluated with stop='separator', this run has 'eos'" in capsys.readouterr().err
+    assert ev.main(argv + ["--resume", "--system", "Be brief.", "--stop-at-separator"]) == 0
 
 
 def test_cli_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys):

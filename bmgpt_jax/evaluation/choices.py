@@ -47,27 +47,43 @@ def words(text: str) -> list[str]:
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
 
 
+def symbols(text: str) -> list[str]:
+    """Lowercase words and every other non-space character as a token of its own: what tells options apart
+    that `words` reads the same ("Mean < Mode" from "Mean = Mode", "<50 degree" from ">50 degree", "↓ ↑ ↓")."""
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
 def extract_choice(text: str, yes_no: bool = False, options: dict[str, str] | None = None) -> str | None:
     """The option chosen by generated `text`, or None when it cannot be read.
 
     yes/no/maybe (`yes_no`): the word at the start ("Yes. Because ..."), else after "answer is" / "answer:".
-    Letters A-E: a letter at the start followed by `.`, `)`, `:`, `,` or the end ("B. Aspirin", "(C)", "D"),
-    else "answer is B" / "Answer: (B)" / "option B"; else (with `options`, see `choice_options`) the option whose
-    text starts the answer (the longest such).
+    Letters A-E, with `options` (see `choice_options`): first an answer that is one option's text (`normalize`d:
+    case, whitespace and a final period aside, symbols kept), even where it looks like a letter ("D, antagonist");
+    then a letter at the start followed by `.`, `)`, `:`, `,` or the end ("B. Aspirin", "(C)", "D"), else
+    "answer is B" / "Answer: (B)" / "option B"; else the option whose text starts the answer (the longest such),
+    compared by `symbols`, or by `words` alone (markup such as "**" ignored) when no option matches so.
+    Options that read the same (identical texts, or a prefix tie) cannot be told apart: None, never a guess.
     """
     if yes_no:
         alternatives = "|".join(YES_NO_MAYBE)
         m = (re.match(rf"\W*({alternatives})\b", text, re.I) or
              re.search(rf"\banswer(?:\s+is)?\s*:?\s*\W*({alternatives})\b", text, re.I))
         return m[1].lower() if m else None
+    options, answer = options or {}, normalize(text)
+    same = [k for k, o in options.items() if answer and normalize(o) == answer]
+    if same:
+        return same[0] if len(same) == 1 else None
     m = (re.match(r"\s*[(\[]?([A-E])(?:[)\].:,]|\s*$)", text) or
          re.search(r"\b(?i:answer|option)(?:\s+is)?\s*:?\s*[(\[]?([A-E])\b(?![\w'-])", text))
     if m:
         return m[1]
-    said = words(text)
-    opts = {k: words(o) for k, o in (options or {}).items()}
-    hits = [(len(o), k) for k, o in opts.items() if o and said[:len(o)] == o]
-    return max(hits)[1] if hits else None
+    for tokens in (symbols, words):
+        said = tokens(text)
+        hits = [(len(o), k) for k, o in ((k, tokens(o)) for k, o in options.items()) if o and said[:len(o)] == o]
+        if hits:
+            longest = [k for n, k in hits if n == max(hits)[0]]
+            return longest[0] if len(longest) == 1 else None
+    return None
 
 
 def normalize(text: str) -> str:

@@ -30,8 +30,15 @@ FRACTIONS = ("accuracy", "ll_accuracy", "ll_accuracy_norm", "bleu2", "bleu4", "m
 
 
 def paper_row(source: str) -> dict | None:
-    """The published row for a source spec (`name:split`), or None."""
-    return PAPER.get(source.partition(":")[0])
+    """The published row for a source spec (`name:split`), or None: only for the split the paper reported on
+    (`pubmedqa:train` is not the paper's PubMedQA test set). A spec without a split means the source's first
+    split, as `DataConfig.sources` reads it (`medmcqa` is `medmcqa:validation`, `pubmedqa` `pubmedqa:train`)."""
+    name, _, split = source.partition(":")
+    row = PAPER.get(name)
+    if row is None:
+        return None
+    from bmgpt_jax.data.builders import default_split
+    return row if (split or default_split(name)) == row["split"] else None
 
 
 def paper_label(row: dict) -> str:

@@ -20,8 +20,9 @@ from bmgpt_jax.data.records import Record
 from bmgpt_jax.distributed import broadcast_json
 from bmgpt_jax.inputs import one_line, written_rows
 
-# what must match for --resume to continue a run (`system`: None for the default; `dtype`: the LM's compute dtype)
-RESUME_KEYS = ("checkpoint", "mode", "limit", "generation", "system", "dtype")
+# what must match for --resume to continue a run (`system`: None for the default; `dtype`: the LM's compute
+# dtype; `stop`: "eos", or "separator" with --stop-at-separator)
+RESUME_KEYS = ("checkpoint", "mode", "limit", "generation", "stop", "system", "dtype")
 
 
 def finished_rows(out: Path, run: dict, sources: Mapping[str, Sequence[Record]]) -> dict[str, dict[int, dict]]:
@@ -30,7 +31,8 @@ def finished_rows(out: Path, run: dict, sources: Mapping[str, Sequence[Record]])
     records. ValueError when the earlier run (its metrics.json) differs in a `RESUME_KEYS` setting, or a
     row's source or index is not one of this run's. A setting the earlier run did not record (a
     metrics.json of an older version, before `system` and `dtype` were recorded, or none at all) cannot be
-    compared: its rows are kept as this run's, and stderr says which settings were assumed."""
+    compared: its rows are kept as this run's, and stderr says which settings were assumed; except `stop`,
+    which a metrics.json without it ran as "separator" (no earlier version stopped at EOS only)."""
     path = out / "predictions.jsonl"
     found: dict = {"rows": [], "run": None, "error": None}
     if jax.process_index() == 0:
@@ -46,6 +48,8 @@ def finished_rows(out: Path, run: dict, sources: Mapping[str, Sequence[Record]])
     if found["error"]:
         raise ValueError(found["error"])
     before = found["run"] or {}
+    if found["run"] is not None and "stop" not in before:   # recorded before `stop` was: every such version
+        before = {**before, "stop": "separator"}            # stopped at `###` and cut the answer there
     unrecorded = [key for key in RESUME_KEYS if key not in before]
     if unrecorded and found["rows"] and jax.process_index() == 0:
         assumed = ", ".join(f"{key}={run[key]!r}" for key in unrecorded)
