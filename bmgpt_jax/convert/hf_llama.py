@@ -32,19 +32,26 @@ TOKENIZER_FILES = outputs.HF_LLAMA_TOKENIZER_FILES   # what an HF Llama folder c
 
 def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> LlamaConfig:
     """LlamaConfig from an HF `config.json` (path, folder or dict); `overrides` set our-only fields
-    such as `dtype`, `param_dtype`, `scan_layers`, `remat`."""
+    such as `dtype`, `param_dtype`, `scan_layers`, `remat`. A setting our model does not compute as
+    transformers would (another activation, RoPE scaling, biases) is a ValueError naming the file (or
+    "Llama config" for a dict), the key and its value. `pretraining_tp` is accepted: transformers 5 does
+    not read it, and transformers 4 only split each projection into that many slices (the same function)."""
+    where = "Llama config"
     if not isinstance(hf, Mapping):
         p = Path(hf)
         p = p / "config.json" if p.is_dir() else p
         if not p.exists():
             raise FileNotFoundError(f"{p} not found: a Hugging Face Llama directory holds config.json and "
                                     "*.safetensors (or pytorch_model*.bin)")
-        hf = json.loads(p.read_text())
+        hf, where = json.loads(p.read_text()), str(p)
     if hf.get("model_type", "llama") != "llama":
-        raise ValueError(f"{hf.get('model_type')!r} config, not a Llama one (model_type must be 'llama')")
+        raise ValueError(f"{where}: {hf.get('model_type')!r} config, not a Llama one (model_type must be 'llama')")
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):   # transformers' ACT2FN: both are SiLU
+        raise ValueError(f"{where}: hidden_act={act!r} is not supported (the Llama MLP here is SwiGLU: 'silu' only)")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope and rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ValueError(f"rope scaling {rope!r} is not supported (only plain RoPE, as in Llama 2)")
+        raise ValueError(f"{where}: rope scaling {rope!r} is not supported (only plain RoPE, as in Llama 2)")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     eos = hf.get("eos_token_id", 2)
     cfg = dict(
@@ -61,7 +68,8 @@ def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> Ll
     if cfg["head_dim"] == cfg["hidden_size"] // cfg["num_heads"]:
         cfg["head_dim"] = None
     if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError("attention_bias/mlp_bias Llama variants are not supported")
+        raise ValueError(f"{where}: attention_bias={hf.get('attention_bias')!r}, mlp_bias={hf.get('mlp_bias')!r}: "
+                         "Llama variants with biases are not supported")
     cfg.update(overrides)
     return LlamaConfig(**cfg)
 

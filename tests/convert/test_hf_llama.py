@@ -1,11 +1,53 @@
-"""Hugging Face Llama checkpoints as older transformers saved them."""
+"""Hugging Face Llama checkpoints as older transformers saved them, and config.json settings our model
+does not compute as transformers does: refused, in one line naming the file, the key and the value."""
 import json
 
 import numpy as np
+import pytest
 
 import convert_weights
 from bmgpt_jax.convert import hf_llama
 from bmgpt_jax.convert.sources import read_state_dict
+from bmgpt_jax.models.llama import LlamaConfig
+from tests.convert import synthetic
+
+SMALL = LlamaConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+DROP = object()
+
+
+def hf_dir(path, **changes):
+    """A synthetic HF Llama folder of SMALL whose config.json has `changes` (DROP: the key removed)."""
+    cfg = {k: v for k, v in {**hf_llama.config_to_hf(SMALL), **changes}.items() if v is not DROP}
+    return synthetic.write(hf_llama.layout(SMALL), path,
+                           extra_files=lambda t: (t / "config.json").write_text(json.dumps(cfg)))
+
+
+def refused(tmp_path, capsys, **changes) -> str:
+    """The one stderr line of `convert_weights.py hf_llama` on a folder with `changes` (exit status 2,
+    nothing written)."""
+    src, dst = hf_dir(tmp_path / "src", **changes), tmp_path / "dst"
+    capsys.readouterr()
+    assert convert_weights.main(["hf_llama", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and not dst.exists(), err
+    return err[0]
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_an_activation_other_than_silu_is_refused(tmp_path, capsys, act):
+    """`hidden_act: gelu` used to convert (and be written back as silu): our MLP is SwiGLU."""
+    assert refused(tmp_path, capsys, hidden_act=act) == (
+        f"convert_weights.py hf_llama: ValueError: {tmp_path / 'src' / 'config.json'}: hidden_act={act!r} is not "
+        "supported (the Llama MLP here is SwiGLU: 'silu' only)")
+
+
+def test_silu_spellings_and_pretraining_tp_are_accepted():
+    """transformers maps `swish` to SiLU too, and does not read `pretraining_tp` (transformers 4 only split
+    each projection into that many slices: the same function)."""
+    base = hf_llama.config_to_hf(SMALL)
+    for changes in ({"hidden_act": "swish"}, {"pretraining_tp": 2}, {"hidden_act": DROP}):
+        hf = {k: v for k, v in {**base, **changes}.items() if v is not DROP}
+        assert hf_llama.config_from_hf(hf) == hf_llama.config_from_hf(base)
 
 
 def test_tied_checkpoint_with_a_saved_lm_head_loads_and_converts(torch, tmp_path, caplog):
