@@ -49,17 +49,14 @@ def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> Ll
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):   # transformers' ACT2FN: both are SiLU
         raise ValueError(f"{where}: hidden_act={act!r} is not supported (the Llama MLP here is SwiGLU: 'silu' only)")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope and rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ValueError(f"{where}: rope scaling {rope!r} is not supported (only plain RoPE, as in Llama 2)")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = _rope_theta(hf, where)
     eos = hf.get("eos_token_id", 2)
     cfg = dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
         num_heads=hf["num_attention_heads"],
         num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim"), intermediate_size=hf["intermediate_size"],
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_token_id=hf.get("bos_token_id", 1), eos_token_id=eos[0] if isinstance(eos, list) else eos,
@@ -72,6 +69,23 @@ def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> Ll
                          "Llama variants with biases are not supported")
     cfg.update(overrides)
     return LlamaConfig(**cfg)
+
+
+def _rope_theta(hf: Mapping[str, Any], where: str) -> float:
+    """RoPE's base, resolved as transformers 5 does (`RotaryEmbeddingConfigMixin.convert_rope_params_to_dict`):
+    the settings are `rope_scaling` when it is set (the legacy name wins), else `rope_parameters`; their
+    type is `rope_type`, else `type`, else 'default'; the base is theirs, else the top-level `rope_theta`,
+    else 10000. Any type but 'default' (linear, dynamic, llama3, yarn, ...) is a ValueError naming it."""
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = hf.get(key) or {}
+    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, Mapping) else None
+    if kind != "default":
+        raise ValueError(f"{where}: {key}={rope!r} has rope_type {kind!r}: only plain RoPE ('default', as in "
+                         "Llama 2) is supported")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise ValueError(f"{where}: rope_theta={theta!r} is not a number")
+    return float(theta)
 
 
 def config_to_hf(cfg: LlamaConfig) -> dict:

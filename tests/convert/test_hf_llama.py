@@ -74,3 +74,40 @@ def test_tied_checkpoint_with_a_saved_lm_head_loads_and_converts(torch, tmp_path
         want = ref(torch.tensor(ids)).logits.numpy()
     for d in (src, tmp_path / "dst"):
         np.testing.assert_allclose(np.asarray(hf_llama.load(d)(ids)), want, atol=1e-4)
+
+
+LINEAR = {"type": "linear", "factor": 2.0}
+ROPE_ACCEPTED = [   # config.json's RoPE keys -> transformers 5 resolves them to plain RoPE with some base
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5}, rope_scaling=None),
+    dict(rope_parameters=DROP, rope_theta=2e4),
+    dict(rope_parameters={"rope_type": "default"}, rope_theta=2e4),
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 3e4}, rope_theta=2e4),
+    dict(rope_parameters=DROP, rope_theta=2e4, rope_scaling={"type": "default"}),
+    # the legacy `rope_scaling` wins over `rope_parameters`, its base included: 10000 here, not 5e5
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5}, rope_theta=DROP, rope_scaling={"type": "default"}),
+    dict(rope_parameters=DROP, rope_theta=DROP),
+]
+
+
+@pytest.mark.parametrize("changes", ROPE_ACCEPTED, ids=range(len(ROPE_ACCEPTED)))
+def test_rope_base_is_read_as_transformers_reads_it(changes):
+    from transformers import LlamaConfig as HFLlamaConfig
+    hf = {k: v for k, v in {**hf_llama.config_to_hf(SMALL), **changes}.items() if v is not DROP}
+    want = HFLlamaConfig(**json.loads(json.dumps(hf))).rope_parameters   # (transformers edits the dicts)
+    assert want["rope_type"] == "default"
+    assert hf_llama.config_from_hf(hf).rope_theta == want["rope_theta"]
+
+
+@pytest.mark.parametrize("changes, key, kind", [
+    (dict(rope_scaling=LINEAR), "rope_scaling", "linear"),   # beside rope_parameters' default: used to pass
+    (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 8192, "rope_theta": 5e5}), "rope_parameters", "llama3"),
+    (dict(rope_parameters=DROP, rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling", "dynamic"),
+], ids=["rope_scaling-beside-rope_parameters", "llama3", "legacy-dynamic"])
+def test_rope_scaling_is_refused_naming_its_type(tmp_path, capsys, changes, key, kind):
+    from transformers import LlamaConfig as HFLlamaConfig
+    hf = {k: v for k, v in {**hf_llama.config_to_hf(SMALL), **changes}.items() if v is not DROP}
+    assert HFLlamaConfig(**json.loads(json.dumps(hf))).rope_parameters["rope_type"] == kind
+    err = refused(tmp_path, capsys, **changes)
+    assert err.startswith(f"convert_weights.py hf_llama: ValueError: {tmp_path / 'src' / 'config.json'}: {key}=")
+    assert err.endswith(f"has rope_type {kind!r}: only plain RoPE ('default', as in Llama 2) is supported")
