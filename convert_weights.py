@@ -18,7 +18,8 @@ a time, and compared with the source bit for bit.
                                                                         # model folder (HF Llama for `lm`)
 
 A missing, empty, truncated or corrupt input (a `.pth` cut short, a broken `config.json` or tokenizer),
-a source of another family, or a key or shape the model does not have is one line on stderr naming the
+a source of another family, a weights file given for SRC_HF_DIR (a folder holding config.json and the
+weights), or a key or shape the model does not have is one line on stderr naming the
 file (and the key and both shapes) with exit status 2; nothing is left at the destination. So is a
 destination whose replacement would delete what is not ours: the source itself or a folder holding it, a
 folder holding anything but an earlier output of these converters (a subfolder, any other file), or, for
@@ -42,6 +43,8 @@ def check_sources(args) -> None:
     from bmgpt_jax import inputs
     if args.kind in ("hf_llama", "hf_esm"):
         src = Path(args.src)
+        if src.exists() and not src.is_dir():     # its config.json is beside it, not in it: refused, not guessed
+            raise ValueError(f"{src} is not a folder: SRC must be a folder holding config.json and the weights")
         if (src / "config.json").exists():
             inputs.check_json(src / "config.json")
         for f in sorted(src.glob("*.safetensors")) + sorted(src.glob("pytorch_model*.bin")):

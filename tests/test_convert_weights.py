@@ -176,6 +176,28 @@ def test_bad_inputs_are_one_line_naming_the_file(tmp_path, torch, capsys):
         f"{tmp_path / 'run'} is a training run's folder; its model is {tmp_path / 'run' / 'final'}")
 
 
+
+@pytest.mark.parametrize("kind", ["hf_llama", "hf_esm"])
+def test_a_weights_file_as_source_is_refused_in_one_line(tmp_path, kind, capsys):
+    """`hf_llama DIR/model.safetensors OUT` used to fail with a UnicodeDecodeError (the weights parsed as its
+    config.json); SRC_HF_DIR is a folder holding config.json and the weights, for both families."""
+    if kind == "hf_llama":
+        src = llama_dir(tmp_path / "src")
+    else:
+        esm = EsmConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+        src = write_hf(tmp_path / "src", dict(synthetic.tensors(hf_esm.layout(esm))), hf_esm.config_to_hf(esm))
+    weights, dst = src / "model.safetensors", tmp_path / "dst"
+    capsys.readouterr()
+    assert convert_weights.main([kind, str(weights), str(dst)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"convert_weights.py {kind}: ValueError: {weights} is not a folder: SRC must be a folder holding config.json "
+        "and the weights"]
+    assert not dst.exists()
+    if kind == "hf_llama":     # the library call (a training run's init.hf_llama) names the file too
+        with pytest.raises(ValueError, match=re.escape(f"{weights} is not a JSON config (UnicodeDecodeError): give "
+                                                       "the Hugging Face Llama folder holding config.json")):
+            hf_llama.config_from_hf(weights)
+
 def _bad_sources(tmp_path):
     """(name, make(folder) -> folder, exception, message regex): one defect each."""
     good = dict(synthetic.tensors(hf_llama.layout(SMALL)))

@@ -43,7 +43,11 @@ def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> Ll
         if not p.exists():
             raise FileNotFoundError(f"{p} not found: a Hugging Face Llama directory holds config.json and "
                                     "*.safetensors (or pytorch_model*.bin)")
-        hf, where = json.loads(p.read_text()), str(p)
+        try:
+            hf, where = json.loads(p.read_text()), str(p)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:   # e.g. the weights file named instead
+            raise ValueError(f"{p} is not a JSON config ({type(e).__name__}): give the Hugging Face Llama folder "
+                             "holding config.json, or its config.json") from None
     if hf.get("model_type", "llama") != "llama":
         raise ValueError(f"{where}: {hf.get('model_type')!r} config, not a Llama one (model_type must be 'llama')")
     act = hf.get("hidden_act", "silu")
@@ -192,7 +196,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, check: b
         def extra(tmp: Path) -> None:
             (tmp / "config.json").write_text(json.dumps(config_to_hf(out_cfg), indent=2))
             for f in (Path(src) / name for name in TOKENIZER_FILES):
-                if f.is_file():                  # (a single-file source has none beside it)
+                if f.is_file():                  # those the source folder holds
                     shutil.copyfile(f, tmp / f.name)
         return stream.convert(source, lay, dst, "safetensors", dtype=dtype, check=check, extra_files=extra,
                               max_shard_bytes=max_shard_bytes, keep=src)
