@@ -63,7 +63,7 @@ def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> Ll
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id", 1), eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        bos_token_id=hf.get("bos_token_id", 1), eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         pad_token_id=hf.get("pad_token_id"), initializer_range=hf.get("initializer_range", 0.02),
     )
     if cfg["head_dim"] == cfg["hidden_size"] // cfg["num_heads"]:
@@ -94,12 +94,14 @@ def _rope_theta(hf: Mapping[str, Any], where: str) -> float:
 
 def config_to_hf(cfg: LlamaConfig) -> dict:
     """The HF `config.json` mapping for `cfg`. A `pad_token_id` outside the vocabulary (the tiny configs'
-    32000 with a 1001-token demo tokenizer) is written as null, with a warning: transformers refuses it."""
+    32000 with a 1001-token demo tokenizer) is written as null, with a warning: transformers refuses it.
+    Several EOS ids (a tuple, from a config.json list) are written as a list, one id as a number."""
     pad = cfg.pad_token_id
     if pad is not None and not 0 <= pad < cfg.vocab_size:
         log.warning("pad_token_id %d is outside the vocabulary of %d: written as null in config.json", pad,
                     cfg.vocab_size)
         pad = None
+    eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id   # a list as given
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
@@ -108,7 +110,7 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
         "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
-        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": pad,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": pad,
         "initializer_range": cfg.initializer_range, "attention_bias": False, "mlp_bias": False,
         "torch_dtype": cfg.param_dtype, "dtype": cfg.param_dtype,
     }

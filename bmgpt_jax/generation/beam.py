@@ -3,9 +3,10 @@ do_sample=False)` (the vectorised `_beam_search` of transformers 5, `early_stopp
 
 Each step, per batch row: log-softmax of every beam's last logits, then the repetition penalty on those
 log-probs (HF runs its logits processors after the log-softmax in beam search), plus the beam's running
-score; the top `2 * num_beams` (beam, token) candidates over all beams. Candidates ending in EOS or a
-stop sequence (all of them at the last step) are offered, when among the first `num_beams`, to the row's
-`num_beams` finished hypotheses, scored `sum_logprob / new_tokens ** length_penalty`; the best
+score; the top `max(2, 1 + number of EOS ids) * num_beams` (beam, token) candidates over all beams (HF's
+`beams_to_keep`). Candidates ending in an EOS id or a stop sequence (all of them at the last step) are
+offered, when among the first `num_beams`, to the row's `num_beams` finished hypotheses, scored
+`sum_logprob / new_tokens ** length_penalty`; the best
 `num_beams` unfinished candidates run on, and the KV cache rows (`batch * num_beams`) follow them, each
 layer's slots reordered inside the next step's layer loop (`cache_beams`: one layer copied at a time). A
 row stops accepting hypotheses once all `num_beams` are finished and its best running beam, normalised by
@@ -47,14 +48,14 @@ def _beam_decode(graphdef, state, prompt_ids, prompt_embeds, mask, *, cfg: Gener
 def _beam_loop(model: LlamaForCausalLM, prompt_ids, prompt_embeds, mask, cfg: GenerationConfig):
     b, t = mask.shape
     nb, n, vocab = cfg.num_beams, cfg.max_new_tokens, model.config.vocab_size
-    k = 2 * nb  # HF keeps (1 + number of EOS ids, at least 2) * num_beams candidates; we have one EOS id
+    k = max(2, 1 + len(cfg.eos_ids)) * nb  # candidates kept per row, as HF's `beams_to_keep`
     cache = model.init_cache(b, t + n)
     logits, cache, seen = prefill(model, prompt_ids, prompt_embeds, mask, cache)
     # every beam starts as its row's prompt; only beam 0 is live (HF: running score 0, others -1e9)
     logits = jnp.repeat(logits, nb, axis=0)
     cache = cache.repeat_rows(nb)
     seen = jnp.broadcast_to(seen[:, None], (b, nb, vocab))
-    stops = ((cfg.eos_token_id,),) + tuple(tuple(s) for s in cfg.stop_sequences)
+    stops = cfg.stops
     # new_tokens ** length_penalty for new_tokens = 1..n, in float64 then float32 like HF's Python scalar
     norm = jnp.asarray((np.arange(1, n + 1, dtype=np.float64) ** cfg.length_penalty).astype(np.float32))
     rows, cand_rank = jnp.arange(b)[:, None], jnp.arange(k)

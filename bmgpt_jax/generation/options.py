@@ -14,7 +14,8 @@ from bmgpt_jax.models.layers import argmax
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
-    """Decoding options (HF names). `stop_sequences`: token-id sequences that end a row (e.g. `###`)."""
+    """Decoding options (HF names). `eos_token_id`: an id, or several (a row ends at any of them, as HF's
+    list); `stop_sequences`: token-id sequences that end a row (e.g. `###`)."""
 
     max_new_tokens: int = 256
     do_sample: bool = False
@@ -24,7 +25,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     num_beams: int = 1
     length_penalty: float = 1.0
-    eos_token_id: int = 2
+    eos_token_id: int | tuple[int, ...] = 2
     pad_token_id: int = 0
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     seed: int = 0
@@ -33,11 +34,14 @@ class GenerationConfig:
         """ValueError naming the first option out of its range (HF's ranges), an empty stop sequence (it
         would end every row at its first token), or beam search with sampling (beam sampling is not
         implemented): before any model loads or anything compiles."""
+        if isinstance(self.eos_token_id, list):   # hashable: the options are static under jit
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         bad = [(name, rule) for name, ok, rule in (
             ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"), ("num_beams", self.num_beams >= 1, ">= 1"),
             ("temperature", self.temperature > 0, "> 0 (greedy decoding is do_sample=False)"),
             ("top_k", self.top_k >= 0, ">= 0 (0: no top-k cut)"), ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1: none)"),
+            ("eos_token_id", len(self.eos_ids) > 0, "an id or a non-empty list of ids"),
             ("stop_sequences", all(len(s) for s in self.stop_sequences), "non-empty token sequences")) if not ok]
         if bad:
             name, rule = bad[0]
@@ -45,6 +49,16 @@ class GenerationConfig:
         if self.do_sample and self.num_beams > 1:
             raise ValueError(f"generation options num_beams={self.num_beams} and do_sample=True cannot be combined "
                              "(beam sampling is not supported): use one or the other")
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The EOS ids, a tuple however `eos_token_id` was given."""
+        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
+    @property
+    def stops(self) -> tuple[tuple[int, ...], ...]:
+        """Every token sequence that ends a row: each EOS id alone, then `stop_sequences`."""
+        return tuple((e,) for e in self.eos_ids) + tuple(tuple(s) for s in self.stop_sequences)
 
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:

@@ -35,7 +35,7 @@ def _decode_loop(model: LlamaForCausalLM, prompt_ids, prompt_embeds, mask, key, 
     cache = model.init_cache(b, t + cfg.max_new_tokens)
     logits, cache, seen = prefill(model, prompt_ids, prompt_embeds, mask, cache)
     tokens = jnp.full((b, cfg.max_new_tokens), cfg.pad_token_id, jnp.int32)
-    stops = ((cfg.eos_token_id,),) + tuple(tuple(s) for s in cfg.stop_sequences)
+    stops = cfg.stops
 
     def cond(carry):
         step, _, _, _, _, done, _ = carry

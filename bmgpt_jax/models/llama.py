@@ -41,7 +41,7 @@ class LlamaConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
-    eos_token_id: int = 2
+    eos_token_id: int | tuple[int, ...] = 2   # several (a config.json list): generation stops at any of them
     pad_token_id: int | None = None
     initializer_range: float = 0.02
     dtype: str = "float32"          # compute dtype
@@ -55,6 +55,8 @@ class LlamaConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
 
     def __post_init__(self):
+        if isinstance(self.eos_token_id, list):   # hashable: the config is static under jit
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.hidden_size % self.num_heads and self.head_dim is None:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         bad = set(self.lora_targets) - {"q_proj", "k_proj", "v_proj", "o_proj"}

@@ -84,7 +84,8 @@ ROPE_ACCEPTED = [   # config.json's RoPE keys -> transformers 5 resolves them to
     dict(rope_parameters={"rope_type": "default", "rope_theta": 3e4}, rope_theta=2e4),
     dict(rope_parameters=DROP, rope_theta=2e4, rope_scaling={"type": "default"}),
     # the legacy `rope_scaling` wins over `rope_parameters`, its base included: 10000 here, not 5e5
-    dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5}, rope_theta=DROP, rope_scaling={"type": "default"}),
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5}, rope_theta=DROP,
+         rope_scaling={"type": "default"}),
     dict(rope_parameters=DROP, rope_theta=DROP),
 ]
 
@@ -111,3 +112,13 @@ def test_rope_scaling_is_refused_naming_its_type(tmp_path, capsys, changes, key,
     err = refused(tmp_path, capsys, **changes)
     assert err.startswith(f"convert_weights.py hf_llama: ValueError: {tmp_path / 'src' / 'config.json'}: {key}=")
     assert err.endswith(f"has rope_type {kind!r}: only plain RoPE ('default', as in Llama 2) is supported")
+
+
+@pytest.mark.parametrize("eos", [[2, 7], [2], 2], ids=["list", "one-element-list", "id"])
+def test_eos_token_id_is_written_back_as_given(tmp_path, eos):
+    """A config.json `eos_token_id` list (Llama-3 style) used to be cut to its first id and written back as
+    that number; it is kept whole (generation stops at any of its ids) and written back as given."""
+    src = hf_dir(tmp_path / "src", eos_token_id=eos)
+    assert hf_llama.config_from_hf(src).eos_token_id == (tuple(eos) if isinstance(eos, list) else eos)
+    assert convert_weights.main(["hf_llama", str(src), str(tmp_path / "dst")]) == 0
+    assert json.loads((tmp_path / "dst" / "config.json").read_text())["eos_token_id"] == eos

@@ -21,12 +21,15 @@ def models(tmp_path_factory, torch):
     return hf, hf_llama.load(path, scan_layers=True)
 
 
-def as_ours(hf_new: np.ndarray, eos: int | None) -> np.ndarray:
-    """HF's new tokens -> our layout: cut after the first EOS, pad (0) to N. HF fills the tail with EOS
-    when pad_token_id is 0 and stops at the longest best hypothesis of the batch."""
+def as_ours(hf_new: np.ndarray, eos: int | list[int] | None) -> np.ndarray:
+    """HF's new tokens -> our layout: cut after the first EOS (any of a list), pad (0) to N. HF fills the
+    tail with EOS (the first of a list) when pad_token_id is 0 and stops at the longest best hypothesis of
+    the batch."""
+    stops = eos if isinstance(eos, list) else [eos]
     out = np.zeros((hf_new.shape[0], N), np.int64)
     for i, row in enumerate(hf_new.tolist()):
-        row = row[:row.index(eos) + 1] if eos in row else row
+        end = next((j for j, t in enumerate(row) if t in stops), None)
+        row = row if end is None else row[:end + 1]
         out[i, :len(row)] = row
     return out
 
@@ -68,6 +71,19 @@ def test_finished_hypotheses_match_transformers(models, torch, free_ref, length_
         out = generate(ours, *prompts(pad_left), eos_token_id=eos, length_penalty=length_penalty, **BEAM)
         np.testing.assert_array_equal(out, ref)
 
+
+
+def test_several_eos_ids_match_transformers(models, torch, free_ref):
+    """Two EOS ids (a config.json list): either ends a hypothesis, as in HF's beam search (which keeps
+    `max(2, 1 + number of EOS ids) * num_beams` candidates a step; so does ours)."""
+    hf, ours = models
+    eos = [int(free_ref[2, 2]), int(free_ref[1, 2])]
+    ref = hf_beam(hf, torch, eos=eos)
+    ended = {e: sum(e in row for row in ref.tolist()) for e in eos}
+    assert len(ended) == 2 and all(ended.values()), ended
+    for pad_left in (True, False):
+        out = generate(ours, *prompts(pad_left), eos_token_id=tuple(eos), **BEAM)
+        np.testing.assert_array_equal(out, ref)
 
 @PADDING
 @pytest.mark.filterwarnings("ignore:Passing `repetition_penalty` with `inputs_embeds`")

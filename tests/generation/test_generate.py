@@ -1,4 +1,6 @@
 """Jitted KV-cache generation vs transformers' `generate`, sampling options, stop sequences."""
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -73,6 +75,37 @@ def test_eos_and_repetition_penalty_match_transformers(models, torch):
     assert (out_eos[:, n:] == 0).all()
     assert (out_eos[0, 6:] == 0).all()
 
+
+
+def test_several_eos_ids_from_config_json_stop_as_transformers(models, torch, tmp_path):
+    """A config.json `eos_token_id` list (Llama-3 style) used to keep only its first id, so generation ran on
+    past the second. Loaded from such a folder, ours stops by default at any of them, as HF's generate."""
+    hf, ours = models
+    ids, mask = prompts(pad_left=True)
+    free = hf_generate(hf, torch, max_new_tokens=24, eos_token_id=None)
+    at = next(i for i in range(3, 24) if free[0, i] not in free[0, :i])   # row 0 first emits `second` there
+    second = int(free[0, at])
+    first = next(int(t) for t in free[1] if t not in free[0, :at + 1])    # another row's token, not row 0's
+    eos = [first, second]
+    ref = hf_generate(hf, torch, max_new_tokens=24, eos_token_id=eos)
+    assert ref[0, at] == second and (ref[0, at + 1:] == 0).all()          # HF stops row 0 at the second id
+    hf_llama.save(ours, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "eos_token_id": eos}))
+    loaded = hf_llama.load(tmp_path, scan_layers=True)
+    assert loaded.config.eos_token_id == tuple(eos)
+    out = generate(loaded, ids, mask, max_new_tokens=24)                  # the model config's EOS ids
+    n = ref.shape[1]
+    np.testing.assert_array_equal(out[:, :n], ref)
+    assert (out[:, n:] == 0).all()
+
+
+def test_eos_ids_are_a_tuple_and_none_is_refused():
+    from bmgpt_jax.generation import GenerationConfig
+    assert GenerationConfig(eos_token_id=[2, 7]).eos_token_id == (2, 7)   # hashable: jit's static options
+    assert GenerationConfig(eos_token_id=[2, 7], stop_sequences=((835,),)).stops == ((2,), (7,), (835,))
+    with pytest.raises(ValueError, match=r"^generation option eos_token_id=\(\) must be an id or a non-empty"):
+        GenerationConfig(eos_token_id=())
 
 def test_stop_sequence_ends_a_row(models):
     _, ours = models
