@@ -17,6 +17,9 @@ a time, and compared with the source bit for bit.
     python convert_weights.py orbax RUN/checkpoints DST_DIR [--step N]  # a training run's checkpoint ->
                                                                         # model folder (HF Llama for `lm`)
 
+Each option serves the kinds its help names (`--dtype` and `--check` every kind); given to another kind it
+is refused (usage and one line, exit status 2), as is a `--max-shard-gb` that is not > 0.
+
 A missing, empty, truncated or corrupt input (a `.pth` cut short, a broken `config.json` or tokenizer),
 a source of another family, a weights file given for SRC_HF_DIR (a folder holding config.json and the
 weights), or a key or shape the model does not have is one line on stderr naming the
@@ -29,11 +32,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
 
 KINDS = ["hf_llama", "hf_esm", "graphmvp_gin", "openbiomed", "to_openbiomed", "orbax"]
+# The options each kind reads besides --dtype and --check (which every kind takes); any other is refused.
+OPTIONS = {
+    "hf_llama": {"max_shard_gb"},
+    "hf_esm": {"max_shard_gb"},
+    "graphmvp_gin": {"prefix"},
+    "openbiomed": {"lm_config", "esm_config", "gin_config", "tokenizer", "max_shard_gb"},
+    "to_openbiomed": set(),
+    "orbax": {"step", "pth", "tokenizer", "max_shard_gb"},
+}
+DEFAULTS = {"prefix": "", "pth": False, "max_shard_gb": 5.0}   # filled in once the options are checked
 FILE_KINDS = ("graphmvp_gin", "to_openbiomed")   # these write one .pth file; the others a folder
 
 
@@ -62,6 +76,14 @@ def check_sources(args) -> None:
         inputs.check_model_folder(args.src, flag=None)
 
 
+def positive_gb(text: str) -> float:
+    """An argparse type: a size in GiB, finite and > 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive size in GiB")
+    return value
+
+
 class _Notes(logging.Handler):
     """Each log record's message on the current stderr."""
 
@@ -74,7 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("kind", choices=KINDS)
     ap.add_argument("src")
     ap.add_argument("dst")
-    ap.add_argument("--prefix", default="", help="graphmvp_gin: key prefix in the source and target")
+    ap.add_argument("--prefix", help="graphmvp_gin: key prefix in the source and target (default: none)")
     ap.add_argument("--lm-config", help="openbiomed: the LM's HF config.json")
     ap.add_argument("--esm-config", help="openbiomed: the ESM-2 HF config.json")
     ap.add_argument("--gin-config", help="openbiomed: a GIN config JSON (e.g. a model folder's gin_config.json) "
@@ -84,11 +106,22 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     help="cast floating tensors (default: keep the source's dtype)")
     ap.add_argument("--step", type=int, help="orbax: the checkpoint step (default: the latest)")
-    ap.add_argument("--pth", action=argparse.BooleanOptionalAction, default=False,
-                    help="orbax: also write OpenBioMed's biomedgpt_10b.pth in the model folder (needs torch)")
-    ap.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (GiB)")
+    ap.add_argument("--pth", action=argparse.BooleanOptionalAction,
+                    help="orbax: also write OpenBioMed's biomedgpt_10b.pth in the model folder (needs torch; "
+                    "default: no)")
+    ap.add_argument("--max-shard-gb", type=positive_gb, help="hf_llama, hf_esm, openbiomed, orbax: safetensors "
+                    "shard size in GiB, > 0 (default 5)")
     ap.add_argument("--check", action="store_true", help="read the output back and compare bit for bit")
     args = ap.parse_args(argv)
+    foreign = [f"--{dest.replace('_', '-')}" for dest in sorted(set().union(*OPTIONS.values()) - OPTIONS[args.kind])
+               if getattr(args, dest) is not None]
+    if foreign:
+        takes = ", ".join(f"--{dest.replace('_', '-')}" for dest in sorted(OPTIONS[args.kind]))
+        ap.error(f"{args.kind} does not take {', '.join(foreign)} (its options: {takes + ', ' if takes else ''}"
+                 "--dtype, --check)")
+    for dest, value in DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
     if args.kind == "openbiomed" and not (args.lm_config and args.esm_config and args.tokenizer):
         ap.error("openbiomed needs --lm-config, --esm-config and --tokenizer")
     from bmgpt_jax.inputs import one_line

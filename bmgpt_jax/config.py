@@ -114,7 +114,21 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         obj = cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+    except ConfigError as e:                     # a `__post_init__`'s, naming the field: give its full key
+        raise ConfigError(f"{prefix}{e}") from None
     return obj
+
+
+def check_fields(obj: Any) -> None:
+    """Check each field of the dataclass instance `obj` against its annotation, as `from_dict` checks a
+    YAML value (a lossless conversion kept: an int for a float, a list for a tuple); ConfigError naming
+    the field. For a config's `__post_init__`, so one built in code or from JSON is checked too."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        checked = _coerce(value, hints[f.name], f.name)
+        if checked is not value:
+            object.__setattr__(obj, f.name, checked)   # frozen dataclasses too
 
 
 def to_dict(cfg: Any) -> dict:

@@ -35,9 +35,9 @@ def check_tokenizer(path: str | Path) -> None:
     from bmgpt_jax.data.text import load_tokenizer
     try:
         load_tokenizer(str(path))
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):           # load_tokenizer's own errors name the file
         raise
-    except Exception as e:  # noqa: BLE001 -- sentencepiece raises RuntimeError/OSError with C++ messages
+    except Exception as e:  # noqa: BLE001 -- anything else reading it (an OSError), named here
         raise ValueError(f"{path} is not a readable SentencePiece tokenizer model (truncated or corrupt): "
                          f"{one_line(e)}") from None
 

@@ -94,3 +94,25 @@ def test_every_shipped_config_loads():
         cfg = cl.load(cls, path) if cls else train.load_config(path)
         assert cl.from_dict(type(cfg), cl.to_dict(cfg)) == cfg, name              # a plain form that reloads
     assert train.load_config("biomedgpt_10b_finetune").model.esm.hidden_size == 2560
+
+
+def test_gin_config_checks_itself_however_it_is_built():
+    """GinConfig's `__post_init__` checks each field's type and range, so a config built in code, read from a
+    model folder's JSON or from YAML is refused alike, naming the field (with its full key from YAML); a bare
+    `GinConfig(num_layers="x")` was accepted and failed later as "'<' not supported between 'str' and 'int'"."""
+    from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
+    from bmgpt_jax.models.gin import GinConfig
+    for kwargs, message in [({"num_layers": "x"}, r"^num_layers: expected an integer, got 'x'$"),
+                            ({"emb_dim": 3.0}, r"^emb_dim: expected an integer, got 3\.0$"),
+                            ({"max_atoms": "64"}, r"^max_atoms: '64' fits none of"),
+                            ({"over_cap": "drop"}, r"^over_cap: 'drop' is not one of \['subsample', 'error'\]$"),
+                            ({"num_layers": 1}, r"^num_layers: a GIN needs at least 2 layers, got 1$"),
+                            ({"max_atoms": 0}, r"^max_atoms: a cap must be >= 1 \(null: no cap\), got 0$"),
+                            ({"drop_ratio": 1.5}, r"^drop_ratio: must be in \[0, 1\), got 1\.5$")]:
+        with pytest.raises(cl.ConfigError, match=message):
+            GinConfig(**kwargs)
+    assert GinConfig(drop_ratio=0).drop_ratio == 0.0 and isinstance(GinConfig(drop_ratio=0).drop_ratio, float)
+    with pytest.raises(cl.ConfigError, match=r"^gin\.max_atoms: a cap must be >= 1 \(null: no cap\), got 0$"):
+        cl.load(BioMedGPTConfig, "biomedgpt_10b", ["gin.max_atoms=0"])
+    with pytest.raises(cl.ConfigError, match=r"^gin\.num_layers: expected an integer, got 'x'$"):
+        cl.load(BioMedGPTConfig, "biomedgpt_10b", ["gin.num_layers=x"])

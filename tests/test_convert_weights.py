@@ -292,3 +292,34 @@ def test_real_width_conversion_streams(tmp_path):
     with open_source(tmp_path / "dst") as d:
         assert d.dtype("lm_head.weight") == np.float16 and d.shape("lm_head.weight") == (32001, 4096)
     assert peak - base < 2.5 * largest, ((peak - base) / 2**20, largest / 2**20)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["to_openbiomed", "RUN/final", "y.pth", "--step", "5"], "to_openbiomed does not take --step (its options: --dtype, --check)"),
+    (["to_openbiomed", "RUN/final", "y.pth", "--no-pth"], "to_openbiomed does not take --pth"),
+    (["hf_llama", "src", "dst", "--prefix", "x.", "--tokenizer", "t.model"], "hf_llama does not take --prefix, --tokenizer"),
+    (["hf_esm", "src", "dst", "--lm-config", "c.json"], "hf_esm does not take --lm-config"),
+    (["graphmvp_gin", "a.pth", "b.pth", "--max-shard-gb", "1"], "graphmvp_gin does not take --max-shard-gb"),
+    (["graphmvp_gin", "a.pth", "b.pth", "--gin-config", "g.json"], "graphmvp_gin does not take --gin-config"),
+    (["orbax", "RUN/checkpoints", "dst", "--esm-config", "e.json"], "orbax does not take --esm-config"),
+    (["openbiomed", "a.pth", "dst", "--step", "1"], "openbiomed does not take --step"),
+    (["hf_llama", "src", "dst", "--max-shard-gb", "-1"], "argument --max-shard-gb: -1 is not a positive size in GiB"),
+    (["hf_llama", "src", "dst", "--max-shard-gb", "0"], "argument --max-shard-gb: 0 is not a positive size in GiB"),
+    (["orbax", "RUN/checkpoints", "dst", "--max-shard-gb", "inf"], "argument --max-shard-gb: inf is not a positive"),
+])
+def test_an_option_of_another_kind_is_refused(tmp_path, monkeypatch, capsys, argv, message):
+    """An option the kind does not read, and a shard size that is not > 0, are a usage error (status 2) whose last
+    line names the option, before anything is read or written."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        convert_weights.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and message in err[-1] and "Traceback" not in "\n".join(err), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_options_table_covers_every_kind_and_option():
+    """Every kind has its row, and every per-kind option of the parser is in some row (--dtype, --check: all)."""
+    assert set(convert_weights.OPTIONS) == set(convert_weights.KINDS)
+    ap_dests = {"prefix", "lm_config", "esm_config", "gin_config", "tokenizer", "step", "pth", "max_shard_gb"}
+    assert set().union(*convert_weights.OPTIONS.values()) == ap_dests

@@ -79,9 +79,32 @@ def _tokenizer_file(d: Path) -> Path | None:
     return next((p for p in (d / FILES["tokenizer"], d / "tokenizer") if p.exists()), None)
 
 
-def gin_settings(path) -> GinConfig:
-    """A GinConfig JSON (a folder's `gin_config.json`)."""
-    return GinConfig(**json.loads(Path(path).read_text()))
+def gin_settings(path, weights=None) -> GinConfig:
+    """A GinConfig JSON (a folder's `gin_config.json`). The depth and width it omits (`num_layers`,
+    `emb_dim`) come from the GIN tensors of `weights` (a model folder or OpenBioMed `.pth`; default: the
+    folder holding `path`, if it holds weights), as `openbiomed.gin_config` infers them; the other fields
+    it omits are GinConfig's defaults. A key GinConfig lacks or a value of the wrong type is a ValueError
+    naming the file and the key."""
+    from bmgpt_jax import config as config_lib
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of GinConfig fields, got {type(data).__name__}")
+    try:
+        cfg = config_lib.from_dict(GinConfig, data)
+    except config_lib.ConfigError as e:
+        raise ValueError(f"{path}: {e}") from None
+    omitted = sorted({"num_layers", "emb_dim"} - data.keys())
+    if weights is None and any((path.parent / n).exists() for n in (FILES["weights"], SAFE_INDEX, FILES["pth"])):
+        weights = path.parent
+    if omitted and weights is not None:
+        with open_source(weights) as raw:
+            inferred = openbiomed.gin_config(openbiomed.view(raw))
+        cfg = dataclasses.replace(cfg, **{k: getattr(inferred, k) for k in omitted})
+    return cfg
 
 
 def configs(ckpt_dir, **lm_overrides) -> tuple[LlamaConfig, EsmConfig, GinConfig | None]:

@@ -34,6 +34,7 @@ ENTITY_TAGS = {"molecule": ("<molecule>", "</molecule>"), "protein": ("<protein>
 PLACEHOLDERS = {"molecule": "<moleculeHere>", "protein": "<proteinHere>"}
 TURN = " ### Human: "    # between the human turns of several entities (the reference's one message each)
 DEMO_VOCAB_SIZE = 1000
+NOT_A_MODEL = "not a readable SentencePiece tokenizer model (another kind of file, truncated or corrupt)"
 
 
 class Tokenizer:
@@ -41,15 +42,28 @@ class Tokenizer:
 
     def __init__(self, model_proto: bytes):
         self.model_proto = model_proto
-        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        if not model_proto:                             # sentencepiece would accept it: a model failing later
+            raise ValueError(f"{NOT_A_MODEL}: it is empty (0 bytes)")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except (RuntimeError, OSError) as e:            # sentencepiece's C++ message, e.g. INTERNAL: ... (109)
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{NOT_A_MODEL}: {detail}") from None
+        if self.sp.get_piece_size() == 0:
+            raise ValueError(f"{NOT_A_MODEL}: it holds no pieces")
         self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
         self.pad_id = self.sp.get_piece_size()          # `[PAD]`, appended after the model's pieces
         self.vocab_size = self.pad_id + 1
 
     @classmethod
     def from_file(cls, path) -> "Tokenizer":
+        """The model in file `path`; ValueError naming `path` when it is not a SentencePiece model."""
         with open(path, "rb") as f:
-            return cls(f.read())
+            data = f.read()
+        try:
+            return cls(data)
+        except ValueError as e:
+            raise ValueError(f"{path} is {e}") from None
 
     def __reduce__(self):
         return (Tokenizer, (self.model_proto,))
@@ -101,7 +115,8 @@ def train_tokenizer(texts: list[str], vocab_size: int = DEMO_VOCAB_SIZE) -> Toke
 
 def load_tokenizer(path: str | None = None) -> Tokenizer:
     """The SentencePiece model at `path` (a `.model` file, or a folder holding exactly one), or (empty/None)
-    the demo tokenizer trained on the demo text."""
+    the demo tokenizer trained on the demo text. A file that is not a SentencePiece model is a ValueError
+    naming it (`Tokenizer.from_file`)."""
     if path:
         p = Path(path)
         if p.is_dir():

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import jraph
 from flax import nnx
 
+from bmgpt_jax import config as config_lib
 from bmgpt_jax.data import molecules
 from bmgpt_jax.models.layers import Embedding, Linear, dtype_of, param
 
@@ -43,6 +44,17 @@ class GinConfig:
     over_cap: Literal["subsample", "error"] = "subsample"
     dtype: str = "float32"            # compute dtype; BatchNorm statistics are always float32
     param_dtype: str = "float32"
+
+    def __post_init__(self):
+        config_lib.check_fields(self)   # e.g. {"num_layers": "x"} in a gin_config.json: ConfigError naming the key
+        if self.num_layers < 2:
+            raise config_lib.ConfigError(f"num_layers: a GIN needs at least 2 layers, got {self.num_layers}")
+        if self.emb_dim < 1:
+            raise config_lib.ConfigError(f"emb_dim: must be >= 1, got {self.emb_dim}")
+        if self.max_atoms is not None and self.max_atoms < 1:
+            raise config_lib.ConfigError(f"max_atoms: a cap must be >= 1 (null: no cap), got {self.max_atoms}")
+        if not 0.0 <= self.drop_ratio < 1.0:
+            raise config_lib.ConfigError(f"drop_ratio: must be in [0, 1), got {self.drop_ratio}")
 
 
 class BatchNorm(nnx.Module):

@@ -213,3 +213,29 @@ def test_a_cached_build_of_other_raw_files_is_refused(tmp_path):
     _write(tmp_path / "big", "a.txt", long[:-2] + "y\n")
     with pytest.raises(ValueError, match="1 differ: a.txt"):
         read_split(make_builder("text", tmp_path / "big", tmp_path / "big_out"), "train")
+
+
+def test_a_raw_folder_lacking_the_built_files_names_them_and_keeps_the_build(tmp_path):
+    """An existing folder without the files a cached build was made from (an empty one, the wrong one) was
+    "built from other raw files (2 differ: ...); delete <the build>": the files are missing, not different,
+    and the build is good. Files that do differ still get the advice to delete the build."""
+    raw = tmp_path / "raw"
+    _write(raw, "a.txt", "One document.\n")
+    _write(raw, "b.txt", "Another one.\n")
+    assert len(list(read_split(make_builder("text", raw, tmp_path / "out"), "train"))) == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError) as e:
+        read_split(make_builder("text", tmp_path / "empty", tmp_path / "out"), "train")
+    message = str(e.value)
+    assert message.startswith(f"text: {tmp_path / 'empty'} lacks 2 of the 2 raw files the dataset in "
+                              f"{tmp_path / 'out' / 'text' / '1.0.0'} was built from (a.txt, b.txt); give the folder "
+                              "that holds them"), message
+    assert "delete" not in message and "differ" not in message
+    _write(tmp_path / "half", "a.txt", "One document, revised.\n")        # one missing, one changed
+    with pytest.raises(FileNotFoundError, match=r"lacks 1 of the 2 raw files .*\(b\.txt\), and 1 of its files "
+                                                r"differ \(a\.txt\); give the folder"):
+        read_split(make_builder("text", tmp_path / "half", tmp_path / "out"), "train")
+    assert len(list(read_split(make_builder("text", raw, tmp_path / "out"), "train"))) == 2    # the build is kept
+    _write(raw, "c.txt", "A third.\n")                                    # a file more: they differ
+    with pytest.raises(ValueError, match=r"\(1 differ: c\.txt\); delete "):
+        read_split(make_builder("text", raw, tmp_path / "out"), "train")

@@ -112,3 +112,24 @@ def test_load_tokenizer_path_or_demo(shared_data):
     assert load_tokenizer(str(shared_data / "tokenizer")).encode("I believe") == [306, 4658]   # the folder
     demo_tok = load_tokenizer("")
     assert demo_tok.vocab_size < 32001 and demo_tok.decode(demo_tok.encode("It has 3 ring(s).")) == "It has 3 ring(s)."
+
+
+def test_a_file_that_is_not_a_tokenizer_is_named(tmp_path):
+    """sentencepiece's own error (RuntimeError: INTERNAL: ...(109)) names no file, and it accepts empty bytes as a
+    model that fails at the first encode: both are a ValueError naming the file, once (also through
+    inputs.check_tokenizer, which the command lines call)."""
+    from bmgpt_jax import inputs
+    (tmp_path / "README.md").write_text("# a project\n")
+    (tmp_path / "empty.model").write_bytes(b"")
+    for name, detail in [("README.md", "INTERNAL: "), ("empty.model", "it is empty (0 bytes)")]:
+        path = tmp_path / name
+        for load in (load_tokenizer, Tokenizer.from_file, inputs.check_tokenizer):
+            with pytest.raises(ValueError) as e:
+                load(str(path))
+            message = str(e.value)
+            assert message.startswith(f"{path} is not a readable SentencePiece tokenizer model") and detail in message
+            assert "\n" not in message and message.count(str(path)) == 1, message
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "tokenizer.model").write_text("not a model")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'folder' / 'tokenizer.model'} is not a readable"):
+        load_tokenizer(str(tmp_path / "folder"))

@@ -268,6 +268,10 @@ def test_one_line_errors_before_any_compute(tmp_path, capsys):
     assert line == ("train: ValueError: out_dir=gs://bucket/run is a URL: the run writes its folders with file "
                     "operations; mount the bucket (e.g. gcsfuse) on every host and give the mount's path")
     assert not Path("gs:").exists()
+    (tmp_path / "notes.md").write_text("# not a tokenizer\n")      # sentencepiece's bare RuntimeError named no file
+    line = error(SMALL + [f"out_dir={tmp_path / 'tok'}", f"data.tokenizer={tmp_path / 'notes.md'}"])
+    assert line.startswith(f"train: ValueError: {tmp_path / 'notes.md'} is not a readable SentencePiece tokenizer "
+                           "model"), line
 
 
 def test_too_many_dropped_examples_stop_the_run_naming_the_setting(tmp_path, capsys):

@@ -6,7 +6,8 @@ alphabet, the answer is not empty), skips and counts the bad ones per reason (`B
 at the end of each split (logged, and saved in the dataset's `metadata.json` under "bad_records") and
 never aborts on a bad row. A missing folder or file is a `FileNotFoundError` listing what was expected.
 A build records its raw files' fingerprints (`metadata.json` "raw_files"); a cached build read again with
-a `raw_dir` whose files differ (a newer release, another folder) is a ValueError, not stale data.
+a `raw_dir` whose files differ (a newer release, another folder) is a ValueError, not stale data, and one
+with a `raw_dir` lacking some of them a FileNotFoundError naming them (the build is kept).
 
 Output is array_record with text features only, read back without tensorflow:
 `builder.as_data_source(split)[i]` -> dict, `Record.from_example(...)`.
@@ -81,14 +82,23 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return out
 
     def check_raw_files(self) -> None:
-        """ValueError when the build in `data_dir` was made from other raw files than `raw_dir` holds now.
-        Nothing to compare without a `raw_dir` (the cache is then the data) or for a build that predates
-        the fingerprints."""
+        """FileNotFoundError when `raw_dir` lacks raw files the build in `data_dir` was made from (named,
+        with the folder: the build itself is fine); ValueError when `raw_dir` holds other raw files than
+        the build was made from (another content, a file more), advising to delete the build. Nothing to
+        compare without a `raw_dir` (the cache is then the data) or for a build that predates the
+        fingerprints."""
         built = self.info.metadata.get("raw_files")
         if built is None or self.raw_dir is None or not self.raw_dir.is_dir():
             return
         now = self.raw_fingerprint()
-        differ = sorted((set(now) ^ set(built)) | {f for f in set(now) & set(built) if now[f] != list(built[f])})
+        missing = sorted(set(built) - set(now))
+        differ = sorted((set(now) - set(built)) | {f for f in set(now) & set(built) if now[f] != list(built[f])})
+        if missing:
+            raise FileNotFoundError(
+                f"{self.name}: {self.raw_dir} lacks {len(missing)} of the {len(built)} raw files the dataset in "
+                f"{self.data_dir} was built from ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+                + (f", and {len(differ)} of its files differ ({', '.join(differ[:3])})" if differ else "")
+                + "; give the folder that holds them, or none (no raw_dir, no --raw-dir) to read the build as it is")
         if differ:
             raise ValueError(f"{self.name}: the dataset in {self.data_dir} was built from other raw files than "
                              f"{self.raw_dir} holds now ({len(differ)} differ: {', '.join(differ[:3])}); delete "
