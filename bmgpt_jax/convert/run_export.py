@@ -76,7 +76,8 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | 
            max_shard_bytes: int = stream.SHARD_BYTES) -> int:
     """Write the model of checkpoint `step` (None: the latest) to `out_dir`: a model folder, or an HF
     Llama folder for the `lm` stage. `stage`, `model_cfg` and `tokenizer` default to the run's own (its
-    saved config). `pth`: also write OpenBioMed's `.pth` (None: when torch is importable). `dtype`: the
+    saved config). `pth`: also write OpenBioMed's `.pth` (None: when torch is importable; True for an
+    `lm` run, which has no `.pth` form, is a ValueError). `dtype`: the
     parameters' dtype on disk (default: the run's `param_dtype`). `check`: re-read the weights and
     compare with the checkpoint bit for bit. Returns the number of tensors written."""
     from bmgpt_jax.data.text import load_tokenizer
@@ -94,6 +95,9 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | 
         stage = stage or run["stage"]
         model_cfg = model_cfg or config_lib.from_dict(BioMedGPTConfig, run["model"])
         tokenizer = tokenizer or load_tokenizer(run["data"]["tokenizer"])
+    if stage == "lm" and pth:
+        raise ValueError(f"{ckpt_dir}: an lm-stage run exports a Hugging Face Llama folder, which has no OpenBioMed "
+                         ".pth form (leave out --pth)")
     if dtype is not None:
         model_cfg = dataclasses.replace(model_cfg, **{k: dataclasses.replace(getattr(model_cfg, k), param_dtype=dtype)
                                                       for k in ("lm", "esm", "gin")})

@@ -158,7 +158,7 @@ def test_orbax_checkpoint_converts_like_the_export(single, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_lm_stage_export_loads_in_transformers(tmp_path, torch):
+def test_lm_stage_export_loads_in_transformers(tmp_path, torch, capsys):
     import transformers
     from bmgpt_jax.convert import hf_llama
     from bmgpt_jax.data.text import load_tokenizer
@@ -178,3 +178,8 @@ def test_lm_stage_export_loads_in_transformers(tmp_path, torch):
     with torch.no_grad():
         want = ref(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(np.asarray(out["model"](ids)), want, atol=1e-4)
+    capsys.readouterr()
+    assert convert_weights.main(["orbax", str(tmp_path / "checkpoints"), str(tmp_path / "x"), "--pth"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no OpenBioMed .pth form (leave out --pth)" in err[0], err
+    assert not (tmp_path / "x").exists()
