@@ -51,7 +51,7 @@ from bmgpt_jax.evaluation.resume import finished_rows
 from bmgpt_jax.evaluation.scoring import MeshModel
 from bmgpt_jax.evaluation.sources import SourceRecords, load_records
 from bmgpt_jax.evaluation.text_metrics import MissingResource, load_text_tokenizer, load_wordnet, text_metrics
-from bmgpt_jax.inputs import check_not_url, one_line, positive_int
+from bmgpt_jax.inputs import check_not_url, check_output_folder, one_line, positive_int
 
 MODES = ("both", "generate", "loglik")
 REASONS = (("not a string", "answer not a string"), ("no answer", "no answer"), ("SMILES", "invalid SMILES"),
@@ -306,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     writer = jax.process_index() == 0
     try:
         check_not_url(args.out_dir, "--out-dir")
+        check_output_folder(args.out_dir, "--out-dir")
         chat.options_of(args)                       # generation options in range, before any data is built
         if args.mode != "loglik":                   # text metrics need both: fail before any generation
             load_text_tokenizer(args.scibert_vocab)

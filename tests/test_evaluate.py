@@ -373,3 +373,28 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys):
     assert ev.main(base + ["--source", "demo:test", "--limit", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: model folder") and "python -m bmgpt_jax.train" in err
+
+
+def refused(argv, monkeypatch, capsys) -> str:
+    """The one line on stderr of an evaluate command line refused (status 2) before any source is built or
+    model loaded."""
+    def never(*args, **kwargs):
+        raise AssertionError("a source was built or the model loaded before the arguments were checked")
+    monkeypatch.setattr(ev, "load_records", never)
+    monkeypatch.setattr(chat, "model_and_options", never)
+    assert ev.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_an_out_dir_that_is_a_file_is_refused_up_front(checkpoint, tmp_path, monkeypatch, capsys):
+    """`--out-dir` naming a file was a FileExistsError traceback (status 1) after the model had loaded."""
+    afile = tmp_path / "afile"
+    afile.write_text("notes\n")
+    base = ["--checkpoint", str(checkpoint), "--source", "demo:test", "--limit", "2"]
+    assert refused(base + ["--out-dir", str(afile)], monkeypatch, capsys) == \
+        f"error: --out-dir {afile} is a file, not a folder"
+    assert refused(base + ["--out-dir", str(afile / "run")], monkeypatch, capsys) == \
+        f"error: --out-dir {afile / 'run'}: {afile} is a file, not a folder"
+    assert afile.read_text() == "notes\n"
