@@ -51,7 +51,7 @@ from bmgpt_jax.evaluation.resume import finished_rows
 from bmgpt_jax.evaluation.scoring import MeshModel
 from bmgpt_jax.evaluation.sources import SourceRecords, load_records
 from bmgpt_jax.evaluation.text_metrics import MissingResource, load_text_tokenizer, load_wordnet, text_metrics
-from bmgpt_jax.inputs import check_not_url, check_output_folder, one_line, positive_int
+from bmgpt_jax.inputs import check_model_folder, check_not_url, check_output_folder, one_line, positive_int
 
 MODES = ("both", "generate", "loglik")
 REASONS = (("not a string", "answer not a string"), ("no answer", "no answer"), ("SMILES", "invalid SMILES"),
@@ -308,6 +308,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_not_url(args.out_dir, "--out-dir")
         check_output_folder(args.out_dir, "--out-dir")
         chat.options_of(args)                       # generation options in range, before any data is built
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:                                            # the model folder's files, before any data is built
+        check_model_folder(args.checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        _checkpoint_error(args.checkpoint, e)
+        return 2
+    try:
         if args.mode != "loglik":                   # text metrics need both: fail before any generation
             load_text_tokenizer(args.scibert_vocab)
             load_wordnet(args.nltk_data)
@@ -321,9 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model, options, mesh = chat.model_and_options(args)   # read into its shards
     except (FileNotFoundError, ValueError) as e:
-        absent = isinstance(e, FileNotFoundError) and not Path(args.checkpoint).exists()
-        hint = " (`python -m bmgpt_jax.train` writes one to runs/tiny/final)" if absent else ""
-        print(f"error: {one_line(e)}{hint}", file=sys.stderr)
+        _checkpoint_error(args.checkpoint, e)
         return 2
     mm = MeshModel(model, mesh)
     del model
@@ -360,6 +367,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_table(metrics))
         print(f"wrote {out / 'predictions.jsonl'}, {out / 'metrics.json'}, {out / 'report.png'}", file=sys.stderr)
     return 0
+
+
+def _checkpoint_error(checkpoint: str, e: Exception) -> None:
+    """The one line on stderr for a model folder that cannot be used (a hint where it does not exist)."""
+    absent = isinstance(e, FileNotFoundError) and not Path(checkpoint).exists()
+    hint = " (`python -m bmgpt_jax.train` writes one to runs/tiny/final)" if absent else ""
+    print(f"error: {one_line(e)}{hint}", file=sys.stderr)
 
 
 def _evaluate_sources(mm: MeshModel, sources: Mapping[str, Sequence[Record]], done: Mapping[str, dict],

@@ -398,3 +398,19 @@ def test_an_out_dir_that_is_a_file_is_refused_up_front(checkpoint, tmp_path, mon
     assert refused(base + ["--out-dir", str(afile / "run")], monkeypatch, capsys) == \
         f"error: --out-dir {afile / 'run'}: {afile} is a file, not a folder"
     assert afile.read_text() == "notes\n"
+
+
+def test_the_model_folder_is_checked_before_any_source_is_built(checkpoint, tmp_path, monkeypatch, capsys):
+    """`--checkpoint nope` built (or read) every source first, then said the folder did not exist."""
+    import shutil
+    base = ["--source", "demo:test", "--limit", "2", "--out-dir", str(tmp_path / "run")]
+    nope = tmp_path / "nope"
+    assert refused(["--checkpoint", str(nope)] + base, monkeypatch, capsys) == \
+        f"error: model folder {nope} does not exist (`python -m bmgpt_jax.train` writes one to runs/tiny/final)"
+    final = shutil.copytree(checkpoint, tmp_path / "train_run" / "final")
+    assert refused(["--checkpoint", str(final.parent)] + base, monkeypatch, capsys) == \
+        f"error: {final.parent} is a training run's folder; its model is {final} (--checkpoint {final})"
+    (final / "llm_config.json").write_text("{")
+    assert refused(["--checkpoint", str(final)] + base, monkeypatch, capsys).startswith(
+        f"error: {final / 'llm_config.json'} is not valid JSON")
+    assert not (tmp_path / "run").exists()
