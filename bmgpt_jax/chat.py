@@ -36,7 +36,7 @@ from bmgpt_jax import inputs, parallel
 from bmgpt_jax.convert.folder import from_pretrained
 from bmgpt_jax.data import examples, molecules, proteins
 from bmgpt_jax.data import prompts as prompt_lib
-from bmgpt_jax.data.prompts import Prompt, as_entities, collate_prompts, human_message, make_prompt
+from bmgpt_jax.data.prompts import Prompt, as_entities, check_system, collate_prompts, human_message, make_prompt
 from bmgpt_jax.data.text import Tokenizer, tokenizer_of
 from bmgpt_jax.generation import GenerationConfig, generate
 from bmgpt_jax.inputs import check_model_folder, check_output_file, one_line, positive_int
@@ -122,6 +122,7 @@ class Conversation:
 
     def __init__(self, model, system: str | None = None, **options):
         tokenizer_of(model)
+        check_system(system)         # refused now, not at every question
         self.model, self.system, self.options = model, system, options
         self.reset()
 
@@ -316,6 +317,7 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
         ap.error("--resume needs --jsonl and --output")
     lines = None
     try:   # the input and where the rows go are checked before the model loads
+        check_system(args.system)
         if args.output:
             check_output_file(args.output, "--output")
         if args.resume and Path(args.output).exists():

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from bmgpt_jax import chat, parallel
 from bmgpt_jax.data.examples import Encoded
 from bmgpt_jax.data.pipeline import global_batch
+from bmgpt_jax.data.prompts import check_system
 from bmgpt_jax.data.records import BadRecords, Record
 from bmgpt_jax.evaluation import batches
 from bmgpt_jax.evaluation.choices import answer_options, choice_options, extract_choice, gold_key, is_yes_no
@@ -233,6 +234,7 @@ def evaluate(model, records: Sequence[Record], *, batch_size: int = 8, system: s
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    check_system(system)
     mm = model if isinstance(model, MeshModel) else MeshModel(model, mesh or parallel.make_mesh((-1, 1, 1)))
     sink = sink or (lambda row: None)
     config = chat.generation_config(mm.tokenizer, options)
@@ -307,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_not_url(args.out_dir, "--out-dir")
         check_output_folder(args.out_dir, "--out-dir")
+        check_system(args.system)                   # as chat refuses it, not every record an error row
         chat.options_of(args)                       # generation options in range, before any data is built
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -414,3 +414,15 @@ def test_the_model_folder_is_checked_before_any_source_is_built(checkpoint, tmp_
     assert refused(["--checkpoint", str(final)] + base, monkeypatch, capsys).startswith(
         f"error: {final / 'llm_config.json'} is not valid JSON")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_system_prompt_with_a_placeholder_is_refused_up_front(checkpoint, tmp_path, monkeypatch, capsys):
+    """`--system 'S <moleculeHere>'` made every record an `error` row (reason "other"), `n` 0, status 0; chat
+    refuses such a system prompt, and so does evaluate now, before anything is built or loaded."""
+    argv = ["--checkpoint", str(checkpoint), "--source", "demo:test", "--limit", "2", "--out-dir",
+            str(tmp_path / "run"), "--system", "S <moleculeHere>"]
+    assert refused(argv, monkeypatch, capsys) == ("error: the system prompt 'S <moleculeHere>' holds an entity "
+                                                  "placeholder; entities go in questions")
+    model = chat.from_pretrained(checkpoint)
+    with pytest.raises(ValueError, match="holds an entity placeholder"):
+        ev.evaluate(model, [Record((), "Hi?", "Hello.")], system="S <proteinHere>", max_new_tokens=2)

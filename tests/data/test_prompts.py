@@ -81,3 +81,16 @@ def test_every_atom_of_a_large_molecule_is_a_token_by_default(shared_data):
                                          r"max_new_tokens=256 exceeds the context of 512"):
         encode_prompt(tok, prompt, max_new_tokens=256, context=512, max_atoms=None, over_cap="subsample")
     assert examples.encode_example(tok, record, dataclasses.replace(opts, max_len=256)) == "too_long"
+
+
+def test_a_system_prompt_is_checked_alone_as_make_prompt_checks_it():
+    """`check_system`, which `make_prompt` calls, lets the command lines refuse `--system` before anything loads."""
+    from bmgpt_jax.data.prompts import check_system
+    check_system(None)
+    check_system("Be brief. ")
+    for bad, error, message in (("S <moleculeHere>", ValueError, "system prompt 'S <moleculeHere>' holds an entity "
+                                 "placeholder"), (7, TypeError, "system must be a string")):
+        with pytest.raises(error, match=message):
+            check_system(bad)
+        with pytest.raises(error, match=message):
+            make_prompt("Q?", (), bad)
