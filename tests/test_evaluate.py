@@ -145,6 +145,11 @@ def test_loglik_scoring_does_not_depend_on_max_new_tokens(checkpoint, capsys):
     assert "1 labelled record(s) not generated (gen_skipped), scored by log-likelihood only" in capsys.readouterr().err
     shorter, _ = ev.evaluate(model, records[:1], batch_size=2, mesh=mesh, max_new_tokens=32)
     assert "gen_error" not in shorter[0] and shorter[0]["ll_logprobs"] == pytest.approx(both[0]["ll_logprobs"])
+    alone = [Record((("protein", "MKT" * 340),), MC_Q, "B. Caffeine", label="B")]   # too long by itself
+    for mode in ("both", "loglik"):   # the error said "plus max_new_tokens=0" to a run with 64
+        rows, _ = ev.evaluate(model, alone, batch_size=2, mesh=mesh, mode=mode, max_new_tokens=64)
+        assert rows[0]["reason"] == "too long" and rows[0]["error"].endswith(") exceeds the context of 1024")
+        assert "max_new_tokens" not in rows[0]["error"]
 
 
 def test_records_the_build_left_out_are_counted(checkpoint, tmp_path, capsys):

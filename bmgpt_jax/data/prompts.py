@@ -110,7 +110,8 @@ def encode_prompt(tok: Tokenizer, prompt: Prompt, *, max_new_tokens: int, contex
     """`prompt` encoded for generation (no answer, no EOS): entities featurized (an invalid SMILES or residue
     raises `ValueError` naming it; one token per atom, or with a `max_atoms` cap molecules over it follow
     `over_cap`, as the GIN's config says; proteins are cut to `max_protein_len` ESM tokens as in training),
-    and the prompt plus `max_new_tokens` checked to fit the LM's `context`."""
+    and the prompt plus `max_new_tokens` checked to fit the LM's `context` (0: the prompt alone, as
+    evaluation's log-likelihood scoring needs it; the error then names no new tokens)."""
     holes = [KIND_OF[h] for h in PATTERN.findall(prompt.text)]
     if holes != [k for k, _ in prompt.entities]:
         raise ValueError(f"the prompt's placeholders {holes} do not match its entities {list(prompt.entities)}")
@@ -128,9 +129,9 @@ def encode_prompt(tok: Tokenizer, prompt: Prompt, *, max_new_tokens: int, contex
     enc = encode_segments(tok, segments, lengths, answer=False)
     if len(enc.input_ids) + max_new_tokens > context:
         sizes = ", ".join(f"{k} {v[:40]!r}: {n} tokens" for (k, v), n in zip(prompt.entities, lengths))
+        room = f" plus max_new_tokens={max_new_tokens}" if max_new_tokens else ""   # 0: the prompt alone
         raise ValueError(f"prompt of {len(enc.input_ids)} positions ({len(enc.input_ids) - sum(lengths)} text "
-                         f"tokens{'; ' + sizes if sizes else ''}) plus max_new_tokens={max_new_tokens} exceeds "
-                         f"the context of {context}")
+                         f"tokens{'; ' + sizes if sizes else ''}){room} exceeds the context of {context}")
     mols, prots = [], []
     for f, start in zip(feats, enc.slot_starts):
         if isinstance(f, tuple):

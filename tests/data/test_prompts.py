@@ -94,3 +94,16 @@ def test_a_system_prompt_is_checked_alone_as_make_prompt_checks_it():
             check_system(bad)
         with pytest.raises(error, match=message):
             make_prompt("Q?", (), bad)
+
+
+def test_a_prompt_too_long_by_itself_names_no_new_tokens():
+    """Evaluation checks a labelled prompt alone (`max_new_tokens=0`); the error said `plus max_new_tokens=0`
+    to a user who had passed `--max-new-tokens 64`."""
+    tok = load_tokenizer(None)
+    prompt = make_prompt("What is it?", [("protein", "MKT" * 20)])
+    fit = dict(context=64, max_atoms=None, over_cap="subsample")
+    with pytest.raises(ValueError, match=r"^prompt of \d+ positions \(\d+ text tokens; protein 'MKTM.*': 62 tokens\) "
+                                         r"exceeds the context of 64$"):
+        encode_prompt(tok, prompt, max_new_tokens=0, **fit)
+    with pytest.raises(ValueError, match=r"\) plus max_new_tokens=8 exceeds the context of 64$"):
+        encode_prompt(tok, prompt, max_new_tokens=8, **fit)
