@@ -59,8 +59,9 @@ REASONS = (("not a string", "answer not a string"), ("no answer", "no answer"), 
            ("residue", "bad residues"), ("context", "too long"))
 Sink = Callable[[dict], None]
 # the Python API (docs/evaluate.md): this module's own, and the building blocks its examples call through it
-__all__ = ["MODES", "Option", "ProcessesDisagree", "SourceRecords", "encode_records", "evaluate", "extract_choice",
-           "generate_pass", "load_records", "loglik_pass", "main", "options_of", "read_choice", "score", "text_metrics"]
+__all__ = ["MODES", "Option", "ProcessesDisagree", "SourceRecords", "check_mode", "encode_records", "evaluate",
+           "extract_choice", "generate_pass", "load_records", "loglik_pass", "main", "options_of", "read_choice",
+           "score", "text_metrics"]
 
 
 class Option(NamedTuple):
@@ -201,6 +202,17 @@ def generate_pass(mm: MeshModel, records: Sequence[Record], rows: list[dict], en
         bar.update(len(plan))
 
 
+def check_mode(records: Sequence[Record], mode: str, what: str = "the records") -> None:
+    """ValueError when `mode` cannot score every one of `records` (`what`: a source's name): `loglik` scores
+    labelled records only (multiple choice, yes/no/maybe), so a free-text record would get a row and count in
+    `n` with nothing scored. Cheap: checked on the records before any model loads."""
+    free = [r for r in records if not r.label] if mode == "loglik" else []
+    if free:
+        raise ValueError(f"mode loglik scores only labelled (multiple-choice, yes/no/maybe) records; {what} has "
+                         f"{len(free)} free-text record(s) of {len(records)} (no label, e.g. id {free[0].id!r}): "
+                         "mode generate or both scores them")
+
+
 class ProcessesDisagree(ValueError):
     """The processes of one evaluation hold different records (a one-line error on the command line)."""
 
@@ -235,6 +247,7 @@ def evaluate(model, records: Sequence[Record], *, batch_size: int = 8, system: s
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
     check_system(system)
+    check_mode(records, mode)
     mm = model if isinstance(model, MeshModel) else MeshModel(model, mesh or parallel.make_mesh((-1, 1, 1)))
     sink = sink or (lambda row: None)
     config = chat.generation_config(mm.tokenizer, options)
@@ -324,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_text_tokenizer(args.scibert_vocab)
             load_wordnet(args.nltk_data)
         sources = {spec: load_records(spec, args.raw_dir, args.data_dir, args.limit) for spec in args.source}
+        for spec, records in sources.items():
+            check_mode(records, args.mode, spec)
     except (FileNotFoundError, KeyError, ValueError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         if isinstance(e, FileNotFoundError) and not isinstance(e, MissingResource) and not args.raw_dir:
@@ -372,6 +387,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _asked(speed: Mapping[str, float], n: int, kept: int) -> str:
+    """What a source's pass did, for stderr: its speeds; or that there was nothing left to ask (`--resume`
+    kept a row for every record), or that none of the records left could be asked (the skips listed above)."""
+    if speed:
+        return ", ".join(f"{k} {v:.2f}" for k, v in speed.items())
+    if kept == n:
+        return "nothing left to ask (--resume kept a row for every record)"
+    return (f"nothing asked: none of the {n - kept} record(s) {'left ' if kept else ''}could be asked (see the "
+            "skipped records above)")
+
+
 def _checkpoint_error(checkpoint: str, e: Exception) -> None:
     """The one line on stderr for a model folder that cannot be used (a hint where it does not exist)."""
     absent = isinstance(e, FileNotFoundError) and not Path(checkpoint).exists()
@@ -397,8 +423,8 @@ def _evaluate_sources(mm: MeshModel, sources: Mapping[str, Sequence[Record]], do
                 paper = {s: paper_row(s) for s in metrics if paper_row(s)}
                 (out / "metrics.json").write_text(json.dumps({"sources": metrics, "paper": paper, "run": run},
                                                              indent=1))
-                speed = ', '.join(f'{k} {v:.2f}' for k, v in metrics[spec]['speed'].items())
-                print(f"{spec}: {speed or 'nothing left to ask (every record has a row)'}", file=sys.stderr)
+                print(f"{spec}: {_asked(metrics[spec]['speed'], len(records), len(done.get(spec) or {}))}",
+                      file=sys.stderr)
     return metrics
 
 

@@ -132,7 +132,7 @@ def test_loglik_scoring_does_not_depend_on_max_new_tokens(checkpoint, capsys):
     records = [Record(protein, MC_Q, "B. Caffeine", label="B", id="long"), Record((), MC_Q, "C. Ethanol", label="C"),
                Record((("protein", "MKT" * 310),), "What is it?", "A protein.", id="long text")]
     mesh = parallel.make_mesh((1, 1, 1))
-    loglik, m_loglik = ev.evaluate(model, records, batch_size=2, mesh=mesh, mode="loglik", max_new_tokens=64)
+    loglik, m_loglik = ev.evaluate(model, records[:2], batch_size=2, mesh=mesh, mode="loglik", max_new_tokens=64)
     written = []
     both, m = ev.evaluate(model, records, batch_size=2, mesh=mesh, max_new_tokens=64, sink=written.append)
     assert [r.get("gen_error", "")[:27] for r in both] == ["prompt of 984 positions plu", "", ""]
@@ -163,7 +163,8 @@ def test_records_the_build_left_out_are_counted(checkpoint, tmp_path, capsys):
     for split in ("validation", "test"):
         (raw / f"chebi20_{split}.txt").write_text("CID\tSMILES\tdescription\n" + "\n".join(rows) + "\n")
     argv = ["--checkpoint", str(checkpoint), "--source", "chebi20:test", "--raw-dir", str(raw.parent), "--data-dir",
-            str(tmp_path / "tfds"), "--out-dir", str(tmp_path / "run"), "--mode", "loglik", "--no-progress"]
+            str(tmp_path / "tfds"), "--out-dir", str(tmp_path / "run"), "--mode", "generate", "--max-new-tokens", "2",
+            "--no-progress"]
     for run in ("built", "cached"):
         assert ev.main(argv) == 0
         m = json.loads((tmp_path / "run" / "metrics.json").read_text())["sources"]["chebi20:test"]
@@ -380,17 +381,18 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys):
     assert err.startswith("error: model folder") and "python -m bmgpt_jax.train" in err
 
 
-def refused(argv, monkeypatch, capsys) -> str:
-    """The one line on stderr of an evaluate command line refused (status 2) before any source is built or
-    model loaded."""
+def refused(argv, monkeypatch, capsys, build: bool = False) -> str:
+    """The one line on stderr of an evaluate command line refused (status 2) before any source is built
+    (`build`: after the sources are built) or model loaded."""
     def never(*args, **kwargs):
         raise AssertionError("a source was built or the model loaded before the arguments were checked")
-    monkeypatch.setattr(ev, "load_records", never)
+    if not build:
+        monkeypatch.setattr(ev, "load_records", never)
     monkeypatch.setattr(chat, "model_and_options", never)
     assert ev.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
+    assert len(err) == 1 or build and not any(line.startswith("error:") for line in err[:-1]), err
+    return err[-1]                   # after a build, its notes come first
 
 
 def test_an_out_dir_that_is_a_file_is_refused_up_front(checkpoint, tmp_path, monkeypatch, capsys):
@@ -431,3 +433,22 @@ def test_a_system_prompt_with_a_placeholder_is_refused_up_front(checkpoint, tmp_
     model = chat.from_pretrained(checkpoint)
     with pytest.raises(ValueError, match="holds an entity placeholder"):
         ev.evaluate(model, [Record((), "Hi?", "Hello.")], system="S <proteinHere>", max_new_tokens=2)
+
+
+def test_loglik_on_free_text_is_refused_and_nothing_asked_is_told_as_it_is(checkpoint, tmp_path, monkeypatch, capsys):
+    """`--mode loglik` on demo:test (free text, no options) scored nothing and printed `demo:test 2 0`, no
+    metrics, and "nothing left to ask (every record has a row)" although nothing had been resumed; a run whose
+    every record is skipped said the same."""
+    base = ["--checkpoint", str(checkpoint), "--source", "demo:test", "--limit", "2", "--out-dir",
+            str(tmp_path / "run"), "--no-progress", "--mesh", "1,1,1"]
+    err = refused(base + ["--mode", "loglik"], monkeypatch, capsys, build=True)
+    assert err.startswith("error: mode loglik scores only labelled (multiple-choice, yes/no/maybe) records; demo:test "
+                          "has 2 free-text record(s) of 2 (no label, e.g. id 'NCI4554'): mode generate or both")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="free-text record"):     # the Python API: the same check
+        ev.evaluate(None, [Record((), MC_Q, "B. Caffeine", label="B"), Record((), "Hi?", "Hello.")], mode="loglik")
+    monkeypatch.undo()
+    assert ev.main(base + ["--mode", "generate", "--max-new-tokens", "1020"]) == 0   # every prompt too long
+    err = capsys.readouterr().err
+    assert "demo:test: nothing asked: none of the 2 record(s) could be asked (see the skipped records above)" in err
+    assert "nothing left to ask" not in err
