@@ -452,3 +452,19 @@ def test_loglik_on_free_text_is_refused_and_nothing_asked_is_told_as_it_is(check
     err = capsys.readouterr().err
     assert "demo:test: nothing asked: none of the 2 record(s) could be asked (see the skipped records above)" in err
     assert "nothing left to ask" not in err
+
+
+def test_the_training_mixture_auto_is_refused(checkpoint, tmp_path, monkeypatch, capsys):
+    """`--source auto` (DataConfig's default: demo:train plus sample sets' splits that training reads) was
+    evaluated, scoring the model on its training data; the docs' source list did not name it."""
+    def build(*args, **kwargs):
+        raise AssertionError("auto was built")
+    monkeypatch.setattr("bmgpt_jax.data.pipeline.Records", build)
+    argv = ["--checkpoint", str(checkpoint), "--limit", "2", "--out-dir", str(tmp_path / "run")]
+    for spec in ("auto", "auto:test"):
+        assert refused(argv + ["--source", spec], monkeypatch, capsys, build=True) == (
+            f"error: source {spec!r} is training's default mixture (demo:train, and chebi20:validation, chembl_qa, "
+            "swissprot when the sample data is there): evaluating it scores the data training reads; name a source "
+            "and split, e.g. demo:test")
+    with pytest.raises(ValueError, match="training's default mixture"):
+        ev.load_records("auto", limit=2)
