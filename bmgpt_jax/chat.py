@@ -308,13 +308,20 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
     ap.add_argument("--output", help="--jsonl results, a row per line as each batch is answered (default: stdout)")
     ap.add_argument("--resume", action="store_true",
                     help="with --output: keep the rows it holds and answer only the other lines")
-    ap.add_argument("--batch-size", type=positive_int, default=8)
+    ap.add_argument("--batch-size", type=positive_int, help="--jsonl prompts per generate call (default 8)")
     ap.add_argument("--mesh", type=mesh_shape, help="data,fsdp,tensor: load the weights sharded over this device "
                     "mesh, e.g. 1,1,8 (default: one device; a leading -1 takes '=': --mesh=-1,1,1)")
     add_generation_args(ap)
     args = ap.parse_args(argv)
     if args.resume and not (args.jsonl and args.output):
         ap.error("--resume needs --jsonl and --output")
+    for flag, given in (("--output", args.output), ("--batch-size", args.batch_size)):   # not silently ignored
+        if given is not None and not args.jsonl:
+            ap.error(f"{flag} needs --jsonl (--question and --interactive answer on stdout, one at a time)")
+    entities = [flag for flag, given in (("--smiles", args.smiles), ("--protein", args.protein)) if given]
+    if entities and args.question is None:
+        ap.error(f"{' and '.join(entities)} go{'es' if len(entities) == 1 else ''} with --question only "
+                 "(--interactive: /mol SMILES, /prot SEQUENCE; --jsonl: each line's \"smiles\", \"protein\")")
     lines = None
     try:   # the input and where the rows go are checked before the model loads
         check_system(args.system)
@@ -347,7 +354,7 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
         return 2
     try:
         with lines, output as out:
-            for row in iter_answers(model, lines, args.batch_size, args.system, skip=skip, **options):
+            for row in iter_answers(model, lines, args.batch_size or 8, args.system, skip=skip, **options):
                 out.write(json.dumps(row) + "\n")
                 out.flush()
     except KeyboardInterrupt:

@@ -386,3 +386,22 @@ def test_command_line_errors_are_one_line_naming_the_culprit(demo_model, tmp_pat
     with pytest.raises(SystemExit):
         chat.main(["--checkpoint", str(ckpt), "--jsonl", "q.jsonl", "--batch-size", "0"])
     assert "argument --batch-size: 0 is not a positive integer" in capsys.readouterr().err
+
+
+def test_flags_of_another_mode_are_refused_not_ignored(tmp_path, capsys):
+    """`--question hi --output x.jsonl` wrote no file, `--interactive --smiles CCO` and `--jsonl q --smiles CCO`
+    asked without the molecule: each flag that the chosen mode does not use is refused, as `--resume` is."""
+    base = ["--checkpoint", str(tmp_path / "nope")]    # refused before the folder is looked at
+    for args, message in (
+            (["--question", "hi", "--output", "x.jsonl"], "--output needs --jsonl"),
+            (["--interactive", "--output", "x.jsonl"], "--output needs --jsonl"),
+            (["--question", "hi", "--batch-size", "4"], "--batch-size needs --jsonl"),
+            (["--interactive", "--smiles", "CCO"], "--smiles goes with --question only (--interactive: /mol SMILES"),
+            (["--jsonl", "q.jsonl", "--smiles", "CCO", "--protein", "MK"],
+             "--smiles and --protein go with --question only"),
+            (["--jsonl", "q.jsonl", "--protein", "MK"], "--protein goes with --question only")):
+        with pytest.raises(SystemExit) as exit_:
+            chat.main(base + args)
+        assert exit_.value.code == 2
+        assert f"error: {message}" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "x.jsonl").exists()
