@@ -171,9 +171,9 @@ def iter_answers(model, lines: Iterable[str | bytes], batch_size: int = 8, syste
                  skip: Container[int] = (), **options) -> Iterator[dict]:
     """Batch answering of JSONL lines `{"question", "smiles"?, "protein"?, "system"?, "id"?}` (`system`: the
     default system prompt), `batch_size` prompts per generate call. Yields one row per non-blank line, in
-    line order, with `line` and `answer`, or with `error` (bad JSON or key, invalid SMILES/residue,
-    placeholder mismatch, too long) while the others are answered. Lazy: lines are read and rows yielded
-    batch by batch, so a caller writing each row as it comes keeps every finished batch if the job dies.
+    line order, with `line` and `answer`, or with `error` (bad JSON, an unknown key (named) or no question,
+    invalid SMILES/residue, placeholder mismatch, too long) while the others are answered. Lazy: lines are
+    read and rows yielded batch by batch, so a caller writing each row as it comes keeps every finished batch if the job dies.
     `skip`: line numbers not to answer (those a previous run already wrote, `--resume`). A line given as
     bytes is decoded alone, so one that is not UTF-8 is that line's error, not the end of the job."""
     tok = tokenizer_of(model)
@@ -200,8 +200,7 @@ def iter_answers(model, lines: Iterable[str | bytes], batch_size: int = 8, syste
             data = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
             if isinstance(data, dict):   # the input's fields, refused or not, so rows join back to inputs
                 row.update({k: v for k, v in data.items() if k not in ("line", "answer", "error")})
-            if not isinstance(data, dict) or "question" not in data or set(data) - set(ROW_KEYS):
-                raise ValueError(f"expected an object with 'question' and only keys {list(ROW_KEYS)}")
+            _check_row_keys(data)
             prompt = make_prompt(data["question"], as_entities(data.get("smiles"), data.get("protein")),
                                  data.get("system", system))
             ready.append((len(pending), encode_prompt(model, prompt, cfg.max_new_tokens)))
@@ -212,6 +211,20 @@ def iter_answers(model, lines: Iterable[str | bytes], batch_size: int = 8, syste
         if len(ready) == batch_size:
             yield from decode()
     yield from decode()
+
+
+def _check_row_keys(data) -> None:
+    """ValueError unless `data` (a parsed `--jsonl` line) is an object with `question` and only `ROW_KEYS`,
+    naming the key(s) at fault: another key (a typo such as `smile`) is refused, not ignored, so that no
+    entity or setting of the line is dropped silently."""
+    expected = f"expected an object with 'question' and only keys {list(ROW_KEYS)}"
+    if not isinstance(data, dict):
+        raise ValueError(f"{expected}, not {type(data).__name__}")
+    unknown = [key for key in data if key not in ROW_KEYS]
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}: {expected}")
+    if "question" not in data:
+        raise ValueError(f"no 'question': {expected}")
 
 
 def written_rows(path: Path) -> list[dict]:
