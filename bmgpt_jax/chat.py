@@ -36,7 +36,7 @@ from bmgpt_jax import inputs, parallel
 from bmgpt_jax.convert.folder import from_pretrained
 from bmgpt_jax.data import examples, molecules, proteins
 from bmgpt_jax.data import prompts as prompt_lib
-from bmgpt_jax.data.prompts import Prompt, as_entities, collate_prompts, human_message, make_prompt
+from bmgpt_jax.data.prompts import Prompt, as_entities, check_system, collate_prompts, human_message, make_prompt
 from bmgpt_jax.data.text import Tokenizer, tokenizer_of
 from bmgpt_jax.generation import GenerationConfig, generate
 from bmgpt_jax.inputs import check_model_folder, check_output_file, one_line, positive_int
@@ -122,6 +122,7 @@ class Conversation:
 
     def __init__(self, model, system: str | None = None, **options):
         tokenizer_of(model)
+        check_system(system)         # refused now, not at every question
         self.model, self.system, self.options = model, system, options
         self.reset()
 
@@ -170,9 +171,9 @@ def iter_answers(model, lines: Iterable[str | bytes], batch_size: int = 8, syste
                  skip: Container[int] = (), **options) -> Iterator[dict]:
     """Batch answering of JSONL lines `{"question", "smiles"?, "protein"?, "system"?, "id"?}` (`system`: the
     default system prompt), `batch_size` prompts per generate call. Yields one row per non-blank line, in
-    line order, with `line` and `answer`, or with `error` (bad JSON or key, invalid SMILES/residue,
-    placeholder mismatch, too long) while the others are answered. Lazy: lines are read and rows yielded
-    batch by batch, so a caller writing each row as it comes keeps every finished batch if the job dies.
+    line order, with `line` and `answer`, or with `error` (bad JSON, an unknown key (named) or no question,
+    invalid SMILES/residue, placeholder mismatch, too long) while the others are answered. Lazy: lines are
+    read and rows yielded batch by batch, so a caller writing each row as it comes keeps every finished batch if the job dies.
     `skip`: line numbers not to answer (those a previous run already wrote, `--resume`). A line given as
     bytes is decoded alone, so one that is not UTF-8 is that line's error, not the end of the job."""
     tok = tokenizer_of(model)
@@ -199,8 +200,7 @@ def iter_answers(model, lines: Iterable[str | bytes], batch_size: int = 8, syste
             data = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
             if isinstance(data, dict):   # the input's fields, refused or not, so rows join back to inputs
                 row.update({k: v for k, v in data.items() if k not in ("line", "answer", "error")})
-            if not isinstance(data, dict) or "question" not in data or set(data) - set(ROW_KEYS):
-                raise ValueError(f"expected an object with 'question' and only keys {list(ROW_KEYS)}")
+            _check_row_keys(data)
             prompt = make_prompt(data["question"], as_entities(data.get("smiles"), data.get("protein")),
                                  data.get("system", system))
             ready.append((len(pending), encode_prompt(model, prompt, cfg.max_new_tokens)))
@@ -211,6 +211,20 @@ def iter_answers(model, lines: Iterable[str | bytes], batch_size: int = 8, syste
         if len(ready) == batch_size:
             yield from decode()
     yield from decode()
+
+
+def _check_row_keys(data) -> None:
+    """ValueError unless `data` (a parsed `--jsonl` line) is an object with `question` and only `ROW_KEYS`,
+    naming the key(s) at fault: another key (a typo such as `smile`) is refused, not ignored, so that no
+    entity or setting of the line is dropped silently."""
+    expected = f"expected an object with 'question' and only keys {list(ROW_KEYS)}"
+    if not isinstance(data, dict):
+        raise ValueError(f"{expected}, not {type(data).__name__}")
+    unknown = [key for key in data if key not in ROW_KEYS]
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}: {expected}")
+    if "question" not in data:
+        raise ValueError(f"no 'question': {expected}")
 
 
 def written_rows(path: Path) -> list[dict]:
@@ -307,15 +321,23 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
     ap.add_argument("--output", help="--jsonl results, a row per line as each batch is answered (default: stdout)")
     ap.add_argument("--resume", action="store_true",
                     help="with --output: keep the rows it holds and answer only the other lines")
-    ap.add_argument("--batch-size", type=positive_int, default=8)
+    ap.add_argument("--batch-size", type=positive_int, help="--jsonl prompts per generate call (default 8)")
     ap.add_argument("--mesh", type=mesh_shape, help="data,fsdp,tensor: load the weights sharded over this device "
                     "mesh, e.g. 1,1,8 (default: one device; a leading -1 takes '=': --mesh=-1,1,1)")
     add_generation_args(ap)
     args = ap.parse_args(argv)
     if args.resume and not (args.jsonl and args.output):
         ap.error("--resume needs --jsonl and --output")
+    for flag, given in (("--output", args.output), ("--batch-size", args.batch_size)):   # not silently ignored
+        if given is not None and not args.jsonl:
+            ap.error(f"{flag} needs --jsonl (--question and --interactive answer on stdout, one at a time)")
+    entities = [flag for flag, given in (("--smiles", args.smiles), ("--protein", args.protein)) if given]
+    if entities and args.question is None:
+        ap.error(f"{' and '.join(entities)} go{'es' if len(entities) == 1 else ''} with --question only "
+                 "(--interactive: /mol SMILES, /prot SEQUENCE; --jsonl: each line's \"smiles\", \"protein\")")
     lines = None
     try:   # the input and where the rows go are checked before the model loads
+        check_system(args.system)
         if args.output:
             check_output_file(args.output, "--output")
         if args.resume and Path(args.output).exists():
@@ -345,7 +367,7 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
         return 2
     try:
         with lines, output as out:
-            for row in iter_answers(model, lines, args.batch_size, args.system, skip=skip, **options):
+            for row in iter_answers(model, lines, args.batch_size or 8, args.system, skip=skip, **options):
                 out.write(json.dumps(row) + "\n")
                 out.flush()
     except KeyboardInterrupt:

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from bmgpt_jax import chat, parallel
 from bmgpt_jax.data.examples import Encoded
 from bmgpt_jax.data.pipeline import global_batch
+from bmgpt_jax.data.prompts import check_system
 from bmgpt_jax.data.records import BadRecords, Record
 from bmgpt_jax.evaluation import batches
 from bmgpt_jax.evaluation.choices import answer_options, choice_options, extract_choice, gold_key, is_yes_no
@@ -51,15 +52,16 @@ from bmgpt_jax.evaluation.resume import finished_rows
 from bmgpt_jax.evaluation.scoring import MeshModel
 from bmgpt_jax.evaluation.sources import SourceRecords, load_records
 from bmgpt_jax.evaluation.text_metrics import MissingResource, load_text_tokenizer, load_wordnet, text_metrics
-from bmgpt_jax.inputs import check_not_url, one_line, positive_int
+from bmgpt_jax.inputs import check_model_folder, check_not_url, check_output_folder, one_line, positive_int
 
 MODES = ("both", "generate", "loglik")
 REASONS = (("not a string", "answer not a string"), ("no answer", "no answer"), ("SMILES", "invalid SMILES"),
            ("residue", "bad residues"), ("context", "too long"))
 Sink = Callable[[dict], None]
 # the Python API (docs/evaluate.md): this module's own, and the building blocks its examples call through it
-__all__ = ["MODES", "Option", "ProcessesDisagree", "SourceRecords", "encode_records", "evaluate", "extract_choice",
-           "generate_pass", "load_records", "loglik_pass", "main", "options_of", "read_choice", "score", "text_metrics"]
+__all__ = ["MODES", "Option", "ProcessesDisagree", "SourceRecords", "check_mode", "encode_records", "evaluate",
+           "extract_choice", "generate_pass", "load_records", "loglik_pass", "main", "options_of", "read_choice",
+           "score", "text_metrics"]
 
 
 class Option(NamedTuple):
@@ -200,6 +202,17 @@ def generate_pass(mm: MeshModel, records: Sequence[Record], rows: list[dict], en
         bar.update(len(plan))
 
 
+def check_mode(records: Sequence[Record], mode: str, what: str = "the records") -> None:
+    """ValueError when `mode` cannot score every one of `records` (`what`: a source's name): `loglik` scores
+    labelled records only (multiple choice, yes/no/maybe), so a free-text record would get a row and count in
+    `n` with nothing scored. Cheap: checked on the records before any model loads."""
+    free = [r for r in records if not r.label] if mode == "loglik" else []
+    if free:
+        raise ValueError(f"mode loglik scores only labelled (multiple-choice, yes/no/maybe) records; {what} has "
+                         f"{len(free)} free-text record(s) of {len(records)} (no label, e.g. id {free[0].id!r}): "
+                         "mode generate or both scores them")
+
+
 class ProcessesDisagree(ValueError):
     """The processes of one evaluation hold different records (a one-line error on the command line)."""
 
@@ -233,6 +246,8 @@ def evaluate(model, records: Sequence[Record], *, batch_size: int = 8, system: s
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    check_system(system)
+    check_mode(records, mode)
     mm = model if isinstance(model, MeshModel) else MeshModel(model, mesh or parallel.make_mesh((-1, 1, 1)))
     sink = sink or (lambda row: None)
     config = chat.generation_config(mm.tokenizer, options)
@@ -306,11 +321,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     writer = jax.process_index() == 0
     try:
         check_not_url(args.out_dir, "--out-dir")
+        check_output_folder(args.out_dir, "--out-dir")
+        check_system(args.system)                   # as chat refuses it, not every record an error row
         chat.options_of(args)                       # generation options in range, before any data is built
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:                                            # the model folder's files, before any data is built
+        check_model_folder(args.checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        _checkpoint_error(args.checkpoint, e)
+        return 2
+    try:
         if args.mode != "loglik":                   # text metrics need both: fail before any generation
             load_text_tokenizer(args.scibert_vocab)
             load_wordnet(args.nltk_data)
         sources = {spec: load_records(spec, args.raw_dir, args.data_dir, args.limit) for spec in args.source}
+        for spec, records in sources.items():
+            check_mode(records, args.mode, spec)
     except (FileNotFoundError, KeyError, ValueError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         if isinstance(e, FileNotFoundError) and not isinstance(e, MissingResource) and not args.raw_dir:
@@ -320,9 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model, options, mesh = chat.model_and_options(args)   # read into its shards
     except (FileNotFoundError, ValueError) as e:
-        absent = isinstance(e, FileNotFoundError) and not Path(args.checkpoint).exists()
-        hint = " (`python -m bmgpt_jax.train` writes one to runs/tiny/final)" if absent else ""
-        print(f"error: {one_line(e)}{hint}", file=sys.stderr)
+        _checkpoint_error(args.checkpoint, e)
         return 2
     mm = MeshModel(model, mesh)
     del model
@@ -361,6 +387,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _asked(speed: Mapping[str, float], n: int, kept: int) -> str:
+    """What a source's pass did, for stderr: its speeds; or that there was nothing left to ask (`--resume`
+    kept a row for every record), or that none of the records left could be asked (the skips listed above)."""
+    if speed:
+        return ", ".join(f"{k} {v:.2f}" for k, v in speed.items())
+    if kept == n:
+        return "nothing left to ask (--resume kept a row for every record)"
+    return (f"nothing asked: none of the {n - kept} record(s) {'left ' if kept else ''}could be asked (see the "
+            "skipped records above)")
+
+
+def _checkpoint_error(checkpoint: str, e: Exception) -> None:
+    """The one line on stderr for a model folder that cannot be used (a hint where it does not exist)."""
+    absent = isinstance(e, FileNotFoundError) and not Path(checkpoint).exists()
+    hint = " (`python -m bmgpt_jax.train` writes one to runs/tiny/final)" if absent else ""
+    print(f"error: {one_line(e)}{hint}", file=sys.stderr)
+
+
 def _evaluate_sources(mm: MeshModel, sources: Mapping[str, Sequence[Record]], done: Mapping[str, dict],
                       args, options: dict, run: dict) -> dict[str, dict]:
     """Each source's metrics, in turn; process 0 appends each row to `--out-dir`'s predictions.jsonl as it
@@ -379,8 +423,8 @@ def _evaluate_sources(mm: MeshModel, sources: Mapping[str, Sequence[Record]], do
                 paper = {s: paper_row(s) for s in metrics if paper_row(s)}
                 (out / "metrics.json").write_text(json.dumps({"sources": metrics, "paper": paper, "run": run},
                                                              indent=1))
-                speed = ', '.join(f'{k} {v:.2f}' for k, v in metrics[spec]['speed'].items())
-                print(f"{spec}: {speed or 'nothing left to ask (every record has a row)'}", file=sys.stderr)
+                print(f"{spec}: {_asked(metrics[spec]['speed'], len(records), len(done.get(spec) or {}))}",
+                      file=sys.stderr)
     return metrics
 
 

@@ -4,8 +4,8 @@ The command lines (`chat`, `evaluate`, `convert_weights.py`) call these on what 
 load. The checks are cheap at any model size: a JSON file is parsed, a tokenizer is opened, a weights
 file is checked for its container's own integrity marks (a torch zip archive's central directory, which
 a truncated copy lacks; a safetensors header and the byte length it declares), never read whole.
-`check_output_file` checks where an output file will go. `written_rows` reads back the JSONL output of an
-interrupted job that `--resume` continues.
+`check_output_file` and `check_output_folder` check where an output file or folder will go.
+`written_rows` reads back the JSONL output of an interrupted job that `--resume` continues.
 `one_line` turns any remaining exception into the message a command line prints; `positive_int` is the
 argparse type of counts (a batch size, a number of devices).
 """
@@ -125,6 +125,19 @@ def check_output_file(path: str | Path, flag: str) -> None:
         raise ValueError(f"{flag} {p} is a folder, not a file")
     if not p.parent.is_dir():
         raise ValueError(f"{flag} {p}: the folder {p.parent} does not exist")
+
+
+def check_output_folder(path: str | Path, flag: str) -> None:
+    """ValueError naming `path` (the command line's `flag`) when no folder can be made there: it, or a
+    folder above it, exists and is not a folder (a file). Checked before a model loads, like
+    `check_output_file`."""
+    p = Path(path)
+    for above in (p, *p.parents):
+        if above.exists():
+            if not above.is_dir():
+                raise ValueError(f"{flag} {p} is a file, not a folder" if above == p else
+                                 f"{flag} {p}: {above} is a file, not a folder")
+            return
 
 
 def check_not_url(path: str | Path, what: str) -> None:

@@ -199,6 +199,8 @@ def test_chat_api_conversation_and_bad_input(demo_model):
     assert isinstance(conv.ask("And <proteinHere>?", protein="MK"), str)
     with pytest.raises(ValueError, match="system prompt 'S <moleculeHere>' holds an entity placeholder"):
         chat.make_prompt("Q?", [], "S <moleculeHere>")
+    with pytest.raises(ValueError, match="system prompt 'S <moleculeHere>' holds an entity placeholder"):
+        chat.Conversation(m, "S <moleculeHere>")   # refused at once, not at every question
     inline = chat.make_prompt("Does <proteinHere> bind <molecule><moleculeHere></molecule>?",
                               chat.as_entities("CCO", "MK"), "")
     assert inline == chat.Prompt("### Human: Does <protein><proteinHere></protein> bind "
@@ -378,6 +380,28 @@ def test_command_line_errors_are_one_line_naming_the_culprit(demo_model, tmp_pat
     jsonl.write_text('{"question": "Q?"}\n')
     for args in (ask, ["--jsonl", str(jsonl)]):      # refused before the folder is even looked at
         assert error(tmp_path / "nope", args + ["--num-beams", "2", "--do-sample"]) == beam_sampling
+    for args in (ask, ["--jsonl", str(jsonl)], ["--interactive"]):   # was: every question's error
+        assert error(tmp_path / "nope", args + ["--system", "S <moleculeHere>"]) == \
+            "chat: the system prompt 'S <moleculeHere>' holds an entity placeholder; entities go in questions"
     with pytest.raises(SystemExit):
         chat.main(["--checkpoint", str(ckpt), "--jsonl", "q.jsonl", "--batch-size", "0"])
     assert "argument --batch-size: 0 is not a positive integer" in capsys.readouterr().err
+
+
+def test_flags_of_another_mode_are_refused_not_ignored(tmp_path, capsys):
+    """`--question hi --output x.jsonl` wrote no file, `--interactive --smiles CCO` and `--jsonl q --smiles CCO`
+    asked without the molecule: each flag that the chosen mode does not use is refused, as `--resume` is."""
+    base = ["--checkpoint", str(tmp_path / "nope")]    # refused before the folder is looked at
+    for args, message in (
+            (["--question", "hi", "--output", "x.jsonl"], "--output needs --jsonl"),
+            (["--interactive", "--output", "x.jsonl"], "--output needs --jsonl"),
+            (["--question", "hi", "--batch-size", "4"], "--batch-size needs --jsonl"),
+            (["--interactive", "--smiles", "CCO"], "--smiles goes with --question only (--interactive: /mol SMILES"),
+            (["--jsonl", "q.jsonl", "--smiles", "CCO", "--protein", "MK"],
+             "--smiles and --protein go with --question only"),
+            (["--jsonl", "q.jsonl", "--protein", "MK"], "--protein goes with --question only")):
+        with pytest.raises(SystemExit) as exit_:
+            chat.main(base + args)
+        assert exit_.value.code == 2
+        assert f"error: {message}" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "x.jsonl").exists()

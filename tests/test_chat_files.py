@@ -70,3 +70,22 @@ def test_a_field_of_the_wrong_type_is_named(ckpt):
         "TypeError: smiles must be a string or a list of strings, not ['CCO', None]"]
     with pytest.raises(TypeError, match=r"^smiles must be a string or a list of strings, not 5$"):
         chat.ask(model, "Q?", smiles=5)              # the Python API says the same
+
+
+def test_an_unknown_key_is_named(ckpt, tmp_path, capsys):
+    """`{"question": "hi", "smiles": "CCO", "extra": 1}` was refused as `expected an object with 'question' and
+    only keys [...]`, naming neither `extra` nor what was wrong; the refused row keeps the line's fields."""
+    src, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    lines = [{"question": "hi", "smiles": "CCO", "extra": 1}, {"question": "hi", "smile": "CCO", "note": "x"},
+             {"smiles": "CCO"}, ["hi"], {"question": "hi", "id": 6}]
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    argv = ["--checkpoint", str(ckpt), "--max-new-tokens", "2", "--jsonl", str(src), "--output", str(out)]
+    assert chat.main(argv) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    expected = "expected an object with 'question' and only keys ['question', 'smiles', 'protein', 'system', 'id']"
+    assert [r.get("error") for r in rows] == [
+        f"ValueError: unknown key(s) 'extra': {expected}", f"ValueError: unknown key(s) 'smile', 'note': {expected}",
+        f"ValueError: no 'question': {expected}", f"ValueError: {expected}, not list", None]
+    assert rows[0] == {"line": 1, "question": "hi", "smiles": "CCO", "extra": 1, "error": rows[0]["error"]}
+    assert "answer" in rows[4] and rows[4]["id"] == 6
+    assert f"line 2: ValueError: unknown key(s) 'smile', 'note': {expected}" in capsys.readouterr().err

@@ -132,7 +132,7 @@ def test_loglik_scoring_does_not_depend_on_max_new_tokens(checkpoint, capsys):
     records = [Record(protein, MC_Q, "B. Caffeine", label="B", id="long"), Record((), MC_Q, "C. Ethanol", label="C"),
                Record((("protein", "MKT" * 310),), "What is it?", "A protein.", id="long text")]
     mesh = parallel.make_mesh((1, 1, 1))
-    loglik, m_loglik = ev.evaluate(model, records, batch_size=2, mesh=mesh, mode="loglik", max_new_tokens=64)
+    loglik, m_loglik = ev.evaluate(model, records[:2], batch_size=2, mesh=mesh, mode="loglik", max_new_tokens=64)
     written = []
     both, m = ev.evaluate(model, records, batch_size=2, mesh=mesh, max_new_tokens=64, sink=written.append)
     assert [r.get("gen_error", "")[:27] for r in both] == ["prompt of 984 positions plu", "", ""]
@@ -145,6 +145,11 @@ def test_loglik_scoring_does_not_depend_on_max_new_tokens(checkpoint, capsys):
     assert "1 labelled record(s) not generated (gen_skipped), scored by log-likelihood only" in capsys.readouterr().err
     shorter, _ = ev.evaluate(model, records[:1], batch_size=2, mesh=mesh, max_new_tokens=32)
     assert "gen_error" not in shorter[0] and shorter[0]["ll_logprobs"] == pytest.approx(both[0]["ll_logprobs"])
+    alone = [Record((("protein", "MKT" * 340),), MC_Q, "B. Caffeine", label="B")]   # too long by itself
+    for mode in ("both", "loglik"):   # the error said "plus max_new_tokens=0" to a run with 64
+        rows, _ = ev.evaluate(model, alone, batch_size=2, mesh=mesh, mode=mode, max_new_tokens=64)
+        assert rows[0]["reason"] == "too long" and rows[0]["error"].endswith(") exceeds the context of 1024")
+        assert "max_new_tokens" not in rows[0]["error"]
 
 
 def test_records_the_build_left_out_are_counted(checkpoint, tmp_path, capsys):
@@ -158,7 +163,8 @@ def test_records_the_build_left_out_are_counted(checkpoint, tmp_path, capsys):
     for split in ("validation", "test"):
         (raw / f"chebi20_{split}.txt").write_text("CID\tSMILES\tdescription\n" + "\n".join(rows) + "\n")
     argv = ["--checkpoint", str(checkpoint), "--source", "chebi20:test", "--raw-dir", str(raw.parent), "--data-dir",
-            str(tmp_path / "tfds"), "--out-dir", str(tmp_path / "run"), "--mode", "loglik", "--no-progress"]
+            str(tmp_path / "tfds"), "--out-dir", str(tmp_path / "run"), "--mode", "generate", "--max-new-tokens", "2",
+            "--no-progress"]
     for run in ("built", "cached"):
         assert ev.main(argv) == 0
         m = json.loads((tmp_path / "run" / "metrics.json").read_text())["sources"]["chebi20:test"]
@@ -373,3 +379,92 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys):
     assert ev.main(base + ["--source", "demo:test", "--limit", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: model folder") and "python -m bmgpt_jax.train" in err
+
+
+def refused(argv, monkeypatch, capsys, build: bool = False) -> str:
+    """The one line on stderr of an evaluate command line refused (status 2) before any source is built
+    (`build`: after the sources are built) or model loaded."""
+    def never(*args, **kwargs):
+        raise AssertionError("a source was built or the model loaded before the arguments were checked")
+    if not build:
+        monkeypatch.setattr(ev, "load_records", never)
+    monkeypatch.setattr(chat, "model_and_options", never)
+    assert ev.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 or build and not any(line.startswith("error:") for line in err[:-1]), err
+    return err[-1]                   # after a build, its notes come first
+
+
+def test_an_out_dir_that_is_a_file_is_refused_up_front(checkpoint, tmp_path, monkeypatch, capsys):
+    """`--out-dir` naming a file was a FileExistsError traceback (status 1) after the model had loaded."""
+    afile = tmp_path / "afile"
+    afile.write_text("notes\n")
+    base = ["--checkpoint", str(checkpoint), "--source", "demo:test", "--limit", "2"]
+    assert refused(base + ["--out-dir", str(afile)], monkeypatch, capsys) == \
+        f"error: --out-dir {afile} is a file, not a folder"
+    assert refused(base + ["--out-dir", str(afile / "run")], monkeypatch, capsys) == \
+        f"error: --out-dir {afile / 'run'}: {afile} is a file, not a folder"
+    assert afile.read_text() == "notes\n"
+
+
+def test_the_model_folder_is_checked_before_any_source_is_built(checkpoint, tmp_path, monkeypatch, capsys):
+    """`--checkpoint nope` built (or read) every source first, then said the folder did not exist."""
+    import shutil
+    base = ["--source", "demo:test", "--limit", "2", "--out-dir", str(tmp_path / "run")]
+    nope = tmp_path / "nope"
+    assert refused(["--checkpoint", str(nope)] + base, monkeypatch, capsys) == \
+        f"error: model folder {nope} does not exist (`python -m bmgpt_jax.train` writes one to runs/tiny/final)"
+    final = shutil.copytree(checkpoint, tmp_path / "train_run" / "final")
+    assert refused(["--checkpoint", str(final.parent)] + base, monkeypatch, capsys) == \
+        f"error: {final.parent} is a training run's folder; its model is {final} (--checkpoint {final})"
+    (final / "llm_config.json").write_text("{")
+    assert refused(["--checkpoint", str(final)] + base, monkeypatch, capsys).startswith(
+        f"error: {final / 'llm_config.json'} is not valid JSON")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_system_prompt_with_a_placeholder_is_refused_up_front(checkpoint, tmp_path, monkeypatch, capsys):
+    """`--system 'S <moleculeHere>'` made every record an `error` row (reason "other"), `n` 0, status 0; chat
+    refuses such a system prompt, and so does evaluate now, before anything is built or loaded."""
+    argv = ["--checkpoint", str(checkpoint), "--source", "demo:test", "--limit", "2", "--out-dir",
+            str(tmp_path / "run"), "--system", "S <moleculeHere>"]
+    assert refused(argv, monkeypatch, capsys) == ("error: the system prompt 'S <moleculeHere>' holds an entity "
+                                                  "placeholder; entities go in questions")
+    model = chat.from_pretrained(checkpoint)
+    with pytest.raises(ValueError, match="holds an entity placeholder"):
+        ev.evaluate(model, [Record((), "Hi?", "Hello.")], system="S <proteinHere>", max_new_tokens=2)
+
+
+def test_loglik_on_free_text_is_refused_and_nothing_asked_is_told_as_it_is(checkpoint, tmp_path, monkeypatch, capsys):
+    """`--mode loglik` on demo:test (free text, no options) scored nothing and printed `demo:test 2 0`, no
+    metrics, and "nothing left to ask (every record has a row)" although nothing had been resumed; a run whose
+    every record is skipped said the same."""
+    base = ["--checkpoint", str(checkpoint), "--source", "demo:test", "--limit", "2", "--out-dir",
+            str(tmp_path / "run"), "--no-progress", "--mesh", "1,1,1"]
+    err = refused(base + ["--mode", "loglik"], monkeypatch, capsys, build=True)
+    assert err.startswith("error: mode loglik scores only labelled (multiple-choice, yes/no/maybe) records; demo:test "
+                          "has 2 free-text record(s) of 2 (no label, e.g. id 'NCI4554'): mode generate or both")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="free-text record"):     # the Python API: the same check
+        ev.evaluate(None, [Record((), MC_Q, "B. Caffeine", label="B"), Record((), "Hi?", "Hello.")], mode="loglik")
+    monkeypatch.undo()
+    assert ev.main(base + ["--mode", "generate", "--max-new-tokens", "1020"]) == 0   # every prompt too long
+    err = capsys.readouterr().err
+    assert "demo:test: nothing asked: none of the 2 record(s) could be asked (see the skipped records above)" in err
+    assert "nothing left to ask" not in err
+
+
+def test_the_training_mixture_auto_is_refused(checkpoint, tmp_path, monkeypatch, capsys):
+    """`--source auto` (DataConfig's default: demo:train plus sample sets' splits that training reads) was
+    evaluated, scoring the model on its training data; the docs' source list did not name it."""
+    def build(*args, **kwargs):
+        raise AssertionError("auto was built")
+    monkeypatch.setattr("bmgpt_jax.data.pipeline.Records", build)
+    argv = ["--checkpoint", str(checkpoint), "--limit", "2", "--out-dir", str(tmp_path / "run")]
+    for spec in ("auto", "auto:test"):
+        assert refused(argv + ["--source", spec], monkeypatch, capsys, build=True) == (
+            f"error: source {spec!r} is training's default mixture (demo:train, and chebi20:validation, chembl_qa, "
+            "swissprot when the sample data is there): evaluating it scores the data training reads; name a source "
+            "and split, e.g. demo:test")
+    with pytest.raises(ValueError, match="training's default mixture"):
+        ev.load_records("auto", limit=2)

@@ -75,21 +75,29 @@ def human_message(question: str, entities: Sequence[tuple[str, str]]) -> tuple[s
     return text, tuple((k, queues[k].pop(0)) for k in found)
 
 
+def check_system(system: str | None) -> None:
+    """A system prompt `make_prompt` takes (None: the reference's default): a `system` that is not a string
+    is a TypeError naming it, one holding an entity placeholder a ValueError (the command lines check
+    `--system` with this before anything loads)."""
+    if system is not None and not isinstance(system, str):
+        raise TypeError(f"system must be a string (or None: the default), not {system!r:.60}")
+    if system is not None and PATTERN.search(system):
+        raise ValueError(f"the system prompt {system!r:.60} holds an entity placeholder; entities go in questions")
+
+
 def make_prompt(question: str, entities: Sequence[tuple[str, str]] = (), system: str | None = None,
                 history: Sequence[tuple[str, str]] = (), history_entities: tuple = ()) -> Prompt:
     """The prompt asking `question` about `entities` after the answered turns `history` ((human message,
     answer) pairs whose placeholders `history_entities` fill). `system=None`: the reference's default.
     An empty question (or one that is not a string) is a ValueError; a `system` that is not a string, a
-    TypeError naming it, and one holding a placeholder, a ValueError. A placeholder in an answer (text the
-    model generated, with no entity behind it) is removed, so it cannot take a later turn's entity."""
+    TypeError naming it, and one holding a placeholder, a ValueError (`check_system`). A placeholder in an
+    answer (text the model generated, with no entity behind it) is removed, so it cannot take a later
+    turn's entity."""
     if question is not None and not isinstance(question, str):
         raise ValueError(f"the question must be a string, not {question!r:.60}")
     if not question or not question.strip():
         raise ValueError(f"the question is empty ({question!r}): there is nothing to answer")
-    if system is not None and not isinstance(system, str):
-        raise TypeError(f"system must be a string (or None: the default), not {system!r:.60}")
-    if system is not None and PATTERN.search(system):
-        raise ValueError(f"the system prompt {system!r:.60} holds an entity placeholder; entities go in questions")
+    check_system(system)
     human, ents = human_message(question, entities)
     text = DEFAULT_SYSTEM if system is None else system
     for msg, answer in [*history, (human, None)]:
@@ -102,7 +110,8 @@ def encode_prompt(tok: Tokenizer, prompt: Prompt, *, max_new_tokens: int, contex
     """`prompt` encoded for generation (no answer, no EOS): entities featurized (an invalid SMILES or residue
     raises `ValueError` naming it; one token per atom, or with a `max_atoms` cap molecules over it follow
     `over_cap`, as the GIN's config says; proteins are cut to `max_protein_len` ESM tokens as in training),
-    and the prompt plus `max_new_tokens` checked to fit the LM's `context`."""
+    and the prompt plus `max_new_tokens` checked to fit the LM's `context` (0: the prompt alone, as
+    evaluation's log-likelihood scoring needs it; the error then names no new tokens)."""
     holes = [KIND_OF[h] for h in PATTERN.findall(prompt.text)]
     if holes != [k for k, _ in prompt.entities]:
         raise ValueError(f"the prompt's placeholders {holes} do not match its entities {list(prompt.entities)}")
@@ -120,9 +129,9 @@ def encode_prompt(tok: Tokenizer, prompt: Prompt, *, max_new_tokens: int, contex
     enc = encode_segments(tok, segments, lengths, answer=False)
     if len(enc.input_ids) + max_new_tokens > context:
         sizes = ", ".join(f"{k} {v[:40]!r}: {n} tokens" for (k, v), n in zip(prompt.entities, lengths))
+        room = f" plus max_new_tokens={max_new_tokens}" if max_new_tokens else ""   # 0: the prompt alone
         raise ValueError(f"prompt of {len(enc.input_ids)} positions ({len(enc.input_ids) - sum(lengths)} text "
-                         f"tokens{'; ' + sizes if sizes else ''}) plus max_new_tokens={max_new_tokens} exceeds "
-                         f"the context of {context}")
+                         f"tokens{'; ' + sizes if sizes else ''}){room} exceeds the context of {context}")
     mols, prots = [], []
     for f, start in zip(feats, enc.slot_starts):
         if isinstance(f, tuple):

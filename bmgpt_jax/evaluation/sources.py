@@ -32,9 +32,13 @@ def load_records(spec: str, raw_dir: str | None = None, data_dir: str | None = N
     """The first `limit` records of source `spec` (`name:split`, `demo:test`, ...), built under `data_dir` if
     needed, with the records the build left out (its `metadata.json`, so a cached build's too) as `dropped`
     when the whole split is taken. A `limit` that cuts the split leaves them out (the build counted the
-    whole split, not its first records) and says so on stderr."""
-    from bmgpt_jax.data.pipeline import DataConfig, Records
+    whole split, not its first records) and says so on stderr. `auto` (training's mixture) is a ValueError."""
+    from bmgpt_jax.data.pipeline import AUTO_SAMPLES, DataConfig, Records
     name = spec.partition(":")[0]
+    if name == "auto":   # refused before anything is built
+        raise ValueError(f"source {spec!r} is training's default mixture (demo:train, and {', '.join(AUTO_SAMPLES)} "
+                         "when the sample data is there): evaluating it scores the data training reads; name a "
+                         "source and split, e.g. demo:test")
     cfg = DataConfig(sources=(spec,), raw_dirs={name: raw_dir} if raw_dir else {}, data_dir=data_dir or "")
     records = Records(cfg)
     n = len(records) if limit is None else min(limit, len(records))

@@ -81,3 +81,29 @@ def test_every_atom_of_a_large_molecule_is_a_token_by_default(shared_data):
                                          r"max_new_tokens=256 exceeds the context of 512"):
         encode_prompt(tok, prompt, max_new_tokens=256, context=512, max_atoms=None, over_cap="subsample")
     assert examples.encode_example(tok, record, dataclasses.replace(opts, max_len=256)) == "too_long"
+
+
+def test_a_system_prompt_is_checked_alone_as_make_prompt_checks_it():
+    """`check_system`, which `make_prompt` calls, lets the command lines refuse `--system` before anything loads."""
+    from bmgpt_jax.data.prompts import check_system
+    check_system(None)
+    check_system("Be brief. ")
+    for bad, error, message in (("S <moleculeHere>", ValueError, "system prompt 'S <moleculeHere>' holds an entity "
+                                 "placeholder"), (7, TypeError, "system must be a string")):
+        with pytest.raises(error, match=message):
+            check_system(bad)
+        with pytest.raises(error, match=message):
+            make_prompt("Q?", (), bad)
+
+
+def test_a_prompt_too_long_by_itself_names_no_new_tokens():
+    """Evaluation checks a labelled prompt alone (`max_new_tokens=0`); the error said `plus max_new_tokens=0`
+    to a user who had passed `--max-new-tokens 64`."""
+    tok = load_tokenizer(None)
+    prompt = make_prompt("What is it?", [("protein", "MKT" * 20)])
+    fit = dict(context=64, max_atoms=None, over_cap="subsample")
+    with pytest.raises(ValueError, match=r"^prompt of \d+ positions \(\d+ text tokens; protein 'MKTM.*': 62 tokens\) "
+                                         r"exceeds the context of 64$"):
+        encode_prompt(tok, prompt, max_new_tokens=0, **fit)
+    with pytest.raises(ValueError, match=r"\) plus max_new_tokens=8 exceeds the context of 64$"):
+        encode_prompt(tok, prompt, max_new_tokens=8, **fit)
