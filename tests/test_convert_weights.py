@@ -73,10 +73,14 @@ def test_esm_masked_lm_bin_becomes_a_canonical_esm_folder(tmp_path, torch, capsy
     (tmp_path / "src" / "config.json").write_text(json.dumps(hf_esm.config_to_hf(cfg)))
     capsys.readouterr()
     convert_weights.main(["hf_esm", str(tmp_path / "src"), str(tmp_path / "dst"), "--check"])
-    err = capsys.readouterr().err                          # the skipped keys are named on the command line
-    assert "ignored 1 key(s) outside the encoder's prefix 'esm.': lm_head.dense.weight" in err
+    err = capsys.readouterr().err       # the keys the encoder does not use are named, and carried over
+    assert "carried over 1 key(s) outside the encoder's prefix 'esm.': lm_head.dense.weight" in err
+    assert "carried over 1 tensor(s) the Hugging Face ESM-2 encoder does not use: encoder.layer.0." in err
     out = read_state_dict(tmp_path / "dst")
-    assert out.keys() == good.keys() and all(same_bits(out[k], good[k]) for k in good)
+    kept = {"lm_head.dense.weight": legacy["lm_head.dense.weight"].numpy(),     # outside the prefix: as named
+            "encoder.layer.0.attention.self.rotary_embeddings.inv_freq": np.zeros(4, np.float32)}  # canonical
+    assert out.keys() == good.keys() | kept.keys()
+    assert all(same_bits(out[k], {**good, **kept}[k]) for k in out)
     assert (tmp_path / "dst" / "vocab.txt").exists()
 
 
