@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 FAMILY = "OpenBioMed BioMedGPT"
 PREFIXES = ("llm.", "mol_structure_encoder.", "prot_structure_encoder.", "proj_mol.", "proj_prot.")
 ESM_PREFIX, GIN_PREFIX = "prot_structure_encoder.", "mol_structure_encoder."
+ESM_WORDS = ESM_PREFIX + "embeddings.word_embeddings.weight"     # (its dtype: the ESM's on disk)
 
 
 def _json(cfg: Mapping | str | os.PathLike) -> dict:
@@ -129,20 +130,21 @@ def load(pth_path: str | os.PathLike, lm_config, esm_config, tokenizer=None,
 
 
 def _fill(cfg: BioMedGPTConfig, lay: Layout, esm_dtype) -> openbiomed_fill.Filled:
+    """The filled tensors for a `.pth` of `cfg`; zeros in `esm_dtype` (the ESM's parameters' on disk)."""
     return openbiomed_fill.tensors(cfg.lm, cfg.esm, (e.key for e in lay.entries), esm_dtype, esm_prefix=ESM_PREFIX)
 
 
 def convert(raw: TensorSource, cfg: BioMedGPTConfig, dst: str | os.PathLike, *, dtype=None, check: bool = False,
-              keep=()) -> int:
+            keep=()) -> int:
     """OpenBioMed's `.pth` streamed from flat tensors in `raw` (a model folder's or a `.pth`): our tensors,
     then the tensors `raw` has that our model does not use, as they are; where it has none, the filled
     ones (`openbiomed_fill`, one log line). `dtype`: cast floating tensors; `check`: re-read bit for bit.
     Returns the number of tensors."""
     src = view(raw)
     lay = layout(cfg.lm, cfg.esm, cfg.gin)
-    word = ESM_PREFIX + "embeddings.word_embeddings.weight"
-    fill = None if tensor_map.unused(src, lay) else _fill(cfg, lay, src.dtype(word) if word in src else
-                                                         cfg.esm.param_dtype)
+    fill = None
+    if not tensor_map.unused(src, lay):
+        fill = _fill(cfg, lay, src.dtype(ESM_WORDS) if ESM_WORDS in src else cfg.esm.param_dtype)
     n = stream.convert(src, lay, dst, "pth", dtype=dtype, check=check, keep=keep, carry=True, extras=fill)
     if fill is not None:
         log.warning(openbiomed_fill.note(fill, dst))
@@ -154,7 +156,7 @@ def write(reader: TensorSource, cfg: BioMedGPTConfig, dst: str | os.PathLike) ->
     the filled tensors (`openbiomed_fill`) that make OpenBioMed's strict load accept it."""
     lay = layout(cfg.lm, cfg.esm, cfg.gin)
     specs = stream.export_specs(lay)
-    fill = _fill(cfg, lay, next(d for k, _, d in specs if k == ESM_PREFIX + "embeddings.word_embeddings.weight"))
+    fill = _fill(cfg, lay, next(d for k, _, d in specs if k == ESM_WORDS))
     out = stream.write(dst, "pth", specs + stream.specs_of(fill),
                        itertools.chain(stream.exported(reader, lay), stream.tensors_of(fill)))
     log.warning(openbiomed_fill.note(fill, dst))

@@ -1,9 +1,10 @@
 """The PyTorch reference BioMedGPT for parity tests: transformers' LlamaForCausalLM and EsmModel, the
 plain-torch GIN and two nn.Linear, with OpenBioMed's attribute names (so `state_dict()` is exactly the
 flat `biomedgpt_10b.pth` layout: the Llama's layers carry OpenBioMed's persistent `rotary_emb.inv_freq`,
-`UpstreamRotary`, and the ESM its pooler and contact head), and a forward that splices one example the way the reference's
-`_prompt_wrap` / `Conversation` does: BOS, then each text piece between placeholders tokenized without
-special tokens, each placeholder replaced by that entity's projected features, then answer + EOS.
+`UpstreamRotary`, and the ESM its pooler and contact head), and a forward that splices one example the
+way the reference's `_prompt_wrap` / `Conversation` does: BOS, then each text piece between placeholders
+tokenized without special tokens, each placeholder replaced by that entity's projected features, then
+answer + EOS.
 """
 from __future__ import annotations
 
