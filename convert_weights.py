@@ -13,6 +13,8 @@ a time, and compared with the source bit for bit.
     python convert_weights.py openbiomed biomedgpt_10b.pth DST_DIR --lm-config LM/config.json \
         --esm-config ESM/config.json --tokenizer llama/tokenizer.model   # -> our model folder (chat, training)
     python convert_weights.py to_openbiomed MODEL_DIR DST.pth           # our model folder -> OpenBioMed .pth
+        # (which OpenBioMed loads strictly: what the folder carried over from a .pth goes back as it was,
+        # else the buffers are computed and the unused pooler and contact head zero-filled, named on stderr)
         # and back: openbiomed DST.pth DIR ... --gin-config MODEL_DIR/gin_config.json keeps the atom cap
     python convert_weights.py orbax RUN/checkpoints DST_DIR [--step N]  # a training run's checkpoint ->
                                                                         # model folder (HF Llama for `lm`)

@@ -326,6 +326,7 @@ def test_one_atom_cap_for_training_evaluation_and_chat(demo_model):
 def test_command_line_errors_are_one_line_naming_the_culprit(demo_model, tmp_path, capsys):
     import shutil
     ckpt = save_pretrained(demo_model, None, tmp_path / "ckpt")
+    capsys.readouterr()            # (the note on the folder's .pth, on stderr once convert_weights has run)
     ask = ["--question", "What is it?", "--smiles", "CCO", "--max-new-tokens", "4"]
 
     def error(folder, args=ask):

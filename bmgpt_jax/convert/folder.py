@@ -1,11 +1,13 @@
 """Our on-disk model folder: the weights, the three configs and the tokenizer, in one directory.
 
     model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
-                        the weights under OpenBioMed's flat names (`llm.*`, `mol_structure_encoder.*`, ...)
+                        the weights under OpenBioMed's flat names (`llm.*`, `mol_structure_encoder.*`, ...);
+                        converted from an OpenBioMed `.pth`, also the tensors of it our model does not use
+                        (rotary buffers, the ESM's pooler and contact head), carried over for the way back
     llm_config.json     HF Llama config        esm_config.json   HF ESM config
     gin_config.json     our GinConfig          tokenizer.model   SentencePiece (or a `tokenizer/` folder)
-    biomedgpt_10b.pth   OpenBioMed's file, written as well where torch is importable (optional;
-                        OpenBioMed loads it with `strict=False`: see `convert.openbiomed`)
+    biomedgpt_10b.pth   OpenBioMed's file, written as well where torch is importable (optional; loads
+                        strictly in OpenBioMed's `BioMedGPTV`: see `convert.openbiomed`)
 
 The default folder needs no torch to write or read. Training writes one at the end of a run (streamed
 from the final checkpoint, `convert.run_export`); chat and evaluate read it (`from_pretrained`, sharded
@@ -62,9 +64,7 @@ def write(out_dir: str | os.PathLike, cfg: BioMedGPTConfig, tokenizer, reader: T
         _write_configs(tmp, cfg, tok)
         if pth:
             with open_source(tmp) as written:
-                keys = written.keys()
-                stream.write_into(tmp / FILES["pth"], "pth", [(k, written.shape(k), written.dtype(k)) for k in keys],
-                                  ((k, written.read(k)) for k in keys))
+                openbiomed.convert(written, cfg, tmp / FILES["pth"])
     return stream.write(out_dir, "safetensors", stream.export_specs(lay), stream.exported(reader, lay), extra,
                         max_shard_bytes)
 
@@ -134,9 +134,11 @@ def from_pretrained(ckpt_dir, mesh=None, **lm_overrides):
 def from_openbiomed(pth_path, dst, lm_config, esm_config, tokenizer, dtype=None, check: bool = False,
                     max_shard_bytes: int = stream.SHARD_BYTES, gin_config=None) -> int:
     """OpenBioMed `biomedgpt_10b.pth` -> a model folder, streaming (dtype kept unless `dtype`; `check`:
-    re-read bit for bit). Returns the number of tensors. The GIN's depth and width come from the weights;
-    what the `.pth` does not hold (the atom cap `max_atoms` / `over_cap`, dropout) from `gin_config`, a
-    GinConfig JSON such as a model folder's `gin_config.json` (default: GinConfig's defaults)."""
+    re-read bit for bit), the tensors our model does not use carried over into its safetensors under
+    their own names, for `to_openbiomed` to give back. Returns the number of tensors. The GIN's depth
+    and width come from the weights; what the `.pth` does not hold (the atom cap `max_atoms` /
+    `over_cap`, dropout) from `gin_config`, a GinConfig JSON such as a model folder's `gin_config.json`
+    (default: GinConfig's defaults)."""
     lm, esm = openbiomed.configs(lm_config, esm_config)
     tok = as_tokenizer(tokenizer)
     settings = gin_settings(gin_config) if gin_config else GinConfig()
@@ -150,15 +152,16 @@ def from_openbiomed(pth_path, dst, lm_config, esm_config, tokenizer, dtype=None,
                                   esm=dataclasses.replace(esm, param_dtype=str(first)))
         return stream.convert(src, lay, dst, "safetensors", dtype=dtype, check=check,
                               extra_files=lambda tmp: _write_configs(tmp, out, tok), max_shard_bytes=max_shard_bytes,
-                              keep=pth_path)
+                              keep=pth_path, carry=True)
 
 
 def to_openbiomed(ckpt_dir, dst, dtype=None, check: bool = False) -> int:
     """A model folder -> OpenBioMed's flat `.pth`, streaming (dtype kept unless `dtype`; `check`:
-    re-read bit for bit). Returns the number of tensors. OpenBioMed loads it with `strict=False`: it
-    lacks the ESM's pooler and contact head and the deterministic buffers (`convert.openbiomed`)."""
+    re-read bit for bit), which OpenBioMed's `BioMedGPTV` loads strictly: the tensors the folder carries
+    over from an OpenBioMed `.pth` go back as they are; a folder without them (from HF sources, from
+    training) gets the computed buffers and a zero pooler and contact head, named in one log line
+    (`convert.openbiomed`). Returns the number of tensors."""
     lm, esm, gin = configs(ckpt_dir)
     with open_source(ckpt_dir) as raw:
-        src = openbiomed.view(raw)
-        lay = openbiomed.layout(lm, esm, openbiomed.gin_config(src, gin))
-        return stream.convert(src, lay, dst, "pth", dtype=dtype, check=check, keep=ckpt_dir)
+        cfg = BioMedGPTConfig(lm=lm, esm=esm, gin=openbiomed.gin_config(openbiomed.view(raw), gin))
+        return openbiomed.convert(raw, cfg, dst, dtype=dtype, check=check, keep=ckpt_dir)

@@ -11,6 +11,11 @@ log note, what the encoder does not use: `rotary_embeddings.inv_freq` (recompute
 `contact_head.*`, `pooler.*` and `lm_head.*` (and, with a prefix, every key outside it). Reading is
 lazy (whole, or per device slice with `load_sharded`); saving streams one tensor at a time.
 
+`convert` (HF folder -> HF folder) keeps those tensors: the ones under the encoder's prefix under the
+encoder's canonical names (`esm.contact_head.*` -> `contact_head.*`), the ones outside it (an
+`EsmForMaskedLM`'s `lm_head.*`) under their own, so `EsmModel.from_pretrained` (or
+`EsmForMaskedLM.from_pretrained`) finds in the output whatever it found in the source.
+
     model = load("esm2_t33_650M_UR50D/")          # HF directory -> Esm
     save(model, "out/")                           # -> EsmModel.from_pretrained("out/") works
 """
@@ -29,7 +34,7 @@ from flax import nnx
 from bmgpt_jax.convert import stream, tensor_map
 from bmgpt_jax.convert.sources import open_source
 from bmgpt_jax.convert.tensor_map import ModelSource
-from bmgpt_jax.convert.tensor_source import DictSource, TensorSource, View
+from bmgpt_jax.convert.tensor_source import DictSource, Renamed, TensorSource, View
 from bmgpt_jax.data.proteins import write_vocab
 from bmgpt_jax.models.esm import ROPE_THETA, Esm, EsmConfig
 
@@ -91,15 +96,16 @@ def normalize_key(key: str) -> str:
     return re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", key))
 
 
-def view(source: TensorSource, prefix: str | None = None) -> View:
+def view(source: TensorSource, prefix: str | None = None, note: str = "ignored") -> View:
     """The encoder's tensors in `source`: those under `prefix` (None: `esm.` if the checkpoint has it, else
-    no prefix) with the prefix removed and `gamma`/`beta` renamed; keys outside the prefix are logged."""
+    no prefix) with the prefix removed and `gamma`/`beta` renamed; keys outside the prefix are logged
+    with `note` (what becomes of them)."""
     keys = source.keys()
     if prefix is None:
         prefix = next((p for p in _AUTO_PREFIXES if any(k.startswith(p + "embeddings.") for k in keys)), "")
     outside = [k for k in keys if not k.startswith(prefix)]
     if outside and prefix in _AUTO_PREFIXES:
-        log.info("hf_esm: ignored %d key(s) outside the encoder's prefix %r: %s", len(outside), prefix,
+        log.info("hf_esm: %s %d key(s) outside the encoder's prefix %r: %s", note, len(outside), prefix,
                  ", ".join(outside[:20]))
     return View(source, prefix, normalize_key)
 
@@ -176,15 +182,17 @@ def save(model: Esm, out_dir: str | Path, max_shard_bytes: int = stream.SHARD_BY
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, check: bool = False,
             max_shard_bytes: int = stream.SHARD_BYTES) -> int:
     """HF ESM-2 folder -> HF `EsmModel` folder (safetensors, canonical names: no `esm.` prefix, no
-    gamma/beta), streaming, keys and shapes checked against the config; dtype kept unless `dtype`.
-    `check`: re-read and compare bit for bit. Returns the number of tensors written."""
+    gamma/beta), streaming, keys and shapes checked against the config; dtype kept unless `dtype`. The
+    source's tensors the encoder does not use are carried over (module docstring). `check`: re-read and
+    compare bit for bit. Returns the number of tensors written."""
     cfg = config_from_dir(src)
     lay = layout(cfg)
     with open_source(src) as raw:
-        source = view(raw)
+        source = view(raw, note="carried over")
+        outside = Renamed(raw, {k: k for k in raw.keys() if not k.startswith(source.prefix)})
         first = lay.entries[0].key
         out_cfg = dataclasses.replace(cfg, param_dtype=str(stream.out_dtype(source.dtype(first), dtype))
                                       if first in source else cfg.param_dtype)
         return stream.convert(source, lay, dst, "safetensors", dtype=dtype, check=check,
                               extra_files=lambda tmp: _write_config_and_vocab(tmp, out_cfg),
-                              max_shard_bytes=max_shard_bytes, keep=src)
+                              max_shard_bytes=max_shard_bytes, keep=src, carry=True, extras=outside)

@@ -1,32 +1,34 @@
 """OpenBioMed `biomedgpt_10b.pth` (one flat state dict) <-> our `BioMedGPT`.
 
 Layout: `llm.*` (HF Llama names, vocab 32001), `mol_structure_encoder.*` (GraphMVP GIN),
-`prot_structure_encoder.*` (HF ESM names; `pooler.*`, `contact_head.*`, `position_ids`, `inv_freq`
-ignored), `proj_mol.{weight,bias}`, `proj_prot.{weight,bias}`. The table is the three families' tables
-nested under their prefixes plus the two adaptors; a key under no known prefix is an error, as is a
-missing key or a shape mismatch. The same flat names are used in our model folder's safetensors
-(`convert.folder`). Reading is lazy (`torch.load(mmap=True)` for the `.pth`), whole or per device
-slice (`load_sharded`); writing streams one tensor at a time.
+`prot_structure_encoder.*` (HF ESM names), `proj_mol.{weight,bias}`, `proj_prot.{weight,bias}`. The table
+is the three families' tables nested under their prefixes plus the two adaptors; a key under no known
+prefix is an error, as is a missing key or a shape mismatch. The same flat names are used in our model
+folder's safetensors (`convert.folder`). Reading is lazy (`torch.load(mmap=True)` for the `.pth`), whole
+or per device slice (`load_sharded`); writing streams one tensor at a time.
 
-The `.pth` we write holds every tensor of our model, not what we skip on the way in (`layout(...).ignored`):
-the ESM's `prot_structure_encoder.pooler.dense.{weight,bias}` and `.contact_head.regression.{weight,bias}`
-(parameters we do not have, and do not invent), and the deterministic buffers transformers recomputes
-when it builds the model: the ESM's `rotary_embeddings.inv_freq` (one per layer in older transformers,
-which also save `embeddings.position_ids`) and the Llama's `rotary_emb.inv_freq` (saved, one per layer,
-by older transformers only). BioMedGPT's forward uses none of them (the pooler and contact head are
-never called), so OpenBioMed's `BioMedGPTV` loads the file with `model.load_state_dict(state_dict,
-strict=False)`, which reports just those as missing; a strict load fails on them.
+OpenBioMed's file holds more than our model uses (`layout(...).ignored`): the Llama's per-layer
+`rotary_emb.inv_freq` (OpenBioMed's own modeling_llama registers it as a persistent buffer), the ESM's
+`pooler.dense.{weight,bias}` and `contact_head.regression.{weight,bias}` (never called by BioMedGPT) and
+its rotary `inv_freq` (and, from older transformers, `embeddings.position_ids`). Loading skips them;
+OpenBioMed's `BioMedGPTV` loads a file strictly (`model.load_state_dict(ckpt)`), so a `.pth` we write
+holds them too (`convert`, `write`): a source that has them (an OpenBioMed `.pth`, or a model folder converted
+from one, which carries them over in its safetensors) gives them back as they are, bit for bit; without
+them, `openbiomed_fill` computes the buffers and fills the pooler and contact head with zeros, saying so
+in one log line. Tests: `tests/convert/test_openbiomed_pth.py`.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
 from flax import nnx
 
-from bmgpt_jax.convert import graphmvp_gin, hf_esm, hf_llama, stream, tensor_map
+from bmgpt_jax.convert import graphmvp_gin, hf_esm, hf_llama, openbiomed_fill, stream, tensor_map
 from bmgpt_jax.convert.sources import open_source
 from bmgpt_jax.convert.tensor_map import Layout, ModelSource
 from bmgpt_jax.convert.tensor_source import DictSource, TensorSource, View
@@ -36,9 +38,11 @@ from bmgpt_jax.models.esm import EsmConfig
 from bmgpt_jax.models.gin import GinConfig
 from bmgpt_jax.models.llama import LlamaConfig
 
+log = logging.getLogger(__name__)
 FAMILY = "OpenBioMed BioMedGPT"
 PREFIXES = ("llm.", "mol_structure_encoder.", "prot_structure_encoder.", "proj_mol.", "proj_prot.")
 ESM_PREFIX, GIN_PREFIX = "prot_structure_encoder.", "mol_structure_encoder."
+ESM_WORDS = ESM_PREFIX + "embeddings.word_embeddings.weight"     # (its dtype: the ESM's on disk)
 
 
 def _json(cfg: Mapping | str | os.PathLike) -> dict:
@@ -108,7 +112,7 @@ def from_state_dict(sd: Mapping[str, Any], lm_config, esm_config, gin_config: Gi
 
 
 def to_state_dict(model: BioMedGPT) -> dict:
-    """The flat OpenBioMed state dict (numpy) of `model`."""
+    """The flat OpenBioMed tensors (numpy) of `model`: ours only (`save` writes the filled ones too)."""
     c = model.config
     return tensor_map.state_dict(model, layout(c.lm, c.esm, c.gin))
 
@@ -125,13 +129,41 @@ def load(pth_path: str | os.PathLike, lm_config, esm_config, tokenizer=None,
     return model
 
 
-def write(reader: TensorSource, cfg: BioMedGPTConfig, dst: str | os.PathLike) -> Path:
-    """The flat OpenBioMed `.pth` streamed from our variables in `reader` (dotted paths), atomically."""
+def _fill(cfg: BioMedGPTConfig, lay: Layout, esm_dtype) -> openbiomed_fill.Filled:
+    """The filled tensors for a `.pth` of `cfg`; zeros in `esm_dtype` (the ESM's parameters' on disk)."""
+    return openbiomed_fill.tensors(cfg.lm, cfg.esm, (e.key for e in lay.entries), esm_dtype, esm_prefix=ESM_PREFIX)
+
+
+def convert(raw: TensorSource, cfg: BioMedGPTConfig, dst: str | os.PathLike, *, dtype=None, check: bool = False,
+            keep=()) -> int:
+    """OpenBioMed's `.pth` streamed from flat tensors in `raw` (a model folder's or a `.pth`): our tensors,
+    then the tensors `raw` has that our model does not use, as they are; where it has none, the filled
+    ones (`openbiomed_fill`, one log line). `dtype`: cast floating tensors; `check`: re-read bit for bit.
+    Returns the number of tensors."""
+    src = view(raw)
     lay = layout(cfg.lm, cfg.esm, cfg.gin)
-    return stream.write(dst, "pth", stream.export_specs(lay), stream.exported(reader, lay))
+    fill = None
+    if not tensor_map.unused(src, lay):
+        fill = _fill(cfg, lay, src.dtype(ESM_WORDS) if ESM_WORDS in src else cfg.esm.param_dtype)
+    n = stream.convert(src, lay, dst, "pth", dtype=dtype, check=check, keep=keep, carry=True, extras=fill)
+    if fill is not None:
+        log.warning(openbiomed_fill.note(fill, dst))
+    return n
+
+
+def write(reader: TensorSource, cfg: BioMedGPTConfig, dst: str | os.PathLike) -> Path:
+    """The flat OpenBioMed `.pth` streamed from our variables in `reader` (dotted paths), atomically, with
+    the filled tensors (`openbiomed_fill`) that make OpenBioMed's strict load accept it."""
+    lay = layout(cfg.lm, cfg.esm, cfg.gin)
+    specs = stream.export_specs(lay)
+    fill = _fill(cfg, lay, next(d for k, _, d in specs if k == ESM_WORDS))
+    out = stream.write(dst, "pth", specs + stream.specs_of(fill),
+                       itertools.chain(stream.exported(reader, lay), stream.tensors_of(fill)))
+    log.warning(openbiomed_fill.note(fill, dst))
+    return out
 
 
 def save(model: BioMedGPT, pth_path: str | os.PathLike) -> None:
-    """Write the flat state dict as a torch `.pth` (streamed), which OpenBioMed's `BioMedGPTV` loads with
-    `strict=False`: the pooler, contact head and deterministic buffers are absent (module docstring)."""
+    """Write the flat state dict as a torch `.pth` (streamed) that OpenBioMed's `BioMedGPTV` loads strictly:
+    our tensors plus the filled buffers, pooler and contact head (module docstring)."""
     write(ModelSource(model), model.config, pth_path)

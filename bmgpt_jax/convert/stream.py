@@ -22,8 +22,8 @@ import numpy as np
 from bmgpt_jax.convert.outputs import ours
 from bmgpt_jax.convert.safetensors_io import SafetensorsWriter
 from bmgpt_jax.convert.sources import open_source
-from bmgpt_jax.convert.tensor_map import Layout, check as check_layout, iter_tensors
-from bmgpt_jax.convert.tensor_source import TensorSource
+from bmgpt_jax.convert.tensor_map import Layout, check as check_layout, iter_tensors, unused
+from bmgpt_jax.convert.tensor_source import Renamed, TensorSource
 
 Format = Literal["safetensors", "pth"]
 Specs = list[tuple[str, tuple, np.dtype]]
@@ -161,22 +161,38 @@ def source_files(source: TensorSource) -> set[str]:
     return {f for f in {source.file_of(k) for k in source.keys()} if Path(f).exists()}
 
 
+def specs_of(source: TensorSource, dtype=None) -> Specs:
+    """`(key, shape, dtype)` of every tensor of `source` as `tensors_of` yields them."""
+    return [(k, tuple(source.shape(k)), out_dtype(source.dtype(k), dtype)) for k in source.keys()]
+
+
+def tensors_of(source: TensorSource, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    """`(key, tensor)` of every tensor of `source`, one at a time, floating ones cast to `dtype` if given."""
+    for k in source.keys():
+        yield k, cast(source.read(k), dtype)
+
+
 def convert(source: TensorSource, layout: Layout, dst: str | os.PathLike, fmt: Format, *, dtype=None,
             check: bool = False, rename: Callable[[str], str] = lambda k: k,
             extra_files: Callable[[Path], None] | None = None, max_shard_bytes: int = SHARD_BYTES,
-            keep: Keep = ()) -> int:
+            keep: Keep = (), carry: bool = False, extras: TensorSource | None = None) -> int:
     """Copy `layout`'s tensors from `source` (checked first: keys, shapes, dtype kinds) to `dst` under
-    `rename(key)`, one at a time, dtype kept unless `dtype` (floating tensors only). `dst` may neither be
-    nor hold the source's files nor `keep` (the source path as given). `check`: re-read `dst` and compare
-    with the source bit for bit, streaming. Returns the number of tensors."""
+    `rename(key)`, one at a time, dtype kept unless `dtype` (floating tensors only). `carry`: also copy
+    the tensors of `source` the layout does not use (its `ignored` ones), under their own names, after
+    the layout's; `extras`: more tensors written last, under their keys. `dst` may neither be nor hold
+    the source's files nor `keep` (the source path as given). `check`: re-read `dst` and compare with
+    what was written bit for bit, streaming. Returns the number of tensors."""
     keep = _paths(keep) + sorted(Path(f) for f in source_files(source))
     check_destination(dst, "dir" if fmt == "safetensors" else "file", keep)
-    check_layout(source, layout)
-    specs = [(rename(e.key), e.shape, out_dtype(source.dtype(e.key), dtype)) for e in layout.entries]
+    check_layout(source, layout, "carried over" if carry else "ignored")
+    parts = [Renamed(source, {rename(e.key): e.key for e in layout.entries})]
+    parts += [Renamed(source, {k: k for k in unused(source, layout)})] if carry else []
+    parts += [extras] if extras is not None else []
+    specs = [spec for part in parts for spec in specs_of(part, dtype)]
 
     def tensors():
-        for e in layout.entries:
-            yield rename(e.key), cast(source.read(e.key), dtype)
+        for part in parts:
+            yield from tensors_of(part, dtype)
     write(dst, fmt, specs, tensors(), extra_files, max_shard_bytes, keep)
     if check:
         with open_source(dst) as out:

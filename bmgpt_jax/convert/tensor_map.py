@@ -136,9 +136,16 @@ def _kind(dtype) -> str:
     return np.dtype(dtype).name
 
 
-def check(source: TensorSource, layout: Layout) -> list[str]:
+def unused(source: TensorSource, layout: Layout) -> list[str]:
+    """The keys of `source` that are no tensor of `layout` (once `check` passed: the ignored ones it holds)."""
+    ours = {e.key for e in layout.entries}
+    return [k for k in source.keys() if k not in ours]
+
+
+def check(source: TensorSource, layout: Layout, note: str = "ignored") -> list[str]:
     """Raise unless `source` holds exactly `layout`'s tensors with their shapes and dtype kinds (float vs
-    integer); reads no data. Returns the ignored keys present (see `Layout.ignored`)."""
+    integer); reads no data. Returns the ignored keys present (see `Layout.ignored`), logged with `note`
+    (what becomes of them: "ignored", or "carried over" by a conversion that keeps them)."""
     expected = {e.key: e for e in layout.entries}
     have = source.keys()
     missing = [k for k in expected if k not in source]
@@ -158,14 +165,14 @@ def check(source: TensorSource, layout: Layout) -> list[str]:
         if _kind(source.dtype(e.key)) != _kind(e.dtype):
             raise ValueError(f"{where}: tensor {e.key!r} has dtype {np.dtype(source.dtype(e.key)).name} but the "
                              f"model expects {e.dtype.name} (parameter {e.where}, shape {e.shape})")
-    extra = [k for k in have if k not in expected]
+    extra = unused(source, layout)
     unexpected = [k for k in extra if not layout.ignored(k)]
     if unexpected:
         shown = [f"{k} {tuple(source.shape(k))}" for k in unexpected[:10]]
         raise KeyError(f"{source.name}: unexpected tensors not used by the {layout.family}: {shown}"
                        f"{f' and {len(unexpected) - 10} more' if len(unexpected) > 10 else ''}")
     if extra:
-        log.info("%s: ignored %d tensor(s) the %s does not use: %s", source.name, len(extra), layout.family,
+        log.info("%s: %s %d tensor(s) the %s does not use: %s", source.name, note, len(extra), layout.family,
                  ", ".join(extra[:20]))
     return extra
 

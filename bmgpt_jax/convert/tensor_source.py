@@ -7,8 +7,8 @@ callback); `None` reads the whole tensor. So a converter or a sharded loader hol
 device's slice of it) at a time, whatever the size of the checkpoint.
 
 Implementations: `safetensors_io.SafetensorsFile`, `torch_io.TorchFile`, `orbax_io.OrbaxSource`, and
-here `DictSource` (tensors already in memory), `View` (the keys under a prefix, renamed) and `Union`
-(several sources as one, e.g. the shards named by an index file).
+here `DictSource` (tensors already in memory), `Renamed` (some keys under new names), `View` (the keys
+under a prefix, renamed) and `Union` (several sources as one, e.g. the shards named by an index file).
 """
 from __future__ import annotations
 
@@ -110,23 +110,12 @@ class DictSource(TensorSource):
         return np.array(a if index is None else a[normalize_index(index, a.shape, key)])
 
 
-class View(TensorSource):
-    """The keys of `source` that start with `prefix`, with the prefix removed and `rename` applied.
+class Renamed(TensorSource):
+    """The tensors of `source` named in `names` (new name -> key in `source`), under their new names."""
 
-    Two source keys that rename to the same key are an error (e.g. both `LayerNorm.gamma` and
-    `LayerNorm.weight`): the checkpoint would be ambiguous.
-    """
-
-    def __init__(self, source: TensorSource, prefix: str = "", rename: Callable[[str], str] = lambda k: k):
-        self.source, self.prefix = source, prefix
+    def __init__(self, source: TensorSource, names: Mapping[str, str]):
+        self.source, self._back = source, dict(names)
         self.name = source.name
-        self._back: dict[str, str] = {}
-        for k in source.keys():
-            if k.startswith(prefix):
-                new = rename(k[len(prefix):])
-                if new in self._back:
-                    raise KeyError(f"{source.file_of(k)}: both {self._back[new]!r} and {k!r} stand for {new!r}")
-                self._back[new] = k
 
     def keys(self) -> list[str]:
         return list(self._back)
@@ -152,6 +141,25 @@ class View(TensorSource):
 
     def close(self) -> None:
         self.source.close()
+
+
+class View(Renamed):
+    """The keys of `source` that start with `prefix`, with the prefix removed and `rename` applied.
+
+    Two source keys that rename to the same key are an error (e.g. both `LayerNorm.gamma` and
+    `LayerNorm.weight`): the checkpoint would be ambiguous.
+    """
+
+    def __init__(self, source: TensorSource, prefix: str = "", rename: Callable[[str], str] = lambda k: k):
+        back: dict[str, str] = {}
+        for k in source.keys():
+            if k.startswith(prefix):
+                new = rename(k[len(prefix):])
+                if new in back:
+                    raise KeyError(f"{source.file_of(k)}: both {back[new]!r} and {k!r} stand for {new!r}")
+                back[new] = k
+        super().__init__(source, back)
+        self.prefix = prefix
 
 
 class Union(TensorSource):

@@ -12,8 +12,8 @@ entries, e.g. the optimizer's, are named in the log), and a `module.` prefix on 
 `TorchWriter` writes the zip format `torch.save` writes, streaming: the pickle of the whole dict
 (tensors as references to storages, built from shapes and dtypes alone) goes first, then each tensor's
 bytes as its own record as it arrives, through torch's own zip writer. The result loads with
-`torch.load(..., weights_only=True)`; OpenBioMed's `load_state_dict` takes our BioMedGPT `.pth` with
-`strict=False` (what it lacks: `convert.openbiomed`'s docstring).
+`torch.load(..., weights_only=True)`; OpenBioMed's `BioMedGPTV.load_state_dict` takes our BioMedGPT
+`.pth` strictly (what it holds besides our model's tensors: `convert.openbiomed`'s docstring).
 """
 from __future__ import annotations
 

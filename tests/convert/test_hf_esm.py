@@ -9,7 +9,7 @@ import pytest
 from bmgpt_jax.config import load as load_config
 from bmgpt_jax.convert import hf_esm
 from bmgpt_jax.models.esm import EsmConfig
-from tests.torch_refs.hf_esm import random_esm
+from tests.torch_refs.hf_esm import hf_config, random_esm
 
 IDS = np.array([[0, 20, 15, 7, 4, 32, 5, 9, 2, 1, 1], [0, 8, 12, 22, 13, 2, 1, 1, 1, 1, 1]], np.int32)
 MASK = (IDS != 1).astype(np.int32)
@@ -79,6 +79,22 @@ def test_masked_lm_bin_with_gamma_beta_names(torch, tiny, hf, hf_sd, tmp_path, c
     assert "contact_head.regression.weight" in caplog.text and "inv_freq" in caplog.text
     assert "lm_head.dense.weight" in caplog.text        # outside the prefix: counted and named too
     np.testing.assert_allclose(np.asarray(ours(IDS, MASK)), hf_out(torch, hf), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("head", ["EsmModel", "EsmForMaskedLM"])
+def test_convert_keeps_what_the_encoder_does_not_use(torch, tiny, tmp_path, head):
+    """The pooler, contact head, rotary buffer and an EsmForMaskedLM's `lm_head` are carried over, so
+    transformers loads the converted folder as the source: nothing missing or unexpected, equal tensors."""
+    import transformers
+    cls = getattr(transformers, head)
+    torch.manual_seed(0)
+    source = cls(hf_config(tiny)).eval()
+    source.save_pretrained(tmp_path / "src")
+    hf_esm.convert(tmp_path / "src", tmp_path / "dst", check=True)
+    back, info = cls.from_pretrained(tmp_path / "dst", output_loading_info=True)
+    assert not any(info.values()), info
+    want, got = source.state_dict(), back.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_prefix_selects_the_encoder_inside_a_larger_checkpoint(tiny, hf_sd):

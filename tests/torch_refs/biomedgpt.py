@@ -1,8 +1,10 @@
 """The PyTorch reference BioMedGPT for parity tests: transformers' LlamaForCausalLM and EsmModel, the
 plain-torch GIN and two nn.Linear, with OpenBioMed's attribute names (so `state_dict()` is exactly the
-flat `biomedgpt_10b.pth` layout), and a forward that splices one example the way the reference's
-`_prompt_wrap` / `Conversation` does: BOS, then each text piece between placeholders tokenized without
-special tokens, each placeholder replaced by that entity's projected features, then answer + EOS.
+flat `biomedgpt_10b.pth` layout: the Llama's layers carry OpenBioMed's persistent `rotary_emb.inv_freq`,
+`UpstreamRotary`, and the ESM its pooler and contact head), and a forward that splices one example the
+way the reference's `_prompt_wrap` / `Conversation` does: BOS, then each text piece between placeholders
+tokenized without special tokens, each placeholder replaced by that entity's projected features, then
+answer + EOS.
 """
 from __future__ import annotations
 
@@ -18,6 +20,16 @@ from tests.torch_refs.gin import TorchGIN
 from tests.torch_refs.hf_esm import random_esm
 
 PATTERN = re.compile("<moleculeHere>|<proteinHere>")
+
+
+class UpstreamRotary(nn.Module):
+    """OpenBioMed modeling_llama's `LlamaRotaryEmbedding` as its state dict sees it: `inv_freq` a persistent
+    buffer, computed as there (base 10000; the cos/sin caches are not persistent). The forward is
+    transformers' Llama's, whose model-level rotary computes the same frequencies."""
+
+    def __init__(self, dim: int, base: int = 10000):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim)))
 
 
 class TorchBioMedGPT(nn.Module):
@@ -38,6 +50,8 @@ class TorchBioMedGPT(nn.Module):
                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                           max_position_embeddings=1024, initializer_range=0.1, attn_implementation="eager")
         self.llm = LlamaForCausalLM(cfg).eval()
+        for layer in self.llm.model.layers:
+            layer.self_attn.rotary_emb = UpstreamRotary(hidden // cfg.num_attention_heads)
         self.proj_mol = nn.Linear(gin_dim, hidden)
         self.proj_prot = nn.Linear(esm_cfg.hidden_size, hidden)
 
