@@ -3,12 +3,14 @@
 Every config is a (possibly nested) dataclass. `load(cls, path, overrides)` reads the YAML file, applies
 dotted overrides such as `lm.num_layers=4` or `train.lr=3e-4`, and builds `cls`, checking every key and
 every value's type. An unknown or mistyped key raises `ConfigError` naming the nearest valid keys, so a
-typo never silently falls back to a default.
+typo never silently falls back to a default. A value out of its range (`num_layers: 0`, `lr: -1`) is
+refused by the dataclass's `__post_init__` (`check_range`), and the error names the dotted key.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -24,6 +26,32 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 class ConfigError(ValueError):
     """A config key or value that does not fit the dataclass it is read into."""
+
+
+class RangeError(ConfigError):
+    """A field's value outside its range, raised by a config dataclass's `__post_init__` (`check_range`).
+    Built directly the message names `Class.field`; read by `from_dict` it names the dotted key
+    (`num_layers` of the `model.lm` section: `model.lm.num_layers=0: must be >= 1`)."""
+
+    def __init__(self, cls: type, key: str, value: Any, need: str):
+        self.cls, self.key, self.value, self.need = cls, key, value, need
+        super().__init__(f"{cls.__name__}.{key}={value!r}: {need}")
+
+
+def check_range(cfg: Any, names: str | Sequence[str], low: float, high: float = math.inf, *,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """RangeError for the first of the fields `names` of dataclass `cfg` whose value is outside [low, high]
+    (`low_open` / `high_open`: that end excluded); a None value (an optional field left unset) passes."""
+    for name in [names] if isinstance(names, str) else names:
+        value = getattr(cfg, name)
+        if value is None or ((low < value if low_open else low <= value)
+                             and (value < high if high_open else value <= high)):
+            continue
+        if high == math.inf:
+            need = f"must be {'>' if low_open else '>='} {low}"
+        else:
+            need = f"must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise RangeError(type(cfg), name, value, need)
 
 
 def _unknown_key_error(key: str, valid: Sequence[str], where: str) -> ConfigError:
@@ -112,6 +140,8 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
     try:
         obj = cls(**kwargs)
+    except RangeError as e:
+        raise ConfigError(f"{prefix}{e.key}={e.value!r}: {e.need}") from None
     except TypeError as e:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
     return obj

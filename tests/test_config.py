@@ -94,3 +94,51 @@ def test_every_shipped_config_loads():
         cfg = cl.load(cls, path) if cls else train.load_config(path)
         assert cl.from_dict(type(cfg), cl.to_dict(cfg)) == cfg, name              # a plain form that reloads
     assert train.load_config("biomedgpt_10b_finetune").model.esm.hidden_size == 2560
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.window_batches=0", "data.window_batches=0: must be >= 1"),
+    ("data.batch_size=0", "data.batch_size=0: must be >= 1"),
+    ("data.batch_size=-8", "data.batch_size=-8: must be >= 1"),
+    ("data.num_epochs=-1", "data.num_epochs=-1: must be >= 0"),
+    ("data.max_protein_len=0", "data.max_protein_len=0: must be >= 1"),
+    ("data.workers=-1", "data.workers=-1: must be >= 0"),
+    ("data.seed=-1", "data.seed=-1: must be >= 0"),
+    ("data.seq_buckets=[0,96]", "data.seq_buckets=[0, 96]: every length must be >= 1"),
+    ("model.lm.lora_rank=-1", "model.lm.lora_rank=-1: must be >= 0"),
+    ("model.lm.num_layers=0", "model.lm.num_layers=0: must be >= 1"),
+    ("model.lm.num_kv_heads=0", "model.lm.num_kv_heads=0: must be >= 1"),   # was a ZeroDivisionError
+    ("model.lm.rope_theta=0", "model.lm.rope_theta=0.0: must be > 0"),
+    ("model.esm.num_heads=0", "model.esm.num_heads=0: must be >= 1"),
+    ("optim.lr=-1", "optim.lr=-1.0: must be >= 0"),
+    ("optim.weight_decay=-1", "optim.weight_decay=-1.0: must be >= 0"),
+    ("optim.end_lr_ratio=2", "optim.end_lr_ratio=2.0: must be in [0, 1]"),
+    ("optim.b2=1", "optim.b2=1.0: must be in [0, 1)"),
+])
+def test_out_of_range_values_name_the_dotted_key(override, message):
+    """Refused while the config is read (before any data build or compile), in one line naming the key."""
+    from bmgpt_jax.training import loop as train
+    with pytest.raises(cl.ConfigError) as e:
+        train.load_config("tiny", [override])
+    assert str(e.value) == message
+
+
+def test_range_limits_themselves_are_accepted():
+    from bmgpt_jax.training import loop as train
+    cfg = train.load_config("tiny", ["optim.lr=0", "optim.weight_decay=0", "optim.warmup_steps=0",
+                                     "optim.end_lr_ratio=1", "optim.b1=0", "data.num_epochs=0", "data.workers=0",
+                                     "data.max_protein_len=1", "model.lm.lora_rank=0", "model.lm.vocab_size=0",
+                                     "steps=1"])
+    assert (cfg.optim.lr, cfg.optim.end_lr_ratio, cfg.data.workers, cfg.model.lm.lora_rank) == (0.0, 1.0, 0, 0)
+
+
+def test_a_range_error_outside_the_loader_names_the_class():
+    with pytest.raises(cl.RangeError, match=r"^LlamaConfig\.num_layers=0: must be >= 1$"):
+        LlamaConfig(num_layers=0)
+
+
+def test_train_refuses_an_out_of_range_value_in_one_line(tmp_path, capsys):
+    from bmgpt_jax.training import loop as train
+    assert train.main(["data.window_batches=0", f"out_dir={tmp_path / 'run'}", "steps=1"]) == 2
+    assert capsys.readouterr().err == "train: ConfigError: data.window_batches=0: must be >= 1\n"
+    assert not (tmp_path / "run").exists()

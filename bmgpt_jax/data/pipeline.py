@@ -33,6 +33,7 @@ from typing import Literal, Sequence
 import jax
 import numpy as np
 
+from ..config import RangeError, check_range
 from ..parallel import batch_shardings, process_blocks
 from .builders import BUILDERS, default_split, make_builder, read_split, shared_data_dir
 from .demo import demo_records
@@ -88,6 +89,10 @@ class DataConfig:
             raise ValueError("data.sources is empty")
         if list(self.seq_buckets) != sorted(set(self.seq_buckets)) or not self.seq_buckets:
             raise ValueError(f"data.seq_buckets {self.seq_buckets} must be distinct and ascending")
+        if self.seq_buckets[0] < 1:
+            raise RangeError(type(self), "seq_buckets", list(self.seq_buckets), "every length must be >= 1")
+        check_range(self, ("batch_size", "window_batches", "max_protein_len"), 1)
+        check_range(self, ("demo_molecules", "seed", "num_epochs", "workers"), 0)
         if self.node_budget < 1 or self.graph_budget < 1 or min(self.edge_budget, self.protein_budget) < 0:
             raise ValueError("data: node_budget and graph_budget must be >= 1 (the padding graph), "
                              "edge_budget and protein_budget >= 0")
