@@ -144,6 +144,10 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         raise ConfigError(f"{prefix}{e.key}={e.value!r}: {e.need}") from None
     except TypeError as e:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+    except ValueError as e:   # another __post_init__ check: named by its section (`model.esm: hidden_size=...`)
+        if not prefix or str(e).startswith(prefix) or isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{prefix[:-1]}: {e}") from None
     return obj
 
 

@@ -142,3 +142,14 @@ def test_train_refuses_an_out_of_range_value_in_one_line(tmp_path, capsys):
     assert train.main(["data.window_batches=0", f"out_dir={tmp_path / 'run'}", "steps=1"]) == 2
     assert capsys.readouterr().err == "train: ConfigError: data.window_batches=0: must be >= 1\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_section_check_names_its_section():
+    """A check across fields of a nested section (not a single value's range) names the section's dotted path."""
+    from bmgpt_jax.training import loop as train
+    with pytest.raises(cl.ConfigError, match=r"^model\.esm: hidden_size=32 is not a multiple of num_heads=3$"):
+        train.load_config("tiny", ["model.esm.num_heads=3"])
+    with pytest.raises(cl.ConfigError, match=r"^model\.lm: lora_targets \['up_proj'\] are not attention projections"):
+        train.load_config("tiny", ["model.lm.lora_targets=[up_proj]"])
+    with pytest.raises(ValueError, match=r"^optim\.grad_accum must be >= 1, got 0$"):   # already named: as it was
+        train.load_config("tiny", ["optim.grad_accum=0"])
