@@ -214,14 +214,17 @@ def _dataclass_in(tp: Any) -> type | None:
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
-    """A config path as given, or a bare name looked up in `configs/` (`tiny` -> configs/tiny.yaml)."""
+    """A config file as given, or a bare name looked up in `configs/` (`tiny` -> configs/tiny.yaml)."""
     p = Path(path)
-    if p.exists():
+    if p.is_file():
         return p
     inside = Path(*p.parts[1:]) if len(p.parts) > 1 and p.parts[0] == CONFIG_DIR.name else p   # configs/x.yaml
     for cand in (CONFIG_DIR / inside, CONFIG_DIR / f"{inside}.yaml"):
-        if cand.exists():
+        if cand.is_file():
             return cand
+    if p.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder: give a YAML file in it "
+                          f"(e.g. {CONFIG_DIR.name}/tiny.yaml)")
     raise ConfigError(f"config file {str(path)!r} not found (looked in . and {CONFIG_DIR})")
 
 
@@ -229,18 +232,38 @@ def read_yaml(path: str | os.PathLike) -> dict:
     """Read a YAML mapping. A `base: other.yaml` key in any mapping (top level or a section such as
     `lm:`) merges that file underneath it, deeply; the path is relative to the including file."""
     p = resolve_path(path)
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise _yaml_error(p, e) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text (UTF-8) file ({e.reason} at byte {e.start})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping")
-    return _resolve_bases(data, p.parent)
+    return _resolve_bases(data, p)
 
 
-def _resolve_bases(data: dict, folder: Path) -> dict:
-    data = {k: _resolve_bases(v, folder) if isinstance(v, dict) else v for k, v in data.items()}
+def _yaml_error(path: Path, e: yaml.YAMLError) -> ConfigError:
+    """One line for a file YAML cannot read: the file, the line and column, what the parser expected."""
+    context, problem = getattr(e, "context", None), getattr(e, "problem", None)
+    start, found = getattr(e, "context_mark", None), getattr(e, "problem_mark", None)
+    mark = start or found
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    what = ": ".join(x for x in (context, problem) if x) or str(e).splitlines()[0]
+    if start and found and (start.line, start.column) != (found.line, found.column):
+        what += f" (line {found.line + 1}, column {found.column + 1})"
+    return ConfigError(f"{path}: not valid YAML{where}: {what}")
+
+
+def _resolve_bases(data: dict, path: Path) -> dict:
+    folder = path.parent
+    data = {k: _resolve_bases(v, path) if isinstance(v, dict) else v for k, v in data.items()}
     base = data.pop("base", None)
     if base is None:
         return data
-    return _deep_merge(read_yaml(folder / base if (folder / base).exists() else base), data)
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    return _deep_merge(read_yaml(folder / base if (folder / base).is_file() else base), data)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

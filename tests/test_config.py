@@ -153,3 +153,30 @@ def test_a_section_check_names_its_section():
         train.load_config("tiny", ["model.lm.lora_targets=[up_proj]"])
     with pytest.raises(ValueError, match=r"^optim\.grad_accum must be >= 1, got 0$"):   # already named: as it was
         train.load_config("tiny", ["optim.grad_accum=0"])
+
+
+def test_a_bad_config_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: lm\nsteps: [1\n")
+    with pytest.raises(cl.ConfigError) as e:
+        cl.read_yaml(bad)
+    assert str(e.value) == (f"{bad}: not valid YAML at line 2, column 8: while parsing a flow sequence: expected ',' "
+                            "or ']', but got '<stream end>' (line 3, column 1)")
+    (tmp_path / "child.yaml").write_text("base: bad.yaml\n")            # an included file is the one named
+    with pytest.raises(cl.ConfigError, match=f"^{bad}: not valid YAML at line 2"):
+        cl.read_yaml(tmp_path / "child.yaml")
+    (tmp_path / "list.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(cl.ConfigError, match=r"list\.yaml: base: expected a file name, got \['a\.yaml'\]$"):
+        cl.read_yaml(tmp_path / "list.yaml")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(cl.ConfigError, match=r"binary\.yaml: not a text \(UTF-8\) file"):
+        cl.read_yaml(tmp_path / "binary.yaml")
+    monkeypatch.chdir(cl.CONFIG_DIR.parent)
+    with pytest.raises(cl.ConfigError, match=r"^config file 'configs' is a folder: give a YAML file in it"):
+        cl.resolve_path("configs")
+    from bmgpt_jax.training import loop as train
+    assert train.main(["--config", str(bad), f"out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"train: ConfigError: {bad}: not valid YAML at line 2") and err.count("\n") == 1
+    assert train.main(["--config", "configs", f"out_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.startswith("train: ConfigError: config file 'configs' is a folder")
