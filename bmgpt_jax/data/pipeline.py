@@ -35,7 +35,7 @@ import numpy as np
 
 from ..config import RangeError, check_range
 from ..parallel import batch_shardings, process_blocks
-from .builders import BUILDERS, default_split, make_builder, read_split, shared_data_dir
+from .builders import BUILDERS, SAMPLE_SETS, default_split, make_builder, read_split, shared_data_dir
 from .demo import demo_records
 from .examples import Budget, EncodeOptions, Encoded, collate, encode_example, repad
 from .records import Record
@@ -112,7 +112,14 @@ def _source_records(spec: str, cfg: DataConfig) -> list[Sequence[Record]]:
     builder = make_builder(name, cfg.raw_dirs.get(name), cfg.data_dir or None, cfg.multi_entity)
     if split and split not in builder.FILES:
         raise KeyError(f"data.sources: {name} has no split {split!r}; splits: {', '.join(builder.FILES)}")
-    return [read_split(builder, split or default_split(name))]
+    try:
+        return [read_split(builder, split or default_split(name))]
+    except FileNotFoundError:
+        if builder.raw_dir is not None:
+            raise
+        shared = ", and no shared sample folder: $BMGPT_SHARED_DATA or ../shared/data" if name in SAMPLE_SETS else ""
+        raise FileNotFoundError(f"{name}: no input folder given (data.raw_dirs.{name} is not set{shared}); building "
+                                f"it needs a folder holding {', '.join(builder.expected_files())}") from None
 
 
 class Records(Sequence[Record]):
