@@ -3,12 +3,14 @@
 Every config is a (possibly nested) dataclass. `load(cls, path, overrides)` reads the YAML file, applies
 dotted overrides such as `lm.num_layers=4` or `train.lr=3e-4`, and builds `cls`, checking every key and
 every value's type. An unknown or mistyped key raises `ConfigError` naming the nearest valid keys, so a
-typo never silently falls back to a default.
+typo never silently falls back to a default. A value out of its range (`num_layers: 0`, `lr: -1`) is
+refused by the dataclass's `__post_init__` (`check_range`), and the error names the dotted key.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -24,6 +26,32 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 class ConfigError(ValueError):
     """A config key or value that does not fit the dataclass it is read into."""
+
+
+class RangeError(ConfigError):
+    """A field's value outside its range, raised by a config dataclass's `__post_init__` (`check_range`).
+    Built directly the message names `Class.field`; read by `from_dict` it names the dotted key
+    (`num_layers` of the `model.lm` section: `model.lm.num_layers=0: must be >= 1`)."""
+
+    def __init__(self, cls: type, key: str, value: Any, need: str):
+        self.cls, self.key, self.value, self.need = cls, key, value, need
+        super().__init__(f"{cls.__name__}.{key}={value!r}: {need}")
+
+
+def check_range(cfg: Any, names: str | Sequence[str], low: float, high: float = math.inf, *,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """RangeError for the first of the fields `names` of dataclass `cfg` whose value is outside [low, high]
+    (`low_open` / `high_open`: that end excluded); a None value (an optional field left unset) passes."""
+    for name in [names] if isinstance(names, str) else names:
+        value = getattr(cfg, name)
+        if value is None or ((low < value if low_open else low <= value)
+                             and (value < high if high_open else value <= high)):
+            continue
+        if high == math.inf:
+            need = f"must be {'>' if low_open else '>='} {low}"
+        else:
+            need = f"must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise RangeError(type(cfg), name, value, need)
 
 
 def _unknown_key_error(key: str, valid: Sequence[str], where: str) -> ConfigError:
@@ -112,10 +140,16 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
     try:
         obj = cls(**kwargs)
+    except RangeError as e:
+        raise ConfigError(f"{prefix}{e.key}={e.value!r}: {e.need}") from None
     except TypeError as e:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
     except ConfigError as e:                     # a `__post_init__`'s, naming the field: give its full key
         raise ConfigError(f"{prefix}{e}") from None
+    except ValueError as e:   # another __post_init__ check: named by its section (`model.esm: hidden_size=...`)
+        if not prefix or str(e).startswith(prefix):
+            raise
+        raise ConfigError(f"{prefix[:-1]}: {e}") from None
     return obj
 
 
@@ -194,14 +228,17 @@ def _dataclass_in(tp: Any) -> type | None:
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
-    """A config path as given, or a bare name looked up in `configs/` (`tiny` -> configs/tiny.yaml)."""
+    """A config file as given, or a bare name looked up in `configs/` (`tiny` -> configs/tiny.yaml)."""
     p = Path(path)
-    if p.exists():
+    if p.is_file():
         return p
     inside = Path(*p.parts[1:]) if len(p.parts) > 1 and p.parts[0] == CONFIG_DIR.name else p   # configs/x.yaml
     for cand in (CONFIG_DIR / inside, CONFIG_DIR / f"{inside}.yaml"):
-        if cand.exists():
+        if cand.is_file():
             return cand
+    if p.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder: give a YAML file in it "
+                          f"(e.g. {CONFIG_DIR.name}/tiny.yaml)")
     raise ConfigError(f"config file {str(path)!r} not found (looked in . and {CONFIG_DIR})")
 
 
@@ -209,18 +246,38 @@ def read_yaml(path: str | os.PathLike) -> dict:
     """Read a YAML mapping. A `base: other.yaml` key in any mapping (top level or a section such as
     `lm:`) merges that file underneath it, deeply; the path is relative to the including file."""
     p = resolve_path(path)
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise _yaml_error(p, e) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text (UTF-8) file ({e.reason} at byte {e.start})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping")
-    return _resolve_bases(data, p.parent)
+    return _resolve_bases(data, p)
 
 
-def _resolve_bases(data: dict, folder: Path) -> dict:
-    data = {k: _resolve_bases(v, folder) if isinstance(v, dict) else v for k, v in data.items()}
+def _yaml_error(path: Path, e: yaml.YAMLError) -> ConfigError:
+    """One line for a file YAML cannot read: the file, the line and column, what the parser expected."""
+    context, problem = getattr(e, "context", None), getattr(e, "problem", None)
+    start, found = getattr(e, "context_mark", None), getattr(e, "problem_mark", None)
+    mark = start or found
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    what = ": ".join(x for x in (context, problem) if x) or str(e).splitlines()[0]
+    if start and found and (start.line, start.column) != (found.line, found.column):
+        what += f" (line {found.line + 1}, column {found.column + 1})"
+    return ConfigError(f"{path}: not valid YAML{where}: {what}")
+
+
+def _resolve_bases(data: dict, path: Path) -> dict:
+    folder = path.parent
+    data = {k: _resolve_bases(v, path) if isinstance(v, dict) else v for k, v in data.items()}
     base = data.pop("base", None)
     if base is None:
         return data
-    return _deep_merge(read_yaml(folder / base if (folder / base).exists() else base), data)
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    return _deep_merge(read_yaml(folder / base if (folder / base).is_file() else base), data)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

@@ -116,3 +116,89 @@ def test_gin_config_checks_itself_however_it_is_built():
         cl.load(BioMedGPTConfig, "biomedgpt_10b", ["gin.max_atoms=0"])
     with pytest.raises(cl.ConfigError, match=r"^gin\.num_layers: expected an integer, got 'x'$"):
         cl.load(BioMedGPTConfig, "biomedgpt_10b", ["gin.num_layers=x"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.window_batches=0", "data.window_batches=0: must be >= 1"),
+    ("data.batch_size=0", "data.batch_size=0: must be >= 1"),
+    ("data.batch_size=-8", "data.batch_size=-8: must be >= 1"),
+    ("data.num_epochs=-1", "data.num_epochs=-1: must be >= 0"),
+    ("data.max_protein_len=0", "data.max_protein_len=0: must be >= 1"),
+    ("data.workers=-1", "data.workers=-1: must be >= 0"),
+    ("data.seed=-1", "data.seed=-1: must be >= 0"),
+    ("data.seq_buckets=[0,96]", "data.seq_buckets=[0, 96]: every length must be >= 1"),
+    ("model.lm.lora_rank=-1", "model.lm.lora_rank=-1: must be >= 0"),
+    ("model.lm.num_layers=0", "model.lm.num_layers=0: must be >= 1"),
+    ("model.lm.num_kv_heads=0", "model.lm.num_kv_heads=0: must be >= 1"),   # was a ZeroDivisionError
+    ("model.lm.rope_theta=0", "model.lm.rope_theta=0.0: must be > 0"),
+    ("model.esm.num_heads=0", "model.esm.num_heads=0: must be >= 1"),
+    ("optim.lr=-1", "optim.lr=-1.0: must be >= 0"),
+    ("optim.weight_decay=-1", "optim.weight_decay=-1.0: must be >= 0"),
+    ("optim.end_lr_ratio=2", "optim.end_lr_ratio=2.0: must be in [0, 1]"),
+    ("optim.b2=1", "optim.b2=1.0: must be in [0, 1)"),
+])
+def test_out_of_range_values_name_the_dotted_key(override, message):
+    """Refused while the config is read (before any data build or compile), in one line naming the key."""
+    from bmgpt_jax.training import loop as train
+    with pytest.raises(cl.ConfigError) as e:
+        train.load_config("tiny", [override])
+    assert str(e.value) == message
+
+
+def test_range_limits_themselves_are_accepted():
+    from bmgpt_jax.training import loop as train
+    cfg = train.load_config("tiny", ["optim.lr=0", "optim.weight_decay=0", "optim.warmup_steps=0",
+                                     "optim.end_lr_ratio=1", "optim.b1=0", "data.num_epochs=0", "data.workers=0",
+                                     "data.max_protein_len=1", "model.lm.lora_rank=0", "model.lm.vocab_size=0",
+                                     "steps=1"])
+    assert (cfg.optim.lr, cfg.optim.end_lr_ratio, cfg.data.workers, cfg.model.lm.lora_rank) == (0.0, 1.0, 0, 0)
+
+
+def test_a_range_error_outside_the_loader_names_the_class():
+    with pytest.raises(cl.RangeError, match=r"^LlamaConfig\.num_layers=0: must be >= 1$"):
+        LlamaConfig(num_layers=0)
+
+
+def test_train_refuses_an_out_of_range_value_in_one_line(tmp_path, capsys):
+    from bmgpt_jax.training import loop as train
+    assert train.main(["data.window_batches=0", f"out_dir={tmp_path / 'run'}", "steps=1"]) == 2
+    assert capsys.readouterr().err == "train: ConfigError: data.window_batches=0: must be >= 1\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_section_check_names_its_section():
+    """A check across fields of a nested section (not a single value's range) names the section's dotted path."""
+    from bmgpt_jax.training import loop as train
+    with pytest.raises(cl.ConfigError, match=r"^model\.esm: hidden_size=32 is not a multiple of num_heads=3$"):
+        train.load_config("tiny", ["model.esm.num_heads=3"])
+    with pytest.raises(cl.ConfigError, match=r"^model\.lm: lora_targets \['up_proj'\] are not attention projections"):
+        train.load_config("tiny", ["model.lm.lora_targets=[up_proj]"])
+    with pytest.raises(ValueError, match=r"^optim\.grad_accum must be >= 1, got 0$"):   # already named: as it was
+        train.load_config("tiny", ["optim.grad_accum=0"])
+
+
+def test_a_bad_config_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: lm\nsteps: [1\n")
+    with pytest.raises(cl.ConfigError) as e:
+        cl.read_yaml(bad)
+    assert str(e.value) == (f"{bad}: not valid YAML at line 2, column 8: while parsing a flow sequence: expected ',' "
+                            "or ']', but got '<stream end>' (line 3, column 1)")
+    (tmp_path / "child.yaml").write_text("base: bad.yaml\n")            # an included file is the one named
+    with pytest.raises(cl.ConfigError, match=f"^{bad}: not valid YAML at line 2"):
+        cl.read_yaml(tmp_path / "child.yaml")
+    (tmp_path / "list.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(cl.ConfigError, match=r"list\.yaml: base: expected a file name, got \['a\.yaml'\]$"):
+        cl.read_yaml(tmp_path / "list.yaml")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(cl.ConfigError, match=r"binary\.yaml: not a text \(UTF-8\) file"):
+        cl.read_yaml(tmp_path / "binary.yaml")
+    monkeypatch.chdir(cl.CONFIG_DIR.parent)
+    with pytest.raises(cl.ConfigError, match=r"^config file 'configs' is a folder: give a YAML file in it"):
+        cl.resolve_path("configs")
+    from bmgpt_jax.training import loop as train
+    assert train.main(["--config", str(bad), f"out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"train: ConfigError: {bad}: not valid YAML at line 2") and err.count("\n") == 1
+    assert train.main(["--config", "configs", f"out_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.startswith("train: ConfigError: config file 'configs' is a folder")

@@ -351,7 +351,7 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, monkeypatch, capsys):
     assert err.startswith("error: SciBERT vocabulary") and "from_pretrained" in err and "\n" not in err
     assert ev.main(base + ["--source", "chebi20:test", "--mode", "loglik"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: chebi20: input folder None not found") and "--raw-dir ../shared/data" in err
+    assert err.startswith("error: chebi20: no input folder given") and "--raw-dir ../shared/data" in err
     assert "\n" not in err and not (tmp_path / "run").exists()
     assert ev.main(base[:2] + ["--out-dir", "gs://bucket/eval", "--source", "demo:test"]) == 2
     assert capsys.readouterr().err.strip() == ("error: --out-dir=gs://bucket/eval is a URL: the run writes its "

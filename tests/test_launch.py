@@ -92,12 +92,19 @@ def test_pack_carries_what_git_carries(tmp_path):
         return root
 
     def packed(root: Path) -> list[str]:
+        """The files in the tarball, which `--dry-run` lists beforehand without writing anything."""
         out = tmp_path / f"{root.name}.tar.gz"
+        dry = subprocess.run(["bash", str(root / "launch" / "pack.sh"), "--dry-run", str(out)], capture_output=True,
+                             text=True, timeout=60)
+        assert dry.returncode == 0 and not out.exists(), dry.stderr
         run = subprocess.run(["bash", str(root / "launch" / "pack.sh"), str(out)], capture_output=True, text=True,
                              timeout=60)
         assert run.returncode == 0, run.stderr
         with tarfile.open(out) as t:
-            return sorted(n.removeprefix("./") for n in t.getnames() if t.getmember(n).isfile())
+            files = sorted(n.removeprefix("./") for n in t.getnames() if t.getmember(n).isfile())
+        assert sorted(dry.stdout.splitlines()) == files
+        assert dry.stderr == f"pack.sh: dry run: {len(files)} files would go in {out} (nothing written)\n"
+        return files
 
     assert packed(tree(tmp_path / "git", True)) == [".gitignore", "launch/pack.sh", "new.py", "pkg/a.py"]
     assert packed(tree(tmp_path / "plain", False)) == [".gitignore", "launch/pack.sh", "new.py", "pkg/a.py",

@@ -33,8 +33,9 @@ from typing import Literal, Sequence
 import jax
 import numpy as np
 
+from ..config import RangeError, check_range
 from ..parallel import batch_shardings, process_blocks
-from .builders import BUILDERS, default_split, make_builder, read_split, shared_data_dir
+from .builders import BUILDERS, SAMPLE_SETS, default_split, make_builder, read_split, shared_data_dir
 from .demo import demo_records
 from .examples import Budget, EncodeOptions, Encoded, collate, encode_example, repad
 from .records import Record
@@ -88,6 +89,10 @@ class DataConfig:
             raise ValueError("data.sources is empty")
         if list(self.seq_buckets) != sorted(set(self.seq_buckets)) or not self.seq_buckets:
             raise ValueError(f"data.seq_buckets {self.seq_buckets} must be distinct and ascending")
+        if self.seq_buckets[0] < 1:
+            raise RangeError(type(self), "seq_buckets", list(self.seq_buckets), "every length must be >= 1")
+        check_range(self, ("batch_size", "window_batches", "max_protein_len"), 1)
+        check_range(self, ("demo_molecules", "seed", "num_epochs", "workers"), 0)
         if self.node_budget < 1 or self.graph_budget < 1 or min(self.edge_budget, self.protein_budget) < 0:
             raise ValueError("data: node_budget and graph_budget must be >= 1 (the padding graph), "
                              "edge_budget and protein_budget >= 0")
@@ -107,7 +112,14 @@ def _source_records(spec: str, cfg: DataConfig) -> list[Sequence[Record]]:
     builder = make_builder(name, cfg.raw_dirs.get(name), cfg.data_dir or None, cfg.multi_entity)
     if split and split not in builder.FILES:
         raise KeyError(f"data.sources: {name} has no split {split!r}; splits: {', '.join(builder.FILES)}")
-    return [read_split(builder, split or default_split(name))]
+    try:
+        return [read_split(builder, split or default_split(name))]
+    except FileNotFoundError:
+        if builder.raw_dir is not None:
+            raise
+        shared = ", and no shared sample folder: $BMGPT_SHARED_DATA or ../shared/data" if name in SAMPLE_SETS else ""
+        raise FileNotFoundError(f"{name}: no input folder given (data.raw_dirs.{name} is not set{shared}); building "
+                                f"it needs a folder holding {', '.join(builder.expected_files())}") from None
 
 
 class Records(Sequence[Record]):

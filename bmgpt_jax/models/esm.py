@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bmgpt_jax.config import check_range
 from bmgpt_jax.models.attention import IMPLEMENTATIONS, Segments, attention
 from bmgpt_jax.models.layers import Embedding, LayerNorm, Linear, apply_rotary, dtype_of, rotary_table
 from bmgpt_jax.parallel import constrain
@@ -48,6 +49,8 @@ class EsmConfig:
     attention: Literal["auto", "xla", "rows", "flash", "splash", "cudnn"] = "auto"  # bmgpt_jax.models.attention
 
     def __post_init__(self):
+        check_range(self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"), 1)
+        check_range(self, "layer_norm_eps", 0)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
         if (self.hidden_size // self.num_heads) % 2:

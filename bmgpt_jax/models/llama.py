@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bmgpt_jax.config import check_range
 from bmgpt_jax.models.attention import IMPLEMENTATIONS, Segments, attention
 from bmgpt_jax.models.kv_cache import KVCache, check_room, follow_beams, layer_slots, reorder_layer, write_slots
 from bmgpt_jax.models.layers import Embedding, Linear, RMSNorm, apply_rotary, dense, dtype_of, rotary_cos_sin
@@ -57,6 +58,11 @@ class LlamaConfig:
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):   # hashable: the config is static under jit
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        check_range(self, ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                           "max_position_embeddings"), 1)
+        # vocab_size 0: "the tokenizer's" (a training config)
+        check_range(self, ("vocab_size", "lora_rank", "rms_norm_eps", "initializer_range"), 0)
+        check_range(self, "rope_theta", 0, low_open=True)
         if self.hidden_size % self.num_heads and self.head_dim is None:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         bad = set(self.lora_targets) - {"q_proj", "k_proj", "v_proj", "o_proj"}

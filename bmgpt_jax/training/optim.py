@@ -16,6 +16,8 @@ import jax
 import optax
 from flax import nnx
 
+from bmgpt_jax.config import check_range
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -25,7 +27,7 @@ class OptimConfig:
     means "the run's length": the training job sets it to its `steps`. The learning rate rises linearly
     from 0 to `lr` over `warmup_steps`, then follows a cosine down to `lr * end_lr_ratio` at `total_steps`.
     `clip_norm <= 0` disables clipping. Weight decay applies to matrices only (ndim >= 2): norms and biases
-    are not decayed.
+    are not decayed. Ranges: `lr`, `weight_decay`, `eps` >= 0; `end_lr_ratio` in [0, 1]; `b1`, `b2` in [0, 1).
     """
 
     lr: float = 3e-4
@@ -40,6 +42,9 @@ class OptimConfig:
     grad_accum: int = 1
 
     def __post_init__(self):
+        check_range(self, ("lr", "weight_decay", "eps"), 0)
+        check_range(self, "end_lr_ratio", 0, 1)
+        check_range(self, ("b1", "b2"), 0, 1, high_open=True)
         if self.grad_accum < 1:
             raise ValueError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
         if self.total_steps < 0 or self.warmup_steps < 0:

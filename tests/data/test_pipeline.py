@@ -263,6 +263,19 @@ def test_counts_before_a_data_position_are_what_a_restore_does_not_recount(cfg):
     assert total["invalid_smiles"] == 8
 
 
+def test_a_source_without_raw_dir_names_the_key_to_set(tmp_path, monkeypatch):
+    """Not built yet and no raw folder given: the error names `data.raw_dirs.<source>` (not "folder None"), and
+    for a sample set the missing shared folder too."""
+    with pytest.raises(FileNotFoundError) as e:
+        Records(DataConfig(sources=("pubchemqa",), data_dir=str(tmp_path / "tfds")))
+    assert str(e.value) == ("pubchemqa: no input folder given (data.raw_dirs.pubchemqa is not set); building it "
+                            "needs a folder holding test.json, train.json, valid.json")
+    monkeypatch.setenv("BMGPT_SHARED_DATA", str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match=r"^chebi20: no input folder given \(data\.raw_dirs\.chebi20 is not "
+                                                r"set, and no shared sample folder: \$BMGPT_SHARED_DATA or"):
+        Records(DataConfig(sources=("chebi20:test",), data_dir=str(tmp_path / "tfds")))
+
+
 def test_missing_data_fails_cleanly(cfg, tmp_path):
     """A source that cannot load raises its own error and leaves nothing broken behind (no `_pool`)."""
     import gc
