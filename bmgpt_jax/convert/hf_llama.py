@@ -3,8 +3,10 @@
 Parameter names already match HF's, so the conversion is `tensor_map`'s name table: Linear weights
 transpose to `kernel`, and scanned layers stack under `model.layers`. No q/k permutation is needed
 because our rotary uses HF's rotate_half layout. Loading reads lazily (`sources.open_source`): whole
-(`load`) or, given a mesh, each process only its devices' slices (`load_sharded`); saving streams one
-tensor at a time into sharded safetensors with an index, in a temporary folder renamed at the end.
+(`load`) or, given a mesh, each process only its devices' slices (`load_sharded`; for a training init,
+`grow_vocab=True` adds the token rows the training tokenizer has beyond the checkpoint's, e.g. `[PAD]`,
+each the mean of the stored rows: docs/convert.md); saving streams one tensor at a time into sharded
+safetensors with an index, in a temporary folder renamed at the end. Conversions are exact: they never grow.
 """
 from __future__ import annotations
 
@@ -21,13 +23,14 @@ from flax import nnx
 from bmgpt_jax.convert import outputs, stream, tensor_map
 from bmgpt_jax.convert.sources import open_source
 from bmgpt_jax.convert.tensor_map import ModelSource
-from bmgpt_jax.convert.tensor_source import DictSource, TensorSource, View
+from bmgpt_jax.convert.tensor_source import DictSource, GrownRows, TensorSource, View
 from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 FAMILY = "Hugging Face Llama"
 IGNORED = ("rotary_emb.inv_freq",)
 TOKENIZER_FILES = outputs.HF_LLAMA_TOKENIZER_FILES   # what an HF Llama folder carries besides weights
+VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")   # the tensors with one row per token
 
 
 def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> LlamaConfig:
@@ -130,9 +133,35 @@ def layout(cfg: LlamaConfig, prefix: str = "") -> tensor_map.Layout:
                                    ignored=lambda k: k == tied_head or any(s in k for s in IGNORED))
 
 
-def load_source(source: TensorSource, cfg: LlamaConfig, mesh=None) -> LlamaForCausalLM:
-    """Our model from HF-named tensors in `source`; with `mesh`, sharded global arrays read slice by slice."""
-    return tensor_map.load(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), source, layout(cfg), mesh)
+def grown(source: TensorSource, cfg: LlamaConfig) -> GrownRows:
+    """`source` with `embed_tokens` and `lm_head` as long as `cfg.vocab_size` when it stores fewer rows
+    (the added rows read as zeros until `load_source` fills them); longer ones are left as stored."""
+    return GrownRows(source, {k: cfg.vocab_size for k in VOCAB_KEYS})
+
+
+def check_source(source: TensorSource, cfg: LlamaConfig, grow_vocab: bool = False) -> None:
+    """Raise unless `source` holds a model with `cfg` (`grow_vocab`: or one with fewer token rows), reading
+    no data (`tensor_map.check`)."""
+    tensor_map.check(grown(source, cfg) if grow_vocab else source, layout(cfg))
+
+
+def load_source(source: TensorSource, cfg: LlamaConfig, mesh=None, grow_vocab: bool = False) -> LlamaForCausalLM:
+    """Our model from HF-named tensors in `source`; with `mesh`, sharded global arrays read slice by slice.
+
+    `grow_vocab` (training inits only, `training.stages`; conversions stay exact): a checkpoint with fewer
+    token rows than `cfg.vocab_size` (the tokens a training tokenizer adds, e.g. BioMedGPT's `[PAD]` on
+    Llama-2's 32000) loads with the missing rows of `embed_tokens` and `lm_head` set to the mean of its
+    rows, as transformers' `resize_token_embeddings` does by default less its 1e-9-scaled noise
+    (`tensor_map.fill_added_rows`); the stored rows are the checkpoint's bit for bit. Every device reads
+    and fills only its own slice."""
+    lay = layout(cfg)
+    if not grow_vocab:
+        return tensor_map.load(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), source, lay, mesh)
+    src = grown(source, cfg)
+    model = tensor_map.load(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), src, lay, mesh)
+    for key in src.rows:
+        tensor_map.fill_added_rows(model, [e for e in lay.entries if e.key == key], src.stored_rows(key))
+    return model
 
 
 def from_state_dict(tensors: Mapping, cfg: LlamaConfig, prefix: str = "",
@@ -154,11 +183,12 @@ def load(hf_dir: str | os.PathLike, **overrides) -> LlamaForCausalLM:
         return load_source(src, cfg)
 
 
-def load_sharded(path: str | os.PathLike, cfg: LlamaConfig, mesh) -> LlamaForCausalLM:
+def load_sharded(path: str | os.PathLike, cfg: LlamaConfig, mesh, grow_vocab: bool = False) -> LlamaForCausalLM:
     """Our causal LM with `cfg` from an HF checkpoint (folder or file), its parameters global `jax.Array`s
-    laid out by `parallel.tree_shardings` on `mesh`: each process reads only its devices' slices."""
+    laid out by `parallel.tree_shardings` on `mesh`: each process reads only its devices' slices.
+    `grow_vocab`: a checkpoint with fewer token rows gets the missing ones (`load_source`)."""
     with open_source(path) as src:
-        return load_source(src, cfg, mesh)
+        return load_source(src, cfg, mesh, grow_vocab)
 
 
 def write(out_dir: str | os.PathLike, cfg: LlamaConfig, reader: TensorSource, tokenizer=None,
@@ -215,5 +245,5 @@ def with_config(model: LlamaForCausalLM, **changes) -> LlamaForCausalLM:
     return from_state_dict(to_state_dict(model), cfg)
 
 
-__all__ = ["load", "load_sharded", "save", "write", "convert", "config_from_hf", "config_to_hf", "from_state_dict",
-           "to_state_dict", "layout", "init", "with_config"]
+__all__ = ["load", "load_sharded", "check_source", "save", "write", "convert", "config_from_hf", "config_to_hf",
+           "from_state_dict", "to_state_dict", "layout", "init", "with_config"]

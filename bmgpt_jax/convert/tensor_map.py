@@ -14,6 +14,8 @@ stacking attribute. One `Entry` per checkpoint tensor records all of that.
   transposed; a stacked variable reads only the layers in the slice): a process reads what its devices
   own, and holds at most one variable's local slices on the host at a time. LoRA factors (never in a
   checkpoint) start as A random, B zero; RNG state comes from the constructor, all created sharded.
+- `fill_added_rows(model, entries, stored)`: rows a grown source (`tensor_source.GrownRows`) read as zeros
+  set to the mean of the stored rows, on the devices, in the variables' shardings.
 - `iter_tensors(reader, layout)`: checkpoint tensors one at a time from our variables (a model in
   memory via `ModelSource`, or a training checkpoint), LoRA folded into its kernel, stacked variables
   read a block of layers at a time.
@@ -257,6 +259,46 @@ def load(ctor: Callable[[], nnx.Module], source: TensorSource, layout: Layout, m
                            "layout nor a LoRA factor nor RNG state")
         flat.append((path, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _mean_of_first_rows(x: jax.Array, n: int, axis: int) -> jax.Array:
+    """The float32 mean of `x`'s first `n` entries along `axis` (kept as a length-1 axis), on the devices
+    where `x` lies: the sum of all less the sum of the few after `n`, each its own jitted program, because
+    XLA:CPU materialises the float32 copy of a masked, sliced or shared operand where it reduces a plain
+    one in place (measured: 500 MiB against 7 MiB for a 32001 x 4096 table on 8 devices)."""
+    def total(a):
+        return jnp.sum(a, axis=axis, keepdims=True, dtype=jnp.float32)
+    tail = jax.jit(lambda a: total(jax.lax.slice_in_dim(a, n, a.shape[axis], axis=axis)))(x)
+    return jax.jit(lambda a, t: (total(a) - t) / n)(x, tail)
+
+
+def _set_rows_from(x: jax.Array, row: jax.Array, n: int, axis: int) -> jax.Array:
+    """`x` with its entries from `n` on along `axis` set to `row` (cast to x's dtype)."""
+    shape = x.shape[:axis] + (x.shape[axis] - n,) + x.shape[axis + 1:]
+    return jax.lax.dynamic_update_slice_in_dim(x, jnp.broadcast_to(row.astype(x.dtype), shape), n, axis)
+
+
+def fill_added_rows(model: nnx.Module, entries: list[Entry], stored: int) -> None:
+    """In place: the checkpoint rows `stored` and beyond (axis 0 in the checkpoint's layout, so the last
+    axis of a transposed kernel) of each entry's variable set to the mean of the rows before, in float32,
+    cast to the variable's dtype: what transformers' `resize_token_embeddings` centres its added rows on
+    (docs/convert.md). On the variable as it lies, in two jitted steps: the mean (each device sums its
+    slice, one row crosses devices), then the rows written into the donated array (its sharding kept,
+    no copy). Nothing is gathered."""
+    for e in entries:
+        if e.layer is not None:
+            raise ValueError(f"{e.key}: rows are added to a whole tensor, not a stacked layer's")
+        owner = model
+        for p in e.path[:-1]:
+            owner = owner[p] if isinstance(p, int) else getattr(owner, p)
+        var = getattr(owner, e.path[-1])
+        x = var.get_value()
+        axis = x.ndim - 1 if e.transpose else 0
+        mean = _mean_of_first_rows(x, stored, axis)
+        put = jax.jit(lambda a, m, axis=axis: _set_rows_from(a, m, stored, axis), out_shardings=x.sharding,
+                      donate_argnums=0)
+        var.set_value(put(x, mean))
+        del x
 
 
 # ------------------------------------------------------------------------------------------------ export

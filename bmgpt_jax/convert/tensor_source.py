@@ -8,7 +8,8 @@ device's slice of it) at a time, whatever the size of the checkpoint.
 
 Implementations: `safetensors_io.SafetensorsFile`, `torch_io.TorchFile`, `orbax_io.OrbaxSource`, and
 here `DictSource` (tensors already in memory), `Renamed` (some keys under new names), `View` (the keys
-under a prefix, renamed) and `Union` (several sources as one, e.g. the shards named by an index file).
+under a prefix, renamed), `Union` (several sources as one, e.g. the shards named by an index file) and
+`GrownRows` (tensors given more leading rows than stored, read as zeros: a vocabulary grown by added tokens).
 """
 from __future__ import annotations
 
@@ -197,3 +198,54 @@ class Union(TensorSource):
     def close(self) -> None:
         for s in self.sources:
             s.close()
+
+
+class GrownRows(TensorSource):
+    """`source` with the tensors named in `rows` (key -> new length of the first dimension) longer than
+    stored: the rows past the stored ones read as zeros, of the stored dtype. A read touches the stored
+    tensor only for the rows it asks for that are stored, so sharded loading still reads each device's
+    slice alone. A key the source lacks or stores with as many rows or more is left as stored (the
+    layout check then names its shape)."""
+
+    def __init__(self, source: TensorSource, rows: Mapping[str, int]):
+        self.source, self.name = source, source.name
+        self.rows = {k: int(n) for k, n in rows.items() if k in source and source.shape(k)[0] < n}
+
+    def keys(self) -> list[str]:
+        return self.source.keys()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.source
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        shape = tuple(self.source.shape(key))
+        return (self.rows[key],) + shape[1:] if key in self.rows else shape
+
+    def dtype(self, key: str) -> np.dtype:
+        return self.source.dtype(key)
+
+    def stored_rows(self, key: str) -> int:
+        """The rows `key` has in the underlying source."""
+        return int(self.source.shape(key)[0])
+
+    def read(self, key: str, index: Index = None) -> np.ndarray:
+        if key not in self.rows:
+            return self.source.read(key, index)
+        idx = normalize_index(index, self.shape(key), key)
+        first, stored = idx[0], self.stored_rows(key)
+        if first.step < 1:
+            raise IndexError(f"{key}: a grown tensor is read with increasing rows, not {first}")
+        want = len(range(first.start, first.stop, first.step))
+        inside = slice(first.start, min(first.stop, stored), first.step)
+        have = len(range(inside.start, inside.stop, inside.step)) if first.start < stored else 0
+        rest = tuple(len(range(s.start, s.stop, s.step)) for s in idx[1:])
+        out = np.zeros((want,) + rest, self.dtype(key))
+        if have:
+            out[:have] = self.source.read(key, (inside,) + idx[1:])
+        return out
+
+    def file_of(self, key: str) -> str:
+        return self.source.file_of(key)
+
+    def close(self) -> None:
+        self.source.close()

@@ -123,13 +123,22 @@ def check_layout(cfg: TrainConfig, mesh) -> None:
 
 
 def check_inputs(cfg: TrainConfig) -> None:
-    """FileNotFoundError listing every given input path (weights, configs, tokenizer) that does not exist,
-    before any data is built or model loaded."""
+    """Before any data is built or model loaded: FileNotFoundError listing every given input path (weights,
+    configs, tokenizer) that does not exist, then the init sources against the model config
+    (`stages.check_sources`: their config.json and tensor shapes, a decoder vocabulary larger than the
+    model's; `model.lm.vocab_size: 0` read from the tokenizer as the run will)."""
     paths = {f"init.{f.name}": getattr(cfg.init, f.name) for f in dataclasses.fields(cfg.init) if f.name != "seed"}
     paths["data.tokenizer"] = cfg.data.tokenizer
     missing = [f"{key}={path}" for key, path in paths.items() if path and not Path(path).exists()]
     if missing:
         raise FileNotFoundError(f"not found (relative to {Path.cwd()}): {', '.join(missing)}")
+    from bmgpt_jax.training import stages
+    model = cfg.model
+    if (cfg.init.hf_llama or cfg.init.openbiomed) and not model.lm.vocab_size:
+        from bmgpt_jax.data.text import load_tokenizer
+        lm = dataclasses.replace(model.lm, vocab_size=load_tokenizer(cfg.data.tokenizer).vocab_size)
+        model = dataclasses.replace(model, lm=lm)
+    stages.check_sources(cfg.stage, model, cfg.init)
 
 
 def resolve_tokenizer(cfg: TrainConfig, tok) -> TrainConfig:

@@ -9,10 +9,14 @@ Frozen parameters are split off before differentiation (`optim.split_trainable`)
 optimizer state. Initial weights come from the config's `init` section (an OpenBioMed checkpoint, or HF
 Llama / HF ESM / GraphMVP files for the parts, each read by one `load_*` function), else from a seeded
 random init created sharded inside jit (`parallel.init_sharded`): the model is never whole on one device.
+The model built is the config's: a source must have its shapes (`_check_same`), except a decoder with fewer
+token rows (grown by the mean row: Llama-2-7b-hf's 32000 under BioMedGPT's 32001) and the `CONFIG_WINS`
+numbers (the config's, warned); `check_sources` checks all that before any data is built.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Callable, Literal
 
 from flax import nnx
@@ -25,6 +29,7 @@ from bmgpt_jax.models.esm import Esm
 from bmgpt_jax.models.gin import GIN
 from bmgpt_jax.models.llama import LlamaForCausalLM
 
+log = logging.getLogger(__name__)
 Stage = Literal["lm", "align", "finetune"]
 
 DEFAULT_TRAINABLE: dict[str, tuple[str, ...]] = {
@@ -70,34 +75,114 @@ def _lm_overrides(cfg: BioMedGPTConfig) -> dict:
                 attention=lm.attention, loss_chunk_size=lm.loss_chunk_size)
 
 
-def _check_same(name: str, ours, loaded) -> None:
-    mismatched = {f.name: (getattr(ours, f.name), getattr(loaded, f.name)) for f in dataclasses.fields(ours)
-                  if f.name not in ("dtype", "param_dtype", "scan_layers", "remat") and not f.name.startswith("lora")
-                  and getattr(ours, f.name) != getattr(loaded, f.name)}
-    if mismatched:
+# What may differ between the config and an init checkpoint's config.json (docs/training.md "Initial weights"):
+# how we run the model, not what it is (+ lora_*; initializer_range only draws random weights, none here)
+OURS_ONLY = ("dtype", "param_dtype", "scan_layers", "remat", "initializer_range")
+# numbers that change no parameter's shape: the training config's value is used, with a warning naming both
+# (Llama-2-7b-hf's config.json says rms_norm_eps 1e-5, BioMedGPT-LM-7B's, the model stage 1 trains, 1e-6)
+CONFIG_WINS = ("rms_norm_eps", "layer_norm_eps", "max_position_embeddings", "max_positions")
+# everything else (widths, depth, heads, head_dim, vocabulary, RoPE, tying, token ids) must be the same
+
+
+def _check_same(name: str, ours, loaded, grow_vocab: bool = False) -> tuple[list[str], int]:
+    """(the `CONFIG_WINS` differences as "field: config a vs checkpoint b", the token rows to add).
+
+    ValueError naming every other difference. `grow_vocab`: a checkpoint vocabulary smaller than the
+    config's is not a difference but rows to add (the training tokenizer's added tokens: `[PAD]`)."""
+    differ = {f.name: (getattr(ours, f.name), getattr(loaded, f.name)) for f in dataclasses.fields(ours)
+              if f.name not in OURS_ONLY and not f.name.startswith("lora")
+              and getattr(ours, f.name) != getattr(loaded, f.name)}
+    added = 0
+    if grow_vocab and "vocab_size" in differ and ours.vocab_size > loaded.vocab_size:
+        added = ours.vocab_size - loaded.vocab_size
+        del differ["vocab_size"]
+    hard = {k: v for k, v in differ.items() if k not in CONFIG_WINS}
+    if hard:
+        why = ""
+        if "vocab_size" in hard and grow_vocab:
+            why = " (a checkpoint's vocabulary may be smaller than the config's, the rows added, never larger)"
         raise ValueError(f"init.{name}: the checkpoint's shape differs from the config: "
-                         + ", ".join(f"{k}: config {a} vs checkpoint {b}" for k, (a, b) in mismatched.items()))
+                         + ", ".join(f"{k}: config {a} vs checkpoint {b}" for k, (a, b) in hard.items()) + why)
+    return [f"{k}: config {a} vs checkpoint {b}" for k, (a, b) in differ.items()], added
+
+
+def _warn_config_wins(name: str, path: str, soft: list[str]) -> None:
+    if soft:
+        log.warning("init.%s %s: %s; the config's value%s used (no parameter shape depends on it)", name, path,
+                    ", ".join(soft), " is" if len(soft) == 1 else "s are")
+
+
+def _hf_llama_config(path: str, cfg: BioMedGPTConfig):
+    from bmgpt_jax.convert import hf_llama
+    return hf_llama.config_from_hf(path, **_lm_overrides(cfg))
+
+
+def _hf_esm_config(path: str, cfg: BioMedGPTConfig):
+    from bmgpt_jax.convert import hf_esm
+    esm = cfg.esm
+    return hf_esm.config_from_dir(path, dtype=esm.dtype, param_dtype=esm.param_dtype, scan_layers=esm.scan_layers,
+                                  remat=esm.remat, attention=esm.attention)
+
+
+def _openbiomed_configs(init: InitConfig, cfg: BioMedGPTConfig):
+    from bmgpt_jax.convert import openbiomed
+    if not (init.lm_config and init.esm_config):
+        raise ValueError("init.openbiomed needs init.lm_config and init.esm_config (HF config.json paths)")
+    lm_cfg, esm_cfg = openbiomed.configs(init.lm_config, init.esm_config, **_lm_overrides(cfg))
+    esm_cfg = dataclasses.replace(esm_cfg, dtype=cfg.esm.dtype, param_dtype=cfg.esm.param_dtype,
+                                  scan_layers=cfg.esm.scan_layers, remat=cfg.esm.remat, attention=cfg.esm.attention)
+    return {"lm": lm_cfg, "esm": esm_cfg}
+
+
+def check_sources(stage: Stage, cfg: BioMedGPTConfig, init: InitConfig) -> None:
+    """What `build_model` would refuse in the init sources, found in seconds, before any data is built
+    (`loop.check_inputs`): each config.json the stage reads exists and describes the config's model (the
+    differences `_check_same` refuses, a decoder vocabulary larger than the config's), and the HF folders'
+    tensors have the shapes that model needs (their headers only: `tensor_map.check`). `cfg.lm.vocab_size`
+    must be resolved (not 0). Reports nothing: the loaders log the rows added and the values overridden."""
+    from bmgpt_jax.convert import hf_esm, hf_llama, tensor_map
+    from bmgpt_jax.convert.sources import open_source
+    check_init(stage, init)
+    if init.openbiomed:
+        for part, loaded in _openbiomed_configs(init, cfg).items():
+            _check_same(f"openbiomed ({part})", getattr(cfg, part), loaded)
+        return
+    if init.hf_llama:
+        _check_same("hf_llama", cfg.lm, _hf_llama_config(init.hf_llama, cfg), grow_vocab=True)
+        with open_source(init.hf_llama) as src:
+            hf_llama.check_source(src, cfg.lm, grow_vocab=True)
+    if init.hf_esm:
+        _check_same("hf_esm", cfg.esm, _hf_esm_config(init.hf_esm, cfg))
+        with open_source(init.hf_esm) as src:
+            tensor_map.check(hf_esm.view(src), hf_esm.layout(cfg.esm))
 
 
 # One function per pretrained source: (path, config, mesh) -> the sub-module, its parameters global arrays
 # in the rule shardings on `mesh`; each process reads only the slices its devices own (`load_sharded`).
 
 def load_hf_llama(path: str, cfg: BioMedGPTConfig, mesh: Mesh) -> LlamaForCausalLM:
-    """The decoder from a Hugging Face Llama folder (`init.hf_llama`)."""
+    """The decoder from a Hugging Face Llama folder (`init.hf_llama`), with `cfg.lm`: a checkpoint with fewer
+    token rows than `cfg.lm.vocab_size` (Llama-2-7b-hf's 32000 under BioMedGPT's 32001, `[PAD]` added) gets
+    the missing rows of `embed_tokens` and `lm_head`, each the mean of its rows (`hf_llama.load_source`),
+    said in one log line; a `CONFIG_WINS` value that differs is the config's, with a warning."""
     from bmgpt_jax.convert import hf_llama
-    loaded = hf_llama.config_from_hf(path, **_lm_overrides(cfg))
-    _check_same("hf_llama", cfg.lm, loaded)
-    return hf_llama.load_sharded(path, loaded, mesh)
+    soft, added = _check_same("hf_llama", cfg.lm, _hf_llama_config(path, cfg), grow_vocab=True)
+    _warn_config_wins("hf_llama", path, soft)
+    if added:
+        v = cfg.lm.vocab_size
+        log.info("init.hf_llama %s: %d token rows, the config %d: embed_tokens and lm_head grown by %d row%s "
+                 "(ids %s), each the mean of the checkpoint's rows", path, v - added, v, added,
+                 "" if added == 1 else "s", v - 1 if added == 1 else f"{v - added}..{v - 1}")
+    return hf_llama.load_sharded(path, cfg.lm, mesh, grow_vocab=True)
 
 
 def load_hf_esm(path: str, cfg: BioMedGPTConfig, mesh: Mesh) -> Esm:
-    """The protein encoder from a Hugging Face ESM-2 folder (`init.hf_esm`)."""
+    """The protein encoder from a Hugging Face ESM-2 folder (`init.hf_esm`), with `cfg.esm` (a differing
+    `CONFIG_WINS` value is the config's, with a warning)."""
     from bmgpt_jax.convert import hf_esm
-    esm = cfg.esm
-    loaded = hf_esm.config_from_dir(path, dtype=esm.dtype, param_dtype=esm.param_dtype,
-                                    scan_layers=esm.scan_layers, remat=esm.remat, attention=esm.attention)
-    _check_same("hf_esm", esm, loaded)
-    return hf_esm.load_sharded(path, loaded, mesh)
+    soft, _ = _check_same("hf_esm", cfg.esm, _hf_esm_config(path, cfg))
+    _warn_config_wins("hf_esm", path, soft)
+    return hf_esm.load_sharded(path, cfg.esm, mesh)
 
 
 def load_gin(path: str, cfg: BioMedGPTConfig, mesh: Mesh) -> GIN:
@@ -108,16 +193,13 @@ def load_gin(path: str, cfg: BioMedGPTConfig, mesh: Mesh) -> GIN:
 
 def load_openbiomed(init: InitConfig, cfg: BioMedGPTConfig, mesh: Mesh) -> BioMedGPT:
     """The whole BioMedGPT from OpenBioMed's `biomedgpt_10b.pth` or a model folder's safetensors
-    (`init.openbiomed` + the HF config.json paths `init.lm_config` / `init.esm_config`)."""
+    (`init.openbiomed` + the HF config.json paths `init.lm_config` / `init.esm_config`), with `cfg.lm` and
+    `cfg.esm` (a differing `CONFIG_WINS` value is the config's, with a warning)."""
     from bmgpt_jax.convert import openbiomed
-    if not (init.lm_config and init.esm_config):
-        raise ValueError("init.openbiomed needs init.lm_config and init.esm_config (HF config.json paths)")
-    lm_cfg, esm_cfg = openbiomed.configs(init.lm_config, init.esm_config, **_lm_overrides(cfg))
-    esm_cfg = dataclasses.replace(esm_cfg, dtype=cfg.esm.dtype, param_dtype=cfg.esm.param_dtype,
-                                  scan_layers=cfg.esm.scan_layers, remat=cfg.esm.remat, attention=cfg.esm.attention)
-    for name, loaded in (("lm", lm_cfg), ("esm", esm_cfg)):
-        _check_same(f"openbiomed ({name})", getattr(cfg, name), loaded)
-    return openbiomed.load_sharded(init.openbiomed, lm_cfg, esm_cfg, cfg.gin, mesh)
+    for part, loaded in _openbiomed_configs(init, cfg).items():
+        soft, _ = _check_same(f"openbiomed ({part})", getattr(cfg, part), loaded)
+        _warn_config_wins(f"openbiomed ({part})", init.openbiomed, soft)
+    return openbiomed.load_sharded(init.openbiomed, cfg.lm, cfg.esm, cfg.gin, mesh)
 
 
 PARTS = {"llm": ("hf_llama", load_hf_llama), "prot_structure_encoder": ("hf_esm", load_hf_esm),
