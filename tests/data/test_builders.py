@@ -55,6 +55,10 @@ def test_chembl_and_swissprot_against_raw(built, shared_data):
     prot = list(RecordSource(built["swissprot"], "train"))
     assert len(prot) == 141 and prot[0].id == "P15455" and prot[0].answer == "Seed storage protein."
     assert prot[0].entities[0][0] == "protein" and prot[0].question == "What is the function of this protein?"
+    with open(shared_data / "proteins" / "swissprot_function_pairs.tsv", encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))[1:]       # the file is CSV-quoted (P27708's ""fusion"")
+    assert [(r.id, r.entities[0][1], r.answer) for r in prot] == [(a, seq, fn) for a, _, _, seq, fn, _ in rows]
+    assert 'This protein is a "fusion" protein' in {r.id: r.answer for r in prot}["P27708"]
 
 
 def test_text_qa_sets(built, shared_data):
@@ -72,6 +76,9 @@ def test_text_qa_sets(built, shared_data):
     usmle = list(RecordSource(built["medqa"], "test"))
     assert len(usmle) == 1273 and usmle[0].label == "B"
     assert usmle[0].answer == "B. Tell the attending that he cannot fail to disclose this mistake"
+    # 43 raw options end in a stray '\n"' line: gone, so the gold answer is the option the question lists
+    assert all(r.answer in r.question.splitlines() and not r.question.endswith('"') for r in usmle[:200])
+    assert usmle[19].answer == "D. Benzodiazepine intoxication" and usmle[19].label == "D"
     bio = list(RecordSource(built["biotext"], "train"))
     assert len(bio) == 1000 + 1000 + 500 + 767 and all(not r.entities for r in bio)
 

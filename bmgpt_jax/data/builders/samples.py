@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from typing import Iterator
+
+import tensorflow_datasets as tfds
 
 from ..records import BadRecords, Record
 from .base import RecordBuilder, all_str, decode, raw_lines, read_json, read_jsonl
@@ -20,17 +23,25 @@ PROTEIN_FUNCTION = "What is the function of this protein?"
 LETTERS = "ABCD"
 
 
-def _tsv_rows(path, columns: int, bad: BadRecords) -> Iterator[tuple[int, list[str]]]:
+def _tsv_rows(path, columns: int, bad: BadRecords, quoting: int = csv.QUOTE_NONE) -> Iterator[tuple[int, list[str]]]:
     """`(line number, fields)` of a tab-separated file with a header; rows with the wrong width go to `bad`,
-    a line that is not UTF-8 is the file's ValueError naming the line and byte."""
+    a line that is not UTF-8 is the file's ValueError naming the line and byte. `quoting`: QUOTE_NONE
+    reads quote marks as text (MolT5's ChEBI-20 files, read so by MolT5); QUOTE_MINIMAL for a file written
+    by a CSV writer (`"a ""b"" c"` is `a "b" c`)."""
     lines = (decode(raw, f"{path}, line {n}", start) for n, start, raw in raw_lines(path))
-    reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
+    reader = csv.reader(lines, delimiter="\t", quoting=quoting)
     next(reader, None)
     for lineno, row in enumerate(reader, 2):
         if len(row) != columns:
             bad.add("malformed row", f"{path.name}:{lineno}: {chr(9).join(row)}")
             continue
         yield lineno, row
+
+
+def _option_text(option: str) -> str:
+    """A MedQA option without surrounding whitespace or the stray closing quote on a line of its own that 43
+    options of the MIRAGE test file end with (`'Benzodiazepine intoxication\\n"'`)."""
+    return re.sub(r'\n"$', "", option).strip()
 
 
 def _choice_question(question: str, options: list[str]) -> str:
@@ -78,12 +89,13 @@ class SwissProtFunction(RecordBuilder, skip_registration=True):
     """Swiss-Prot FUNCTION comments, as "What is the function of this protein?"."""
 
     name = "swissprot"
+    VERSION = tfds.core.Version("1.0.1")   # 1.0.1: the file's CSV quoting read (a cached 1.0.0 kept P27708's quotes)
 
     FILES = {"train": ("proteins/swissprot_function_pairs.tsv",)}
 
     def _records(self, split, bad):
         for path in self.files(split):
-            for lineno, (acc, _name, _org, seq, function, _src) in _tsv_rows(path, 6, bad):
+            for lineno, (acc, _name, _org, seq, function, _src) in _tsv_rows(path, 6, bad, csv.QUOTE_MINIMAL):
                 yield acc, Record((("protein", seq),), PROTEIN_FUNCTION, function, id=acc)
 
 
@@ -149,6 +161,7 @@ class MedQAUSMLE(RecordBuilder, skip_registration=True):
     """MedQA (USMLE, 4 options A-D) -> "Letter. option"."""
 
     name = "medqa"
+    VERSION = tfds.core.Version("1.0.1")   # 1.0.1: options without the raw file's stray '\n"' ends
 
     FILES = {"test": ("qa/medqa_usmle_4opt_test.jsonl",)}
 
@@ -160,6 +173,7 @@ class MedQAUSMLE(RecordBuilder, skip_registration=True):
                         or sorted(options) != list(LETTERS) or letter not in options or not all_str(*options.values())):
                     bad.add("malformed record", f"{path.name}:{lineno}")
                     continue
+                options = {c: _option_text(o) for c, o in options.items()}
                 yield str(lineno), Record((), _choice_question(obj["question"], [options[c] for c in LETTERS]),
                                           f"{letter}. {options[letter]}", label=letter, id=str(lineno))
 
