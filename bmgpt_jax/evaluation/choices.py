@@ -58,8 +58,9 @@ def extract_choice(text: str, yes_no: bool = False, options: dict[str, str] | No
 
     yes/no/maybe (`yes_no`): the word at the start ("Yes. Because ..."), else after "answer is" / "answer:".
     Letters A-E, with `options` (see `choice_options`): first an answer that is one option's text (`normalize`d:
-    case, whitespace and a final period aside, symbols kept), even where it looks like a letter ("D, antagonist");
-    then a letter at the start followed by `.`, `)`, `:`, `,` or the end ("B. Aspirin", "(C)", "D"), else
+    case, whitespace and a final period aside, symbols kept), even where it looks like a letter ("D, antagonist"),
+    or an option whose text reads like a letter starting the answer ("E. faecalis is ..." for option C
+    "E. faecalis"); then a letter at the start followed by `.`, `)`, `:`, `,` or the end ("B. Aspirin", "(C)", "D"), else
     "answer is B" / "Answer: (B)" / "option B"; else the option whose text starts the answer (the longest such),
     compared by `symbols`, or by `words` alone (markup such as "**" ignored) when no option matches so.
     Options that read the same (identical texts, or a prefix tie) cannot be told apart: None, never a guess.
@@ -73,17 +74,32 @@ def extract_choice(text: str, yes_no: bool = False, options: dict[str, str] | No
     same = [k for k, o in options.items() if answer and normalize(o) == answer]
     if same:
         return same[0] if len(same) == 1 else None
-    m = (re.match(r"\s*[(\[]?([A-E])(?:[)\].:,]|\s*$)", text) or
-         re.search(r"\b(?i:answer|option)(?:\s+is)?\s*:?\s*[(\[]?([A-E])\b(?![\w'-])", text))
+    # an option whose own text reads like a letter ("E. faecalis", "C. difficile colitis") starting the answer
+    found, key = _starts_with_option(text, {k: o for k, o in options.items() if re.match(LETTER, o)}, symbols)
+    if found:
+        return key
+    m = re.match(LETTER, text) or re.search(r"\b(?i:answer|option)(?:\s+is)?\s*:?\s*[(\[]?([A-E])\b(?![\w'-])", text)
     if m:
         return m[1]
     for tokens in (symbols, words):
-        said = tokens(text)
-        hits = [(len(o), k) for k, o in ((k, tokens(o)) for k, o in options.items()) if o and said[:len(o)] == o]
-        if hits:
-            longest = [k for n, k in hits if n == max(hits)[0]]
-            return longest[0] if len(longest) == 1 else None
+        found, key = _starts_with_option(text, options, tokens)
+        if found:
+            return key
     return None
+
+
+LETTER = r"\s*[(\[]?([A-E])(?:[)\].:,]|\s*$)"     # a letter at the start: "B. Aspirin", "(C)", "D"
+
+
+def _starts_with_option(text: str, options: dict[str, str], tokens) -> tuple[bool, str | None]:
+    """Whether some option's text starts `text` (compared as `tokens`), and which: the longest such, None
+    when two options tie."""
+    said = tokens(text)
+    hits = [(len(o), k) for k, o in ((k, tokens(o)) for k, o in options.items()) if o and said[:len(o)] == o]
+    if not hits:
+        return False, None
+    longest = [k for n, k in hits if n == max(hits)[0]]
+    return True, longest[0] if len(longest) == 1 else None
 
 
 def normalize(text: str) -> str:

@@ -23,6 +23,12 @@ RASH = {"A": "Guillain-Barre syndrome", "B": "Petechial rash", "C": "Fever with 
     ("aspirin and ibuprofen daily", {"A": "Aspirin", "B": "Aspirin and ibuprofen"}, "B"),
     ("Aspirin.", {"A": "Aspirin", "B": "Aspirin and ibuprofen"}, "A"),
     ("Aspirinate", {"A": "Aspirin", "B": "Aspirin and ibuprofen"}, None),
+    # options whose text reads like a letter (MedMCQA's "E. faecalis", MedQA's "C. difficile colitis")
+    ("E. faecalis, because it resists", {"A": "S. aureus", "B": "Listeria", "C": "E. faecalis", "D": "E. coli"}, "C"),
+    ("C. difficile colitis after antibiotics", {"A": "Crohn disease", "B": "C. difficile colitis"}, "B"),
+    ("A,C since both", {"A": "A only", "B": "A,C", "C": "C only"}, "B"),
+    ("B. C. difficile colitis", {"A": "Crohn disease", "B": "C. difficile colitis"}, "B"),
+    ("A, because of the fever", {"A": "A only", "B": "A,C", "C": "C only"}, "A"),
 ])
 def test_letter_extraction(text, options, expected):
     assert extract_choice(text, options=options) == expected
