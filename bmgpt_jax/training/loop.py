@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from bmgpt_jax import config as config_lib
-from bmgpt_jax import parallel
+from bmgpt_jax import logs, parallel
 from bmgpt_jax.convert import stream
 from bmgpt_jax.data.examples import check_ids
 from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, global_batch, stack_batches
@@ -333,15 +333,16 @@ def where_things_went(cfg: TrainConfig, result: dict, argv: list[str]) -> list[s
     return lines
 
 
+@logs.cli
 def main(argv: list[str] | None = None) -> int:
-    """The command line; every error it can explain is one line on stderr and a non-zero exit status."""
+    """The command line; every error it can explain is one line on stderr and a non-zero exit status. The
+    run's notes ("resumed from step N", warnings) are bare lines on stderr (`bmgpt_jax.logs`)."""
     ap = argparse.ArgumentParser(prog="python -m bmgpt_jax.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="tiny", help="YAML file or a name in configs/ (default: tiny)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=50 optim.lr=1e-3")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     from bmgpt_jax.distributed import initialize
     try:
         initialize()
