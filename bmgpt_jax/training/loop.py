@@ -216,7 +216,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
     opt_state = init_opt_state(tx, trainable, mesh)
 
     ckpt = Checkpointer(cfg.checkpoint)
-    start, meta, monitor = 0, {}, None
+    start, meta, monitor, data_state = 0, {}, None, None
     try:
         if resume and earlier:
             target = abstract_state({"trainable": trainable, "opt_state": opt_state}, mesh)
@@ -234,7 +234,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
                 log.warning("--resume: the run goes on with settings that differ from the checkpoint's: %s",
                             "; ".join(changed))
         ckpt.install_signal_handlers()
-        tally = DropTally(it, cfg.data.max_dropped, meta.get("data_counts"), meta.get("data_totals"))
+        tally = DropTally(it, cfg.data.max_dropped, meta.get("data_counts"), meta.get("data_totals"),
+                          saved_position=data_state)
         stream = _batches(it, cfg)
         where, host = next(stream)
         step_fn = make_train_step(loss_fn, tx, grad_accum=cfg.optim.grad_accum,
