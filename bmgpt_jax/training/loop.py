@@ -38,7 +38,7 @@ from bmgpt_jax.distributed import check_shared_folder
 from bmgpt_jax.inputs import check_not_url
 from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
 from bmgpt_jax.parallel import abstract_state, batch_shardings
-from bmgpt_jax.training.checkpoint import CheckpointConfig, Checkpointer, saved_steps
+from bmgpt_jax.training.checkpoint import CheckpointConfig, Checkpointer, CheckpointMismatch, saved_steps
 from bmgpt_jax.training.dropped import DropTally
 from bmgpt_jax.training.monitor import (Monitor, NonFiniteLossError, check_loss, measure_matmul_flops,
                                        train_flops_per_token)
@@ -220,7 +220,10 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
     try:
         if resume and earlier:
             target = abstract_state({"trainable": trainable, "opt_state": opt_state}, mesh)
-            state, data_state, meta, unreadable = ckpt.restore_intact(target)
+            try:
+                state, data_state, meta, unreadable = ckpt.restore_intact(target)
+            except CheckpointMismatch as e:
+                raise ValueError(_mismatch_message(cfg, ckpt, e)) from None
             for bad, why in unreadable:
                 log.warning("checkpoint step %d is unreadable (%s); set aside as %s/%d.unreadable",
                             bad, why, ckpt.directory, bad)
@@ -292,6 +295,38 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
         _export(frozen, it.tokenizer, cfg, i)
     model = nnx.merge(graphdef, trainable, frozen)
     return {"losses": losses, "last_step": i, "model": model, "stopped": stopped, "data": dict(tally.totals)}
+
+
+# model settings that leave the arrays of a checkpoint as they are (the others, `stage` and `trainable`
+# decide which trainable parameters, of which shapes, it holds with their optimizer state)
+NOT_SHAPING = ("dtype", "remat", "attention", "loss_chunk_size", "lora_alpha", "max_atoms", "over_cap",
+               "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _decides_arrays(key: str) -> bool:
+    return key in ("stage", "trainable") or key.startswith("model.") and not key.endswith(NOT_SHAPING)
+
+
+def _mismatch_message(cfg: TrainConfig, ckpt: Checkpointer, error: CheckpointMismatch) -> str:
+    """One line for a checkpoint whose arrays are not this run's: the settings behind them that differ
+    from the checkpoint's (the stage, `trainable`, the model's shapes and LoRA, clipping on or off), and one
+    mismatched key; the checkpoint's own detailed error when no such setting differs."""
+    try:
+        saved = ckpt.read_meta(error.step).get("config", {})
+    except Exception:  # noqa: BLE001 -- no readable config: the key-by-key error is all there is
+        return str(error)
+    now = config_lib.to_dict(cfg)
+    changed = [d for d in config_lib.differences(saved, now) if _decides_arrays(d.split(":")[0])]
+    clip = [saved.get("optim", {}).get("clip_norm"), now["optim"]["clip_norm"]]
+    if None not in clip and (clip[0] > 0) != (clip[1] > 0):      # clipping on/off adds or removes its state
+        changed.append(f"optim.clip_norm: {clip[0]!r} -> {clip[1]!r}")
+    if not changed:
+        return str(error)
+    example = next((p for p in error.problems if p.startswith("'trainable.")), error.problems[0])
+    return (f"--resume: checkpoint {ckpt.directory / str(error.step)} holds other arrays than this run trains "
+            f"({len(error.problems)} mismatched keys, e.g. {example}): it was saved with other settings "
+            f"that decide them: {'; '.join(changed)}. Resume with the checkpoint's values, or start a new run "
+            "(another out_dir)")
 
 
 def _export(frozen: nnx.State, tokenizer, cfg: TrainConfig, step: int) -> None:

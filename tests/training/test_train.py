@@ -77,8 +77,15 @@ def test_errors_come_before_any_compute(tmp_path, capsys):
     with pytest.raises(ValueError, match="data.graph_budget 12 per process does not divide over 8 data shards"):
         train.run(cfg_for(tmp_path, "mesh=[8,1,1]", "data.graph_budget=12"))
     train.run(cfg_for(tmp_path, "steps=2", "stage=align", name="shape"))
-    with pytest.raises(ValueError, match=r"proj_mol.*checkpoint \(16, 64\) vs model \(16, 96\)"):
+    with pytest.raises(ValueError, match=r"e\.g\. 'trainable\.proj_mol\.bias\.value': checkpoint \(64,\) vs model "
+                                         r"\(96,\)\): .* that decide them: model\.lm\.hidden_size: 64 -> 96\."):
         train.run(cfg_for(tmp_path, "steps=4", "stage=align", "model.lm.hidden_size=96", name="shape"), resume=True)
+    with pytest.raises(ValueError) as error:   # another trainable subset: named, in one line, before any restore
+        train.run(cfg_for(tmp_path, "steps=4", "stage=align", "trainable=['^proj_mol']", name="shape"), resume=True)
+    assert re.fullmatch(rf"--resume: checkpoint {tmp_path / 'shape' / 'checkpoints' / '2'} holds other arrays than this "
+                        r"run trains \(6 mismatched keys, e\.g\. 'trainable\.proj_prot\.bias\.value': not in the model .*\): it was saved with other settings "
+                        r"that decide them: trainable: \[\] -> \['\^proj_mol'\]\. Resume with the checkpoint's "
+                        r"values, or start a new run \(another out_dir\)", str(error.value)), str(error.value)
 
 
 def test_embedded_default_learns_and_loads_in_chat(tmp_path):
