@@ -17,7 +17,7 @@ counted too (`truncated`, `truncated_tokens`) and reported, but are not dropped.
 
 Past `data.max_dropped` (a share of the examples read, judged once `CHECK_AFTER` examples are read and
 at the end of the run) the run stops with `TooManyDropped`, naming the setting that would keep the
-most frequent kind of dropped example.
+most frequent kind of dropped example (the loop saves that step first, and the message says so).
 """
 from __future__ import annotations
 
@@ -108,14 +108,22 @@ class DropTally:
         return (f"data: {n:,} examples read, {self.dropped:,} dropped ({self.dropped / max(n, 1):.1%}): "
                 f"{reasons}{truncated}")
 
-    def check(self, final: bool = False) -> None:
-        """Raise TooManyDropped when the dropped share exceeds `max_dropped` (mid-run only once
-        `CHECK_AFTER` examples are read; `final` judges whatever was read)."""
+    def exceeded(self, final: bool = False) -> bool:
+        """Whether the dropped share exceeds `max_dropped` (mid-run only once `CHECK_AFTER` examples are
+        read; `final` judges whatever was read)."""
         n = self.totals["examples"]
-        if not n or (n < CHECK_AFTER and not final) or self.dropped <= self.max_dropped * n:
+        return bool(n) and (n >= CHECK_AFTER or final) and self.dropped > self.max_dropped * n
+
+    def check(self, final: bool = False, saved_step: int | None = None) -> None:
+        """Raise TooManyDropped when `exceeded(final)`; `saved_step`: the step saved before, named in the
+        message as the one `--resume` goes on from."""
+        if not self.exceeded(final):
             return
+        n = self.totals["examples"]
         worst = max((k for k in DROP_REASONS if self.totals[k]), key=lambda k: self.totals[k])
         raise TooManyDropped(f"the data pipeline dropped {self.dropped:,} of the {n:,} examples read "
                              f"({self.dropped / n:.1%}), more than data.max_dropped={self.max_dropped:g}; most "
                              f"are {worst} ({self.totals[worst]:,}): change {DROP_REASONS[worst]}, or raise "
-                             "data.max_dropped to accept the loss. " + self.summary())
+                             "data.max_dropped to accept the loss"
+                             + (f" (step {saved_step} is saved: --resume goes on from there)"
+                                if saved_step else "") + ". " + self.summary())

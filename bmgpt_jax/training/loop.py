@@ -273,17 +273,17 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
             data_state = it.state()
             tally.update(data_state)
             monitor.log(i, metrics, tokens=tokens, data=tally.metrics())
-            tally.check()
             stop = ckpt.stop_requested()        # read once: a signal after it waits for the next step
             ckpt.save(i, {"trainable": trainable, "opt_state": opt_state}, data_state=data_state,
-                      force=i == cfg.steps or stop,
+                      force=i == cfg.steps or stop or tally.exceeded(),   # before the error below: no work lost
                       metadata={"config": config_lib.to_dict(cfg), **tally.checkpoint_counts()})
+            tally.check(saved_step=i)
             if stop:
                 stopped = ckpt.stop_signal or "a signal to another process"
                 monitor.write(f"{stopped}: checkpoint saved at step {i}; exiting")
                 break
         if i == cfg.steps:
-            tally.check(final=True)
+            tally.check(final=True, saved_step=i)
         monitor.write(tally.summary())
     finally:
         ckpt.close()

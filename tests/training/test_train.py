@@ -277,6 +277,18 @@ def test_one_line_errors_before_any_compute(tmp_path, capsys):
     assert not Path("gs:").exists()
 
 
+def test_too_many_dropped_examples_are_saved_first_and_resume_with_a_higher_limit(tmp_path, monkeypatch):
+    """Past data.max_dropped mid-run the step is saved before the run stops (not the last `checkpoint.every`
+    step), so a resume with a raised limit goes on from it."""
+    from bmgpt_jax.training import checkpoint, dropped
+    monkeypatch.setattr(dropped, "CHECK_AFTER", 20)    # judged once the second window (32 examples) is read
+    extra = ["stage=align", "steps=4", "checkpoint.every=100", "data.node_budget=64", "data.window_batches=2"]
+    with pytest.raises(dropped.TooManyDropped, match=r"\(step 3 is saved: --resume goes on from there\)"):
+        train.run(cfg_for(tmp_path, *extra, "data.max_dropped=0.01"))
+    assert checkpoint.saved_steps(tmp_path / "run" / "checkpoints") == [3] and len(_rows(tmp_path / "run")) == 3
+    assert sorted(train.run(cfg_for(tmp_path, *extra, "data.max_dropped=1"), resume=True)["losses"]) == [4]
+
+
 def test_too_many_dropped_examples_stop_the_run_naming_the_setting(tmp_path, capsys):
     """The GIN's atom cap set to refuse molecules over 10 atoms: training drops those examples (as chat would
     refuse them) and, past data.max_dropped, stops with the setting to change."""
