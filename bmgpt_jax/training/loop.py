@@ -150,13 +150,19 @@ def resolve_tokenizer(cfg: TrainConfig, tok) -> TrainConfig:
 def _batches(it, cfg: TrainConfig) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """`(where, batch)`: host batches, `grad_accum` of them stacked into one micro-batched batch (text keys
     only for `lm`), each with the data position it came from and its ids checked against the model's
-    vocabularies (an id outside a table would give NaNs inside the jitted step)."""
+    vocabularies (an id outside a table would give NaNs inside the jitted step). Where the data ends
+    (`data.num_epochs`) it returns how many batches of an unfinished group it read (0 with `grad_accum` 1)."""
     k = cfg.optim.grad_accum
     esm_vocab = None if cfg.stage == "lm" else cfg.model.esm.vocab_size
     while True:
         state = it.state()
         where = "the batch at data position " + ", ".join(f"{n} {state[n]}" for n in ("epoch", "window", "batch"))
-        group = [next(it) for _ in range(k)]
+        group = []
+        try:
+            for _ in range(k):
+                group.append(next(it))
+        except StopIteration:   # the data's end (`data.num_epochs`): the batches of an unfinished group
+            return len(group)
         batch = group[0] if k == 1 else stack_batches(group)
         batch = {key: batch[key] for key in TEXT_KEYS} if cfg.stage == "lm" else batch
         check_ids(batch, cfg.model.lm.vocab_size, esm_vocab, where=where)
@@ -240,31 +246,47 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
         tally = DropTally(it, cfg.data.max_dropped, meta.get("data_counts"), meta.get("data_totals"),
                           saved_position=data_state)
         stream = _batches(it, cfg)
-        where, host = next(stream)
+        try:
+            where, host = next(stream)
+        except StopIteration as end:   # the data ran out before this run's first step (a resumed finished run)
+            where, host, left = None, None, end.value
         step_fn = make_train_step(loss_fn, tx, grad_accum=cfg.optim.grad_accum,
                                   compute_dtype=jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None,
                                   skip_nonfinite=cfg.nonfinite == "skip", schedule=make_schedule(cfg.optim))
         lead = cfg.optim.grad_accum > 1
-        shapes = {k: jax.ShapeDtypeStruct(v.shape[:lead] + (v.shape[lead] * jax.process_count(),)
-                                          + v.shape[lead + 1:], v.dtype) for k, v in host.items()}
-        step = jit_train_step(step_fn, graphdef, trainable, frozen, opt_state,
-                              batch_shardings(shapes, mesh, microbatched=lead), mesh)
+        if host is not None:
+            shapes = {k: jax.ShapeDtypeStruct(v.shape[:lead] + (v.shape[lead] * jax.process_count(),)
+                                              + v.shape[lead + 1:], v.dtype) for k, v in host.items()}
+            step = jit_train_step(step_fn, graphdef, trainable, frozen, opt_state,
+                                  batch_shardings(shapes, mesh, microbatched=lead), mesh)
         lm = cfg.model.lm
+        seq_len = host["input_ids"].shape[-1] if host is not None else cfg.data.seq_buckets[-1]
         monitor = Monitor(cfg.out_dir, total_steps=cfg.steps, start_step=start, progress=cfg.progress,
                           flops_per_token=train_flops_per_token(matmul, n_trainable=n_train, n_layers=lm.num_layers,
-                                                                seq_len=host["input_ids"].shape[-1],
-                                                                d_model=lm.hidden_size),
+                                                                seq_len=seq_len, d_model=lm.hidden_size),
                           peak_flops=measure_matmul_flops(dtype=jnp.dtype(cfg.compute_dtype)))
         monitor.write(f"stage {cfg.stage}: {n_total:,} parameters, {n_train:,} trainable ({', '.join(patterns)}); "
                       f"mesh {dict(mesh.shape)}; {jax.process_count()} process(es); "
-                      + (f"steps {start + 1}..{cfg.steps}" if start < cfg.steps else
+                      + (f"the checkpoint at step {start} is at the data's end: nothing to train" if host is None
+                         else f"steps {start + 1}..{cfg.steps}" if start < cfg.steps else
                          f"the checkpoint is at step {start}, steps={cfg.steps}: nothing to train (raise steps= to "
                          "continue)"))
+
+        def save(n: int, force: bool) -> bool:
+            """Checkpoint step `n` (every `checkpoint.every` steps, or `force`d): the state and the data
+            position and counts as of the last `tally.update`."""
+            return ckpt.save(n, {"trainable": trainable, "opt_state": opt_state}, data_state=data_state,
+                             force=force, metadata={"config": config_lib.to_dict(cfg), **tally.checkpoint_counts()})
+
         losses: dict[int, float] = {}
-        i, stopped = start, None
-        for i in range(start + 1, cfg.steps + 1):
+        i, stopped, ran_out = start, None, host is None
+        for i in range(start + 1, (cfg.steps if host is not None else start) + 1):
             if i > start + 1:
-                where, host = next(stream)
+                try:
+                    where, host = next(stream)
+                except StopIteration as end:       # data.num_epochs are done: step i - 1 was the last
+                    i, ran_out, left = i - 1, True, end.value
+                    break
             tokens = int(host["attention_mask"].sum()) * jax.process_count()
             trainable, opt_state, metrics = step(trainable, frozen, opt_state, global_batch(host, mesh))
             metrics = jax.device_get(metrics)
@@ -274,15 +296,18 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
             tally.update(data_state)
             monitor.log(i, metrics, tokens=tokens, data=tally.metrics())
             stop = ckpt.stop_requested()        # read once: a signal after it waits for the next step
-            ckpt.save(i, {"trainable": trainable, "opt_state": opt_state}, data_state=data_state,
-                      force=i == cfg.steps or stop or tally.exceeded(),   # before the error below: no work lost
-                      metadata={"config": config_lib.to_dict(cfg), **tally.checkpoint_counts()})
+            save(i, force=i == cfg.steps or stop or tally.exceeded())   # before the error below: no work lost
             tally.check(saved_step=i)
             if stop:
                 stopped = ckpt.stop_signal or "a signal to another process"
                 monitor.write(f"{stopped}: checkpoint saved at step {i}; exiting")
                 break
-        if i == cfg.steps:
+        if ran_out:   # the batches of an unfinished group may have opened a window: count it in
+            tally.update(data_state if data_state is not None else it.state())
+            if i > start:
+                save(i, force=True)
+            monitor.write(_ran_out_message(cfg, i, left))
+        if i == cfg.steps or ran_out:
             tally.check(final=True, saved_step=i)
         monitor.write(tally.summary())
     finally:
@@ -291,10 +316,22 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
             monitor.close()
         if hasattr(it, "close"):
             it.close()  # the encoding worker processes
-    if cfg.export and i == cfg.steps:
+    if cfg.export and (i == cfg.steps or ran_out) and i > 0:
         _export(frozen, it.tokenizer, cfg, i)
     model = nnx.merge(graphdef, trainable, frozen)
-    return {"losses": losses, "last_step": i, "model": model, "stopped": stopped, "data": dict(tally.totals)}
+    return {"losses": losses, "last_step": i, "model": model, "stopped": stopped, "data": dict(tally.totals),
+            "ran_out": ran_out}
+
+
+def _ran_out_message(cfg: TrainConfig, step: int, left: int) -> str:
+    """The line of a run whose data ended (`data.num_epochs`) before `steps`."""
+    k = cfg.optim.grad_accum
+    unused = (f"; its last {left} batch(es), fewer than optim.grad_accum={k}, were read but not trained"
+              if left else "")
+    where = (f"at step {step} of steps={cfg.steps}; checkpoint {step} is saved" if step else
+             f"before step 1 (steps={cfg.steps}): nothing trained")
+    return (f"the data ran out after data.num_epochs={cfg.data.num_epochs} epoch(s) {where}{unused} (raise "
+            "data.num_epochs and --resume to train on)")
 
 
 # model settings that leave the arrays of a checkpoint as they are (the others, `stage` and `trainable`

@@ -289,6 +289,33 @@ def test_too_many_dropped_examples_are_saved_first_and_resume_with_a_higher_limi
     assert sorted(train.run(cfg_for(tmp_path, *extra, "data.max_dropped=1"), resume=True)["losses"]) == [4]
 
 
+def test_the_data_running_out_is_saved_exported_and_said(tmp_path, capsys):
+    """data.num_epochs=1 of 50 records is 7 batches (windows of 2, 2, 2, 1), with grad_accum 2 three steps:
+    the run saves and exports step 3 and says that the data ran out, and that the 7th batch was read (and
+    counted) but not trained. Resumed with another epoch it says where it resumed (a bare line on stderr: the
+    command line's log set-up) and trains on from the 7th batch to the second epoch's end."""
+    out_dir = tmp_path / "epoch"
+    argv = ["--config", "tiny_align"] + SMALL + ["data.demo_molecules=5", "data.num_epochs=1", "optim.grad_accum=2",
+                                                 "data.window_batches=2", "steps=100", "checkpoint.every=100",
+                                                 "export=true", f"out_dir={out_dir}"]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("the data ran out after data.num_epochs=1 epoch(s) at step 3 of steps=100; checkpoint 3 is saved; its "
+            "last 1 batch(es), fewer than optim.grad_accum=2, were read but not trained (raise data.num_epochs and "
+            "--resume to train on)") in out.splitlines()
+    assert "data: 50 examples read" in out
+    assert f"model:        {out_dir / 'final'}  (python -m bmgpt_jax.chat" in out and (out_dir / "final").is_dir()
+    assert "steps 1..3: loss" in out and sorted(_losses(out_dir)) == [1, 2, 3]
+    assert train.main(argv + ["data.num_epochs=2", "--resume"]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert f"resumed from step 3 ({out_dir / 'checkpoints'})" in err, err
+    assert not [line for line in err if line.startswith(("INFO:", "WARNING:"))], err
+    assert "at step 7 of steps=100; checkpoint 7 is saved (raise" in captured.out
+    assert "data: 100 examples read" in captured.out
+    assert sorted(_losses(out_dir)) == list(range(1, 8))
+
+
 def test_too_many_dropped_examples_stop_the_run_naming_the_setting(tmp_path, capsys):
     """The GIN's atom cap set to refuse molecules over 10 atoms: training drops those examples (as chat would
     refuse them) and, past data.max_dropped, stops with the setting to change."""
