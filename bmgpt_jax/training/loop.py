@@ -60,7 +60,10 @@ class TrainConfig:
     """A training run. `trainable`: regexes over dotted parameter paths (empty = the stage's default);
     `mesh`: (data, fsdp, tensor), one entry may be -1; `checkpoint.dir` "" = `{out_dir}/checkpoints`;
     `optim.total_steps` 0 = `steps`. `compute_dtype` is the one precision switch: every sub-model
-    (`model.lm/esm/gin.dtype`) computes in it while the master weights stay in their `param_dtype`."""
+    (`model.lm/esm/gin.dtype`) computes in it while the master weights stay in their `param_dtype`.
+    `nonfinite`: what a step with a NaN/inf loss or gradient does (`stop`: the run stops, naming the step
+    and the newest checkpoint; `skip`: its update is not applied), and with `skip` the run stops after
+    `max_nonfinite_in_a_row` such steps in a row (the model is then not recovering), that step saved."""
 
     stage: Stage = "finetune"
     steps: int = 200
@@ -73,6 +76,7 @@ class TrainConfig:
     mesh: tuple[int, int, int] = (-1, 1, 1)
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_in_a_row: int = 10
     out_dir: str = "runs/tiny"
     progress: bool = True
     export: bool = True
@@ -80,6 +84,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps < 1:
             raise config_lib.ConfigError(f"steps={self.steps}: a run takes at least 1 step")
+        if self.max_nonfinite_in_a_row < 1:
+            raise config_lib.ConfigError(f"max_nonfinite_in_a_row={self.max_nonfinite_in_a_row} must be >= 1")
         check_init(self.stage, self.init)
 
 
@@ -265,6 +271,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
                           flops_per_token=train_flops_per_token(matmul, n_trainable=n_train, n_layers=lm.num_layers,
                                                                 seq_len=seq_len, d_model=lm.hidden_size),
                           peak_flops=measure_matmul_flops(dtype=jnp.dtype(cfg.compute_dtype)))
+        monitor.skipped = int(meta.get("nonfinite_skipped", 0))     # the run's, over all its resumes
+        in_a_row = int(meta.get("nonfinite_in_a_row", 0))
         monitor.write(f"stage {cfg.stage}: {n_total:,} parameters, {n_train:,} trainable ({', '.join(patterns)}); "
                       f"mesh {dict(mesh.shape)}; {jax.process_count()} process(es); "
                       + (f"the checkpoint at step {start} is at the data's end: nothing to train" if host is None
@@ -276,7 +284,9 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
             """Checkpoint step `n` (every `checkpoint.every` steps, or `force`d): the state and the data
             position and counts as of the last `tally.update`."""
             return ckpt.save(n, {"trainable": trainable, "opt_state": opt_state}, data_state=data_state,
-                             force=force, metadata={"config": config_lib.to_dict(cfg), **tally.checkpoint_counts()})
+                             force=force, metadata={"config": config_lib.to_dict(cfg), **tally.checkpoint_counts(),
+                                                    "nonfinite_skipped": monitor.skipped,
+                                                    "nonfinite_in_a_row": in_a_row})
 
         losses: dict[int, float] = {}
         i, stopped, ran_out = start, None, host is None
@@ -290,14 +300,28 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
             tokens = int(host["attention_mask"].sum()) * jax.process_count()
             trainable, opt_state, metrics = step(trainable, frozen, opt_state, global_batch(host, mesh))
             metrics = jax.device_get(metrics)
-            check_loss(i, float(metrics["loss"]), cfg.nonfinite, float(metrics["grad_norm"]), batch=where)
-            losses[i] = float(metrics["loss"])
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            if cfg.nonfinite == "stop" and not metrics["finite"]:
+                # the update was applied, so this state is not saved; the one before was donated to the step
+                # (keeping it would cost a second copy of the state, as the `skip` step's select does)
+                newest = max(ckpt.all_steps(), default=None)
+                check_loss(i, loss, cfg.nonfinite, grad_norm, batch=where,
+                           note=f"the newest checkpoint is step {newest}" if newest else "no checkpoint saved yet")
+            losses[i] = loss
+            in_a_row = 0 if metrics["finite"] else in_a_row + 1
             data_state = it.state()
             tally.update(data_state)
             monitor.log(i, metrics, tokens=tokens, data=tally.metrics())
             stop = ckpt.stop_requested()        # read once: a signal after it waits for the next step
-            save(i, force=i == cfg.steps or stop or tally.exceeded())   # before the error below: no work lost
+            too_many, streak = tally.exceeded(), in_a_row >= cfg.max_nonfinite_in_a_row
+            save(i, force=i == cfg.steps or stop or too_many or streak)   # before any error below: no work lost
             tally.check(saved_step=i)
+            if streak:
+                raise NonFiniteLossError(
+                    f"nonfinite=skip: {in_a_row} steps in a row (steps {i - in_a_row + 1}..{i}) had a non-finite loss "
+                    f"or gradient, max_nonfinite_in_a_row={cfg.max_nonfinite_in_a_row}; stopping. Step {i} is saved "
+                    f"(its parameters are those of step {i - in_a_row}, the updates since were skipped). Lower "
+                    "optim.lr or inspect those batches; or raise max_nonfinite_in_a_row and --resume")
             if stop:
                 stopped = ckpt.stop_signal or "a signal to another process"
                 monitor.write(f"{stopped}: checkpoint saved at step {i}; exiting")
@@ -320,7 +344,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
         _export(frozen, it.tokenizer, cfg, i)
     model = nnx.merge(graphdef, trainable, frozen)
     return {"losses": losses, "last_step": i, "model": model, "stopped": stopped, "data": dict(tally.totals),
-            "ran_out": ran_out}
+            "ran_out": ran_out, "skipped": monitor.skipped}
 
 
 def _ran_out_message(cfg: TrainConfig, step: int, left: int) -> str:
@@ -406,6 +430,21 @@ def where_things_went(cfg: TrainConfig, result: dict, argv: list[str]) -> list[s
     return lines
 
 
+def summary(result: dict) -> list[str]:
+    """The end-of-run lines on the loss: first and last of this run's steps (the ratio only where both are
+    finite) and the steps of the whole run skipped for a non-finite loss (`nonfinite=skip`)."""
+    losses, lines = result["losses"], []
+    if losses:
+        first, last = losses[min(losses)], losses[max(losses)]
+        finite = math.isfinite(first) and math.isfinite(last) and first
+        lines.append(f"steps {min(losses)}..{max(losses)}: loss {first:.4f} -> {last:.4f}"
+                     + (f" ({last / first:.0%} of the first)" if finite else ""))
+    if result.get("skipped"):
+        lines.append(f"nonfinite=skip: {result['skipped']} step(s) of the run had a non-finite loss or gradient "
+                     "and were skipped (their updates not applied; metrics.jsonl: finite 0)")
+    return lines
+
+
 @logs.cli
 def main(argv: list[str] | None = None) -> int:
     """The command line; every error it can explain is one line on stderr and a non-zero exit status. The
@@ -430,11 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"train: {type(e).__name__}: {message}", file=sys.stderr)
         return 2
-    losses = result["losses"]
-    if losses:
-        first, last = losses[min(losses)], losses[max(losses)]
-        print(f"steps {min(losses)}..{max(losses)}: loss {first:.4f} -> {last:.4f}"
-              + (f" ({last / first:.0%} of the first)" if math.isfinite(first) and first else ""))
+    for line in summary(result):
+        print(line)
     if jax.process_index() == 0:
         print("\n".join(where_things_went(cfg, result, argv)))
     return 0

@@ -122,14 +122,25 @@ def test_gradient_accumulation_runs_sharded(tmp_path):
 
 
 def test_nonfinite_loss_stops_naming_the_step_or_skips(tmp_path):
+    """`stop` names the step, its batch and the checkpoint to go back to; `skip` skips, counts the skipped
+    steps in the end lines (no NaN ratio), and stops past max_nonfinite_in_a_row, that step saved."""
+    from bmgpt_jax.training.checkpoint import saved_steps
     from bmgpt_jax.training.monitor import NonFiniteLossError
     blowup = ["stage=align", "steps=4", "optim.lr=1e30", "optim.warmup_steps=0", "optim.clip_norm=0"]
     with pytest.raises(NonFiniteLossError, match=r"step [2-4] on the batch at data position epoch 0, window 0, batch "
-                                                 r"[1-3], the first such step"):
+                                                 r"[1-3], the first such step; stopping \(no checkpoint saved yet\)"):
         train.run(cfg_for(tmp_path, *blowup, name="stop"))
     out = train.run(cfg_for(tmp_path, *blowup, "nonfinite=skip", name="skip"))
     assert out["last_step"] == 4 and not np.isfinite(out["losses"][4])
     bad = [s for s, v in out["losses"].items() if not np.isfinite(v)]
+    assert out["skipped"] == len(bad) and bad == list(range(min(bad), 5))
+    lines = train.summary(out)
+    assert lines[0] == f"steps 1..4: loss {out['losses'][1]:.4f} -> nan" and "nan%" not in "".join(lines)
+    assert lines[1].startswith(f"nonfinite=skip: {len(bad)} step(s) of the run had a non-finite loss")
+    with pytest.raises(NonFiniteLossError, match=rf"nonfinite=skip: 2 steps in a row \(steps {min(bad)}..{min(bad) + 1}\) "
+                                                 r"had a non-finite loss or gradient, max_nonfinite_in_a_row=2; stopping"):
+        train.run(cfg_for(tmp_path, *blowup, "nonfinite=skip", "max_nonfinite_in_a_row=2", name="streak"))
+    assert saved_steps(tmp_path / "streak" / "checkpoints") == [min(bad) + 1]
     upto = train.run(cfg_for(tmp_path, *blowup, "nonfinite=skip", f"steps={min(bad) - 1}", name="upto"))
     a, b = params(upto["model"]), params(out["model"])  # the skipped steps changed nothing
     assert all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
