@@ -33,7 +33,6 @@ a `.pth`, an existing folder; it is refused before anything is read.
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 import time
@@ -86,14 +85,13 @@ def positive_gb(text: str) -> float:
     return value
 
 
-class _Notes(logging.Handler):
-    """Each log record's message on the current stderr."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(record.getMessage(), file=sys.stderr)
-
-
 def main(argv=None) -> int:
+    from bmgpt_jax import logs
+    with logs.to_stderr():   # the converters' notes (keys skipped, wrappers removed), each once
+        return _main(argv)
+
+
+def _main(argv) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=KINDS)
     ap.add_argument("src")
@@ -127,10 +125,6 @@ def main(argv=None) -> int:
     if args.kind == "openbiomed" and not (args.lm_config and args.esm_config and args.tokenizer):
         ap.error("openbiomed needs --lm-config, --esm-config and --tokenizer")
     from bmgpt_jax.inputs import one_line
-    notes = logging.getLogger("bmgpt_jax.convert")   # the converters' notes (keys skipped, wrappers removed)
-    if not any(isinstance(h, _Notes) for h in notes.handlers):
-        notes.addHandler(_Notes())
-    notes.setLevel(logging.INFO)
     start = time.perf_counter()
     try:
         from bmgpt_jax.convert import stream

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from bmgpt_jax import inputs, parallel
+from bmgpt_jax import inputs, logs, parallel
 from bmgpt_jax.convert.folder import from_pretrained
 from bmgpt_jax.data import examples, molecules, proteins
 from bmgpt_jax.data import prompts as prompt_lib
@@ -307,6 +307,7 @@ def model_and_options(args):
     return model, options, mesh
 
 
+@logs.cli
 def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) -> int:
     ap = argparse.ArgumentParser(prog="python -m bmgpt_jax.chat", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -39,7 +39,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from bmgpt_jax import chat, parallel
+from bmgpt_jax import chat, logs, parallel
 from bmgpt_jax.data.examples import Encoded
 from bmgpt_jax.data.pipeline import global_batch
 from bmgpt_jax.data.prompts import check_system
@@ -294,6 +294,7 @@ def _sorted_predictions(path: Path, sources: Sequence[str]) -> None:
     tmp.replace(path)
 
 
+@logs.cli
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bmgpt_jax.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -31,6 +31,15 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose arrays (keys or shapes) are not the target's: `step`, and `problems`, one line per
+    mismatched key."""
+
+    def __init__(self, message: str, step: int, problems: list[str]):
+        super().__init__(message)
+        self.step, self.problems = step, problems
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """The `checkpoint:` section of a training config. `every` counts optimizer steps."""
@@ -135,7 +144,8 @@ class Checkpointer:
         return step
 
     def check_compatible(self, target: Any, step: int | None = None) -> None:
-        """Raise ValueError if `target`'s keys or shapes differ from the checkpoint's; reads metadata only."""
+        """Raise CheckpointMismatch (a ValueError) if `target`'s keys or shapes differ from the checkpoint's;
+        reads metadata only."""
         step = self._resolve(step)
         saved = ocp.tree.to_flat_dict(self.manager.item_metadata(step)["state"].tree, sep=".")
         saved = {k: tuple(v.shape) for k, v in saved.items() if v is not None}
@@ -146,8 +156,8 @@ class Checkpointer:
         problems += [f"{k!r}: not in the model (checkpoint {saved[k]})" for k in sorted(saved.keys() - want.keys())]
         if problems:
             shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-            raise ValueError(f"checkpoint {self.directory / str(step)} does not fit the model "
-                             f"({len(problems)} mismatched keys):\n  {shown}")
+            raise CheckpointMismatch(f"checkpoint {self.directory / str(step)} does not fit the model "
+                                     f"({len(problems)} mismatched keys):\n  {shown}", step, problems)
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict, dict]:
         """`(state, data_state, metadata)` from `step` (None = latest), laid out as `target` says.
@@ -161,11 +171,17 @@ class Checkpointer:
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         return restored.state, dict(restored.data or {}), dict(restored.meta or {})
 
+    def read_meta(self, step: int) -> dict:
+        """The run metadata (`meta`) saved with `step`, read alone (no array)."""
+        restored = self.manager.restore(self._resolve(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored.meta or {})
+
     def restore_intact(self, target: Any) -> tuple[Any, dict, dict, list[tuple[int, str]]]:
         """`restore` of the newest checkpoint that reads back whole, plus `[(step, reason)]` for the newer
         ones that did not, each moved aside to `{step}.unreadable` (so the resumed run can write that step
         again). A checkpoint that reads but does not fit the model is not corruption: its ValueError
-        propagates. FileNotFoundError when there is no checkpoint, ValueError when none is readable."""
+        propagates (CheckpointMismatch). FileNotFoundError when there is no checkpoint, ValueError when none is
+        readable."""
         unreadable: list[tuple[int, str]] = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:

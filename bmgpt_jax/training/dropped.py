@@ -7,14 +7,17 @@ loop shows the sums in the progress bar, `metrics.jsonl` and TensorBoard and in 
 The counts as of a checkpoint's data position go into its metadata, so a resumed run goes on counting
 where the interrupted one stood (the window the position points into is re-encoded, and recounted, by
 the restored pipeline, so it is left out of the saved counts); so do the run's totals at that step, which
-a run resumed at its last step (nothing left to train) reports as they were.
+a run resumed at its last step (nothing left to train) reports as they were. A pipeline restored on
+another number of processes in the middle of a window does not re-encode that window but moves on to the
+next one (`BatchIterator.restore`): the interrupted run read all of it, so the resumed run goes on from
+the saved totals, which include it.
 
 Plain-text examples longer than the last bucket are kept, cut to it; they and the tokens cut away are
 counted too (`truncated`, `truncated_tokens`) and reported, but are not dropped.
 
 Past `data.max_dropped` (a share of the examples read, judged once `CHECK_AFTER` examples are read and
 at the end of the run) the run stops with `TooManyDropped`, naming the setting that would keep the
-most frequent kind of dropped example.
+most frequent kind of dropped example (the loop saves that step first, and the message says so).
 """
 from __future__ import annotations
 
@@ -35,6 +38,10 @@ def _counter(counts: Mapping[str, int] | None) -> Counter:
     return Counter({k: int(v) for k, v in (counts or {}).items() if k in KEYS})
 
 
+def _position(state: Mapping) -> tuple:
+    return tuple(int(state.get(k, 0)) for k in ("epoch", "window", "batch"))
+
+
 class TooManyDropped(ValueError):
     """The pipeline dropped more than `data.max_dropped` of the examples it read."""
 
@@ -42,13 +49,18 @@ class TooManyDropped(ValueError):
 class DropTally:
     """Global counts `{"examples": read, reason: dropped, "truncated": n, "truncated_tokens": n}` of a run;
     `restored` continues a checkpoint's counts as of its data position, `restored_totals` are the run's
-    totals when it was saved (what `totals` holds until the first `update`)."""
+    totals when it was saved (what `totals` holds until the first `update`). `saved_position`: the data
+    state that checkpoint saved; when the restored pipeline does not stand there (it moved on to the next
+    window, on another process count) the window it left was wholly read, and the count goes on from
+    `restored_totals`."""
 
     def __init__(self, pipeline, max_dropped: float, restored: Mapping[str, int] | None = None,
-                 restored_totals: Mapping[str, int] | None = None):
+                 restored_totals: Mapping[str, int] | None = None, saved_position: Mapping | None = None):
         self.pipeline = pipeline if hasattr(pipeline, "counts") else None  # a test's stream may not count
         self.max_dropped = max_dropped
-        self.offset = _counter(restored)
+        moved = (saved_position is not None and restored_totals and hasattr(pipeline, "state")
+                 and _position(pipeline.state()) != _position(saved_position))
+        self.offset = _counter(restored_totals if moved else restored)
         self.totals = _counter(restored_totals) if restored_totals else Counter(self.offset)
         self.at_position = Counter(self.offset)
 
@@ -96,14 +108,22 @@ class DropTally:
         return (f"data: {n:,} examples read, {self.dropped:,} dropped ({self.dropped / max(n, 1):.1%}): "
                 f"{reasons}{truncated}")
 
-    def check(self, final: bool = False) -> None:
-        """Raise TooManyDropped when the dropped share exceeds `max_dropped` (mid-run only once
-        `CHECK_AFTER` examples are read; `final` judges whatever was read)."""
+    def exceeded(self, final: bool = False) -> bool:
+        """Whether the dropped share exceeds `max_dropped` (mid-run only once `CHECK_AFTER` examples are
+        read; `final` judges whatever was read)."""
         n = self.totals["examples"]
-        if not n or (n < CHECK_AFTER and not final) or self.dropped <= self.max_dropped * n:
+        return bool(n) and (n >= CHECK_AFTER or final) and self.dropped > self.max_dropped * n
+
+    def check(self, final: bool = False, saved_step: int | None = None) -> None:
+        """Raise TooManyDropped when `exceeded(final)`; `saved_step`: the step saved before, named in the
+        message as the one `--resume` goes on from."""
+        if not self.exceeded(final):
             return
+        n = self.totals["examples"]
         worst = max((k for k in DROP_REASONS if self.totals[k]), key=lambda k: self.totals[k])
         raise TooManyDropped(f"the data pipeline dropped {self.dropped:,} of the {n:,} examples read "
                              f"({self.dropped / n:.1%}), more than data.max_dropped={self.max_dropped:g}; most "
                              f"are {worst} ({self.totals[worst]:,}): change {DROP_REASONS[worst]}, or raise "
-                             "data.max_dropped to accept the loss. " + self.summary())
+                             "data.max_dropped to accept the loss"
+                             + (f" (step {saved_step} is saved: --resume goes on from there)"
+                                if saved_step else "") + ". " + self.summary())

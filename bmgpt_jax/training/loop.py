@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from bmgpt_jax import config as config_lib
-from bmgpt_jax import parallel
+from bmgpt_jax import logs, parallel
 from bmgpt_jax.convert import stream
 from bmgpt_jax.data.examples import check_ids
 from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, global_batch, stack_batches
@@ -38,7 +38,7 @@ from bmgpt_jax.distributed import check_shared_folder
 from bmgpt_jax.inputs import check_not_url
 from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
 from bmgpt_jax.parallel import abstract_state, batch_shardings
-from bmgpt_jax.training.checkpoint import CheckpointConfig, Checkpointer, saved_steps
+from bmgpt_jax.training.checkpoint import CheckpointConfig, Checkpointer, CheckpointMismatch, saved_steps
 from bmgpt_jax.training.dropped import DropTally
 from bmgpt_jax.training.monitor import (Monitor, NonFiniteLossError, check_loss, measure_matmul_flops,
                                        train_flops_per_token)
@@ -60,7 +60,10 @@ class TrainConfig:
     """A training run. `trainable`: regexes over dotted parameter paths (empty = the stage's default);
     `mesh`: (data, fsdp, tensor), one entry may be -1; `checkpoint.dir` "" = `{out_dir}/checkpoints`;
     `optim.total_steps` 0 = `steps`. `compute_dtype` is the one precision switch: every sub-model
-    (`model.lm/esm/gin.dtype`) computes in it while the master weights stay in their `param_dtype`."""
+    (`model.lm/esm/gin.dtype`) computes in it while the master weights stay in their `param_dtype`.
+    `nonfinite`: what a step with a NaN/inf loss or gradient does (`stop`: the run stops, naming the step
+    and the newest checkpoint; `skip`: its update is not applied), and with `skip` the run stops after
+    `max_nonfinite_in_a_row` such steps in a row (the model is then not recovering), that step saved."""
 
     stage: Stage = "finetune"
     steps: int = 200
@@ -73,6 +76,7 @@ class TrainConfig:
     mesh: tuple[int, int, int] = (-1, 1, 1)
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_in_a_row: int = 10
     out_dir: str = "runs/tiny"
     progress: bool = True
     export: bool = True
@@ -80,6 +84,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps < 1:
             raise config_lib.ConfigError(f"steps={self.steps}: a run takes at least 1 step")
+        if self.max_nonfinite_in_a_row < 1:
+            raise config_lib.ConfigError(f"max_nonfinite_in_a_row={self.max_nonfinite_in_a_row} must be >= 1")
         check_init(self.stage, self.init)
 
 
@@ -159,13 +165,19 @@ def resolve_tokenizer(cfg: TrainConfig, tok) -> TrainConfig:
 def _batches(it, cfg: TrainConfig) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """`(where, batch)`: host batches, `grad_accum` of them stacked into one micro-batched batch (text keys
     only for `lm`), each with the data position it came from and its ids checked against the model's
-    vocabularies (an id outside a table would give NaNs inside the jitted step)."""
+    vocabularies (an id outside a table would give NaNs inside the jitted step). Where the data ends
+    (`data.num_epochs`) it returns how many batches of an unfinished group it read (0 with `grad_accum` 1)."""
     k = cfg.optim.grad_accum
     esm_vocab = None if cfg.stage == "lm" else cfg.model.esm.vocab_size
     while True:
         state = it.state()
         where = "the batch at data position " + ", ".join(f"{n} {state[n]}" for n in ("epoch", "window", "batch"))
-        group = [next(it) for _ in range(k)]
+        group = []
+        try:
+            for _ in range(k):
+                group.append(next(it))
+        except StopIteration:   # the data's end (`data.num_epochs`): the batches of an unfinished group
+            return len(group)
         batch = group[0] if k == 1 else stack_batches(group)
         batch = {key: batch[key] for key in TEXT_KEYS} if cfg.stage == "lm" else batch
         check_ids(batch, cfg.model.lm.vocab_size, esm_vocab, where=where)
@@ -225,11 +237,14 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
     opt_state = init_opt_state(tx, trainable, mesh)
 
     ckpt = Checkpointer(cfg.checkpoint)
-    start, meta, monitor = 0, {}, None
+    start, meta, monitor, data_state = 0, {}, None, None
     try:
         if resume and earlier:
             target = abstract_state({"trainable": trainable, "opt_state": opt_state}, mesh)
-            state, data_state, meta, unreadable = ckpt.restore_intact(target)
+            try:
+                state, data_state, meta, unreadable = ckpt.restore_intact(target)
+            except CheckpointMismatch as e:
+                raise ValueError(_mismatch_message(cfg, ckpt, e)) from None
             for bad, why in unreadable:
                 log.warning("checkpoint step %d is unreadable (%s); set aside as %s/%d.unreadable",
                             bad, why, ckpt.directory, bad)
@@ -243,52 +258,90 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
                 log.warning("--resume: the run goes on with settings that differ from the checkpoint's: %s",
                             "; ".join(changed))
         ckpt.install_signal_handlers()
-        tally = DropTally(it, cfg.data.max_dropped, meta.get("data_counts"), meta.get("data_totals"))
+        tally = DropTally(it, cfg.data.max_dropped, meta.get("data_counts"), meta.get("data_totals"),
+                          saved_position=data_state)
         stream = _batches(it, cfg)
-        where, host = next(stream)
+        try:
+            where, host = next(stream)
+        except StopIteration as end:   # the data ran out before this run's first step (a resumed finished run)
+            where, host, left = None, None, end.value
         step_fn = make_train_step(loss_fn, tx, grad_accum=cfg.optim.grad_accum,
                                   compute_dtype=jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None,
                                   skip_nonfinite=cfg.nonfinite == "skip", schedule=make_schedule(cfg.optim))
         lead = cfg.optim.grad_accum > 1
-        shapes = {k: jax.ShapeDtypeStruct(v.shape[:lead] + (v.shape[lead] * jax.process_count(),)
-                                          + v.shape[lead + 1:], v.dtype) for k, v in host.items()}
-        step = jit_train_step(step_fn, graphdef, trainable, frozen, opt_state,
-                              batch_shardings(shapes, mesh, microbatched=lead), mesh)
+        if host is not None:
+            shapes = {k: jax.ShapeDtypeStruct(v.shape[:lead] + (v.shape[lead] * jax.process_count(),)
+                                              + v.shape[lead + 1:], v.dtype) for k, v in host.items()}
+            step = jit_train_step(step_fn, graphdef, trainable, frozen, opt_state,
+                                  batch_shardings(shapes, mesh, microbatched=lead), mesh)
         lm = cfg.model.lm
+        seq_len = host["input_ids"].shape[-1] if host is not None else cfg.data.seq_buckets[-1]
         monitor = Monitor(cfg.out_dir, total_steps=cfg.steps, start_step=start, progress=cfg.progress,
                           flops_per_token=train_flops_per_token(matmul, n_trainable=n_train, n_layers=lm.num_layers,
-                                                                seq_len=host["input_ids"].shape[-1],
-                                                                d_model=lm.hidden_size),
+                                                                seq_len=seq_len, d_model=lm.hidden_size),
                           peak_flops=measure_matmul_flops(dtype=jnp.dtype(cfg.compute_dtype)))
+        monitor.skipped = int(meta.get("nonfinite_skipped", 0))     # the run's, over all its resumes
+        in_a_row = int(meta.get("nonfinite_in_a_row", 0))
         monitor.write(f"stage {cfg.stage}: {n_total:,} parameters, {n_train:,} trainable ({', '.join(patterns)}); "
                       f"mesh {dict(mesh.shape)}; {jax.process_count()} process(es); "
-                      + (f"steps {start + 1}..{cfg.steps}" if start < cfg.steps else
+                      + (f"the checkpoint at step {start} is at the data's end: nothing to train" if host is None
+                         else f"steps {start + 1}..{cfg.steps}" if start < cfg.steps else
                          f"the checkpoint is at step {start}, steps={cfg.steps}: nothing to train (raise steps= to "
                          "continue)"))
+
+        def save(n: int, force: bool) -> bool:
+            """Checkpoint step `n` (every `checkpoint.every` steps, or `force`d): the state and the data
+            position and counts as of the last `tally.update`."""
+            return ckpt.save(n, {"trainable": trainable, "opt_state": opt_state}, data_state=data_state,
+                             force=force, metadata={"config": config_lib.to_dict(cfg), **tally.checkpoint_counts(),
+                                                    "nonfinite_skipped": monitor.skipped,
+                                                    "nonfinite_in_a_row": in_a_row})
+
         losses: dict[int, float] = {}
-        i, stopped = start, None
-        for i in range(start + 1, cfg.steps + 1):
+        i, stopped, ran_out = start, None, host is None
+        for i in range(start + 1, (cfg.steps if host is not None else start) + 1):
             if i > start + 1:
-                where, host = next(stream)
+                try:
+                    where, host = next(stream)
+                except StopIteration as end:       # data.num_epochs are done: step i - 1 was the last
+                    i, ran_out, left = i - 1, True, end.value
+                    break
             tokens = int(host["attention_mask"].sum()) * jax.process_count()
             trainable, opt_state, metrics = step(trainable, frozen, opt_state, global_batch(host, mesh))
             metrics = jax.device_get(metrics)
-            check_loss(i, float(metrics["loss"]), cfg.nonfinite, float(metrics["grad_norm"]), batch=where)
-            losses[i] = float(metrics["loss"])
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            if cfg.nonfinite == "stop" and not metrics["finite"]:
+                # the update was applied, so this state is not saved; the one before was donated to the step
+                # (keeping it would cost a second copy of the state, as the `skip` step's select does)
+                newest = max(ckpt.all_steps(), default=None)
+                check_loss(i, loss, cfg.nonfinite, grad_norm, batch=where,
+                           note=f"the newest checkpoint is step {newest}" if newest else "no checkpoint saved yet")
+            losses[i] = loss
+            in_a_row = 0 if metrics["finite"] else in_a_row + 1
             data_state = it.state()
             tally.update(data_state)
             monitor.log(i, metrics, tokens=tokens, data=tally.metrics())
-            tally.check()
             stop = ckpt.stop_requested()        # read once: a signal after it waits for the next step
-            ckpt.save(i, {"trainable": trainable, "opt_state": opt_state}, data_state=data_state,
-                      force=i == cfg.steps or stop,
-                      metadata={"config": config_lib.to_dict(cfg), **tally.checkpoint_counts()})
+            too_many, streak = tally.exceeded(), in_a_row >= cfg.max_nonfinite_in_a_row
+            save(i, force=i == cfg.steps or stop or too_many or streak)   # before any error below: no work lost
+            tally.check(saved_step=i)
+            if streak:
+                raise NonFiniteLossError(
+                    f"nonfinite=skip: {in_a_row} steps in a row (steps {i - in_a_row + 1}..{i}) had a non-finite loss "
+                    f"or gradient, max_nonfinite_in_a_row={cfg.max_nonfinite_in_a_row}; stopping. Step {i} is saved "
+                    f"(its parameters are those of step {i - in_a_row}, the updates since were skipped). Lower "
+                    "optim.lr or inspect those batches; or raise max_nonfinite_in_a_row and --resume")
             if stop:
                 stopped = ckpt.stop_signal or "a signal to another process"
                 monitor.write(f"{stopped}: checkpoint saved at step {i}; exiting")
                 break
-        if i == cfg.steps:
-            tally.check(final=True)
+        if ran_out:   # the batches of an unfinished group may have opened a window: count it in
+            tally.update(data_state if data_state is not None else it.state())
+            if i > start:
+                save(i, force=True)
+            monitor.write(_ran_out_message(cfg, i, left))
+        if i == cfg.steps or ran_out:
+            tally.check(final=True, saved_step=i)
         monitor.write(tally.summary())
     finally:
         ckpt.close()
@@ -296,10 +349,54 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
             monitor.close()
         if hasattr(it, "close"):
             it.close()  # the encoding worker processes
-    if cfg.export and i == cfg.steps:
+    if cfg.export and (i == cfg.steps or ran_out) and i > 0:
         _export(frozen, it.tokenizer, cfg, i)
     model = nnx.merge(graphdef, trainable, frozen)
-    return {"losses": losses, "last_step": i, "model": model, "stopped": stopped, "data": dict(tally.totals)}
+    return {"losses": losses, "last_step": i, "model": model, "stopped": stopped, "data": dict(tally.totals),
+            "ran_out": ran_out, "skipped": monitor.skipped}
+
+
+def _ran_out_message(cfg: TrainConfig, step: int, left: int) -> str:
+    """The line of a run whose data ended (`data.num_epochs`) before `steps`."""
+    k = cfg.optim.grad_accum
+    unused = (f"; its last {left} batch(es), fewer than optim.grad_accum={k}, were read but not trained"
+              if left else "")
+    where = (f"at step {step} of steps={cfg.steps}; checkpoint {step} is saved" if step else
+             f"before step 1 (steps={cfg.steps}): nothing trained")
+    return (f"the data ran out after data.num_epochs={cfg.data.num_epochs} epoch(s) {where}{unused} (raise "
+            "data.num_epochs and --resume to train on)")
+
+
+# model settings that leave the arrays of a checkpoint as they are (the others, `stage` and `trainable`
+# decide which trainable parameters, of which shapes, it holds with their optimizer state)
+NOT_SHAPING = ("dtype", "remat", "attention", "loss_chunk_size", "lora_alpha", "max_atoms", "over_cap",
+               "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _decides_arrays(key: str) -> bool:
+    return key in ("stage", "trainable") or key.startswith("model.") and not key.endswith(NOT_SHAPING)
+
+
+def _mismatch_message(cfg: TrainConfig, ckpt: Checkpointer, error: CheckpointMismatch) -> str:
+    """One line for a checkpoint whose arrays are not this run's: the settings behind them that differ
+    from the checkpoint's (the stage, `trainable`, the model's shapes and LoRA, clipping on or off), and one
+    mismatched key; the checkpoint's own detailed error when no such setting differs."""
+    try:
+        saved = ckpt.read_meta(error.step).get("config", {})
+    except Exception:  # noqa: BLE001 -- no readable config: the key-by-key error is all there is
+        return str(error)
+    now = config_lib.to_dict(cfg)
+    changed = [d for d in config_lib.differences(saved, now) if _decides_arrays(d.split(":")[0])]
+    clip = [saved.get("optim", {}).get("clip_norm"), now["optim"]["clip_norm"]]
+    if None not in clip and (clip[0] > 0) != (clip[1] > 0):      # clipping on/off adds or removes its state
+        changed.append(f"optim.clip_norm: {clip[0]!r} -> {clip[1]!r}")
+    if not changed:
+        return str(error)
+    example = next((p for p in error.problems if p.startswith("'trainable.")), error.problems[0])
+    return (f"--resume: checkpoint {ckpt.directory / str(error.step)} holds other arrays than this run trains "
+            f"({len(error.problems)} mismatched keys, e.g. {example}): it was saved with other settings "
+            f"that decide them: {'; '.join(changed)}. Resume with the checkpoint's values, or start a new run "
+            "(another out_dir)")
 
 
 def _export(frozen: nnx.State, tokenizer, cfg: TrainConfig, step: int) -> None:
@@ -342,15 +439,31 @@ def where_things_went(cfg: TrainConfig, result: dict, argv: list[str]) -> list[s
     return lines
 
 
+def summary(result: dict) -> list[str]:
+    """The end-of-run lines on the loss: first and last of this run's steps (the ratio only where both are
+    finite) and the steps of the whole run skipped for a non-finite loss (`nonfinite=skip`)."""
+    losses, lines = result["losses"], []
+    if losses:
+        first, last = losses[min(losses)], losses[max(losses)]
+        finite = math.isfinite(first) and math.isfinite(last) and first
+        lines.append(f"steps {min(losses)}..{max(losses)}: loss {first:.4f} -> {last:.4f}"
+                     + (f" ({last / first:.0%} of the first)" if finite else ""))
+    if result.get("skipped"):
+        lines.append(f"nonfinite=skip: {result['skipped']} step(s) of the run had a non-finite loss or gradient "
+                     "and were skipped (their updates not applied; metrics.jsonl: finite 0)")
+    return lines
+
+
+@logs.cli
 def main(argv: list[str] | None = None) -> int:
-    """The command line; every error it can explain is one line on stderr and a non-zero exit status."""
+    """The command line; every error it can explain is one line on stderr and a non-zero exit status. The
+    run's notes ("resumed from step N", warnings) are bare lines on stderr (`bmgpt_jax.logs`)."""
     ap = argparse.ArgumentParser(prog="python -m bmgpt_jax.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="tiny", help="YAML file or a name in configs/ (default: tiny)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=50 optim.lr=1e-3")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     from bmgpt_jax.distributed import initialize
     try:
         initialize()
@@ -365,11 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"train: {type(e).__name__}: {message}", file=sys.stderr)
         return 2
-    losses = result["losses"]
-    if losses:
-        first, last = losses[min(losses)], losses[max(losses)]
-        print(f"steps {min(losses)}..{max(losses)}: loss {first:.4f} -> {last:.4f}"
-              + (f" ({last / first:.0%} of the first)" if math.isfinite(first) and first else ""))
+    for line in summary(result):
+        print(line)
     if jax.process_index() == 0:
         print("\n".join(where_things_went(cfg, result, argv)))
     return 0

@@ -47,18 +47,20 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def check_loss(step: int, loss: float, policy: NonFinitePolicy = "stop", grad_norm: float = 0.0,
-               batch: str = "") -> bool:
+               batch: str = "", note: str = "") -> bool:
     """True when `loss` and `grad_norm` are finite. Otherwise "stop" raises NonFiniteLossError naming the
-    step and `batch` (where that step's data came from, e.g. the pipeline position), and "skip" returns
-    False (the step, built with `skip_nonfinite=True`, left the state unchanged)."""
+    step and `batch` (where that step's data came from, e.g. the pipeline position), plus `note` (e.g. which
+    step is saved), and "skip" returns False (the step, built with `skip_nonfinite=True`, left the state
+    unchanged)."""
     if policy not in ("stop", "skip"):
         raise ValueError(f"non-finite policy must be 'stop' or 'skip', got {policy!r}")
     if math.isfinite(loss) and math.isfinite(grad_norm):
         return True
     if policy == "stop":
         where = f" on {batch}" if batch else ""
+        note = f" ({note})" if note else ""
         raise NonFiniteLossError(f"non-finite loss {loss} (grad norm {grad_norm}) at step {step}{where}, the first "
-                                 "such step; stopping. Inspect that batch; if the loss was finite and rising "
+                                 f"such step; stopping{note}. Inspect that batch; if the loss was finite and rising "
                                  "before, lower the learning rate; or set nonfinite: skip.")
     return False
 

@@ -77,8 +77,15 @@ def test_errors_come_before_any_compute(tmp_path, capsys):
     with pytest.raises(ValueError, match="data.graph_budget 12 per process does not divide over 8 data shards"):
         train.run(cfg_for(tmp_path, "mesh=[8,1,1]", "data.graph_budget=12"))
     train.run(cfg_for(tmp_path, "steps=2", "stage=align", name="shape"))
-    with pytest.raises(ValueError, match=r"proj_mol.*checkpoint \(16, 64\) vs model \(16, 96\)"):
+    with pytest.raises(ValueError, match=r"e\.g\. 'trainable\.proj_mol\.bias\.value': checkpoint \(64,\) vs model "
+                                         r"\(96,\)\): .* that decide them: model\.lm\.hidden_size: 64 -> 96\."):
         train.run(cfg_for(tmp_path, "steps=4", "stage=align", "model.lm.hidden_size=96", name="shape"), resume=True)
+    with pytest.raises(ValueError) as error:   # another trainable subset: named, in one line, before any restore
+        train.run(cfg_for(tmp_path, "steps=4", "stage=align", "trainable=['^proj_mol']", name="shape"), resume=True)
+    assert re.fullmatch(rf"--resume: checkpoint {tmp_path / 'shape' / 'checkpoints' / '2'} holds other arrays than this "
+                        r"run trains \(6 mismatched keys, e\.g\. 'trainable\.proj_prot\.bias\.value': not in the model .*\): it was saved with other settings "
+                        r"that decide them: trainable: \[\] -> \['\^proj_mol'\]\. Resume with the checkpoint's "
+                        r"values, or start a new run \(another out_dir\)", str(error.value)), str(error.value)
 
 
 def test_embedded_default_learns_and_loads_in_chat(tmp_path):
@@ -115,14 +122,25 @@ def test_gradient_accumulation_runs_sharded(tmp_path):
 
 
 def test_nonfinite_loss_stops_naming_the_step_or_skips(tmp_path):
+    """`stop` names the step, its batch and the checkpoint to go back to; `skip` skips, counts the skipped
+    steps in the end lines (no NaN ratio), and stops past max_nonfinite_in_a_row, that step saved."""
+    from bmgpt_jax.training.checkpoint import saved_steps
     from bmgpt_jax.training.monitor import NonFiniteLossError
     blowup = ["stage=align", "steps=4", "optim.lr=1e30", "optim.warmup_steps=0", "optim.clip_norm=0"]
     with pytest.raises(NonFiniteLossError, match=r"step [2-4] on the batch at data position epoch 0, window 0, batch "
-                                                 r"[1-3], the first such step"):
+                                                 r"[1-3], the first such step; stopping \(no checkpoint saved yet\)"):
         train.run(cfg_for(tmp_path, *blowup, name="stop"))
     out = train.run(cfg_for(tmp_path, *blowup, "nonfinite=skip", name="skip"))
     assert out["last_step"] == 4 and not np.isfinite(out["losses"][4])
     bad = [s for s, v in out["losses"].items() if not np.isfinite(v)]
+    assert out["skipped"] == len(bad) and bad == list(range(min(bad), 5))
+    lines = train.summary(out)
+    assert lines[0] == f"steps 1..4: loss {out['losses'][1]:.4f} -> nan" and "nan%" not in "".join(lines)
+    assert lines[1].startswith(f"nonfinite=skip: {len(bad)} step(s) of the run had a non-finite loss")
+    with pytest.raises(NonFiniteLossError, match=rf"nonfinite=skip: 2 steps in a row \(steps {min(bad)}..{min(bad) + 1}\) "
+                                                 r"had a non-finite loss or gradient, max_nonfinite_in_a_row=2; stopping"):
+        train.run(cfg_for(tmp_path, *blowup, "nonfinite=skip", "max_nonfinite_in_a_row=2", name="streak"))
+    assert saved_steps(tmp_path / "streak" / "checkpoints") == [min(bad) + 1]
     upto = train.run(cfg_for(tmp_path, *blowup, "nonfinite=skip", f"steps={min(bad) - 1}", name="upto"))
     a, b = params(upto["model"]), params(out["model"])  # the skipped steps changed nothing
     assert all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
@@ -272,6 +290,45 @@ def test_one_line_errors_before_any_compute(tmp_path, capsys):
     line = error(SMALL + [f"out_dir={tmp_path / 'tok'}", f"data.tokenizer={tmp_path / 'notes.md'}"])
     assert line.startswith(f"train: ValueError: {tmp_path / 'notes.md'} is not a readable SentencePiece tokenizer "
                            "model"), line
+
+
+def test_too_many_dropped_examples_are_saved_first_and_resume_with_a_higher_limit(tmp_path, monkeypatch):
+    """Past data.max_dropped mid-run the step is saved before the run stops (not the last `checkpoint.every`
+    step), so a resume with a raised limit goes on from it."""
+    from bmgpt_jax.training import checkpoint, dropped
+    monkeypatch.setattr(dropped, "CHECK_AFTER", 20)    # judged once the second window (32 examples) is read
+    extra = ["stage=align", "steps=4", "checkpoint.every=100", "data.node_budget=64", "data.window_batches=2"]
+    with pytest.raises(dropped.TooManyDropped, match=r"\(step 3 is saved: --resume goes on from there\)"):
+        train.run(cfg_for(tmp_path, *extra, "data.max_dropped=0.01"))
+    assert checkpoint.saved_steps(tmp_path / "run" / "checkpoints") == [3] and len(_rows(tmp_path / "run")) == 3
+    assert sorted(train.run(cfg_for(tmp_path, *extra, "data.max_dropped=1"), resume=True)["losses"]) == [4]
+
+
+def test_the_data_running_out_is_saved_exported_and_said(tmp_path, capsys):
+    """data.num_epochs=1 of 50 records is 7 batches (windows of 2, 2, 2, 1), with grad_accum 2 three steps:
+    the run saves and exports step 3 and says that the data ran out, and that the 7th batch was read (and
+    counted) but not trained. Resumed with another epoch it says where it resumed (a bare line on stderr: the
+    command line's log set-up) and trains on from the 7th batch to the second epoch's end."""
+    out_dir = tmp_path / "epoch"
+    argv = ["--config", "tiny_align"] + SMALL + ["data.demo_molecules=5", "data.num_epochs=1", "optim.grad_accum=2",
+                                                 "data.window_batches=2", "steps=100", "checkpoint.every=100",
+                                                 "export=true", f"out_dir={out_dir}"]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("the data ran out after data.num_epochs=1 epoch(s) at step 3 of steps=100; checkpoint 3 is saved; its "
+            "last 1 batch(es), fewer than optim.grad_accum=2, were read but not trained (raise data.num_epochs and "
+            "--resume to train on)") in out.splitlines()
+    assert "data: 50 examples read" in out
+    assert f"model:        {out_dir / 'final'}  (python -m bmgpt_jax.chat" in out and (out_dir / "final").is_dir()
+    assert "steps 1..3: loss" in out and sorted(_losses(out_dir)) == [1, 2, 3]
+    assert train.main(argv + ["data.num_epochs=2", "--resume"]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert f"resumed from step 3 ({out_dir / 'checkpoints'})" in err, err
+    assert not [line for line in err if line.startswith(("INFO:", "WARNING:"))], err
+    assert "at step 7 of steps=100; checkpoint 7 is saved (raise" in captured.out
+    assert "data: 100 examples read" in captured.out
+    assert sorted(_losses(out_dir)) == list(range(1, 8))
 
 
 def test_too_many_dropped_examples_stop_the_run_naming_the_setting(tmp_path, capsys):
