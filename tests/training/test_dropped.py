@@ -79,3 +79,35 @@ def test_a_restore_at_the_same_position_recounts_the_window_it_re_encodes():
     first.step()
     tally.update(first.state())
     assert resumed.totals == tally.totals
+
+
+class Fixed:
+    """A pipeline whose counts are given."""
+
+    def __init__(self, read, dropped):
+        self.c = {"examples": read, "too_long": dropped}
+
+    def counts(self, state=None):
+        return self.c
+
+
+def tally_of(read, dropped, max_dropped=0.05):
+    t = DropTally(Fixed(read, dropped), max_dropped)
+    t.update({})
+    return t
+
+
+def test_a_short_run_is_judged_beyond_sampling_noise_a_long_one_by_its_share():
+    """Below CHECK_AFTER examples only the end of the run judges, and only a share clearly above max_dropped
+    (the default config's first 256 examples held 13 over-long ones, 5.1%, where the mix drops 2.8%)."""
+    import pytest
+    from bmgpt_jax.training.dropped import TooManyDropped, wilson_low
+    assert abs(wilson_low(13, 256) - 0.0300) < 5e-4 and abs(wilson_low(500, 1000) - 0.4685) < 5e-4
+    assert not tally_of(256, 13).exceeded() and not tally_of(256, 13).exceeded(final=True)
+    tally_of(256, 13).check(final=True)
+    assert not tally_of(256, 40).exceeded() and tally_of(256, 40).exceeded(final=True)   # 15.6%
+    with pytest.raises(TooManyDropped, match="dropped 40 of the 256 examples"):
+        tally_of(256, 40).check(final=True)
+    assert tally_of(1000, 51).exceeded()                                # from CHECK_AFTER: the share itself
+    assert not tally_of(1000, 50).exceeded(final=True)
+    assert tally_of(20, 1, max_dropped=0).exceeded(final=True)          # max_dropped 0: any drop
