@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import shlex
-import math
 import sys
 from pathlib import Path
 from typing import Iterator, Literal
@@ -38,6 +36,7 @@ from bmgpt_jax.distributed import check_shared_folder
 from bmgpt_jax.inputs import check_not_url
 from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
 from bmgpt_jax.parallel import abstract_state, batch_shardings
+from bmgpt_jax.training import messages
 from bmgpt_jax.training.checkpoint import CheckpointConfig, Checkpointer, CheckpointMismatch, saved_steps
 from bmgpt_jax.training.dropped import DropTally
 from bmgpt_jax.training.monitor import (Monitor, NonFiniteLossError, check_loss, measure_matmul_flops,
@@ -244,7 +243,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
             try:
                 state, data_state, meta, unreadable = ckpt.restore_intact(target)
             except CheckpointMismatch as e:
-                raise ValueError(_mismatch_message(cfg, ckpt, e)) from None
+                raise ValueError(messages.mismatch_message(cfg, ckpt, e)) from None
             for bad, why in unreadable:
                 log.warning("checkpoint step %d is unreadable (%s); set aside as %s/%d.unreadable",
                             bad, why, ckpt.directory, bad)
@@ -339,7 +338,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
             tally.update(data_state if data_state is not None else it.state())
             if i > start:
                 save(i, force=True)
-            monitor.write(_ran_out_message(cfg, i, left))
+            monitor.write(messages.ran_out_message(cfg, i, left))
         if i == cfg.steps or ran_out:
             tally.check(final=True, saved_step=i)
         monitor.write(tally.summary())
@@ -354,49 +353,6 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
     model = nnx.merge(graphdef, trainable, frozen)
     return {"losses": losses, "last_step": i, "model": model, "stopped": stopped, "data": dict(tally.totals),
             "ran_out": ran_out, "skipped": monitor.skipped}
-
-
-def _ran_out_message(cfg: TrainConfig, step: int, left: int) -> str:
-    """The line of a run whose data ended (`data.num_epochs`) before `steps`."""
-    k = cfg.optim.grad_accum
-    unused = (f"; its last {left} batch(es), fewer than optim.grad_accum={k}, were read but not trained"
-              if left else "")
-    where = (f"at step {step} of steps={cfg.steps}; checkpoint {step} is saved" if step else
-             f"before step 1 (steps={cfg.steps}): nothing trained")
-    return (f"the data ran out after data.num_epochs={cfg.data.num_epochs} epoch(s) {where}{unused} (raise "
-            "data.num_epochs and --resume to train on)")
-
-
-# model settings that leave the arrays of a checkpoint as they are (the others, `stage` and `trainable`
-# decide which trainable parameters, of which shapes, it holds with their optimizer state)
-NOT_SHAPING = ("dtype", "remat", "attention", "loss_chunk_size", "lora_alpha", "max_atoms", "over_cap",
-               "bos_token_id", "eos_token_id", "pad_token_id")
-
-
-def _decides_arrays(key: str) -> bool:
-    return key in ("stage", "trainable") or key.startswith("model.") and not key.endswith(NOT_SHAPING)
-
-
-def _mismatch_message(cfg: TrainConfig, ckpt: Checkpointer, error: CheckpointMismatch) -> str:
-    """One line for a checkpoint whose arrays are not this run's: the settings behind them that differ
-    from the checkpoint's (the stage, `trainable`, the model's shapes and LoRA, clipping on or off), and one
-    mismatched key; the checkpoint's own detailed error when no such setting differs."""
-    try:
-        saved = ckpt.read_meta(error.step).get("config", {})
-    except Exception:  # noqa: BLE001 -- no readable config: the key-by-key error is all there is
-        return str(error)
-    now = config_lib.to_dict(cfg)
-    changed = [d for d in config_lib.differences(saved, now) if _decides_arrays(d.split(":")[0])]
-    clip = [saved.get("optim", {}).get("clip_norm"), now["optim"]["clip_norm"]]
-    if None not in clip and (clip[0] > 0) != (clip[1] > 0):      # clipping on/off adds or removes its state
-        changed.append(f"optim.clip_norm: {clip[0]!r} -> {clip[1]!r}")
-    if not changed:
-        return str(error)
-    example = next((p for p in error.problems if p.startswith("'trainable.")), error.problems[0])
-    return (f"--resume: checkpoint {ckpt.directory / str(error.step)} holds other arrays than this run trains "
-            f"({len(error.problems)} mismatched keys, e.g. {example}): it was saved with other settings "
-            f"that decide them: {'; '.join(changed)}. Resume with the checkpoint's values, or start a new run "
-            "(another out_dir)")
 
 
 def _export(frozen: nnx.State, tokenizer, cfg: TrainConfig, step: int) -> None:
@@ -417,41 +373,6 @@ def _export(frozen: nnx.State, tokenizer, cfg: TrainConfig, step: int) -> None:
             log.info("exported the trained model (%d tensors) to %s", n, out)
     finally:
         multihost_utils.sync_global_devices("bmgpt_jax export: written")
-
-
-def where_things_went(cfg: TrainConfig, result: dict, argv: list[str]) -> list[str]:
-    """The end-of-run lines: the exported model, the checkpoints, the metrics, the TensorBoard logs (and,
-    for a run stopped by a signal, the command that continues it)."""
-    out, ckpts = Path(cfg.out_dir), Path(cfg.checkpoint.dir)
-    final = out / "final"
-    lines = []
-    if result["stopped"]:
-        lines.append(f"stopped by {result['stopped']} at step {result['last_step']} of {cfg.steps}; continue with: "
-                     f"python -m bmgpt_jax.train {shlex.join([a for a in argv if a != '--resume'] + ['--resume'])}")
-    elif cfg.export and final.is_dir():
-        use = (f"transformers.LlamaForCausalLM.from_pretrained('{final}')" if cfg.stage == "lm"
-               else f"python -m bmgpt_jax.chat --checkpoint {final} --question ...")
-        lines.append(f"model:        {final}  ({use})")
-    steps = saved_steps(ckpts)
-    lines.append(f"checkpoints:  {ckpts}  (steps {', '.join(map(str, steps)) or 'none'}; --resume continues the last)")
-    lines.append(f"metrics:      {out / 'metrics.jsonl'}")
-    lines.append(f"TensorBoard:  tensorboard --logdir {out / 'tensorboard'}")
-    return lines
-
-
-def summary(result: dict) -> list[str]:
-    """The end-of-run lines on the loss: first and last of this run's steps (the ratio only where both are
-    finite) and the steps of the whole run skipped for a non-finite loss (`nonfinite=skip`)."""
-    losses, lines = result["losses"], []
-    if losses:
-        first, last = losses[min(losses)], losses[max(losses)]
-        finite = math.isfinite(first) and math.isfinite(last) and first
-        lines.append(f"steps {min(losses)}..{max(losses)}: loss {first:.4f} -> {last:.4f}"
-                     + (f" ({last / first:.0%} of the first)" if finite else ""))
-    if result.get("skipped"):
-        lines.append(f"nonfinite=skip: {result['skipped']} step(s) of the run had a non-finite loss or gradient "
-                     "and were skipped (their updates not applied; metrics.jsonl: finite 0)")
-    return lines
 
 
 @logs.cli
@@ -478,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"train: {type(e).__name__}: {message}", file=sys.stderr)
         return 2
-    for line in summary(result):
+    for line in messages.summary(result):
         print(line)
     if jax.process_index() == 0:
-        print("\n".join(where_things_went(cfg, result, argv)))
+        print("\n".join(messages.where_things_went(cfg, result, argv)))
     return 0

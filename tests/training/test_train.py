@@ -11,6 +11,7 @@ from flax import nnx
 
 from bmgpt_jax import chat, parallel
 from bmgpt_jax.training import loop as train
+from bmgpt_jax.training import messages
 from bmgpt_jax.config import ConfigError
 from bmgpt_jax.data.pipeline import BatchIterator
 from bmgpt_jax.data.text import load_tokenizer
@@ -134,7 +135,7 @@ def test_nonfinite_loss_stops_naming_the_step_or_skips(tmp_path):
     assert out["last_step"] == 4 and not np.isfinite(out["losses"][4])
     bad = [s for s, v in out["losses"].items() if not np.isfinite(v)]
     assert out["skipped"] == len(bad) and bad == list(range(min(bad), 5))
-    lines = train.summary(out)
+    lines = messages.summary(out)
     assert lines[0] == f"steps 1..4: loss {out['losses'][1]:.4f} -> nan" and "nan%" not in "".join(lines)
     assert lines[1].startswith(f"nonfinite=skip: {len(bad)} step(s) of the run had a non-finite loss")
     with pytest.raises(NonFiniteLossError, match=rf"nonfinite=skip: 2 steps in a row \(steps {min(bad)}..{min(bad) + 1}\) "
@@ -374,7 +375,7 @@ def test_init_paths_a_stage_would_not_read_are_refused():
 
 def test_the_command_that_continues_a_stopped_run_is_shell_quoted(tmp_path):
     argv = [f"out_dir={tmp_path}", "data.system_prompt=You are a chemist. ", "--resume"]
-    line = train.where_things_went(train.load_config("tiny", argv[:2]), {"stopped": "SIGTERM", "last_step": 3},
+    line = messages.where_things_went(train.load_config("tiny", argv[:2]), {"stopped": "SIGTERM", "last_step": 3},
                                    argv)[0]
     command = line.split("continue with: ", 1)[1]
     assert shlex.split(command) == ["python", "-m", "bmgpt_jax.train", *argv]
