@@ -50,7 +50,7 @@ def test_silu_spellings_and_pretraining_tp_are_accepted():
         assert hf_llama.config_from_hf(hf) == hf_llama.config_from_hf(base)
 
 
-def test_tied_checkpoint_with_a_saved_lm_head_loads_and_converts(torch, tmp_path, caplog):
+def test_tied_checkpoint_with_a_saved_lm_head_loads_and_converts(torch, tmp_path, capsys):
     """`tie_word_embeddings: true` with `lm_head.weight` stored too (a `.bin` of `model.state_dict()`) used
     to be refused as an unexpected tensor; it is skipped, logged, as transformers skips it."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -64,9 +64,11 @@ def test_tied_checkpoint_with_a_saved_lm_head_loads_and_converts(torch, tmp_path
     assert "lm_head.weight" in sd
     torch.save(sd, src / "pytorch_model.bin")
     (src / "config.json").write_text(json.dumps(cfg.to_dict()))
-    with caplog.at_level("INFO", logger="bmgpt_jax.convert.tensor_map"):
-        assert convert_weights.main(["hf_llama", str(src), str(tmp_path / "dst"), "--check"]) == 0
-    assert "ignored 1 tensor(s) the Hugging Face Llama does not use: lm_head.weight" in caplog.text
+    capsys.readouterr()
+    assert convert_weights.main(["hf_llama", str(src), str(tmp_path / "dst"), "--check"]) == 0
+    notes = capsys.readouterr().err.splitlines()      # the command line's notes: bare lines on stderr, once
+    assert notes == [f"{src / 'pytorch_model.bin'}: ignored 1 tensor(s) the Hugging Face Llama does not use: "
+                     "lm_head.weight"], notes
     out = read_state_dict(tmp_path / "dst")
     assert set(out) == set(sd) - {"lm_head.weight"} and all(np.array_equal(out[k], sd[k].numpy()) for k in out)
     ids = np.array([[1, 5, 17, 42, 99]])
