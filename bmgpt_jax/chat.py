@@ -286,6 +286,16 @@ def options_of(args) -> dict:
     return options
 
 
+def mesh_of(args):
+    """The mesh `args.mesh` (data,fsdp,tensor) asks for, None without one; a shape the devices do not fit is a
+    one-line ValueError naming it."""
+    shape = getattr(args, "mesh", None)
+    try:
+        return None if shape is None else parallel.make_mesh(shape)
+    except ValueError as e:
+        raise ValueError(f"--mesh {','.join(map(str, shape))}: {one_line(e)}") from None
+
+
 def model_and_options(args):
     """(the checkpoint of `args.checkpoint` in `args.dtype`, the generation options given on the line, the
     mesh it lies on). With `args.mesh` (data,fsdp,tensor) the parameters are global arrays sharded by the
@@ -295,11 +305,7 @@ def model_and_options(args):
     FileNotFoundError or ValueError with a one-line message naming the file or the mesh."""
     options = options_of(args)
     folder = check_model_folder(args.checkpoint)
-    shape = getattr(args, "mesh", None)
-    try:
-        mesh = None if shape is None else parallel.make_mesh(shape)
-    except ValueError as e:
-        raise ValueError(f"--mesh {','.join(map(str, shape))}: {one_line(e)}") from None
+    mesh = mesh_of(args)
     try:
         model = from_pretrained(folder, mesh=mesh, **({"dtype": args.dtype} if args.dtype else {}))
     except Exception as e:  # noqa: BLE001 -- a command line reports what failed in one line

@@ -325,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_output_folder(args.out_dir, "--out-dir")
         check_system(args.system)                   # as chat refuses it, not every record an error row
         chat.options_of(args)                       # generation options in range, before any data is built
+        chat.mesh_of(args)                          # and a mesh the devices fit
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
