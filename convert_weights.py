@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from bmgpt_jax import logs
+
 KINDS = ["hf_llama", "hf_esm", "graphmvp_gin", "openbiomed", "to_openbiomed", "orbax"]
 # The options each kind reads besides --dtype and --check (which every kind takes); any other is refused.
 OPTIONS = {
@@ -85,13 +87,8 @@ def positive_gb(text: str) -> float:
     return value
 
 
+@logs.cli   # the converters' notes (keys skipped, wrappers removed) on stderr, each once
 def main(argv=None) -> int:
-    from bmgpt_jax import logs
-    with logs.to_stderr():   # the converters' notes (keys skipped, wrappers removed), each once
-        return _main(argv)
-
-
-def _main(argv) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=KINDS)
     ap.add_argument("src")
