@@ -57,15 +57,17 @@ def stop_sequences(tok: Tokenizer) -> tuple[tuple[int, ...], ...]:
     return tuple(sorted(seqs, key=lambda s: (len(s), s)))
 
 
-def generation_config(tok: Tokenizer, options: dict) -> GenerationConfig:
+def generation_config(tok: Tokenizer, options: dict, eos: int | Sequence[int] = ()) -> GenerationConfig:
     """Chat defaults (greedy, 256 new tokens, stop at EOS: the reference's) with `options` applied: the
-    HF-named ones, and `stop_at_separator=True` to stop at `###` too (`stop_sequences`)."""
+    HF-named ones, and `stop_at_separator=True` to stop at `###` too (`stop_sequences`). A reply ends at the
+    tokenizer's EOS and at any of `eos`, the LM config's id(s) (a config.json list, as HF's `generate`)."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown generation option(s) {unknown}; valid: {list(OPTIONS)}")
     stops = stop_sequences(tok) if options.get("stop_at_separator") else ()
-    return GenerationConfig(eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, stop_sequences=stops,
-                            **hf_options(options))
+    ids = tuple(dict.fromkeys((tok.eos_id, *((eos,) if isinstance(eos, int) else eos))))
+    return GenerationConfig(eos_token_id=ids if len(ids) > 1 else ids[0], pad_token_id=tok.pad_id,
+                            stop_sequences=stops, **hf_options(options))
 
 
 def hf_options(options: dict) -> dict:
@@ -100,20 +102,23 @@ def generate_tokens(model, encoded: Sequence[examples.Encoded], config: Generati
     return out[:len(encoded)]
 
 
-def answer_text(tok: Tokenizer, tokens, stop_at_separator: bool = False) -> str:
-    """The reference's post-processing: decode (up to EOS), keep what follows the last `Assistant:`, strip.
-    `stop_at_separator`: cut at the first `###` before that (the text of a decode that stopped there)."""
-    text = tok.decode(tokens)
+def answer_text(tok: Tokenizer, tokens, stop_at_separator: bool = False, eos: Sequence[int] = ()) -> str:
+    """The reference's post-processing: decode (up to EOS: the tokenizer's or any of `eos`), keep what
+    follows the last `Assistant:`, strip. `stop_at_separator`: cut at the first `###` before that (the text of
+    a decode that stopped there)."""
+    tokens = [int(t) for t in tokens]
+    ends = [k for k, t in enumerate(tokens) if t in eos]
+    text = tok.decode(tokens[:ends[0]] if ends else tokens)
     return (text.split("###")[0] if stop_at_separator else text).split("Assistant:")[-1].strip()
 
 
 def answer_prompts(model, prompts: Sequence[Prompt], **options) -> list[str]:
     """One answer per prompt, generated as one batch; `options`: HF-named generation options."""
     tok = tokenizer_of(model)
-    cfg = generation_config(tok, options)
+    cfg = generation_config(tok, options, model.config.lm.eos_token_id)
     encoded = [encode_prompt(model, p, cfg.max_new_tokens) for p in prompts]
     cut = bool(options.get("stop_at_separator"))
-    return [answer_text(tok, row, cut) for row in generate_tokens(model, encoded, cfg)]
+    return [answer_text(tok, row, cut, cfg.eos_ids) for row in generate_tokens(model, encoded, cfg)]
 
 
 class Conversation:
@@ -177,7 +182,8 @@ def iter_answers(model, lines: Iterable[str | bytes], batch_size: int = 8, syste
     `skip`: line numbers not to answer (those a previous run already wrote, `--resume`). A line given as
     bytes is decoded alone, so one that is not UTF-8 is that line's error, not the end of the job."""
     tok = tokenizer_of(model)
-    cfg, cut = generation_config(tok, options), bool(options.get("stop_at_separator"))
+    cfg = generation_config(tok, options, model.config.lm.eos_token_id)
+    cut = bool(options.get("stop_at_separator"))
     pending: list[dict] = []                          # rows since the last decoded batch
     ready: list[tuple[int, examples.Encoded]] = []    # (index in pending, encoded prompt)
 
@@ -185,7 +191,7 @@ def iter_answers(model, lines: Iterable[str | bytes], batch_size: int = 8, syste
         if ready:
             tokens = generate_tokens(model, [enc for _, enc in ready], cfg, rows=batch_size)
             for (j, _), row in zip(ready, tokens):
-                pending[j]["answer"] = answer_text(tok, row, cut)
+                pending[j]["answer"] = answer_text(tok, row, cut, cfg.eos_ids)
         done = pending.copy()
         pending.clear()
         ready.clear()

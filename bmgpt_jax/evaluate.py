@@ -195,7 +195,7 @@ def generate_pass(mm: MeshModel, records: Sequence[Record], rows: list[dict], en
         tokens = mm.generate(global_batch(local, mm.mesh), config)
         for q in range(jax.process_count()):
             for j, i in enumerate(plan[q * rows_per:(q + 1) * rows_per], q * rows_per):
-                rows[i]["prediction"] = chat.answer_text(mm.tokenizer, tokens[j], cut)
+                rows[i]["prediction"] = chat.answer_text(mm.tokenizer, tokens[j], cut, config.eos_ids)
                 if records[i].label:
                     read_choice(records[i], rows[i])
                 sink(rows[i])
@@ -250,7 +250,7 @@ def evaluate(model, records: Sequence[Record], *, batch_size: int = 8, system: s
     check_mode(records, mode)
     mm = model if isinstance(model, MeshModel) else MeshModel(model, mesh or parallel.make_mesh((-1, 1, 1)))
     sink = sink or (lambda row: None)
-    config = chat.generation_config(mm.tokenizer, options)
+    config = chat.generation_config(mm.tokenizer, options, mm.config.lm.eos_token_id)
     rows_per = batches.rows_per_process(batch_size, mm.mesh)
     dropped = records.dropped if isinstance(records, SourceRecords) else {}
     if dropped:

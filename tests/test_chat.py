@@ -139,6 +139,24 @@ def test_beam_equals_transformers_on_the_reference_embeddings(pair, tok, torch):
                                   hf_generate(ref, tok, torch, alone=True, num_beams=5, repetition_penalty=1.5))
 
 
+def test_a_reply_ends_at_any_eos_of_the_lm_config(pair, tok, monkeypatch):
+    """A config.json list of EOS ids (`lm.eos_token_id`) ends a reply at any of them, as HF's `generate`:
+    here the id greedy decoding says first, so the reply is that one token and nothing is decoded."""
+    _, ours = pair
+    prompt = prompts_of(RECORDS[:1])
+    cfg = chat.generation_config(tok, {"max_new_tokens": N})
+    first = int(chat.generate_tokens(ours, [chat.encode_prompt(ours, prompt[0], N)], cfg)[0, 0])
+    assert first != tok.eos_id
+    both = chat.generation_config(tok, {"max_new_tokens": N}, (first, tok.eos_id))
+    assert both.eos_ids == (tok.eos_id, first)
+    row = chat.generate_tokens(ours, [chat.encode_prompt(ours, prompt[0], N)], both)[0]
+    assert row[0] == first and (row[1:] == tok.pad_id).all()
+    lm = dataclasses.replace(ours.config.lm, eos_token_id=(tok.eos_id, first))
+    monkeypatch.setattr(ours, "config", dataclasses.replace(ours.config, lm=lm))
+    assert chat.answer_prompts(ours, prompt, max_new_tokens=N) == [""]
+    assert chat.answer_text(tok, tok.encode("Yes. No.") + [first], eos=(first,)) == "Yes. No."
+
+
 def test_answers_end_at_eos_as_the_reference_and_at_the_separator_when_asked(tok):
     """The reference's `Conversation.answer` decodes until EOS and keeps what follows the last `Assistant:`,
     stripped; stopping (and cutting) at `###` is `stop_at_separator`, with ids derived from the tokenizer."""
