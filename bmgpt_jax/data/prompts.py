@@ -99,9 +99,11 @@ def make_prompt(question: str, entities: Sequence[tuple[str, str]] = (), system:
         raise ValueError(f"the question is empty ({question!r}): there is nothing to answer")
     check_system(system)
     human, ents = human_message(question, entities)
-    text = DEFAULT_SYSTEM if system is None else system
+    text = (DEFAULT_SYSTEM if system is None else system) + "### "
     for msg, answer in [*history, (human, None)]:
-        text += f"### Human: {msg} ### Assistant: " + ("" if answer is None else f"{PATTERN.sub('', answer)} ")
+        text += f"Human: {msg} ### Assistant: "
+        if answer:   # as the reference's `_wrap_prompt`: an empty answer is a bare "Assistant: ", no "###" after
+            text += f"{PATTERN.sub('', answer)} ### "
     return Prompt(text, tuple(history_entities) + ents)
 
 

@@ -19,10 +19,11 @@ def reference_prompt(messages, system=DEFAULT_SYSTEM):
     """The reference's `_wrap_prompt`: `{system}###`, then `" Human: {message} ###"` per human message
     (`" Assistant: {answer} ###"` per answer) and a final `" Assistant: "`. Its `append_molecule` /
     `append_protein` each add a human message holding the entity's tag; `ask` appends the question to the
-    last one when that ends with a tag."""
+    last one when that ends with a tag. An empty message (an answer that began with EOS) is a bare
+    `"{role}: "`, with no `###` after it."""
     text = system + "### "
     for role, message in messages:
-        text += f"{role}: {message} ### "
+        text += f"{role}: {message} ### " if message else f"{role}: "
     return text + "Assistant: "
 
 
@@ -44,6 +45,10 @@ def test_several_entities_are_one_human_turn_each_the_question_after_the_last():
     assert again.text == reference_prompt([("Human", MOL), ("Human", f"{PROT} Does it bind?"),
                                            ("Assistant", "Yes."), ("Human", MOL), ("Human", f"{PROT} And now?")])
     assert again.entities == tuple(ents + ents)
+    empty = make_prompt("And now?", [], None, [(human, "")], first.entities)   # the model said EOS first
+    assert empty.text == reference_prompt([("Human", MOL), ("Human", f"{PROT} Does it bind?"), ("Assistant", ""),
+                                           ("Human", "And now?")])
+    assert "### Assistant: Human: And now?" in empty.text
     # a question with its own placeholders keeps them where they are, in one turn
     inline = make_prompt("Does <proteinHere> bind <moleculeHere>?", ents, "")
     assert inline.text == f"### Human: Does {PROT} bind {MOL}? ### Assistant: "
