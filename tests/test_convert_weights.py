@@ -140,6 +140,48 @@ def test_openbiomed_to_checkpoint_dir_and_back(tmp_path, torch, shared_data):
     assert a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a)
 
 
+def test_openbiomed_takes_the_pth_s_token_rows_over_the_lm_config_json(tmp_path, torch, shared_data, capsys):
+    """BioMedGPT-LM-7B's config.json says vocab_size 32000; the released `.pth` holds 32001 rows (OpenBioMed
+    adds `[PAD]` and resizes): the rows win, said in one line, and the folder's llm_config.json says 32001.
+    Fewer rows than the config.json says, or a tokenizer (with `[PAD]`) the rows do not fit, is one line."""
+    from bmgpt_jax import config as config_lib
+    from tests.torch_refs.biomedgpt import TorchBioMedGPT
+    from tests.torch_refs.hf_esm import hf_config
+    esm_cfg = config_lib.load(EsmConfig, "esm2_tiny")
+    ref = TorchBioMedGPT(esm_cfg, vocab_size=32001)
+    pth, lm = tmp_path / "biomedgpt_10b.pth", tmp_path / "config.json"
+    torch.save(ref.state_dict(), pth)
+    lm.write_text(json.dumps({**ref.llm_config(), "vocab_size": 32000, "pad_token_id": 0}))
+    (tmp_path / "esm.json").write_text(json.dumps(hf_config(esm_cfg).to_dict()))
+    tok = str(shared_data / "tokenizer" / "llama2_tokenizer.model")        # 32000 pieces + [PAD]
+
+    def run(src, dst):
+        return convert_weights.main(["openbiomed", str(src), str(tmp_path / dst), "--lm-config", str(lm),
+                                     "--esm-config", str(tmp_path / "esm.json"), "--tokenizer", tok, "--check"])
+    capsys.readouterr()
+    assert run(pth, "ckpt") == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "token rows" in line]
+    assert said == [f"{pth}: its 32001 token rows override {lm}'s vocab_size 32000 (as OpenBioMed's "
+                    "resize_token_embeddings after adding [PAD])"]
+    assert json.loads((tmp_path / "ckpt" / "llm_config.json").read_text())["vocab_size"] == 32001
+    a, b = read_state_dict(tmp_path / "ckpt"), ref.state_dict()
+    assert a["llm.lm_head.weight"].shape == (32001, ref.llm.config.hidden_size)
+    assert same_bits(a["llm.model.embed_tokens.weight"], b["llm.model.embed_tokens.weight"].numpy())
+    lm.write_text(json.dumps({**ref.llm_config(), "vocab_size": 32002}))
+    assert run(pth, "fewer") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"convert_weights.py openbiomed: ValueError: {pth}: llm.model.embed_tokens.weight has 32001 token rows, "
+        f"fewer than {lm}'s vocab_size 32002: not a checkpoint of this LM config"]
+    small = TorchBioMedGPT(esm_cfg, vocab_size=32000)                      # no row for [PAD]
+    torch.save(small.state_dict(), tmp_path / "small.pth")
+    lm.write_text(json.dumps({**small.llm_config(), "vocab_size": 32000}))
+    assert run(tmp_path / "small.pth", "small") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "convert_weights.py openbiomed: ValueError: the tokenizer has 32001 ids ([PAD] included) but "
+        f"{tmp_path / 'small.pth'}'s LM has only 32000 token rows"]
+    assert not any((tmp_path / d).exists() for d in ("fewer", "small"))
+
+
 def test_bad_inputs_are_one_line_naming_the_file(tmp_path, torch, capsys):
     from bmgpt_jax.data.text import load_tokenizer
     from tests.torch_refs.gin import TorchGIN

@@ -26,7 +26,7 @@ from bmgpt_jax.convert.safetensors_io import SAFE_INDEX
 from bmgpt_jax.convert.sources import open_source
 from bmgpt_jax.convert.tensor_map import ModelSource
 from bmgpt_jax.convert.tensor_source import TensorSource
-from bmgpt_jax.data.text import Tokenizer, as_tokenizer, attach_tokenizer, tokenizer_of
+from bmgpt_jax.data.text import Tokenizer, as_tokenizer, attach_tokenizer, check_fits, tokenizer_of
 from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
 from bmgpt_jax.models.esm import EsmConfig
 from bmgpt_jax.models.gin import GinConfig
@@ -107,17 +107,26 @@ def gin_settings(path, weights=None) -> GinConfig:
     return cfg
 
 
-def configs(ckpt_dir, **lm_overrides) -> tuple[LlamaConfig, EsmConfig, GinConfig | None]:
-    """The folder's configs (`lm_overrides`: LlamaConfig fields such as `dtype`); the GIN's is None when
-    `gin_config.json` is absent (its depth and width are then read off the weights)."""
-    d = Path(ckpt_dir)
+def _require(d: Path) -> None:
+    """FileNotFoundError naming what the model folder `d` lacks of its weights, LM/ESM configs, tokenizer."""
     has_weights = any((d / name).exists() for name in (FILES["weights"], SAFE_INDEX, FILES["pth"]))
     missing = ([] if has_weights else [d / FILES["weights"]]) + \
         [d / FILES[k] for k in ("lm", "esm") if not (d / FILES[k]).exists()] + \
         ([] if _tokenizer_file(d) else [d / FILES["tokenizer"]])
     if missing:
         raise FileNotFoundError(f"checkpoint folder {d} lacks {[str(m) for m in missing]}")
-    lm, esm = openbiomed.configs(d / FILES["lm"], d / FILES["esm"], **lm_overrides)
+
+
+def configs(ckpt_dir, weights: TensorSource | None = None,
+            **lm_overrides) -> tuple[LlamaConfig, EsmConfig, GinConfig | None]:
+    """The folder's configs (`lm_overrides`: LlamaConfig fields such as `dtype`); the GIN's is None when
+    `gin_config.json` is absent (its depth and width are then read off the weights). The LM's vocabulary
+    is the weights' token rows (`openbiomed.token_rows`: an OpenBioMed release with BioMedGPT-LM-7B's
+    config.json copied in says 32000 where its `.pth` holds 32001); `weights`: the folder's, already open."""
+    d = Path(ckpt_dir)
+    _require(d)
+    lm, esm = openbiomed.configs(d / FILES["lm"], d / FILES["esm"], d if weights is None else weights,
+                                 **lm_overrides)
     gin = gin_settings(d / FILES["gin"]) if (d / FILES["gin"]).exists() else None
     return lm, esm, gin
 
@@ -127,7 +136,9 @@ def from_pretrained(ckpt_dir, mesh=None, **lm_overrides):
     With `mesh`, the parameters are global arrays laid out by the rule shardings, each process reading
     only its devices' slices."""
     d = Path(ckpt_dir)
-    model = openbiomed.load_sharded(d, *configs(d, **lm_overrides), mesh)
+    _require(d)
+    with open_source(d) as src:
+        model = openbiomed.load_source(src, *configs(d, src, **lm_overrides), mesh)
     return attach_tokenizer(model, _tokenizer_file(d))
 
 
@@ -138,11 +149,13 @@ def from_openbiomed(pth_path, dst, lm_config, esm_config, tokenizer, dtype=None,
     their own names, for `to_openbiomed` to give back. Returns the number of tensors. The GIN's depth
     and width come from the weights; what the `.pth` does not hold (the atom cap `max_atoms` /
     `over_cap`, dropout) from `gin_config`, a GinConfig JSON such as a model folder's `gin_config.json`
-    (default: GinConfig's defaults)."""
-    lm, esm = openbiomed.configs(lm_config, esm_config)
+    (default: GinConfig's defaults). The LM's vocabulary is the `.pth`'s token rows, which the
+    folder's `llm_config.json` says (`openbiomed.token_rows`); the tokenizer must fit them."""
     tok = as_tokenizer(tokenizer)
     settings = gin_settings(gin_config) if gin_config else GinConfig()
     with open_source(pth_path) as raw:
+        lm, esm = openbiomed.configs(lm_config, esm_config, raw)     # vocab_size: the .pth's token rows
+        check_fits(tok, lm.vocab_size, f"{pth_path}'s LM")
         src = openbiomed.view(raw)
         gin = graphmvp_gin.infer_config(graphmvp_gin.view(src, openbiomed.GIN_PREFIX), settings)
         cfg = BioMedGPTConfig(lm=lm, esm=esm, gin=gin)
@@ -161,7 +174,8 @@ def to_openbiomed(ckpt_dir, dst, dtype=None, check: bool = False) -> int:
     over from an OpenBioMed `.pth` go back as they are; a folder without them (from HF sources, from
     training) gets the computed buffers and a zero pooler and contact head, named in one log line
     (`convert.openbiomed`). Returns the number of tensors."""
-    lm, esm, gin = configs(ckpt_dir)
+    _require(Path(ckpt_dir))
     with open_source(ckpt_dir) as raw:
+        lm, esm, gin = configs(ckpt_dir, raw)
         cfg = BioMedGPTConfig(lm=lm, esm=esm, gin=openbiomed.gin_config(openbiomed.view(raw), gin))
         return openbiomed.convert(raw, cfg, dst, dtype=dtype, check=check, keep=ckpt_dir)

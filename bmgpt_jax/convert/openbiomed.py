@@ -16,9 +16,16 @@ holds them too (`convert`, `write`): a source that has them (an OpenBioMed `.pth
 from one, which carries them over in its safetensors) gives them back as they are, bit for bit; without
 them, `openbiomed_fill` computes the buffers and fills the pooler and contact head with zeros, saying so
 in one log line. Tests: `tests/convert/test_openbiomed_pth.py`.
+
+The LM's token rows: OpenBioMed builds the LLM from BioMedGPT-LM-7B's `config.json` (`vocab_size` 32000),
+adds `[PAD]` to the tokenizer and calls `resize_token_embeddings(len(tokenizer))`, so the released `.pth`
+holds 32001 rows. `configs(..., weights=...)` does the same: the rows of `llm.model.embed_tokens.weight`
+(read from the header; `lm_head` must have as many) are the LM's `vocab_size` when they differ from the
+JSON's, said in one log line; fewer rows than the JSON's is an error (`token_rows`).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -43,6 +50,7 @@ FAMILY = "OpenBioMed BioMedGPT"
 PREFIXES = ("llm.", "mol_structure_encoder.", "prot_structure_encoder.", "proj_mol.", "proj_prot.")
 ESM_PREFIX, GIN_PREFIX = "prot_structure_encoder.", "mol_structure_encoder."
 ESM_WORDS = ESM_PREFIX + "embeddings.word_embeddings.weight"     # (its dtype: the ESM's on disk)
+LM_EMBED, LM_HEAD = "llm.model.embed_tokens.weight", "llm.lm_head.weight"   # one row per token each
 
 
 def _json(cfg: Mapping | str | os.PathLike) -> dict:
@@ -50,6 +58,14 @@ def _json(cfg: Mapping | str | os.PathLike) -> dict:
         return dict(cfg)
     p = Path(cfg)
     return json.loads((p / "config.json" if p.is_dir() else p).read_text())
+
+
+def _json_name(cfg: Mapping | str | os.PathLike) -> str:
+    """What to call the config in a message: its file, or "the LM config" for a dict."""
+    if isinstance(cfg, Mapping):
+        return "the LM config"
+    p = Path(cfg)
+    return str(p / "config.json" if p.is_dir() else p)
 
 
 def view(source: TensorSource) -> View:
@@ -98,17 +114,54 @@ def load_sharded(path: str | os.PathLike, lm_cfg: LlamaConfig, esm_cfg: EsmConfi
         return load_source(src, lm_cfg, esm_cfg, gin_cfg, mesh)
 
 
-def configs(lm_config, esm_config, **lm_overrides) -> tuple[LlamaConfig, EsmConfig]:
-    """Our configs from HF `config.json` paths/folders or dicts; `lm_overrides`: LlamaConfig fields."""
-    return hf_llama.config_from_hf(_json(lm_config), **lm_overrides), hf_esm.config_from_hf(_json(esm_config))
+def token_rows(source: TensorSource, lm_cfg: LlamaConfig, config_name: str = "the LM config",
+               quiet: bool = False) -> LlamaConfig:
+    """`lm_cfg` with the checkpoint's token-row count as its `vocab_size`, as OpenBioMed's
+    `resize_token_embeddings(len(tokenizer))` after adding `[PAD]` makes it (BioMedGPT-LM-7B's
+    `config.json` says 32000, `biomedgpt_10b.pth` holds 32001 rows). Only the headers are read. The rows
+    are `llm.model.embed_tokens.weight`'s; `llm.lm_head.weight`, where present, must have as many, and
+    there must be at least `lm_cfg.vocab_size` (`config_name`'s): else a one-line ValueError naming the
+    file and both numbers. A different count is logged in one line (unless `quiet`). A source without
+    the embedding is left to the load's missing-key error."""
+    if LM_EMBED not in source:
+        return lm_cfg
+    rows, where, json_rows = source.shape(LM_EMBED)[0], source.file_of(LM_EMBED), lm_cfg.vocab_size
+    if LM_HEAD in source and source.shape(LM_HEAD)[0] != rows:
+        raise ValueError(f"{where}: {LM_EMBED} has {rows} token rows but {LM_HEAD} has "
+                         f"{source.shape(LM_HEAD)[0]} ({source.file_of(LM_HEAD)}): not one vocabulary")
+    if rows < json_rows:
+        raise ValueError(f"{where}: {LM_EMBED} has {rows} token rows, fewer than {config_name}'s vocab_size "
+                         f"{json_rows}: not a checkpoint of this LM config")
+    if rows != json_rows:
+        if not quiet:
+            log.info("%s: its %d token rows override %s's vocab_size %d (as OpenBioMed's "
+                     "resize_token_embeddings after adding [PAD])", where, rows, config_name, json_rows)
+        lm_cfg = dataclasses.replace(lm_cfg, vocab_size=rows)
+    return lm_cfg
+
+
+def configs(lm_config, esm_config, weights: TensorSource | str | os.PathLike | None = None, quiet: bool = False,
+            **lm_overrides) -> tuple[LlamaConfig, EsmConfig]:
+    """Our configs from HF `config.json` paths/folders or dicts; `lm_overrides`: LlamaConfig fields.
+    `weights` (an open source, or a path opened here for its headers): the LM's `vocab_size` is its
+    token-row count (`token_rows`; `quiet`: without the log line)."""
+    lm = hf_llama.config_from_hf(_json(lm_config), **lm_overrides)
+    if weights is not None:
+        if isinstance(weights, TensorSource):
+            lm = token_rows(weights, lm, _json_name(lm_config), quiet)
+        else:
+            with open_source(weights) as src:
+                lm = token_rows(src, lm, _json_name(lm_config), quiet)
+    return lm, hf_esm.config_from_hf(_json(esm_config))
 
 
 def from_state_dict(sd: Mapping[str, Any], lm_config, esm_config, gin_config: GinConfig | None = None,
                     source: str = "checkpoint", **lm_overrides) -> BioMedGPT:
     """Our BioMedGPT from the flat OpenBioMed state dict. `lm_config`/`esm_config`: HF `config.json`
     paths/folders or dicts; `lm_overrides`: LlamaConfig fields such as `scan_layers`, `dtype`."""
-    lm_cfg, esm_cfg = configs(lm_config, esm_config, **lm_overrides)
-    return load_source(DictSource(sd, name=source), lm_cfg, esm_cfg, gin_config)
+    src = DictSource(sd, name=source)
+    lm_cfg, esm_cfg = configs(lm_config, esm_config, src, **lm_overrides)
+    return load_source(src, lm_cfg, esm_cfg, gin_config)
 
 
 def to_state_dict(model: BioMedGPT) -> dict:
@@ -119,10 +172,11 @@ def to_state_dict(model: BioMedGPT) -> dict:
 
 def load(pth_path: str | os.PathLike, lm_config, esm_config, tokenizer=None,
          gin_config: GinConfig | None = None, **lm_overrides) -> BioMedGPT:
-    """Our BioMedGPT from `biomedgpt_10b.pth` (or our folder's safetensors). `tokenizer`: a SentencePiece
-    `.model` path, an HF tokenizer folder or a `bmgpt_jax.data.text` tokenizer; attached for `chat.ask`."""
-    lm_cfg, esm_cfg = configs(lm_config, esm_config, **lm_overrides)
+    """Our BioMedGPT from `biomedgpt_10b.pth` (or our folder's safetensors), the LM's vocabulary its token
+    rows (`token_rows`). `tokenizer`: a SentencePiece `.model` path, an HF tokenizer folder or a
+    `bmgpt_jax.data.text` tokenizer; attached for `chat.ask` (it must fit the rows)."""
     with open_source(pth_path) as src:
+        lm_cfg, esm_cfg = configs(lm_config, esm_config, src, **lm_overrides)
         model = load_source(src, lm_cfg, esm_cfg, gin_config)
     if tokenizer is not None:
         attach_tokenizer(model, tokenizer)

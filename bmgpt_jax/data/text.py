@@ -140,11 +140,16 @@ def attach_tokenizer(model, tokenizer):
     """Give `model` its tokenizer (see `as_tokenizer`) for `chat.ask`. A plain attribute: static in
     `nnx.split`'s graphdef (hashed by identity), so params, jit and checkpoints are unaffected. Returns `model`."""
     tok = as_tokenizer(tokenizer)
-    vocab = model.config.lm.vocab_size
-    if tok.vocab_size > vocab:
-        raise ValueError(f"tokenizer has {tok.vocab_size} ids but the model's vocabulary is {vocab}")
+    check_fits(tok, model.config.lm.vocab_size)
     model.tokenizer = tok
     return model
+
+
+def check_fits(tok: Tokenizer, vocab: int, of: str = "the model") -> None:
+    """ValueError unless every id of `tok` (`[PAD]` included) has a row among `of`'s `vocab` token rows."""
+    if tok.vocab_size > vocab:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids ([PAD] included) but {of} has only {vocab} "
+                         "token rows")
 
 
 def tokenizer_of(model) -> Tokenizer:

@@ -3,6 +3,7 @@
 dtype and bit, what our model does not use included; a folder without those tensors exports a file whose
 missing buffers are computed as OpenBioMed's modules compute them and whose unused pooler and contact
 head are zeros, named in one stderr line."""
+import json
 import logging
 
 import numpy as np
@@ -105,3 +106,62 @@ def test_the_zeros_are_named_in_one_stderr_line(bare, tmp_path, capsys):
     assert err[0].startswith("back.pth: filled 4 tensor(s) with zeros because no source had them")
     assert err[0].count(", prot_structure_encoder.") == 3 and all(k in err[0] for k in ZEROS)
     assert "computed 3 deterministic buffer(s)" in err[0]                  # two Llama layers, the ESM's one
+
+
+def hub_lm_config(ref, **changes) -> dict:
+    """BioMedGPT-LM-7B's own config.json as the Hub has it for `ref`'s decoder: vocab_size 32000 (no `[PAD]`;
+    OpenBioMed resizes to 32001 after building the LLM from it), pad_token_id 0."""
+    return {**ref.llm_config(), "vocab_size": VOCAB - 1, "pad_token_id": 0, **changes}
+
+
+def release_folder(d, ref, esm_cfg, tok, torch, **lm_changes):
+    """An OpenBioMed release with the configs copied in: the `.pth` (32001 token rows), BioMedGPT-LM-7B's
+    config.json as llm_config.json, the ESM's as esm_config.json, the tokenizer."""
+    d.mkdir()
+    torch.save(ref.state_dict(), d / folder.FILES["pth"])
+    (d / folder.FILES["lm"]).write_text(json.dumps(hub_lm_config(ref, **lm_changes)))
+    (d / folder.FILES["esm"]).write_text(json.dumps(hf_config(esm_cfg).to_dict()))
+    (d / folder.FILES["tokenizer"]).write_bytes(tok.model_proto)
+    return d
+
+
+def test_a_release_whose_lm_config_says_32000_loads_with_the_pth_s_32001_rows(pair, tok, esm_cfg, tmp_path, torch,
+                                                                              capsys):
+    """The Hub's BioMedGPT-LM-7B config.json (32000) beside the released `.pth` (32001 rows, `[PAD]`
+    added by OpenBioMed's resize_token_embeddings): the rows win, said in one line, as in `chat`."""
+    from bmgpt_jax import chat
+    ref, ours = pair
+    d = release_folder(tmp_path / "release", ref, esm_cfg, tok, torch)
+    model = folder.from_pretrained(d)
+    assert model.config.lm.vocab_size == VOCAB
+    np.testing.assert_array_equal(np.asarray(model.llm(IDS)), np.asarray(ours.llm(IDS)))
+    capsys.readouterr()
+    argv = ["--checkpoint", str(d), "--smiles", "CCO", "--question", "What is it?", "--max-new-tokens", "2"]
+    assert chat.main(argv) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "token rows" in line]
+    assert said == [f"{d / folder.FILES['pth']}: its {VOCAB} token rows override {d / folder.FILES['lm']}'s "
+                    f"vocab_size {VOCAB - 1} (as OpenBioMed's resize_token_embeddings after adding [PAD])"]
+
+
+def test_fewer_rows_than_the_lm_config_s_vocab_or_two_row_counts_are_one_error(pair, tok, esm_cfg, tmp_path, torch,
+                                                                                capsys):
+    from bmgpt_jax import chat
+    ref, _ = pair
+    d = release_folder(tmp_path / "release", ref, esm_cfg, tok, torch, vocab_size=VOCAB + 1)
+    pth, lm = d / folder.FILES["pth"], d / folder.FILES["lm"]
+    want = (f"{pth}: llm.model.embed_tokens.weight has {VOCAB} token rows, fewer than {lm}'s vocab_size "
+            f"{VOCAB + 1}: not a checkpoint of this LM config")
+    with pytest.raises(ValueError) as e:
+        folder.from_pretrained(d)
+    assert str(e.value) == want
+    capsys.readouterr()
+    assert chat.main(["--checkpoint", str(d), "--question", "Q?", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(want), err
+    sd = ref.state_dict()
+    sd["llm.lm_head.weight"] = sd["llm.lm_head.weight"][:-1]
+    torch.save(sd, pth)
+    lm.write_text(json.dumps(hub_lm_config(ref)))
+    with pytest.raises(ValueError, match=rf"^{pth}: llm.model.embed_tokens.weight has {VOCAB} token rows but "
+                                         rf"llm.lm_head.weight has {VOCAB - 1} \({pth}\): not one vocabulary$"):
+        folder.from_pretrained(d)
