@@ -84,11 +84,14 @@ CONFIG_WINS = ("rms_norm_eps", "layer_norm_eps", "max_position_embeddings", "max
 # everything else (widths, depth, heads, head_dim, vocabulary, RoPE, tying, token ids) must be the same
 
 
-def _check_same(name: str, ours, loaded, grow_vocab: bool = False) -> tuple[list[str], int]:
+def _check_same(name: str, ours, loaded, grow_vocab: bool = False,
+                theirs: Callable[[str], str] = lambda field: "checkpoint") -> tuple[list[str], int]:
     """(the `CONFIG_WINS` differences as "field: config a vs checkpoint b", the token rows to add).
 
     ValueError naming every other difference. `grow_vocab`: a checkpoint vocabulary smaller than the
-    config's is not a difference but rows to add (the training tokenizer's added tokens: `[PAD]`)."""
+    config's is not a difference but rows to add (the training tokenizer's added tokens: `[PAD]`).
+    `theirs(field)`: where `loaded`'s value of `field` comes from, for the messages ("checkpoint": an HF
+    folder's config.json; `init.openbiomed`'s: its `init.*_config` file, the vocabulary the `.pth`'s rows)."""
     differ = {f.name: (getattr(ours, f.name), getattr(loaded, f.name)) for f in dataclasses.fields(ours)
               if f.name not in OURS_ONLY and not f.name.startswith("lora")
               and getattr(ours, f.name) != getattr(loaded, f.name)}
@@ -102,8 +105,8 @@ def _check_same(name: str, ours, loaded, grow_vocab: bool = False) -> tuple[list
         if "vocab_size" in hard and grow_vocab:
             why = " (a checkpoint's vocabulary may be smaller than the config's, the rows added, never larger)"
         raise ValueError(f"init.{name}: the checkpoint's shape differs from the config: "
-                         + ", ".join(f"{k}: config {a} vs checkpoint {b}" for k, (a, b) in hard.items()) + why)
-    return [f"{k}: config {a} vs checkpoint {b}" for k, (a, b) in differ.items()], added
+                         + ", ".join(f"{k}: config {a} vs {theirs(k)} {b}" for k, (a, b) in hard.items()) + why)
+    return [f"{k}: config {a} vs {theirs(k)} {b}" for k, (a, b) in differ.items()], added
 
 
 def _warn_config_wins(name: str, path: str, soft: list[str]) -> None:
@@ -124,14 +127,31 @@ def _hf_esm_config(path: str, cfg: BioMedGPTConfig):
                                   remat=esm.remat, attention=esm.attention)
 
 
-def _openbiomed_configs(init: InitConfig, cfg: BioMedGPTConfig):
-    from bmgpt_jax.convert import openbiomed
+def _open_openbiomed(init: InitConfig):
+    """`init.openbiomed` opened lazily (headers only until a tensor is read), once its configs are given."""
+    from bmgpt_jax.convert.sources import open_source
     if not (init.lm_config and init.esm_config):
         raise ValueError("init.openbiomed needs init.lm_config and init.esm_config (HF config.json paths)")
-    lm_cfg, esm_cfg = openbiomed.configs(init.lm_config, init.esm_config, **_lm_overrides(cfg))
+    return open_source(init.openbiomed)
+
+
+def _openbiomed_configs(init: InitConfig, cfg: BioMedGPTConfig, source, quiet: bool = False):
+    """{"lm", "esm"}: the configs `init.lm_config` / `init.esm_config` describe, the LM's vocabulary the
+    token rows of `source` (`init.openbiomed`, open: `openbiomed.token_rows`, logged unless `quiet`)."""
+    from bmgpt_jax.convert import openbiomed
+    lm_cfg, esm_cfg = openbiomed.configs(init.lm_config, init.esm_config, source, quiet, **_lm_overrides(cfg))
     esm_cfg = dataclasses.replace(esm_cfg, dtype=cfg.esm.dtype, param_dtype=cfg.esm.param_dtype,
                                   scan_layers=cfg.esm.scan_layers, remat=cfg.esm.remat, attention=cfg.esm.attention)
     return {"lm": lm_cfg, "esm": esm_cfg}
+
+
+def _check_openbiomed(init: InitConfig, cfg: BioMedGPTConfig, source, quiet: bool = False) -> list:
+    """`_check_same` for both parts of `init.openbiomed` (`source`, open): [(part, its `CONFIG_WINS`
+    differences)]."""
+    def theirs(part):
+        return lambda field: "checkpoint" if (part, field) == ("lm", "vocab_size") else f"init.{part}_config"
+    return [(part, _check_same(f"openbiomed ({part})", getattr(cfg, part), loaded, theirs=theirs(part))[0])
+            for part, loaded in _openbiomed_configs(init, cfg, source, quiet).items()]
 
 
 def check_sources(stage: Stage, cfg: BioMedGPTConfig, init: InitConfig) -> None:
@@ -144,8 +164,8 @@ def check_sources(stage: Stage, cfg: BioMedGPTConfig, init: InitConfig) -> None:
     from bmgpt_jax.convert.sources import open_source
     check_init(stage, init)
     if init.openbiomed:
-        for part, loaded in _openbiomed_configs(init, cfg).items():
-            _check_same(f"openbiomed ({part})", getattr(cfg, part), loaded)
+        with _open_openbiomed(init) as src:
+            _check_openbiomed(init, cfg, src, quiet=True)
         return
     if init.hf_llama:
         _check_same("hf_llama", cfg.lm, _hf_llama_config(init.hf_llama, cfg), grow_vocab=True)
@@ -194,12 +214,14 @@ def load_gin(path: str, cfg: BioMedGPTConfig, mesh: Mesh) -> GIN:
 def load_openbiomed(init: InitConfig, cfg: BioMedGPTConfig, mesh: Mesh) -> BioMedGPT:
     """The whole BioMedGPT from OpenBioMed's `biomedgpt_10b.pth` or a model folder's safetensors
     (`init.openbiomed` + the HF config.json paths `init.lm_config` / `init.esm_config`), with `cfg.lm` and
-    `cfg.esm` (a differing `CONFIG_WINS` value is the config's, with a warning)."""
+    `cfg.esm` (a differing `CONFIG_WINS` value is the config's, with a warning). The decoder's vocabulary
+    is the checkpoint's token rows, as OpenBioMed resizes BioMedGPT-LM-7B's 32000 to 32001 (logged where
+    `init.lm_config` says otherwise: `openbiomed.token_rows`); the config's must be the same."""
     from bmgpt_jax.convert import openbiomed
-    for part, loaded in _openbiomed_configs(init, cfg).items():
-        soft, _ = _check_same(f"openbiomed ({part})", getattr(cfg, part), loaded)
-        _warn_config_wins(f"openbiomed ({part})", init.openbiomed, soft)
-    return openbiomed.load_sharded(init.openbiomed, cfg.lm, cfg.esm, cfg.gin, mesh)
+    with _open_openbiomed(init) as src:
+        for part, soft in _check_openbiomed(init, cfg, src):
+            _warn_config_wins(f"openbiomed ({part})", init.openbiomed, soft)
+        return openbiomed.load_source(src, cfg.lm, cfg.esm, cfg.gin, mesh)
 
 
 PARTS = {"llm": ("hf_llama", load_hf_llama), "prot_structure_encoder": ("hf_esm", load_hf_esm),

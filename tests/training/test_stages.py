@@ -155,10 +155,10 @@ def test_the_esm_and_openbiomed_inits_follow_the_same_policy(tmp_path, caplog):
                                       np.asarray(model.prot_structure_encoder.embeddings.word_embeddings.weight[...]))
         said = [r.getMessage() for r in caplog.records if r.name == STAGES_LOG]
         if init is whole:
-            assert said == [f"init.openbiomed (lm) {ckpt}: rms_norm_eps: config 1e-06 vs checkpoint 1e-05; the "
-                            "config's value is used (no parameter shape depends on it)",
-                            f"init.openbiomed (esm) {ckpt}: layer_norm_eps: config 1e-05 vs checkpoint 1e-06; the "
-                            "config's value is used (no parameter shape depends on it)"]
+            assert said == [f"init.openbiomed (lm) {ckpt}: rms_norm_eps: config 1e-06 vs init.lm_config 1e-05; "
+                            "the config's value is used (no parameter shape depends on it)",
+                            f"init.openbiomed (esm) {ckpt}: layer_norm_eps: config 1e-05 vs init.esm_config 1e-06; "
+                            "the config's value is used (no parameter shape depends on it)"]
         else:
             assert said == [f"init.hf_esm {esm_dir}: layer_norm_eps: config 1e-05 vs checkpoint 1e-06; the config's "
                             "value is used (no parameter shape depends on it)"]
@@ -170,6 +170,44 @@ def test_the_esm_and_openbiomed_inits_follow_the_same_policy(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"^init.hf_esm: .*intermediate_size: config 96 vs checkpoint 64$"):
         stages.check_sources("align", wider, part)
 
+
+def test_openbiomed_s_token_rows_win_over_its_lm_config_json(tmp_path, caplog):
+    """`init.openbiomed` as `biomedgpt_10b_finetune.yaml` gives it: the `.pth` with 32001 token rows (`[PAD]`
+    added by OpenBioMed's resize_token_embeddings) and BioMedGPT-LM-7B's config.json, which says 32000. The
+    rows are the decoder's vocabulary (logged once, by the load); the config's must match them, and a
+    config.json saying more rows than the `.pth` has is one error naming both."""
+    pytest.importorskip("torch")
+    from bmgpt_jax.convert import folder
+    from bmgpt_jax.models.biomedgpt import BioMedGPT
+    cfg = train.load_config("tiny_align", SMALL).model
+    cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, vocab_size=32001, pad_token_id=32000))
+    model = BioMedGPT(cfg, rngs=nnx.Rngs(3))
+    ckpt = folder.save_pretrained(model, load_tokenizer(""), tmp_path / "biomedgpt", pth=True)
+    pth, hub = ckpt / folder.FILES["pth"], tmp_path / "config.json"
+    hf = json.loads((ckpt / folder.FILES["lm"]).read_text())
+    hub.write_text(json.dumps({**hf, "vocab_size": 32000, "pad_token_id": 0}))
+    init = stages.InitConfig(openbiomed=str(pth), lm_config=str(hub), esm_config=str(ckpt / folder.FILES["esm"]))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="bmgpt_jax"):
+        stages.check_sources("finetune", cfg, init)
+        assert not [r for r in caplog.records if "token rows" in r.getMessage()]     # the loader says it
+        loaded, _ = stages.build_model("finetune", cfg, init)
+    assert [r.getMessage() for r in caplog.records if "token rows" in r.getMessage()] == [
+        f"{pth}: its 32001 token rows override {hub}'s vocab_size 32000 (as OpenBioMed's resize_token_embeddings "
+        "after adding [PAD])"]
+    assert loaded.llm.config.vocab_size == 32001
+    head = [np.asarray(m.llm.lm_head.kernel[...]) for m in (loaded, model)]
+    np.testing.assert_array_equal(*head)
+    more = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, vocab_size=32002))
+    with pytest.raises(ValueError, match=r"^init.openbiomed \(lm\): the checkpoint's shape differs from the config: "
+                                         r"vocab_size: config 32002 vs checkpoint 32001$"):
+        stages.check_sources("finetune", more, init)
+    hub.write_text(json.dumps({**hf, "vocab_size": 32002}))
+    for check in (stages.check_sources, stages.build_model):
+        with pytest.raises(ValueError) as e:
+            check("finetune", cfg, init)
+        assert str(e.value) == (f"{pth}: llm.model.embed_tokens.weight has 32001 token rows, fewer than {hub}'s "
+                                "vocab_size 32002: not a checkpoint of this LM config")
 
 # ------------------------------------------------------------------------------ through the training job
 def tiny_lm_folder(path, vocab: int, **changes):
