@@ -34,8 +34,26 @@ def torch_logits(hf, ids, mask, torch):
         return hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
 
 
+@pytest.fixture(scope="session")
+def rope_model(tmp_path_factory, torch):
+    """A non-default RoPE base (Llama 3's 500000): with the default 10000 alone, a forward or an export that
+    ignored the config's base would match transformers all the same."""
+    path = tmp_path_factory.mktemp("hf_llama_rope5e5")
+    return path, make_hf_llama(path, num_kv_heads=2, vocab_size=VOCAB, seed=6, rope_theta=5e5)
+
+
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
 def test_logits_match_transformers(hf_model, scan, torch):
+    check_logits_match_transformers(hf_model, scan, torch)
+
+
+def test_logits_match_transformers_at_rope_theta_5e5(rope_model, torch):
+    """The forward rotates by the config's RoPE base (read from config.json as 5e5), as transformers does."""
+    assert hf_llama.config_from_hf(rope_model[0]).rope_theta == 5e5
+    check_logits_match_transformers(rope_model, True, torch)
+
+
+def check_logits_match_transformers(hf_model, scan, torch):
     path, hf = hf_model
     model = hf_llama.load(path, scan_layers=scan)
     ids, mask = padded_batch()
@@ -95,6 +113,19 @@ def test_padding_does_not_change_real_rows(hf_model):
 
 
 def test_export_loads_in_transformers_and_reimports_bit_exact(hf_model, tmp_path, torch):
+    check_export_round_trip(hf_model, tmp_path, torch)
+
+
+def test_export_keeps_rope_theta_5e5(rope_model, tmp_path, torch):
+    """The exported config.json carries the model's RoPE base (transformers reads 5e5 back), so the exported
+    model's logits are ours."""
+    reloaded = check_export_round_trip(rope_model, tmp_path, torch)
+    assert reloaded.config.rope_parameters["rope_theta"] == 5e5
+
+
+def check_export_round_trip(hf_model, tmp_path, torch):
+    """Export with `hf_llama.save`: transformers loads it with our logits, we re-import it bit-exact.
+    Returns transformers' model."""
     from transformers import LlamaForCausalLM
     path, _ = hf_model
     model = hf_llama.load(path, scan_layers=True)
@@ -108,6 +139,7 @@ def test_export_loads_in_transformers_and_reimports_bit_exact(hf_model, tmp_path
     for a, b in zip(jax.tree.leaves(jax.tree.map(np.asarray, hf_llama.to_state_dict(model))),
                     jax.tree.leaves(jax.tree.map(np.asarray, hf_llama.to_state_dict(again)))):
         assert a.dtype == b.dtype and np.array_equal(a, b)
+    return reloaded
 
 
 def test_scan_and_loop_layouts_hold_the_same_weights(hf_model):
