@@ -331,9 +331,13 @@ def test_7b_config_file_has_the_real_shape():
 
 
 def test_lora_starts_at_base_model_and_merges_on_export(hf_model, tmp_path, torch):
+    """LoRA starts as the base model; the export merges the adapters into the kernels so that transformers
+    computes our LoRA forward, and each merged q_proj / v_proj weight is the base weight plus
+    `lora_a @ lora_b * lora_alpha / lora_rank` (16 / 4), written out here: our forward against our own
+    merge alone could not tell a wrong scale (e.g. rsLoRA's alpha / sqrt(rank)) that both share."""
     from flax import nnx
     from transformers import LlamaForCausalLM
-    path, _ = hf_model
+    path, hf = hf_model
     base = hf_llama.load(path, scan_layers=True)
     lora = hf_llama.load(path, scan_layers=True, lora_rank=4)  # B = 0: the same function at first
     ids, mask = padded_batch()
@@ -344,7 +348,17 @@ def test_lora_starts_at_base_model_and_merges_on_export(hf_model, tmp_path, torc
     assert lora.model.layers.self_attn.k_proj.lora_a is None  # only q_proj and v_proj by default
     ours = np.asarray(lora(jnp.asarray(ids), jnp.asarray(mask)))
     hf_llama.save(lora, tmp_path / "merged")
-    ref = torch_logits(LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval(), ids, mask, torch)
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ref = torch_logits(merged, ids, mask, torch)
     assert np.abs(ours - ref)[mask.astype(bool)].max() < 1e-4
+    assert (lora.config.lora_alpha, lora.config.lora_rank) == (16.0, 4)
+    for name in ("q_proj", "v_proj"):
+        proj = getattr(lora.model.layers.self_attn, name)
+        a = np.asarray(proj.lora_a[...], np.float64)                                   # [layers, in, rank]
+        b = np.asarray(proj.lora_b[...], np.float64)                                   # [layers, rank, out]
+        for i in range(lora.config.num_layers):
+            base_w = getattr(hf.model.layers[i].self_attn, name).weight.detach().double().numpy()       # [out, in]
+            got = getattr(merged.model.layers[i].self_attn, name).weight.detach().double().numpy()
+            np.testing.assert_allclose(got, base_w + (a[i] @ b[i] * (16.0 / 4)).T, atol=1e-6, err_msg=f"{name} {i}")
     names = [".".join(map(str, p)) for p, _ in nnx.state(lora, nnx.Param).flat_state()]
     assert "model.layers.self_attn.q_proj.lora_a" in names
