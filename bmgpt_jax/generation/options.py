@@ -70,10 +70,11 @@ def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float)
     return jnp.where(seen, penalised, logits)
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, cfg: GenerationConfig) -> jax.Array:
-    """Next tokens `[b]` from float32 logits `[b, vocab]`: argmax, or temperature/top-k/top-p sampling."""
-    if not cfg.do_sample:
-        return argmax(logits, axis=-1)
+def filter_logits(logits: jax.Array, cfg: GenerationConfig) -> jax.Array:
+    """HF's sampling warpers in HF's order (`_get_logits_processor`): temperature, then top-k, then top-p, on
+    float32 logits `[b, vocab]`. A filtered-out token gets float32's lowest value (HF: -inf; both give it
+    probability 0 and keep the softmax finite). Top-p keeps the smallest set of most likely tokens whose
+    probability reaches `top_p`, the token that crosses it included, and always the most likely token."""
     neg = jnp.finfo(jnp.float32).min
     logits = logits / max(cfg.temperature, 1e-6)
     if cfg.top_k > 0:
@@ -86,7 +87,14 @@ def sample_logits(logits: jax.Array, key: jax.Array, cfg: GenerationConfig) -> j
         drop_sorted = (cum - jax.nn.softmax(sorted_logits, axis=-1)) >= cfg.top_p  # keep the first token always
         drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
         logits = jnp.where(drop, neg, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return logits
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, cfg: GenerationConfig) -> jax.Array:
+    """Next tokens `[b]` from float32 logits `[b, vocab]`: argmax, or a draw from `filter_logits`' softmax."""
+    if not cfg.do_sample:
+        return argmax(logits, axis=-1)
+    return jax.random.categorical(key, filter_logits(logits, cfg), axis=-1).astype(jnp.int32)
 
 
 def ends_with_stop(tokens: jax.Array, step: jax.Array, stops: tuple[tuple[int, ...], ...]) -> jax.Array:

@@ -155,6 +155,64 @@ def test_sampling_is_seeded_and_filters(models):
     np.testing.assert_array_equal(generate(ours, ids, mask, seed=3, top_p=1e-6, **kw), greedy)
 
 
+WARPERS = [dict(temperature=0.7), dict(temperature=1.5), dict(top_k=5), dict(top_p=0.3), dict(top_p=0.9),
+           dict(temperature=0.7, top_k=5, top_p=0.9), dict(temperature=1.5, top_k=12, top_p=0.3)]
+
+
+def hf_warped(hf, torch, logits, **kw):
+    """`logits` through the warpers that transformers' own `_get_logits_processor` builds for sampling with
+    these options (so in HF's order: temperature, top-k, top-p), with the warper types it chose."""
+    from transformers import GenerationConfig as HFGenerationConfig
+    procs = hf._get_logits_processor(generation_config=HFGenerationConfig(do_sample=True, **{"top_k": 0, **kw}),
+                                     input_ids_seq_length=1)
+    with torch.no_grad():
+        out = procs(torch.zeros((logits.shape[0], 1), dtype=torch.long), torch.tensor(logits))
+    return out.numpy(), [type(p).__name__ for p in procs]
+
+
+@pytest.mark.parametrize("kw", WARPERS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_filter_logits_equals_transformers_warpers(models, torch, kw):
+    """Temperature / top-k / top-p at non-degenerate settings against transformers' `TemperatureLogitsWarper`,
+    `TopKLogitsWarper`, `TopPLogitsWarper` (the chain `generate` builds): the same tokens kept (-inf there,
+    float32's lowest value here) and the same scaled logits on them. The extremes of
+    `test_sampling_is_seeded_and_filters` (top_k=1, top_p~0) cannot tell an inverted temperature, a top-k
+    that keeps one token, or a top-p that drops the token crossing the threshold from the right ones."""
+    from bmgpt_jax.generation import GenerationConfig
+    from bmgpt_jax.generation.options import filter_logits
+    hf, _ = models
+    logits = (np.random.RandomState(11).randn(6, 40) * 2.5).astype(np.float32)
+    ref, names = hf_warped(hf, torch, logits, **kw)
+    assert names == [n for opt, n in (("temperature", "TemperatureLogitsWarper"), ("top_k", "TopKLogitsWarper"),
+                                      ("top_p", "TopPLogitsWarper")) if opt in kw]
+    ours = np.asarray(filter_logits(jnp.asarray(logits), GenerationConfig(do_sample=True, **kw)))
+    kept = ours > np.finfo(np.float32).min
+    np.testing.assert_array_equal(kept, np.isfinite(ref))
+    if "top_k" in kw or "top_p" in kw:  # a real cut: more than the top token kept, not every token
+        assert (kept.sum(1) < logits.shape[1]).all() and (kept.sum(1) > 1).any(), kept.sum(1)
+    np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-6)
+
+
+def test_sampled_frequencies_follow_the_warped_softmax(models, torch):
+    """Draws of `sample_logits` (the decoding loops' token choice) with temperature, top-k and top-p together:
+    the empirical frequencies over 40000 draws match the softmax of transformers' warped logits (within 5
+    standard errors), and no token that HF filters out is ever drawn."""
+    import jax
+    from bmgpt_jax.generation import GenerationConfig
+    from bmgpt_jax.generation.options import sample_logits
+    hf, _ = models
+    kw = dict(temperature=0.7, top_k=5, top_p=0.9)
+    logits = (np.random.RandomState(5).randn(1, 40) * 1.5).astype(np.float32)
+    ref, _ = hf_warped(hf, torch, logits, **kw)
+    probs = torch.softmax(torch.tensor(ref[0]), -1).numpy()
+    n = 40000
+    draws = np.asarray(sample_logits(jnp.asarray(np.repeat(logits, n, 0)), jax.random.key(0),
+                                     GenerationConfig(do_sample=True, **kw)))
+    freq = np.bincount(draws, minlength=logits.shape[1]) / n
+    assert (freq[probs == 0] == 0).all()
+    assert ((probs > 0).sum() > 2) and probs.max() < 0.8, probs  # a spread to check, not one near-certain token
+    np.testing.assert_array_less(np.abs(freq - probs), 5 * np.sqrt(probs * (1 - probs) / n) + 1e-9)
+
+
 def test_decode_loop_is_one_compiled_function(models):
     _, ours = models
     ids, mask = prompts(pad_left=False)

@@ -34,8 +34,26 @@ def torch_logits(hf, ids, mask, torch):
         return hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
 
 
+@pytest.fixture(scope="session")
+def rope_model(tmp_path_factory, torch):
+    """A non-default RoPE base (Llama 3's 500000): with the default 10000 alone, a forward or an export that
+    ignored the config's base would match transformers all the same."""
+    path = tmp_path_factory.mktemp("hf_llama_rope5e5")
+    return path, make_hf_llama(path, num_kv_heads=2, vocab_size=VOCAB, seed=6, rope_theta=5e5)
+
+
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
 def test_logits_match_transformers(hf_model, scan, torch):
+    check_logits_match_transformers(hf_model, scan, torch)
+
+
+def test_logits_match_transformers_at_rope_theta_5e5(rope_model, torch):
+    """The forward rotates by the config's RoPE base (read from config.json as 5e5), as transformers does."""
+    assert hf_llama.config_from_hf(rope_model[0]).rope_theta == 5e5
+    check_logits_match_transformers(rope_model, True, torch)
+
+
+def check_logits_match_transformers(hf_model, scan, torch):
     path, hf = hf_model
     model = hf_llama.load(path, scan_layers=scan)
     ids, mask = padded_batch()
@@ -95,6 +113,19 @@ def test_padding_does_not_change_real_rows(hf_model):
 
 
 def test_export_loads_in_transformers_and_reimports_bit_exact(hf_model, tmp_path, torch):
+    check_export_round_trip(hf_model, tmp_path, torch)
+
+
+def test_export_keeps_rope_theta_5e5(rope_model, tmp_path, torch):
+    """The exported config.json carries the model's RoPE base (transformers reads 5e5 back), so the exported
+    model's logits are ours."""
+    reloaded = check_export_round_trip(rope_model, tmp_path, torch)
+    assert reloaded.config.rope_parameters["rope_theta"] == 5e5
+
+
+def check_export_round_trip(hf_model, tmp_path, torch):
+    """Export with `hf_llama.save`: transformers loads it with our logits, we re-import it bit-exact.
+    Returns transformers' model."""
     from transformers import LlamaForCausalLM
     path, _ = hf_model
     model = hf_llama.load(path, scan_layers=True)
@@ -108,6 +139,7 @@ def test_export_loads_in_transformers_and_reimports_bit_exact(hf_model, tmp_path
     for a, b in zip(jax.tree.leaves(jax.tree.map(np.asarray, hf_llama.to_state_dict(model))),
                     jax.tree.leaves(jax.tree.map(np.asarray, hf_llama.to_state_dict(again)))):
         assert a.dtype == b.dtype and np.array_equal(a, b)
+    return reloaded
 
 
 def test_scan_and_loop_layouts_hold_the_same_weights(hf_model):
@@ -299,9 +331,13 @@ def test_7b_config_file_has_the_real_shape():
 
 
 def test_lora_starts_at_base_model_and_merges_on_export(hf_model, tmp_path, torch):
+    """LoRA starts as the base model; the export merges the adapters into the kernels so that transformers
+    computes our LoRA forward, and each merged q_proj / v_proj weight is the base weight plus
+    `lora_a @ lora_b * lora_alpha / lora_rank` (16 / 4), written out here: our forward against our own
+    merge alone could not tell a wrong scale (e.g. rsLoRA's alpha / sqrt(rank)) that both share."""
     from flax import nnx
     from transformers import LlamaForCausalLM
-    path, _ = hf_model
+    path, hf = hf_model
     base = hf_llama.load(path, scan_layers=True)
     lora = hf_llama.load(path, scan_layers=True, lora_rank=4)  # B = 0: the same function at first
     ids, mask = padded_batch()
@@ -312,7 +348,17 @@ def test_lora_starts_at_base_model_and_merges_on_export(hf_model, tmp_path, torc
     assert lora.model.layers.self_attn.k_proj.lora_a is None  # only q_proj and v_proj by default
     ours = np.asarray(lora(jnp.asarray(ids), jnp.asarray(mask)))
     hf_llama.save(lora, tmp_path / "merged")
-    ref = torch_logits(LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval(), ids, mask, torch)
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ref = torch_logits(merged, ids, mask, torch)
     assert np.abs(ours - ref)[mask.astype(bool)].max() < 1e-4
+    assert (lora.config.lora_alpha, lora.config.lora_rank) == (16.0, 4)
+    for name in ("q_proj", "v_proj"):
+        proj = getattr(lora.model.layers.self_attn, name)
+        a = np.asarray(proj.lora_a[...], np.float64)                                   # [layers, in, rank]
+        b = np.asarray(proj.lora_b[...], np.float64)                                   # [layers, rank, out]
+        for i in range(lora.config.num_layers):
+            base_w = getattr(hf.model.layers[i].self_attn, name).weight.detach().double().numpy()       # [out, in]
+            got = getattr(merged.model.layers[i].self_attn, name).weight.detach().double().numpy()
+            np.testing.assert_allclose(got, base_w + (a[i] @ b[i] * (16.0 / 4)).T, atol=1e-6, err_msg=f"{name} {i}")
     names = [".".join(map(str, p)) for p, _ in nnx.state(lora, nnx.Param).flat_state()]
     assert "model.layers.self_attn.q_proj.lora_a" in names

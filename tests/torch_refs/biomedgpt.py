@@ -59,8 +59,9 @@ class TorchBioMedGPT(nn.Module):
         return self.llm.config.to_dict()
 
     @torch.no_grad()
-    def reference_forward(self, tok, record):
-        """Logits `[1, t, vocab]` and the target mask `[t]` (answer + EOS) of one example."""
+    def reference_forward(self, tok, record, answer_ids=None):
+        """Logits `[1, t, vocab]` and the target mask `[t]` (answer + EOS) of one example. `answer_ids`: these
+        token ids after the prompt instead of the answer's tokens + EOS (`record.answer` still ends the prompt)."""
         emb = self.llm.get_input_embeddings()
         text = format_prompt(record)
         pieces, holes = PATTERN.split(text[: -len(record.answer)] if record.answer else text), PATTERN.findall(text)
@@ -79,7 +80,7 @@ class TorchBioMedGPT(nn.Module):
                                                       attention_mask=torch.from_numpy(mask).long())
                     feats = self.proj_prot(out.last_hidden_state[0])
                 parts.append(feats[None])
-        answer = tok.encode(record.answer) + [tok.eos_id]
+        answer = tok.encode(record.answer) + [tok.eos_id] if answer_ids is None else list(answer_ids)
         parts.append(emb(torch.tensor([answer])))
         embeds = torch.cat(parts, dim=1)
         logits = self.llm(inputs_embeds=embeds).logits
