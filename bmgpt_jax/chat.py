@@ -311,8 +311,9 @@ def model_and_options(args):
     the GIN as its gin_config.json says. With `args.mesh` (data,fsdp,tensor) the parameters are global
     arrays sharded by the rule table, each device given only its slices as they are read
     (`folder.from_pretrained(mesh=...)`), so no device ever holds a parameter whole that the rules shard;
-    without it (None), all on the default device and the mesh is None. The folder is checked first (`inputs.check_model_folder`); any failure is
-    FileNotFoundError or ValueError with a one-line message naming the file or the mesh."""
+    without it (None), all on the default device and the mesh is None. The folder is checked first
+    (`inputs.check_model_folder`); any failure is FileNotFoundError or ValueError with a one-line message
+    naming the file or the mesh."""
     options = options_of(args)
     folder = check_model_folder(args.checkpoint)
     mesh = mesh_of(args)
