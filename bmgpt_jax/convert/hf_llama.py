@@ -58,8 +58,9 @@ def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> Ll
     and computed in the dtype the file says the weights are stored in (`stored_dtype`), as transformers 5's
     `from_pretrained` does by default; training inits override both (float32 master weights). A setting
     our model does not compute as transformers would (another activation, RoPE scaling, biases) is a
-    ValueError naming the file (or "Llama config" for a dict), the key and its value. `pretraining_tp` is accepted: transformers 5 does
-    not read it, and transformers 4 only split each projection into that many slices (the same function)."""
+    ValueError naming the file (or "Llama config" for a dict), the key and its value. `pretraining_tp` is
+    accepted: transformers 5 does not read it, and transformers 4 only split each projection into that
+    many slices (the same function)."""
     where = "Llama config"
     if not isinstance(hf, Mapping):
         p = Path(hf)
