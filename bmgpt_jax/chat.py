@@ -263,7 +263,9 @@ def interactive(conv: Conversation, lines: Iterable[str], out=None) -> None:
 
 def add_generation_args(ap) -> None:
     """`--dtype` and the generation options (HF names as flags, and `--stop-at-separator`) on a command line."""
-    ap.add_argument("--dtype", choices=DTYPES, help="LM compute dtype (default: the folder's, float32)")
+    ap.add_argument("--dtype", choices=DTYPES, help="the dtype the LM and the protein encoder hold their weights and "
+                    "compute in, each slice cast as it is read (default: the folder's, as its llm_config.json and "
+                    "esm_config.json record it, as transformers' from_pretrained loads)")
     for name, kind in (("max_new_tokens", int), ("num_beams", int), ("temperature", float), ("top_k", int),
                        ("top_p", float), ("repetition_penalty", float), ("length_penalty", float), ("seed", int)):
         ap.add_argument("--" + name.replace("_", "-"), type=kind)
@@ -304,16 +306,20 @@ def mesh_of(args):
 
 def model_and_options(args):
     """(the checkpoint of `args.checkpoint` in `args.dtype`, the generation options given on the line, the
-    mesh it lies on). With `args.mesh` (data,fsdp,tensor) the parameters are global arrays sharded by the
-    rule table, each device given only its slices as they are read (`folder.from_pretrained(mesh=...)`), so
-    no device ever holds a parameter whole that the rules shard; without it (None), all on the default
-    device and the mesh is None. The folder is checked first (`inputs.check_model_folder`); any failure is
-    FileNotFoundError or ValueError with a one-line message naming the file or the mesh."""
+    mesh it lies on). The LM and the ESM hold their weights and compute in `args.dtype`, each slice cast as
+    it is read (None: the dtype their config files record, as transformers' `from_pretrained(dtype="auto")`);
+    the GIN as its gin_config.json says. With `args.mesh` (data,fsdp,tensor) the parameters are global
+    arrays sharded by the rule table, each device given only its slices as they are read
+    (`folder.from_pretrained(mesh=...)`), so no device ever holds a parameter whole that the rules shard;
+    without it (None), all on the default device and the mesh is None. The folder is checked first
+    (`inputs.check_model_folder`); any failure is FileNotFoundError or ValueError with a one-line message
+    naming the file or the mesh."""
     options = options_of(args)
     folder = check_model_folder(args.checkpoint)
     mesh = mesh_of(args)
+    dtypes = {"dtype": args.dtype, "param_dtype": args.dtype} if args.dtype else {}
     try:
-        model = from_pretrained(folder, mesh=mesh, **({"dtype": args.dtype} if args.dtype else {}))
+        model = from_pretrained(folder, mesh=mesh, esm_overrides=dtypes, **dtypes)
     except Exception as e:  # noqa: BLE001 -- a command line reports what failed in one line
         raise ValueError(f"cannot load the model folder {folder}: {type(e).__name__}: {one_line(e)}") from e
     return model, options, mesh

@@ -117,28 +117,33 @@ def _require(d: Path) -> None:
         raise FileNotFoundError(f"checkpoint folder {d} lacks {[str(m) for m in missing]}")
 
 
-def configs(ckpt_dir, weights: TensorSource | None = None,
+def configs(ckpt_dir, weights: TensorSource | None = None, esm_overrides=None,
             **lm_overrides) -> tuple[LlamaConfig, EsmConfig, GinConfig | None]:
-    """The folder's configs (`lm_overrides`: LlamaConfig fields such as `dtype`); the GIN's is None when
-    `gin_config.json` is absent (its depth and width are then read off the weights). The LM's vocabulary
-    is the weights' token rows (`openbiomed.token_rows`: an OpenBioMed release with BioMedGPT-LM-7B's
-    config.json copied in says 32000 where its `.pth` holds 32001); `weights`: the folder's, already open."""
+    """The folder's configs (`lm_overrides`: LlamaConfig fields such as `dtype`; `esm_overrides`: a dict
+    of EsmConfig fields); the GIN's is None when `gin_config.json` is absent (its depth and width are then
+    read off the weights). The LM and ESM are held and computed in the dtype their config files record
+    (`hf_llama.stored_dtype`) unless overridden. The LM's vocabulary is the weights' token rows
+    (`openbiomed.token_rows`: an OpenBioMed release with BioMedGPT-LM-7B's config.json copied in says
+    32000 where its `.pth` holds 32001); `weights`: the folder's, already open."""
     d = Path(ckpt_dir)
     _require(d)
     lm, esm = openbiomed.configs(d / FILES["lm"], d / FILES["esm"], d if weights is None else weights,
                                  **lm_overrides)
+    esm = dataclasses.replace(esm, **(esm_overrides or {}))
     gin = gin_settings(d / FILES["gin"]) if (d / FILES["gin"]).exists() else None
     return lm, esm, gin
 
 
-def from_pretrained(ckpt_dir, mesh=None, **lm_overrides):
-    """BioMedGPT with its tokenizer from a model folder; `lm_overrides`: LlamaConfig fields (`dtype`...).
-    With `mesh`, the parameters are global arrays laid out by the rule shardings, each process reading
-    only its devices' slices."""
+def from_pretrained(ckpt_dir, mesh=None, esm_overrides=None, **lm_overrides):
+    """BioMedGPT with its tokenizer from a model folder, the LM and the ESM held and computed in the dtype
+    their config files record (a bfloat16 folder stays bfloat16, as transformers 5 loads by default);
+    `lm_overrides`: LlamaConfig fields (`dtype` compute, `param_dtype` held...), `esm_overrides` a dict of
+    EsmConfig ones. With `mesh`, the parameters are global arrays laid out by the rule shardings, each
+    process reading only its devices' slices (cast to the parameter dtype as they are read)."""
     d = Path(ckpt_dir)
     _require(d)
     with open_source(d) as src:
-        model = openbiomed.load_source(src, *configs(d, src, **lm_overrides), mesh)
+        model = openbiomed.load_source(src, *configs(d, src, esm_overrides, **lm_overrides), mesh)
     return attach_tokenizer(model, _tokenizer_file(d))
 
 

@@ -32,6 +32,7 @@ from typing import Mapping
 from flax import nnx
 
 from bmgpt_jax.convert import stream, tensor_map
+from bmgpt_jax.convert.hf_llama import stored_dtype
 from bmgpt_jax.convert.sources import open_source
 from bmgpt_jax.convert.tensor_map import ModelSource
 from bmgpt_jax.convert.tensor_source import DictSource, Renamed, TensorSource, View
@@ -48,7 +49,9 @@ _AUTO_PREFIXES = ("esm.", "")
 # ----------------------------------------------------------------------------------------------- config
 def config_from_hf(hf: Mapping, **overrides) -> EsmConfig:
     """Our `EsmConfig` from an HF `config.json` mapping (missing keys take HF's defaults); `overrides`
-    set our own fields (`dtype`, `param_dtype`, `scan_layers`, `remat`)."""
+    set our own fields (`dtype`, `param_dtype`, `scan_layers`, `remat`). Unless overridden, the
+    parameters are held and computed in the dtype the mapping says the weights are stored in
+    (`hf_llama.stored_dtype`: `dtype`, else `torch_dtype`, else float32), as transformers 5 loads them."""
     unsupported = []
     if hf.get("model_type", "esm") != "esm":
         unsupported.append(f"model_type={hf['model_type']!r} (need 'esm')")
@@ -67,7 +70,8 @@ def config_from_hf(hf: Mapping, **overrides) -> EsmConfig:
         num_layers=int(hf["num_hidden_layers"]), num_heads=int(hf["num_attention_heads"]),
         intermediate_size=int(hf["intermediate_size"]), layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
         token_dropout=bool(hf.get("token_dropout", False)), mask_token_id=_int_or(hf.get("mask_token_id"), 32),
-        pad_token_id=_int_or(hf.get("pad_token_id"), 1), max_positions=int(hf.get("max_position_embeddings", 1026)))
+        pad_token_id=_int_or(hf.get("pad_token_id"), 1), max_positions=int(hf.get("max_position_embeddings", 1026)),
+        dtype=(stored := stored_dtype(hf, "ESM config")), param_dtype=stored)
     return dataclasses.replace(cfg, **overrides)
 
 
@@ -86,7 +90,7 @@ def config_to_hf(cfg: EsmConfig) -> dict:
         "position_embedding_type": "rotary", "rope_theta": ROPE_THETA, "emb_layer_norm_before": False,
         "token_dropout": cfg.token_dropout, "mask_token_id": cfg.mask_token_id,
         "pad_token_id": cfg.pad_token_id, "cls_token_id": 0, "eos_token_id": 2,
-        "is_folding_model": False, "initializer_range": 0.02, "dtype": cfg.param_dtype,
+        "is_folding_model": False, "initializer_range": 0.02, "torch_dtype": cfg.param_dtype, "dtype": cfg.param_dtype,
     }
 
 
@@ -147,9 +151,11 @@ def config_from_dir(d: str | Path, **overrides) -> EsmConfig:
 
 
 def load(hf_dir: str | Path, **overrides) -> Esm:
-    """The ESM-2 encoder stored in an HF directory (`config.json` + weights), as an `Esm` module.
+    """The ESM-2 encoder stored in an HF directory (`config.json` + weights), as an `Esm` module, held
+    and computed in the config's dtype (`config_from_hf`).
 
-    `overrides` set our config fields: `dtype="bfloat16"`, `scan_layers=True`, `remat=True`, ...
+    `overrides` set our config fields: `dtype="bfloat16"` (compute), `param_dtype` (held), `scan_layers=True`,
+    `remat=True`, ...
     """
     cfg = config_from_dir(hf_dir, **overrides)
     with open_source(hf_dir) as src:

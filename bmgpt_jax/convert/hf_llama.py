@@ -31,14 +31,36 @@ FAMILY = "Hugging Face Llama"
 IGNORED = ("rotary_emb.inv_freq",)
 TOKENIZER_FILES = outputs.HF_LLAMA_TOKENIZER_FILES   # what an HF Llama folder carries besides weights
 VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")   # the tensors with one row per token
+STORED_DTYPES = ("float32", "bfloat16", "float16")   # a config.json's `dtype` / `torch_dtype` we load in
+
+
+def stored_dtype(hf: Mapping[str, Any], where: str) -> str:
+    """The dtype an HF `config.json` mapping says its weights are stored in: `dtype` (transformers 5's
+    name), else `torch_dtype` (the older one), else float32 (transformers 5 would then look at the weights:
+    every config we write, and transformers' since 4.x, records it). Both are what transformers 5's
+    `from_pretrained` loads in by default (`dtype="auto"`: the model held and computed in it). A name other
+    than float32, bfloat16 or float16 (`torch.` prefix allowed) is a ValueError naming `where` and the key."""
+    for key in ("dtype", "torch_dtype"):
+        value = hf.get(key)
+        if value is None:
+            continue
+        name = value.removeprefix("torch.") if isinstance(value, str) else value
+        if name not in STORED_DTYPES:
+            raise ValueError(f"{where}: {key}={value!r} is not a dtype the model loads in "
+                             f"({', '.join(STORED_DTYPES)})")
+        return name
+    return "float32"
 
 
 def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> LlamaConfig:
     """LlamaConfig from an HF `config.json` (path, folder or dict); `overrides` set our-only fields
-    such as `dtype`, `param_dtype`, `scan_layers`, `remat`. A setting our model does not compute as
-    transformers would (another activation, RoPE scaling, biases) is a ValueError naming the file (or
-    "Llama config" for a dict), the key and its value. `pretraining_tp` is accepted: transformers 5 does
-    not read it, and transformers 4 only split each projection into that many slices (the same function)."""
+    such as `dtype`, `param_dtype`, `scan_layers`, `remat`. Unless overridden, the parameters are held
+    and computed in the dtype the file says the weights are stored in (`stored_dtype`), as transformers 5's
+    `from_pretrained` does by default; training inits override both (float32 master weights). A setting
+    our model does not compute as transformers would (another activation, RoPE scaling, biases) is a
+    ValueError naming the file (or "Llama config" for a dict), the key and its value. `pretraining_tp` is
+    accepted: transformers 5 does not read it, and transformers 4 only split each projection into that
+    many slices (the same function)."""
     where = "Llama config"
     if not isinstance(hf, Mapping):
         p = Path(hf)
@@ -69,6 +91,7 @@ def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> Ll
         bos_token_id=hf.get("bos_token_id", 1), eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         pad_token_id=hf.get("pad_token_id"), initializer_range=hf.get("initializer_range", 0.02),
     )
+    cfg["dtype"] = cfg["param_dtype"] = stored_dtype(hf, where)
     if cfg["head_dim"] == cfg["hidden_size"] // cfg["num_heads"]:
         cfg["head_dim"] = None
     if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -176,8 +199,9 @@ def to_state_dict(model: LlamaForCausalLM, prefix: str = "") -> dict:
 
 
 def load(hf_dir: str | os.PathLike, **overrides) -> LlamaForCausalLM:
-    """Our causal LM from a Hugging Face Llama directory. `overrides`: LlamaConfig fields such as
-    `scan_layers=True`, `dtype="bfloat16"`."""
+    """Our causal LM from a Hugging Face Llama directory, held and computed in its config.json's dtype
+    (`config_from_hf`). `overrides`: LlamaConfig fields such as `scan_layers=True`, `dtype="bfloat16"`
+    (compute) and `param_dtype="bfloat16"` (held; each slice is cast as it is read)."""
     cfg = config_from_hf(hf_dir, **overrides)
     with open_source(hf_dir) as src:
         return load_source(src, cfg)
@@ -246,4 +270,4 @@ def with_config(model: LlamaForCausalLM, **changes) -> LlamaForCausalLM:
 
 
 __all__ = ["load", "load_sharded", "check_source", "save", "write", "convert", "config_from_hf", "config_to_hf",
-           "from_state_dict", "to_state_dict", "layout", "init", "with_config"]
+           "stored_dtype", "from_state_dict", "to_state_dict", "layout", "init", "with_config"]
