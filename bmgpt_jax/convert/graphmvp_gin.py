@@ -88,26 +88,29 @@ def infer_config(source: TensorSource | Mapping[str, Any], base: GinConfig = Gin
 
 
 def load(path_or_state_dict: str | os.PathLike | Mapping[str, Any], prefix: str = "",
-         config: GinConfig | None = None, mesh=None) -> GIN:
+         config: GinConfig | None = None, mesh=None, skip: nnx.filterlib.Filter = nnx.Nothing) -> GIN:
     """A GIN holding the weights of a `.pth` file or state dict (torch tensors or arrays).
 
     Only keys starting with `prefix` are read (and the prefix stripped); all of them must be GIN
     tensors and every GIN tensor must be present. `config` defaults to `GinConfig()` with the depth
-    and width of the checkpoint. With `mesh`, the variables are replicated global arrays.
+    and width of the checkpoint. With `mesh`, the variables are replicated global arrays. `skip`:
+    variables left abstract, not read (`tensor_map.load`).
     """
     source = _source(path_or_state_dict)
     try:
         sub = view(source, prefix)
         config = config or infer_config(sub)
-        return tensor_map.load(lambda: GIN(config, rngs=nnx.Rngs(0)), sub, layout(config), mesh)
+        return tensor_map.load(lambda: GIN(config, rngs=nnx.Rngs(0)), sub, layout(config), mesh, skip=skip)
     finally:
         if source is not path_or_state_dict:
             source.close()
 
 
-def load_sharded(path: str | os.PathLike, cfg: GinConfig | None, mesh, prefix: str = "") -> GIN:
-    """The GIN with `cfg` (None: inferred) from a checkpoint file, replicated on `mesh`."""
-    return load(path, prefix=prefix, config=cfg, mesh=mesh)
+def load_sharded(path: str | os.PathLike, cfg: GinConfig | None, mesh, prefix: str = "",
+                 skip: nnx.filterlib.Filter = nnx.Nothing) -> GIN:
+    """The GIN with `cfg` (None: inferred) from a checkpoint file, replicated on `mesh` (the variables
+    `skip` selects left abstract)."""
+    return load(path, prefix=prefix, config=cfg, mesh=mesh, skip=skip)
 
 
 def to_state_dict(model: GIN, prefix: str = "") -> dict[str, np.ndarray]:

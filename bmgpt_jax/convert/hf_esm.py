@@ -121,9 +121,10 @@ def layout(cfg: EsmConfig, prefix: str = "") -> tensor_map.Layout:
                                    ignored=lambda k: bool(IGNORED.search(k)))
 
 
-def load_source(source: TensorSource, config: EsmConfig, mesh=None) -> Esm:
-    """An `Esm` from HF-named tensors (already selected by `view`); with `mesh`, sharded global arrays."""
-    return tensor_map.load(lambda: Esm(config, rngs=nnx.Rngs(0)), source, layout(config), mesh)
+def load_source(source: TensorSource, config: EsmConfig, mesh=None, skip: nnx.filterlib.Filter = nnx.Nothing) -> Esm:
+    """An `Esm` from HF-named tensors (already selected by `view`); with `mesh`, sharded global arrays.
+    `skip`: variables left abstract, not read (`tensor_map.load`)."""
+    return tensor_map.load(lambda: Esm(config, rngs=nnx.Rngs(0)), source, layout(config), mesh, skip=skip)
 
 
 def from_state_dict(sd: Mapping, config: EsmConfig, prefix: str | None = None) -> Esm:
@@ -162,11 +163,12 @@ def load(hf_dir: str | Path, **overrides) -> Esm:
         return load_source(view(src), cfg)
 
 
-def load_sharded(path: str | os.PathLike, cfg: EsmConfig, mesh) -> Esm:
+def load_sharded(path: str | os.PathLike, cfg: EsmConfig, mesh, skip: nnx.filterlib.Filter = nnx.Nothing) -> Esm:
     """The encoder with `cfg` from an HF checkpoint (folder or file), its parameters global `jax.Array`s
-    laid out by `parallel.tree_shardings` on `mesh`: each process reads only its devices' slices."""
+    laid out by `parallel.tree_shardings` on `mesh`: each process reads only its devices' slices (none
+    of the variables `skip` selects: they stay abstract)."""
     with open_source(path) as src:
-        return load_source(view(src), cfg, mesh)
+        return load_source(view(src), cfg, mesh, skip)
 
 
 def _write_config_and_vocab(d: Path, cfg: EsmConfig) -> None:

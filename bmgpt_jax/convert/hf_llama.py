@@ -168,7 +168,8 @@ def check_source(source: TensorSource, cfg: LlamaConfig, grow_vocab: bool = Fals
     tensor_map.check(grown(source, cfg) if grow_vocab else source, layout(cfg))
 
 
-def load_source(source: TensorSource, cfg: LlamaConfig, mesh=None, grow_vocab: bool = False) -> LlamaForCausalLM:
+def load_source(source: TensorSource, cfg: LlamaConfig, mesh=None, grow_vocab: bool = False,
+                skip: nnx.filterlib.Filter = nnx.Nothing) -> LlamaForCausalLM:
     """Our model from HF-named tensors in `source`; with `mesh`, sharded global arrays read slice by slice.
 
     `grow_vocab` (training inits only, `training.stages`; conversions stay exact): a checkpoint with fewer
@@ -176,12 +177,12 @@ def load_source(source: TensorSource, cfg: LlamaConfig, mesh=None, grow_vocab: b
     Llama-2's 32000) loads with the missing rows of `embed_tokens` and `lm_head` set to the mean of its
     rows, as transformers' `resize_token_embeddings` does by default less its 1e-9-scaled noise
     (`tensor_map.fill_added_rows`); the stored rows are the checkpoint's bit for bit. Every device reads
-    and fills only its own slice."""
+    and fills only its own slice. `skip`: variables left abstract, not read (`tensor_map.load`)."""
     lay = layout(cfg)
     if not grow_vocab:
-        return tensor_map.load(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), source, lay, mesh)
+        return tensor_map.load(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), source, lay, mesh, skip=skip)
     src = grown(source, cfg)
-    model = tensor_map.load(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), src, lay, mesh)
+    model = tensor_map.load(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), src, lay, mesh, skip=skip)
     for key in src.rows:
         tensor_map.fill_added_rows(model, [e for e in lay.entries if e.key == key], src.stored_rows(key))
     return model
@@ -207,12 +208,14 @@ def load(hf_dir: str | os.PathLike, **overrides) -> LlamaForCausalLM:
         return load_source(src, cfg)
 
 
-def load_sharded(path: str | os.PathLike, cfg: LlamaConfig, mesh, grow_vocab: bool = False) -> LlamaForCausalLM:
+def load_sharded(path: str | os.PathLike, cfg: LlamaConfig, mesh, grow_vocab: bool = False,
+                 skip: nnx.filterlib.Filter = nnx.Nothing) -> LlamaForCausalLM:
     """Our causal LM with `cfg` from an HF checkpoint (folder or file), its parameters global `jax.Array`s
     laid out by `parallel.tree_shardings` on `mesh`: each process reads only its devices' slices.
-    `grow_vocab`: a checkpoint with fewer token rows gets the missing ones (`load_source`)."""
+    `grow_vocab`: a checkpoint with fewer token rows gets the missing ones (`load_source`); `skip`: variables
+    left abstract, not read."""
     with open_source(path) as src:
-        return load_source(src, cfg, mesh, grow_vocab)
+        return load_source(src, cfg, mesh, grow_vocab, skip)
 
 
 def write(out_dir: str | os.PathLike, cfg: LlamaConfig, reader: TensorSource, tokenizer=None,

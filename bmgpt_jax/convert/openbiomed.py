@@ -97,21 +97,24 @@ def layout(lm_cfg: LlamaConfig, esm_cfg: EsmConfig, gin_cfg: GinConfig) -> Layou
 
 
 def load_source(source: TensorSource, lm_cfg: LlamaConfig, esm_cfg: EsmConfig, gin_cfg: GinConfig | None = None,
-                mesh=None) -> BioMedGPT:
-    """Our BioMedGPT from flat OpenBioMed tensors in `source`; with `mesh`, sharded global arrays."""
+                mesh=None, skip: nnx.filterlib.Filter = nnx.Nothing) -> BioMedGPT:
+    """Our BioMedGPT from flat OpenBioMed tensors in `source`; with `mesh`, sharded global arrays.
+    `skip`: variables left abstract, not read (`tensor_map.load`)."""
     src = view(source)
     gin_cfg = gin_config(src, gin_cfg)
     cfg = BioMedGPTConfig(lm=lm_cfg, gin=gin_cfg, esm=esm_cfg)
-    return tensor_map.load(lambda: BioMedGPT(cfg, rngs=nnx.Rngs(0)), src, layout(lm_cfg, esm_cfg, gin_cfg), mesh)
+    return tensor_map.load(lambda: BioMedGPT(cfg, rngs=nnx.Rngs(0)), src, layout(lm_cfg, esm_cfg, gin_cfg), mesh,
+                           skip=skip)
 
 
 def load_sharded(path: str | os.PathLike, lm_cfg: LlamaConfig, esm_cfg: EsmConfig, gin_cfg: GinConfig | None,
-                 mesh) -> BioMedGPT:
+                 mesh, skip: nnx.filterlib.Filter = nnx.Nothing) -> BioMedGPT:
     """Our BioMedGPT from `biomedgpt_10b.pth` or a model folder's safetensors, its parameters global
     `jax.Array`s laid out by `parallel.tree_shardings` on `mesh` (each process reads only its devices'
-    slices; the small GIN is replicated). `gin_cfg=None`: inferred from the checkpoint."""
+    slices; the small GIN is replicated). `gin_cfg=None`: inferred from the checkpoint. `skip`: variables
+    left abstract, not read."""
     with open_source(path) as src:
-        return load_source(src, lm_cfg, esm_cfg, gin_cfg, mesh)
+        return load_source(src, lm_cfg, esm_cfg, gin_cfg, mesh, skip)
 
 
 def token_rows(source: TensorSource, lm_cfg: LlamaConfig, config_name: str = "the LM config",

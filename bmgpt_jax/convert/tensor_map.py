@@ -231,11 +231,14 @@ def _lora_init(model: nnx.Module, seed: int) -> dict[Path_, Callable]:
 
 
 def load(ctor: Callable[[], nnx.Module], source: TensorSource, layout: Layout, mesh=None,
-         lora_seed: int = 0) -> nnx.Module:
+         lora_seed: int = 0, skip: nnx.filterlib.Filter = nnx.Nothing) -> nnx.Module:
     """The module `ctor()` builds (never built for real: `nnx.eval_shape`), its variables read from
     `source` per `layout` (checked first), LoRA factors fresh, RNG state as `ctor` makes it. With `mesh`,
-    global arrays with the rule shardings, each process reading only its devices' slices."""
+    global arrays with the rule shardings, each process reading only its devices' slices. Variables
+    `skip` selects are neither read nor created: they stay abstract (ShapeDtypeStructs with their target
+    sharding, as `parallel.init_sharded` leaves them) for the caller to fill, e.g. from a checkpoint."""
     check(source, layout)
+    skipped = nnx.filterlib.to_predicate(skip)
     abstract = nnx.eval_shape(ctor)
     graphdef, state = nnx.split(abstract)
     shardings = dict(nnx.to_flat_state(parallel.tree_shardings(state, mesh))) if mesh is not None else {}
@@ -247,7 +250,9 @@ def load(ctor: Callable[[], nnx.Module], source: TensorSource, layout: Layout, m
     flat = []
     for path, var in nnx.to_flat_state(state):
         sharding = shardings[path].get_value() if path in shardings else None
-        if path in by_path:
+        if skipped(path, var):
+            value = jax.ShapeDtypeStruct(tuple(var.shape), var.dtype, sharding=sharding)
+        elif path in by_path:
             read = _reader(source, by_path[path], tuple(var.shape), np.dtype(var.dtype))
             value = _global_array(read, tuple(var.shape), sharding) if sharding is not None else jnp.asarray(read(None))
         elif path in lora:
@@ -284,7 +289,7 @@ def fill_added_rows(model: nnx.Module, entries: list[Entry], stored: int) -> Non
     cast to the variable's dtype: what transformers' `resize_token_embeddings` centres its added rows on
     (docs/convert.md). On the variable as it lies, in two jitted steps: the mean (each device sums its
     slice, one row crosses devices), then the rows written into the donated array (its sharding kept,
-    no copy). Nothing is gathered."""
+    no copy). Nothing is gathered. A variable `load` left abstract (its `skip`) is passed over."""
     for e in entries:
         if e.layer is not None:
             raise ValueError(f"{e.key}: rows are added to a whole tensor, not a stacked layer's")
@@ -293,6 +298,8 @@ def fill_added_rows(model: nnx.Module, entries: list[Entry], stored: int) -> Non
             owner = owner[p] if isinstance(p, int) else getattr(owner, p)
         var = getattr(owner, e.path[-1])
         x = var.get_value()
+        if isinstance(x, jax.ShapeDtypeStruct):
+            continue
         axis = x.ndim - 1 if e.transpose else 0
         mean = _mean_of_first_rows(x, stored, axis)
         put = jax.jit(lambda a, m, axis=axis: _set_rows_from(a, m, stored, axis), out_shardings=x.sharding,

@@ -39,8 +39,8 @@ from bmgpt_jax.parallel import abstract_state, batch_shardings
 from bmgpt_jax.training import messages
 from bmgpt_jax.training.checkpoint import CheckpointConfig, Checkpointer, CheckpointMismatch, saved_steps
 from bmgpt_jax.training.dropped import DropTally
-from bmgpt_jax.training.monitor import (Monitor, NonFiniteLossError, check_loss, measure_matmul_flops,
-                                       train_flops_per_token)
+from bmgpt_jax.training.monitor import (Monitor, NonFiniteLossError, check_loss, matmul_params,
+                                       measure_matmul_flops, train_flops_per_token)
 from bmgpt_jax.training.optim import (OptimConfig, check_patterns_match, count_params, make_optimizer, make_schedule,
                                       split_trainable, trainable_filter)
 from bmgpt_jax.training.stages import (InitConfig, Stage, build_model, check_init, model_factory,
@@ -195,12 +195,6 @@ def check_run_folders(cfg: TrainConfig) -> None:
         stream.check_destination(Path(cfg.out_dir) / "final", "dir", keep=cfg.checkpoint.dir)
 
 
-def _matmul_params(model: nnx.Module) -> int:
-    """Parameters that take part in matmuls (embedding tables are gathers)."""
-    return sum(int(np.prod(v.shape)) for p, v in nnx.state(model, nnx.Param).flat_state()
-               if p[-1] != "weight" or len(v.shape) < 2)
-
-
 def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
     """Train per `cfg`; returns `{"losses": {step: loss}, "last_step": n, "model": the trained module,
     "stopped": "SIGTERM"/"SIGINT"/None, "data": {"examples": read, reason: dropped, ...}}`.
@@ -226,19 +220,22 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
     gin = cfg.model.gin
     it = batches if batches is not None else BatchIterator(cfg.data, max_atoms=gin.max_atoms, over_cap=gin.over_cap)
     cfg = resolve_tokenizer(cfg, it.tokenizer)
-    model, loss_fn = build_model(cfg.stage, cfg.model, cfg.init, mesh)  # created sharded, never whole
     patterns = trainable_patterns(cfg.stage, cfg.model, cfg.trainable)
-    graphdef, trainable, frozen = split_trainable(model, trainable_filter(patterns))
+    restoring, is_trainable = resume and bool(earlier), trainable_filter(patterns)
+    # created sharded, never whole; on resume the trainable parameters and their optimizer state, which the
+    # checkpoint holds, stay abstract (not created, not read from `init`) until the restore fills them
+    model, loss_fn = build_model(cfg.stage, cfg.model, cfg.init, mesh, skip=is_trainable if restoring else nnx.Nothing)
+    graphdef, trainable, frozen = split_trainable(model, is_trainable)
     n_total, n_train = count_params(nnx.state(model, nnx.Param)), count_params(trainable)
-    matmul = _matmul_params(model)
+    matmul = matmul_params(model)
     del model
     tx = make_optimizer(cfg.optim)
-    opt_state = init_opt_state(tx, trainable, mesh)
+    opt_state = jax.eval_shape(tx.init, trainable) if restoring else init_opt_state(tx, trainable, mesh)
 
     ckpt = Checkpointer(cfg.checkpoint)
     start, meta, monitor, data_state = 0, {}, None, None
     try:
-        if resume and earlier:
+        if restoring:
             target = abstract_state({"trainable": trainable, "opt_state": opt_state}, mesh)
             try:
                 state, data_state, meta, unreadable = ckpt.restore_intact(target)

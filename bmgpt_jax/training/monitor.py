@@ -17,6 +17,7 @@ from typing import Literal, Mapping
 import jax
 import jax.numpy as jnp
 import tqdm
+from flax import nnx
 
 from bmgpt_jax.models.layers import dense
 
@@ -93,6 +94,12 @@ def train_flops_per_token(n_params: int, *, n_trainable: int | None = None, n_la
     """
     n_trainable = n_params if n_trainable is None else n_trainable
     return 4.0 * n_params + 2.0 * n_trainable + 12.0 * n_layers * seq_len * d_model
+
+
+def matmul_params(model: nnx.Module) -> int:
+    """Parameters that take part in matmuls (embedding tables are gathers), of a concrete or abstract model."""
+    return sum(math.prod(v.shape) for p, v in nnx.state(model, nnx.Param).flat_state()
+               if p[-1] != "weight" or len(v.shape) < 2)
 
 
 class Monitor:

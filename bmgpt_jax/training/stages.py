@@ -177,10 +177,12 @@ def check_sources(stage: Stage, cfg: BioMedGPTConfig, init: InitConfig) -> None:
             tensor_map.check(hf_esm.view(src), hf_esm.layout(cfg.esm))
 
 
-# One function per pretrained source: (path, config, mesh) -> the sub-module, its parameters global arrays
-# in the rule shardings on `mesh`; each process reads only the slices its devices own (`load_sharded`).
+# One function per pretrained source: (path, config, mesh, skip) -> the sub-module, its parameters global arrays
+# in the rule shardings on `mesh`; each process reads only the slices its devices own (`load_sharded`); the
+# variables `skip` selects (paths within the sub-module) are not read and stay abstract (`tensor_map.load`).
 
-def load_hf_llama(path: str, cfg: BioMedGPTConfig, mesh: Mesh) -> LlamaForCausalLM:
+def load_hf_llama(path: str, cfg: BioMedGPTConfig, mesh: Mesh,
+                  skip: nnx.filterlib.Filter = nnx.Nothing) -> LlamaForCausalLM:
     """The decoder from a Hugging Face Llama folder (`init.hf_llama`), with `cfg.lm`: a checkpoint with fewer
     token rows than `cfg.lm.vocab_size` (Llama-2-7b-hf's 32000 under BioMedGPT's 32001, `[PAD]` added) gets
     the missing rows of `embed_tokens` and `lm_head`, each the mean of its rows (`hf_llama.load_source`),
@@ -193,25 +195,26 @@ def load_hf_llama(path: str, cfg: BioMedGPTConfig, mesh: Mesh) -> LlamaForCausal
         log.info("init.hf_llama %s: %d token rows, the config %d: embed_tokens and lm_head grown by %d row%s "
                  "(ids %s), each the mean of the checkpoint's rows", path, v - added, v, added,
                  "" if added == 1 else "s", v - 1 if added == 1 else f"{v - added}..{v - 1}")
-    return hf_llama.load_sharded(path, cfg.lm, mesh, grow_vocab=True)
+    return hf_llama.load_sharded(path, cfg.lm, mesh, grow_vocab=True, skip=skip)
 
 
-def load_hf_esm(path: str, cfg: BioMedGPTConfig, mesh: Mesh) -> Esm:
+def load_hf_esm(path: str, cfg: BioMedGPTConfig, mesh: Mesh, skip: nnx.filterlib.Filter = nnx.Nothing) -> Esm:
     """The protein encoder from a Hugging Face ESM-2 folder (`init.hf_esm`), with `cfg.esm` (a differing
     `CONFIG_WINS` value is the config's, with a warning)."""
     from bmgpt_jax.convert import hf_esm
     soft, _ = _check_same("hf_esm", cfg.esm, _hf_esm_config(path, cfg))
     _warn_config_wins("hf_esm", path, soft)
-    return hf_esm.load_sharded(path, cfg.esm, mesh)
+    return hf_esm.load_sharded(path, cfg.esm, mesh, skip=skip)
 
 
-def load_gin(path: str, cfg: BioMedGPTConfig, mesh: Mesh) -> GIN:
+def load_gin(path: str, cfg: BioMedGPTConfig, mesh: Mesh, skip: nnx.filterlib.Filter = nnx.Nothing) -> GIN:
     """The molecule encoder from a GraphMVP `.pth` state dict (`init.gin`), replicated."""
     from bmgpt_jax.convert import graphmvp_gin
-    return graphmvp_gin.load_sharded(path, cfg.gin, mesh)
+    return graphmvp_gin.load_sharded(path, cfg.gin, mesh, skip=skip)
 
 
-def load_openbiomed(init: InitConfig, cfg: BioMedGPTConfig, mesh: Mesh) -> BioMedGPT:
+def load_openbiomed(init: InitConfig, cfg: BioMedGPTConfig, mesh: Mesh,
+                    skip: nnx.filterlib.Filter = nnx.Nothing) -> BioMedGPT:
     """The whole BioMedGPT from OpenBioMed's `biomedgpt_10b.pth` or a model folder's safetensors
     (`init.openbiomed` + the HF config.json paths `init.lm_config` / `init.esm_config`), with `cfg.lm` and
     `cfg.esm` (a differing `CONFIG_WINS` value is the config's, with a warning). The decoder's vocabulary
@@ -221,7 +224,7 @@ def load_openbiomed(init: InitConfig, cfg: BioMedGPTConfig, mesh: Mesh) -> BioMe
     with _open_openbiomed(init) as src:
         for part, soft in _check_openbiomed(init, cfg, src):
             _warn_config_wins(f"openbiomed ({part})", init.openbiomed, soft)
-        return openbiomed.load_source(src, cfg.lm, cfg.esm, cfg.gin, mesh)
+        return openbiomed.load_source(src, cfg.lm, cfg.esm, cfg.gin, mesh, skip=skip)
 
 
 PARTS = {"llm": ("hf_llama", load_hf_llama), "prot_structure_encoder": ("hf_esm", load_hf_esm),
@@ -253,27 +256,29 @@ def model_factory(stage: Stage, model_cfg: BioMedGPTConfig, seed: int = 0) -> tu
     return (lambda: BioMedGPT(model_cfg, rngs=nnx.Rngs(seed))), BioMedGPT.loss
 
 
-def build_model(stage: Stage, model_cfg: BioMedGPTConfig, init: InitConfig,
-                mesh: Mesh | None = None) -> tuple[nnx.Module, Callable]:
+def build_model(stage: Stage, model_cfg: BioMedGPTConfig, init: InitConfig, mesh: Mesh | None = None,
+                skip: nnx.filterlib.Filter = nnx.Nothing) -> tuple[nnx.Module, Callable]:
     """(model, loss_fn) for `stage`, every variable already on `mesh` (default: one device) in its rule
     sharding; `loss_fn(model, batch) -> (loss_sum, n_tokens)`.
 
     Random parts are created by one jitted init whose outputs carry the rule shardings
     (`parallel.init_sharded`): each device makes only its own shards. Parts named in `init` are not
     created at all (they stay abstract until their loader fills them), so a pretrained 7B decoder is never
-    doubled by a random one.
+    doubled by a random one. Variables `skip` selects are neither created nor read: they stay abstract
+    (sharded ShapeDtypeStructs) for a checkpoint to fill, as `--resume` does with the trainable parameters.
     """
     check_init(stage, init)
     mesh = mesh if mesh is not None else parallel.make_mesh((1, 1, 1))
     make, loss_fn = model_factory(stage, model_cfg, init.seed)
     if stage == "lm":
         if init.hf_llama:
-            return load_hf_llama(init.hf_llama, model_cfg, mesh), loss_fn
-        return parallel.init_sharded(make, mesh), loss_fn
+            return load_hf_llama(init.hf_llama, model_cfg, mesh, skip), loss_fn
+        return parallel.init_sharded(make, mesh, skip), loss_fn
     if init.openbiomed:
-        return load_openbiomed(init, model_cfg, mesh), loss_fn
+        return load_openbiomed(init, model_cfg, mesh, skip), loss_fn
     pretrained = {name: (getattr(init, field), load) for name, (field, load) in PARTS.items() if getattr(init, field)}
-    model = parallel.init_sharded(make, mesh, skip=lambda path, _: path[0] in pretrained)
+    skipped = nnx.filterlib.to_predicate(skip)
+    model = parallel.init_sharded(make, mesh, skip=lambda path, x: path[0] in pretrained or skipped(path, x))
     for name, (path, load) in pretrained.items():
-        setattr(model, name, load(path, model_cfg, mesh))
+        setattr(model, name, load(path, model_cfg, mesh, lambda sub, x, name=name: skipped((name, *sub), x)))
     return model, loss_fn
