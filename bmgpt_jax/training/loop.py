@@ -31,7 +31,7 @@ from bmgpt_jax import config as config_lib
 from bmgpt_jax import logs, parallel
 from bmgpt_jax.convert import stream
 from bmgpt_jax.data.examples import check_ids
-from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, global_batch, stack_batches
+from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, WorkerDied, global_batch, stack_batches
 from bmgpt_jax.distributed import check_shared_folder
 from bmgpt_jax.inputs import check_not_url
 from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
@@ -399,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"train: {type(e).__name__}: {message}", file=sys.stderr)
         return 2
+    except WorkerDied as e:             # an encoding process killed alone (out of memory?): no traceback
+        log.debug("traceback", exc_info=True)
+        print(f"train: {e}", file=sys.stderr)
+        return 1
     for line in messages.summary(result):
         print(line)
     if jax.process_index() == 0:

@@ -388,3 +388,15 @@ def test_a_second_ctrl_c_aborts_in_one_line(monkeypatch, capsys):
     assert train.main(SMALL) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["train: aborted by a second Ctrl-C; the last saved checkpoint is kept (--resume continues from it)"]
+
+
+def test_an_encoding_worker_that_died_is_one_line(monkeypatch, capsys):
+    from bmgpt_jax.data.pipeline import WorkerDied
+
+    def died(cfg, resume=False):
+        raise WorkerDied("data: encoding worker 1 (pid 7, data.workers=2) died (killed by SIGKILL) while encoding "
+                         "window 3 of epoch 0: ...")
+    monkeypatch.setattr(train, "run", died)
+    assert train.main(SMALL) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train: data: encoding worker 1 (pid 7, data.workers=2) died"), err
