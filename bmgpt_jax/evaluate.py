@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     writer = jax.process_index() == 0
     try:
         check_not_url(args.out_dir, "--out-dir")
-        check_output_folder(args.out_dir, "--out-dir")
+        check_output_folder(args.out_dir, "--out-dir", probe=writer)   # only process 0 writes there
         check_system(args.system)                   # as chat refuses it, not every record an error row
         chat.options_of(args)                       # generation options in range, before any data is built
         chat.mesh_of(args)                          # and a mesh the devices fit

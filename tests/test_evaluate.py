@@ -3,6 +3,7 @@ counted and written, the same answers on one device and on a sharded mesh, the C
 rows, chart), predictions kept across a crash, and one-line errors for bad sources and missing resources."""
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -405,6 +406,19 @@ def test_an_out_dir_that_is_a_file_is_refused_up_front(checkpoint, tmp_path, mon
     assert refused(base + ["--out-dir", str(afile / "run")], monkeypatch, capsys) == \
         f"error: --out-dir {afile / 'run'}: {afile} is a file, not a folder"
     assert afile.read_text() == "notes\n"
+
+
+def test_an_out_dir_that_cannot_be_made_is_refused_up_front(checkpoint, tmp_path, monkeypatch, capsys):
+    """`--out-dir /proc/ev` was a chained FileNotFoundError traceback after the model had loaded. Now one
+    line naming the flag, before anything is built or loaded, and the probe leaves nothing behind."""
+    base = ["--checkpoint", str(checkpoint), "--source", "demo:test", "--limit", "2"]
+    long = tmp_path / "ok" / ("x" * 300)                          # a name too long: fails as non-root too
+    assert refused(base + ["--out-dir", str(long)], monkeypatch, capsys) == \
+        f"error: --out-dir {long}: cannot create it (File name too long)"
+    assert not (tmp_path / "ok").exists()
+    if Path("/proc/self").is_dir():                                # Linux: procfs takes no new folder
+        line = refused(base + ["--out-dir", "/proc/bmgpt_jax_ev"], monkeypatch, capsys)
+        assert line.startswith("error: --out-dir /proc/bmgpt_jax_ev: cannot create it ("), line
 
 
 def test_the_model_folder_is_checked_before_any_source_is_built(checkpoint, tmp_path, monkeypatch, capsys):
