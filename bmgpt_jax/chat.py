@@ -337,7 +337,8 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
     ap.add_argument("--smiles", action="append", help="a molecule (repeatable)")
     ap.add_argument("--protein", action="append", help="a protein sequence (repeatable)")
     ap.add_argument("--system", help="system prompt (default: the reference's)")
-    ap.add_argument("--output", help="--jsonl results, a row per line as each batch is answered (default: stdout)")
+    ap.add_argument("--output", help="--jsonl results, a row per line as each batch is answered (default: stdout); "
+                    "an existing file is overwritten, unless --resume")
     ap.add_argument("--resume", action="store_true",
                     help="with --output: keep the rows it holds and answer only the other lines")
     ap.add_argument("--batch-size", type=positive_int, help="--jsonl prompts per generate call (default 8)")

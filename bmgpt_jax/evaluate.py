@@ -19,7 +19,8 @@ the rule table (each process reads only its devices' slices; no device holds a s
 batch a global array sharded over `data` x `fsdp` with static shapes from a few buckets; with several
 processes each feeds its block of every batch and process 0 writes. The run folder (`--out-dir`) gets
 `predictions.jsonl` (each record's row as soon as it is answered, so a crash keeps what was done, and
-`--resume` asks only the records without a row),
+`--resume` asks only the records without a row; a run without it refuses a folder whose file holds rows,
+unless `--overwrite` discards them),
 `metrics.json` (after every source), `report.png` (ours beside the paper's figures) and the table on
 stdout. Records that cannot be asked (no answer, invalid SMILES, bad residues, too long) are reported on
 stderr, written with an `error`, and left out of the metrics; those the dataset's build left out
@@ -284,6 +285,20 @@ def evaluate(model, records: Sequence[Record], *, batch_size: int = 8, system: s
     return rows, metrics
 
 
+def _earlier_rows(path: Path) -> str | None:
+    """What an earlier run left in the predictions file `path` that a fresh run would discard, e.g. "48
+    finished prediction rows of an earlier run in predictions.jsonl"; None when it holds no complete row
+    (absent, empty, or only a torn line)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"{path.name}, which cannot be read ({e.strerror or type(e).__name__})"
+    n = sum(1 for line in data.split(b"\n")[:-1] if line.strip())      # the last piece: torn or empty
+    return f"{n} finished prediction row(s) of an earlier run in {path.name}" if n else None
+
+
 def _sorted_predictions(path: Path, sources: Sequence[str]) -> None:
     """Rewrite the predictions file (written in completion order) in source order, then by `index`."""
     rank = {s: k for k, s in enumerate(sources)}
@@ -311,24 +326,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true",
                     help="keep the finished rows in --out-dir (same checkpoint, mode, limit, options, system, "
                     "dtype) and ask the rest")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start afresh in an --out-dir that holds an earlier run's predictions, discarding them "
+                    "(without it, or --resume, such a folder is refused)")
     ap.add_argument("--system", help="system prompt (default: the reference's)")
     ap.add_argument("--scibert-vocab", help="SciBERT vocab.txt, folder or hub name (default: the sample folder's)")
     ap.add_argument("--nltk-data", help="folder holding corpora/wordnet (default: the sample folder's nltk_data)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     chat.add_generation_args(ap)
     args = ap.parse_args(argv)
-    from bmgpt_jax.distributed import initialize
+    if args.resume and args.overwrite:
+        ap.error("--resume keeps the predictions in --out-dir, --overwrite discards them: pass one")
+    from bmgpt_jax.distributed import broadcast_json, initialize
     initialize()
     writer = jax.process_index() == 0
     try:
         check_not_url(args.out_dir, "--out-dir")
-        check_output_folder(args.out_dir, "--out-dir")
+        check_output_folder(args.out_dir, "--out-dir", probe=writer)   # only process 0 writes there
         check_system(args.system)                   # as chat refuses it, not every record an error row
         chat.options_of(args)                       # generation options in range, before any data is built
         chat.mesh_of(args)                          # and a mesh the devices fit
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not (args.resume or args.overwrite):   # never discard finished work unasked (process 0's file decides)
+        earlier = broadcast_json(_earlier_rows(Path(args.out_dir) / "predictions.jsonl") if writer else None)
+        if earlier:
+            print(f"error: --out-dir {args.out_dir} holds {earlier}: pass --resume to continue that run, --overwrite "
+                  "to discard them, or another --out-dir", file=sys.stderr)
+            return 2
     try:                                            # the model folder's files, before any data is built
         check_model_folder(args.checkpoint)
     except (FileNotFoundError, ValueError) as e:

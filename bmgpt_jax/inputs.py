@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -127,17 +128,38 @@ def check_output_file(path: str | Path, flag: str) -> None:
         raise ValueError(f"{flag} {p}: the folder {p.parent} does not exist")
 
 
-def check_output_folder(path: str | Path, flag: str) -> None:
-    """ValueError naming `path` (the command line's `flag`) when no folder can be made there: it, or a
-    folder above it, exists and is not a folder (a file). Checked before a model loads, like
-    `check_output_file`."""
+def check_output_folder(path: str | Path, flag: str, probe: bool = True) -> None:
+    """ValueError naming `path` (the command line's `flag`, or a config key such as `out_dir`) when no
+    folder can be made there: it, or a folder above it, exists and is not a folder (a file); or (`probe`,
+    on the process that writes there) it cannot be created or written in: no permission, a read-only
+    disk, a name too long. The probe makes the missing folders and a file in the folder, then removes
+    what it made, so a command refused later leaves nothing behind. One line with the system's reason,
+    checked before a model loads or data is built, like `check_output_file`."""
     p = Path(path)
-    for above in (p, *p.parents):
-        if above.exists():
-            if not above.is_dir():
-                raise ValueError(f"{flag} {p} is a file, not a folder" if above == p else
-                                 f"{flag} {p}: {above} is a file, not a folder")
-            return
+    label = f"{flag} {p}" if flag.startswith("-") else f"{flag}={p}"
+    doing, made = "create", []
+    try:
+        for above in (p, *p.parents):
+            if above.exists():
+                if not above.is_dir():
+                    raise ValueError(f"{label} is a file, not a folder" if above == p else
+                                     f"{label}: {above} is a file, not a folder")
+                break
+            made.append(above)
+        if probe:
+            for folder in reversed(made):
+                folder.mkdir()
+            doing = "write in"
+            (p / f".bmgpt_jax-write-check-{os.getpid()}").touch()
+            (p / f".bmgpt_jax-write-check-{os.getpid()}").unlink()
+    except OSError as e:
+        raise ValueError(f"{label}: cannot {doing} it ({e.strerror or type(e).__name__})") from None
+    finally:
+        for folder in made:                             # deepest first; only those the probe made
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 def check_not_url(path: str | Path, what: str) -> None:

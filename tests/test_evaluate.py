@@ -3,6 +3,7 @@ counted and written, the same answers on one device and on a sharded mesh, the C
 rows, chart), predictions kept across a crash, and one-line errors for bad sources and missing resources."""
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,7 +165,7 @@ def test_records_the_build_left_out_are_counted(checkpoint, tmp_path, capsys):
         (raw / f"chebi20_{split}.txt").write_text("CID\tSMILES\tdescription\n" + "\n".join(rows) + "\n")
     argv = ["--checkpoint", str(checkpoint), "--source", "chebi20:test", "--raw-dir", str(raw.parent), "--data-dir",
             str(tmp_path / "tfds"), "--out-dir", str(tmp_path / "run"), "--mode", "generate", "--max-new-tokens", "2",
-            "--no-progress"]
+            "--no-progress", "--overwrite"]          # each run replaces the one before
     for run in ("built", "cached"):
         assert ev.main(argv) == 0
         m = json.loads((tmp_path / "run" / "metrics.json").read_text())["sources"]["chebi20:test"]
@@ -304,6 +305,35 @@ def test_a_crash_keeps_the_predictions_made_and_resume_asks_only_the_rest(checkp
         assert message in capsys.readouterr().err
 
 
+def test_a_fresh_run_refuses_to_discard_an_earlier_run_s_predictions(checkpoint, tmp_path, monkeypatch, capsys):
+    """Rerunning an interrupted evaluate without --resume rewrote its predictions.jsonl empty: hours of
+    finished generations at 10B gone, nothing said. Now one line with the count, before the model loads;
+    --resume and --overwrite go on, and a fresh folder (or one with only a torn line) is no obstacle."""
+    out = tmp_path / "run"
+    out.mkdir()
+    rows = [{"source": "demo:test", "index": i, "prediction": "x"} for i in range(3)]
+    kept = "".join(json.dumps(r) + "\n" for r in rows) + '{"source": "demo:te'       # 3 rows, then a torn line
+    (out / "predictions.jsonl").write_text(kept)
+    base = ["--checkpoint", str(checkpoint), "--source", "demo:test", "--limit", "2", "--mesh", "1,1,1",
+            "--max-new-tokens", "2", "--no-progress", "--out-dir", str(out)]
+    assert refused(base, monkeypatch, capsys) == (
+        f"error: --out-dir {out} holds 3 finished prediction row(s) of an earlier run in predictions.jsonl: pass "
+        "--resume to continue that run, --overwrite to discard them, or another --out-dir")
+    assert (out / "predictions.jsonl").read_text() == kept
+    with pytest.raises(SystemExit):
+        ev.main(base + ["--resume", "--overwrite"])
+    assert "--resume keeps the predictions in --out-dir, --overwrite discards them" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert ev.main(base + ["--overwrite"]) == 0
+    first = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in first] == [0, 1]
+    assert ev.main(base + ["--resume"]) == 0                         # the same run goes on: nothing left to ask
+    assert "demo:test: nothing left to ask" in capsys.readouterr().err
+    (out / "predictions.jsonl").write_text('{"source": "demo:te')   # only a torn line: no finished row to lose
+    assert ev.main(base) == 0
+    assert ev.main(base[:-1] + [str(tmp_path / "fresh")]) == 0
+
+
 def test_resume_refuses_another_system_or_dtype(checkpoint, tmp_path, capsys):
     """`--system` and `--dtype` change every answer, yet `--resume` continued a run started with other ones
     (one predictions file, two settings). A metrics.json that does not record them (an older version's)
@@ -405,6 +435,19 @@ def test_an_out_dir_that_is_a_file_is_refused_up_front(checkpoint, tmp_path, mon
     assert refused(base + ["--out-dir", str(afile / "run")], monkeypatch, capsys) == \
         f"error: --out-dir {afile / 'run'}: {afile} is a file, not a folder"
     assert afile.read_text() == "notes\n"
+
+
+def test_an_out_dir_that_cannot_be_made_is_refused_up_front(checkpoint, tmp_path, monkeypatch, capsys):
+    """`--out-dir /proc/ev` was a chained FileNotFoundError traceback after the model had loaded. Now one
+    line naming the flag, before anything is built or loaded, and the probe leaves nothing behind."""
+    base = ["--checkpoint", str(checkpoint), "--source", "demo:test", "--limit", "2"]
+    long = tmp_path / "ok" / ("x" * 300)                          # a name too long: fails as non-root too
+    assert refused(base + ["--out-dir", str(long)], monkeypatch, capsys) == \
+        f"error: --out-dir {long}: cannot create it (File name too long)"
+    assert not (tmp_path / "ok").exists()
+    if Path("/proc/self").is_dir():                                # Linux: procfs takes no new folder
+        line = refused(base + ["--out-dir", "/proc/bmgpt_jax_ev"], monkeypatch, capsys)
+        assert line.startswith("error: --out-dir /proc/bmgpt_jax_ev: cannot create it ("), line
 
 
 def test_the_model_folder_is_checked_before_any_source_is_built(checkpoint, tmp_path, monkeypatch, capsys):

@@ -31,9 +31,9 @@ from bmgpt_jax import config as config_lib
 from bmgpt_jax import logs, parallel
 from bmgpt_jax.convert import stream
 from bmgpt_jax.data.examples import check_ids
-from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, global_batch, stack_batches
-from bmgpt_jax.distributed import check_shared_folder
-from bmgpt_jax.inputs import check_not_url
+from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, WorkerDied, global_batch, stack_batches
+from bmgpt_jax.distributed import broadcast_json, check_shared_folder
+from bmgpt_jax.inputs import check_not_url, check_output_folder
 from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
 from bmgpt_jax.parallel import abstract_state, batch_shardings
 from bmgpt_jax.training import messages
@@ -185,11 +185,22 @@ def _batches(it, cfg: TrainConfig) -> Iterator[tuple[str, dict[str, np.ndarray]]
 
 def check_run_folders(cfg: TrainConfig) -> None:
     """`out_dir` and `checkpoint.dir` are paths the run writes with file operations (a URL such as gs://...
-    is refused: mount the bucket instead), with several processes the checkpoint folder is one that
+    is refused: mount the bucket instead) that process 0 can create and write in (`inputs.check_output_folder`,
+    its verdict shared, so every process stops on it), with several processes the checkpoint folder is one that
     every process sees (`distributed.check_shared_folder`), and the export's `{out_dir}/final` holds
     nothing the export would delete that is not an earlier export (`convert.stream.check_destination`)."""
     check_not_url(cfg.out_dir, "out_dir")
     check_not_url(cfg.checkpoint.dir, "checkpoint.dir")
+    problem = None
+    if jax.process_index() == 0:
+        try:
+            check_output_folder(cfg.out_dir, "out_dir")
+            check_output_folder(cfg.checkpoint.dir, "checkpoint.dir")
+        except ValueError as e:
+            problem = str(e)
+    problem = broadcast_json(problem)
+    if problem:
+        raise ValueError(problem)
     check_shared_folder(cfg.checkpoint.dir, "checkpoint.dir")
     if cfg.export:   # the end-of-run export replaces {out_dir}/final: refuse now what it would refuse then
         stream.check_destination(Path(cfg.out_dir) / "final", "dir", keep=cfg.checkpoint.dir)
@@ -396,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"train: {type(e).__name__}: {message}", file=sys.stderr)
         return 2
+    except WorkerDied as e:             # an encoding process killed alone (out of memory?): no traceback
+        log.debug("traceback", exc_info=True)
+        print(f"train: {e}", file=sys.stderr)
+        return 1
     for line in messages.summary(result):
         print(line)
     if jax.process_index() == 0:

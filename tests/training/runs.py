@@ -41,11 +41,11 @@ def _losses(out_dir):
     return {r["step"]: r["loss"] for r in rows}
 
 
-def _spawn(args, env_extra=None):
+def _spawn(args, env_extra=None, **popen):
     env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu",
            **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-m", "bmgpt_jax.train", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
 def _wait_for_checkpoint(proc, ckpt_dir, min_step, timeout=240):

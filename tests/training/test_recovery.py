@@ -1,5 +1,6 @@
 """The training job survives: SIGKILL then resume (bit-exact), SIGTERM / Ctrl-C save and exit, a restore
 onto another mesh, and two processes reaching one process's losses."""
+import glob
 import os
 import signal
 import time
@@ -50,6 +51,47 @@ def test_a_stop_signal_saves_and_exits(tmp_path, sig):
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
     assert f"stopped by {sig.name} at step {max(steps)} of 100000; continue with: python -m bmgpt_jax.train" in output
     assert output.rstrip().endswith(f"TensorBoard:  tensorboard --logdir {out_dir / 'tensorboard'}")
+
+
+def _living_in_group(pgid: int) -> list[int]:
+    """The processes of process group `pgid` that are not zombies (an orphan's exit status waits on init)."""
+    pids = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue                        # gone meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.split("/")[2]))
+    return pids
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_to_the_process_group_with_encoding_workers(tmp_path, sig):
+    """A terminal's Ctrl-C and slurm's scancel signal every process of the group, the encoding workers
+    too: they ignore it, the run saves and exits 0 with the resume command, and no worker is left."""
+    out_dir = tmp_path / "group"
+    proc = _spawn(SMALL + ["steps=100000", "checkpoint.every=1000", "data.workers=2", "data.window_batches=2",
+                           f"out_dir={out_dir}"], start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while not (out_dir / "metrics.jsonl").exists() or len(_losses(out_dir)) < 2:
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        os.killpg(proc.pid, sig)
+        output, = communicate([proc], timeout=60)
+    finally:
+        end = time.time() + 5                  # the resource tracker ends when it reads the run's exit
+        while (left := _living_in_group(proc.pid)) and time.time() < end:
+            time.sleep(0.1)
+        for pid in left:                       # the run and its workers must not outlive the test
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
+    assert not left, f"processes of the run's group (encoding workers) outlived it: {left}"
+    steps = [int(d) for d in os.listdir(out_dir / "checkpoints") if d.isdigit()]
+    assert steps and max(steps) == max(_losses(out_dir))
+    assert f"stopped by {sig.name} at step {max(steps)} of 100000; continue with: python -m bmgpt_jax.train" in output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
 
 
 def test_restore_onto_another_mesh(tmp_path):

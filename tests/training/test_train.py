@@ -388,3 +388,40 @@ def test_a_second_ctrl_c_aborts_in_one_line(monkeypatch, capsys):
     assert train.main(SMALL) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["train: aborted by a second Ctrl-C; the last saved checkpoint is kept (--resume continues from it)"]
+
+
+def test_an_encoding_worker_that_died_is_one_line(monkeypatch, capsys):
+    from bmgpt_jax.data.pipeline import WorkerDied
+
+    def died(cfg, resume=False):
+        raise WorkerDied("data: encoding worker 1 (pid 7, data.workers=2) died (killed by SIGKILL) while encoding "
+                         "window 3 of epoch 0: ...")
+    monkeypatch.setattr(train, "run", died)
+    assert train.main(SMALL) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train: data: encoding worker 1 (pid 7, data.workers=2) died"), err
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line_before_any_build(tmp_path, monkeypatch, capsys):
+    """`out_dir=/sys/run` was a PermissionError traceback from the checkpointer's mkdir, after the data and the
+    model were built (at 10B: the init weights read). Now one line naming the key, before either, and the
+    probe leaves no folder behind."""
+    def never(*args, **kwargs):
+        raise AssertionError("the data or the model was built before the run's folders were checked")
+    monkeypatch.setattr(train, "BatchIterator", never)
+    monkeypatch.setattr(train, "build_model", never)
+    afile = tmp_path / "afile"
+    afile.write_text("notes\n")
+    long = tmp_path / ("x" * 300) / "run"                        # a name too long: mkdir fails as non-root too
+    for key, path, why in [("out_dir", afile / "run", f"{afile} is a file, not a folder"),
+                           ("out_dir", long, "cannot create it (File name too long)"),
+                           ("checkpoint.dir", long, "cannot create it (File name too long)")]:
+        assert train.main(SMALL + [f"out_dir={tmp_path / 'ok'}", f"{key}={path}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"train: ValueError: {key}={path}: {why}"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]   # the probe of ok/ removed what it made
+    if Path("/sys").is_dir() and not Path("/sys/bmgpt_jax_run").exists():   # Linux: sysfs takes no new folder
+        assert train.main(SMALL + ["out_dir=/sys/bmgpt_jax_run/x"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.fullmatch(r"train: ValueError: out_dir=/sys/bmgpt_jax_run/x: cannot create it "
+                                              r"\((Operation not permitted|Permission denied)\)", err[0]), err
