@@ -31,7 +31,8 @@ from bmgpt_jax import config as config_lib
 from bmgpt_jax import logs, parallel
 from bmgpt_jax.convert import stream
 from bmgpt_jax.data.examples import check_ids
-from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, WorkerDied, global_batch, stack_batches
+from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, global_batch, stack_batches
+from bmgpt_jax.data.workers import WorkerDied
 from bmgpt_jax.distributed import broadcast_json, check_shared_folder
 from bmgpt_jax.inputs import check_not_url, check_output_folder
 from bmgpt_jax.models.biomedgpt import BioMedGPTConfig

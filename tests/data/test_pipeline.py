@@ -175,7 +175,7 @@ def test_workers_ignore_stop_signals_and_a_dead_one_is_an_error(cfg):
     import signal
     import time
 
-    from bmgpt_jax.data.pipeline import WorkerDied, _Workers
+    from bmgpt_jax.data.workers import WorkerDied, Workers
     inline = _take(BatchIterator(cfg), 7)
     it = BatchIterator(dataclasses.replace(cfg, workers=2))
     try:
@@ -195,7 +195,7 @@ def test_workers_ignore_stop_signals_and_a_dead_one_is_an_error(cfg):
         start = time.monotonic()
         it.close()
         assert time.monotonic() - start < 10
-    workers = _Workers(1, it.tokenizer, it.options)                 # dies holding a job: the wait ends too
+    workers = Workers(1, it.tokenizer, it.options)                 # dies holding a job: the wait ends too
     try:
         os.kill(workers.procs[0].pid, signal.SIGSTOP)
         job = workers.submit([it.records[i] for i in range(4)])

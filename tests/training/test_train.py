@@ -391,7 +391,7 @@ def test_a_second_ctrl_c_aborts_in_one_line(monkeypatch, capsys):
 
 
 def test_an_encoding_worker_that_died_is_one_line(monkeypatch, capsys):
-    from bmgpt_jax.data.pipeline import WorkerDied
+    from bmgpt_jax.data.workers import WorkerDied
 
     def died(cfg, resume=False):
         raise WorkerDied("data: encoding worker 1 (pid 7, data.workers=2) died (killed by SIGKILL) while encoding "
