@@ -12,7 +12,7 @@ from bmgpt_jax import parallel
 from bmgpt_jax.data.records import Record
 from bmgpt_jax.data.text import attach_tokenizer, load_tokenizer
 from bmgpt_jax.evaluation import batches
-from bmgpt_jax.evaluation.choices import answer_options
+from bmgpt_jax.evaluation.choices import answer_options, gold_key
 from bmgpt_jax.evaluation.scoring import MeshModel
 from tests.biomedgpt_pair import tiny_pair
 
@@ -76,7 +76,7 @@ def test_option_logprobs_match_transformers(pair, tok, shape):
             assert abs(got[key] - want[key]) < 2e-3 * max(1.0, abs(want[key])), (record.id, key, got, want)
         best = max(want, key=want.get)
         per_char = {k: want[k] / len(answer_options(record)[k]) for k in want}
-        assert row["ll_choice"] == best and row["ll_correct"] == (best == ev.gold_key(record))
+        assert row["ll_choice"] == best and row["ll_correct"] == (best == gold_key(record))
         assert row["ll_choice_norm"] == max(per_char, key=per_char.get)
         assert "prediction" not in row
     assert metrics["n"] == 4 and metrics["ll_accuracy"] == np.mean([r["ll_correct"] for r in rows])
