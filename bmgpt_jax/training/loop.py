@@ -29,15 +29,13 @@ from flax import nnx
 
 from bmgpt_jax import config as config_lib
 from bmgpt_jax import logs, parallel
-from bmgpt_jax.convert import stream
 from bmgpt_jax.data.examples import check_ids
 from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, global_batch, stack_batches
 from bmgpt_jax.data.workers import WorkerDied
-from bmgpt_jax.distributed import broadcast_json, check_shared_folder
-from bmgpt_jax.inputs import check_not_url, check_output_folder
 from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
 from bmgpt_jax.parallel import abstract_state, batch_shardings
 from bmgpt_jax.training import messages
+from bmgpt_jax.training.checks import check_inputs, check_layout, check_run_folders
 from bmgpt_jax.training.checkpoint import CheckpointConfig, Checkpointer, CheckpointMismatch, saved_steps
 from bmgpt_jax.training.dropped import DropTally
 from bmgpt_jax.training.monitor import (Monitor, NonFiniteLossError, check_loss, matmul_params,
@@ -111,42 +109,6 @@ def load_config(path: str | None = "tiny", overrides=()) -> TrainConfig:
     return replace(cfg, model=replace(cfg.model, **subs))
 
 
-def check_layout(cfg: TrainConfig, mesh) -> None:
-    """Errors that must come before any compute: batch vs data axes, micro-batching vs processes."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    rows = cfg.data.batch_size // jax.process_count()
-    if cfg.data.batch_size % jax.process_count() or cfg.data.batch_size % shards:
-        raise ValueError(f"data.batch_size {cfg.data.batch_size} does not divide over the mesh's data axes "
-                         f"(data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} = {shards}) and "
-                         f"{jax.process_count()} process(es)")
-    entities = () if cfg.stage == "lm" else ("node_budget", "edge_budget", "graph_budget", "protein_budget")
-    for name in entities:                        # the lm stage's batches carry no graphs or proteins
-        budget = getattr(cfg.data, name)
-        if budget and (budget * jax.process_count()) % shards:
-            raise ValueError(f"data.{name} {budget} per process does not divide over {shards} data shards")
-    if rows < 1:
-        raise ValueError(f"data.batch_size {cfg.data.batch_size} is smaller than the process count")
-
-
-def check_inputs(cfg: TrainConfig) -> None:
-    """Before any data is built or model loaded: FileNotFoundError listing every given input path (weights,
-    configs, tokenizer) that does not exist, then the init sources against the model config
-    (`stages.check_sources`: their config.json and tensor shapes, a decoder vocabulary larger than the
-    model's; `model.lm.vocab_size: 0` read from the tokenizer as the run will)."""
-    paths = {f"init.{f.name}": getattr(cfg.init, f.name) for f in dataclasses.fields(cfg.init) if f.name != "seed"}
-    paths["data.tokenizer"] = cfg.data.tokenizer
-    missing = [f"{key}={path}" for key, path in paths.items() if path and not Path(path).exists()]
-    if missing:
-        raise FileNotFoundError(f"not found (relative to {Path.cwd()}): {', '.join(missing)}")
-    from bmgpt_jax.training import stages
-    model = cfg.model
-    if (cfg.init.hf_llama or cfg.init.openbiomed) and not model.lm.vocab_size:
-        from bmgpt_jax.data.text import load_tokenizer
-        lm = dataclasses.replace(model.lm, vocab_size=load_tokenizer(cfg.data.tokenizer).vocab_size)
-        model = dataclasses.replace(model, lm=lm)
-    stages.check_sources(cfg.stage, model, cfg.init)
-
-
 def resolve_tokenizer(cfg: TrainConfig, tok) -> TrainConfig:
     """The decoder's vocabulary and special ids from the tokenizer: `model.lm.vocab_size: 0` means "the
     tokenizer's" (otherwise it must hold the tokenizer's ids), and bos/eos/pad always follow the
@@ -182,29 +144,6 @@ def _batches(it, cfg: TrainConfig) -> Iterator[tuple[str, dict[str, np.ndarray]]
         batch = {key: batch[key] for key in TEXT_KEYS} if cfg.stage == "lm" else batch
         check_ids(batch, cfg.model.lm.vocab_size, esm_vocab, where=where)
         yield where, batch
-
-
-def check_run_folders(cfg: TrainConfig) -> None:
-    """`out_dir` and `checkpoint.dir` are paths the run writes with file operations (a URL such as gs://...
-    is refused: mount the bucket instead) that process 0 can create and write in (`inputs.check_output_folder`,
-    its verdict shared, so every process stops on it), with several processes the checkpoint folder is one that
-    every process sees (`distributed.check_shared_folder`), and the export's `{out_dir}/final` holds
-    nothing the export would delete that is not an earlier export (`convert.stream.check_destination`)."""
-    check_not_url(cfg.out_dir, "out_dir")
-    check_not_url(cfg.checkpoint.dir, "checkpoint.dir")
-    problem = None
-    if jax.process_index() == 0:
-        try:
-            check_output_folder(cfg.out_dir, "out_dir")
-            check_output_folder(cfg.checkpoint.dir, "checkpoint.dir")
-        except ValueError as e:
-            problem = str(e)
-    problem = broadcast_json(problem)
-    if problem:
-        raise ValueError(problem)
-    check_shared_folder(cfg.checkpoint.dir, "checkpoint.dir")
-    if cfg.export:   # the end-of-run export replaces {out_dir}/final: refuse now what it would refuse then
-        stream.check_destination(Path(cfg.out_dir) / "final", "dir", keep=cfg.checkpoint.dir)
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:

@@ -156,7 +156,7 @@ def _check_openbiomed(init: InitConfig, cfg: BioMedGPTConfig, source, quiet: boo
 
 def check_sources(stage: Stage, cfg: BioMedGPTConfig, init: InitConfig) -> None:
     """What `build_model` would refuse in the init sources, found in seconds, before any data is built
-    (`loop.check_inputs`): each config.json the stage reads exists and describes the config's model (the
+    (`checks.check_inputs`): each config.json the stage reads exists and describes the config's model (the
     differences `_check_same` refuses, a decoder vocabulary larger than the config's), and the HF folders'
     tensors have the shapes that model needs (their headers only: `tensor_map.check`). `cfg.lm.vocab_size`
     must be resolved (not 0). Reports nothing: the loaders log the rows added and the values overridden."""
