@@ -52,6 +52,19 @@ def test_score_rows(shared_data):
     assert m["bleu4"] == pytest.approx(1.0) and m["meteor"] > 0.99 and m["exact_match"] == 1.0
 
 
+def test_exact_match_compares_normalized_texts(shared_data):
+    """exact_match compares the texts lowercased, with whitespace collapsed and a final period dropped
+    (docs/evaluate.md), and nothing more: of the three generated answers below, the first two match by that
+    rule (case / spacing / period, and PubMedQA's long answer), the third differs by a word: 2 of 3."""
+    records = [Record((), "Describe.", "It is a molecule."), Record((), "Q?", "Yes. It works.", label="yes"),
+               Record((), "Describe.", "It is an acid.")]
+    rows = [{"prediction": "  it  is a MOLECULE"}, {"prediction": "yes.  it WORKS"},
+            {"prediction": "It is a acid."}]
+    for r, row in zip(records[1:2], rows[1:2]):
+        ev.read_choice(r, row)
+    assert ev.score(records, rows)["exact_match"] == pytest.approx(2 / 3)
+
+
 def test_report_table_and_chart(tmp_path):
     metrics = {"pubmedqa:test": {"n": 4, "skipped": 1, "accuracy": 0.5, "ll_accuracy": 0.75},
                "chebi20:test": {"n": 3, "skipped": 0, "bleu2": 0.2, "meteor": 0.3}}

@@ -400,3 +400,18 @@ def test_config_and_sources(cfg, monkeypatch, tmp_path):
     assert len(recs) == 141 + 400 and recs[0].id == "P15455" and recs[141].id == "NCI1"
     monkeypatch.setenv("BMGPT_SHARED_DATA", str(tmp_path / "absent"))
     assert len(Records(dataclasses.replace(cfg, sources=("auto",)))) == 400    # demo only without samples
+
+
+def test_hosts_cover_an_epoch_whose_last_window_splits_unevenly(cfg, tok):
+    """105 records on 2 hosts of 4 rows (8 global), windows of 2 batches (16 records): 6 full windows give
+    each host 12 batches, and the last window's 105 - 96 = 9 records split 5 / 4, so host 0 needs
+    ceil(5 / 4) = 2 more batches (counting floor(9 / 2) = 4 records per host would say 1 and lose one
+    record); both hosts emit 14 batches and every record comes out once."""
+    recs = [Record((), f"Question {i}?", f"Answer {i}.") for i in range(105)]
+    c = dataclasses.replace(cfg, batch_size=8, window_batches=2, num_epochs=1)
+    hosts = [BatchIterator(c, process_index=p, process_count=2, records=recs) for p in range(2)]
+    batches = [list(h) for h in hosts]
+    assert len(batches[0]) == len(batches[1]) == 6 * 2 + 2
+    answers = [r.answer for bs in batches for bt in bs for _, r in _rows(bt, tok, recs)]
+    assert sorted(answers) == sorted(r.answer for r in recs)
+    assert sum(sum(h.dropped.values()) for h in hosts) == 0

@@ -51,8 +51,13 @@ def test_options_that_differ_in_symbols_or_not_at_all(text, options, expected):
 @pytest.mark.parametrize("text, expected", [
     ("Yes. The study shows ...", "yes"), ("no", "no"), ("MAYBE, the data are unclear", "maybe"),
     ("The answer is no.", "no"), ("Answer: yes", "yes"), ("Not clear", None), ("Nothing was found", None),
+    # a yes/no/maybe inside a sentence is not an answer: only a leading one or one after "answer (is)"
+    ("There is no evidence either way.", None), ("It may be, maybe not.", None),
+    ("There is no significant effect, so the answer is yes.", "yes"),
 ])
 def test_yes_no_extraction(text, expected):
+    """PubMedQA answers: a leading yes/no/maybe or the one after "answer (is)"; a word such as the "no" of
+    "there is no evidence" is not read as the answer."""
     assert extract_choice(text, yes_no=True) == expected
 
 

@@ -241,3 +241,66 @@ def test_schedule_length_zero_means_the_run_decides():
         make_schedule(OptimConfig())
     with pytest.raises(ValueError, match=r"optim.warmup_steps \(50\) exceeds optim.total_steps \(40\)"):
         OptimConfig(warmup_steps=50, total_steps=40)
+
+
+def test_make_optimizer_decays_matrices_and_not_biases():
+    """The AdamW that `make_optimizer` builds applies `_decay_mask` (the mask test above checks only the
+    mask itself). With a zero gradient Adam's own step is 0 (mu = nu = 0), so the whole update is the decay:
+    -lr * weight_decay * w on the kernels, nothing on the (non-zero) bias."""
+    model = Toy(nnx.Rngs(0))
+    model.up.bias[...] = jnp.linspace(0.5, 2.0, model.up.bias.shape[0])      # a decayed bias would move
+    graphdef, trainable, frozen = split_trainable(model)
+    lr, wd = 0.1, 0.5
+    tx = make_optimizer(OptimConfig(lr=lr, warmup_steps=0, total_steps=10, weight_decay=wd, clip_norm=0))
+    zero = jax.tree.map(jnp.zeros_like, trainable)
+    updates, _ = tx.update(zero, tx.init(trainable), trainable)
+    np.testing.assert_array_equal(updates["up"]["bias"][...], np.zeros(16))
+    for name in ("up", "down"):
+        w = np.asarray(trainable[name]["kernel"][...])
+        np.testing.assert_allclose(updates[name]["kernel"][...], -lr * wd * w, rtol=1e-6, err_msg=name)
+
+
+def test_grad_norm_metric_is_the_norm_of_the_token_mean_gradient_before_clipping():
+    """metrics['grad_norm'] is the global norm of the gradient of loss_sum / n_tokens (what the optimizer
+    receives), before the clip: the reference differentiates the token-mean toy loss directly, and the clip
+    (1e-3) is far below it, so neither the summed gradient's norm (n_tokens times larger) nor the clipped
+    one's would match."""
+    graphdef, trainable, frozen = split_trainable(Toy(nnx.Rngs(0)))
+    tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, total_steps=20, clip_norm=1e-3))
+    batch = toy_batch()
+
+    def mean_loss(params):
+        s, n = toy_loss(nnx.merge(graphdef, params, frozen), batch)
+        return s / n
+    grads = jax.grad(mean_loss)(trainable)
+    want = np.sqrt(sum(float(np.sum(np.square(g))) for g in jax.tree.leaves(grads)))
+    assert want > 1e-2                                       # ten times the clip
+    for k, b in ((1, batch), (2, micro_batches(batch, 2))):
+        _, _, m = jax.jit(make_train_step(toy_loss, tx, grad_accum=k))(graphdef, trainable, frozen,
+                                                                       tx.init(trainable), b)
+        np.testing.assert_allclose(m["grad_norm"], want, rtol=1e-5, err_msg=f"grad_accum={k}")
+
+
+def test_nonfinite_skip_catches_a_nonfinite_gradient_under_a_finite_loss():
+    """skip_nonfinite skips a step whose loss is finite but whose gradient is not (here an identity with an
+    infinite backward pass around the loss): the state stays as it was and `finite` is 0 (without the skip
+    too, which reports it)."""
+    graphdef, trainable, frozen = split_trainable(Toy(nnx.Rngs(2)))
+    tx = make_optimizer(NO_WARMUP)
+
+    @jax.custom_vjp
+    def inf_grad(x):
+        return x
+    inf_grad.defvjp(lambda x: (x, None), lambda _, g: (g * jnp.inf,))
+
+    def loss(model, batch):
+        s, n = toy_loss(model, batch)
+        return inf_grad(s), n
+    opt_state = tx.init(trainable)
+    skip = jax.jit(make_train_step(loss, tx, skip_nonfinite=True))
+    t2, o2, m = skip(graphdef, trainable, frozen, opt_state, toy_batch())
+    assert np.isfinite(float(m["loss"])) and float(m["finite"]) == 0.0
+    for a, b in zip(jax.tree.leaves((t2, o2)), jax.tree.leaves((trainable, opt_state)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    _, _, m = jax.jit(make_train_step(loss, tx))(graphdef, trainable, frozen, opt_state, toy_batch())
+    assert np.isfinite(float(m["loss"])) and float(m["finite"]) == 0.0

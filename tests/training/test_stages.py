@@ -2,7 +2,7 @@
 32000 token rows under BioMedGPT's 32001 (`[PAD]` added) grow by the mean row, as transformers'
 `resize_token_embeddings` does; a larger checkpoint vocabulary or another shape is an error; a differing
 `rms_norm_eps` is the config's, with a warning; and `loop.check_inputs` finds all that before any data is
-built."""
+built. Also the stages' default trainable sets (LoRA finetuning: both LoRA factors and the adaptors)."""
 import copy
 import dataclasses
 import json
@@ -273,3 +273,22 @@ def test_stage_1_trains_from_a_checkpoint_without_pad(tmp_path, caplog):
     assert sorted(out["losses"]) == [1, 2] and all(np.isfinite(list(out["losses"].values())))
     assert out["model"].config.vocab_size == pieces + 1 and out["model"].config.rms_norm_eps == 1e-6
     assert jax.tree.leaves(nnx.state(out["model"]))
+
+
+def test_lora_finetune_trains_both_lora_factors_and_the_adaptors():
+    """With `lora_rank` > 0 the finetune stage trains the adaptors and every LoRA factor, `lora_a` and
+    `lora_b`, and nothing else of the decoder. (`lora_b` starts at zero, so with `lora_a` alone every LoRA
+    gradient, d(B A x)/dA = B^T (...), would stay zero and the decoder would never change.) The expected
+    set is read off the model's parameter paths by name."""
+    from bmgpt_jax.training.optim import path_str, trainable_filter
+    cfg = train.load_config("tiny_finetune", ["model.lm.lora_rank=4", "model.lm.vocab_size=64"])
+    make, _ = stages.model_factory("finetune", cfg.model)
+    model = nnx.eval_shape(make)
+    paths = [path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    want = {p for p in paths if p.startswith(("proj_mol.", "proj_prot.")) or
+            p.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
+    assert any(p.endswith(".lora_a") for p in want) and any(p.endswith(".lora_b") for p in want)
+    assert any(p.startswith("llm.") and p not in want for p in paths)          # the frozen base weights
+    pats = stages.trainable_patterns("finetune", cfg.model, ())
+    got = {path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, trainable_filter(pats)))}
+    assert got == want, (sorted(got - want), sorted(want - got))

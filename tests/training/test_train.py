@@ -122,6 +122,37 @@ def test_gradient_accumulation_runs_sharded(tmp_path):
     assert sorted(out["losses"]) == [1, 2] and all(np.isfinite(v) for v in out["losses"].values())
 
 
+def test_gradient_accumulation_stacks_consecutive_pipeline_batches(tmp_path):
+    """What the loop feeds the step with `grad_accum` 2 (`loop._batches`, no training): micro-batch j of
+    each step is the j-th of two consecutive pipeline batches (read from a second iterator over the same
+    data), widened to the longer one's T by padding on the right and its molecule slots b*T0+t moved to
+    b*T+t, and each step names the data position of its first batch."""
+    cfg = cfg_for(tmp_path, "stage=align", "optim.grad_accum=2", "data.seq_buckets=[96,160]")
+    gin = cfg.model.gin
+    it, ref = (BatchIterator(cfg.data, max_atoms=gin.max_atoms, over_cap=gin.over_cap) for _ in range(2))
+    cfg = train.resolve_tokenizer(cfg, it.tokenizer)
+    stream = train._batches(it, cfg)
+    widths = set()
+    for step in range(2):
+        where, got = next(stream)
+        assert where.endswith(f"epoch 0, window 0, batch {2 * step}"), where
+        pair = [next(ref), next(ref)]
+        assert not np.array_equal(pair[0]["mol_atoms"], pair[1]["mol_atoms"])    # two different batches
+        T = max(b["input_ids"].shape[1] for b in pair)
+        assert got["input_ids"].shape == (2, *pair[0]["input_ids"].shape[:1], T)
+        for j, b in enumerate(pair):
+            T0 = b["input_ids"].shape[1]
+            widths.add(T0)
+            for key in ("input_ids", "attention_mask", "loss_mask"):
+                np.testing.assert_array_equal(got[key][j, :, :T0], b[key], err_msg=key)
+                assert not got[key][j, :, T0:].any(), key
+            for key in ("mol_atoms", "mol_bonds", "mol_senders", "mol_receivers", "mol_n_node"):
+                np.testing.assert_array_equal(got[key][j], b[key], err_msg=key)
+            s = b["mol_slot"]
+            np.testing.assert_array_equal(got["mol_slot"][j], np.where(s >= 0, s // T0 * T + s % T0, -1))
+    assert widths == {96, 160}                                  # one step widened a 96 batch to 160
+
+
 def test_nonfinite_loss_stops_naming_the_step_or_skips(tmp_path):
     """`stop` names the step, its batch and the checkpoint to go back to; `skip` skips, counts the skipped
     steps in the end lines (no NaN ratio), and stops past max_nonfinite_in_a_row, that step saved."""
