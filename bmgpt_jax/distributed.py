@@ -18,11 +18,13 @@ the variable to fix (a coordinator or process id without a process count, a coun
 outside the count, a coordinator not `host:port`): left alone, each host would run a job of its own.
 
 Once up: `broadcast_json` hands process 0's small host-side facts to every process (what it read from a
-folder only it reads), and `check_shared_folder` stops a job whose checkpoint folder is not one folder
-that every host sees.
+folder only it reads), `check_shared_folder` stops a job whose checkpoint folder is not one folder
+that every host sees, and `raise_on_every_process` turns a failure on one host into the same error on
+every host (instead of the others waiting for it, for ever, in their next collective).
 """
 from __future__ import annotations
 
+import builtins
 import json
 import os
 from pathlib import Path
@@ -99,6 +101,48 @@ def broadcast_json(obj):
     size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
     buf = data if data.size == size else np.zeros(size, np.uint8)
     return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes())
+
+
+MESSAGE_BYTES = 4096   # of a failure's message (UTF-8) that `raise_on_every_process` hands the others
+
+
+def raise_on_every_process(error: Exception | None, what: str) -> None:
+    """With several processes: each passes its outcome of the same step (`error`, None when it succeeded);
+    the first failing process's error is raised on every process, so none goes on to a collective that a
+    failed process will never reach (a hang). The failing process re-raises `error` itself; the others raise
+    an exception of its type (its nearest builtin base; RuntimeError where that cannot be made from one
+    message) whose one line says `what` failed on which process, and why. Every process must call it, at
+    the same point; it is a barrier. One process: `error` raised, if any."""
+    if jax.process_count() == 1:
+        if error is not None:
+            raise error
+        return
+    from jax.experimental import multihost_utils
+    kind = "RuntimeError"
+    text = b""
+    if error is not None:
+        kind = next(c.__name__ for c in type(error).__mro__ if getattr(builtins, c.__name__, None) is c)
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        text = f"{kind}\n{message}".encode()[:MESSAGE_BYTES]
+    buf = np.zeros(MESSAGE_BYTES + 1, np.uint8)     # [0]: failed; then the type's name and the message
+    buf[0] = error is not None
+    buf[1:1 + len(text)] = np.frombuffer(text, np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(buf)).reshape(jax.process_count(), -1)
+    failed = [int(i) for i in np.flatnonzero(every[:, 0])]
+    if not failed:
+        return
+    if error is not None:
+        raise error
+    first = failed[0]
+    kind, _, message = every[first, 1:].tobytes().rstrip(b"\0").decode("utf-8", "replace").partition("\n")
+    others = f" (and on process(es) {failed[1:]})" if len(failed) > 1 else ""
+    line = f"{what} failed on process {first}{others}: {message}"
+    cls = getattr(builtins, kind, RuntimeError)
+    try:
+        exc = cls(line) if isinstance(cls, type) and issubclass(cls, Exception) else RuntimeError(line)
+    except TypeError:           # a builtin that takes more than a message (UnicodeDecodeError)
+        exc = RuntimeError(f"{kind}: {line}")
+    raise exc
 
 
 def check_shared_folder(path: str | os.PathLike, what: str) -> None:

@@ -276,3 +276,53 @@ def test_a_checkpoint_folder_every_process_sees(tmp_path):
     assert list((tmp_path / "shared").iterdir()) == [] and list(own[0].iterdir()) == [] and not own[1].exists()
     assert distributed.check_shared_folder(tmp_path / "anything", "x") is None   # one process: nothing to do
     assert not (tmp_path / "anything").exists()
+
+
+BUILD_WORKER = r"""
+import sys
+import jax
+from bmgpt_jax import distributed
+assert distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from jax.experimental import multihost_utils
+from bmgpt_jax.data.builders import make_builder, read_split
+p = jax.process_index()
+try:
+    records = read_split(make_builder("chebi20", RAW[p], OUT[p]), "test")
+except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+multihost_utils.process_allgather(len(records))   # the next collective (evaluate's, the checkpointer's)
+print(f"RESULT {len(records)}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_build_failing_on_one_process_stops_every_process(tmp_path, failing):
+    """A dataset build that fails on one process (here: its raw folder lacks the files) is raised on every
+    process, naming that process, and they all exit: the others used to build their own copy and then wait,
+    for ever, for the failed one in the next collective (builders.prepare)."""
+    from tests.children import communicate
+    good = tmp_path / "raw"
+    (good / "molecules").mkdir(parents=True)
+    for split in ("validation", "test"):
+        (good / "molecules" / f"chebi20_{split}.txt").write_text("CID\tSMILES\tdescription\n3\tCCO\tEthanol.\n")
+    raw = [str(tmp_path / "empty") if i == failing else str(good) for i in range(2)]
+    (tmp_path / "empty").mkdir()
+    out = [str(tmp_path / f"out{i}") for i in range(2)]   # host-local data_dirs: each builds its own copy
+    script = f"RAW = {raw!r}\nOUT = {out!r}\n" + BUILD_WORKER
+    coordinator = f"127.0.0.1:{_free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS", "SLURM_"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=TEST_XLA_OPT)
+    procs = [subprocess.Popen([sys.executable, "-c", script, coordinator, str(i)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = communicate(procs, timeout=120)   # a hang: TimeoutExpired
+    lacks = f"chebi20: {tmp_path / 'empty'} lacks molecules/chebi20_"
+    for i, (p, text) in enumerate(zip(procs, outs)):
+        assert p.returncode == 2, f"process {i}:\n{text[-3000:]}"
+        assert "RESULT" not in text
+        errors = [line for line in text.splitlines() if line.startswith("error: ")]
+        if i == failing:
+            assert errors[-1].startswith(f"error: {lacks}"), text[-3000:]
+        else:
+            assert errors[-1].startswith(f"error: building chebi20 failed on process {failing}: {lacks}"), \
+                text[-3000:]

@@ -91,9 +91,10 @@ def prepare(builder: RecordBuilder) -> None:
     tfds builds into a temporary folder and renames it into place at the end; a second build of the same
     folder then fails on that rename (FileExistsError). So: with several JAX processes (the hosts of one
     job), process 0 builds first and the others wait for it (a barrier) before their own call, which finds
-    the dataset built in a `data_dir` they share, or builds their own copy in a host-local one; process 0's
-    failure is raised on every process after the barrier, not left as a hang. Independent jobs that race
-    on one cache folder: the loser's FileExistsError means the winner finished, so it reads that build.
+    the dataset built in a `data_dir` they share, or builds their own copy in a host-local one. A failure
+    on any process (process 0's build, or another's own) is raised on every process, naming the process
+    (`distributed.raise_on_every_process`), not left as a hang in the next collective. Independent jobs that
+    race on one cache folder: the loser's FileExistsError means the winner finished, so it reads that build.
     """
     def build() -> None:
         # tfds prints "Downloading and preparing ..." (nothing is downloaded) on stdout, where chat and
@@ -116,22 +117,25 @@ def prepare(builder: RecordBuilder) -> None:
         builder.check_raw_files()
 
     import jax
+
+    from ...distributed import raise_on_every_process
     if jax.process_count() == 1:
         build()
         return
-    from jax.experimental import multihost_utils
     failed = None
     if jax.process_index() == 0:
         try:
             build()
-        except Exception as e:  # noqa: BLE001 -- re-raised below, after the others have been released
+        except Exception as e:  # noqa: BLE001 -- raised on every process below, not only here
             failed = e
-    multihost_utils.sync_global_devices(f"bmgpt_jax build {builder.name}")
-    if failed is not None:
-        raise failed
+    raise_on_every_process(failed, f"building {builder.name}")   # and a barrier
+    failed = None
     if jax.process_index() != 0:
-        build()
-
+        try:
+            build()
+        except Exception as e:  # noqa: BLE001 -- as above: the others must not wait for this process
+            failed = e
+    raise_on_every_process(failed, f"building {builder.name}")
 
 __all__ = ["BUILDERS", "SAMPLE_SETS", "RecordBuilder", "RecordSource", "check_record", "default_split",
            "make_builder", "prepare", "read_split", "shared_data_dir"]
