@@ -199,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bmgpt_jax.distributed import broadcast_json, initialize
     initialize()
     writer = jax.process_index() == 0
+    problem = None
     try:
         check_not_url(args.out_dir, "--out-dir")
         check_output_folder(args.out_dir, "--out-dir", probe=writer)   # only process 0 writes there
@@ -206,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         chat.options_of(args)                       # generation options in range, before any data is built
         chat.mesh_of(args)                          # and a mesh the devices fit
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        problem = str(e)
+    if _stopped(problem):
         return 2
     if not (args.resume or args.overwrite):   # never discard finished work unasked (process 0's file decides)
         earlier = broadcast_json(_earlier_rows(Path(args.out_dir) / "predictions.jsonl") if writer else None)
@@ -216,26 +218,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:                                            # the model folder's files, before any data is built
         check_model_folder(args.checkpoint)
-    except (FileNotFoundError, ValueError) as e:
-        _checkpoint_error(args.checkpoint, e)
-        return 2
-    try:
         if args.mode != "loglik":                   # text metrics need both: fail before any generation
             load_text_tokenizer(args.scibert_vocab)
             load_wordnet(args.nltk_data)
+    except MissingResource as e:
+        problem = str(e)
+    except (FileNotFoundError, ValueError) as e:
+        problem = _checkpoint_line(args.checkpoint, e)
+    if _stopped(problem):
+        return 2
+    try:      # a build failing on any process is raised on every process (`builders.prepare`)
         sources = {spec: load_records(spec, args.raw_dir, args.data_dir, args.limit) for spec in args.source}
         for spec, records in sources.items():
             check_mode(records, args.mode, spec)
     except (FileNotFoundError, KeyError, ValueError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        if isinstance(e, FileNotFoundError) and not isinstance(e, MissingResource) and not args.raw_dir:
+        if isinstance(e, FileNotFoundError) and not args.raw_dir:
             message += " (sample sets: pass --raw-dir ../shared/data or set BMGPT_SHARED_DATA)"
         print(f"error: {message}", file=sys.stderr)
         return 2
     try:
         model, options, mesh = chat.model_and_options(args)   # read into its shards
     except (FileNotFoundError, ValueError) as e:
-        _checkpoint_error(args.checkpoint, e)
+        problem = _checkpoint_line(args.checkpoint, e)
+    if _stopped(problem):
         return 2
     mm = MeshModel(model, mesh)
     del model
@@ -285,11 +291,25 @@ def _asked(speed: Mapping[str, float], n: int, kept: int) -> str:
             "skipped records above)")
 
 
-def _checkpoint_error(checkpoint: str, e: Exception) -> None:
-    """The one line on stderr for a model folder that cannot be used (a hint where it does not exist)."""
+def _checkpoint_line(checkpoint: str, e: Exception) -> str:
+    """The one line for a model folder that cannot be used (a hint where it does not exist)."""
     absent = isinstance(e, FileNotFoundError) and not Path(checkpoint).exists()
     hint = " (`python -m bmgpt_jax.train` writes one to runs/tiny/final)" if absent else ""
-    print(f"error: {one_line(e)}{hint}", file=sys.stderr)
+    return f"{one_line(e)}{hint}"
+
+
+def _stopped(problem: str | None) -> bool:
+    """Whether a step of the command line's checks failed on any process, after printing `error: ...`:
+    this process's `problem`, or on the others the first failing process's, named. Every process calls it
+    at the same point (`distributed.raise_on_every_process`), so a bad path or option on one host stops
+    every host at once instead of leaving them to time out in their next collective."""
+    from bmgpt_jax.distributed import raise_on_every_process
+    try:
+        raise_on_every_process(ValueError(problem) if problem else None, "evaluate's checks")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return True
+    return False
 
 
 def _evaluate_sources(mm: MeshModel, sources: Mapping[str, Sequence[Record]], done: Mapping[str, dict],

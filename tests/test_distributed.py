@@ -326,3 +326,39 @@ def test_a_build_failing_on_one_process_stops_every_process(tmp_path, failing):
         else:
             assert errors[-1].startswith(f"error: building chebi20 failed on process {failing}: {lacks}"), \
                 text[-3000:]
+
+
+def _run_commands(tmp_path, commands: list[list[str]], timeout: int = 120) -> list[tuple[int, str]]:
+    """Each process's command line (`python -m ...`) started as one process of a two-process job (the
+    `JAX_*` variables `distributed.initialize` reads); their (exit status, output) once all have exited."""
+    from tests.children import communicate
+    coordinator = f"127.0.0.1:{_free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS", "SLURM_"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=TEST_XLA_OPT,
+               JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES=str(len(commands)))
+    procs = [subprocess.Popen([sys.executable, *cmd], cwd=tmp_path, env={**env, "JAX_PROCESS_ID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i, cmd in enumerate(commands)]
+    outs = communicate(procs, timeout=timeout)   # a process left waiting for the failed one: TimeoutExpired
+    return [(p.returncode, text) for p, text in zip(procs, outs)]
+
+
+def test_bad_input_on_one_process_stops_every_process_with_its_message(tmp_path):
+    """A config file that only one host lacks (train) or an --out-dir that only one host cannot create
+    (evaluate): that process says why, and the others stop at once with the same line, naming it, instead
+    of timing out in their next collective with a JAX traceback that points nowhere."""
+    (tmp_path / "a_file").write_text("")
+    train = ["-m", "bmgpt_jax.train", "steps=1", "progress=false", f"out_dir={tmp_path / 'run'}"]
+    results = _run_commands(tmp_path, [train + ["--config", "tiny"], train + ["--config", "missing.yaml"]])
+    for i, (code, text) in enumerate(results):
+        assert code == 2, f"process {i}:\n{text[-3000:]}"
+        last = [line for line in text.splitlines() if line.startswith("train: ")][-1]
+        why = "config file 'missing.yaml' not found" if i else "loading the config failed on process 1: "
+        assert why in last, text[-3000:]
+    evaluate = ["-m", "bmgpt_jax.evaluate", "--checkpoint", str(tmp_path / "no_model"), "--source", "demo:test"]
+    bad = str(tmp_path / "a_file" / "eval")
+    results = _run_commands(tmp_path, [evaluate + ["--out-dir", str(tmp_path / "eval")], evaluate + ["--out-dir", bad]])
+    for i, (code, text) in enumerate(results):
+        assert code == 2, f"process {i}:\n{text[-3000:]}"
+        last = [line for line in text.splitlines() if line.startswith("error: ")][-1]
+        assert (f"--out-dir {bad}" in last) and (i == 1 or "evaluate's checks failed on process 1: " in last), text

@@ -32,6 +32,7 @@ from bmgpt_jax import logs, parallel
 from bmgpt_jax.data.examples import check_ids
 from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, global_batch, stack_batches
 from bmgpt_jax.data.workers import WorkerDied
+from bmgpt_jax.distributed import initialize, raise_on_every_process
 from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
 from bmgpt_jax.parallel import abstract_state, batch_shardings
 from bmgpt_jax.training import messages
@@ -156,9 +157,14 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
     (`resume` continues it), missing input paths, a URL as a run folder and, with several processes, a
     checkpoint folder that not every process sees, and a `trainable` pattern that selects no parameter.
     """
-    mesh = parallel.make_mesh(cfg.mesh)
-    check_layout(cfg, mesh)
-    check_inputs(cfg)
+    failed = None
+    try:                # each process checks its own view; a failure on any one stops all of them, named
+        mesh = parallel.make_mesh(cfg.mesh)
+        check_layout(cfg, mesh)
+        check_inputs(cfg)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        failed = e
+    raise_on_every_process(failed, "checking the run's settings and inputs")
     check_run_folders(cfg)
     if cfg.trainable:   # on the abstract model: the stage defaults may name parts a config leaves out (LoRA)
         check_patterns_match(nnx.eval_shape(model_factory(cfg.stage, cfg.model)[0]), cfg.trainable)
@@ -333,10 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=50 optim.lr=1e-3")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
-    from bmgpt_jax.distributed import initialize
     try:
         initialize()
-        cfg = load_config(args.config, args.overrides)
+        cfg, failed = None, None
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            failed = e
+        raise_on_every_process(failed, "loading the config")   # a bad config on one host stops every host
         result = run(cfg, resume=args.resume)
     except KeyboardInterrupt:
         print("train: aborted by a second Ctrl-C; the last saved checkpoint is kept (--resume continues from it)",
