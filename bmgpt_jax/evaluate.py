@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from bmgpt_jax import chat, logs, parallel
+from bmgpt_jax import chat, logs, model_args, parallel
 from bmgpt_jax.data.prompts import check_system
 from bmgpt_jax.data.records import Record
 from bmgpt_jax.evaluation import batches
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--limit", type=positive_int, help="evaluate the first N records of each source")
     ap.add_argument("--batch-size", type=positive_int, default=8, help="global rows per batch (default 8)")
     ap.add_argument("--mode", choices=MODES, default="both", help="generation, log-likelihood or both (default)")
-    ap.add_argument("--mesh", type=chat.mesh_shape, default=(-1, 1, 1), help="data,fsdp,tensor (default -1,1,1; "
+    ap.add_argument("--mesh", type=model_args.mesh_shape, default=(-1, 1, 1), help="data,fsdp,tensor (default -1,1,1; "
                     "a leading -1 takes '=': --mesh=-1,2,1)")
     ap.add_argument("--out-dir", default="runs/eval", help="run folder for predictions, metrics and the chart")
     ap.add_argument("--resume", action="store_true",
@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--scibert-vocab", help="SciBERT vocab.txt, folder or hub name (default: the sample folder's)")
     ap.add_argument("--nltk-data", help="folder holding corpora/wordnet (default: the sample folder's nltk_data)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    chat.add_generation_args(ap)
+    model_args.add_generation_args(ap)
     args = ap.parse_args(argv)
     if args.resume and args.overwrite:
         ap.error("--resume keeps the predictions in --out-dir, --overwrite discards them: pass one")
@@ -204,8 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_not_url(args.out_dir, "--out-dir")
         check_output_folder(args.out_dir, "--out-dir", probe=writer)   # only process 0 writes there
         check_system(args.system)                   # as chat refuses it, not every record an error row
-        chat.options_of(args)                       # generation options in range, before any data is built
-        chat.mesh_of(args)                          # and a mesh the devices fit
+        model_args.options_of(args)                 # generation options in range, before any data is built
+        model_args.mesh_of(args)                    # and a mesh the devices fit
     except ValueError as e:
         problem = str(e)
     if _stopped(problem):
@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
     try:
-        model, options, mesh = chat.model_and_options(args)   # read into its shards
+        model, options, mesh = model_args.model_and_options(args)   # read into its shards
     except (FileNotFoundError, ValueError) as e:
         problem = _checkpoint_line(args.checkpoint, e)
     if _stopped(problem):
@@ -250,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     run = {"checkpoint": str(args.checkpoint), "mesh": dict(mm.mesh.shape), "processes": jax.process_count(),
            "batch_size": args.batch_size, "limit": args.limit, "mode": args.mode,
-           "generation": chat.hf_options(options), "stop": "separator" if options.get("stop_at_separator") else "eos",
+           "generation": model_args.hf_options(options), "stop": "separator" if options.get("stop_at_separator") else "eos",
            "system": args.system, "dtype": mm.config.lm.dtype}
     try:
         done = finished_rows(out, run, sources) if args.resume else {}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bmgpt_jax import chat
+from bmgpt_jax import chat, model_args
 from bmgpt_jax import config as config_lib
 from bmgpt_jax.convert import openbiomed
 from bmgpt_jax.data import examples
@@ -169,9 +169,9 @@ def test_answers_end_at_eos_as_the_reference_and_at_the_separator_when_asked(tok
     demo = load_tokenizer(None)
     assert all(demo.decode(s).strip() == "###" for s in chat.stop_sequences(demo))
     ap = argparse.ArgumentParser()
-    chat.add_generation_args(ap)     # chat's and evaluate's command lines
-    assert chat.options_of(ap.parse_args([])) == {}
-    assert chat.options_of(ap.parse_args(["--stop-at-separator"])) == {"stop_at_separator": True}
+    model_args.add_generation_args(ap)     # chat's and evaluate's command lines
+    assert model_args.options_of(ap.parse_args([])) == {}
+    assert model_args.options_of(ap.parse_args(["--stop-at-separator"])) == {"stop_at_separator": True}
 
 
 def test_attached_tokenizer_keeps_split_and_jit_working(pair, tok):

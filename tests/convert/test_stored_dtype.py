@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bmgpt_jax import chat
+from bmgpt_jax import chat, model_args
 from bmgpt_jax.convert import folder, hf_esm, hf_llama
 from bmgpt_jax.data.text import tokenizer_of
 from bmgpt_jax.models.biomedgpt import BioMedGPT
@@ -53,7 +53,7 @@ def folders(tmp_path_factory):
 
 
 def _args(d, dtype=None):
-    return SimpleNamespace(checkpoint=str(d), mesh=None, dtype=dtype, **{k: None for k in chat.OPTIONS})
+    return SimpleNamespace(checkpoint=str(d), mesh=None, dtype=dtype, **{k: None for k in model_args.OPTIONS})
 
 
 def test_folder_records_its_dtype(folders):
@@ -76,7 +76,7 @@ def test_folder_loads_in_its_stored_dtype(folders, stored):
         assert _nbytes(model, part) == _nbytes(base, part) * width // 4, part
     assert _float_dtypes(model.mol_structure_encoder) == {"float32"}   # gin_config.json's own dtypes
     # chat / evaluate without --dtype: the same
-    model, _, _ = chat.model_and_options(_args(d))
+    model, _, _ = model_args.model_and_options(_args(d))
     assert _float_dtypes(model.llm) == _float_dtypes(model.prot_structure_encoder) == {stored}
 
 
@@ -85,7 +85,7 @@ def test_dtype_flag_sets_weights_and_compute(folders, stored, asked):
     """`--dtype` holds the LM's and ESM's weights in it and computes in it (it set only the LM's compute
     dtype); the weights are the stored ones, cast."""
     d, _ = folders[stored]
-    model, _, _ = chat.model_and_options(_args(d, asked))
+    model, _, _ = model_args.model_and_options(_args(d, asked))
     for c in (model.config.lm, model.config.esm):
         assert (c.param_dtype, c.dtype) == (asked, asked)
     assert _float_dtypes(model.llm) == _float_dtypes(model.prot_structure_encoder) == {asked}
