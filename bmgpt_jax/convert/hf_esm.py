@@ -44,14 +44,16 @@ log = logging.getLogger(__name__)
 FAMILY = "Hugging Face ESM-2 encoder"
 IGNORED = re.compile(r"(^|\.)(inv_freq|position_ids)$|^(contact_head|pooler|lm_head)\.")
 _AUTO_PREFIXES = ("esm.", "")
+WORDS = "embeddings.word_embeddings.weight"   # (its dtype: the weights' on disk, for a config without one)
 
 
 # ----------------------------------------------------------------------------------------------- config
-def config_from_hf(hf: Mapping, **overrides) -> EsmConfig:
+def config_from_hf(hf: Mapping, weights: TensorSource | None = None, **overrides) -> EsmConfig:
     """Our `EsmConfig` from an HF `config.json` mapping (missing keys take HF's defaults); `overrides`
     set our own fields (`dtype`, `param_dtype`, `scan_layers`, `remat`). Unless overridden, the
     parameters are held and computed in the dtype the mapping says the weights are stored in
-    (`hf_llama.stored_dtype`: `dtype`, else `torch_dtype`, else float32), as transformers 5 loads them."""
+    (`hf_llama.stored_dtype`: `dtype`, else `torch_dtype`, else that of `weights`' word embeddings (a
+    `view`ed source, when given), else float32), as transformers 5 loads them."""
     unsupported = []
     if hf.get("model_type", "esm") != "esm":
         unsupported.append(f"model_type={hf['model_type']!r} (need 'esm')")
@@ -71,7 +73,7 @@ def config_from_hf(hf: Mapping, **overrides) -> EsmConfig:
         intermediate_size=int(hf["intermediate_size"]), layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
         token_dropout=bool(hf.get("token_dropout", False)), mask_token_id=_int_or(hf.get("mask_token_id"), 32),
         pad_token_id=_int_or(hf.get("pad_token_id"), 1), max_positions=int(hf.get("max_position_embeddings", 1026)),
-        dtype=(stored := stored_dtype(hf, "ESM config")), param_dtype=stored)
+        dtype=(stored := stored_dtype(hf, "ESM config", weights, WORDS)), param_dtype=stored)
     return dataclasses.replace(cfg, **overrides)
 
 
@@ -143,12 +145,13 @@ def to_state_dict(model: Esm, prefix: str = "") -> dict:
     return tensor_map.state_dict(model, layout(model.config, prefix))
 
 
-def config_from_dir(d: str | Path, **overrides) -> EsmConfig:
-    """Our config from an HF folder's `config.json`; `overrides`: EsmConfig fields (dtype, scan_layers, ...)."""
+def config_from_dir(d: str | Path, weights: TensorSource | None = None, **overrides) -> EsmConfig:
+    """Our config from an HF folder's `config.json` (`weights`: its `view`ed weights, for a config without a
+    dtype); `overrides`: EsmConfig fields (dtype, scan_layers, ...)."""
     d = Path(d)
     if not (d / "config.json").exists():
         raise FileNotFoundError(f"{d}: no config.json")
-    return config_from_hf(json.loads((d / "config.json").read_text()), **overrides)
+    return config_from_hf(json.loads((d / "config.json").read_text()), weights, **overrides)
 
 
 def load(hf_dir: str | Path, **overrides) -> Esm:
@@ -158,9 +161,9 @@ def load(hf_dir: str | Path, **overrides) -> Esm:
     `overrides` set our config fields: `dtype="bfloat16"` (compute), `param_dtype` (held), `scan_layers=True`,
     `remat=True`, ...
     """
-    cfg = config_from_dir(hf_dir, **overrides)
     with open_source(hf_dir) as src:
-        return load_source(view(src), cfg)
+        weights = view(src)
+        return load_source(weights, config_from_dir(hf_dir, weights, **overrides))
 
 
 def load_sharded(path: str | os.PathLike, cfg: EsmConfig, mesh, skip: nnx.filterlib.Filter = nnx.Nothing) -> Esm:

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 from flax import nnx
 
 from bmgpt_jax.convert import outputs, stream, tensor_map
@@ -34,28 +35,34 @@ VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")   # the tensors wit
 STORED_DTYPES = ("float32", "bfloat16", "float16")   # a config.json's `dtype` / `torch_dtype` we load in
 
 
-def stored_dtype(hf: Mapping[str, Any], where: str) -> str:
+def stored_dtype(hf: Mapping[str, Any], where: str, weights: TensorSource | None = None,
+                 key: str = VOCAB_KEYS[0]) -> str:
     """The dtype an HF `config.json` mapping says its weights are stored in: `dtype` (transformers 5's
-    name), else `torch_dtype` (the older one), else float32 (transformers 5 would then look at the weights:
-    every config we write, and transformers' since 4.x, records it). Both are what transformers 5's
-    `from_pretrained` loads in by default (`dtype="auto"`: the model held and computed in it). A name other
-    than float32, bfloat16 or float16 (`torch.` prefix allowed) is a ValueError naming `where` and the key."""
-    for key in ("dtype", "torch_dtype"):
-        value = hf.get(key)
+    name), else `torch_dtype` (the older one), else the dtype of the tensor `key` in `weights` (when given,
+    and when it is one of `STORED_DTYPES`: transformers 5 then reads the weights' first floating dtype),
+    else float32. This is what transformers 5's `from_pretrained` loads in by default (`dtype="auto"`:
+    the model held and computed in it). A config name other than float32, bfloat16 or float16 (`torch.`
+    prefix allowed) is a ValueError naming `where` and the key. Only the weights' header is read."""
+    for name in ("dtype", "torch_dtype"):
+        value = hf.get(name)
         if value is None:
             continue
-        name = value.removeprefix("torch.") if isinstance(value, str) else value
-        if name not in STORED_DTYPES:
-            raise ValueError(f"{where}: {key}={value!r} is not a dtype the model loads in "
+        dtype = value.removeprefix("torch.") if isinstance(value, str) else value
+        if dtype not in STORED_DTYPES:
+            raise ValueError(f"{where}: {name}={value!r} is not a dtype the model loads in "
                              f"({', '.join(STORED_DTYPES)})")
-        return name
+        return dtype
+    if weights is not None and key in weights and np.dtype(weights.dtype(key)).name in STORED_DTYPES:
+        return np.dtype(weights.dtype(key)).name
     return "float32"
 
 
-def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> LlamaConfig:
+def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, weights: TensorSource | None = None,
+                   **overrides) -> LlamaConfig:
     """LlamaConfig from an HF `config.json` (path, folder or dict); `overrides` set our-only fields
     such as `dtype`, `param_dtype`, `scan_layers`, `remat`. Unless overridden, the parameters are held
-    and computed in the dtype the file says the weights are stored in (`stored_dtype`), as transformers 5's
+    and computed in the dtype the file says the weights are stored in (`stored_dtype`; for a file that
+    says none, the dtype of the token embedding in `weights`, when given), as transformers 5's
     `from_pretrained` does by default; training inits override both (float32 master weights). A setting
     our model does not compute as transformers would (another activation, RoPE scaling, biases) is a
     ValueError naming the file (or "Llama config" for a dict), the key and its value. `pretraining_tp` is
@@ -91,7 +98,7 @@ def config_from_hf(hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> Ll
         bos_token_id=hf.get("bos_token_id", 1), eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         pad_token_id=hf.get("pad_token_id"), initializer_range=hf.get("initializer_range", 0.02),
     )
-    cfg["dtype"] = cfg["param_dtype"] = stored_dtype(hf, where)
+    cfg["dtype"] = cfg["param_dtype"] = stored_dtype(hf, where, weights)
     if cfg["head_dim"] == cfg["hidden_size"] // cfg["num_heads"]:
         cfg["head_dim"] = None
     if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -203,9 +210,8 @@ def load(hf_dir: str | os.PathLike, **overrides) -> LlamaForCausalLM:
     """Our causal LM from a Hugging Face Llama directory, held and computed in its config.json's dtype
     (`config_from_hf`). `overrides`: LlamaConfig fields such as `scan_layers=True`, `dtype="bfloat16"`
     (compute) and `param_dtype="bfloat16"` (held; each slice is cast as it is read)."""
-    cfg = config_from_hf(hf_dir, **overrides)
     with open_source(hf_dir) as src:
-        return load_source(src, cfg)
+        return load_source(src, config_from_hf(hf_dir, src, **overrides))
 
 
 def load_sharded(path: str | os.PathLike, cfg: LlamaConfig, mesh, grow_vocab: bool = False,

@@ -147,15 +147,16 @@ def configs(lm_config, esm_config, weights: TensorSource | str | os.PathLike | N
             **lm_overrides) -> tuple[LlamaConfig, EsmConfig]:
     """Our configs from HF `config.json` paths/folders or dicts; `lm_overrides`: LlamaConfig fields.
     `weights` (an open source, or a path opened here for its headers): the LM's `vocab_size` is its
-    token-row count (`token_rows`; `quiet`: without the log line)."""
-    lm = hf_llama.config_from_hf(_json(lm_config), **lm_overrides)
+    token-row count (`token_rows`; `quiet`: without the log line), and a config without a dtype takes
+    its part's dtype on disk (`hf_llama.stored_dtype`)."""
+    if weights is not None and not isinstance(weights, TensorSource):
+        with open_source(weights) as src:
+            return configs(lm_config, esm_config, src, quiet, **lm_overrides)
+    lm_weights, esm_weights = (None, None) if weights is None else (View(weights, "llm."), View(weights, ESM_PREFIX))
+    lm = hf_llama.config_from_hf(_json(lm_config), lm_weights, **lm_overrides)
     if weights is not None:
-        if isinstance(weights, TensorSource):
-            lm = token_rows(weights, lm, _json_name(lm_config), quiet)
-        else:
-            with open_source(weights) as src:
-                lm = token_rows(src, lm, _json_name(lm_config), quiet)
-    return lm, hf_esm.config_from_hf(_json(esm_config))
+        lm = token_rows(weights, lm, _json_name(lm_config), quiet)
+    return lm, hf_esm.config_from_hf(_json(esm_config), esm_weights)
 
 
 def from_state_dict(sd: Mapping[str, Any], lm_config, esm_config, gin_config: GinConfig | None = None,

@@ -4,6 +4,7 @@
 inits keep their float32 master weights."""
 import dataclasses
 import json
+import shutil
 from types import SimpleNamespace
 
 import jax
@@ -130,8 +131,43 @@ def test_hf_folders_load_in_their_config_dtype(tmp_path):
     assert _float_dtypes(esm) == {"float16"}
 
 
+def _drop_dtype(config_json):
+    hf = json.loads(config_json.read_text())
+    hf.pop("dtype", None), hf.pop("torch_dtype", None)
+    config_json.write_text(json.dumps(hf))
+
+
+def test_config_without_dtype_takes_the_weights_dtype(tmp_path, folders):
+    """A config.json with neither `dtype` nor `torch_dtype` (older exports): transformers 5's `from_pretrained`
+    (the reference, run here) loads in the weights' dtype, so do we (it was float32 whatever was stored)."""
+    torch = pytest.importorskip("torch")
+    import transformers
+    lm = demo_biomedgpt().config.lm
+    hf_llama.save(LlamaForCausalLM(dataclasses.replace(lm, param_dtype="bfloat16"), rngs=nnx.Rngs(0)),
+                  tmp_path / "llama")
+    _drop_dtype(tmp_path / "llama" / "config.json")
+    assert transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama").dtype == torch.bfloat16
+    loaded = hf_llama.load(tmp_path / "llama")
+    assert (loaded.config.param_dtype, loaded.config.dtype) == ("bfloat16", "bfloat16")
+    assert _float_dtypes(loaded) == {"bfloat16"}
+    esm_cfg = demo_biomedgpt().config.esm
+    hf_esm.save(Esm(dataclasses.replace(esm_cfg, param_dtype="float16"), rngs=nnx.Rngs(0)), tmp_path / "esm")
+    _drop_dtype(tmp_path / "esm" / "config.json")
+    assert transformers.EsmModel.from_pretrained(tmp_path / "esm").dtype == torch.float16
+    esm = hf_esm.load(tmp_path / "esm")
+    assert (esm.config.param_dtype, esm.config.dtype) == ("float16", "float16")
+    # a model folder (an OpenBioMed release with its configs copied in): each part takes its own weights' dtype
+    d = shutil.copytree(folders["bfloat16"][0], tmp_path / "folder")
+    for name in ("llm_config.json", "esm_config.json"):
+        _drop_dtype(d / name)
+    lm_cfg, esm_cfg, _ = folder.configs(d)
+    assert (lm_cfg.param_dtype, esm_cfg.param_dtype) == ("bfloat16", "bfloat16")
+    assert _float_dtypes(folder.from_pretrained(d).llm) == {"bfloat16"}
+
+
 def test_config_dtype_keys():
-    """transformers 5's `dtype` wins over the older `torch_dtype`; neither: float32; another name refused."""
+    """transformers 5's `dtype` wins over the older `torch_dtype`; neither (and no weights): float32; another
+    name refused."""
     base = hf_llama.config_to_hf(demo_biomedgpt().config.lm)
     del base["dtype"], base["torch_dtype"]
     assert hf_llama.config_from_hf(base).param_dtype == "float32"
