@@ -347,6 +347,26 @@ def test_a_fresh_run_refuses_to_discard_an_earlier_run_s_predictions(checkpoint,
     assert ev.main(base[:-1] + [str(tmp_path / "fresh")]) == 0
 
 
+def test_resume_refuses_rows_of_other_records(checkpoint, tmp_path, capsys):
+    """A split rebuilt from other raw files (or another --raw-dir / --data-dir) has other records at the same
+    indices: --resume kept the old rows and scored them against the new references, exit 0."""
+    out = tmp_path / "run"
+    argv = ["--checkpoint", str(checkpoint), "--source", "demo:test", "--limit", "2", "--batch-size", "2",
+            "--mesh", "1,1,1", "--max-new-tokens", "2", "--no-progress", "--out-dir", str(out)]
+    assert ev.main(argv) == 0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    for key, value in (("id", "another-record"), ("reference", "Another answer.")):
+        changed = [dict(rows[0], **{key: value})] + rows[1:]
+        (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in changed))
+        capsys.readouterr()
+        assert ev.main(argv + ["--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]      # the one-line error, after the build's counts
+        assert f"holds a row of demo:test record {rows[0]['index']} with {key} {value!r}, but this run's record" in err
+        assert "the split's contents changed" in err
+    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert ev.main(argv + ["--resume"]) == 0          # the same records: resumed
+
+
 def test_resume_refuses_another_system_or_dtype(checkpoint, tmp_path, capsys):
     """`--system` and `--dtype` change every answer, yet `--resume` continued a run started with other ones
     (one predictions file, two settings). A metrics.json that does not record them (an older version's)
