@@ -14,13 +14,14 @@ from bmgpt_jax.models.layers import argmax
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
-    """Decoding options (HF names). `eos_token_id`: an id, or several (a row ends at any of them, as HF's
-    list); `stop_sequences`: token-id sequences that end a row (e.g. `###`)."""
+    """Decoding options (HF names and HF's defaults: a draw keeps the 50 most likely tokens unless `top_k=0`).
+    `eos_token_id`: an id, or several (a row ends at any of them, as HF's list); `stop_sequences`: token-id
+    sequences that end a row (e.g. `###`)."""
 
     max_new_tokens: int = 256
     do_sample: bool = False
     temperature: float = 1.0
-    top_k: int = 0
+    top_k: int = 50
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     num_beams: int = 1

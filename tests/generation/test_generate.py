@@ -156,14 +156,17 @@ def test_sampling_is_seeded_and_filters(models):
 
 
 WARPERS = [dict(temperature=0.7), dict(temperature=1.5), dict(top_k=5), dict(top_p=0.3), dict(top_p=0.9),
-           dict(temperature=0.7, top_k=5, top_p=0.9), dict(temperature=1.5, top_k=12, top_p=0.3)]
+           dict(temperature=0.7, top_k=5, top_p=0.9), dict(temperature=1.5, top_k=12, top_p=0.3), dict(top_k=0),
+           dict(top_k=0, top_p=0.9), dict()]
 
 
 def hf_warped(hf, torch, logits, **kw):
     """`logits` through the warpers that transformers' own `_get_logits_processor` builds for sampling with
-    these options (so in HF's order: temperature, top-k, top-p), with the warper types it chose."""
+    these options and HF's defaults for the others (top_k 50), so in HF's order: temperature, top-k, top-p;
+    with the warper types it chose."""
     from transformers import GenerationConfig as HFGenerationConfig
-    procs = hf._get_logits_processor(generation_config=HFGenerationConfig(do_sample=True, **{"top_k": 0, **kw}),
+    default_k = HFGenerationConfig._get_default_generation_params()["top_k"]   # what `generate` fills in
+    procs = hf._get_logits_processor(generation_config=HFGenerationConfig(do_sample=True, **{"top_k": default_k, **kw}),
                                      input_ids_seq_length=1)
     with torch.no_grad():
         out = procs(torch.zeros((logits.shape[0], 1), dtype=torch.long), torch.tensor(logits))
@@ -176,19 +179,24 @@ def test_filter_logits_equals_transformers_warpers(models, torch, kw):
     `TopKLogitsWarper`, `TopPLogitsWarper` (the chain `generate` builds): the same tokens kept (-inf there,
     float32's lowest value here) and the same scaled logits on them. The extremes of
     `test_sampling_is_seeded_and_filters` (top_k=1, top_p~0) cannot tell an inverted temperature, a top-k
-    that keeps one token, or a top-p that drops the token crossing the threshold from the right ones."""
+    that keeps one token, or a top-p that drops the token crossing the threshold from the right ones. Options
+    not given take both sides' defaults: HF's top_k=50 cut (ours was 0, no cut: sampling drew from the whole
+    vocabulary's tail), so the vocabulary here is wider than 50."""
     from bmgpt_jax.generation import GenerationConfig
     from bmgpt_jax.generation.options import filter_logits
     hf, _ = models
-    logits = (np.random.RandomState(11).randn(6, 40) * 2.5).astype(np.float32)
+    logits = (np.random.RandomState(11).randn(6, 120) * 2.5).astype(np.float32)
     ref, names = hf_warped(hf, torch, logits, **kw)
+    given = {**kw, "top_k": kw.get("top_k", 50)}
     assert names == [n for opt, n in (("temperature", "TemperatureLogitsWarper"), ("top_k", "TopKLogitsWarper"),
-                                      ("top_p", "TopPLogitsWarper")) if opt in kw]
+                                      ("top_p", "TopPLogitsWarper")) if given.get(opt)]
     ours = np.asarray(filter_logits(jnp.asarray(logits), GenerationConfig(do_sample=True, **kw)))
     kept = ours > np.finfo(np.float32).min
     np.testing.assert_array_equal(kept, np.isfinite(ref))
-    if "top_k" in kw or "top_p" in kw:  # a real cut: more than the top token kept, not every token
+    if given["top_k"] or "top_p" in kw:  # a real cut: more than the top token kept, not every token
         assert (kept.sum(1) < logits.shape[1]).all() and (kept.sum(1) > 1).any(), kept.sum(1)
+    else:
+        assert kept.all()
     np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-6)
 
 
