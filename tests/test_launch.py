@@ -113,6 +113,32 @@ def test_pack_carries_what_git_carries(tmp_path):
     assert usage.returncode == 2 and "launch/pack.sh OUT.tar.gz" in usage.stdout
 
 
+@pytest.mark.parametrize("git", [True, False])
+def test_pack_into_the_tree_leaves_the_tarball_out(tmp_path, git):
+    """`launch/pack.sh OUT` with OUT inside the tree, twice: outside git tar read the archive it was writing
+    (exit 1), in git the second pack carried the first's tarball; now neither pack holds OUT."""
+    import tarfile
+    root = tmp_path / "tree"
+    (root / "launch").mkdir(parents=True)
+    shutil.copy(REPO / "launch" / "pack.sh", root / "launch" / "pack.sh")
+    (root / "a.py").write_text("a")
+    if git:
+        subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    scratch = tmp_path / "scratch"       # where the tarball is written before it is moved to OUT
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    for _ in range(2):
+        run = subprocess.run(["bash", "launch/pack.sh", "sync.tar.gz"], cwd=root, capture_output=True, text=True,
+                             env=env, timeout=60)
+        assert run.returncode == 0 and run.stderr == f"pack.sh: 2 files in {root}/sync.tar.gz\n", run.stderr
+        with tarfile.open(root / "sync.tar.gz") as t:
+            assert sorted(n.removeprefix("./") for n in t.getnames() if t.getmember(n).isfile()) == [
+                "a.py", "launch/pack.sh"]
+    dry = subprocess.run(["bash", "launch/pack.sh", "--dry-run", "sync.tar.gz"], cwd=root, capture_output=True,
+                         text=True, timeout=60)
+    assert dry.stdout.splitlines() == ["a.py", "launch/pack.sh"], dry.stderr
+    assert list(scratch.iterdir()) == []
+
 def test_gpu_multinode_dry_run():
     lines = _dry("gpu_multinode.sh", "--hosts", "node0,node1", "--gpus-per-node", "2", "--per-gpu",
                  "--port", "4321", "--", "--config", "configs/finetune_10b.yaml")
