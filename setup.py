@@ -5,7 +5,12 @@ setup(
     name="bmgpt_jax",
     version="0.1.0",
     description="JAX/Flax reimplementation of BioMedGPT (PharMolix/OpenBioMed) for TPU pods and GPUs",
-    packages=find_packages(include=["bmgpt_jax", "bmgpt_jax.*"]),
+    # configs/ stays at the top of the repository and is installed as bmgpt_jax/configs/, so a non-editable
+    # install (`pip install .`, a wheel) finds the named configs (bmgpt_jax/config.py looks there first)
+    packages=find_packages(include=["bmgpt_jax", "bmgpt_jax.*"]) + ["bmgpt_jax.configs"],
+    package_dir={"bmgpt_jax.configs": "configs"},
+    package_data={"bmgpt_jax.configs": ["*.yaml"]},
+    entry_points={"console_scripts": ["bmgpt-convert = bmgpt_jax.convert.cli:main"]},   # = convert_weights.py
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7,<0.11",

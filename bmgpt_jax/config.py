@@ -21,7 +21,17 @@ import yaml
 
 T = TypeVar("T")
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_dir() -> Path:
+    """Where the named configs live: `bmgpt_jax/configs/` in an installed package (setup.py ships the
+    top-level `configs/` there), else the checkout's top-level `configs/` (a plain checkout on PYTHONPATH,
+    or an editable install, which imports the package from the checkout)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "configs"
+    return installed if installed.is_dir() else here.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 class ConfigError(ValueError):

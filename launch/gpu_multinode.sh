@@ -5,16 +5,18 @@
 #   launch/gpu_multinode.sh --hosts node0,node1[,...] [--gpus-per-node 8] [--per-gpu] [--port 12355] \
 #                           [--dir REPO_ON_NODES] [--python python] [--dry-run] -- [train arguments...]
 #   launch/gpu_multinode.sh --slurm [--nodes N] [--gpus-per-node 8] [--per-gpu] [--port 12355] \
-#                           [--dry-run] -- [train arguments...]          (inside an salloc/sbatch job)
+#                           [--dir REPO_ON_NODES] [--python python] [--dry-run] -- [train arguments...]
+#                           (inside an salloc/sbatch job)
 #
 # ssh mode: each process gets JAX_COORDINATOR_ADDRESS=<first host>:PORT, JAX_NUM_PROCESSES, JAX_PROCESS_ID
 # (and CUDA_VISIBLE_DEVICES=<gpu> with --per-gpu); hosts named localhost/127.x run without ssh. Name the
 # first host as the others reach it (a user@ is dropped; a first localhost becomes `hostname -f`).
 # slurm mode: srun starts the tasks; bmgpt_jax.distributed reads SLURM_NTASKS/SLURM_PROCID and the
-# coordinator exported here (the step's first node, where task 0 runs). --dry-run prints the commands, runs nothing.
+# coordinator exported here (the step's first node, where task 0 runs). Either mode runs every process in
+# --dir (default: this checkout). --dry-run prints the commands, runs nothing.
 set -euo pipefail
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "gpu_multinode.sh: $*" >&2; exit 2; }
 need_value() { [[ -n "${2-}" && "$2" != --* ]] || die "$1 needs a value${2:+, not $2}"; }
 positive() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 takes a positive whole number, not $2"; }
@@ -60,7 +62,8 @@ if [[ $SLURM -eq 1 ]]; then
   SRUN=(srun --nodes="$NODES" --ntasks-per-node="$PROCS_PER_NODE")
   [[ $PER_GPU -eq 1 ]] && SRUN+=(--gpus-per-task=1)
   # the step's first node runs task 0 (a step may hold only some of the job's nodes)
-  INNER="export JAX_COORDINATOR_ADDRESS=\$(scontrol show hostnames \"\${SLURM_STEP_NODELIST:-\$SLURM_JOB_NODELIST}\" | head -n1):$PORT; exec $TRAIN"
+  FIRST_NODE="\$(scontrol show hostnames \"\${SLURM_STEP_NODELIST:-\$SLURM_JOB_NODELIST}\" | head -n1)"
+  INNER="cd $(remote_word "$DIR") && export JAX_COORDINATOR_ADDRESS=$FIRST_NODE:$PORT && exec $TRAIN"
   echo "${SRUN[*]} bash -c $(quote "$INNER")"
   [[ $DRY -eq 1 ]] || exec "${SRUN[@]}" bash -c "$INNER"
   exit 0

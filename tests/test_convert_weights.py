@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import convert_weights
-from bmgpt_jax.convert import hf_esm, hf_llama
+from bmgpt_jax.convert import cli, hf_esm, hf_llama
 from bmgpt_jax.convert.safetensors_io import write_tensors
 from bmgpt_jax.convert.sources import open_source, read_state_dict
 from bmgpt_jax.models.esm import EsmConfig
@@ -365,6 +365,6 @@ def test_an_option_of_another_kind_is_refused(tmp_path, monkeypatch, capsys, arg
 
 def test_options_table_covers_every_kind_and_option():
     """Every kind has its row, and every per-kind option of the parser is in some row (--dtype, --check: all)."""
-    assert set(convert_weights.OPTIONS) == set(convert_weights.KINDS)
+    assert set(cli.OPTIONS) == set(cli.KINDS)
     ap_dests = {"prefix", "lm_config", "esm_config", "gin_config", "tokenizer", "step", "pth", "max_shard_gb"}
-    assert set().union(*convert_weights.OPTIONS.values()) == ap_dests
+    assert set().union(*cli.OPTIONS.values()) == ap_dests

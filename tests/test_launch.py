@@ -113,6 +113,32 @@ def test_pack_carries_what_git_carries(tmp_path):
     assert usage.returncode == 2 and "launch/pack.sh OUT.tar.gz" in usage.stdout
 
 
+@pytest.mark.parametrize("git", [True, False])
+def test_pack_into_the_tree_leaves_the_tarball_out(tmp_path, git):
+    """`launch/pack.sh OUT` with OUT inside the tree, twice: outside git tar read the archive it was writing
+    (exit 1), in git the second pack carried the first's tarball; now neither pack holds OUT."""
+    import tarfile
+    root = tmp_path / "tree"
+    (root / "launch").mkdir(parents=True)
+    shutil.copy(REPO / "launch" / "pack.sh", root / "launch" / "pack.sh")
+    (root / "a.py").write_text("a")
+    if git:
+        subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    scratch = tmp_path / "scratch"       # where the tarball is written before it is moved to OUT
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    for _ in range(2):
+        run = subprocess.run(["bash", "launch/pack.sh", "sync.tar.gz"], cwd=root, capture_output=True, text=True,
+                             env=env, timeout=60)
+        assert run.returncode == 0 and run.stderr == f"pack.sh: 2 files in {root}/sync.tar.gz\n", run.stderr
+        with tarfile.open(root / "sync.tar.gz") as t:
+            assert sorted(n.removeprefix("./") for n in t.getnames() if t.getmember(n).isfile()) == [
+                "a.py", "launch/pack.sh"]
+    dry = subprocess.run(["bash", "launch/pack.sh", "--dry-run", "sync.tar.gz"], cwd=root, capture_output=True,
+                         text=True, timeout=60)
+    assert dry.stdout.splitlines() == ["a.py", "launch/pack.sh"], dry.stderr
+    assert list(scratch.iterdir()) == []
+
 def test_gpu_multinode_dry_run():
     lines = _dry("gpu_multinode.sh", "--hosts", "node0,node1", "--gpus-per-node", "2", "--per-gpu",
                  "--port", "4321", "--", "--config", "configs/finetune_10b.yaml")
@@ -124,9 +150,9 @@ def test_gpu_multinode_dry_run():
                      f"CUDA_VISIBLE_DEVICES={rank % 2}", "python -m bmgpt_jax.train --config configs/finetune_10b.yaml"):
             assert part in line, (part, line)
     lines = _dry("gpu_multinode.sh", "--slurm", "--nodes", "4", "--", "--config", "c.yaml")
-    assert lines == ["srun --nodes=4 --ntasks-per-node=1 bash -c 'export JAX_COORDINATOR_ADDRESS=$(scontrol show "
-                     "hostnames \"${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}\" | head -n1):12355; exec python -m bmgpt_jax.train "
-                     "--config c.yaml'"]
+    assert lines == [f"srun --nodes=4 --ntasks-per-node=1 bash -c 'cd {REPO} && export JAX_COORDINATOR_ADDRESS=$("
+                     "scontrol show hostnames \"${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}\" | head -n1):12355 && exec "
+                     "python -m bmgpt_jax.train --config c.yaml'"]
 
 
 def test_launchers_refuse_an_option_without_its_value():
@@ -211,6 +237,40 @@ def test_gpu_multinode_slurm_coordinator_is_the_first_node_of_the_step(tmp_path)
     A step on part of the job's nodes (a second `srun` in an allocation of 8) must not name the job's
     first node, where no task of this step runs."""
     home, python = _stand_in_python(tmp_path)
+    bin_dir = _stand_in_slurm(tmp_path)
+    (python.parent / "show_env").write_text('#!/usr/bin/env bash\necho "$SLURM_PROCID $JAX_COORDINATOR_ADDRESS"\n')
+    env = {**_slurm_env(home, bin_dir), "SLURM_JOB_NODELIST": "gpu[01-08]", "SLURM_STEP_NODELIST": "gpu[07-08]",
+           "SLURM_JOB_NUM_NODES": "8"}
+    show = python.parent / "show_env"
+    show.chmod(0o755)
+    run = subprocess.run(["bash", str(REPO / "launch" / "gpu_multinode.sh"), "--slurm", "--nodes", "2",
+                          "--python", str(show)], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert [line for line in run.stdout.splitlines()[1:] if line.strip()] == ["0 gpu07:12355", "1 gpu07:12355"]
+
+
+def test_gpu_multinode_slurm_tasks_run_in_the_folder(tmp_path):
+    """As ssh mode, every SLURM task runs in --dir (quoted, a leading ~/ the node's home), by default this
+    checkout; --dir was accepted and ignored, so the tasks ran wherever the launcher was started."""
+    home, python = _stand_in_python(tmp_path)
+    env = {**_slurm_env(home, _stand_in_slurm(tmp_path)), "SLURM_JOB_NODELIST": "gpu[01-02]"}
+    for extra, where in ((["--dir", "~/my dir"], f"{home}/my dir"), ([], str(REPO))):
+        run = subprocess.run(["bash", str(REPO / "launch" / "gpu_multinode.sh"), "--slurm", "--nodes", "2", *extra,
+                              "--python", str(python), "--", "--config", "a b.yaml"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.splitlines()[1:] == [where, "<-m><bmgpt_jax.train><--config><a b.yaml>"] * 2
+
+
+def _slurm_env(home: Path, bin_dir: Path) -> dict:
+    """This environment without SLURM's variables, HOME a stand-in and `bin_dir`'s stand-ins first on PATH."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "HOME": str(home),
+            "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def _stand_in_slurm(tmp_path: Path) -> Path:
+    """A folder of stand-ins for `scontrol show hostnames` and `srun` (each task run here in turn, with
+    SLURM_PROCID and SLURM_NTASKS, and a blank line after it)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(
@@ -223,16 +283,7 @@ def test_gpu_multinode_slurm_coordinator_is_the_first_node_of_the_step(tmp_path)
         'n=$((nodes * per)); for ((i = 0; i < n; i++)); do SLURM_PROCID=$i SLURM_NTASKS=$n "$@"; echo; done\n')
     for tool in ("scontrol", "srun"):
         (bin_dir / tool).chmod(0o755)
-    (python.parent / "show_env").write_text('#!/usr/bin/env bash\necho "$SLURM_PROCID $JAX_COORDINATOR_ADDRESS"\n')
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "HOME": str(home),
-           "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu[01-08]",
-           "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_NUM_NODES": "8"}
-    show = python.parent / "show_env"
-    show.chmod(0o755)
-    run = subprocess.run(["bash", str(REPO / "launch" / "gpu_multinode.sh"), "--slurm", "--nodes", "2",
-                          "--python", str(show)], env=env, capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    assert [line for line in run.stdout.splitlines()[1:] if line.strip()] == ["0 gpu07:12355", "1 gpu07:12355"]
+    return bin_dir
 
 
 @pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu_multinode.sh"])
