@@ -38,6 +38,7 @@ setup(
         # libtpu (the version jax pins) on any host: `python -m bmgpt_jax.plan --topology v5e:4x4` compiles for TPUs
         "tpu-plan": ["jax[tpu]>=0.7,<0.11"],
         "gpu": ["jax[cuda12]>=0.7,<0.11"],
-        "dev": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3"],
+        # setuptools >= 70.1 builds wheels offline (tests/test_install.py installs the package with pip --target)
+        "dev": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "setuptools>=70.1"],
     },
 )
