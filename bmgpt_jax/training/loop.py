@@ -149,7 +149,8 @@ def _batches(it, cfg: TrainConfig) -> Iterator[tuple[str, dict[str, np.ndarray]]
 
 def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
     """Train per `cfg`; returns `{"losses": {step: loss}, "last_step": n, "model": the trained module,
-    "stopped": "SIGTERM"/"SIGINT"/None, "data": {"examples": read, reason: dropped, ...}}`.
+    "stopped": "SIGTERM"/"SIGINT"/None, "data": {"examples": read, reason: dropped, ...}, "skipped": steps
+    of non-finite loss, "empty": steps without an answer token (no loss recorded, no update)}`.
 
     `batches`: an iterator with `.tokenizer`, `.state()` and `.restore()` (default: this process's
     `BatchIterator(cfg.data)` with the GIN's atom cap), for tests that feed a known stream.
@@ -234,6 +235,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
                                                                 seq_len=seq_len, d_model=lm.hidden_size),
                           peak_flops=measure_matmul_flops(dtype=jnp.dtype(cfg.compute_dtype)))
         monitor.skipped = int(meta.get("nonfinite_skipped", 0))     # the run's, over all its resumes
+        monitor.empty = int(meta.get("empty_steps", 0))
         in_a_row = int(meta.get("nonfinite_in_a_row", 0))
         monitor.write(f"stage {cfg.stage}: {n_total:,} parameters, {n_train:,} trainable ({', '.join(patterns)}); "
                       f"mesh {dict(mesh.shape)}; {jax.process_count()} process(es); "
@@ -247,7 +249,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
             position and counts as of the last `tally.update`."""
             return ckpt.save(n, {"trainable": trainable, "opt_state": opt_state}, data_state=data_state,
                              force=force, metadata={"config": config_lib.to_dict(cfg), **tally.checkpoint_counts(),
-                                                    "nonfinite_skipped": monitor.skipped,
+                                                    "nonfinite_skipped": monitor.skipped, "empty_steps": monitor.empty,
                                                     "nonfinite_in_a_row": in_a_row})
 
         losses: dict[int, float] = {}
@@ -269,7 +271,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
                 newest = max(ckpt.all_steps(), default=None)
                 check_loss(i, loss, cfg.nonfinite, grad_norm, batch=where,
                            note=f"the newest checkpoint is step {newest}" if newest else "no checkpoint saved yet")
-            losses[i] = loss
+            if metrics["n_tokens"] > 0:          # a batch of dropped examples only: no loss, no update
+                losses[i] = loss
             in_a_row = 0 if metrics["finite"] else in_a_row + 1
             data_state = it.state()
             tally.update(data_state)
@@ -306,7 +309,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
         _export(frozen, it.tokenizer, cfg, i)
     model = nnx.merge(graphdef, trainable, frozen)
     return {"losses": losses, "last_step": i, "model": model, "stopped": stopped, "data": dict(tally.totals),
-            "ran_out": ran_out, "skipped": monitor.skipped}
+            "ran_out": ran_out, "skipped": monitor.skipped, "empty": monitor.empty}
 
 
 def _export(frozen: nnx.State, tokenizer, cfg: TrainConfig, step: int) -> None:

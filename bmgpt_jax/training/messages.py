@@ -77,7 +77,8 @@ def where_things_went(cfg, result: dict, argv: list[str]) -> list[str]:
 
 def summary(result: dict) -> list[str]:
     """The end-of-run lines on the loss: first and last of this run's steps (the ratio only where both are
-    finite) and the steps of the whole run skipped for a non-finite loss (`nonfinite=skip`)."""
+    finite), the steps of the whole run skipped for a non-finite loss (`nonfinite=skip`) and those whose batch
+    held no answer token (nothing to learn from: no update)."""
     losses, lines = result["losses"], []
     if losses:
         first, last = losses[min(losses)], losses[max(losses)]
@@ -87,4 +88,7 @@ def summary(result: dict) -> list[str]:
     if result.get("skipped"):
         lines.append(f"nonfinite=skip: {result['skipped']} step(s) of the run had a non-finite loss or gradient "
                      "and were skipped (their updates not applied; metrics.jsonl: finite 0)")
+    if result.get("empty"):
+        lines.append(f"{result['empty']} step(s) of the run had no answer token in their batch (every example "
+                     "dropped: the data counts above say why) and changed nothing (metrics.jsonl: applied 0)")
     return lines

@@ -109,7 +109,8 @@ class Monitor:
     `jax.device_get(metrics)`); `tokens` is how many token positions were processed since the previous
     call (real tokens: the attention mask's sum, padding excluded); `data` holds the pipeline's counts
     (examples read, dropped in all and per reason), recorded as they are (TensorBoard: `data/...`) and
-    shown in the bar.
+    shown in the bar. A step whose batch had no loss token (`n_tokens` 0, the update not applied) is
+    recorded without `loss` and counted in `empty`; one with a non-finite loss is counted in `skipped`.
     tokens/s uses wall time since the previous call, so the first value includes compilation. MFU needs
     `flops_per_token` and `peak_flops`.
 
@@ -125,6 +126,7 @@ class Monitor:
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.skipped = 0
+        self.empty = 0
         self._step = start_step
         self._last_time = time.perf_counter()
         self._bar = self._jsonl = self._tb = None
@@ -153,6 +155,11 @@ class Monitor:
         if "finite" in record and record["finite"] == 0.0:
             self.skipped += 1
             self.write(f"step {step}: non-finite loss, update skipped ({self.skipped} so far)")
+        elif record.get("n_tokens") == 0.0:   # no loss to record: its 0.0 would read as a perfect step
+            record.pop("loss", None)
+            self.empty += 1
+            self.write(f"step {step}: no answer token in the batch (all its examples dropped), no update "
+                       f"({self.empty} so far)")
         if not self.enabled:
             return record
         self._jsonl.write(json.dumps({"time": time.time(), **record}) + "\n")

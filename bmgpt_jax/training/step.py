@@ -40,10 +40,6 @@ def cast_floating(tree: Any, dtype) -> Any:
     return jax.tree.map(cast, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def _select(pred: jax.Array, new: Any, old: Any) -> Any:
-    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
-
-
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_accum: int = 1,
                     compute_dtype=None, skip_nonfinite: bool = False,
                     schedule: optax.Schedule | None = None) -> StepFn:
@@ -58,8 +54,14 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
       state unchanged (the `finite` metric says so); otherwise the update is applied regardless.
     schedule: the learning-rate schedule, reported as `metrics["lr"]` at the update count.
 
+    A batch without a loss token (`n_tokens` 0: every example of the window dropped, the pipeline's padding
+    batch) leaves the trainable and optimizer state unchanged too: its gradient is zero, but an update would
+    still move the weights by Adam's momentum and the weight decay and advance the schedule. The update is a
+    `lax.cond` branch, so keeping the state costs no second copy of it (a `where` select over the new and
+    old state would hold both).
+
     metrics (float32 scalars): loss (token mean), loss_sum, n_tokens, grad_norm (before clipping),
-    finite (1.0 / 0.0) and lr when `schedule` is given.
+    finite (1.0 / 0.0), applied (1.0 / 0.0: whether the update was applied) and lr when `schedule` is given.
     """
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
@@ -95,13 +97,16 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
         loss = loss_sum / denom
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = tx.update(grads, opt_state, trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
-        if skip_nonfinite:
-            new_trainable = _select(finite, new_trainable, trainable)
-            new_opt_state = _select(finite, new_opt_state, opt_state)
+        applied = (n_tokens > 0) & finite if skip_nonfinite else n_tokens > 0
+
+        def update(state):
+            params, opt = state
+            updates, new_opt = tx.update(grads, opt, params)
+            return optax.apply_updates(params, updates), new_opt
+
+        new_trainable, new_opt_state = jax.lax.cond(applied, update, lambda state: state, (trainable, opt_state))
         metrics = {"loss": loss, "loss_sum": loss_sum, "n_tokens": n_tokens, "grad_norm": grad_norm,
-                   "finite": finite.astype(jnp.float32)}
+                   "finite": finite.astype(jnp.float32), "applied": applied.astype(jnp.float32)}
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(update_count(opt_state)), jnp.float32)
         return new_trainable, new_opt_state, metrics

@@ -139,6 +139,25 @@ def test_nonfinite_skip_keeps_state():
     assert float(m["finite"]) == 0.0 and np.isnan(t3["up"]["kernel"][...]).any()
 
 
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
+def test_a_batch_without_loss_tokens_changes_nothing(skip_nonfinite):
+    """A batch whose every example was dropped (the pipeline's padding batch, `n_tokens` 0) has a zero gradient,
+    yet the update still moved the weights (Adam's momentum, the weight decay) and advanced the schedule."""
+    graphdef, trainable, frozen = split_trainable(Toy(nnx.Rngs(4)))
+    tx = make_optimizer(NO_WARMUP)
+    step = jax.jit(make_train_step(toy_loss, tx, skip_nonfinite=skip_nonfinite, schedule=make_schedule(NO_WARMUP)))
+    trainable, opt_state, m = step(graphdef, trainable, frozen, tx.init(trainable), toy_batch(0))
+    assert float(m["applied"]) == 1.0                            # a real step first: Adam's momentum is not zero
+    empty = dict(toy_batch(1), mask=np.zeros((8, 4), np.int32))
+    t2, o2, m = step(graphdef, trainable, frozen, opt_state, empty)
+    assert (float(m["n_tokens"]), float(m["applied"]), float(m["finite"])) == (0.0, 0.0, 1.0)
+    for a, b in zip(jax.tree.leaves((t2, o2)), jax.tree.leaves((trainable, opt_state)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    t3, o3, m = step(graphdef, t2, frozen, o2, toy_batch(2))    # the next real batch is update 2, not 3
+    assert float(m["applied"]) == 1.0 and float(m["lr"]) == pytest.approx(float(make_schedule(NO_WARMUP)(1)))
+    assert not np.allclose(t3["up"]["kernel"][...], trainable["up"]["kernel"][...])
+
+
 def test_bfloat16_compute_keeps_float32_master():
     """The loss sees bfloat16 parameters (what it reads is recorded at trace time), the update and the
     returned master weights stay float32."""

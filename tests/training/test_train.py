@@ -249,6 +249,44 @@ class CorruptedIds:
         self.it.restore(state)
 
 
+class EmptiedBatch(CorruptedIds):
+    """The pipeline's stream with the second batch's examples all gone, as the pipeline pads a window whose
+    examples were dropped: no answer token (its attention kept, so the forward still runs on real rows)."""
+
+    def __next__(self):
+        batch, self.n = next(self.it), self.n + 1
+        return dict(batch, loss_mask=np.zeros_like(batch["loss_mask"])) if self.n == 2 else batch
+
+
+def test_a_batch_without_answer_tokens_is_no_step_and_is_counted(tmp_path, capsys):
+    """It updated the weights (Adam's momentum, weight decay), advanced the schedule and logged loss 0.0 into
+    metrics.jsonl and the run's first/last losses: now nothing changes, metrics.jsonl has no loss for it
+    (`applied` 0), and the end lines count it."""
+    cfg = cfg_for(tmp_path, "steps=3", name="empty")
+    out = train.run(cfg, batches=EmptiedBatch(BatchIterator(cfg.data)))
+    assert out["empty"] == 1 and sorted(out["losses"]) == [1, 3]
+    rows = {r["step"]: r for r in _rows(tmp_path / "empty")}
+    assert "loss" not in rows[2] and (rows[2]["n_tokens"], rows[2]["applied"]) == (0.0, 0.0)
+    assert rows[1]["applied"] == rows[3]["applied"] == 1.0
+    assert rows[3]["lr"] == pytest.approx(rows[2]["lr"])                # the schedule did not move on step 2
+    assert "step 2: no answer token in the batch (all its examples dropped), no update (1 so far)" in \
+        capsys.readouterr().out + capsys.readouterr().err
+    assert messages.summary(out)[-1].startswith("1 step(s) of the run had no answer token in their batch")
+    two = cfg_for(tmp_path, "steps=2", name="two")                     # batches 1 and 3 only: the same weights
+    ours, theirs = params(out["model"]), params(train.run(two, batches=Dropping(BatchIterator(two.data)))["model"])
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
+class Dropping(CorruptedIds):
+    """The pipeline's stream without its second batch: steps 1 and 2 here are batches 1 and 3."""
+
+    def __next__(self):
+        batch, self.n = next(self.it), self.n + 1
+        if self.n == 2:
+            batch, self.n = next(self.it), self.n + 1
+        return batch
+
+
 def test_out_of_vocabulary_ids_are_refused_before_the_step(tmp_path):
     cfg = cfg_for(tmp_path, "stage=align", "steps=3")
     v = load_tokenizer(None).vocab_size
