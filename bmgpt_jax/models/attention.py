@@ -312,7 +312,7 @@ def splash_attention(q, k, v, segments: Segments, *, causal: bool, scale: float,
 def cudnn_attention(q, k, v, segments: Segments, *, causal: bool, scale: float) -> jax.Array:
     """cuDNN flash attention; keys valid up to each row's length. Rows whose key ids are not a right-
     padded run of 1s followed by 0s, or whose query ids are not 0/1, are not representable: they come
-    out NaN (a loss over them is NaN, and `skip_nonfinite` steps skip it) rather than wrong."""
+    out NaN (a loss over them is NaN, and the train step does not apply it) rather than wrong."""
     s = k.shape[1]
     lengths = jnp.sum(segments.kv != 0, axis=1).astype(jnp.int32)
     right_padded = jnp.all(segments.kv == (jnp.arange(s)[None] < lengths[:, None]), axis=1)

@@ -221,7 +221,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
             where, host, left = None, None, end.value
         step_fn = make_train_step(loss_fn, tx, grad_accum=cfg.optim.grad_accum,
                                   compute_dtype=jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None,
-                                  skip_nonfinite=cfg.nonfinite == "skip", schedule=make_schedule(cfg.optim))
+                                  schedule=make_schedule(cfg.optim))
         lead = cfg.optim.grad_accum > 1
         if host is not None:
             shapes = {k: jax.ShapeDtypeStruct(v.shape[:lead] + (v.shape[lead] * jax.process_count(),)
@@ -266,11 +266,15 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
             metrics = jax.device_get(metrics)
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             if cfg.nonfinite == "stop" and not metrics["finite"]:
-                # the update was applied, so this state is not saved; the one before was donated to the step
-                # (keeping it would cost a second copy of the state, as the `skip` step's select does)
+                # the step left the state as it was (`make_train_step`): step i - 1's, saved with its data
+                # position (this batch not yet counted), so --resume after a fix replays this batch
+                if i - 1 > 0:
+                    save(i - 1, force=True)
                 newest = max(ckpt.all_steps(), default=None)
                 check_loss(i, loss, cfg.nonfinite, grad_norm, batch=where,
-                           note=f"the newest checkpoint is step {newest}" if newest else "no checkpoint saved yet")
+                           note=f"step {newest} is saved, the state before it: --resume goes on from there"
+                           if newest == i - 1 else f"the newest checkpoint is step {newest}" if newest
+                           else "no checkpoint saved yet")
             if metrics["n_tokens"] > 0:          # a batch of dropped examples only: no loss, no update
                 losses[i] = loss
             in_a_row = 0 if metrics["finite"] else in_a_row + 1

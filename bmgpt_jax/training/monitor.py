@@ -51,8 +51,7 @@ def check_loss(step: int, loss: float, policy: NonFinitePolicy = "stop", grad_no
                batch: str = "", note: str = "") -> bool:
     """True when `loss` and `grad_norm` are finite. Otherwise "stop" raises NonFiniteLossError naming the
     step and `batch` (where that step's data came from, e.g. the pipeline position), plus `note` (e.g. which
-    step is saved), and "skip" returns False (the step, built with `skip_nonfinite=True`, left the state
-    unchanged)."""
+    step is saved), and "skip" returns False (the step, `make_train_step`, left the state unchanged)."""
     if policy not in ("stop", "skip"):
         raise ValueError(f"non-finite policy must be 'stop' or 'skip', got {policy!r}")
     if math.isfinite(loss) and math.isfinite(grad_norm):

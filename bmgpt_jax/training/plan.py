@@ -209,7 +209,7 @@ def plan_job(cfg: TrainConfig, devices: list, name: str = "", processes: int | N
     lead = cfg.optim.grad_accum > 1
     train_step = step.make_train_step(loss_fn, tx, grad_accum=cfg.optim.grad_accum,
                                       compute_dtype=None if cfg.compute_dtype == "float32" else np.dtype(cfg.compute_dtype),
-                                      skip_nonfinite=cfg.nonfinite == "skip", schedule=optim.make_schedule(cfg.optim))
+                                      schedule=optim.make_schedule(cfg.optim))
     jitted = step.jit_train_step(train_step, graphdef, trainable, frozen, opt_state,
                                  parallel.batch_shardings(batch, mesh, microbatched=lead), mesh)
     params = param_leaves(trainable) + param_leaves(frozen)

@@ -41,7 +41,7 @@ def cast_floating(tree: Any, dtype) -> Any:
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_accum: int = 1,
-                    compute_dtype=None, skip_nonfinite: bool = False,
+                    compute_dtype=None,
                     schedule: optax.Schedule | None = None) -> StepFn:
     """Build `train_step(graphdef, trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics)`.
 
@@ -50,15 +50,15 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
       multimodal batch (graphs, proteins) is split by the pipeline, not by reshaping.
     compute_dtype: e.g. jnp.bfloat16: float parameters are cast at use (master copy stays float32; the
       cast's transpose returns float32 gradients).
-    skip_nonfinite: when the loss or the gradient norm is not finite, return the trainable and optimizer
-      state unchanged (the `finite` metric says so); otherwise the update is applied regardless.
     schedule: the learning-rate schedule, reported as `metrics["lr"]` at the update count.
 
-    A batch without a loss token (`n_tokens` 0: every example of the window dropped, the pipeline's padding
-    batch) leaves the trainable and optimizer state unchanged too: its gradient is zero, but an update would
-    still move the weights by Adam's momentum and the weight decay and advance the schedule. The update is a
-    `lax.cond` branch, so keeping the state costs no second copy of it (a `where` select over the new and
-    old state would hold both).
+    The update is applied only when the loss and the gradient norm are finite and the batch holds a loss
+    token; otherwise the trainable and optimizer state come back unchanged (Adam's count too: the schedule
+    does not advance). A non-finite step would ruin the weights (the loop then stops or skips it, per
+    `nonfinite`, and can save the state before it); a batch without a loss token (`n_tokens` 0: every
+    example of its window dropped, the pipeline's padding batch) has a zero gradient, but an update would
+    still move the weights by Adam's momentum and the weight decay. The update is a `lax.cond` branch, so
+    keeping the state costs no second copy of it (a `where` select over the new and old state holds both).
 
     metrics (float32 scalars): loss (token mean), loss_sum, n_tokens, grad_norm (before clipping),
     finite (1.0 / 0.0), applied (1.0 / 0.0: whether the update was applied) and lr when `schedule` is given.
@@ -97,7 +97,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
         loss = loss_sum / denom
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        applied = (n_tokens > 0) & finite if skip_nonfinite else n_tokens > 0
+        applied = (n_tokens > 0) & finite
 
         def update(state):
             params, opt = state

@@ -160,8 +160,11 @@ def test_nonfinite_loss_stops_naming_the_step_or_skips(tmp_path):
     from bmgpt_jax.training.monitor import NonFiniteLossError
     blowup = ["stage=align", "steps=4", "optim.lr=1e30", "optim.warmup_steps=0", "optim.clip_norm=0"]
     with pytest.raises(NonFiniteLossError, match=r"step [2-4] on the batch at data position epoch 0, window 0, batch "
-                                                 r"[1-3], the first such step; stopping \(no checkpoint saved yet\)"):
+                                                 r"[1-3], the first such step; stopping \(step [1-3] is saved, the state "
+                                                 r"before it: --resume goes on from there\)") as stopped:
         train.run(cfg_for(tmp_path, *blowup, name="stop"))
+    first_bad = int(re.search(r"at step (\d)", str(stopped.value)).group(1))
+    assert saved_steps(tmp_path / "stop" / "checkpoints") == [first_bad - 1]   # the update was never applied
     out = train.run(cfg_for(tmp_path, *blowup, "nonfinite=skip", name="skip"))
     assert out["last_step"] == 4 and not np.isfinite(out["losses"][4])
     bad = [s for s, v in out["losses"].items() if not np.isfinite(v)]
@@ -176,6 +179,11 @@ def test_nonfinite_loss_stops_naming_the_step_or_skips(tmp_path):
     upto = train.run(cfg_for(tmp_path, *blowup, "nonfinite=skip", f"steps={min(bad) - 1}", name="upto"))
     a, b = params(upto["model"]), params(out["model"])  # the skipped steps changed nothing
     assert all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
+    assert first_bad == min(bad)                          # `stop` saved what `skip` trained up to that step
+    resumed = train.run(cfg_for(tmp_path, *blowup, "nonfinite=skip", f"steps={first_bad - 1}", name="stop"),
+                        resume=True)
+    c = params(resumed["model"])                          # restored, nothing left to train: the saved state
+    assert all(np.array_equal(a[k], c[k]) for k in a)
 
 
 def test_config_resolution_schedule_precision_and_special_ids():
