@@ -39,8 +39,9 @@ def stored_dtype(hf: Mapping[str, Any], where: str, weights: TensorSource | None
                  key: str = VOCAB_KEYS[0]) -> str:
     """The dtype an HF `config.json` mapping says its weights are stored in: `dtype` (transformers 5's
     name), else `torch_dtype` (the older one), else the dtype of the tensor `key` in `weights` (when given,
-    and when it is one of `STORED_DTYPES`: transformers 5 then reads the weights' first floating dtype),
-    else float32. This is what transformers 5's `from_pretrained` loads in by default (`dtype="auto"`:
+    and when it is one of `STORED_DTYPES`), else float32. transformers 5 then takes the first floating
+    tensor of the first weight file (`lm_head.weight` of a sorted safetensors file): the same dtype unless
+    the checkpoint mixes dtypes. This is what transformers 5's `from_pretrained` loads in by default (`dtype="auto"`:
     the model held and computed in it). A config name other than float32, bfloat16 or float16 (`torch.`
     prefix allowed) is a ValueError naming `where` and the key. Only the weights' header is read."""
     for name in ("dtype", "torch_dtype"):
