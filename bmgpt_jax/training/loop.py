@@ -43,8 +43,8 @@ from bmgpt_jax.training.monitor import (Monitor, NonFiniteLossError, check_loss,
                                        measure_matmul_flops, train_flops_per_token)
 from bmgpt_jax.training.optim import (OptimConfig, check_patterns_match, count_params, make_optimizer, make_schedule,
                                       split_trainable, trainable_filter)
-from bmgpt_jax.training.stages import (InitConfig, Stage, build_model, check_init, model_factory,
-                                       trainable_patterns)
+from bmgpt_jax.training.stages import (InitConfig, Stage, build_model, check_init, check_lora_trainable,
+                                       model_factory, trainable_patterns)
 from bmgpt_jax.training.step import init_opt_state, jit_train_step, make_train_step
 
 log = logging.getLogger("bmgpt_jax.train")
@@ -167,8 +167,10 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
         failed = e
     raise_on_every_process(failed, "checking the run's settings and inputs")
     check_run_folders(cfg)
-    if cfg.trainable:   # on the abstract model: the stage defaults may name parts a config leaves out (LoRA)
-        check_patterns_match(nnx.eval_shape(model_factory(cfg.stage, cfg.model)[0]), cfg.trainable)
+    abstract = nnx.eval_shape(model_factory(cfg.stage, cfg.model)[0])
+    if cfg.trainable:   # the stage defaults may name parts a config leaves out (LoRA)
+        check_patterns_match(abstract, cfg.trainable)
+    check_lora_trainable(abstract, cfg.model.lm, trainable_patterns(cfg.stage, cfg.model, cfg.trainable), cfg.stage)
     earlier = saved_steps(cfg.checkpoint.dir)
     if earlier and not resume:
         raise ValueError(f"{cfg.checkpoint.dir} holds checkpoints of an earlier run (steps {earlier}): pass --resume "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from typing import Callable, Literal
 
 from flax import nnx
@@ -63,6 +64,28 @@ def trainable_patterns(stage: Stage, model_cfg: BioMedGPTConfig, patterns: tuple
     if stage == "finetune" and model_cfg.lm.lora_rank > 0:
         return LORA_TRAINABLE
     return DEFAULT_TRAINABLE[stage]
+
+
+def check_lora_trainable(model: nnx.Module, lm_cfg, patterns: tuple[str, ...], stage: Stage) -> None:
+    """With `lora_rank > 0`, ConfigError when the trainable `patterns` (resolved) select no `lora_a`/`lora_b`
+    (the adapters would stay zero: compute for nothing) or also select a kernel LoRA adapts (a full fine-tune
+    with adapters on top, which `tiny_finetune.yaml`'s `trainable: ["."]` silently made of a LoRA run).
+    `model` may be abstract (`nnx.eval_shape`)."""
+    if lm_cfg.lora_rank <= 0:
+        return
+    names = [name for name in (".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+             if any(re.search(pattern, name) for pattern in patterns)]
+    adapted = tuple(f".{t}.kernel" for t in lm_cfg.lora_targets)
+    kernels = [n for n in names if n.endswith(adapted)]
+    given = f"trainable={list(patterns)}" + (f" (stage {stage}'s default)" if patterns == DEFAULT_TRAINABLE[stage] else "")
+    if not any(n.endswith((".lora_a", ".lora_b")) for n in names):
+        raise ConfigError(f"model.lm.lora_rank={lm_cfg.lora_rank} but {given} trains no lora_a/lora_b: the adapters "
+                          "would stay zero. Set trainable=[] for the finetune stage's LoRA default "
+                          f"{list(LORA_TRAINABLE)}, or model.lm.lora_rank=0")
+    if kernels:
+        raise ConfigError(f"model.lm.lora_rank={lm_cfg.lora_rank} but {given} also trains the kernels LoRA adapts "
+                          f"({kernels[0]}, ...): a full fine-tune with adapters on top. Set trainable=[] for the "
+                          f"finetune stage's LoRA default {list(LORA_TRAINABLE)}, or model.lm.lora_rank=0")
 
 
 def _lm_overrides(cfg: BioMedGPTConfig) -> dict:

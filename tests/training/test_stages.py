@@ -292,3 +292,26 @@ def test_lora_finetune_trains_both_lora_factors_and_the_adaptors():
     pats = stages.trainable_patterns("finetune", cfg.model, ())
     got = {path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, trainable_filter(pats)))}
     assert got == want, (sorted(got - want), sorted(want - got))
+
+
+def test_a_lora_run_must_train_the_factors_and_not_the_kernels_they_adapt(tmp_path):
+    """`tiny_finetune.yaml` trains everything (`trainable: ["."]`): with `model.lm.lora_rank=4` that was a full
+    fine-tune with adapters on top, silently; the align stage's default froze the factors (adapters that stay
+    zero). Both now stop before anything is built, naming the fix; `trainable=[]` is the LoRA default."""
+    from bmgpt_jax.config import ConfigError
+    for name, overrides, message in (
+            ("tiny_finetune", [], r"trainable=\['\.'\] also trains the kernels LoRA adapts "
+                                  r"\(llm\.model\.layers\.self_attn\.q_proj\.kernel, \.\.\.\)"),
+            ("tiny_finetune", ["trainable=[\"^proj_\"]"], r"trainable=\['\^proj_'\] trains no lora_a/lora_b"),
+            ("tiny_align", [], r"\(stage align's default\) trains no lora_a/lora_b: the adapters would stay zero")):
+        cfg = train.load_config(name, ["model.lm.lora_rank=4", "model.lm.vocab_size=64", *overrides])
+        model = nnx.eval_shape(stages.model_factory(cfg.stage, cfg.model)[0])
+        pats = stages.trainable_patterns(cfg.stage, cfg.model, cfg.trainable)
+        with pytest.raises(ConfigError, match=message):
+            stages.check_lora_trainable(model, cfg.model.lm, pats, cfg.stage)
+    cfg = train.load_config("tiny_finetune", ["model.lm.lora_rank=4", "model.lm.vocab_size=64", "trainable=[]"])
+    model = nnx.eval_shape(stages.model_factory("finetune", cfg.model)[0])
+    stages.check_lora_trainable(model, cfg.model.lm, stages.trainable_patterns("finetune", cfg.model, ()), "finetune")
+    with pytest.raises(ConfigError, match="also trains the kernels LoRA adapts"):   # the run checks it first
+        train.run(cfg_for(tmp_path, "model.lm.lora_rank=4", "steps=1"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
