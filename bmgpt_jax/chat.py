@@ -298,15 +298,18 @@ def main(argv: Sequence[str] | None = None, stdin: Iterable[str] = sys.stdin) ->
             lines.close()
         print(f"chat: {one_line(e)}", file=sys.stderr)
         return 2
-    if args.interactive:
-        interactive(Conversation(model, args.system, **options), stdin)
-        return 0
-    if args.question is not None:
+    if args.interactive or args.question is not None:
         try:
-            print(ask(model, args.question, args.smiles, args.protein, args.system, **options))
+            if args.interactive:
+                interactive(Conversation(model, args.system, **options), stdin)
+            else:
+                print(ask(model, args.question, args.smiles, args.protein, args.system, **options))
         except ValueError as e:
             print(f"chat: {one_line(e)}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:   # Ctrl-C ends a session (or a long answer): one line, not a traceback
+            print("chat: interrupted", file=sys.stderr)
+            return 130
         return 0
     try:
         output, skip = _open_output(args)

@@ -252,6 +252,12 @@ def test_checkpoint_folder_cli_interactive_and_jsonl(demo_model, tmp_path, capsy
     assert out[1] == f"Assistant: {expected}" and out[2].startswith("error: SMILES 'C1CC'")
     assert out[3].startswith("error: unknown command /smiles; commands: /mol SMILES")
     assert out[4].startswith("Assistant: ") and len(out) == 5
+
+    def typed_then_ctrl_c():
+        yield "/mol CCO"
+        raise KeyboardInterrupt
+    assert chat.main(base + ["--interactive"], stdin=typed_then_ctrl_c()) == 130   # was a traceback
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "chat: interrupted"
     rows = [{"question": "What is this molecule?", "smiles": "CCO", "id": "a"}, "not json",
             {"question": "Q?", "smiles": "C1CC"}, {"question": "Q?", "protein": "MK1A"},
             {"question": "What is <moleculeHere>?"}, {"question": "Q?", "protein": "M" * 1000},
