@@ -177,7 +177,7 @@ def check_source(source: TensorSource, cfg: LlamaConfig, grow_vocab: bool = Fals
 
 
 def load_source(source: TensorSource, cfg: LlamaConfig, mesh=None, grow_vocab: bool = False,
-                skip: nnx.filterlib.Filter = nnx.Nothing) -> LlamaForCausalLM:
+                skip: nnx.filterlib.Filter = nnx.Nothing, lora_seed: int = 0) -> LlamaForCausalLM:
     """Our model from HF-named tensors in `source`; with `mesh`, sharded global arrays read slice by slice.
 
     `grow_vocab` (training inits only, `training.stages`; conversions stay exact): a checkpoint with fewer
@@ -185,12 +185,13 @@ def load_source(source: TensorSource, cfg: LlamaConfig, mesh=None, grow_vocab: b
     Llama-2's 32000) loads with the missing rows of `embed_tokens` and `lm_head` set to the mean of its
     rows, as transformers' `resize_token_embeddings` does by default less its 1e-9-scaled noise
     (`tensor_map.fill_added_rows`); the stored rows are the checkpoint's bit for bit. Every device reads
-    and fills only its own slice. `skip`: variables left abstract, not read (`tensor_map.load`)."""
+    and fills only its own slice. `skip`: variables left abstract, not read (`tensor_map.load`); `lora_seed`:
+    the draw of fresh LoRA factors (`cfg.lora_rank > 0`)."""
     lay = layout(cfg)
+    src = grown(source, cfg) if grow_vocab else source
+    model = tensor_map.load(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), src, lay, mesh, lora_seed, skip)
     if not grow_vocab:
-        return tensor_map.load(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), source, lay, mesh, skip=skip)
-    src = grown(source, cfg)
-    model = tensor_map.load(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), src, lay, mesh, skip=skip)
+        return model
     for key in src.rows:
         tensor_map.fill_added_rows(model, [e for e in lay.entries if e.key == key], src.stored_rows(key))
     return model
@@ -216,13 +217,13 @@ def load(hf_dir: str | os.PathLike, **overrides) -> LlamaForCausalLM:
 
 
 def load_sharded(path: str | os.PathLike, cfg: LlamaConfig, mesh, grow_vocab: bool = False,
-                 skip: nnx.filterlib.Filter = nnx.Nothing) -> LlamaForCausalLM:
+                 skip: nnx.filterlib.Filter = nnx.Nothing, lora_seed: int = 0) -> LlamaForCausalLM:
     """Our causal LM with `cfg` from an HF checkpoint (folder or file), its parameters global `jax.Array`s
     laid out by `parallel.tree_shardings` on `mesh`: each process reads only its devices' slices.
     `grow_vocab`: a checkpoint with fewer token rows gets the missing ones (`load_source`); `skip`: variables
-    left abstract, not read."""
+    left abstract, not read; `lora_seed`: the draw of fresh LoRA factors."""
     with open_source(path) as src:
-        return load_source(src, cfg, mesh, grow_vocab, skip)
+        return load_source(src, cfg, mesh, grow_vocab, skip, lora_seed)
 
 
 def write(out_dir: str | os.PathLike, cfg: LlamaConfig, reader: TensorSource, tokenizer=None,

@@ -97,14 +97,14 @@ def layout(lm_cfg: LlamaConfig, esm_cfg: EsmConfig, gin_cfg: GinConfig) -> Layou
 
 
 def load_source(source: TensorSource, lm_cfg: LlamaConfig, esm_cfg: EsmConfig, gin_cfg: GinConfig | None = None,
-                mesh=None, skip: nnx.filterlib.Filter = nnx.Nothing) -> BioMedGPT:
+                mesh=None, skip: nnx.filterlib.Filter = nnx.Nothing, lora_seed: int = 0) -> BioMedGPT:
     """Our BioMedGPT from flat OpenBioMed tensors in `source`; with `mesh`, sharded global arrays.
-    `skip`: variables left abstract, not read (`tensor_map.load`)."""
+    `skip`: variables left abstract, not read (`tensor_map.load`); `lora_seed`: the draw of fresh LoRA factors."""
     src = view(source)
     gin_cfg = gin_config(src, gin_cfg)
     cfg = BioMedGPTConfig(lm=lm_cfg, gin=gin_cfg, esm=esm_cfg)
     return tensor_map.load(lambda: BioMedGPT(cfg, rngs=nnx.Rngs(0)), src, layout(lm_cfg, esm_cfg, gin_cfg), mesh,
-                           skip=skip)
+                           lora_seed, skip)
 
 
 def load_sharded(path: str | os.PathLike, lm_cfg: LlamaConfig, esm_cfg: EsmConfig, gin_cfg: GinConfig | None,

@@ -77,7 +77,8 @@ def check_lora_trainable(model: nnx.Module, lm_cfg, patterns: tuple[str, ...], s
              if any(re.search(pattern, name) for pattern in patterns)]
     adapted = tuple(f".{t}.kernel" for t in lm_cfg.lora_targets)
     kernels = [n for n in names if n.endswith(adapted)]
-    given = f"trainable={list(patterns)}" + (f" (stage {stage}'s default)" if patterns == DEFAULT_TRAINABLE[stage] else "")
+    default = patterns == DEFAULT_TRAINABLE[stage]
+    given = f"trainable={list(patterns)}" + (f" (stage {stage}'s default)" if default else "")
     if not any(n.endswith((".lora_a", ".lora_b")) for n in names):
         raise ConfigError(f"model.lm.lora_rank={lm_cfg.lora_rank} but {given} trains no lora_a/lora_b: the adapters "
                           "would stay zero. Set trainable=[] for the finetune stage's LoRA default "
@@ -205,11 +206,12 @@ def check_sources(stage: Stage, cfg: BioMedGPTConfig, init: InitConfig) -> None:
 # variables `skip` selects (paths within the sub-module) are not read and stay abstract (`tensor_map.load`).
 
 def load_hf_llama(path: str, cfg: BioMedGPTConfig, mesh: Mesh,
-                  skip: nnx.filterlib.Filter = nnx.Nothing) -> LlamaForCausalLM:
+                  skip: nnx.filterlib.Filter = nnx.Nothing, seed: int = 0) -> LlamaForCausalLM:
     """The decoder from a Hugging Face Llama folder (`init.hf_llama`), with `cfg.lm`: a checkpoint with fewer
     token rows than `cfg.lm.vocab_size` (Llama-2-7b-hf's 32000 under BioMedGPT's 32001, `[PAD]` added) gets
     the missing rows of `embed_tokens` and `lm_head`, each the mean of its rows (`hf_llama.load_source`),
-    said in one log line; a `CONFIG_WINS` value that differs is the config's, with a warning."""
+    said in one log line; a `CONFIG_WINS` value that differs is the config's, with a warning. LoRA factors
+    (`lora_rank > 0`) are drawn fresh from `seed` (`init.seed`)."""
     from bmgpt_jax.convert import hf_llama
     soft, added = _check_same("hf_llama", cfg.lm, _hf_llama_config(path, cfg), grow_vocab=True)
     _warn_config_wins("hf_llama", path, soft)
@@ -218,7 +220,7 @@ def load_hf_llama(path: str, cfg: BioMedGPTConfig, mesh: Mesh,
         log.info("init.hf_llama %s: %d token rows, the config %d: embed_tokens and lm_head grown by %d row%s "
                  "(ids %s), each the mean of the checkpoint's rows", path, v - added, v, added,
                  "" if added == 1 else "s", v - 1 if added == 1 else f"{v - added}..{v - 1}")
-    return hf_llama.load_sharded(path, cfg.lm, mesh, grow_vocab=True, skip=skip)
+    return hf_llama.load_sharded(path, cfg.lm, mesh, grow_vocab=True, skip=skip, lora_seed=seed)
 
 
 def load_hf_esm(path: str, cfg: BioMedGPTConfig, mesh: Mesh, skip: nnx.filterlib.Filter = nnx.Nothing) -> Esm:
@@ -242,12 +244,13 @@ def load_openbiomed(init: InitConfig, cfg: BioMedGPTConfig, mesh: Mesh,
     (`init.openbiomed` + the HF config.json paths `init.lm_config` / `init.esm_config`), with `cfg.lm` and
     `cfg.esm` (a differing `CONFIG_WINS` value is the config's, with a warning). The decoder's vocabulary
     is the checkpoint's token rows, as OpenBioMed resizes BioMedGPT-LM-7B's 32000 to 32001 (logged where
-    `init.lm_config` says otherwise: `openbiomed.token_rows`); the config's must be the same."""
+    `init.lm_config` says otherwise: `openbiomed.token_rows`); the config's must be the same. LoRA factors
+    are drawn fresh from `init.seed`."""
     from bmgpt_jax.convert import openbiomed
     with _open_openbiomed(init) as src:
         for part, soft in _check_openbiomed(init, cfg, src):
             _warn_config_wins(f"openbiomed ({part})", init.openbiomed, soft)
-        return openbiomed.load_source(src, cfg.lm, cfg.esm, cfg.gin, mesh, skip=skip)
+        return openbiomed.load_source(src, cfg.lm, cfg.esm, cfg.gin, mesh, skip=skip, lora_seed=init.seed)
 
 
 PARTS = {"llm": ("hf_llama", load_hf_llama), "prot_structure_encoder": ("hf_esm", load_hf_esm),
@@ -295,7 +298,7 @@ def build_model(stage: Stage, model_cfg: BioMedGPTConfig, init: InitConfig, mesh
     make, loss_fn = model_factory(stage, model_cfg, init.seed)
     if stage == "lm":
         if init.hf_llama:
-            return load_hf_llama(init.hf_llama, model_cfg, mesh, skip), loss_fn
+            return load_hf_llama(init.hf_llama, model_cfg, mesh, skip, init.seed), loss_fn
         return parallel.init_sharded(make, mesh, skip), loss_fn
     if init.openbiomed:
         return load_openbiomed(init, model_cfg, mesh, skip), loss_fn
@@ -303,5 +306,6 @@ def build_model(stage: Stage, model_cfg: BioMedGPTConfig, init: InitConfig, mesh
     skipped = nnx.filterlib.to_predicate(skip)
     model = parallel.init_sharded(make, mesh, skip=lambda path, x: path[0] in pretrained or skipped(path, x))
     for name, (path, load) in pretrained.items():
-        setattr(model, name, load(path, model_cfg, mesh, lambda sub, x, name=name: skipped((name, *sub), x)))
+        seed = {"seed": init.seed} if name == "llm" else {}     # fresh LoRA factors (the decoder's only)
+        setattr(model, name, load(path, model_cfg, mesh, lambda sub, x, name=name: skipped((name, *sub), x), **seed))
     return model, loss_fn

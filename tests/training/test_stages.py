@@ -315,3 +315,15 @@ def test_a_lora_run_must_train_the_factors_and_not_the_kernels_they_adapt(tmp_pa
     with pytest.raises(ConfigError, match="also trains the kernels LoRA adapts"):   # the run checks it first
         train.run(cfg_for(tmp_path, "model.lm.lora_rank=4", "steps=1"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_lora_factors_loaded_with_a_decoder_follow_init_seed(hf):
+    """`init.seed` seeded the random parts only: with the decoder from `init.hf_llama`, every seed drew the same
+    `lora_a` (seed 0), so a seed sweep of LoRA runs started alike."""
+    d, _ = hf
+    cfg = model_cfg(lora_rank=4)
+    draws = {seed: np.asarray(stages.build_model("lm", cfg, stages.InitConfig(hf_llama=str(d), seed=seed))[0]
+                              .model.layers[0].self_attn.q_proj.lora_a[...]) for seed in (0, 1)}
+    assert not np.array_equal(draws[0], draws[1])
+    again = stages.build_model("lm", cfg, stages.InitConfig(hf_llama=str(d), seed=1))[0]
+    np.testing.assert_array_equal(np.asarray(again.model.layers[0].self_attn.q_proj.lora_a[...]), draws[1])
