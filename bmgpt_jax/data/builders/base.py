@@ -10,7 +10,10 @@ a `raw_dir` whose files differ (a newer release, another folder) is a ValueError
 with a `raw_dir` lacking some of them a FileNotFoundError naming them (the build is kept).
 
 Output is array_record with text features only, read back without tensorflow:
-`builder.as_data_source(split)[i]` -> dict, `Record.from_example(...)`.
+`builder.as_data_source(split)[i]` -> dict, `Record.from_example(...)`. Each split is written straight to
+its shards in generation order (`RecordBuilder._generate_splits`), not through tfds's writer, which holds a
+split in memory up to 1 GiB and past that spills it to files through tensorflow (not installed): a split of
+any size builds, in memory of one example.
 """
 from __future__ import annotations
 
@@ -19,16 +22,19 @@ import functools
 import hashlib
 import itertools
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
 import tensorflow_datasets as tfds
+from array_record.python.array_record_module import ArrayRecordWriter
 
 from ..records import BadRecords, Record, features
 
 KEEP_MULTI, SINGLE_ONLY = "keep", "single"
 CHUNK = 1 << 16    # bytes of each end of a raw file its fingerprint reads
 BOM = b"\xef\xbb\xbf"   # the UTF-8 byte-order mark some editors write first
+SHARD_BYTES = 256 << 20   # serialized bytes after which a split's shard is closed and the next one begun
 
 
 class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -130,6 +136,37 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             if first is not None:
                 gens[split] = itertools.chain([first], gen)
         return gens
+
+    def _generate_splits(self, dl_manager, download_config) -> list[tfds.core.SplitInfo]:
+        """Every split of `_split_generators`, written by `_write_split` (tfds's own writer cannot write a
+        split over 1 GiB without tensorflow); tfds then records the split infos as after its own writer."""
+        return [self._write_split(split, examples) for split, examples in self._split_generators(dl_manager).items()]
+
+    def _write_split(self, split: str, examples) -> tfds.core.SplitInfo:
+        """`examples` serialized as tfds does and written in their order to array_record shards of about
+        `SHARD_BYTES` each, under the names and with the split info tfds's reader expects. Shards are named
+        `-NNNNN-of-NNNNN` once their count is known; until then they are `{prefix}.part{i}`."""
+        template = self._get_filename_template(split_name=split)
+        lengths, sizes, writer = [], [], None
+        for _, example in examples:
+            data = self.info.features.serialize_example(example)
+            if writer is None:
+                writer = ArrayRecordWriter(f"{template.filepath_prefix()}.part{len(lengths)}", "group_size:1")
+                lengths.append(0)
+                sizes.append(0)
+            writer.write(data)
+            lengths[-1] += 1
+            sizes[-1] += len(data)
+            if sizes[-1] >= SHARD_BYTES:
+                writer.close()
+                writer = None
+        if writer is not None:
+            writer.close()
+        for i in range(len(lengths)):
+            os.replace(f"{template.filepath_prefix()}.part{i}",
+                       template.sharded_filepath(shard_index=i, num_shards=len(lengths)))
+        return tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=sum(sizes),
+                                   filename_template=template)
 
     def files(self, split: str) -> list[Path]:
         """The files of `split` (patterns expanded, sorted)."""

@@ -4,13 +4,15 @@ and `*.jsonl` (one `{"text": ...}` a line) files in a folder, as records with no
 A document longer than `MAX_CHARS` is cut into pieces at whitespace (about 1,000 Llama tokens of English
 each), so the pipeline's largest bucket does not truncate away most of a long document (text with fewer
 characters a token, SMILES or non-Latin scripts, can still exceed it: the pipeline counts what it cuts).
+Files are read a line at a time (`documents`), so a build holds one document, not a whole file.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 from ..records import Record
-from .base import RecordBuilder, read_jsonl, read_text
+from .base import RecordBuilder, decode, raw_lines, read_jsonl
 
 MAX_CHARS = 4000
 
@@ -25,6 +27,22 @@ def chunks(text: str, limit: int = MAX_CHARS) -> Iterator[str]:
         text = text[cut:].strip()
     if text:
         yield text
+
+
+def documents(path: Path) -> Iterator[str]:
+    """The documents of a `.txt` file, exactly `read_text(path).split("\\n\\n")` (the same UTF-8 error, the
+    byte-order mark dropped, \\r\\n and \\r read as \\n; three blank lines make an empty document) but
+    streamed: a document ends where an empty line follows a line ending, so only the current one is held."""
+    doc, ends_line = [], False
+    for _, start, raw in raw_lines(path):
+        line = decode(raw, str(path), start).replace("\r\n", "\n").replace("\r", "\n")
+        if line == "\n" and ends_line:
+            yield "".join(doc)[:-1]
+            doc, ends_line = [], False
+        else:
+            doc.append(line)
+            ends_line = line.endswith("\n")
+    yield "".join(doc)
 
 
 class TextCorpus(RecordBuilder, skip_registration=True):
@@ -46,7 +64,7 @@ class TextCorpus(RecordBuilder, skip_registration=True):
                     else:
                         bad.add("malformed record", f"{path.name}:{lineno}: no text")
             else:
-                for i, doc in enumerate(read_text(path).split("\n\n")):
+                for i, doc in enumerate(documents(path)):
                     yield f"{path.name}:{i}", doc
 
     def _records(self, split, bad):
