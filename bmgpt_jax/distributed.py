@@ -20,7 +20,9 @@ outside the count, a coordinator not `host:port`): left alone, each host would r
 Once up: `broadcast_json` hands process 0's small host-side facts to every process (what it read from a
 folder only it reads), `check_shared_folder` stops a job whose checkpoint folder is not one folder
 that every host sees, and `raise_on_every_process` turns a failure on one host into the same error on
-every host (instead of the others waiting for it, for ever, in their next collective).
+every host (instead of the others waiting for it, for ever, in their next collective). Long work that
+only process 0 does (a dataset build) goes through `run_on_first_process`: the others wait on the
+distributed runtime's key-value store, for up to `$BMGPT_WAIT_HOURS` hours, not in a collective.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import builtins
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
@@ -112,18 +115,14 @@ def raise_on_every_process(error: Exception | None, what: str) -> None:
     failed process will never reach (a hang). The failing process re-raises `error` itself; the others raise
     an exception of its type (its nearest builtin base; RuntimeError where that cannot be made from one
     message) whose one line says `what` failed on which process, and why. Every process must call it, at
-    the same point; it is a barrier. One process: `error` raised, if any."""
+    the same point; it is a barrier, an XLA collective: for a quick step only (gloo, on CPU, gives up after
+    30 s; `run_on_first_process` waits longer). One process: `error` raised, if any."""
     if jax.process_count() == 1:
         if error is not None:
             raise error
         return
     from jax.experimental import multihost_utils
-    kind = "RuntimeError"
-    text = b""
-    if error is not None:
-        kind = next(c.__name__ for c in type(error).__mro__ if getattr(builtins, c.__name__, None) is c)
-        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        text = f"{kind}\n{message}".encode()[:MESSAGE_BYTES]
+    text = _describe(error).encode()[:MESSAGE_BYTES] if error is not None else b""
     buf = np.zeros(MESSAGE_BYTES + 1, np.uint8)     # [0]: failed; then the type's name and the message
     buf[0] = error is not None
     buf[1:1 + len(text)] = np.frombuffer(text, np.uint8)
@@ -134,15 +133,83 @@ def raise_on_every_process(error: Exception | None, what: str) -> None:
     if error is not None:
         raise error
     first = failed[0]
-    kind, _, message = every[first, 1:].tobytes().rstrip(b"\0").decode("utf-8", "replace").partition("\n")
     others = f" (and on process(es) {failed[1:]})" if len(failed) > 1 else ""
-    line = f"{what} failed on process {first}{others}: {message}"
+    raise _rebuild(every[first, 1:].tobytes().rstrip(b"\0").decode("utf-8", "replace"),
+                   f"{what} failed on process {first}{others}")
+
+
+WAIT_HOURS = 6.0   # how long `run_on_first_process` waits for process 0 by default ($BMGPT_WAIT_HOURS)
+_first_process_calls: dict[str, int] = {}   # per `what`: how many `run_on_first_process` calls so far
+
+
+def wait_hours() -> float:
+    """`$BMGPT_WAIT_HOURS` (a positive number), else `WAIT_HOURS`: the longest that the other processes
+    wait for process 0's work in `run_on_first_process` (a 10 GB text corpus builds in about 15 minutes)."""
+    value = os.environ.get("BMGPT_WAIT_HOURS")
+    if value in (None, ""):
+        return WAIT_HOURS
+    try:
+        hours = float(value)
+    except ValueError:
+        hours = 0.0
+    if not 0 < hours < 24 * 24:   # the store takes milliseconds as a 32-bit int: at most 24.8 days
+        raise ValueError(f"environment variable BMGPT_WAIT_HOURS={value!r} is not a number of hours in (0, 576)")
+    return hours
+
+
+def run_on_first_process(fn: Callable[[], None], what: str) -> None:
+    """With several processes: process 0 calls `fn()` while the others wait for it, for as long as it takes
+    (up to `wait_hours()`); process 0's failure is raised on every process (the others: its type, one line
+    saying `what` failed on process 0, and why; a TimeoutError once the wait is over). Every process must
+    call it, at the same point, with the same `what`. One process: `fn()`.
+
+    The others wait on the distributed runtime's key-value store (process 0 sets a key with its outcome),
+    not in an XLA collective: gloo's (CPU) gives up after 30 s and the coordination service then aborts
+    every process, and an accelerator collective left waiting for minutes is no safer. Each call has a key
+    of its own (`what` and how many calls with it came before), so several in one run cannot mix."""
+    if jax.process_count() == 1:
+        fn()
+        return
+    from jax._src.distributed import global_state
+    n = _first_process_calls[what] = _first_process_calls.get(what, 0) + 1
+    key = f"bmgpt_jax/run_on_first_process/{what}/{n}"
+    if jax.process_index() == 0:
+        try:
+            fn()
+        except Exception as e:
+            global_state.client.key_value_set(key, "failed\n" + _describe(e))
+            raise
+        global_state.client.key_value_set(key, "ok")
+        return
+    hours = wait_hours()
+    try:
+        outcome = global_state.client.blocking_key_value_get(key, timeout_in_ms=int(hours * 3_600_000))
+    except jax.errors.JaxRuntimeError as e:
+        if "DEADLINE_EXCEEDED" not in str(e):
+            raise
+        raise TimeoutError(f"{what}: process 0 has not finished after {hours:g} hour(s) (BMGPT_WAIT_HOURS "
+                           "sets how long the other processes wait)") from None
+    if outcome != "ok":
+        raise _rebuild(outcome.partition("\n")[2], f"{what} failed on process 0")
+
+
+def _describe(error: Exception) -> str:
+    """`error` as its nearest builtin type's name, a newline and its message, for another process."""
+    kind = next(c.__name__ for c in type(error).__mro__ if getattr(builtins, c.__name__, None) is c)
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return f"{kind}\n{message}"
+
+
+def _rebuild(described: str, where: str) -> Exception:
+    """The exception to raise for another process's `_describe`d error: its type (RuntimeError where that
+    cannot be made from one message), its one line `{where}: {message}`."""
+    kind, _, message = described.partition("\n")
+    line = f"{where}: {message}"
     cls = getattr(builtins, kind, RuntimeError)
     try:
-        exc = cls(line) if isinstance(cls, type) and issubclass(cls, Exception) else RuntimeError(line)
+        return cls(line) if isinstance(cls, type) and issubclass(cls, Exception) else RuntimeError(line)
     except TypeError:           # a builtin that takes more than a message (UnicodeDecodeError)
-        exc = RuntimeError(f"{kind}: {line}")
-    raise exc
+        return RuntimeError(f"{kind}: {line}")
 
 
 def check_shared_folder(path: str | os.PathLike, what: str) -> None:

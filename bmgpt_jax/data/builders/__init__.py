@@ -90,11 +90,13 @@ def prepare(builder: RecordBuilder) -> None:
 
     tfds builds into a temporary folder and renames it into place at the end; a second build of the same
     folder then fails on that rename (FileExistsError). So: with several JAX processes (the hosts of one
-    job), process 0 builds first and the others wait for it (a barrier) before their own call, which finds
-    the dataset built in a `data_dir` they share, or builds their own copy in a host-local one. A failure
-    on any process (process 0's build, or another's own) is raised on every process, naming the process
-    (`distributed.raise_on_every_process`), not left as a hang in the next collective. Independent jobs that
-    race on one cache folder: the loser's FileExistsError means the winner finished, so it reads that build.
+    job), process 0 builds first and the others wait for it, however long the build takes (up to
+    `$BMGPT_WAIT_HOURS`, `distributed.run_on_first_process`: not in a collective, which gloo gives up on
+    after 30 s), before their own call, which finds the dataset built in a `data_dir` they share, or builds
+    their own copy in a host-local one. A failure on any process (process 0's build, or another's own) is
+    raised on every process, naming the process (then `distributed.raise_on_every_process`), not left as a
+    hang in the next collective. Independent jobs that race on one cache folder: the loser's
+    FileExistsError means the winner finished, so it reads that build.
     """
     def build() -> None:
         # tfds prints "Downloading and preparing ..." (nothing is downloaded) on stdout, where chat and
@@ -118,22 +120,15 @@ def prepare(builder: RecordBuilder) -> None:
 
     import jax
 
-    from ...distributed import raise_on_every_process
+    from ...distributed import raise_on_every_process, run_on_first_process
+    run_on_first_process(build, f"building {builder.name}")
     if jax.process_count() == 1:
-        build()
         return
-    failed = None
-    if jax.process_index() == 0:
-        try:
-            build()
-        except Exception as e:  # noqa: BLE001 -- raised on every process below, not only here
-            failed = e
-    raise_on_every_process(failed, f"building {builder.name}")   # and a barrier
     failed = None
     if jax.process_index() != 0:
         try:
             build()
-        except Exception as e:  # noqa: BLE001 -- as above: the others must not wait for this process
+        except Exception as e:  # noqa: BLE001 -- raised on every process below: none may wait for this one
             failed = e
     raise_on_every_process(failed, f"building {builder.name}")
 
