@@ -32,7 +32,7 @@ from bmgpt_jax import logs, parallel
 from bmgpt_jax.data.examples import check_ids
 from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, global_batch, stack_batches
 from bmgpt_jax.data.workers import WorkerDied
-from bmgpt_jax.distributed import initialize, raise_on_every_process
+from bmgpt_jax.distributed import initialize, raise_on_every_process, run_on_first_process
 from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
 from bmgpt_jax.parallel import abstract_state, batch_shardings
 from bmgpt_jax.training import messages
@@ -322,20 +322,20 @@ def _export(frozen: nnx.State, tokenizer, cfg: TrainConfig, step: int) -> None:
     """The trained model under `{out_dir}/final`, streamed from the final checkpoint (the source of truth)
     by process 0, one tensor at a time, nothing gathered: every process first saves its shards of the
     frozen parameters beside the steps, then process 0 writes (`convert.run_export`; safetensors,
-    configs and tokenizer, plus OpenBioMed's `.pth` where torch is importable)."""
+    configs and tokenizer, plus OpenBioMed's `.pth` where torch is importable). The others wait for it on
+    the distributed key-value store (`distributed.run_on_first_process`: minutes at 7B, longer than a CPU
+    collective waits), and process 0's failure stops them too."""
     from jax.experimental import multihost_utils
 
     from bmgpt_jax.convert import run_export
     run_export.save_frozen(frozen, cfg.checkpoint.dir)
     multihost_utils.sync_global_devices("bmgpt_jax export: checkpoint complete")
-    try:
-        if jax.process_index() == 0:
-            out = Path(cfg.out_dir) / "final"
-            n = run_export.export(cfg.checkpoint.dir, out, step, stage=cfg.stage, model_cfg=cfg.model,
-                                  tokenizer=tokenizer)
-            log.info("exported the trained model (%d tensors) to %s", n, out)
-    finally:
-        multihost_utils.sync_global_devices("bmgpt_jax export: written")
+
+    def write() -> None:
+        out = Path(cfg.out_dir) / "final"
+        n = run_export.export(cfg.checkpoint.dir, out, step, stage=cfg.stage, model_cfg=cfg.model, tokenizer=tokenizer)
+        log.info("exported the trained model (%d tensors) to %s", n, out)
+    run_on_first_process(write, "exporting the trained model")
 
 
 @logs.cli
