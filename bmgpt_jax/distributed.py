@@ -171,6 +171,7 @@ def run_on_first_process(fn: Callable[[], None], what: str) -> None:
         fn()
         return
     from jax._src.distributed import global_state
+    hours = wait_hours()       # read on every process: a bad value is refused on process 0 too, before its work
     n = _first_process_calls[what] = _first_process_calls.get(what, 0) + 1
     key = f"bmgpt_jax/run_on_first_process/{what}/{n}"
     if jax.process_index() == 0:
@@ -181,7 +182,6 @@ def run_on_first_process(fn: Callable[[], None], what: str) -> None:
             raise
         global_state.client.key_value_set(key, "ok")
         return
-    hours = wait_hours()
     try:
         outcome = global_state.client.blocking_key_value_get(key, timeout_in_ms=int(hours * 3_600_000))
     except jax.errors.JaxRuntimeError as e:
