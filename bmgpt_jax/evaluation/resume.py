@@ -29,11 +29,12 @@ def finished_rows(out: Path, run: dict, sources: Mapping[str, Sequence[Record]])
     """`--resume`: the finished rows of `out/predictions.jsonl` (a torn last line dropped), by source and
     record index. Process 0 reads the folder and every process gets the same rows, so all skip the same
     records. ValueError when the earlier run (its metrics.json) differs in a `RESUME_KEYS` setting, a
-    row's source or index is not one of this run's, or its `id` or `reference` is not that of this run's record
-    at its index (the split's contents changed: a rebuilt dataset or other raw files). A setting the earlier run did not record (a
-    metrics.json of an older version, before `system` and `dtype` were recorded, or none at all) cannot be
-    compared: its rows are kept as this run's, and stderr says which settings were assumed; except `stop`,
-    which a metrics.json without it ran as "separator" (no earlier version stopped at EOS only)."""
+    row's source or index is not one of this run's, or its `id` or `reference` is not that of this run's
+    record at its index (the split's contents changed: a rebuilt dataset or other raw files). A setting the
+    earlier run did not record (a metrics.json of an older version, before `system` and `dtype` were
+    recorded, or none at all) cannot be compared: its rows are kept as this run's, and stderr says which
+    settings were assumed; except `stop`, which a metrics.json without it ran as "separator" (no earlier
+    version stopped at EOS only)."""
     path = out / "predictions.jsonl"
     found: dict = {"rows": [], "run": None, "error": None}
     if jax.process_index() == 0:
@@ -73,9 +74,10 @@ def finished_rows(out: Path, run: dict, sources: Mapping[str, Sequence[Record]])
         record = sources[spec][i]
         for key, now in (("id", record.id), ("reference", record.answer)):
             if key in row and row[key] != now:
-                raise ValueError(f"{path} holds a row of {spec} record {i} with {key} {_short(row[key])}, but this "
-                                 f"run's record {i} has {key} {_short(now)}: the split's contents changed (another "
-                                 "--raw-dir / --data-dir or a rebuilt dataset); --resume continues only the same records")
+                raise ValueError(f"{path} holds a row of {spec} record {i} with {key} {_short(row[key])}, but "
+                                 f"this run's record {i} has {key} {_short(now)}: the split's contents changed "
+                                 "(another --raw-dir / --data-dir or a rebuilt dataset); --resume continues only "
+                                 "the same records")
         done[spec][i] = row
     return done
 

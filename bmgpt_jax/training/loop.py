@@ -167,10 +167,12 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
         failed = e
     raise_on_every_process(failed, "checking the run's settings and inputs")
     check_run_folders(cfg)
-    abstract = nnx.eval_shape(model_factory(cfg.stage, cfg.model)[0])
-    if cfg.trainable:   # the stage defaults may name parts a config leaves out (LoRA)
-        check_patterns_match(abstract, cfg.trainable)
-    check_lora_trainable(abstract, cfg.model.lm, trainable_patterns(cfg.stage, cfg.model, cfg.trainable), cfg.stage)
+    if cfg.trainable or cfg.model.lm.lora_rank > 0:   # on the abstract model, before anything is built
+        abstract = nnx.eval_shape(model_factory(cfg.stage, cfg.model)[0])
+        if cfg.trainable:   # the stage defaults may name parts a config leaves out (LoRA)
+            check_patterns_match(abstract, cfg.trainable)
+        check_lora_trainable(abstract, cfg.model.lm, trainable_patterns(cfg.stage, cfg.model, cfg.trainable),
+                             cfg.stage)
     earlier = saved_steps(cfg.checkpoint.dir)
     if earlier and not resume:
         raise ValueError(f"{cfg.checkpoint.dir} holds checkpoints of an earlier run (steps {earlier}): pass --resume "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from typing import Callable, Literal
 
 from flax import nnx
@@ -73,8 +72,8 @@ def check_lora_trainable(model: nnx.Module, lm_cfg, patterns: tuple[str, ...], s
     `model` may be abstract (`nnx.eval_shape`)."""
     if lm_cfg.lora_rank <= 0:
         return
-    names = [name for name in (".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
-             if any(re.search(pattern, name) for pattern in patterns)]
+    from bmgpt_jax.training.optim import path_str, trainable_filter
+    names = [path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, trainable_filter(patterns)))]
     adapted = tuple(f".{t}.kernel" for t in lm_cfg.lora_targets)
     kernels = [n for n in names if n.endswith(adapted)]
     default = patterns == DEFAULT_TRAINABLE[stage]

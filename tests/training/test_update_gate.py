@@ -78,8 +78,9 @@ def test_a_batch_without_answer_tokens_is_no_step_and_is_counted(tmp_path, capsy
     assert "loss" not in rows[2] and (rows[2]["n_tokens"], rows[2]["applied"]) == (0.0, 0.0)
     assert rows[1]["applied"] == rows[3]["applied"] == 1.0
     assert rows[3]["lr"] == pytest.approx(rows[2]["lr"])                # the schedule did not move on step 2
+    said = capsys.readouterr()
     assert "step 2: no answer token in the batch (all its examples dropped), no update (1 so far)" in \
-        capsys.readouterr().out + capsys.readouterr().err
+        said.out + said.err
     assert messages.summary(out)[-1].startswith("1 step(s) of the run had no answer token in their batch")
     two = cfg_for(tmp_path, "steps=2", name="two")                     # batches 1 and 3 only: the same weights
     ours, theirs = params(out["model"]), params(train.run(two, batches=Dropping(BatchIterator(two.data)))["model"])
