@@ -278,6 +278,38 @@ def test_a_checkpoint_folder_every_process_sees(tmp_path):
     assert not (tmp_path / "anything").exists()
 
 
+PACK_WORKER = r"""
+import json, sys
+import jax
+from bmgpt_jax import distributed
+assert distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from bmgpt_jax.data import pipeline
+from bmgpt_jax.data.records import Record
+own, pack_rows = [], pipeline.pack_rows
+pipeline.pack_rows = lambda *a: (lambda rows: own.append(len(rows)) or rows)(pack_rows(*a))
+# unshuffled, process 0 reads the even records (cut to a whole row each), process 1 the odd (a line each)
+records = [Record((), "", "Kinases phosphorylate proteins. " * 80 if i % 2 == 0 else f"Note {i}.") for i in range(32)]
+cfg = pipeline.DataConfig(sources=("demo",), batch_size=4, seq_buckets=(128,), window_batches=4, pack=True,
+                          shuffle=False, num_epochs=1)
+batches = list(pipeline.BatchIterator(cfg, records=records))
+print("RESULT " + json.dumps({"own": own, "batches": len(batches),
+                              "empty": sum(int(b["attention_mask"].sum() == 0) for b in batches),
+                              "examples": sum(len(set(r[r > 0].tolist())) for b in batches for r in b["segment_ids"])}),
+      flush=True)
+"""
+
+
+def test_packing_processes_agree_on_each_windows_batch_count():
+    """`data.pack`: a process whose share of a window packs into fewer batches pads with empty ones to the
+    count of the process that needs the most (one allgather a window), so every step has a batch on every
+    process; nothing is lost."""
+    results = _run_workers(PACK_WORKER)
+    assert results[0]["own"] == [4, 4] and results[1]["own"] == [1, 1]       # 8 long rows vs 8 lines in one
+    assert [r["batches"] for r in results] == [8, 8]
+    assert [r["empty"] for r in results] == [0, 6]
+    assert sum(r["examples"] for r in results) == 32
+
+
 BUILD_WORKER = r"""
 import sys
 import jax

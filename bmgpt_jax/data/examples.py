@@ -3,8 +3,8 @@
 `encode_example` is the slow, per-example part the pipeline runs in worker processes: prompt building
 and tokenization, molecule featurization (rdkit) and protein tokenization; an example it cannot use comes
 back as one of `DROP_REASONS`. `collate` assembles the batch of docs/batch_format.md for one sequence
-bucket `T` and the graph/protein budgets. `repad` widens a batch to a longer bucket (hosts of a
-multi-host run agree on the longest of their buckets each step). `check_ids` refuses a batch holding an
+bucket `T` and the graph/protein budgets, one example a row or several packed end to end. `repad` widens
+a batch to a longer bucket (hosts of a multi-host run agree on the longest of their buckets each step). `check_ids` refuses a batch holding an
 id outside its vocabulary before it reaches a jitted step (where it would turn into NaNs).
 """
 from __future__ import annotations
@@ -122,29 +122,42 @@ class Budget:
         return self.exceeded(used, add, rows) is None
 
 
-def collate(examples: Sequence[Encoded], T: int, budget: Budget, prot_len: int) -> dict[str, np.ndarray]:
+def collate(rows: Sequence[Encoded] | Sequence[Sequence[Encoded]], T: int, budget: Budget, prot_len: int, *,
+            packed: bool = False) -> dict[str, np.ndarray]:
     """The batch dict of docs/batch_format.md: `B = budget.batch` rows of `T`, graphs padded to the budget,
-    `P = budget.proteins` proteins of `prot_len` tokens. Rows beyond `len(examples)` are all padding."""
+    `P = budget.proteins` proteins of `prot_len` tokens. Rows beyond `len(rows)` are all padding.
+
+    `rows` holds one example per row, or with `packed` a list of examples per row laid end to end; the
+    batch then has `segment_ids [B, T]` as well (1, 2, ... for the examples of a row, 0 on padding), from
+    which the decoder restarts positions and keeps attention inside each example. Packed, an example's
+    first token must carry no loss: it would be predicted from the example before it."""
     B = budget.batch
     input_ids = np.zeros((B, T), np.int32)
-    attention = np.zeros((B, T), np.int32)
+    segment = np.zeros((B, T), np.int32)
     loss = np.zeros((B, T), np.int32)
     feats, slots = [], []
     prot_ids = np.full((budget.proteins, prot_len), proteins.PAD_ID, np.int32)
     prot_mask = np.zeros((budget.proteins, prot_len), np.int32)
     prot_slot = np.full((budget.proteins, prot_len), -1, np.int32)
     k = 0
-    for b, ex in enumerate(examples):
-        t = ex.length
-        input_ids[b, :t], loss[b, :t], attention[b, :t] = ex.input_ids, ex.loss_mask, 1
-        for atoms, edge_index, bonds, node_pos in ex.mols:
-            feats.append((atoms, edge_index, bonds))
-            slots.append(np.where(node_pos >= 0, b * T + node_pos, -1))
-        for ids, start in ex.prots:
-            n = len(ids)
-            prot_ids[k, :n], prot_mask[k, :n] = ids, 1
-            prot_slot[k, :n] = b * T + start + np.arange(n)
-            k += 1
+    for b, row in enumerate(rows if packed else [[ex] for ex in rows]):
+        t0 = 0
+        for s, ex in enumerate(row, 1):
+            t1 = t0 + ex.length
+            if t1 > T:
+                raise ValueError(f"collate: row {b} holds {t1} or more positions, more than T = {T}")
+            if packed and ex.loss_mask[0]:
+                raise ValueError(f"collate: packed example {s} of row {b} has loss on its first token")
+            input_ids[b, t0:t1], loss[b, t0:t1], segment[b, t0:t1] = ex.input_ids, ex.loss_mask, s
+            for atoms, edge_index, bonds, node_pos in ex.mols:
+                feats.append((atoms, edge_index, bonds))
+                slots.append(np.where(node_pos >= 0, b * T + t0 + node_pos, -1))
+            for ids, start in ex.prots:
+                n = len(ids)
+                prot_ids[k, :n], prot_mask[k, :n] = ids, 1
+                prot_slot[k, :n] = b * T + t0 + start + np.arange(n)
+                k += 1
+            t0 = t1
     g = molecules.batch_graphs(feats, n_node=budget.nodes, n_edge=budget.edges, n_graph=budget.graphs)
     mol_slot = np.full(budget.nodes, -1, np.int32)
     mol_node_mask = np.zeros(budget.nodes, np.int32)
@@ -152,12 +165,15 @@ def collate(examples: Sequence[Encoded], T: int, budget: Budget, prot_len: int) 
         flat = np.concatenate(slots)
         mol_slot[:len(flat)] = flat
         mol_node_mask[:len(flat)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss,
-            "mol_atoms": np.asarray(g.nodes, np.int32), "mol_bonds": np.asarray(g.edges, np.int32),
-            "mol_senders": np.asarray(g.senders, np.int32), "mol_receivers": np.asarray(g.receivers, np.int32),
-            "mol_n_node": np.asarray(g.n_node, np.int32), "mol_n_edge": np.asarray(g.n_edge, np.int32),
-            "mol_node_mask": mol_node_mask, "mol_slot": mol_slot, "prot_ids": prot_ids, "prot_mask": prot_mask,
-            "prot_slot": prot_slot}
+    out = {"input_ids": input_ids, "attention_mask": (segment > 0).astype(np.int32), "loss_mask": loss,
+           "mol_atoms": np.asarray(g.nodes, np.int32), "mol_bonds": np.asarray(g.edges, np.int32),
+           "mol_senders": np.asarray(g.senders, np.int32), "mol_receivers": np.asarray(g.receivers, np.int32),
+           "mol_n_node": np.asarray(g.n_node, np.int32), "mol_n_edge": np.asarray(g.n_edge, np.int32),
+           "mol_node_mask": mol_node_mask, "mol_slot": mol_slot, "prot_ids": prot_ids, "prot_mask": prot_mask,
+           "prot_slot": prot_slot}
+    if packed:
+        out["segment_ids"] = segment
+    return out
 
 
 def repad(batch: dict[str, np.ndarray], T: int, prot_len: int) -> dict[str, np.ndarray]:
@@ -166,8 +182,9 @@ def repad(batch: dict[str, np.ndarray], T: int, prot_len: int) -> dict[str, np.n
     if (T0, batch["prot_ids"].shape[1]) == (T, prot_len):
         return batch
     out = dict(batch)
-    for key in ("input_ids", "attention_mask", "loss_mask"):
-        out[key] = np.pad(batch[key], ((0, 0), (0, T - T0)))
+    for key in ("input_ids", "attention_mask", "loss_mask", "segment_ids"):
+        if key in batch:
+            out[key] = np.pad(batch[key], ((0, 0), (0, T - T0)))
     widen = ((0, 0), (0, prot_len - batch["prot_ids"].shape[1]))
     out["prot_ids"] = np.pad(batch["prot_ids"], widen, constant_values=proteins.PAD_ID)
     out["prot_mask"] = np.pad(batch["prot_mask"], widen)

@@ -9,11 +9,12 @@
 
 Order: each epoch is a permutation of all records (concatenated sources) drawn from `(seed, epoch)`.
 It is cut into *windows* of `num_processes * window_batches * local_batch` records; process p encodes
-positions p, p+P, p+2P ... of a window (only its records are read), sorts them by length and packs them
-into exactly `k` batches (k is computed from counts alone, so every process emits the same number),
-each padded to the smallest bucket that holds its longest example; the batches of a window come out in
-a seeded random order. The state is `(epoch, window, batch)` -- global, not per host -- and a restore
-re-encodes one window (on another process count, mid-window, it moves to the next window: `restore`).
+positions p, p+P, p+2P ... of a window (only its records are read) and fills `k` batches with them
+(`filling`), each padded to the smallest bucket that holds its longest row, in a seeded random order.
+Unpacked, `k` comes from counts alone; packed (`data.pack`: several examples a row, `segment_ids`), it is
+the most any process needs (one allgather a window), the others emitting empty batches, which the train
+step counts and does not apply. The state is `(epoch, window, batch)` -- global, not per host -- and a
+restore re-encodes one window (on another process count, mid-window, it moves to the next: `restore`).
 Encoding runs in `workers` spawned processes, one window ahead of the consumer. They ignore SIGINT and
 SIGTERM (a Ctrl-C or a scheduler's SIGTERM reaches the whole process group: the main process decides, saves,
 then `close()` kills them); one that dies anyway is a `WorkerDied` error, never a wait without end.
@@ -39,6 +40,7 @@ from ..parallel import batch_shardings, process_blocks
 from .builders import BUILDERS, SAMPLE_SETS, default_split, make_builder, read_split, shared_data_dir
 from .demo import demo_records
 from .examples import Budget, EncodeOptions, Encoded, collate, encode_example, repad
+from .filling import fill_batches, pack_rows, usable
 from .records import Record
 from .text import DEFAULT_SYSTEM, load_tokenizer
 from .workers import WorkerDied, Workers
@@ -64,6 +66,8 @@ class DataConfig:
     num_epochs: 0 repeats forever. workers: encoding processes (0 = in this process).
     max_dropped: the largest share of the examples read that the pipeline may drop (bad records, too
       long, over a budget) before a training run stops with an error naming the setting to change.
+    pack: several examples end to end in each row of the last bucket (`segment_ids`: positions restart,
+      attention stays inside each), so the stage-1 corpus's documents fill rows instead of padding them.
     """
     sources: tuple[str, ...] = ("auto",)
     raw_dirs: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -85,6 +89,7 @@ class DataConfig:
     num_epochs: int = 0
     workers: int = 0
     max_dropped: float = 0.05
+    pack: bool = False
 
     def __post_init__(self):
         if not self.sources:
@@ -145,16 +150,23 @@ class BatchIterator:
     """Infinite (or `num_epochs`) iterator of this process's batches; see the module docstring.
 
     `max_atoms` / `over_cap`: the GIN's atom cap (`GinConfig`; None, the default: every atom a token), so
-    training encodes molecules exactly as evaluation and chat do.
+    training encodes molecules exactly as evaluation and chat do. `agree`: with `data.pack`, how the
+    processes agree on a window's batch count, given this one's (the default: the largest over the JAX
+    processes, one allgather per window; a single process keeps its own). Processes simulated in one
+    JAX process (`process_count` > 1 there) must pass it.
     """
 
     def __init__(self, cfg: DataConfig, process_index: int | None = None, process_count: int | None = None,
                  records: Sequence[Record] | None = None, *, max_atoms: int | None = None,
-                 over_cap: Literal["subsample", "error"] = "subsample"):
+                 over_cap: Literal["subsample", "error"] = "subsample", agree=None):
         self._pool = None                    # first: close() must work even when the sources fail to load
         self.cfg = cfg
         self.p = jax.process_index() if process_index is None else process_index
         self.P = jax.process_count() if process_count is None else process_count
+        if cfg.pack and agree is None and self.P != jax.process_count():
+            raise ValueError(f"data.pack with {self.P} simulated processes in {jax.process_count()} JAX process(es) "
+                             "needs `agree`: how they agree on a window's batch count")
+        self._agree_fn = agree
         if cfg.batch_size % self.P:
             raise ValueError(f"data.batch_size {cfg.batch_size} is not divisible by {self.P} processes")
         self.budget = Budget(cfg.batch_size // self.P, cfg.node_budget, cfg.edge_budget, cfg.graph_budget,
@@ -177,23 +189,24 @@ class BatchIterator:
     # -- state ------------------------------------------------------------------------------------
     def state(self) -> dict:
         """Where the next batch comes from (`epoch`, `window`, `batch`) and what defines that position: the
-        seed, the record count, the global batch size, the window length, shuffling and the process count."""
+        seed, the record count, the global batch size, the window length, shuffling, packing and the
+        process count."""
         e, w, b = self._pos
         return {"epoch": e, "window": w, "batch": b, "seed": self.cfg.seed, "num_records": len(self.records),
                 "batch_size": self.cfg.batch_size, "window_batches": self.cfg.window_batches,
-                "shuffle": self.cfg.shuffle, "processes": self.P}
+                "shuffle": self.cfg.shuffle, "pack": self.cfg.pack, "processes": self.P}
 
     def restore(self, state: dict) -> None:
-        """Continue from `state()`. The seed, record count, batch size, window length and shuffling must be
-        those it was saved with (they fix which records a position means); a state of an older version
-        lacks the last three and is taken as is.
+        """Continue from `state()`. The seed, record count, batch size, window length, shuffling and packing
+        must be those it was saved with (they fix which records a position means); a state of an older
+        version lacks the last four and is taken as is.
 
         A window holds the same records whatever the process count, but the batches inside it do not
         (each process sorts its own share by length). So a state saved by another number of processes
         continues exactly at a window boundary; in the middle of a window it continues at the next one,
         and the rest of that window is skipped this epoch, with a warning giving its size."""
         mine = self.state()
-        for key in ("seed", "num_records", "batch_size", "window_batches", "shuffle"):
+        for key in ("seed", "num_records", "batch_size", "window_batches", "shuffle", "pack"):
             if key in state and state[key] != mine[key]:
                 fix = "did data.sources change?" if key == "num_records" else f"resume with data.{key}={state[key]}"
                 raise ValueError(f"data state was saved with {key}={state[key]}, this pipeline has {mine[key]}: {fix}")
@@ -202,11 +215,10 @@ class BatchIterator:
         if b and saved != self.P:
             span = self.P * self.window_size
             n = min(span, len(self.records) - w * span)
-            total = math.ceil(math.ceil(n / saved) / (self.cfg.batch_size // saved))
-            log.warning("data: the state was saved by %d process(es) at batch %d of %d of window %d (epoch %d), "
-                        "and this run has %d: its batches are not those, so the run continues at the next window "
-                        "and skips the other %d batches of that window (about %d of its %d examples) this epoch",
-                        saved, b, total, w, e, self.P, total - b, max(n - b * self.cfg.batch_size, 0), n)
+            total = "" if self.cfg.pack else f" of {math.ceil(math.ceil(n / saved) / (self.cfg.batch_size // saved))}"
+            log.warning("data: the state was saved by %d process(es) at batch %d%s of window %d (epoch %d), and "
+                        "this run has %d: its batches are not those, so the run continues at the next window and "
+                        "skips the rest of that window (%d examples in all) this epoch", saved, b, total, w, e, self.P, n)
             e, w, b = (e, w + 1, 0) if w + 1 < self.windows_per_epoch else (e + 1, 0, 0)
         self._pos = (e, w, b)
         self._jobs.clear()
@@ -270,55 +282,43 @@ class BatchIterator:
             self.close()
             raise
 
-    def _pack(self, encoded: list[Encoded | str], num_batches: int, rng: np.random.Generator) -> list[list[Encoded]]:
-        """Sort by length and fill `num_batches` batches greedily within the budget; order shuffled.
-
-        An example too big for a whole batch is dropped as over the budget it breaks; one that no longer
-        fits the last batch is dropped as over the budget that closed batches early (rows never do: the
-        batch count comes from the rows)."""
-        self.read += len(encoded)
-        good = []
-        for e in encoded:
-            broken = None if isinstance(e, str) else self.budget.exceeded((0, 0, 0, 0), e.budget, 0)
-            if isinstance(e, str) or broken:
-                self.dropped[e if isinstance(e, str) else f"over_{broken}_budget"] += 1
-            else:
-                good.append(e)
-                if e.cut:
-                    self.cut.update(truncated=1, truncated_tokens=e.cut)
-        good.sort(key=lambda e: e.length)
-        batches: list[list[Encoded]] = [[]]
-        used = (0, 0, 0, 0)
-        closed_by: Counter[str] = Counter()                              # budget -> batches it closed early
-        for e in good:
-            broken = self.budget.exceeded(used, e.budget, len(batches[-1]))
-            if broken:
-                if len(batches) == num_batches:
-                    early = [b for b, _ in closed_by.most_common() if b != "rows"] or [broken]
-                    self.dropped[f"over_{early[0]}_budget"] += 1
-                    continue
-                closed_by[broken] += 1
-                batches.append([])
-                used = (0, 0, 0, 0)
-            batches[-1].append(e)
-            used = tuple(u + a for u, a in zip(used, e.budget))
-        batches += [[] for _ in range(num_batches - len(batches))]
-        return [batches[i] for i in rng.permutation(num_batches)]
+    def _agree(self, k: int) -> int:
+        """The batch count every process emits for a packed window: the largest of theirs."""
+        if self._agree_fn is not None:
+            return int(self._agree_fn(k))
+        if self.P == 1:
+            return k
+        from jax.experimental import multihost_utils
+        return int(np.max(multihost_utils.process_allgather(np.int32(k))))
 
     def _window(self, epoch: int, window: int) -> list[dict]:
+        """The window's batches in a seeded order. Unpacked, every process emits `_num_batches` (from counts);
+        packed, as many as the process that needs the most (`_agree`); the others pad with empty batches."""
         key = self._submit(epoch, window)
         nxt = (window + 1, epoch) if window + 1 < self.windows_per_epoch else (0, epoch + 1)
         self._submit(nxt[1], nxt[0])                                       # prefetch the next window
         encoded = self._encoded(key)
         self._before = (key, self.read, Counter(self.dropped), Counter(self.cut))
-        rng = np.random.default_rng([self.cfg.seed, epoch, window, 1])
-        packed = self._pack(encoded, self._num_batches(window), rng)
-        return [self._collate(exs) for exs in packed]
+        good, dropped, cut = usable(encoded, self.budget)
+        self.read += len(encoded)
+        self.dropped.update(dropped)
+        self.cut.update(cut)
+        if self.cfg.pack:
+            batches = pack_rows(good, self.budget, self.cfg.seq_buckets[-1])
+            k = self._agree(len(batches))
+        else:
+            k = self._num_batches(window)
+            batches, dropped = fill_batches(good, self.budget, k)
+            self.dropped.update(dropped)
+        batches += [[] for _ in range(k - len(batches))]
+        order = np.random.default_rng([self.cfg.seed, epoch, window, 1]).permutation(k)
+        return [self._collate(batches[i]) for i in order]
 
-    def _collate(self, exs: list[Encoded]) -> dict:
-        longest = max((e.length for e in exs), default=1)
+    def _collate(self, rows: list) -> dict:
+        pack = self.cfg.pack
+        longest = max((sum(e.length for e in r) if pack else r.length for r in rows), default=1)
         T = self.cfg.seq_buckets[bisect.bisect_left(self.cfg.seq_buckets, longest)]
-        return collate(exs, T, self.budget, min(self.cfg.max_protein_len, T))
+        return collate(rows, T, self.budget, min(self.cfg.max_protein_len, T), packed=pack)
 
     def __iter__(self):
         return self

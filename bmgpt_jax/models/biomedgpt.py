@@ -97,7 +97,7 @@ class BioMedGPT(nnx.Module):
 
     def hidden(self, batch: Batch) -> jax.Array:
         """Final decoder hidden states `[B, T, lm_hidden]`."""
-        return self.llm.model(inputs_embeds=self.embed_inputs(batch), attention_mask=batch["attention_mask"])
+        return self.llm.model(inputs_embeds=self.embed_inputs(batch), **sequence_mask(batch))
 
     def __call__(self, batch: Batch) -> jax.Array:
         return self.llm.logits(self.hidden(batch))
@@ -113,7 +113,14 @@ class BioMedGPT(nnx.Module):
 
 def lm_loss(model: LlamaForCausalLM, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """The same loss for a text-only batch on the bare decoder (stage-1 LM pretraining)."""
-    return answer_nll(model, model.model(batch["input_ids"], batch["attention_mask"]), batch)
+    return answer_nll(model, model.model(batch["input_ids"], **sequence_mask(batch)), batch)
+
+
+def sequence_mask(batch: Batch) -> dict[str, jax.Array]:
+    """The decoder's mask argument for `batch`: its `segment_ids` when rows are packed (`data.pack`: each
+    example attends within itself, positions restart), else its `attention_mask`."""
+    key = "segment_ids" if "segment_ids" in batch else "attention_mask"
+    return {key: batch[key]}
 
 
 def answer_nll(lm: LlamaForCausalLM, hidden: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:

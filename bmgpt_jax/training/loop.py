@@ -48,7 +48,7 @@ from bmgpt_jax.training.stages import (InitConfig, Stage, build_model, check_ini
 from bmgpt_jax.training.step import init_opt_state, jit_train_step, make_train_step
 
 log = logging.getLogger("bmgpt_jax.train")
-TEXT_KEYS = ("input_ids", "attention_mask", "loss_mask")
+TEXT_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids")   # segment_ids: packed rows only
 
 
 RESUME_FREE = ("steps", "progress", "export")   # settings a resumed run may change without a word
@@ -142,7 +142,7 @@ def _batches(it, cfg: TrainConfig) -> Iterator[tuple[str, dict[str, np.ndarray]]
         except StopIteration:   # the data's end (`data.num_epochs`): the batches of an unfinished group
             return len(group)
         batch = group[0] if k == 1 else stack_batches(group)
-        batch = {key: batch[key] for key in TEXT_KEYS} if cfg.stage == "lm" else batch
+        batch = {key: batch[key] for key in TEXT_KEYS if key in batch} if cfg.stage == "lm" else batch
         check_ids(batch, cfg.model.lm.vocab_size, esm_vocab, where=where)
         yield where, batch
 

@@ -124,8 +124,8 @@ def abstract_batch(cfg: TrainConfig, processes: int) -> dict[str, jax.ShapeDtype
         raise ValueError(f"data.batch_size {d.batch_size} does not divide over {processes} hosts")
     T = d.seq_buckets[-1]
     local = collate([], T, Budget(d.batch_size // processes, d.node_budget, d.edge_budget, d.graph_budget,
-                                  d.protein_budget), min(d.max_protein_len, T))
-    keys = TEXT_KEYS if cfg.stage == "lm" else tuple(local)
+                                  d.protein_budget), min(d.max_protein_len, T), packed=d.pack)
+    keys = [key for key in local if key in TEXT_KEYS or cfg.stage != "lm"]
     k = cfg.optim.grad_accum
     return {key: jax.ShapeDtypeStruct((k,) * (k > 1) + (local[key].shape[0] * processes,) + local[key].shape[1:],
                                       local[key].dtype) for key in keys}

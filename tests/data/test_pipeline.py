@@ -116,7 +116,7 @@ def test_resume_gives_identical_batches(cfg):
     _take(it, 7)                                                            # mid-window (3 batches a window)
     state = json.loads(json.dumps(it.state()))
     assert state == {"epoch": 0, "window": 2, "batch": 1, "seed": 3, "num_records": 400, "batch_size": 8,
-                     "window_batches": 3, "shuffle": True, "processes": 1}
+                     "window_batches": 3, "shuffle": True, "pack": False, "processes": 1}
     expected = _take(it, 8)
     again = BatchIterator(cfg)
     again.restore(state)

@@ -87,7 +87,13 @@ def test_abstract_batch_is_the_pipelines(shared_data):
     assert {k: (v.shape, v.dtype) for k, v in planned.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}
     two = plan.abstract_batch(load_config("tiny", ["data.seq_buckets=[256]", "optim.grad_accum=3"]), 2)
     assert two["input_ids"].shape == (3, 8, 256) and two["mol_atoms"].shape == (3, 2 * real["mol_atoms"].shape[0], 2)
-    assert set(plan.abstract_batch(load_config("tiny_lm"), 1)) == {"input_ids", "attention_mask", "loss_mask"}
+    lm = {"input_ids", "attention_mask", "loss_mask"}
+    assert set(plan.abstract_batch(load_config("tiny_lm", ["data.pack=false"]), 1)) == lm
+    assert set(plan.abstract_batch(load_config("tiny_lm"), 1)) == lm | {"segment_ids"}     # packed rows
+    packed = load_config("tiny", ["data.seq_buckets=[256]", "data.sources=[demo]", "data.pack=true"])
+    real = next(BatchIterator(packed.data))
+    assert {k: (v.shape, v.dtype) for k, v in plan.abstract_batch(packed, 1).items()} == \
+        {k: (v.shape, v.dtype) for k, v in real.items()}
 
 
 def test_10b_parameter_count():
