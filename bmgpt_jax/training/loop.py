@@ -258,6 +258,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
 
         losses: dict[int, float] = {}
         i, stopped, ran_out = start, None, host is None
+        epochs = int(data_state["epoch"]) if data_state else 0     # passes over the data done before this run
         for i in range(start + 1, (cfg.steps if host is not None else start) + 1):
             if i > start + 1:
                 try:
@@ -283,6 +284,9 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
                 losses[i] = loss
             in_a_row = 0 if metrics["finite"] else in_a_row + 1
             data_state = it.state()
+            if data_state["epoch"] > epochs:    # packed, an epoch's step count is known only once it is done
+                epochs = int(data_state["epoch"])
+                monitor.write(f"data: {epochs} epoch(s) done at step {i}")
             tally.update(data_state)
             monitor.log(i, metrics, tokens=tokens, data=tally.metrics())
             stop = ckpt.stop_requested()        # read once: a signal after it waits for the next step

@@ -174,3 +174,16 @@ def test_training_on_packed_rows_on_a_sharded_mesh(tmp_path, stage):
     out = train.run(cfg)
     losses = out["losses"]
     assert sorted(losses) == list(range(1, 7)) and losses[6] < losses[1], losses
+
+
+def test_a_packed_run_says_when_each_epoch_ends(tmp_path, capsys):
+    """Packed, the steps an epoch takes depend on its tokens: the job names the step that ends each one."""
+    from tests.training.runs import cfg_for
+    from bmgpt_jax.training import loop as train
+    cfg = cfg_for(tmp_path, "stage=lm", "data.pack=true", "data.demo_molecules=3", "steps=7", "mesh=[1,1,1]")
+    per_epoch = len(epoch(DataConfig(**{**cfg.data.__dict__, "num_epochs": 1}), None))
+    assert 1 <= per_epoch < 4, per_epoch                 # demo QA of 3 molecules: a few batches
+    train.run(cfg)
+    out = capsys.readouterr().out
+    for n in range(1, 7 // per_epoch + 1):
+        assert f"data: {n} epoch(s) done at step {n * per_epoch}\n" in out, out
