@@ -1,6 +1,7 @@
 """Builders at real size (nw2): a split past tfds's in-memory limit builds without tensorflow, in several
 shards, and a `.txt` corpus is read a document at a time. The sizes are shrunk: tfds's limit and the shard
 size are lowered so that a few-MB corpus crosses both."""
+import logging
 import random
 import tracemalloc
 
@@ -25,7 +26,7 @@ def _corpus(path, docs, words=400, seed=0):
     return path
 
 
-def test_a_split_past_tfds_memory_limit_builds_in_order_in_several_shards(tmp_path, monkeypatch):
+def test_a_split_past_tfds_memory_limit_builds_in_order_in_several_shards(tmp_path, monkeypatch, caplog):
     """tfds's writer held a split in memory up to `MAX_MEM_BUFFER_SIZE` (1 GiB) and past it spilled to files
     through tensorflow, which is not installed: a GB-size corpus died with ModuleNotFoundError. With that
     limit at 1 MiB and shards of 512 KiB, a 3 MB corpus builds into several shards named and counted as tfds
@@ -34,8 +35,13 @@ def test_a_split_past_tfds_memory_limit_builds_in_order_in_several_shards(tmp_pa
     whole = list(read_split(make_builder("text", raw, tmp_path / "whole"), "train"))
     monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1 << 20)
     monkeypatch.setattr(base, "SHARD_BYTES", 1 << 19)
+    monkeypatch.setattr(base, "PROGRESS_SECONDS", 0.0)     # a line for every example: the build says how far it is
     b = make_builder("text", raw, tmp_path / "sharded")
-    got = list(read_split(b, "train"))
+    with caplog.at_level(logging.INFO, logger=base.__name__):
+        got = list(read_split(b, "train"))
+    progress = [r.getMessage() for r in caplog.records if "examples written so far" in r.getMessage()]
+    assert progress[0] == "text/1.0.0 train: 0 examples written so far (0.0 MB)", progress[:2]
+    assert progress[-1].startswith("text/1.0.0 train: 1,499 examples written so far ("), progress[-1]
     assert got == whole == [r for _, r in b._records("train", BadRecords())] and len(got) == 1500
     lengths = b.info.splits["train"].shard_lengths
     shards = sorted((tmp_path / "sharded" / "text" / "1.0.0").glob("text-train.array_record-*"))

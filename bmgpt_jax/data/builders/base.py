@@ -22,7 +22,9 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -35,6 +37,8 @@ KEEP_MULTI, SINGLE_ONLY = "keep", "single"
 CHUNK = 1 << 16    # bytes of each end of a raw file its fingerprint reads
 BOM = b"\xef\xbb\xbf"   # the UTF-8 byte-order mark some editors write first
 SHARD_BYTES = 256 << 20   # serialized bytes after which a split's shard is closed and the next one begun
+PROGRESS_SECONDS = 60.0   # a long build logs how far it got at most this often
+log = logging.getLogger(__name__)
 
 
 class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -145,10 +149,16 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _write_split(self, split: str, examples) -> tfds.core.SplitInfo:
         """`examples` serialized as tfds does and written in their order to array_record shards of about
         `SHARD_BYTES` each, under the names and with the split info tfds's reader expects. Shards are named
-        `-NNNNN-of-NNNNN` once their count is known; until then they are `{prefix}.part{i}`."""
+        `-NNNNN-of-NNNNN` once their count is known; until then they are `{prefix}.part{i}`. A build
+        longer than `PROGRESS_SECONDS` logs the examples and bytes written so far at that interval."""
         template = self._get_filename_template(split_name=split)
         lengths, sizes, writer = [], [], None
+        shown = time.monotonic()
         for _, example in examples:
+            if time.monotonic() - shown >= PROGRESS_SECONDS:
+                shown = time.monotonic()
+                log.info("%s %s: %s examples written so far (%.1f MB)", self.info.full_name, split,
+                         f"{sum(lengths):,}", sum(sizes) / 1e6)
             data = self.info.features.serialize_example(example)
             if writer is None:
                 writer = ArrayRecordWriter(f"{template.filepath_prefix()}.part{len(lengths)}", "group_size:1")
