@@ -22,7 +22,7 @@ these, block by block, so memory stays linear in the sequence length:
           backend): CPU `rows`, with or without a KV cache (`flash` under a multi-device mesh, and for a
           causal sequence longer than ROWS_CAUSAL_MAX, where skipping the blocks above the diagonal wins;
           bench/attention.py); elsewhere with a KV cache `flash`, else TPU `splash`, GPU `cudnn`
-          (bf16/fp16 compute; float32 -> `flash`).
+          (bf16/fp16 compute and one example a row, `Segments.num_ids` <= 2; else `flash`).
 
 An explicit choice that cannot run here (splash off TPU, cudnn off GPU or in float32, splash/cudnn with
 a KV cache) raises ValueError; nothing falls back silently. Outputs at a query with no allowed key are
@@ -63,7 +63,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: Segments, *, c
         raise ValueError(f"attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     impl = resolve(implementation, q.shape[1], k.shape[1], q.dtype, segments.q_offset is not None,
-                   causal=causal, interpret=interpret)
+                   causal=causal, interpret=interpret, packed=segments.num_ids is None or segments.num_ids > 2)
     if impl == "splash":  # its own shard_map: the kernel carries a sharding spec of its own
         return splash_attention(q, k, v, segments, causal=causal, scale=scale, interpret=interpret)
     fn = {"xla": plain_attention, "rows": rows_attention, "flash": flash_attention, "cudnn": cudnn_attention}[impl]
@@ -120,8 +120,10 @@ def _multi_device() -> bool:
 
 
 def resolve(implementation: str, q_len: int, kv_len: int, dtype, cached: bool, *, causal: bool = True,
-            interpret: bool = False) -> str:
-    """The implementation `implementation` runs as for these shapes here; ValueError when impossible."""
+            interpret: bool = False, packed: bool = False) -> str:
+    """The implementation `implementation` runs as for these shapes here; ValueError when impossible.
+    `packed`: a row may hold several segments (`Segments.num_ids` unknown or above 2: packed examples),
+    which `cudnn` cannot represent."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention={implementation!r} is not one of {list(IMPLEMENTATIONS)}")
     where = platform()
@@ -133,7 +135,7 @@ def resolve(implementation: str, q_len: int, kv_len: int, dtype, cached: bool, *
             return "flash" if _multi_device() or (causal and kv_len > ROWS_CAUSAL_MAX) else "rows"
         if cached:
             return "flash"
-        return {"tpu": "splash", "gpu": "cudnn" if half else "flash"}.get(where, "flash")
+        return {"tpu": "splash", "gpu": "cudnn" if half and not packed else "flash"}.get(where, "flash")
     if implementation in ("splash", "cudnn") and cached:
         raise ValueError(f"attention={implementation!r} takes no KV cache (queries at a slot offset); "
                          "decoding uses attention='auto', 'rows', 'flash' or 'xla'")
@@ -147,6 +149,9 @@ def resolve(implementation: str, q_len: int, kv_len: int, dtype, cached: bool, *
         if not half:
             raise ValueError(f"attention='cudnn' needs bfloat16/float16 compute, got {jnp.dtype(dtype).name}; "
                              "set dtype=bfloat16 or use attention='flash'")
+        if packed:
+            raise ValueError("attention='cudnn' holds one example a row (padding as key lengths), and these rows "
+                             "may hold several (packed: data.pack); use attention='flash' (or 'auto')")
     return implementation
 
 

@@ -231,7 +231,7 @@ class LlamaModel(nnx.Module):
         elif cache is None:
             if positions is None:
                 positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-            segments, index = Segments.self_attention(mask), None
+            segments, index = Segments.self_attention(mask, num_ids=2), None   # ids 0/1: one example a row
         else:
             if cache_beams is not None:
                 cache = cache._replace(valid=follow_beams(cache.valid, cache_beams),

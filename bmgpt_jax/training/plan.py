@@ -183,7 +183,7 @@ def attention_used(cfg: TrainConfig, mesh) -> str:
     """The attention `cfg`'s train step runs, `lm` or `lm/esm`, as resolved on `mesh`'s platform."""
     T, dtype = cfg.data.seq_buckets[-1], cfg.compute_dtype
     with parallel.within(mesh):
-        name = resolve(cfg.model.lm.attention, T, T, dtype, cached=False)
+        name = resolve(cfg.model.lm.attention, T, T, dtype, cached=False, packed=cfg.data.pack)
         if cfg.stage != "lm":
             P = min(cfg.data.max_protein_len, T)
             name += "/" + resolve(cfg.model.esm.attention, P, P, dtype, cached=False, causal=False)

@@ -306,6 +306,29 @@ def test_auto_routing_and_impossible_choices():
         LlamaConfig(attention="fast")
 
 
+def test_on_gpu_packed_rows_never_reach_cudnn(monkeypatch):
+    """cuDNN's padding is a key length per row, so a row of several packed examples would come out NaN:
+    on a GPU, `auto` sends packed rows (segment ids, `data.pack`) to `flash` and keeps `cudnn` for rows of
+    one example (the attention mask: ids 0/1); an explicit `cudnn` with packed rows is refused. Traced
+    with the platform set to GPU, the decoder asks for each as it should."""
+    monkeypatch.setattr(A, "platform", lambda: "gpu")
+    bf16 = jnp.bfloat16
+    assert A.resolve("auto", 2048, 2048, bf16, cached=False) == "cudnn"
+    assert A.resolve("auto", 2048, 2048, bf16, cached=False, packed=True) == "flash"
+    assert A.resolve("auto", 2048, 2048, jnp.float32, cached=False) == "flash"
+    with pytest.raises(ValueError, match="attention='cudnn' holds one example a row .* data.pack"):
+        A.resolve("cudnn", 2048, 2048, bf16, cached=False, packed=True)
+    seen, real = [], A.resolve
+    monkeypatch.setattr(A, "resolve", lambda *a, **kw: seen.append(real(*a, **kw)) or "xla")  # run: plain
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                      num_kv_heads=2, max_position_embeddings=512, dtype="bfloat16")
+    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    ids = jnp.ones((1, 300), jnp.int32)
+    jax.eval_shape(lambda: model(ids, jnp.ones((1, 300), jnp.int32)))
+    jax.eval_shape(lambda: model.model(ids, segment_ids=jnp.repeat(jnp.arange(1, 4), 100)[None]))
+    assert seen == ["cudnn", "flash"]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install -e .[tpu-plan])")
 @pytest.mark.parametrize("mesh_shape", [(1, 16, 1), (1, 4, 4)], ids=["fsdp16", "fsdp4-tensor4"])
 def test_splash_compiles_for_v5e_topology(mesh_shape):
