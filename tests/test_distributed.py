@@ -394,3 +394,30 @@ def test_bad_input_on_one_process_stops_every_process_with_its_message(tmp_path)
         assert code == 2, f"process {i}:\n{text[-3000:]}"
         last = [line for line in text.splitlines() if line.startswith("error: ")][-1]
         assert (f"--out-dir {bad}" in last) and (i == 1 or "evaluate's checks failed on process 1: " in last), text
+
+
+def test_stage_one_trains_on_two_processes(tmp_path):
+    """The `lm` stage keeps a batch's text keys only; assembling the global batch across hosts (agreeing on
+    the bucket, widening, offsetting, stacking micro-batches) must not ask for the molecule and protein keys
+    it no longer has: two processes train tiny_lm (packed rows, 2 micro-batches a step) to the end."""
+    train = ["-m", "bmgpt_jax.train", "--config", "tiny_lm", "steps=3", "progress=false", "export=false",
+             f"out_dir={tmp_path / 'run'}", "optim.grad_accum=2", "data.demo_molecules=20"]
+    results = _run_commands(tmp_path, [train, train], timeout=240)
+    for i, (code, text) in enumerate(results):
+        assert code == 0, f"process {i}:\n{text[-3000:]}"
+    assert "steps 1..3: loss" in results[0][1] and "2 process(es)" in results[0][1], results[0][1][-3000:]
+
+
+def test_text_only_batches_widen_offset_and_stack_without_entity_keys():
+    """What `global_batch` does to a text-only batch on several hosts, in one process: widened to another
+    bucket (`repad`), offset for its block (`offset_for_process`), stacked (`stack_batches`): the text keys
+    padded, nothing else asked for or added."""
+    from bmgpt_jax.data.examples import repad
+    from bmgpt_jax.data.pipeline import offset_for_process, stack_batches
+    text = {"input_ids": np.ones((2, 4), np.int32), "attention_mask": np.ones((2, 4), np.int32),
+            "loss_mask": np.ones((2, 4), np.int32), "segment_ids": np.ones((2, 4), np.int32)}
+    wide = repad(text, 6, 0)
+    assert wide.keys() == text.keys() and all(v.shape == (2, 6) and v[:, 4:].sum() == 0 for v in wide.values())
+    assert offset_for_process(wide, 1).keys() == text.keys()
+    stacked = stack_batches([text, wide])
+    assert stacked.keys() == text.keys() and stacked["input_ids"].shape == (2, 2, 6)

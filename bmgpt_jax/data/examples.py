@@ -177,20 +177,24 @@ def collate(rows: Sequence[Encoded] | Sequence[Sequence[Encoded]], T: int, budge
 
 
 def repad(batch: dict[str, np.ndarray], T: int, prot_len: int) -> dict[str, np.ndarray]:
-    """`batch` widened to `T` positions and `prot_len` ESM tokens, slot indices `b*T0+t` moved to `b*T+t`."""
+    """`batch` widened to `T` positions and `prot_len` ESM tokens, slot indices `b*T0+t` moved to `b*T+t`.
+    A text-only batch (the `lm` stage keeps the text keys) has only its text keys widened."""
     B, T0 = batch["input_ids"].shape
-    if (T0, batch["prot_ids"].shape[1]) == (T, prot_len):
+    if (T0, batch["prot_ids"].shape[1] if "prot_ids" in batch else prot_len) == (T, prot_len):
         return batch
     out = dict(batch)
     for key in ("input_ids", "attention_mask", "loss_mask", "segment_ids"):
         if key in batch:
             out[key] = np.pad(batch[key], ((0, 0), (0, T - T0)))
-    widen = ((0, 0), (0, prot_len - batch["prot_ids"].shape[1]))
-    out["prot_ids"] = np.pad(batch["prot_ids"], widen, constant_values=proteins.PAD_ID)
-    out["prot_mask"] = np.pad(batch["prot_mask"], widen)
+    if "prot_ids" in batch:
+        widen = ((0, 0), (0, prot_len - batch["prot_ids"].shape[1]))
+        out["prot_ids"] = np.pad(batch["prot_ids"], widen, constant_values=proteins.PAD_ID)
+        out["prot_mask"] = np.pad(batch["prot_mask"], widen)
+        out["prot_slot"] = np.pad(batch["prot_slot"], widen, constant_values=-1)
     for key in ("mol_slot", "prot_slot"):
-        s = batch[key] if key == "mol_slot" else np.pad(batch[key], widen, constant_values=-1)
-        out[key] = np.where(s >= 0, (s // T0) * T + s % T0, -1).astype(np.int32)
+        if key in out:
+            s = out[key]
+            out[key] = np.where(s >= 0, (s // T0) * T + s % T0, -1).astype(np.int32)
     return out
 
 

@@ -305,7 +305,7 @@ class BatchIterator:
         self.cut.update(cut)
         if self.cfg.pack:
             batches = pack_rows(good, self.budget, self.cfg.seq_buckets[-1])
-            k = self._agree(len(batches))
+            k = max(self._agree(len(batches)), 1)     # a window whose examples were all dropped: one empty batch
         else:
             k = self._num_batches(window)
             batches, dropped = fill_batches(good, self.budget, k)
@@ -350,7 +350,7 @@ def stack_batches(batches: Sequence[dict[str, np.ndarray]], T: int = 0, L: int =
     widened (`repad`) to `T` positions and `L` ESM tokens (default: the longest among them); every
     micro-batch keeps its own graphs and slots."""
     T = T or max(b["input_ids"].shape[1] for b in batches)
-    L = L or max(b["prot_ids"].shape[1] for b in batches)
+    L = L or max((b["prot_ids"].shape[1] for b in batches if "prot_ids" in b), default=0)
     wide = [repad(b, T, L) for b in batches]
     return {k: np.stack([b[k] for b in wide]) for k in wide[0]}
 
@@ -361,12 +361,14 @@ def offset_for_process(batch: dict[str, np.ndarray], p: int) -> dict[str, np.nda
     processes' batches concatenated in block order. (`mol_node_mask` needs no change: it travels with its
     nodes, so every process's padding stays marked.)"""
     B, T = batch["input_ids"].shape[-2:]
-    N = batch["mol_atoms"].shape[-2]
     out = dict(batch)
-    out["mol_senders"] = batch["mol_senders"] + p * N
-    out["mol_receivers"] = batch["mol_receivers"] + p * N
+    if "mol_atoms" in batch:                 # a text-only batch (the `lm` stage) has no graph or slots
+        N = batch["mol_atoms"].shape[-2]
+        out["mol_senders"] = batch["mol_senders"] + p * N
+        out["mol_receivers"] = batch["mol_receivers"] + p * N
     for key in ("mol_slot", "prot_slot"):
-        out[key] = np.where(batch[key] >= 0, batch[key] + p * B * T, -1).astype(np.int32)
+        if key in batch:
+            out[key] = np.where(batch[key] >= 0, batch[key] + p * B * T, -1).astype(np.int32)
     return out
 
 
@@ -385,7 +387,8 @@ def global_batch(batch: dict[str, np.ndarray], mesh, axes=None) -> dict[str, jax
     P = jax.process_count()
     lead = batch["input_ids"].ndim - 2
     if P > 1:
-        shape = np.array([batch["input_ids"].shape[-1], batch["prot_ids"].shape[-1]], np.int32)
+        shape = np.array([batch["input_ids"].shape[-1], batch["prot_ids"].shape[-1] if "prot_ids" in batch else 0],
+                         np.int32)
         T, L = np.asarray(multihost_utils.process_allgather(shape)).reshape(P, 2).max(0)
         if lead:
             micro = [{k: v[i] for k, v in batch.items()} for i in range(batch["input_ids"].shape[0])]

@@ -187,3 +187,14 @@ def test_a_packed_run_says_when_each_epoch_ends(tmp_path, capsys):
     out = capsys.readouterr().out
     for n in range(1, 7 // per_epoch + 1):
         assert f"data: {n} epoch(s) done at step {n * per_epoch}\n" in out, out
+
+
+def test_a_packed_window_whose_examples_were_all_dropped_is_one_empty_batch():
+    """Every process emits at least one batch a window, as unpacked: a window holding only a QA example
+    longer than the last bucket is an empty batch (counted `too_long`), not the end of the iterator."""
+    long = Record((), "Why? " * 400, "Because.")
+    cfg = DataConfig(**{**PACK.__dict__, "num_epochs": 1, "shuffle": False, "window_batches": 1, "batch_size": 1})
+    it = BatchIterator(cfg, records=[RECORDS[3], long])
+    batches = list(it)
+    assert len(batches) == 2 and batches[1]["attention_mask"].sum() == 0 and batches[0]["attention_mask"].sum() > 0
+    assert it.counts() == {"examples": 2, "too_long": 1}
