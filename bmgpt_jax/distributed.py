@@ -29,6 +29,8 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -72,6 +74,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     explicit = None not in (coordinator, num_processes, process_id)
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
                                cluster_detection_method="deactivate" if explicit else None)
+    # JAX's preemption notifier has just taken SIGTERM with a handler that only logs it: a job stopped while
+    # it starts (minutes at 10B) would go on to train to the end. SIGTERM terminates again, as with one
+    # process, until the training loop installs its own (save at the next step boundary, then exit).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return True
 
 
