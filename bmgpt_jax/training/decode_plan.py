@@ -62,10 +62,12 @@ def plan_decode(cfg, devices: list, new: int, name: str = "", num_beams: int = 1
     graphdef, state = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(lm, rngs=nnx.Rngs(0))))
     params = parallel.abstract_state(state, mesh)
     B, T, dtype = cfg.data.batch_size, cfg.data.seq_buckets[-1], jnp.dtype(cfg.compute_dtype)
-    rows = NamedSharding(mesh, parallel.logical_to_spec(("batch", None, None)))
-    embeds = jax.ShapeDtypeStruct((B, T, lm.hidden_size), dtype, sharding=rows)
-    mask = jax.ShapeDtypeStruct((B, T), jnp.int32,
-                                sharding=NamedSharding(mesh, parallel.logical_to_spec(("batch", None))))
+    # the rows over the batch axes that divide them, as chat and evaluate place a prompt batch (one
+    # question: whole on every device)
+    placed = lambda shape: NamedSharding(mesh, parallel.fitted_spec(shape, ("batch",) + (None,) * (len(shape) - 1),  # noqa: E731
+                                                                    mesh))
+    embeds = jax.ShapeDtypeStruct((B, T, lm.hidden_size), dtype, sharding=placed((B, T, lm.hidden_size)))
+    mask = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=placed((B, T)))
     options = GenerationConfig(max_new_tokens=new, eos_token_id=lm.eos_token_id, num_beams=num_beams)
     traced = dict(cfg=options, mesh=parallel.mesh_of(params))   # as `generate` calls it
     decode, rest = (_beam_decode, ()) if num_beams > 1 else (_decode, (jax.eval_shape(lambda: jax.random.key(0)),))

@@ -6,6 +6,7 @@ bucket; a packed batch gives each example the logits it gets alone in the indepe
 only how many rows the data takes. Resume, the state check and the processes' agreement on a window's
 batch count hold as unpacked (two real processes: tests/test_distributed.py).
 """
+import dataclasses
 from collections import Counter
 
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from bmgpt_jax.data import examples
 from bmgpt_jax.data.filling import pack_rows
 from bmgpt_jax.data.pipeline import BatchIterator, DataConfig
 from bmgpt_jax.data.records import Record
+from bmgpt_jax.models.biomedgpt import sequence_mask
 from tests.models.test_biomedgpt import OPTS, RECORDS, make_batch, pair, tok  # noqa: F401  (fixtures)
 
 TEXT = "Kinases phosphorylate proteins. " * 3
@@ -124,6 +126,50 @@ def test_packed_rows_give_each_example_its_own_logits_and_loss(pair, tok):  # no
     np.testing.assert_allclose(float(packed_sum), float(plain_sum), rtol=1e-5)
 
 
+def test_the_bare_decoder_gives_packed_documents_their_own_logits_and_loss(tmp_path):
+    """Stage 1 (`lm_loss` on the bare decoder): plain-text documents packed two and three to a row have the
+    logits and the loss they have alone, which the same rows without their segment ids do not (the
+    documents would attend to each other); and the training job's `lm` batches keep `segment_ids`."""
+    from flax import nnx
+
+    from bmgpt_jax import config as config_lib
+    from bmgpt_jax.models.biomedgpt import lm_loss
+    from bmgpt_jax.models.llama import LlamaConfig, LlamaForCausalLM
+    from bmgpt_jax.training import loop
+    from tests.training.runs import cfg_for
+    rng = np.random.default_rng(0)
+    docs = [examples.Encoded(np.r_[1, rng.integers(3, 500, n - 1)].astype(np.int32),
+                             (np.arange(n) > 0).astype(np.int32), [], []) for n in (9, 30, 17, 40, 5)]
+    rows = [[0, 1, 2], [3, 4]]
+    budget = examples.Budget(batch=2, nodes=2, edges=0, graphs=2, proteins=0)
+    text = ("input_ids", "attention_mask", "loss_mask", "segment_ids")
+    packed = {k: jnp.asarray(v) for k, v in examples.collate([[docs[i] for i in r] for r in rows], 64, budget, 8,
+                                                             packed=True).items() if k in text}
+    alone = {k: jnp.asarray(v) for k, v in examples.collate(docs, 64, examples.Budget(5, 2, 0, 2, 0), 8).items()
+             if k in text}
+    model = LlamaForCausalLM(dataclasses.replace(config_lib.load(LlamaConfig, "llama_tiny"), vocab_size=512),
+                             rngs=nnx.Rngs(0))
+    mixed = {k: v for k, v in packed.items() if k != "segment_ids"}
+    logits = {name: np.asarray(model.logits(model.model(b["input_ids"], **sequence_mask(b))))
+              for name, b in (("packed", packed), ("alone", alone), ("mixed", mixed))}
+    gap = 0.0
+    for b, row in enumerate(rows):
+        t0 = 0
+        for i in row:
+            n = docs[i].length
+            np.testing.assert_allclose(logits["packed"][b, t0:t0 + n], logits["alone"][i, :n], atol=2e-5)
+            gap = max(gap, np.abs(logits["mixed"][b, t0:t0 + n] - logits["alone"][i, :n]).max())
+            t0 += n
+    assert gap > 1e-2, gap                               # without the segments the documents do mix
+    (ps, pn), (us, un) = lm_loss(model, packed), lm_loss(model, alone)
+    assert int(pn) == int(un) == sum(d.length - 1 for d in docs)
+    np.testing.assert_allclose(float(ps), float(us), rtol=1e-5)
+    cfg = cfg_for(tmp_path, "stage=lm", "data.pack=true")
+    it = BatchIterator(cfg.data)
+    _, batch = next(loop._batches(it, loop.resolve_tokenizer(cfg, it.tokenizer)))
+    assert set(batch) == set(text)
+
+
 def test_collate_refuses_a_packed_example_with_loss_on_its_first_token():
     bad = examples.Encoded(np.ones(5, np.int32), np.ones(5, np.int32), [], [])
     with pytest.raises(ValueError, match="packed example 2 of row 0 has loss on its first token"):
@@ -177,16 +223,20 @@ def test_training_on_packed_rows_on_a_sharded_mesh(tmp_path, stage):
 
 
 def test_a_packed_run_says_when_each_epoch_ends(tmp_path, capsys):
-    """Packed, the steps an epoch takes depend on its tokens: the job names the step that ends each one."""
+    """Packed, the steps an epoch takes depend on its tokens: the job names the step that ends each one,
+    once, and a resumed run goes on counting from the checkpoint's epoch."""
     from tests.training.runs import cfg_for
     from bmgpt_jax.training import loop as train
-    cfg = cfg_for(tmp_path, "stage=lm", "data.pack=true", "data.demo_molecules=3", "steps=7", "mesh=[1,1,1]")
-    per_epoch = len(epoch(DataConfig(**{**cfg.data.__dict__, "num_epochs": 1}), None))
-    assert 1 <= per_epoch < 4, per_epoch                 # demo QA of 3 molecules: a few batches
-    train.run(cfg)
-    out = capsys.readouterr().out
-    for n in range(1, 7 // per_epoch + 1):
-        assert f"data: {n} epoch(s) done at step {n * per_epoch}\n" in out, out
+    args = ("stage=lm", "data.pack=true", "data.demo_molecules=3", "mesh=[1,1,1]")
+    per_epoch = len(epoch(DataConfig(**{**cfg_for(tmp_path, *args).data.__dict__, "num_epochs": 1}), None))
+    assert 1 <= per_epoch <= 3, per_epoch                # demo QA of 3 molecules: a few batches
+    lines = lambda: [x for x in capsys.readouterr().out.splitlines() if x.startswith("data: ") and "epoch" in x]  # noqa: E731
+    want = lambda first, last: [f"data: {n} epoch(s) done at step {n * per_epoch}"  # noqa: E731
+                                for n in range(1, last // per_epoch + 1) if n * per_epoch > first]
+    train.run(cfg_for(tmp_path, *args, "steps=4"))       # mid-epoch: the resumed run's first step ends none
+    assert lines() == want(0, 4)
+    train.run(cfg_for(tmp_path, *args, "steps=8"), resume=True)
+    assert lines() == want(4, 8) and want(4, 8)
 
 
 def test_a_packed_window_whose_examples_were_all_dropped_is_one_empty_batch():

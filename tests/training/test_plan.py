@@ -202,6 +202,10 @@ def test_generate_plans_the_sharded_decode(capsys):
     assert p.program.memory["argument"] - beams.program.memory["argument"] == 8   # the same but greedy's random key
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("biomedgpt_10b_finetune"))
     assert row.split()[1:7] == ["1x8x1", "8", "x", "256+32", "4", "bfloat16"]
+    (one,) = plan.main(["--devices", "8", "--generate", "--mesh", "1,8,1", "-o", "model.lm.num_layers=2",
+                        "--seq", "256", "--new", "32", "--batch", "1"])    # `chat --question`: one row, whole
+    assert not one.program.error and one.batch == 1
+    assert one.program.memory["argument"] == pytest.approx(p.params_per_device + 256 * 4096 * 2 + 256 * 4, rel=0.01)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install -e .[tpu-plan])")
@@ -256,3 +260,16 @@ def test_tpu_decode_with_the_compilers_weight_layouts(capsys):
     assert kernels <= set(auto.relaid) and "['lm_head']['kernel'].value" in auto.relaid, auto.relaid
     assert "['model']['layers']['mlp']['down_proj']['kernel'].value" not in auto.relaid
     assert "weights laid out other than row-major: ['lm_head']" in capsys.readouterr().out
+
+
+def test_the_attention_a_packed_run_gets_on_a_gpu(monkeypatch):
+    """The plan names the attention the step compiles with: on a GPU in bfloat16, cuDNN for rows of one
+    example, `flash` for packed rows (which cuDNN cannot keep apart: docs/attention.md)."""
+    import jax
+
+    from bmgpt_jax import parallel
+    from bmgpt_jax.models import attention
+    monkeypatch.setattr(attention, "platform", lambda: "gpu")
+    mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+    assert [plan.attention_used(load_config("biomedgpt_10b_lm", [f"data.pack={p}"]), mesh)
+            for p in ("true", "false")] == ["flash", "cudnn"]
