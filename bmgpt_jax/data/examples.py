@@ -4,8 +4,9 @@
 and tokenization, molecule featurization (rdkit) and protein tokenization; an example it cannot use comes
 back as one of `DROP_REASONS`. `collate` assembles the batch of docs/batch_format.md for one sequence
 bucket `T` and the graph/protein budgets, one example a row or several packed end to end. `repad` widens
-a batch to a longer bucket (hosts of a multi-host run agree on the longest of their buckets each step). `check_ids` refuses a batch holding an
-id outside its vocabulary before it reaches a jitted step (where it would turn into NaNs).
+a batch to a longer bucket (hosts of a multi-host run agree on the longest of their buckets each step).
+`check_ids` refuses a batch holding an id outside its vocabulary before it reaches a jitted step (where it
+would turn into NaNs).
 """
 from __future__ import annotations
 

@@ -150,11 +150,9 @@ class BatchIterator:
     """Infinite (or `num_epochs`) iterator of this process's batches; see the module docstring.
 
     `max_atoms` / `over_cap`: the GIN's atom cap (`GinConfig`; None, the default: every atom a token), so
-    training encodes molecules exactly as evaluation and chat do. `agree`: with `data.pack`, how the
-    processes agree on a window's batch count, given this one's (the default: the largest over the JAX
-    processes, one allgather per window; a single process keeps its own). Processes simulated in one
-    JAX process (`process_count` > 1 there) must pass it.
-    """
+    training encodes molecules exactly as evaluation and chat do. `agree(k)`: packed, the batch count all
+    processes emit for a window where this one needs `k` (default: the largest over the JAX processes, one
+    allgather); processes simulated in one JAX process must pass it."""
 
     def __init__(self, cfg: DataConfig, process_index: int | None = None, process_count: int | None = None,
                  records: Sequence[Record] | None = None, *, max_atoms: int | None = None,
@@ -218,7 +216,8 @@ class BatchIterator:
             total = "" if self.cfg.pack else f" of {math.ceil(math.ceil(n / saved) / (self.cfg.batch_size // saved))}"
             log.warning("data: the state was saved by %d process(es) at batch %d%s of window %d (epoch %d), and "
                         "this run has %d: its batches are not those, so the run continues at the next window and "
-                        "skips the rest of that window (%d examples in all) this epoch", saved, b, total, w, e, self.P, n)
+                        "skips the rest of that window (%d examples in all) this epoch",
+                        saved, b, total, w, e, self.P, n)
             e, w, b = (e, w + 1, 0) if w + 1 < self.windows_per_epoch else (e + 1, 0, 0)
         self._pos = (e, w, b)
         self._jobs.clear()
@@ -284,10 +283,8 @@ class BatchIterator:
 
     def _agree(self, k: int) -> int:
         """The batch count every process emits for a packed window: the largest of theirs."""
-        if self._agree_fn is not None:
-            return int(self._agree_fn(k))
-        if self.P == 1:
-            return k
+        if self._agree_fn is not None or self.P == 1:
+            return int(self._agree_fn(k)) if self._agree_fn else k
         from jax.experimental import multihost_utils
         return int(np.max(multihost_utils.process_allgather(np.int32(k))))
 

@@ -64,8 +64,8 @@ def plan_decode(cfg, devices: list, new: int, name: str = "", num_beams: int = 1
     B, T, dtype = cfg.data.batch_size, cfg.data.seq_buckets[-1], jnp.dtype(cfg.compute_dtype)
     # the rows over the batch axes that divide them, as chat and evaluate place a prompt batch (one
     # question: whole on every device)
-    placed = lambda shape: NamedSharding(mesh, parallel.fitted_spec(shape, ("batch",) + (None,) * (len(shape) - 1),  # noqa: E731
-                                                                    mesh))
+    def placed(shape):
+        return NamedSharding(mesh, parallel.fitted_spec(shape, ("batch",) + (None,) * (len(shape) - 1), mesh))
     embeds = jax.ShapeDtypeStruct((B, T, lm.hidden_size), dtype, sharding=placed((B, T, lm.hidden_size)))
     mask = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=placed((B, T)))
     options = GenerationConfig(max_new_tokens=new, eos_token_id=lm.eos_token_id, num_beams=num_beams)

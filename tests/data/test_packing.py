@@ -230,7 +230,8 @@ def test_a_packed_run_says_when_each_epoch_ends(tmp_path, capsys):
     args = ("stage=lm", "data.pack=true", "data.demo_molecules=3", "mesh=[1,1,1]")
     per_epoch = len(epoch(DataConfig(**{**cfg_for(tmp_path, *args).data.__dict__, "num_epochs": 1}), None))
     assert 1 <= per_epoch <= 3, per_epoch                # demo QA of 3 molecules: a few batches
-    lines = lambda: [x for x in capsys.readouterr().out.splitlines() if x.startswith("data: ") and "epoch" in x]  # noqa: E731
+    def lines():
+        return [x for x in capsys.readouterr().out.splitlines() if x.startswith("data: ") and "epoch" in x]
     want = lambda first, last: [f"data: {n} epoch(s) done at step {n * per_epoch}"  # noqa: E731
                                 for n in range(1, last // per_epoch + 1) if n * per_epoch > first]
     train.run(cfg_for(tmp_path, *args, "steps=4"))       # mid-epoch: the resumed run's first step ends none
