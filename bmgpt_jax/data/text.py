@@ -107,10 +107,35 @@ def train_tokenizer(texts: list[str], vocab_size: int = DEMO_VOCAB_SIZE) -> Toke
             byte_fallback=True, hard_vocab_limit=False, num_threads=1, input_sentence_size=0,
             shuffle_input_sentence=False, character_coverage=1.0, split_digits=True,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
-        tmp = path.with_suffix(f".tmp{id(buf)}")
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(path)                          # atomic: concurrent trainers write identical bytes
+        _write_atomic(path, buf.getvalue())
     return Tokenizer.from_file(path)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """`data` to `path` through a temporary file: concurrent writers write identical bytes."""
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def demo_tokenizer() -> Tokenizer:
+    """The demo tokenizer: `train_tokenizer` on the system prompt, the prompt template and the demo train
+    split's text. Also cached under a key of what that text is made of (the NCI file, rdkit's version, the
+    source of the modules that make and train on it), so that a process finds it without computing the
+    ~45,000 demo answers first (3 s of each `python -m bmgpt_jax.train` start)."""
+    import rdkit
+
+    from . import demo, molecules, records
+    key = hashlib.sha256(f"{rdkit.__version__}|{DEMO_VOCAB_SIZE}".encode())
+    for f in (demo.nci_smiles_path(), demo.__file__, molecules.__file__, records.__file__, __file__):
+        key.update(Path(f).read_bytes())
+    path = cache_dir("tokenizers") / f"demo-inputs-{key.hexdigest()[:16]}.model"
+    if path.exists():
+        return Tokenizer.from_file(path)
+    template = "### Human: <molecule></molecule> <protein></protein> ### Assistant:"
+    tok = train_tokenizer([DEFAULT_SYSTEM, template] + demo.demo_texts())
+    _write_atomic(path, tok.model_proto)
+    return tok
 
 
 def load_tokenizer(path: str | None = None) -> Tokenizer:
@@ -126,9 +151,7 @@ def load_tokenizer(path: str | None = None) -> Tokenizer:
                                         f"{[m.name for m in models]}")
             p = models[0]
         return Tokenizer.from_file(p)
-    from .demo import demo_texts
-    template = "### Human: <molecule></molecule> <protein></protein> ### Assistant:"
-    return train_tokenizer([DEFAULT_SYSTEM, template] + demo_texts())
+    return demo_tokenizer()
 
 
 def as_tokenizer(tokenizer) -> Tokenizer:

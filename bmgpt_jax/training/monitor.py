@@ -7,6 +7,7 @@ number too. Only process 0 writes (`enabled` defaults to `jax.process_index() ==
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -65,9 +66,11 @@ def check_loss(step: int, loss: float, policy: NonFinitePolicy = "stop", grad_no
     return False
 
 
+@functools.cache
 def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 5, device=None) -> float:
     """Peak matmul rate (FLOP/s) of `device` (default: the first): best of `repeats` timed n×n @ n×n, computed
-    as the models compute their products (`layers.dense`: in bfloat16 on CPU, the bfloat16 GEMM)."""
+    as the models compute their products (`layers.dense`: in bfloat16 on CPU, the bfloat16 GEMM). Measured
+    once per process and arguments (about a second on a CPU): later runs in the same process reuse it."""
     device = device or jax.devices()[0]
     key_a, key_b = jax.random.split(jax.random.key(0))
     a = jax.device_put(jax.random.normal(key_a, (n, n), dtype), device)

@@ -107,6 +107,23 @@ def test_demo_tokenizer_deterministic_and_cached(tmp_path, monkeypatch):
     assert a.decode(a.encode("Zebra ünïcode")) == "Zebra ünïcode"       # byte fallback: nothing is lost
 
 
+def test_the_demo_tokenizer_is_found_by_its_inputs_without_the_demo_text(tmp_path, monkeypatch):
+    """`load_tokenizer("")` trains on the demo text once; a later process finds the same model by a key of
+    that text's inputs without computing the text, and an input that changes (here rdkit's version) is a
+    new key, so the text is computed and trained on again."""
+    import rdkit
+    monkeypatch.setenv("BMGPT_CACHE", str(tmp_path))
+    first = load_tokenizer("")
+    trained = [DEFAULT_SYSTEM, "### Human: <molecule></molecule> <protein></protein> ### Assistant:"]
+    assert first.model_proto == train_tokenizer(trained + demo.demo_texts()).model_proto
+    calls = []
+    monkeypatch.setattr(demo, "demo_texts", lambda *a: calls.append(a) or [])
+    assert load_tokenizer("").model_proto == first.model_proto and not calls
+    monkeypatch.setattr(rdkit, "__version__", rdkit.__version__ + ".changed")
+    load_tokenizer("")
+    assert calls == [()]
+
+
 def test_load_tokenizer_path_or_demo(shared_data):
     assert load_tokenizer(str(shared_data / "tokenizer" / "llama2_tokenizer.model")).vocab_size == 32001
     assert load_tokenizer(str(shared_data / "tokenizer")).encode("I believe") == [306, 4658]   # the folder
