@@ -18,7 +18,7 @@ from bmgpt_jax.data.filling import pack_rows
 from bmgpt_jax.data.pipeline import BatchIterator, DataConfig
 from bmgpt_jax.data.records import Record
 from bmgpt_jax.models.biomedgpt import sequence_mask
-from tests.models.test_biomedgpt import OPTS, RECORDS, make_batch, pair, tok  # noqa: F401  (fixtures)
+from tests.models.test_biomedgpt import OPTS, RECORDS, forward, loss, make_batch, pair, tok  # noqa: F401  (fixtures)
 
 TEXT = "Kinases phosphorylate proteins. " * 3
 
@@ -113,7 +113,7 @@ def test_packed_rows_give_each_example_its_own_logits_and_loss(pair, tok):  # no
     budget = examples.Budget(batch=2, nodes=64, edges=160, graphs=5, proteins=3)
     packed = examples.collate([[enc[i] for i in row] for row in rows], 512, budget, 48, packed=True)
     batch = {k: jnp.asarray(v) for k, v in packed.items()}
-    logits = np.asarray(ours(batch))
+    logits = np.asarray(forward(ours, batch))
     for b, row in enumerate(rows):
         t0 = 0
         for i in row:
@@ -121,7 +121,7 @@ def test_packed_rows_give_each_example_its_own_logits_and_loss(pair, tok):  # no
             assert np.abs(logits[b, t0:t0 + enc[i].length] - ref_logits[0]).max() < 1e-4
             t0 += enc[i].length
     _, unpacked = make_batch(tok, RECORDS)
-    (packed_sum, packed_n), (plain_sum, plain_n) = ours.loss(batch), ours.loss(unpacked)
+    (packed_sum, packed_n), (plain_sum, plain_n) = loss(ours, batch), loss(ours, unpacked)
     assert int(packed_n) == int(plain_n) > 0
     np.testing.assert_allclose(float(packed_sum), float(plain_sum), rtol=1e-5)
 
@@ -150,8 +150,8 @@ def test_the_bare_decoder_gives_packed_documents_their_own_logits_and_loss(tmp_p
     model = LlamaForCausalLM(dataclasses.replace(config_lib.load(LlamaConfig, "llama_tiny"), vocab_size=512),
                              rngs=nnx.Rngs(0))
     mixed = {k: v for k, v in packed.items() if k != "segment_ids"}
-    logits = {name: np.asarray(model.logits(model.model(b["input_ids"], **sequence_mask(b))))
-              for name, b in (("packed", packed), ("alone", alone), ("mixed", mixed))}
+    decode = nnx.jit(lambda m, b: m.logits(m.model(b["input_ids"], **sequence_mask(b))))
+    logits = {name: np.asarray(decode(model, b)) for name, b in (("packed", packed), ("alone", alone), ("mixed", mixed))}
     gap = 0.0
     for b, row in enumerate(rows):
         t0 = 0
@@ -161,7 +161,7 @@ def test_the_bare_decoder_gives_packed_documents_their_own_logits_and_loss(tmp_p
             gap = max(gap, np.abs(logits["mixed"][b, t0:t0 + n] - logits["alone"][i, :n]).max())
             t0 += n
     assert gap > 1e-2, gap                               # without the segments the documents do mix
-    (ps, pn), (us, un) = lm_loss(model, packed), lm_loss(model, alone)
+    (ps, pn), (us, un) = nnx.jit(lm_loss)(model, packed), nnx.jit(lm_loss)(model, alone)
     assert int(pn) == int(un) == sum(d.length - 1 for d in docs)
     np.testing.assert_allclose(float(ps), float(us), rtol=1e-5)
     cfg = cfg_for(tmp_path, "stage=lm", "data.pack=true")

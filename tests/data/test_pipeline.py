@@ -1,4 +1,5 @@
-"""The batch pipeline: batch contract, row contents, resume, per-host shards, bad records, global arrays."""
+"""The batch pipeline: batch contract, row contents, resume, per-host shards, bad records, global arrays
+(encoding workers: test_workers.py)."""
 import dataclasses
 import json
 
@@ -19,13 +20,6 @@ from bmgpt_jax.data.text import Tokenizer, encode_record  # noqa: E402
 KEYS = {"input_ids": 2, "attention_mask": 2, "loss_mask": 2, "mol_atoms": 2, "mol_bonds": 2, "mol_senders": 1,
         "mol_receivers": 1, "mol_n_node": 1, "mol_n_edge": 1, "mol_node_mask": 1, "mol_slot": 1, "prot_ids": 2,
         "prot_mask": 2, "prot_slot": 2}
-
-
-@pytest.fixture(scope="module")
-def cfg(shared_data):
-    return DataConfig(sources=("demo",), demo_molecules=40, tokenizer=str(shared_data / "tokenizer" /
-                      "llama2_tokenizer.model"), batch_size=8, seq_buckets=(96, 112, 128, 256), window_batches=3,
-                      node_budget=512, edge_budget=1024, graph_budget=16, protein_budget=8, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -156,54 +150,6 @@ def test_resume_on_another_process_count_repeats_nothing(cfg, tok, caplog, saved
     window0 = {recs[int(i)].answer for i in BatchIterator(c, records=recs).window_indices(0, 0)}
     assert set(rest) == {r.answer for r in recs} - window0         # windows 1 and 2, whole
     assert f"saved by {saved_by} process(es) at batch 1 of 4 of window 0" in caplog.text
-
-
-def test_workers_give_the_same_batches(cfg):
-    inline = _take(BatchIterator(cfg), 5)
-    it = BatchIterator(dataclasses.replace(cfg, workers=2))
-    try:
-        assert _equal(_take(it, 5), inline)
-    finally:
-        it.close()
-
-
-def test_workers_ignore_stop_signals_and_a_dead_one_is_an_error(cfg):
-    """SIGINT/SIGTERM to the workers (a Ctrl-C or scancel reaches the whole process group) leave them
-    encoding: the main process decides. A worker killed alone is a WorkerDied naming it at the next
-    window, not a wait without end, and close() returns at once with the workers gone."""
-    import os
-    import signal
-    import time
-
-    from bmgpt_jax.data.workers import WorkerDied, Workers
-    inline = _take(BatchIterator(cfg), 7)
-    it = BatchIterator(dataclasses.replace(cfg, workers=2))
-    try:
-        first = _take(it, 1)
-        procs = list(it._pool.procs)
-        for p, sig in zip(procs, (signal.SIGINT, signal.SIGTERM)):
-            os.kill(p.pid, sig)
-        assert _equal(first + _take(it, 4), inline[:5])             # windows 0 and 1 (3 batches each)
-        assert all(p.is_alive() for p in procs)
-        os.kill(procs[1].pid, signal.SIGKILL)
-        procs[1].join(10)
-        start = time.monotonic()
-        with pytest.raises(WorkerDied, match=r"worker 1 \(pid \d+, data.workers=2\) died \(killed by SIGKILL\)"):
-            _take(it, 3)
-        assert time.monotonic() - start < 10 and it._pool is None and not any(p.is_alive() for p in procs)
-    finally:
-        start = time.monotonic()
-        it.close()
-        assert time.monotonic() - start < 10
-    workers = Workers(1, it.tokenizer, it.options)                 # dies holding a job: the wait ends too
-    try:
-        os.kill(workers.procs[0].pid, signal.SIGSTOP)
-        job = workers.submit([it.records[i] for i in range(4)])
-        os.kill(workers.procs[0].pid, signal.SIGKILL)
-        with pytest.raises(WorkerDied, match=r"worker 0 .* died \(killed by SIGKILL\) while encoding window 9"):
-            workers.result(job, 4, "window 9")
-    finally:
-        workers.close()
 
 
 class _Logged(list):

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from bmgpt_jax import config as config_lib
 from bmgpt_jax.convert import openbiomed
@@ -34,6 +35,10 @@ def pair(tok, torch):
     return tiny_pair(tok.vocab_size)
 
 
+forward = nnx.jit(lambda model, batch: model(batch))           # as training and chat run it: one program
+loss = nnx.jit(lambda model, batch: model.loss(batch))        # a shape, not op by op
+
+
 def make_batch(tok, records, T=256, budget=examples.Budget(batch=6, nodes=64, edges=160, graphs=5, proteins=3),
                prot_len=48):
     enc = [examples.encode_example(tok, r, OPTS) for r in records]
@@ -49,14 +54,14 @@ def test_each_example_alone_matches_reference(pair, tok):
         t = enc[0].length
         assert t == ref_logits.shape[1]
         np.testing.assert_array_equal(np.asarray(batch["loss_mask"][0, :t]), target)
-        logits = np.asarray(ours(batch))
+        logits = np.asarray(forward(ours, batch))
         assert np.abs(logits[0, :t] - ref_logits[0]).max() < 1e-4, record
 
 
 def test_mixed_padded_batch_matches_reference_per_example(pair, tok):
     ref, ours = pair
     enc, batch = make_batch(tok, RECORDS)
-    logits = np.asarray(ours(batch))
+    logits = np.asarray(forward(ours, batch))
     total, count = 0.0, 0
     for b, record in enumerate(RECORDS):
         ref_logits, target, answer = ref.reference_forward(tok, record)
@@ -67,7 +72,7 @@ def test_mixed_padded_batch_matches_reference_per_example(pair, tok):
         ids = np.asarray(batch["input_ids"][b, 1:t])
         total -= float(np.sum(np.take_along_axis(np.asarray(lp), ids[:, None], 1)[:, 0] * target[1:]))
         count += int(target[1:].sum())
-    loss_sum, n = ours.loss(batch)
+    loss_sum, n = loss(ours, batch)
     assert int(n) == count
     assert abs(float(loss_sum) - total) < 1e-3 * max(1.0, abs(total))
 
@@ -77,22 +82,22 @@ def test_padding_never_reaches_the_sequence_or_loss(pair, tok):
     _, small = make_batch(tok, RECORDS[:3])
     _, large = make_batch(tok, RECORDS[:3], T=320,
                           budget=examples.Budget(batch=8, nodes=128, edges=400, graphs=9, proteins=6), prot_len=80)
-    a, b = np.asarray(ours(small)), np.asarray(ours(large))
+    a, b = np.asarray(forward(ours, small)), np.asarray(forward(ours, large))
     for i in range(3):
         t = int(small["attention_mask"][i].sum())
         np.testing.assert_allclose(a[i, :t], b[i, :t], atol=1e-5)
-    la, na = ours.loss(small)
-    lb, nb = ours.loss(large)
+    la, na = loss(ours, small)
+    lb, nb = loss(ours, large)
     assert int(na) == int(nb) and abs(float(la) - float(lb)) < 1e-3
     # garbage in padding rows / padded entity positions changes nothing
     noisy = dict(large)
     noisy["input_ids"] = jnp.where(large["attention_mask"] == 0, 7, large["input_ids"])
     noisy["prot_ids"] = jnp.where(large["prot_mask"] == 0, 5, large["prot_ids"])
-    c = np.asarray(ours(noisy))
+    c = np.asarray(forward(ours, noisy))
     for i in range(3):
         t = int(small["attention_mask"][i].sum())
         np.testing.assert_allclose(c[i, :t], b[i, :t], atol=1e-5)
-    assert abs(float(ours.loss(noisy)[0]) - float(lb)) < 1e-4
+    assert abs(float(loss(ours, noisy)[0]) - float(lb)) < 1e-4
 
 
 def test_entity_tokens_are_every_atom_and_every_esm_position(pair, tok):
