@@ -22,6 +22,7 @@ from tests.convert.synthetic import REPO
 from tests.training.runs import SMALL
 
 STAGES = ("finetune", "align")
+MESH = "mesh=[1,2,1]"     # fsdp across the two processes: each holds half of every weight and feeds half the batch
 SETTINGS = [s for s in SMALL if not s.startswith("export=")] + ["steps=2", "export=true", "checkpoint.every=1"]
 BLOCK_TORCH = "import sys\nsys.modules['torch'] = None   # `import torch` raises ImportError\n"
 DEFAULT_FILES = ["esm_config.json", "gin_config.json", "llm_config.json", "model.safetensors", "tokenizer.model"]
@@ -59,9 +60,9 @@ def no_torch(tmp_path_factory) -> dict:
 SINGLE = r"""
 import sys
 from bmgpt_jax.training import loop
-from tests.training.test_recovery import MergedShards
+from tests.training.runs import MergedShards
 for stage, out_dir in zip(sys.argv[1::2], sys.argv[2::2]):
-    cfg = loop.load_config(f"tiny_{stage}", SETTINGS + ["mesh=[2,1,1]", f"out_dir={out_dir}"])
+    cfg = loop.load_config(f"tiny_{stage}", SETTINGS + [MESH, f"out_dir={out_dir}"])
     loop.run(cfg, batches=MergedShards(cfg))
 """
 
@@ -73,7 +74,7 @@ def _run(code: str, args: list[str], env: dict, n: int = 1, port: int = 0) -> No
             return {**env, "XLA_FLAGS": xla_flags(2)}
         return {**env, "JAX_NUM_PROCESSES": str(n), "JAX_PROCESS_ID": str(p), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
                 "XLA_FLAGS": xla_flags(1)}
-    full = f"SETTINGS = {SETTINGS!r}\n" + code
+    full = f"SETTINGS = {SETTINGS!r}\nMESH = {MESH!r}\n" + code
     procs = [subprocess.Popen([sys.executable, "-c", full, *args], cwd=REPO, env=env_of(p), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for p in range(n)]
     outputs = communicate(procs, timeout=900)
@@ -95,13 +96,15 @@ from bmgpt_jax import distributed
 distributed.initialize()
 from bmgpt_jax.training import loop
 for stage, out_dir in zip(sys.argv[1::2], sys.argv[2::2]):
-    loop.run(loop.load_config(f"tiny_{stage}", SETTINGS + ["mesh=[2,1,1]", f"out_dir={out_dir}"]))
+    loop.run(loop.load_config(f"tiny_{stage}", SETTINGS + [MESH, f"out_dir={out_dir}"]))
 """
 
 
 def test_two_processes_export_what_one_process_exports(single, no_torch, tmp_path):
-    """No process gathers the model: each saves its own shards of the frozen part, process 0 streams the
-    export from the final checkpoint (both runs without torch, so no `.pth` either way)."""
+    """Two processes, fsdp across them (each holds half of every weight, feeds half of each batch and reads
+    its share of each window), train to the weights one process reaches on the same mesh, bit for bit. No
+    process gathers the model: each saves its own shards, process 0 streams the export from the final
+    checkpoint (both runs without torch, so no `.pth` either way)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

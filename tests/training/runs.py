@@ -1,5 +1,5 @@
 """Shared by the training-job tests: the small tiny-config overrides, config and parameter helpers, a
-training subprocess and what its metrics say."""
+training subprocess and what its metrics say, and what two processes feed as one stream (`MergedShards`)."""
 import json
 import os
 import subprocess
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from bmgpt_jax.data.pipeline import BatchIterator, offset_for_process, repad
 from bmgpt_jax.training import loop as train
 from tests.children import xla_flags
 
@@ -59,3 +60,26 @@ def _wait_for_checkpoint(proc, ckpt_dir, min_step, timeout=240):
         time.sleep(0.05)
     proc.kill()
     pytest.fail("no checkpoint appeared")
+
+
+class MergedShards:
+    """What two processes feed, concatenated in process order, as one process's stream (the reference)."""
+
+    def __init__(self, cfg):
+        gin = cfg.model.gin
+        self.its = [BatchIterator(cfg.data, p, 2, max_atoms=gin.max_atoms, over_cap=gin.over_cap) for p in range(2)]
+        self.tokenizer = self.its[0].tokenizer
+
+    def __next__(self):
+        parts = [next(it) for it in self.its]
+        T = max(p["input_ids"].shape[1] for p in parts)
+        L = max(p["prot_ids"].shape[1] for p in parts)
+        parts = [offset_for_process(repad(p, T, L), i) for i, p in enumerate(parts)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def state(self):
+        return self.its[0].state()
+
+    def restore(self, state):
+        for it in self.its:
+            it.restore(state)

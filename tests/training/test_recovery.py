@@ -1,5 +1,5 @@
 """The training job survives: SIGKILL then resume (bit-exact), SIGTERM / Ctrl-C save and exit, a restore
-onto another mesh, and two processes reaching one process's losses."""
+onto another mesh (two processes reaching one process's weights bit for bit: tests/convert/test_export.py)."""
 import glob
 import os
 import signal
@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bmgpt_jax.data.pipeline import BatchIterator, offset_for_process, repad
 from bmgpt_jax.training import loop as train
-from tests.children import communicate, xla_flags
+from tests.children import communicate
 from tests.training.runs import SMALL, _losses, _spawn, _wait_for_checkpoint, cfg_for, params
 
 
@@ -105,50 +104,3 @@ def test_restore_onto_another_mesh(tmp_path):
     assert sorted(resumed["losses"]) == [4, 5, 6]
     for s in (4, 5, 6):
         assert abs(resumed["losses"][s] - full["losses"][s]) < 1e-5
-
-
-class MergedShards:
-    """What two processes feed, concatenated in process order, as one process's stream (the reference)."""
-
-    def __init__(self, cfg):
-        gin = cfg.model.gin
-        self.its = [BatchIterator(cfg.data, p, 2, max_atoms=gin.max_atoms, over_cap=gin.over_cap) for p in range(2)]
-        self.tokenizer = self.its[0].tokenizer
-
-    def __next__(self):
-        parts = [next(it) for it in self.its]
-        T = max(p["input_ids"].shape[1] for p in parts)
-        L = max(p["prot_ids"].shape[1] for p in parts)
-        parts = [offset_for_process(repad(p, T, L), i) for i, p in enumerate(parts)]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-    def state(self):
-        return self.its[0].state()
-
-    def restore(self, state):
-        for it in self.its:
-            it.restore(state)
-
-
-def test_two_processes_match_one(tmp_path):
-    """fsdp across the two processes: each feeds half the batch and holds half of every sharded weight (the
-    sharded embedding lookup too). Data parallelism across processes (`mesh=[2,1,1]`, replicated weights) is
-    tests/convert/test_export.py's two-process run, whose export equals one process's bit for bit."""
-    mesh = "[1,2,1]"
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = ["--config", "tiny_align"] + SMALL + ["steps=4", f"mesh={mesh}"]
-    procs = [_spawn(args + [f"out_dir={tmp_path / 'mp'}"],
-                    {"XLA_FLAGS": xla_flags(1), "JAX_NUM_PROCESSES": "2",
-                     "JAX_PROCESS_ID": str(p), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"})
-             for p in range(2)]
-    outputs = communicate(procs, timeout=400)
-    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
-    cfg = cfg_for(tmp_path, "steps=4", "stage=align", "mesh=[1,1,1]", name="single")
-    single = train.run(cfg, batches=MergedShards(cfg))
-    multi = _losses(tmp_path / "mp")
-    assert sorted(multi) == [1, 2, 3, 4]
-    for s, loss in single["losses"].items():
-        assert abs(multi[s] - loss) < 1e-5, (s, multi[s], loss)
