@@ -113,7 +113,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = DEMO_VOCAB_SIZE) -> Toke
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """`data` to `path` through a temporary file: concurrent writers write identical bytes."""
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp = path.with_suffix(f".tmp{os.getpid()}-{id(data)}")
     tmp.write_bytes(data)
     tmp.replace(path)
 
