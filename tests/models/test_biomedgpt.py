@@ -35,8 +35,9 @@ def pair(tok, torch):
     return tiny_pair(tok.vocab_size)
 
 
-forward = nnx.jit(lambda model, batch: model(batch))           # as training and chat run it: one program
-loss = nnx.jit(lambda model, batch: model.loss(batch))        # a shape, not op by op
+# the model jitted, as training and chat run it: one program a shape, not op by op
+forward = nnx.jit(lambda model, batch: model(batch))
+loss = nnx.jit(lambda model, batch: model.loss(batch))
 
 
 def make_batch(tok, records, T=256, budget=examples.Budget(batch=6, nodes=64, edges=160, graphs=5, proteins=3),
