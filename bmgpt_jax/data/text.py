@@ -120,13 +120,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def demo_tokenizer() -> Tokenizer:
     """The demo tokenizer: `train_tokenizer` on the system prompt, the prompt template and the demo train
-    split's text. Also cached under a key of what that text is made of (the NCI file, rdkit's version, the
-    source of the modules that make and train on it), so that a process finds it without computing the
-    ~45,000 demo answers first (3 s of each `python -m bmgpt_jax.train` start)."""
+    split's text. Also cached under a key of what makes that model (the NCI file, rdkit's and sentencepiece's
+    versions, the source of the modules that make and train on the text), so that a process finds it
+    without computing the ~45,000 demo answers first (1-3 s of each `python -m bmgpt_jax.train` start)."""
     import rdkit
 
     from . import demo, molecules, records
-    key = hashlib.sha256(f"{rdkit.__version__}|{DEMO_VOCAB_SIZE}".encode())
+    key = hashlib.sha256(f"{rdkit.__version__}|{spm.__version__}|{DEMO_VOCAB_SIZE}".encode())
     for f in (demo.nci_smiles_path(), demo.__file__, molecules.__file__, records.__file__, __file__):
         key.update(Path(f).read_bytes())
     path = cache_dir("tokenizers") / f"demo-inputs-{key.hexdigest()[:16]}.model"

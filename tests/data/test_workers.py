@@ -7,8 +7,6 @@ import pytest
 from bmgpt_jax.data.pipeline import BatchIterator
 from tests.data.test_pipeline import _equal, _take
 
-pytest.importorskip("bmgpt_jax.data.molecules")
-
 
 def test_workers_give_the_same_batches(cfg):
     inline = _take(BatchIterator(cfg), 5)
