@@ -19,7 +19,7 @@ class Segments(NamedTuple):
     first query among the keys (a KV cache), or None when queries and keys are the same tokens (t == s).
     `num_ids`: a static promise that every id lies in `[0, num_ids)` (ESM's padding ids: 2), which lets
     `rows` fold a bidirectional mask into the score product and skip keys no query can attend; None (the
-    default) promises nothing."""
+    default) promises nothing. A pytree whose leaves are `q`, `kv` and `q_offset`; `num_ids` is static."""
 
     q: jax.Array
     kv: jax.Array
@@ -31,6 +31,13 @@ class Segments(NamedTuple):
         """Queries and keys are the same tokens with ids `[b, t]` (all in `[0, num_ids)` when given)."""
         ids = segment_ids.astype(jnp.int32)
         return cls(ids, ids, num_ids=num_ids)
+
+
+# `num_ids` is static: it lives in the tree structure, not among the leaves, so it stays a Python int
+# through `jax.checkpoint`, `lax.scan`, `shard_map` and `jit` arguments (as a leaf, remat turned it into
+# a tracer, and code that branches on it failed to trace)
+jax.tree_util.register_pytree_node(
+    Segments, lambda s: ((s.q, s.kv, s.q_offset), s.num_ids), lambda num_ids, leaves: Segments(*leaves, num_ids))
 
 
 def allowed(q_ids, kv_ids, q_slots, kv_slots, causal: bool) -> jax.Array:

@@ -237,14 +237,18 @@ def test_decoder_training_memory_is_linear_in_sequence_length():
     assert b / a < 2.3 and b < 512, (a, b)
 
 
-def test_flash_under_scanned_remat_layers_gives_the_dense_gradients():
-    """A 2-layer Llama (scan_layers, remat full, GQA), right-padded batch of 300 tokens: the gradients of
-    `lm_loss` with the flash custom VJP inside `jax.checkpoint` + `lax.scan` equal the plain path's."""
+@pytest.mark.parametrize("impl", ["flash", "rows"])
+def test_blockwise_attention_under_scanned_remat_layers_gives_the_dense_gradients(impl):
+    """A 2-layer Llama (scan_layers, remat full, GQA), right-padded batch of 520 tokens: the gradients of
+    `lm_loss` with flash's custom VJP, or `rows` reading key windows (from ROWS_SKIP_MIN keys; the mask's
+    static `Segments.num_ids` branches it), inside `jax.checkpoint` + `lax.scan` equal the plain path's."""
     cfg = LlamaConfig(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       intermediate_size=64, scan_layers=True, remat="full", loss_chunk_size=128)
     rs = np.random.RandomState(3)
-    mask = (np.arange(300)[None] < np.array([[300], [170]])).astype(np.int32)
-    batch = {"input_ids": jnp.asarray(rs.randint(3, 101, (2, 300)) * mask), "attention_mask": jnp.asarray(mask),
+    t = 520
+    assert t >= A.ROWS_SKIP_MIN
+    mask = (np.arange(t)[None] < np.array([[t], [170]])).astype(np.int32)
+    batch = {"input_ids": jnp.asarray(rs.randint(3, 101, (2, t)) * mask), "attention_mask": jnp.asarray(mask),
              "loss_mask": jnp.asarray(mask)}
     _, params = nnx.split(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
 
@@ -252,7 +256,7 @@ def test_flash_under_scanned_remat_layers_gives_the_dense_gradients():
         gdef = nnx.graphdef(nnx.eval_shape(lambda: LlamaForCausalLM(dataclasses.replace(cfg, attention=impl),
                                                                     rngs=nnx.Rngs(0))))
         return jax.jit(jax.value_and_grad(lambda p: lm_loss(nnx.merge(gdef, p), batch)[0]))(params)
-    (la, ga), (lb, gb) = grads("xla"), grads("flash")
+    (la, ga), (lb, gb) = grads("xla"), grads(impl)
     np.testing.assert_allclose(float(lb), float(la), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(gb), jax.tree.leaves(ga)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
@@ -334,7 +338,7 @@ def test_on_gpu_packed_rows_never_reach_cudnn(monkeypatch):
 def test_splash_compiles_for_v5e_topology(mesh_shape):
     """Forward + backward of a 7B-shaped attention (32 heads of 128, T = 4096, bf16) compiled by libtpu
     for a v5e:4x4 slice; under the TPU mesh `auto` is splash, in shard_map over batch (and heads)."""
-    from bmgpt_jax.training.plan import tpu_devices
+    from bmgpt_jax.training.targets import tpu_devices
     mesh = parallel.make_mesh(mesh_shape, tpu_devices("v5e:4x4"))
     b, t, h, d = 16, 4096, 32, 128
     seen = []
