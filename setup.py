@@ -37,6 +37,7 @@ setup(
         "tpu": ["jax[tpu]>=0.7,<0.11"],
         # libtpu (the version jax pins) on any host: `python -m bmgpt_jax.plan --topology v5e:4x4` compiles for TPUs
         "tpu-plan": ["jax[tpu]>=0.7,<0.11"],
+        # also on a host without a GPU: `python -m bmgpt_jax.plan --topology h100:8` compiles for 8 H100s
         "gpu": ["jax[cuda12]>=0.7,<0.11"],
         # setuptools >= 70.1 builds wheels offline (tests/test_install.py installs the package with pip --target)
         "dev": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "setuptools>=70.1"],

@@ -99,8 +99,8 @@ def test_interleaved_hosts_are_laid_out_process_major_on_cpu():
 def test_a_topology_order_that_interleaves_hosts_is_laid_out_process_major():
     """v5e 4x4 (4 hosts): jax.make_mesh's 16-chip ring visits hosts 0,0,1,1,1,1,0,2,... -- the pipeline's
     per-process row blocks would interleave; make_mesh keeps each host's chips together instead."""
-    from bmgpt_jax.training import plan
-    devices = plan.tpu_devices("v5e:4x4")
+    from bmgpt_jax.training import targets
+    devices = targets.tpu_devices("v5e:4x4")
     ring = jax.make_mesh((1, 16, 1), parallel.MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
     with pytest.raises(ValueError, match="does not give each of the 4 processes its own contiguous block"):
         parallel.process_blocks(ring)

@@ -15,7 +15,8 @@ the three phases of the job are planned on the target devices:
            shardings) on the batch the pipeline would make: `data.batch_size` rows split over the
            target's hosts, the longest `data.seq_buckets`, each host's graph/protein budgets (`collate`'s
            shapes), `optim.grad_accum` micro-batches.
-The figures are the compiled programs' `memory_analysis()`; `fits` compares the largest phase with the chip's HBM.
+The figures are the compiled programs' `memory_analysis()`; `fits` compares the largest phase with a device's memory
+(a TPU chip's HBM; JAX's share of a GPU's).
 `--generate` plans the greedy decode (`--num-beams`: beam search) of chat / evaluate instead
 (`bmgpt_jax.training.decode_plan`).
 
@@ -24,9 +25,12 @@ target: splash on TPU) and the loss's logits chunk. `--seq 2048 4096` plans seve
 adds, beside each row, the same job with plain O(T^2) attention and whole-sequence logits
 (`attention=xla`, `loss_chunk_size=0`: the form before issue 12).
 
-Targets:
+Targets (`bmgpt_jax.training.targets`: compile-only devices, nothing attached):
   --topology v5e:4x4 | v4:2x2x4 | v4:4x4x4 | v5p:4x4x4 | v6e:8x8   the TPU compiler for that slice (needs
-      `libtpu`, `pip install -e .[tpu-plan]`; `jax.experimental.topologies` gives compile-only devices)
+      `libtpu`, `pip install -e .[tpu-plan]`)
+  --topology h100:8 | h100:2x8 | a100:8 | h200:8   the GPU compiler (XLA:GPU) for GPUS or NODESxGPUS of that
+      model (needs jax's CUDA plugin, `pip install -e .[gpu]`; no GPU); fits against JAX's share of the
+      card (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set)
   --devices N   N virtual CPU devices: the figures are then the *CPU* compiler's (other fusion, layout
       and rematerialisation decisions, no HBM limit), a rough guide only.
 """
@@ -36,12 +40,10 @@ import argparse
 import dataclasses
 import importlib.util
 import math
-import os
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import topologies
 
 from bmgpt_jax import parallel
 from bmgpt_jax.data.examples import Budget, collate
@@ -50,10 +52,8 @@ from bmgpt_jax.models.attention import resolve
 from bmgpt_jax.training import optim, stages, step
 from bmgpt_jax.training.compiled import GiB, Phase, fits
 from bmgpt_jax.training.loop import TEXT_KEYS, TrainConfig, load_config
+from bmgpt_jax.training.targets import cpu_devices, devices_for, host_backend_only
 
-# TPU generation -> (chip config, HBM GiB per chip, accelerator-type prefix, cores per chip in that name)
-TPU_CHIPS = {"v4": ("megacore", 32, "v4", 2), "v5p": ("megacore", 95, "v5p", 2), "v5": ("megacore", 95, "v5p", 2),
-             "v5e": ("default", 16, "v5litepod", 1), "v6e": ("default", 32, "v6e", 1)}
 CONFIGS = ("biomedgpt_10b_lm", "biomedgpt_10b_align", "biomedgpt_10b_finetune")
 DENSE = ["model.lm.attention=xla", "model.lm.loss_chunk_size=0", "model.esm.attention=xla"]  # --dense
 
@@ -66,49 +66,6 @@ OPTIONS = {
     "dtype": lambda v: [f"compute_dtype={v}"] + [f"model.{m}.dtype={v}" for m in ("lm", "esm", "gin")],
     "remat": lambda v: [f"model.lm.remat={v}", f"model.esm.remat={str(v != 'none').lower()}"],
 }
-
-
-def tpu_devices(topology: str) -> list:
-    """Compile-only devices of a TPU slice, e.g. `v5e:4x4` -> 16 devices, without any TPU attached.
-
-    v4/v5p chips run as one megacore device each; 3-D slices of side >= 4 are tori (wrap-around links).
-    TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES are set (if unset) so libtpu does not probe for hosts, and
-    ALLOW_MULTIPLE_LIBTPU_LOAD so that several compile-only planners on one host do not fight over libtpu's
-    lockfile (there is no TPU to share).
-    """
-    if importlib.util.find_spec("libtpu") is None:
-        raise SystemExit(f"--topology {topology} needs libtpu (pip install -e '.[tpu-plan]'); "
-                         "or use --devices N for the CPU compiler's figures")
-    gen, _, dims = topology.partition(":")
-    if gen not in TPU_CHIPS or not dims:
-        raise SystemExit(f"unknown topology {topology!r}: expected GEN:AxB[xC] with GEN in {sorted(TPU_CHIPS)}")
-    chip_config, _, accel, per_chip = TPU_CHIPS[gen]
-    shape = [int(d) for d in dims.split("x")]
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{accel}-{math.prod(shape) * per_chip}")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    wrap = tuple(len(shape) == 3 and d >= 4 for d in shape + [1] * (3 - len(shape)))
-    return topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name=chip_config,
-                                        chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=wrap).devices
-
-
-def host_backend_only() -> None:
-    """Keep JAX's runtime on the host CPU (plans never run on an accelerator; with libtpu installed, JAX
-    would otherwise probe for a TPU). A no-op once a backend is up, e.g. inside pytest."""
-    if not jax._src.xla_bridge.backends_are_initialized():
-        jax.config.update("jax_platforms", "cpu")
-
-
-def cpu_devices(n: int) -> list:
-    """`n` virtual CPU devices. Sets `jax_num_cpu_devices` when the backend is not up yet (the CLI's case);
-    otherwise the running process must already have >= n (e.g. XLA_FLAGS=--xla_force_host_platform_device_count)."""
-    if not jax._src.xla_bridge.backends_are_initialized():
-        jax.config.update("jax_num_cpu_devices", n)
-    devices = jax.devices("cpu")
-    if len(devices) < n:
-        raise SystemExit(f"--devices {n}: this process has only {len(devices)} CPU devices; set "
-                         f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX starts")
-    return devices[:n]
 
 
 def abstract_batch(cfg: TrainConfig, processes: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -248,7 +205,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bmgpt_jax.plan", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     target = ap.add_mutually_exclusive_group()
-    target.add_argument("--topology", help="TPU slice, e.g. v5e:4x4, v4:2x2x4, v4:4x4x4, v5p:4x4x4, v6e:8x8 (needs libtpu)")
+    target.add_argument("--topology", help="TPU slice, e.g. v5e:4x4, v4:2x2x4, v5p:4x4x4, v6e:8x8 (needs libtpu), "
+                        "or GPU nodes, e.g. h100:8, h100:2x8, a100:8, h200:8 (needs jax's CUDA plugin)")
     target.add_argument("--devices", type=positive_int, help="N virtual CPU devices (CPU compiler's figures)")
     ap.add_argument("--config", action="append", help=f"training config, repeatable (default: {', '.join(CONFIGS)})")
     ap.add_argument("--stage", choices=["lm", "align", "finetune"], help="shorthand for --config biomedgpt_10b_STAGE")
@@ -299,10 +257,9 @@ def main(argv=None) -> list[Plan]:
         devices, hbm = cpu_devices(args.devices), None
         target = f"{len(devices)} virtual CPU devices -- figures from the CPU compiler (XLA:CPU), not a TPU/GPU's"
     else:
-        devices, hbm = tpu_devices(args.topology), TPU_CHIPS[args.topology.split(":")[0]][1]
+        devices, hbm, compiler = devices_for(args.topology)
         target = (f"{args.topology}: {len(devices)} x {devices[0].device_kind} "
-                  f"({len({d.process_index for d in devices})} hosts) -- figures from the TPU compiler (libtpu), "
-                  "compile-only devices")
+                  f"({len({d.process_index for d in devices})} hosts) -- {compiler}, compile-only devices")
     print(f"plan: {target}" + (f"; overrides {args.overrides}" if args.overrides else ""), flush=True)
     if args.generate:
         return plan_generation(args, devices, hbm)
@@ -327,7 +284,7 @@ def main(argv=None) -> list[Plan]:
     print("GiB = 2^30 bytes. params, state (params + optimizer state): global; /dev: per device. init: peak of the "
           "jitted sharded init (model, then optimizer state beside the parameters); restore: the state one "
           "device holds (shard shapes x item size); step: compiled.memory_analysis(), peak = args + out - alias "
-          "(donated) + temp + code; fits: the largest phase vs the chip's HBM (yes: >= 1 GiB spare). attention: "
+          "(donated) + temp + code; fits: the largest phase vs a device's memory (TPU: the chip's HBM; GPU: JAX's share of it) (yes: >= 1 GiB spare). attention: "
           "decoder[/ESM]; loss chunk: tokens of logits at a time (-: the whole sequence).")
     return plans
 
