@@ -39,13 +39,17 @@ def devices_for(topology: str) -> tuple[list, float, str]:
     """(compile-only devices, memory GiB a device may use, a description) of a TPU or GPU `topology`."""
     gen = topology.partition(":")[0]
     if gen in GPU_CHIPS:
-        devices = gpu_devices(topology)
-        limit = GPU_CHIPS[gen][-1] / 2 ** 30 * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEM_FRACTION))
-        return devices, round(limit, 1), "figures from the GPU compiler (XLA:GPU, jax's CUDA plugin)"
+        fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", str(GPU_MEM_FRACTION))
+        try:
+            limit = GPU_CHIPS[gen][-1] / 2 ** 30 * float(fraction)
+        except ValueError:
+            raise SystemExit(f"XLA_PYTHON_CLIENT_MEM_FRACTION={fraction!r} is not a number") from None
+        return gpu_devices(topology), round(limit, 1), "figures from the GPU compiler (XLA:GPU, jax's CUDA plugin)"
     return tpu_devices(topology), TPU_CHIPS[gen][1], "figures from the TPU compiler (libtpu)"
 
 
 def _shape(topology: str, known: dict) -> tuple[str, list[int]]:
+    """`GEN:AxB[xC]` -> (GEN, [A, B, C]) for a GEN among `known`'s keys; SystemExit naming anything else."""
     gen, _, dims = topology.partition(":")
     try:
         shape = [int(d) for d in dims.split("x")]
@@ -107,8 +111,12 @@ def gpu_devices(topology: str) -> list:
         raise SystemExit(f"--topology {topology} needs jax's CUDA plugin (pip install -e '.[gpu]'); "
                          "or use --devices N for the CPU compiler's figures")
     nodes, per_node = shape if len(shape) == 2 else (1, shape[0])
-    return topologies.get_topology_desc("bmgpt", "cuda", target_config=gpu_target_config(gen),
-                                        topology=f"1x{nodes}x{per_node}").devices
+    try:
+        return topologies.get_topology_desc("bmgpt", "cuda", target_config=gpu_target_config(gen),
+                                            topology=f"1x{nodes}x{per_node}").devices
+    except NotImplementedError:   # JAX logged why the plugin did not load
+        raise SystemExit(f"--topology {topology}: jax's CUDA plugin is installed but did not load "
+                         "(JAX's 'Jax plugin configuration error' above says why)") from None
 
 
 def cuda_plugin() -> bool:

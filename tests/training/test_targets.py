@@ -23,6 +23,12 @@ def test_a_bad_topology_is_named(topology, message):
         targets.devices_for(topology)
 
 
+def test_a_bad_gpu_memory_fraction_is_named(monkeypatch):
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "most")
+    with pytest.raises(SystemExit, match="XLA_PYTHON_CLIENT_MEM_FRACTION='most' is not a number"):
+        targets.devices_for("h100:8")
+
+
 @pytest.mark.skipif(CUDA, reason="jax's CUDA plugin is installed")
 def test_a_gpu_target_without_the_cuda_plugin_says_what_to_install():
     with pytest.raises(SystemExit, match=r"h100:8 needs jax's CUDA plugin \(pip install -e '\.\[gpu\]'\)"):
