@@ -40,13 +40,16 @@ def test_packing_processes_agree_on_each_windows_batch_count():
 def test_stage_one_trains_on_two_processes(tmp_path):
     """The `lm` stage keeps a batch's text keys only; assembling the global batch across hosts (agreeing on
     the bucket, widening, offsetting, stacking micro-batches) must not ask for the molecule and protein keys
-    it no longer has: two processes train tiny_lm (packed rows, 2 micro-batches a step) to the end."""
+    it no longer has: two processes train tiny_lm (packed rows, 2 micro-batches a step) to the end, with a
+    held-out pass (each process its share of the packed held-out rows) after steps 2 and 3."""
     train = ["-m", "bmgpt_jax.train", "--config", "tiny_lm", "steps=3", "progress=false", "export=false",
-             f"out_dir={tmp_path / 'run'}", "optim.grad_accum=2", "data.demo_molecules=20"]
+             f"out_dir={tmp_path / 'run'}", "optim.grad_accum=2", "data.demo_molecules=20",
+             "eval.every=2", "eval.sources=[demo:test]", "eval.max_batches=2"]
     results = _run_commands(tmp_path, [train, train], timeout=240)
     for i, (code, text) in enumerate(results):
         assert code == 0, f"process {i}:\n{text[-3000:]}"
     assert "steps 1..3: loss" in results[0][1] and "2 process(es)" in results[0][1], results[0][1][-3000:]
+    assert all(f"step {s}: held-out loss " in results[0][1] for s in (2, 3)), results[0][1][-3000:]
 
 
 def test_text_only_batches_widen_offset_and_stack_without_entity_keys():

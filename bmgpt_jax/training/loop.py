@@ -46,12 +46,13 @@ from bmgpt_jax.training.optim import (OptimConfig, check_patterns_match, count_p
 from bmgpt_jax.training.stages import (InitConfig, Stage, build_model, check_init, check_lora_trainable,
                                        model_factory, trainable_patterns)
 from bmgpt_jax.training.step import init_opt_state, jit_train_step, make_train_step
+from bmgpt_jax.training.validate import EvalConfig, HeldOut, due
 
 log = logging.getLogger("bmgpt_jax.train")
 TEXT_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids")   # segment_ids: packed rows only
 
 
-RESUME_FREE = ("steps", "progress", "export")   # settings a resumed run may change without a word
+RESUME_FREE = ("steps", "progress", "export", "eval")   # settings a resumed run may change without a word
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,8 @@ class TrainConfig:
     (`model.lm/esm/gin.dtype`) computes in it while the master weights stay in their `param_dtype`.
     `nonfinite`: what a step with a NaN/inf loss or gradient does (`stop`: the run stops, naming the step
     and the newest checkpoint; `skip`: its update is not applied), and with `skip` the run stops after
-    `max_nonfinite_in_a_row` such steps in a row (the model is then not recovering), that step saved."""
+    `max_nonfinite_in_a_row` such steps in a row (the model is then not recovering), that step saved.
+    `eval`: a held-out loss every `eval.every` steps (`training.validate`)."""
 
     stage: Stage = "finetune"
     steps: int = 200
@@ -72,6 +74,7 @@ class TrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     mesh: tuple[int, int, int] = (-1, 1, 1)
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     nonfinite: Literal["stop", "skip"] = "stop"
@@ -247,6 +250,16 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
                          else f"steps {start + 1}..{cfg.steps}" if start < cfg.steps else
                          f"the checkpoint is at step {start}, steps={cfg.steps}: nothing to train (raise steps= to "
                          "continue)"))
+        held = None
+        if cfg.eval.every and host is not None and start < cfg.steps:
+            held = HeldOut(cfg.eval, cfg.data, loss_fn, mesh, keys=TEXT_KEYS if cfg.stage == "lm" else None,
+                           lm_vocab=lm.vocab_size, esm_vocab=None if cfg.stage == "lm" else cfg.model.esm.vocab_size,
+                           compute_dtype=jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None,
+                           max_atoms=gin.max_atoms, over_cap=gin.over_cap)
+            monitor.write(held.describe())
+
+        def evaluate(n: int) -> None:   # the held-out loss after step n, logged
+            monitor.log_eval(n, *held.loss(graphdef, trainable, frozen), batches=len(held.batches))
 
         def save(n: int, force: bool) -> bool:
             """Checkpoint step `n` (every `checkpoint.every` steps, or `force`d): the state and the data
@@ -299,6 +312,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
                     f"or gradient, max_nonfinite_in_a_row={cfg.max_nonfinite_in_a_row}; stopping. Step {i} is saved "
                     f"(its parameters are those of step {i - in_a_row}, the updates since were skipped). Lower "
                     "optim.lr or inspect those batches; or raise max_nonfinite_in_a_row and --resume")
+            if held is not None and not stop and due(cfg.eval, i, cfg.steps):
+                evaluate(i)
             if stop:
                 stopped = ckpt.stop_signal or "a signal to another process"
                 monitor.write(f"{stopped}: checkpoint saved at step {i}; exiting")
@@ -307,6 +322,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
             tally.update(data_state if data_state is not None else it.state())
             if i > start:
                 save(i, force=True)
+                if held is not None and not due(cfg.eval, i, cfg.steps):   # the data's end: its last step
+                    evaluate(i)
             monitor.write(messages.ran_out_message(cfg, i, left))
         if i == cfg.steps or ran_out:
             tally.check(final=True, saved_step=i)

@@ -182,6 +182,20 @@ class Monitor:
         self._step = step
         return record
 
+    def log_eval(self, step: int, loss: float, tokens: float, *, batches: int) -> None:
+        """Record a held-out pass after `step` (`training.validate`): a `metrics.jsonl` row with `eval_loss`,
+        `eval_tokens` and `eval_batches`, TensorBoard's `eval/loss` and a console line. The pass's time is
+        left out of the next step's tokens/s."""
+        self._last_time = time.perf_counter()
+        if not self.enabled:
+            return
+        record = {"step": int(step), "eval_loss": float(loss), "eval_tokens": int(tokens), "eval_batches": int(batches)}
+        self._jsonl.write(json.dumps({"time": time.time(), **record}) + "\n")
+        self._jsonl.flush()
+        if math.isfinite(loss):
+            self._tb.add_scalar("eval/loss", loss, step)
+        self.write(f"step {step}: held-out loss {loss:.4f} over {int(tokens):,} answer tokens ({batches} batches)")
+
     def write(self, message: str) -> None:
         """Print a line without breaking the progress bar (process 0 only)."""
         if self.enabled:
