@@ -185,6 +185,11 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
     gin = cfg.model.gin
     it = batches if batches is not None else BatchIterator(cfg.data, max_atoms=gin.max_atoms, over_cap=gin.over_cap)
     cfg = resolve_tokenizer(cfg, it.tokenizer)
+    held = None if not cfg.eval.every else HeldOut(   # read before the model is built: a bad source fails fast
+        cfg.eval, cfg.data, model_factory(cfg.stage, cfg.model)[1], mesh, keys=TEXT_KEYS if cfg.stage == "lm" else None,
+        lm_vocab=cfg.model.lm.vocab_size, esm_vocab=None if cfg.stage == "lm" else cfg.model.esm.vocab_size,
+        compute_dtype=jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None, max_atoms=gin.max_atoms,
+        over_cap=gin.over_cap)
     patterns = trainable_patterns(cfg.stage, cfg.model, cfg.trainable)
     restoring, is_trainable = resume and bool(earlier), trainable_filter(patterns)
     # created sharded, never whole; on resume the trainable parameters and their optimizer state, which the
@@ -250,12 +255,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
                          else f"steps {start + 1}..{cfg.steps}" if start < cfg.steps else
                          f"the checkpoint is at step {start}, steps={cfg.steps}: nothing to train (raise steps= to "
                          "continue)"))
-        held = None
-        if cfg.eval.every and host is not None and start < cfg.steps:
-            held = HeldOut(cfg.eval, cfg.data, loss_fn, mesh, keys=TEXT_KEYS if cfg.stage == "lm" else None,
-                           lm_vocab=lm.vocab_size, esm_vocab=None if cfg.stage == "lm" else cfg.model.esm.vocab_size,
-                           compute_dtype=jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None,
-                           max_atoms=gin.max_atoms, over_cap=gin.over_cap)
+        if held is not None:
             monitor.write(held.describe())
 
         def evaluate(n: int) -> None:   # the held-out loss after step n, logged

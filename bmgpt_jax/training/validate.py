@@ -59,8 +59,12 @@ class HeldOut:
                  lm_vocab: int, esm_vocab: int | None, compute_dtype=None, max_atoms: int | None = None,
                  over_cap: str = "subsample"):
         self.mesh, self.loss_fn, self.compute_dtype = mesh, loss_fn, compute_dtype
-        it = BatchIterator(dataclasses.replace(data, sources=tuple(ev.sources), shuffle=False, num_epochs=1,
-                                               workers=0), max_atoms=max_atoms, over_cap=over_cap)
+        try:
+            it = BatchIterator(dataclasses.replace(data, sources=tuple(ev.sources), shuffle=False, num_epochs=1,
+                                                   workers=0), max_atoms=max_atoms, over_cap=over_cap)
+        except (KeyError, ValueError, FileNotFoundError) as e:   # the pipeline names data.sources: say which
+            message = str(e.args[0] if e.args else e)
+            raise type(e)(f"eval.sources: {message.removeprefix('data.sources: ')}") from None
         self.batches: list[dict[str, np.ndarray]] = []
         try:
             for batch in it:

@@ -74,6 +74,8 @@ def test_bad_eval_settings_are_named(tmp_path):
         cfg_for(tmp_path, "eval.every=-1")
     with pytest.raises((ConfigError, ValueError), match=r"did you mean 'every'"):
         cfg_for(tmp_path, "eval.evry=5")
+    with pytest.raises(KeyError, match="eval.sources: unknown source 'nosuch'"):   # read before the model is built
+        train.run(cfg_for(tmp_path, "eval.every=5", "eval.sources=[nosuch:test]"))
 
 
 def test_due_every_n_steps_and_at_the_last():
