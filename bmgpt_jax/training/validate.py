@@ -69,7 +69,8 @@ class HeldOut:
         try:
             for batch in it:
                 batch = {k: batch[k] for k in keys if k in batch} if keys else batch
-                check_ids(batch, lm_vocab, esm_vocab, where=f"held-out batch {len(self.batches) + 1} ({', '.join(ev.sources)})")
+                where = f"held-out batch {len(self.batches) + 1} ({', '.join(ev.sources)})"
+                check_ids(batch, lm_vocab, esm_vocab, where=where)
                 self.batches.append(batch)
                 if len(self.batches) == ev.max_batches:
                     break
@@ -79,10 +80,13 @@ class HeldOut:
         self._fn: Callable | None = None
 
     def describe(self) -> str:
-        """One line: how many batches and examples, and what the pipeline dropped of them, per reason."""
+        """One line: the batches kept and their rows holding tokens, the examples the pipeline read to make
+        them (whole windows) and what it dropped of those, per reason."""
+        rows = sum(int(b["attention_mask"].any(-1).sum()) for b in self.batches)
         dropped = sum(self.dropped.values())
         why = f" ({', '.join(f'{n} {r}' for r, n in sorted(self.dropped.items()))})" if dropped else ""
-        return (f"held-out set: {len(self.batches)} batches of {self.read} examples read, {dropped} dropped{why}")
+        return (f"held-out set: {len(self.batches)} batches ({rows} rows) from {self.read} examples read, "
+                f"{dropped} dropped{why}")
 
     def _compile(self, graphdef: nnx.GraphDef, trainable, frozen) -> Callable:
         t_sh, f_sh = tree_shardings(trainable, self.mesh), tree_shardings(frozen, self.mesh)

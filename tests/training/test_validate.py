@@ -61,7 +61,9 @@ def test_the_held_out_loss_does_not_depend_on_batching_or_mesh(tmp_path, stage):
         held = HeldOut(EvalConfig(every=1, sources=("demo:test",)), dataclasses.replace(cfg.data, batch_size=batch_size),
                        loss_fn, mesh, keys=keys, lm_vocab=cfg.model.lm.vocab_size, esm_vocab=esm,
                        max_atoms=cfg.model.gin.max_atoms)
-        assert held.describe().startswith(f"held-out set: {len(held.batches)} batches of {held.read} examples")
+        rows = sum(int(b["attention_mask"].any(-1).sum()) for b in held.batches)
+        assert held.describe().startswith(f"held-out set: {len(held.batches)} batches ({rows} rows) from {held.read} "
+                                          "examples read, ")
         results.append(held.loss(graphdef, trainable, frozen))
     (a, n_a), (b, n_b) = results
     assert n_a == n_b > 0 and np.isfinite(a)
