@@ -8,7 +8,8 @@ run's mesh with the current parameters (no gradient, nothing updated), and repor
 mean `eval_loss = sum of per-token losses / tokens` over all of them, so the figure does not depend on
 how examples fall into batches: `metrics.jsonl` (`{"step", "eval_loss", "eval_tokens", "eval_batches"}`),
 TensorBoard (`eval/loss`) and a line on the console. Examples the pipeline drops from the held-out set
-(too long, over a budget) are counted and reported once when it is read, never silently.
+(too long, over a budget) or cuts short (plain text) are counted and reported once when it is read, never
+silently; a held-out set left without an answer token stops the run before the model is built.
 """
 from __future__ import annotations
 
@@ -74,19 +75,28 @@ class HeldOut:
                 self.batches.append(batch)
                 if len(self.batches) == ev.max_batches:
                     break
-            self.read, self.dropped = it.read, dict(it.dropped)
+            self.read, self.dropped, self.cut = it.read, dict(it.dropped), dict(it.cut)
         finally:
             it.close()
+        tokens = np.int64(sum(int(b["loss_mask"].sum()) for b in self.batches))
+        if jax.process_count() > 1:   # every process stops alike
+            from jax.experimental import multihost_utils
+            tokens = np.asarray(multihost_utils.process_allgather(tokens)).sum()
+        if not tokens:
+            raise ValueError(f"eval.sources {list(ev.sources)}: no held-out example has an answer token left "
+                             f"({self.describe().removeprefix('held-out set: ')}); see data.seq_buckets and the budgets")
         self._fn: Callable | None = None
 
     def describe(self) -> str:
         """One line: the batches kept and their rows holding tokens, the examples the pipeline read to make
-        them (whole windows) and what it dropped of those, per reason."""
+        them (whole windows), what it dropped of those, per reason, and the plain text it cut short."""
         rows = sum(int(b["attention_mask"].any(-1).sum()) for b in self.batches)
         dropped = sum(self.dropped.values())
         why = f" ({', '.join(f'{n} {r}' for r, n in sorted(self.dropped.items()))})" if dropped else ""
+        cut = (f", {self.cut['truncated']} plain-text examples cut to the last bucket ({self.cut['truncated_tokens']} "
+               "tokens)" if self.cut.get("truncated") else "")
         return (f"held-out set: {len(self.batches)} batches ({rows} rows) from {self.read} examples read, "
-                f"{dropped} dropped{why}")
+                f"{dropped} dropped{why}{cut}")
 
     def _compile(self, graphdef: nnx.GraphDef, trainable, frozen) -> Callable:
         t_sh, f_sh = tree_shardings(trainable, self.mesh), tree_shardings(frozen, self.mesh)
@@ -109,11 +119,11 @@ class HeldOut:
         return run
 
     def loss(self, graphdef: nnx.GraphDef, trainable, frozen) -> tuple[float, float]:
-        """(token-weighted mean loss, tokens) of the held-out set with these parameters (nan, 0 without a
-        loss token)."""
+        """(token-weighted mean loss, tokens) of the held-out set with these parameters (it holds answer
+        tokens: `__init__` refuses a set without)."""
         if self._fn is None:
             self._fn = self._compile(graphdef, trainable, frozen)
         total = np.zeros(2, np.float64)
         for batch in self.batches:
             total += np.asarray(jax.device_get(self._fn(trainable, frozen, global_batch(batch, self.mesh))))
-        return (float(total[0] / total[1]) if total[1] else float("nan")), float(total[1])
+        return float(total[0] / total[1]), float(total[1])

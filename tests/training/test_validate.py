@@ -79,6 +79,10 @@ def test_bad_eval_settings_are_named(tmp_path):
         cfg_for(tmp_path, "eval.evry=5")
     with pytest.raises(KeyError, match="eval.sources: unknown source 'nosuch'"):   # read before the model is built
         train.run(cfg_for(tmp_path, "eval.every=5", "eval.sources=[nosuch:test]"))
+    with pytest.raises(ValueError, match=r"eval.sources \['demo:test'\]: no held-out example has an answer token "
+                                         r"left \(\d+ batches \(0 rows\) from \d+ examples read, \d+ dropped \(\d+ too_long"):
+        train.run(cfg_for(tmp_path, "eval.every=5", "eval.sources=[demo:test]", "data.seq_buckets=[40]",
+                          "data.max_dropped=1", name="all_dropped"))
 
 
 def test_due_every_n_steps_and_at_the_last():
