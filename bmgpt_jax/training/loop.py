@@ -182,14 +182,13 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
                          "to continue it, or set out_dir (or checkpoint.dir) to a new folder")
     if resume and not earlier:
         log.warning("--resume: no checkpoint in %s, nothing to resume; starting at step 1", cfg.checkpoint.dir)
-    gin = cfg.model.gin
+    gin, dtype = cfg.model.gin, jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None   # the compute dtype
     it = batches if batches is not None else BatchIterator(cfg.data, max_atoms=gin.max_atoms, over_cap=gin.over_cap)
     cfg = resolve_tokenizer(cfg, it.tokenizer)
     held = None if not cfg.eval.every else HeldOut(   # read before the model is built: a bad source fails fast
         cfg.eval, cfg.data, model_factory(cfg.stage, cfg.model)[1], mesh, keys=TEXT_KEYS if cfg.stage == "lm" else None,
         lm_vocab=cfg.model.lm.vocab_size, esm_vocab=None if cfg.stage == "lm" else cfg.model.esm.vocab_size,
-        compute_dtype=jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None, max_atoms=gin.max_atoms,
-        over_cap=gin.over_cap)
+        compute_dtype=dtype, max_atoms=gin.max_atoms, over_cap=gin.over_cap)
     patterns = trainable_patterns(cfg.stage, cfg.model, cfg.trainable)
     restoring, is_trainable = resume and bool(earlier), trainable_filter(patterns)
     # created sharded, never whole; on resume the trainable parameters and their optimizer state, which the
@@ -232,8 +231,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
         except StopIteration as end:   # the data ran out before this run's first step (a resumed finished run)
             where, host, left = None, None, end.value
         step_fn = make_train_step(loss_fn, tx, grad_accum=cfg.optim.grad_accum,
-                                  compute_dtype=jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None,
-                                  schedule=make_schedule(cfg.optim))
+                                  compute_dtype=dtype, schedule=make_schedule(cfg.optim))
         lead = cfg.optim.grad_accum > 1
         if host is not None:
             shapes = {k: jax.ShapeDtypeStruct(v.shape[:lead] + (v.shape[lead] * jax.process_count(),)
