@@ -52,7 +52,7 @@ log = logging.getLogger("bmgpt_jax.train")
 TEXT_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids")   # segment_ids: packed rows only
 
 
-RESUME_FREE = ("steps", "progress", "export", "eval")   # settings a resumed run may change without a word
+RESUME_FREE = ("steps", "progress", "export", "eval")   # settings (or sections) a resumed run may change without a word
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +218,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
             start = int(meta["step"])
             log.info("resumed from step %d (%s)", start, ckpt.directory)
             changed = [d for d in config_lib.differences(meta.get("config", {}), config_lib.to_dict(cfg))
-                       if d.split(":")[0] not in RESUME_FREE]
+                       if d.split(":")[0].split(".")[0] not in RESUME_FREE]   # "eval.every: 10 -> 5": eval
             if changed:   # e.g. a raised `steps` with optim.total_steps 0 stretches the learning-rate schedule
                 log.warning("--resume: the run goes on with settings that differ from the checkpoint's: %s",
                             "; ".join(changed))

@@ -77,9 +77,14 @@ def tpu_devices(topology: str) -> list:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{accel}-{math.prod(shape) * per_chip}")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    wrap = tuple(len(shape) == 3 and d >= 4 for d in shape + [1] * (3 - len(shape)))
-    return topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name=chip_config,
-                                        chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=wrap).devices
+    full = shape + [1] * (3 - len(shape))
+    wrap = tuple(len(shape) == 3 and d >= 4 for d in full)
+    hosts = tuple(min(d, b) for d, b in zip(full, (2, 2, 1)))   # 2x2 chips a host; a 1x1 slice is one chip
+    try:
+        return topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name=chip_config,
+                                            chips_per_host_bounds=hosts, num_slices=1, wrap=wrap).devices
+    except jax.errors.JaxRuntimeError as e:   # e.g. v5e:2x3, not made of whole hosts
+        raise SystemExit(f"--topology {topology}: libtpu refuses it: {str(e).splitlines()[0]}") from None
 
 
 def gpu_target_config(gen: str) -> str:

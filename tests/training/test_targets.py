@@ -2,6 +2,8 @@
 A bad topology is one line naming it. With jax's CUDA plugin installed (`pip install -e .[gpu]`; no GPU
 needed) XLA:GPU compiles the 10B finetune step at its real widths for 8 H100s, with cuDNN attention in
 the decoder and ESM-2 (`attention: auto` in bfloat16), and the greedy decode chat runs."""
+import importlib.util
+
 import jax
 import pytest
 
@@ -21,6 +23,14 @@ REAL_WIDTH = ["-o", "model.lm.num_layers=1", "-o", "model.esm.num_layers=1"]
 def test_a_bad_topology_is_named(topology, message):
     with pytest.raises(SystemExit, match=message):
         targets.devices_for(topology)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install -e .[tpu-plan])")
+def test_tpu_slices_of_one_chip_and_of_part_hosts():
+    """A one-chip slice is a host of its own; a slice libtpu cannot make of whole hosts is one line."""
+    assert len(targets.devices_for("v5e:1x1")[0]) == 1 and len(targets.devices_for("v5e:2x4")[0]) == 8
+    with pytest.raises(SystemExit, match=r"--topology v5e:2x3: libtpu refuses it: .*not divisible"):
+        targets.devices_for("v5e:2x3")
 
 
 def test_a_bad_gpu_memory_fraction_is_named(monkeypatch):
