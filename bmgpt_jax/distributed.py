@@ -19,7 +19,8 @@ outside the count, a coordinator not `host:port`): left alone, each host would r
 
 Once up: `broadcast_json` hands process 0's small host-side facts to every process (what it read from a
 folder only it reads), `check_shared_folder` stops a job whose checkpoint folder is not one folder
-that every host sees, and `raise_on_every_process` turns a failure on one host into the same error on
+that every host sees, `per_process` and `check_same_sequence` let every process check that all read the same data, and
+`raise_on_every_process` turns a failure on one host into the same error on
 every host (instead of the others waiting for it, for ever, in their next collective). Long work that
 only process 0 does (a dataset build) goes through `run_on_first_process`: the others wait on the
 distributed runtime's key-value store, for up to `$BMGPT_WAIT_HOURS` hours, not in a collective.
@@ -31,8 +32,9 @@ import json
 import os
 import signal
 import threading
+import zlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -147,6 +149,29 @@ def raise_on_every_process(error: Exception | None, what: str) -> None:
 
 WAIT_HOURS = 6.0   # how long `run_on_first_process` waits for process 0 by default ($BMGPT_WAIT_HOURS)
 _first_process_calls: dict[str, int] = {}   # per `what`: how many `run_on_first_process` calls so far
+
+
+def per_process(values) -> np.ndarray:
+    """`[processes, len(values)]` int64: every JAX process's `values` (counts, checksums of what it read), so
+    that all can check they agree before a collective that would otherwise hang. One allgather (every process
+    must call it at the same point); with one process, its own values alone."""
+    if jax.process_count() == 1:
+        return np.asarray([values], np.int64)
+    from jax.experimental import multihost_utils
+    mine = np.asarray(values, np.int64)
+    return np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), len(mine))
+
+
+def check_same_sequence(items: Sequence, what: str, where: str) -> None:
+    """Stop, on every process alike, unless all JAX processes hold the same `items` (their count and a checksum
+    of the first, middle and last): hosts whose copies of a data set differ (a half-copied folder, a stale
+    build) would read overlapping shares and emit different numbers of batches, i.e. mismatched collectives
+    (a hang). `what` names the data, `where` the settings that point at its files."""
+    n = len(items)
+    every = per_process([n, zlib.crc32(repr([items[i] for i in (0, n // 2, n - 1)] if n else []).encode())])
+    if (every != every[0]).any():
+        raise ValueError(f"{what}: the processes read different data ({every[:, 0].tolist()} records per process, "
+                         f"checksums {every[:, 1].tolist()}): every host must see the same files {where}")
 
 
 def wait_hours() -> float:

@@ -37,10 +37,9 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
-from bmgpt_jax import chat, logs, model_args, parallel
+from bmgpt_jax import chat, distributed, logs, model_args, parallel
 from bmgpt_jax.data.prompts import check_system
 from bmgpt_jax.data.records import Record
 from bmgpt_jax.evaluation import batches
@@ -80,10 +79,7 @@ class ProcessesDisagree(ValueError):
 def _check_processes_agree(*counts: int) -> None:
     """Every process plans the same batches from its own copy of the records; processes that read different
     data (or skip different records) would feed mismatched batches and hang in a collective: stop first."""
-    if jax.process_count() == 1:
-        return
-    from jax.experimental import multihost_utils
-    every = np.asarray(multihost_utils.process_allgather(np.asarray(counts, np.int32))).reshape(-1, len(counts))
+    every = distributed.per_process(counts)
     if (every != every[0]).any():
         raise ProcessesDisagree(f"the processes disagree on what to evaluate ((records, prompts, options) per "
                                 f"process: {[tuple(map(int, c)) for c in every]}): each must read the same data")

@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from ..config import RangeError, check_range
+from ..distributed import check_same_sequence
 from ..parallel import batch_shardings, process_blocks
 from .builders import BUILDERS, SAMPLE_SETS, default_split, make_builder, read_split, shared_data_dir
 from .demo import demo_records
@@ -170,6 +171,8 @@ class BatchIterator:
         self.budget = Budget(cfg.batch_size // self.P, cfg.node_budget, cfg.edge_budget, cfg.graph_budget,
                              cfg.protein_budget)
         self.records = Records(cfg) if records is None else records
+        if self.P == jax.process_count() > 1:   # each takes its share of one global order
+            check_same_sequence(self.records, f"data.sources: {list(cfg.sources)}", "(data.raw_dirs, data.data_dir)")
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.options = EncodeOptions(cfg.system_prompt, cfg.seq_buckets[-1], max_atoms, over_cap,
                                      cfg.max_protein_len)

@@ -3,8 +3,8 @@
 The held-out batches are made by the training data's pipeline settings (tokenizer, prompt, buckets,
 batch size, budgets, packing) with `sources=eval.sources`, in order and once (`shuffle` off, `num_epochs`
 1), read when the run starts and kept on the host (`eval.max_batches` caps them; 0: the whole set). Each
-process reads its own share, as in training, and all must hold the same number of batches (checked when
-read: a pass is a collective per batch). A pass runs them through the stage's loss, jitted on the
+process reads its own share, as in training (the pipeline stops processes that read different records, so
+all hold the same number of batches: a pass is a collective per batch). A pass runs them through the stage's loss, jitted on the
 run's mesh with the current parameters (no gradient, nothing updated), and reports the token-weighted
 mean `eval_loss = sum of per-token losses / tokens` over all of them, so the figure does not depend on
 how examples fall into batches: `metrics.jsonl` (`{"step", "eval_loss", "eval_tokens", "eval_batches"}`),
@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from bmgpt_jax.config import check_range
 from bmgpt_jax.data.examples import check_ids
 from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, global_batch
+from bmgpt_jax.distributed import per_process
 from bmgpt_jax.parallel import batch_shardings, tree_shardings, within
 from bmgpt_jax.training.step import LossFn, cast_floating
 
@@ -79,17 +80,7 @@ class HeldOut:
             self.read, self.dropped, self.cut = it.read, dict(it.dropped), dict(it.cut)
         finally:
             it.close()
-        tokens = np.int64(sum(int(b["loss_mask"].sum()) for b in self.batches))
-        if jax.process_count() > 1:   # every process sees every count, so all stop alike
-            from jax.experimental import multihost_utils
-            mine = np.asarray([len(self.batches), tokens], np.int64)
-            every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
-            if (every[:, 0] != every[0, 0]).any():   # a pass would feed mismatched collectives and hang
-                raise ValueError(f"eval.sources {list(ev.sources)}: the processes hold different numbers of "
-                                 f"held-out batches ({every[:, 0].tolist()} per process): each must read "
-                                 "the same data (data.raw_dirs, data.data_dir)")
-            tokens = every[:, 1].sum()
-        if not tokens:
+        if not per_process([sum(int(b["loss_mask"].sum()) for b in self.batches)]).sum():   # all stop alike
             raise ValueError(f"eval.sources {list(ev.sources)}: no held-out example has an answer token left "
                              f"({self.describe().removeprefix('held-out set: ')}); see data.seq_buckets and the budgets")
         self._fn: Callable | None = None

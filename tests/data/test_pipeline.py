@@ -180,6 +180,32 @@ def test_hosts_read_disjoint_shards_covering_the_epoch(cfg, tok):
     assert orders[0] != orders[1]                                           # reshuffled per epoch
 
 
+def test_processes_that_read_different_records_stop_before_any_batch(cfg, monkeypatch):
+    """Two JAX processes, simulated: a host whose copy of the data lost a record, or holds another last record,
+    would take overlapping shares and emit other batch counts (mismatched collectives: a hang). Every process
+    sees every host's record count and checksum and stops, naming the sources and the settings to check."""
+    import jax
+    from jax.experimental import multihost_utils
+    recs = [Record((), f"Question {i}?", f"Answer {i}.") for i in range(101)]
+    sent = []
+
+    def gather(x):   # this process's row, then the other host's: the row it sent for its own records
+        sent.append(np.asarray(x))
+        return np.stack([sent[-1], sent[0]])
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", gather)
+    for other in (recs[:-1], recs[:-1] + [Record((), "Question 100?", "Another answer.")]):
+        sent.clear()
+        BatchIterator(cfg, records=other)   # the other host's row (its own check passes against itself)
+        with pytest.raises(ValueError, match=r"data.sources: \['demo'\]: the processes read different data "
+                                             rf"\(\[101, {len(other)}\] records per process, checksums .*\): every "
+                                             r"host must see the same files \(data.raw_dirs, data.data_dir\)"):
+            BatchIterator(cfg, records=recs)
+    sent.clear()
+    BatchIterator(cfg, records=list(recs))
+    assert len(BatchIterator(cfg, records=recs).records) == 101   # the same records on both: no error
+
+
 def test_bad_examples_are_counted_and_skipped(cfg, tok):
     recs = [Record((("molecule", "CCO"),), "Good?", "Good."),
             Record((("molecule", "C1CC"),), "Q?", "Bad smiles."),
