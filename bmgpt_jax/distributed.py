@@ -152,13 +152,13 @@ _first_process_calls: dict[str, int] = {}   # per `what`: how many `run_on_first
 
 
 def per_process(values) -> np.ndarray:
-    """`[processes, len(values)]` int64: every JAX process's `values` (counts, checksums of what it read), so
-    that all can check they agree before a collective that would otherwise hang. One allgather (every process
-    must call it at the same point); with one process, its own values alone."""
+    """`[processes, len(values)]` int32 (JAX's integers): every JAX process's `values` (counts, checksums of
+    what it read), so that all can check they agree before a collective that would otherwise hang. One
+    allgather (every process must call it at the same point); with one process, its own values alone."""
     if jax.process_count() == 1:
-        return np.asarray([values], np.int64)
+        return np.asarray([values], np.int32)
     from jax.experimental import multihost_utils
-    mine = np.asarray(values, np.int64)
+    mine = np.asarray(values, np.int32)
     return np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), len(mine))
 
 
@@ -168,7 +168,8 @@ def check_same_sequence(items: Sequence, what: str, where: str) -> None:
     build) would read overlapping shares and emit different numbers of batches, i.e. mismatched collectives
     (a hang). `what` names the data, `where` the settings that point at its files."""
     n = len(items)
-    every = per_process([n, zlib.crc32(repr([items[i] for i in (0, n // 2, n - 1)] if n else []).encode())])
+    mark = zlib.crc32(repr([items[i] for i in (0, n // 2, n - 1)] if n else []).encode()) >> 1   # in int32
+    every = per_process([n, mark])
     if (every != every[0]).any():
         raise ValueError(f"{what}: the processes read different data ({every[:, 0].tolist()} records per process, "
                          f"checksums {every[:, 1].tolist()}): every host must see the same files {where}")
