@@ -363,3 +363,19 @@ def test_bad_input_on_one_process_stops_every_process_with_its_message(tmp_path)
         last = [line for line in text.splitlines() if line.startswith("error: ")][-1]
         assert (f"--out-dir {bad}" in last) and (i == 1 or "evaluate's checks failed on process 1: " in last), text
 
+
+
+def test_processes_started_with_other_settings_stop_naming_them(tmp_path):
+    """One host given other settings (a `steps` override, `--resume` on one host only) would part from the
+    others at its first different collective: a hang on TPU/GPU, a gloo abort here, or (with `--resume` into a
+    folder that holds checkpoints) one process stopped and the other waiting for ever. Every process stops at
+    start-up naming the keys; host-local paths (`data.tokenizer`, `data.raw_dirs`, ...) may differ."""
+    train = ["-m", "bmgpt_jax.train", "progress=false", f"out_dir={tmp_path / 'run'}", "data.demo_molecules=20"]
+    results = _run_commands(tmp_path, [train + ["steps=4"], ["-m", "bmgpt_jax.train", "--resume"] + train[2:] +
+                                       ["steps=6", "data.workers=1"]])
+    for i, (code, text) in enumerate(results):
+        assert code == 2, f"process {i}:\n{text[-3000:]}"
+        last = [line for line in text.splitlines() if line.startswith("train: ")][-1]
+        assert last.endswith("the settings differ from process 0's: --resume: False -> True; optim.total_steps: "
+                             "4 -> 6; optim.warmup_steps: 2 -> 3; steps: 4 -> 6"), text[-3000:]
+        assert i or "checking that every process runs the same settings failed on process 1" in last
