@@ -22,9 +22,9 @@ folder only it reads), `check_shared_folder` stops a job whose checkpoint folder
 that every host sees, `check_same_settings`, `per_process` and `check_same_sequence` let every process
 check that all run the same settings and read the same data, and `raise_on_every_process` turns a failure
 on one host into the same error on every host (instead of the others waiting for it, for ever, in their
-next collective). Long work that
-only process 0 does (a dataset build) goes through `run_on_first_process`: the others wait on the
-distributed runtime's key-value store, for up to `$BMGPT_WAIT_HOURS` hours, not in a collective.
+next collective). Long work that only process 0 does (a dataset build) goes through `run_on_first_process`:
+the others wait on the distributed runtime's key-value store, for up to `$BMGPT_WAIT_HOURS` hours, not in a
+collective.
 """
 from __future__ import annotations
 

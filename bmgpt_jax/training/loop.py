@@ -50,10 +50,9 @@ from bmgpt_jax.training.validate import EvalConfig, HeldOut, due
 
 log = logging.getLogger("bmgpt_jax.train")
 TEXT_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids")   # segment_ids: packed rows only
-
-
 RESUME_FREE = ("steps", "progress", "export", "eval")   # settings (sections) a resumed run may change freely
-PER_HOST = ("data.raw_dirs", "data.data_dir", "data.tokenizer", "data.workers", "init", "progress")  # may differ by host
+PER_HOST = ("data.raw_dirs", "data.data_dir", "data.tokenizer", "data.workers", "progress",   # may differ by host
+            *(f"init.{k}" for k in ("openbiomed", "lm_config", "esm_config", "hf_llama", "hf_esm", "gin")))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,8 +7,8 @@ process reads its own share, as in training (the pipeline stops processes that r
 all hold the same number of batches: a pass is a collective per batch). A pass runs them through the
 stage's loss, jitted on the run's mesh with the current parameters (no gradient, nothing updated), and
 reports the token-weighted mean `eval_loss = sum of per-token losses / tokens` over all of them, so the
-figure does not depend on how examples fall into batches: `metrics.jsonl` (`{"step", "eval_loss", "eval_tokens", "eval_batches"}`),
-TensorBoard (`eval/loss`) and a line on the console. Examples the pipeline drops from the held-out set
+figure does not depend on how examples fall into batches: `metrics.jsonl` (`{"step", "eval_loss",
+"eval_tokens", "eval_batches"}`), TensorBoard (`eval/loss`) and a line on the console. Examples the pipeline drops from the held-out set
 (too long, over a budget) or cuts short (plain text) are counted and reported once when it is read, never
 silently; a held-out set left without an answer token stops the run before the model is built.
 """
