@@ -19,8 +19,8 @@ outside the count, a coordinator not `host:port`): left alone, each host would r
 
 Once up: `broadcast_json` hands process 0's small host-side facts to every process (what it read from a
 folder only it reads), `check_shared_folder` stops a job whose checkpoint folder is not one folder
-that every host sees, `check_same_settings`, `per_process` and `check_same_sequence` let every process
-check that all run the same settings and read the same data, and `raise_on_every_process` turns a failure
+that every host sees, `per_process` and `check_same_sequence` let every process check that all read the
+same data, and `raise_on_every_process` turns a failure
 on one host into the same error on every host (instead of the others waiting for it, for ever, in their
 next collective). Long work that only process 0 does (a dataset build) goes through `run_on_first_process`:
 the others wait on the distributed runtime's key-value store, for up to `$BMGPT_WAIT_HOURS` hours, not in a
@@ -161,20 +161,6 @@ def per_process(values) -> np.ndarray:
     from jax.experimental import multihost_utils
     mine = np.asarray(values, np.int32)
     return np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), len(mine))
-
-
-def check_same_settings(settings: dict, per_host: Sequence[str] = ()) -> None:
-    """Stop every process, naming the keys, unless each runs process 0's `settings` (a nested JSON-able dict;
-    dotted keys under `per_host`, e.g. host-local paths, may differ): processes that run other step counts,
-    batch sizes, buckets or meshes feed mismatched collectives, a hang on TPU/GPU (an abort in gloo)."""
-    if jax.process_count() == 1:
-        return
-    from .config import differences
-    mine = json.loads(json.dumps(settings))   # tuples as lists, as process 0's arrive
-    differ = [d for d in differences(broadcast_json(mine), mine)
-              if not any(d.split(":")[0] == k or d.startswith(k + ".") for k in per_host)]
-    raise_on_every_process(ValueError(f"the settings differ from process 0's: {'; '.join(differ)}") if differ else None,
-                           "checking that every process runs the same settings")
 
 
 def check_same_sequence(items: Sequence, what: str, where: str) -> None:

@@ -1,18 +1,23 @@
 """What a training run checks before it builds any data or loads any weights (`loop.run`), so that a bad
 config or path fails in seconds with one line, not after an hour of data building or a 13 GB read: the
 batch against the mesh's data axes (`check_layout`), every input path and the init sources against the
-model config (`check_inputs`), and the output folders (`check_run_folders`). `cfg`: the run's `loop.TrainConfig` (not imported: the loop imports this module).
+model config (`check_inputs`), the output folders (`check_run_folders`), and that every process runs the
+same settings (`check_same_settings`). `cfg`: the run's `loop.TrainConfig` (not imported: the loop imports
+this module).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
 
+from bmgpt_jax.config import differences, to_dict
 from bmgpt_jax.convert import stream
-from bmgpt_jax.distributed import broadcast_json, check_shared_folder
+from bmgpt_jax.distributed import broadcast_json, check_shared_folder, raise_on_every_process
 from bmgpt_jax.inputs import check_not_url, check_output_folder
+
 
 def check_layout(cfg, mesh) -> None:
     """Errors that must come before any compute: batch vs data axes, micro-batching vs processes."""
@@ -71,3 +76,20 @@ def check_run_folders(cfg) -> None:
     check_shared_folder(cfg.checkpoint.dir, "checkpoint.dir")
     if cfg.export:   # the end-of-run export replaces {out_dir}/final: refuse now what it would refuse then
         stream.check_destination(Path(cfg.out_dir) / "final", "dir", keep=cfg.checkpoint.dir)
+
+
+PER_HOST = ("data.raw_dirs", "data.data_dir", "data.tokenizer", "data.workers", "progress",   # may differ by host
+            *(f"init.{k}" for k in ("openbiomed", "lm_config", "esm_config", "hf_llama", "hf_esm", "gin")))
+
+
+def check_same_settings(cfg, resume: bool) -> None:
+    """Stop every process, naming the keys, unless each runs process 0's config (after its overrides) and
+    `--resume`; the host-local settings of `PER_HOST` may differ. Processes that run other step counts,
+    batch sizes, buckets or meshes feed mismatched collectives: a hang on TPU/GPU (an abort in gloo)."""
+    if jax.process_count() == 1:
+        return
+    mine = json.loads(json.dumps({**to_dict(cfg), "--resume": resume}))   # tuples as lists, as process 0's arrive
+    differ = [d for d in differences(broadcast_json(mine), mine)
+              if not any(d.split(":")[0] == k or d.startswith(k + ".") for k in PER_HOST)]
+    raise_on_every_process(ValueError(f"the settings differ from process 0's: {'; '.join(differ)}") if differ else None,
+                           "checking that every process runs the same settings")

@@ -32,11 +32,11 @@ from bmgpt_jax import logs, parallel
 from bmgpt_jax.data.examples import check_ids
 from bmgpt_jax.data.pipeline import BatchIterator, DataConfig, global_batch, stack_batches
 from bmgpt_jax.data.workers import WorkerDied
-from bmgpt_jax.distributed import check_same_settings, initialize, raise_on_every_process, run_on_first_process
+from bmgpt_jax.distributed import initialize, raise_on_every_process, run_on_first_process
 from bmgpt_jax.models.biomedgpt import BioMedGPTConfig
 from bmgpt_jax.parallel import abstract_state, batch_shardings
 from bmgpt_jax.training import messages
-from bmgpt_jax.training.checks import check_inputs, check_layout, check_run_folders
+from bmgpt_jax.training.checks import check_inputs, check_layout, check_run_folders, check_same_settings
 from bmgpt_jax.training.checkpoint import CheckpointConfig, Checkpointer, CheckpointMismatch, saved_steps
 from bmgpt_jax.training.dropped import DropTally
 from bmgpt_jax.training.monitor import (Monitor, NonFiniteLossError, check_loss, matmul_params,
@@ -51,8 +51,6 @@ from bmgpt_jax.training.validate import EvalConfig, HeldOut, due
 log = logging.getLogger("bmgpt_jax.train")
 TEXT_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids")   # segment_ids: packed rows only
 RESUME_FREE = ("steps", "progress", "export", "eval")   # settings (sections) a resumed run may change freely
-PER_HOST = ("data.raw_dirs", "data.data_dir", "data.tokenizer", "data.workers", "progress",   # may differ by host
-            *(f"init.{k}" for k in ("openbiomed", "lm_config", "esm_config", "hf_llama", "hf_esm", "gin")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +167,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, batches=None) -> dict:
     except (ValueError, KeyError, FileNotFoundError) as e:
         failed = e
     raise_on_every_process(failed, "checking the run's settings and inputs")
-    check_same_settings({**config_lib.to_dict(cfg), "--resume": resume}, PER_HOST)   # before they can part
+    check_same_settings(cfg, resume)   # before the processes can part
     check_run_folders(cfg)
     if cfg.trainable or cfg.model.lm.lora_rank > 0:   # on the abstract model, before anything is built
         abstract = nnx.eval_shape(model_factory(cfg.stage, cfg.model)[0])
