@@ -155,7 +155,7 @@ def check_output_folder(path: str | Path, flag: str, probe: bool = True) -> None
     except OSError as e:
         raise ValueError(f"{label}: cannot {doing} it ({e.strerror or type(e).__name__})") from None
     finally:
-        for folder in made:                             # deepest first; only those the probe made
+        for folder in made if probe else ():            # deepest first; only those the probe made
             try:
                 folder.rmdir()
             except OSError:

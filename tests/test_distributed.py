@@ -379,3 +379,26 @@ def test_processes_started_with_other_settings_stop_naming_them(tmp_path):
         assert last.endswith("the settings differ from process 0's: --resume: False -> True; optim.total_steps: "
                              "4 -> 6; optim.warmup_steps: 2 -> 3; steps: 4 -> 6"), text[-3000:]
         assert i or "checking that every process runs the same settings failed on process 1" in last
+
+
+def test_a_host_local_path_set_on_one_host_only_is_a_difference(tmp_path, monkeypatch):
+    """Per-host paths may differ between two paths, not between a path and "" (one host loading pretrained
+    weights while another starts from random ones would train a mix, silently). Process 0's settings are
+    simulated (the broadcast), and the failure raised as `raise_on_every_process` raises it on this host."""
+    import dataclasses
+
+    import jax
+
+    from bmgpt_jax.training import checks
+    from tests.training.runs import cfg_for
+
+    cfg = cfg_for(tmp_path)
+    theirs = {}
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(checks, "broadcast_json", lambda mine: {**mine, "init": {**mine["init"], **theirs}})
+    monkeypatch.setattr(checks, "raise_on_every_process", lambda e, what: e and (_ for _ in ()).throw(e))
+    theirs["hf_llama"] = "/elsewhere/llama"      # process 0 reads a copy elsewhere; here: "" (random)
+    with pytest.raises(ValueError, match=r"settings differ from process 0's: init.hf_llama: '/elsewhere/llama' -> ''$"):
+        checks.check_same_settings(cfg, False)
+    cfg = dataclasses.replace(cfg, init=dataclasses.replace(cfg.init, hf_llama="/here/llama"))
+    checks.check_same_settings(cfg, False)   # two paths: each host its own copy
