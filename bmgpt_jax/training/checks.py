@@ -84,12 +84,17 @@ PER_HOST = ("data.raw_dirs", "data.data_dir", "data.tokenizer", "data.workers", 
 
 def check_same_settings(cfg, resume: bool) -> None:
     """Stop every process, naming the keys, unless each runs process 0's config (after its overrides) and
-    `--resume`; the host-local settings of `PER_HOST` may differ (two paths, not a path and ""). Processes that run other step counts,
-    batch sizes, buckets or meshes feed mismatched collectives: a hang on TPU/GPU (an abort in gloo)."""
+    `--resume`; the host-local settings of `PER_HOST` may differ (two paths, not a path and ""). Processes
+    that run other step counts, batch sizes, buckets or meshes feed mismatched collectives: a hang on TPU/GPU
+    (an abort in gloo)."""
     if jax.process_count() == 1:
         return
+
+    def host_local(d: str) -> bool:   # `key: old -> new` of a PER_HOST key, set on both hosts
+        key = d.split(":")[0]
+        return any(key == k or key.startswith(k + ".") for k in PER_HOST) and ": '' -> " not in d \
+            and not d.endswith(" -> ''")
     mine = json.loads(json.dumps({**to_dict(cfg), "--resume": resume}))   # tuples as lists, as process 0's arrive
-    differ = [d for d in differences(broadcast_json(mine), mine)   # a per-host path set on one host only differs
-              if not any(d.split(":")[0] == k or d.startswith(k + ".") for k in PER_HOST) or "''" in d]
+    differ = [d for d in differences(broadcast_json(mine), mine) if not host_local(d)]
     raise_on_every_process(ValueError(f"the settings differ from process 0's: {'; '.join(differ)}") if differ else None,
                            "checking that every process runs the same settings")
